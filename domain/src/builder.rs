@@ -1,0 +1,275 @@
+//! Message builders, one per channel: they turn what a user typed into an [`OutboundMessage`]
+//! that is valid for the channel, or say which field is wrong. A Compose command can only carry
+//! an `OutboundMessage`, so an invalid message never reaches the aggregate.
+
+use crate::channel::{Channel, Provider};
+use crate::ids::ServiceId;
+use crate::tweet_text;
+use crate::values::{EmailAddress, Profile};
+use serde::{Deserialize, Serialize};
+
+/// A field that failed validation, and what to do about it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct FieldError {
+    pub field: String,
+    pub message: String,
+}
+
+impl FieldError {
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// The connected account a message is sent from, as looked up before the command.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceRef {
+    pub id: ServiceId,
+    pub channel: Channel,
+    pub provider: Provider,
+    /// The account's own address, handle or page id.
+    pub username: String,
+    pub name: Option<String>,
+}
+
+/// What a user asked for, unchecked.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MessageInput {
+    pub to: Vec<Profile>,
+    pub subject: Option<String>,
+    pub text: Option<String>,
+    pub html: Option<String>,
+    pub link: Option<String>,
+    pub in_reply_to: Option<String>,
+}
+
+/// A message that is valid for its channel. Only the builders make one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutboundMessage {
+    service: ServiceRef,
+    from: Profile,
+    to: Vec<Profile>,
+    subject: Option<String>,
+    text: Option<String>,
+    html: Option<String>,
+    link: Option<String>,
+    in_reply_to: Option<String>,
+}
+
+impl OutboundMessage {
+    pub fn service(&self) -> &ServiceRef {
+        &self.service
+    }
+    pub fn from(&self) -> &Profile {
+        &self.from
+    }
+    pub fn to(&self) -> &[Profile] {
+        &self.to
+    }
+    pub fn subject(&self) -> Option<&str> {
+        self.subject.as_deref()
+    }
+    pub fn text(&self) -> Option<&str> {
+        self.text.as_deref()
+    }
+    pub fn html(&self) -> Option<&str> {
+        self.html.as_deref()
+    }
+    pub fn link(&self) -> Option<&str> {
+        self.link.as_deref()
+    }
+    pub fn in_reply_to(&self) -> Option<&str> {
+        self.in_reply_to.as_deref()
+    }
+}
+
+/// Builds a message for the service's channel.
+pub fn build_message(
+    service: &ServiceRef,
+    input: MessageInput,
+) -> Result<OutboundMessage, FieldError> {
+    match service.channel {
+        Channel::Email => EmailBuilder::build(service, input),
+        Channel::Twitter => TwitterBuilder::build(service, input),
+        Channel::Facebook => FacebookBuilder::build(service, input),
+    }
+}
+
+fn non_blank(value: Option<String>) -> Option<String> {
+    value.filter(|v| !v.trim().is_empty())
+}
+
+fn sender(service: &ServiceRef) -> Profile {
+    Profile::new(service.username.clone(), service.name.clone())
+}
+
+/// Social posts without recipients go to the service's own public profile: every message has
+/// at least one recipient, as in the original system.
+fn social_recipients(service: &ServiceRef, to: Vec<Profile>) -> Result<Vec<Profile>, FieldError> {
+    for (i, p) in to.iter().enumerate() {
+        if p.username.trim().is_empty() {
+            return Err(FieldError::new(
+                format!("to[{i}].username"),
+                "must not be empty",
+            ));
+        }
+    }
+    Ok(if to.is_empty() {
+        vec![sender(service)]
+    } else {
+        to
+    })
+}
+
+fn check_link(link: &Option<String>) -> Result<(), FieldError> {
+    if let Some(l) = link {
+        let ok = (l.starts_with("https://") || l.starts_with("http://"))
+            && l.len() > "https://".len()
+            && !l.chars().any(char::is_whitespace);
+        if !ok {
+            return Err(FieldError::new(
+                "link",
+                "must be an absolute http or https URL without spaces",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Email: at least one valid address and a subject; text or html.
+pub struct EmailBuilder;
+
+impl EmailBuilder {
+    pub fn build(service: &ServiceRef, input: MessageInput) -> Result<OutboundMessage, FieldError> {
+        if input.to.is_empty() {
+            return Err(FieldError::new(
+                "to",
+                "an email needs at least one recipient address",
+            ));
+        }
+        let mut to = Vec::with_capacity(input.to.len());
+        for (i, p) in input.to.into_iter().enumerate() {
+            let address = EmailAddress::parse(&p.username)
+                .map_err(|m| FieldError::new(format!("to[{i}].username"), m))?;
+            to.push(Profile::new(address.as_str(), p.name));
+        }
+        let subject = non_blank(input.subject)
+            .ok_or_else(|| FieldError::new("subject", "an email needs a subject"))?;
+        if subject.contains(['\r', '\n']) {
+            return Err(FieldError::new("subject", "must be a single line"));
+        }
+        let text = non_blank(input.text);
+        let html = non_blank(input.html);
+        if text.is_none() && html.is_none() {
+            return Err(FieldError::new("text", "an email needs text or html"));
+        }
+        let link = non_blank(input.link);
+        check_link(&link)?;
+        Ok(OutboundMessage {
+            service: service.clone(),
+            from: sender(service),
+            to,
+            subject: Some(subject),
+            text,
+            html,
+            link,
+            in_reply_to: non_blank(input.in_reply_to),
+        })
+    }
+}
+
+/// X: a post of at most 280 weighted characters; a link is appended to the text, where X
+/// counts it as 23.
+pub struct TwitterBuilder;
+
+impl TwitterBuilder {
+    pub fn build(service: &ServiceRef, input: MessageInput) -> Result<OutboundMessage, FieldError> {
+        let link = non_blank(input.link);
+        check_link(&link)?;
+        let text = non_blank(input.text);
+        let full = match (text, &link) {
+            (Some(t), Some(l)) => format!("{t} {l}"),
+            (Some(t), None) => t,
+            (None, Some(l)) => l.clone(),
+            (None, None) => return Err(FieldError::new("text", "an X post needs text")),
+        };
+        let weighted = tweet_text::weighted_length(&full);
+        if weighted > tweet_text::MAX_WEIGHTED_LENGTH {
+            return Err(FieldError::new(
+                "text",
+                format!(
+                    "an X post counts at most {} weighted characters; this one counts {weighted}",
+                    tweet_text::MAX_WEIGHTED_LENGTH
+                ),
+            ));
+        }
+        if !tweet_text::is_valid_tweet(&full) {
+            return Err(FieldError::new(
+                "text",
+                "contains characters X does not accept",
+            ));
+        }
+        let in_reply_to = non_blank(input.in_reply_to);
+        if let Some(id) = &in_reply_to {
+            if !id.chars().all(|c| c.is_ascii_digit()) {
+                return Err(FieldError::new(
+                    "in_reply_to",
+                    "must be the numeric id of the post being answered",
+                ));
+            }
+        }
+        Ok(OutboundMessage {
+            service: service.clone(),
+            from: sender(service),
+            to: social_recipients(service, input.to)?,
+            subject: None,
+            text: Some(full),
+            html: None,
+            link,
+            in_reply_to,
+        })
+    }
+}
+
+/// Facebook: a page post with text or a link (or both).
+pub struct FacebookBuilder;
+
+impl FacebookBuilder {
+    /// Facebook's documented limit for a post's message.
+    pub const MAX_TEXT_CHARS: usize = 63_206;
+
+    pub fn build(service: &ServiceRef, input: MessageInput) -> Result<OutboundMessage, FieldError> {
+        let text = non_blank(input.text);
+        let link = non_blank(input.link);
+        check_link(&link)?;
+        if text.is_none() && link.is_none() {
+            return Err(FieldError::new(
+                "text",
+                "a Facebook post needs text or a link",
+            ));
+        }
+        if text
+            .as_ref()
+            .is_some_and(|t| t.chars().count() > Self::MAX_TEXT_CHARS)
+        {
+            return Err(FieldError::new(
+                "text",
+                format!("must be at most {} characters", Self::MAX_TEXT_CHARS),
+            ));
+        }
+        Ok(OutboundMessage {
+            service: service.clone(),
+            from: sender(service),
+            to: social_recipients(service, input.to)?,
+            subject: None,
+            text,
+            html: None,
+            link,
+            in_reply_to: non_blank(input.in_reply_to),
+        })
+    }
+}

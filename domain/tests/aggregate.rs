@@ -1,0 +1,653 @@
+//! Given / when / then tests of the Message aggregate: one behaviour each.
+
+use chrono::{DateTime, Duration, TimeZone, Utc};
+use messaging_domain::*;
+use uuid::Uuid;
+
+fn t(secs: i64) -> DateTime<Utc> {
+    Utc.timestamp_opt(1_764_000_000 + secs, 0)
+        .single()
+        .expect("valid time")
+}
+
+fn service(channel: Channel) -> ServiceRef {
+    ServiceRef {
+        id: ServiceId::from_uuid(Uuid::now_v7()),
+        channel,
+        provider: match channel {
+            Channel::Email => Provider::Sendgrid,
+            Channel::Twitter => Provider::X,
+            Channel::Facebook => Provider::Facebook,
+        },
+        username: match channel {
+            Channel::Email => "news@example.com".into(),
+            _ => "ourbrand".into(),
+        },
+        name: Some("Our Brand".into()),
+    }
+}
+
+fn email_input() -> MessageInput {
+    MessageInput {
+        to: vec![Profile::new("alice@example.com", Some("Alice".into()))],
+        subject: Some("Hello".into()),
+        text: Some("Hi Alice".into()),
+        ..Default::default()
+    }
+}
+
+fn compose(channel: Channel, dispatch: Dispatch) -> MessageCommand {
+    let input = match channel {
+        Channel::Email => email_input(),
+        _ => MessageInput {
+            text: Some("Hello world".into()),
+            ..Default::default()
+        },
+    };
+    let message = build_message(&service(channel), input).expect("valid message");
+    MessageCommand::Compose(Compose {
+        id: MessageId::from_uuid(Uuid::now_v7()),
+        message,
+        dispatch,
+        now: t(0),
+    })
+}
+
+fn fact(id: &str, secs: i64) -> Fact {
+    Fact {
+        fact_id: id.into(),
+        occurred_at: t(secs),
+    }
+}
+
+/// Given these commands (each must succeed), the resulting aggregate.
+fn given(commands: Vec<MessageCommand>) -> Message {
+    let mut m = Message::default();
+    for c in commands {
+        for e in m.decide(c).expect("given command succeeds") {
+            m.apply_event(e);
+        }
+    }
+    m
+}
+
+fn when(m: &Message, c: MessageCommand) -> Result<Vec<MessageEvent>, MessageError> {
+    m.decide(c)
+}
+
+fn then_state(m: &Message, c: MessageCommand) -> MessageState {
+    let mut m = m.clone();
+    for e in m.decide(c).expect("command succeeds") {
+        m.apply_event(e);
+    }
+    m.state().expect("exists")
+}
+
+fn sent_email() -> Message {
+    given(vec![
+        compose(Channel::Email, Dispatch::Now),
+        MessageCommand::StartSendAttempt { now: t(1) },
+        MessageCommand::RecordSent {
+            provider_message_id: Some("sg-1".into()),
+            at: t(2),
+        },
+    ])
+}
+
+fn invalid(action: &'static str, state: MessageState) -> MessageError {
+    MessageError::InvalidTransition { action, state }
+}
+
+#[test]
+fn compose_without_dispatch_makes_a_draft() {
+    let m = given(vec![compose(Channel::Email, Dispatch::Draft)]);
+    assert_eq!(m.state(), Some(MessageState::Draft));
+}
+
+#[test]
+fn compose_with_a_future_time_schedules() {
+    let m = given(vec![compose(Channel::Email, Dispatch::At(t(60)))]);
+    assert_eq!(m.state(), Some(MessageState::Scheduled));
+    assert_eq!(m.data().and_then(|d| d.publish_at), Some(t(60)));
+}
+
+#[test]
+fn compose_with_send_queues() {
+    let m = given(vec![compose(Channel::Twitter, Dispatch::Now)]);
+    assert_eq!(m.state(), Some(MessageState::Pending));
+}
+
+#[test]
+fn compose_in_the_past_is_refused() {
+    let r = when(&Message::default(), compose(Channel::Email, Dispatch::At(t(-1))));
+    assert_eq!(r, Err(MessageError::ScheduleInPast { publish_at: t(-1) }));
+}
+
+#[test]
+fn compose_twice_is_refused() {
+    let m = given(vec![compose(Channel::Email, Dispatch::Draft)]);
+    assert_eq!(
+        when(&m, compose(Channel::Email, Dispatch::Draft)),
+        Err(MessageError::AlreadyExists)
+    );
+}
+
+#[test]
+fn a_command_on_a_message_that_does_not_exist_is_not_found() {
+    assert_eq!(
+        when(&Message::default(), MessageCommand::Cancel { now: t(0) }),
+        Err(MessageError::NotFound)
+    );
+}
+
+#[test]
+fn schedule_a_draft() {
+    let m = given(vec![compose(Channel::Email, Dispatch::Draft)]);
+    let c = MessageCommand::Schedule {
+        publish_at: t(100),
+        now: t(1),
+    };
+    assert_eq!(then_state(&m, c), MessageState::Scheduled);
+}
+
+#[test]
+fn reschedule_a_scheduled_message() {
+    let m = given(vec![
+        compose(Channel::Email, Dispatch::At(t(60))),
+        MessageCommand::Schedule {
+            publish_at: t(120),
+            now: t(1),
+        },
+    ]);
+    assert_eq!(m.data().and_then(|d| d.publish_at), Some(t(120)));
+}
+
+#[test]
+fn schedule_in_the_past_is_refused() {
+    let m = given(vec![compose(Channel::Email, Dispatch::Draft)]);
+    let r = when(
+        &m,
+        MessageCommand::Schedule {
+            publish_at: t(0),
+            now: t(5),
+        },
+    );
+    assert_eq!(r, Err(MessageError::ScheduleInPast { publish_at: t(0) }));
+}
+
+#[test]
+fn schedule_after_send_is_refused() {
+    let r = when(
+        &sent_email(),
+        MessageCommand::Schedule {
+            publish_at: t(500),
+            now: t(3),
+        },
+    );
+    assert_eq!(r, Err(invalid("schedule", MessageState::Sent)));
+}
+
+#[test]
+fn send_a_draft_queues_it() {
+    let m = given(vec![compose(Channel::Email, Dispatch::Draft)]);
+    let c = MessageCommand::Send {
+        now: t(1),
+        expected_publish_at: None,
+    };
+    assert_eq!(then_state(&m, c), MessageState::Pending);
+}
+
+#[test]
+fn send_of_a_queued_message_changes_nothing() {
+    let m = given(vec![compose(Channel::Email, Dispatch::Now)]);
+    let c = MessageCommand::Send {
+        now: t(1),
+        expected_publish_at: None,
+    };
+    assert_eq!(when(&m, c), Ok(vec![]));
+}
+
+#[test]
+fn send_after_sent_is_refused() {
+    let c = MessageCommand::Send {
+        now: t(3),
+        expected_publish_at: None,
+    };
+    assert_eq!(
+        when(&sent_email(), c),
+        Err(invalid("send", MessageState::Sent))
+    );
+}
+
+#[test]
+fn the_scheduler_firing_for_an_old_time_loses_to_a_reschedule() {
+    let m = given(vec![
+        compose(Channel::Email, Dispatch::At(t(60))),
+        MessageCommand::Schedule {
+            publish_at: t(120),
+            now: t(1),
+        },
+    ]);
+    let c = MessageCommand::Send {
+        now: t(60),
+        expected_publish_at: Some(t(60)),
+    };
+    assert_eq!(
+        when(&m, c),
+        Err(MessageError::StaleSchedule { expected: t(60) })
+    );
+}
+
+#[test]
+fn the_scheduler_firing_for_the_current_time_queues() {
+    let m = given(vec![compose(Channel::Email, Dispatch::At(t(60)))]);
+    let c = MessageCommand::Send {
+        now: t(60),
+        expected_publish_at: Some(t(60)),
+    };
+    assert_eq!(then_state(&m, c), MessageState::Pending);
+}
+
+#[test]
+fn cancel_a_scheduled_message() {
+    let m = given(vec![compose(Channel::Email, Dispatch::At(t(60)))]);
+    assert_eq!(
+        then_state(&m, MessageCommand::Cancel { now: t(1) }),
+        MessageState::Cancelled
+    );
+}
+
+#[test]
+fn cancel_twice_changes_nothing() {
+    let m = given(vec![
+        compose(Channel::Email, Dispatch::Draft),
+        MessageCommand::Cancel { now: t(1) },
+    ]);
+    assert_eq!(when(&m, MessageCommand::Cancel { now: t(2) }), Ok(vec![]));
+}
+
+#[test]
+fn cancel_after_the_provider_call_started_is_refused() {
+    let m = given(vec![
+        compose(Channel::Email, Dispatch::Now),
+        MessageCommand::StartSendAttempt { now: t(1) },
+    ]);
+    assert_eq!(
+        when(&m, MessageCommand::Cancel { now: t(2) }),
+        Err(invalid("cancel", MessageState::Pending))
+    );
+}
+
+#[test]
+fn cancel_after_send_is_refused() {
+    assert_eq!(
+        when(&sent_email(), MessageCommand::Cancel { now: t(3) }),
+        Err(invalid("cancel", MessageState::Sent))
+    );
+}
+
+#[test]
+fn a_cancelled_message_cannot_be_sent() {
+    let m = given(vec![
+        compose(Channel::Email, Dispatch::Draft),
+        MessageCommand::Cancel { now: t(1) },
+    ]);
+    let c = MessageCommand::Send {
+        now: t(2),
+        expected_publish_at: None,
+    };
+    assert_eq!(when(&m, c), Err(invalid("send", MessageState::Cancelled)));
+}
+
+#[test]
+fn a_send_attempt_needs_a_queued_message() {
+    let m = given(vec![compose(Channel::Email, Dispatch::Draft)]);
+    assert_eq!(
+        when(&m, MessageCommand::StartSendAttempt { now: t(1) }),
+        Err(invalid("start a send attempt", MessageState::Draft))
+    );
+}
+
+#[test]
+fn record_sent_keeps_the_provider_id() {
+    let m = sent_email();
+    let d = m.data().expect("exists");
+    assert_eq!(d.state, MessageState::Sent);
+    assert_eq!(d.provider_message_id.as_deref(), Some("sg-1"));
+    assert_eq!(d.sent_at, Some(t(2)));
+    assert_eq!(d.previous_state, Some(MessageState::Pending));
+}
+
+#[test]
+fn record_sent_before_any_attempt_is_refused() {
+    let m = given(vec![compose(Channel::Email, Dispatch::Now)]);
+    let c = MessageCommand::RecordSent {
+        provider_message_id: None,
+        at: t(1),
+    };
+    assert_eq!(when(&m, c), Err(invalid("record sent", MessageState::Pending)));
+}
+
+#[test]
+fn a_transient_failure_keeps_the_message_pending_for_a_retry() {
+    let m = given(vec![
+        compose(Channel::Email, Dispatch::Now),
+        MessageCommand::StartSendAttempt { now: t(1) },
+        MessageCommand::RecordSendFailure {
+            reason: "503 from provider".into(),
+            retry_at: Some(t(10)),
+            at: t(2),
+        },
+    ]);
+    assert_eq!(m.state(), Some(MessageState::Pending));
+    assert_eq!(
+        then_state(&m, MessageCommand::StartSendAttempt { now: t(10) }),
+        MessageState::Pending
+    );
+}
+
+#[test]
+fn the_last_failure_fails_the_message_with_its_reason() {
+    let m = given(vec![
+        compose(Channel::Email, Dispatch::Now),
+        MessageCommand::StartSendAttempt { now: t(1) },
+        MessageCommand::RecordSendFailure {
+            reason: "400 invalid recipient".into(),
+            retry_at: None,
+            at: t(2),
+        },
+    ]);
+    let d = m.data().expect("exists");
+    assert_eq!(d.state, MessageState::Failed);
+    assert_eq!(d.last_error.as_deref(), Some("400 invalid recipient"));
+}
+
+#[test]
+fn a_failure_without_an_attempt_is_refused() {
+    let m = given(vec![compose(Channel::Email, Dispatch::Now)]);
+    let c = MessageCommand::RecordSendFailure {
+        reason: "x".into(),
+        retry_at: None,
+        at: t(1),
+    };
+    assert_eq!(
+        when(&m, c),
+        Err(invalid("record a send failure", MessageState::Pending))
+    );
+}
+
+#[test]
+fn an_unknown_outcome_blocks_a_blind_retry() {
+    let m = given(vec![
+        compose(Channel::Twitter, Dispatch::Now),
+        MessageCommand::StartSendAttempt { now: t(1) },
+        MessageCommand::RecordSendOutcomeUnknown {
+            reason: "timed out after the request was sent".into(),
+            at: t(31),
+        },
+    ]);
+    assert!(m.data().expect("exists").outcome_unknown);
+    assert_eq!(
+        when(&m, MessageCommand::StartSendAttempt { now: t(40) }),
+        Err(invalid("start a send attempt", MessageState::Pending))
+    );
+}
+
+#[test]
+fn an_unknown_outcome_without_an_attempt_is_refused() {
+    let m = given(vec![compose(Channel::Twitter, Dispatch::Now)]);
+    let c = MessageCommand::RecordSendOutcomeUnknown {
+        reason: "x".into(),
+        at: t(1),
+    };
+    assert!(matches!(
+        when(&m, c),
+        Err(MessageError::InvalidTransition { .. })
+    ));
+}
+
+#[test]
+fn record_delivery_moves_sent_to_delivered() {
+    let c = MessageCommand::RecordDelivery {
+        fact: fact("d1", 5),
+        outcome: DeliveryOutcome::Delivered { response: None },
+    };
+    assert_eq!(then_state(&sent_email(), c), MessageState::Delivered);
+}
+
+#[test]
+fn processed_is_recorded_but_changes_no_state() {
+    let c = MessageCommand::RecordDelivery {
+        fact: fact("p1", 5),
+        outcome: DeliveryOutcome::Processed,
+    };
+    let events = when(&sent_email(), c.clone()).expect("ok");
+    assert_eq!(events.len(), 1);
+    assert_eq!(then_state(&sent_email(), c), MessageState::Sent);
+}
+
+#[test]
+fn record_open_counts_and_moves_to_opened() {
+    let m = given(vec![
+        compose(Channel::Email, Dispatch::Now),
+        MessageCommand::StartSendAttempt { now: t(1) },
+        MessageCommand::RecordSent {
+            provider_message_id: None,
+            at: t(2),
+        },
+        MessageCommand::RecordOpen {
+            fact: fact("o1", 10),
+            machine_open: false,
+        },
+        MessageCommand::RecordOpen {
+            fact: fact("o2", 11),
+            machine_open: true,
+        },
+    ]);
+    let d = m.data().expect("exists");
+    assert_eq!((d.state, d.opens), (MessageState::Opened, 2));
+}
+
+#[test]
+fn record_an_open_on_a_draft_is_refused() {
+    let m = given(vec![compose(Channel::Email, Dispatch::Draft)]);
+    let c = MessageCommand::RecordOpen {
+        fact: fact("o1", 1),
+        machine_open: false,
+    };
+    assert_eq!(
+        when(&m, c),
+        Err(invalid("record an open", MessageState::Draft))
+    );
+}
+
+#[test]
+fn record_an_open_on_an_x_post_is_not_supported() {
+    let m = given(vec![
+        compose(Channel::Twitter, Dispatch::Now),
+        MessageCommand::StartSendAttempt { now: t(1) },
+    ]);
+    let c = MessageCommand::RecordOpen {
+        fact: fact("o1", 1),
+        machine_open: false,
+    };
+    assert_eq!(
+        when(&m, c),
+        Err(MessageError::NotSupportedOnChannel {
+            action: "record an open",
+            channel: Channel::Twitter
+        })
+    );
+}
+
+#[test]
+fn record_click_counts_and_moves_to_clicked() {
+    let c = MessageCommand::RecordClick {
+        fact: fact("c1", 5),
+        url: Some("https://example.com".into()),
+    };
+    assert_eq!(then_state(&sent_email(), c), MessageState::Clicked);
+}
+
+#[test]
+fn record_reply_on_an_x_post() {
+    let m = given(vec![
+        compose(Channel::Twitter, Dispatch::Now),
+        MessageCommand::StartSendAttempt { now: t(1) },
+        MessageCommand::RecordSent {
+            provider_message_id: Some("186".into()),
+            at: t(2),
+        },
+    ]);
+    let c = MessageCommand::RecordReply {
+        fact: fact("tweet-9", 5),
+        reply_message_id: None,
+        from: Profile::new("someone", None),
+    };
+    assert_eq!(then_state(&m, c), MessageState::Replied);
+}
+
+#[test]
+fn record_a_reply_on_a_scheduled_message_is_refused() {
+    let m = given(vec![compose(Channel::Facebook, Dispatch::At(t(100)))]);
+    let c = MessageCommand::RecordReply {
+        fact: fact("r", 5),
+        reply_message_id: None,
+        from: Profile::new("someone", None),
+    };
+    assert_eq!(
+        when(&m, c),
+        Err(invalid("record a reply", MessageState::Scheduled))
+    );
+}
+
+#[test]
+fn spam_report_and_unsubscribe_rank_above_replies() {
+    let m = given(vec![
+        compose(Channel::Email, Dispatch::Now),
+        MessageCommand::StartSendAttempt { now: t(1) },
+        MessageCommand::RecordUnsubscribe {
+            fact: fact("u", 5),
+            group_id: Some(7),
+        },
+    ]);
+    assert_eq!(m.state(), Some(MessageState::Unsubscribed));
+    assert_eq!(
+        then_state(&m, MessageCommand::RecordSpamReport { fact: fact("s", 6) }),
+        MessageState::SpamReported
+    );
+}
+
+#[test]
+fn a_late_delivery_never_moves_an_opened_message_back() {
+    let m = given(vec![
+        compose(Channel::Email, Dispatch::Now),
+        MessageCommand::StartSendAttempt { now: t(1) },
+        MessageCommand::RecordOpen {
+            fact: fact("o", 50),
+            machine_open: false,
+        },
+    ]);
+    let c = MessageCommand::RecordDelivery {
+        fact: fact("d", 10),
+        outcome: DeliveryOutcome::Delivered { response: None },
+    };
+    assert_eq!(then_state(&m, c.clone()), MessageState::Opened);
+    assert_eq!(when(&m, c).map(|e| e.len()), Ok(1), "still recorded");
+}
+
+#[test]
+fn a_bounce_after_delivery_is_allowed() {
+    let m = given(vec![
+        compose(Channel::Email, Dispatch::Now),
+        MessageCommand::StartSendAttempt { now: t(1) },
+        MessageCommand::RecordDelivery {
+            fact: fact("d", 10),
+            outcome: DeliveryOutcome::Delivered { response: None },
+        },
+    ]);
+    let c = MessageCommand::RecordDelivery {
+        fact: fact("b", 20),
+        outcome: DeliveryOutcome::Bounced {
+            reason: Some("550".into()),
+            bounce_type: Some("bounce".into()),
+        },
+    };
+    assert_eq!(then_state(&m, c), MessageState::Bounced);
+}
+
+#[test]
+fn a_provider_fact_before_our_sent_record_is_kept_and_sent_does_not_lower_it() {
+    let m = given(vec![
+        compose(Channel::Email, Dispatch::Now),
+        MessageCommand::StartSendAttempt { now: t(1) },
+        MessageCommand::RecordDelivery {
+            fact: fact("d", 3),
+            outcome: DeliveryOutcome::Delivered { response: None },
+        },
+        MessageCommand::RecordSent {
+            provider_message_id: Some("sg".into()),
+            at: t(4),
+        },
+    ]);
+    let d = m.data().expect("exists");
+    assert_eq!(d.state, MessageState::Delivered);
+    assert_eq!(d.provider_message_id.as_deref(), Some("sg"));
+}
+
+#[test]
+fn a_duplicate_fact_changes_nothing() {
+    let m = given(vec![
+        compose(Channel::Email, Dispatch::Now),
+        MessageCommand::StartSendAttempt { now: t(1) },
+        MessageCommand::RecordOpen {
+            fact: fact("o", 5),
+            machine_open: false,
+        },
+    ]);
+    let again = MessageCommand::RecordOpen {
+        fact: fact("o", 5),
+        machine_open: false,
+    };
+    assert_eq!(when(&m, again), Ok(vec![]));
+}
+
+#[test]
+fn an_inbound_message_is_received_and_cannot_be_sent() {
+    let svc = service(Channel::Email);
+    let m = given(vec![MessageCommand::Receive(Receive {
+        id: MessageId::from_uuid(Uuid::now_v7()),
+        service: svc,
+        from: Profile::new("alice@example.com", None),
+        subject: Some("Re: Hello".into()),
+        text: Some("Thanks".into()),
+        in_reply_to: None,
+        provider_message_id: None,
+        received_at: t(9),
+    })]);
+    assert_eq!(m.state(), Some(MessageState::Received));
+    let c = MessageCommand::Send {
+        now: t(10),
+        expected_publish_at: None,
+    };
+    assert_eq!(when(&m, c), Err(invalid("send", MessageState::Received)));
+}
+
+#[test]
+fn events_round_trip_through_json_with_permanent_names() {
+    let m = sent_email();
+    let _ = m;
+    let e = MessageEvent::DeliveryRecorded {
+        fact_id: "x".into(),
+        outcome: DeliveryOutcome::Bounced {
+            reason: Some("550".into()),
+            bounce_type: Some("blocked".into()),
+        },
+        occurred_at: t(1) + Duration::milliseconds(5),
+    };
+    let json = serde_json::to_value(&e).expect("serializes");
+    assert_eq!(json["DeliveryRecorded"]["outcome"], "bounced");
+    let back: MessageEvent = serde_json::from_value(json).expect("deserializes");
+    assert_eq!(back, e);
+    assert_eq!(cqrs_es::DomainEvent::event_type(&e), "DeliveryRecorded");
+}

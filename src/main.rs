@@ -1,1 +1,130 @@
-fn main(){}
+//! `messaging`: the service binary. Kept thin: parse the command line, hand over.
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use messaging::config::Config;
+use messaging::startup::{self, Application};
+use messaging_projections::Subscription;
+
+#[derive(Parser)]
+#[command(
+    name = "messaging",
+    version,
+    about = "Event-sourced messaging service: email, X and Facebook"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the API, webhooks and workers in one process (migrates the database first).
+    Serve,
+    /// Apply database migrations and exit.
+    Migrate,
+    /// Read models.
+    Projections {
+        #[command(subcommand)]
+        command: ProjectionsCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ProjectionsCommand {
+    /// Rebuild a read model (or all of them) from position zero of the event log.
+    Rebuild {
+        /// `message_list` or `state_changes`; all when omitted.
+        name: Option<String>,
+    },
+}
+
+#[tokio::main]
+async fn main() {
+    init_tracing();
+    if let Err(error) = run(Cli::parse()).await {
+        // One clear line; the chain says which setting or step failed.
+        eprintln!("error: {error:#}");
+        std::process::exit(1);
+    }
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn,tower_http=info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    if std::env::var("MESSAGING_LOG_FORMAT").as_deref() == Ok("json") {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve => {
+            let config = Config::from_env()?;
+            let app = Application::build(&config).await?;
+            app.run(shutdown_signal()).await
+        }
+        Command::Migrate => {
+            let config = Config::from_env_for_tools()?;
+            let pool = startup::connect(&config).await?;
+            startup::migrate(&pool).await?;
+            println!("migrations applied");
+            Ok(())
+        }
+        Command::Projections {
+            command: ProjectionsCommand::Rebuild { name },
+        } => {
+            let config = Config::from_env_for_tools()?;
+            let pool = startup::connect(&config).await?;
+            startup::migrate(&pool).await?;
+            let projections: Vec<_> = messaging_projections::all()
+                .into_iter()
+                .filter(|p| name.as_deref().is_none_or(|n| n == p.name()))
+                .collect();
+            if projections.is_empty() {
+                anyhow::bail!(
+                    "no projection named `{}`; the projections are message_list and state_changes",
+                    name.unwrap_or_default()
+                );
+            }
+            for projection in projections {
+                let name = projection.name();
+                let started = std::time::Instant::now();
+                let n = Subscription::new(pool.clone(), projection)
+                    .rebuild()
+                    .await
+                    .with_context(|| format!("rebuilding {name}"))?;
+                println!(
+                    "{name}: rebuilt from {n} events in {:.2?}",
+                    started.elapsed()
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = terminate => {},
+    }
+    tracing::info!("shutting down: finishing in-flight work");
+}

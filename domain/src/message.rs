@@ -80,6 +80,13 @@ pub struct Message {
     data: Option<MessageData>,
 }
 
+impl From<MessageData> for Message {
+    /// Restores a message from a stored fold (a read model's copy).
+    fn from(data: MessageData) -> Self {
+        Self { data: Some(data) }
+    }
+}
+
 impl Message {
     /// The aggregate type name stored with every event.
     pub const TYPE_NAME: &'static str = "Message";

@@ -18,8 +18,12 @@ impl EmailAddress {
         if s.len() > 254 {
             return Err(format!("`{s}` is longer than 254 characters"));
         }
-        if s.chars().any(|c| c.is_whitespace() || c.is_control() || "<>()[],;:\\\"".contains(c)) {
-            return Err(format!("`{s}` contains a character not allowed in an email address"));
+        if s.chars()
+            .any(|c| c.is_whitespace() || c.is_control() || "<>()[],;:\\\"".contains(c))
+        {
+            return Err(format!(
+                "`{s}` contains a character not allowed in an email address"
+            ));
         }
         let (local, domain) = s
             .rsplit_once('@')

@@ -119,7 +119,10 @@ fn compose_with_send_queues() {
 
 #[test]
 fn compose_in_the_past_is_refused() {
-    let r = when(&Message::default(), compose(Channel::Email, Dispatch::At(t(-1))));
+    let r = when(
+        &Message::default(),
+        compose(Channel::Email, Dispatch::At(t(-1))),
+    );
     assert_eq!(r, Err(MessageError::ScheduleInPast { publish_at: t(-1) }));
 }
 
@@ -325,7 +328,10 @@ fn record_sent_before_any_attempt_is_refused() {
         provider_message_id: None,
         at: t(1),
     };
-    assert_eq!(when(&m, c), Err(invalid("record sent", MessageState::Pending)));
+    assert_eq!(
+        when(&m, c),
+        Err(invalid("record sent", MessageState::Pending))
+    );
 }
 
 #[test]

@@ -1,1 +1,26 @@
+//! Durable catch-up subscriptions over the event log, and the read models they feed.
+//!
+//! Never rely on cqrs-es `Query` dispatch for these: it runs after the commit in the writing
+//! process, swallows errors and is lost on a crash. A [`Subscription`] instead tails the
+//! `events` table from its own checkpoint, which it updates in the same transaction as the
+//! projection's writes.
 
+pub mod event;
+pub mod feed;
+pub mod message_list;
+pub mod subscription;
+pub mod view;
+
+pub use event::{load_message, StoredEvent};
+pub use feed::{FeedItem, StateChangeFeed};
+pub use message_list::MessageList;
+pub use subscription::{BatchOutcome, Projection, ProjectionError, Subscription};
+pub use view::{HistoryItem, MessageView};
+
+/// Every projection this service runs, by name.
+pub fn all() -> Vec<std::sync::Arc<dyn Projection>> {
+    vec![
+        std::sync::Arc::new(MessageList),
+        std::sync::Arc::new(StateChangeFeed),
+    ]
+}

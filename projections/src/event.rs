@@ -1,0 +1,90 @@
+//! Events as read back from the store.
+
+use crate::subscription::ProjectionError;
+use chrono::{DateTime, Utc};
+use messaging_domain::{Message, MessageEvent};
+use sqlx::PgConnection;
+
+/// One row of the `events` table.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct StoredEvent {
+    pub global_position: i64,
+    /// The inserting transaction's id (xid8), read as text and parsed.
+    #[sqlx(try_from = "String")]
+    pub transaction_id: TxId,
+    pub aggregate_type: String,
+    pub aggregate_id: String,
+    pub sequence: i64,
+    pub event_type: String,
+    pub event_version: String,
+    pub payload: serde_json::Value,
+    pub recorded_at: DateTime<Utc>,
+}
+
+/// A PostgreSQL `xid8`, carried as its decimal text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub struct TxId(pub u64);
+
+impl TryFrom<String> for TxId {
+    type Error = std::num::ParseIntError;
+    fn try_from(value: String) -> Result<Self, Self::Error> {
+        value.parse().map(TxId)
+    }
+}
+
+/// The columns a reader selects, in [`StoredEvent`]'s shape.
+pub const EVENT_COLUMNS: &str = "global_position, transaction_id::text AS transaction_id, \
+     aggregate_type, aggregate_id, sequence, event_type, event_version, payload, recorded_at";
+
+impl StoredEvent {
+    /// The Message event inside. Version 1 is the only version so far; an upcaster goes here
+    /// when a payload changes.
+    pub fn message_event(&self) -> Result<MessageEvent, ProjectionError> {
+        if self.event_version != "1" {
+            return Err(ProjectionError::UnknownVersion {
+                event_type: self.event_type.clone(),
+                version: self.event_version.clone(),
+            });
+        }
+        serde_json::from_value(self.payload.clone()).map_err(|e| ProjectionError::Payload {
+            position: self.global_position,
+            error: e.to_string(),
+        })
+    }
+
+    pub fn is_message(&self) -> bool {
+        self.aggregate_type == Message::TYPE_NAME
+    }
+}
+
+/// Every event of one message up to and including `up_to` (all when `None`), in order.
+pub async fn message_events(
+    conn: &mut PgConnection,
+    message_id: &str,
+    up_to: Option<i64>,
+) -> Result<Vec<StoredEvent>, ProjectionError> {
+    let sql = format!(
+        "SELECT {EVENT_COLUMNS} FROM events \
+         WHERE aggregate_type = $1 AND aggregate_id = $2 AND ($3::bigint IS NULL OR sequence <= $3) \
+         ORDER BY sequence"
+    );
+    Ok(sqlx::query_as::<_, StoredEvent>(&sql)
+        .bind(Message::TYPE_NAME)
+        .bind(message_id)
+        .bind(up_to)
+        .fetch_all(conn)
+        .await?)
+}
+
+/// The message as folded from its events up to `up_to`.
+pub async fn load_message(
+    conn: &mut PgConnection,
+    message_id: &str,
+    up_to: Option<i64>,
+) -> Result<Message, ProjectionError> {
+    let mut message = Message::default();
+    for e in message_events(conn, message_id, up_to).await? {
+        message.apply_event(e.message_event()?);
+    }
+    Ok(message)
+}

@@ -1,0 +1,242 @@
+//! The durable subscription reader.
+//!
+//! Positions (`global_position`) become visible out of order when transactions commit out of
+//! order, so a reader that checkpoints the position alone skips events. Each event row carries
+//! the id of the transaction that inserted it; the reader only takes rows whose transaction id
+//! is below the oldest transaction still running (`pg_snapshot_xmin`), which can never gain
+//! rows again, ordered by `(transaction_id, global_position)`, and checkpoints that pair.
+//!
+//! The checkpoint row is locked with `FOR UPDATE SKIP LOCKED` for each batch, so one instance
+//! processes a subscription at a time across processes, and it is updated in the same
+//! transaction as the projection's writes: a crash mid-batch rolls both back together.
+
+use crate::event::{StoredEvent, EVENT_COLUMNS};
+use async_trait::async_trait;
+use sqlx::{PgConnection, PgPool};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProjectionError {
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("event at position {position} has an unreadable payload: {error}")]
+    Payload { position: i64, error: String },
+    #[error("no upcaster for {event_type} version {version}")]
+    UnknownVersion { event_type: String, version: String },
+    #[error("{0}")]
+    Other(String),
+}
+
+/// A read model fed by a subscription.
+#[async_trait]
+pub trait Projection: Send + Sync + 'static {
+    /// The subscription's name: its checkpoint's key, and the CLI's name for a rebuild.
+    fn name(&self) -> &'static str;
+
+    /// Applies one event inside the batch's transaction. Errors roll the whole batch back.
+    async fn handle(
+        &self,
+        conn: &mut PgConnection,
+        event: &StoredEvent,
+    ) -> Result<(), ProjectionError>;
+
+    /// Empties the read model, for a rebuild from position zero.
+    async fn reset(&self, conn: &mut PgConnection) -> Result<(), ProjectionError>;
+}
+
+/// What one call of [`Subscription::run_batch`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BatchOutcome {
+    /// Handled this many events and committed them with the checkpoint.
+    Handled(usize),
+    /// Nothing new.
+    Idle,
+    /// Newer events exist but an older transaction is still running: try again shortly.
+    Behind,
+    /// Another instance holds the subscription right now.
+    Locked,
+}
+
+#[derive(Clone)]
+pub struct Subscription {
+    pool: PgPool,
+    projection: Arc<dyn Projection>,
+    batch_size: i64,
+    poll_interval: Duration,
+}
+
+impl Subscription {
+    pub fn new(pool: PgPool, projection: Arc<dyn Projection>) -> Self {
+        Self {
+            pool,
+            projection,
+            batch_size: 500,
+            poll_interval: Duration::from_millis(500),
+        }
+    }
+
+    pub fn with_batch_size(mut self, batch_size: i64) -> Self {
+        self.batch_size = batch_size.max(1);
+        self
+    }
+
+    pub fn name(&self) -> &'static str {
+        self.projection.name()
+    }
+
+    /// Creates the checkpoint row if it does not exist yet.
+    pub async fn ensure_checkpoint(&self) -> Result<(), ProjectionError> {
+        sqlx::query(
+            "INSERT INTO subscription_checkpoints (name) VALUES ($1) ON CONFLICT DO NOTHING",
+        )
+        .bind(self.name())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Reads and handles at most one batch.
+    pub async fn run_batch(&self) -> Result<BatchOutcome, ProjectionError> {
+        let mut tx = self.pool.begin().await?;
+        let checkpoint: Option<(String, i64)> = sqlx::query_as(
+            "SELECT last_transaction_id::text, last_global_position FROM subscription_checkpoints \
+             WHERE name = $1 FOR UPDATE SKIP LOCKED",
+        )
+        .bind(self.name())
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some((last_tx, last_pos)) = checkpoint else {
+            return Ok(BatchOutcome::Locked);
+        };
+        let sql = format!(
+            "SELECT {EVENT_COLUMNS} FROM events \
+             WHERE (transaction_id, global_position) > ($1::xid8, $2) \
+               AND transaction_id < pg_snapshot_xmin(pg_current_snapshot()) \
+             ORDER BY transaction_id, global_position LIMIT $3"
+        );
+        let events: Vec<StoredEvent> = sqlx::query_as(&sql)
+            .bind(&last_tx)
+            .bind(last_pos)
+            .bind(self.batch_size)
+            .fetch_all(&mut *tx)
+            .await?;
+        let Some(last) = events.last() else {
+            let newer: bool = sqlx::query_scalar(
+                "SELECT EXISTS (SELECT 1 FROM events \
+                 WHERE (transaction_id, global_position) > ($1::xid8, $2))",
+            )
+            .bind(&last_tx)
+            .bind(last_pos)
+            .fetch_one(&mut *tx)
+            .await?;
+            return Ok(if newer {
+                BatchOutcome::Behind
+            } else {
+                BatchOutcome::Idle
+            });
+        };
+        let (next_tx, next_pos) = (last.transaction_id.0.to_string(), last.global_position);
+        for event in &events {
+            self.projection.handle(&mut tx, event).await?;
+        }
+        sqlx::query(
+            "UPDATE subscription_checkpoints SET last_transaction_id = $2::xid8, \
+             last_global_position = $3, events_handled = events_handled + $4, updated_at = now() \
+             WHERE name = $1",
+        )
+        .bind(self.name())
+        .bind(next_tx)
+        .bind(next_pos)
+        .bind(events.len() as i64)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(BatchOutcome::Handled(events.len()))
+    }
+
+    /// Handles batches until nothing is left that is safe to read; returns how many events.
+    /// Waits briefly while an older transaction holds newer events back.
+    pub async fn catch_up(&self) -> Result<u64, ProjectionError> {
+        self.ensure_checkpoint().await?;
+        let mut total = 0u64;
+        loop {
+            match self.run_batch().await? {
+                BatchOutcome::Handled(n) => total += n as u64,
+                BatchOutcome::Behind | BatchOutcome::Locked => {
+                    tokio::time::sleep(Duration::from_millis(20)).await
+                }
+                BatchOutcome::Idle => return Ok(total),
+            }
+        }
+    }
+
+    /// Empties the read model and its checkpoint in one transaction (waiting for a running
+    /// instance to finish its batch), then reads the whole log again.
+    pub async fn rebuild(&self) -> Result<u64, ProjectionError> {
+        self.ensure_checkpoint().await?;
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SELECT name FROM subscription_checkpoints WHERE name = $1 FOR UPDATE")
+            .bind(self.name())
+            .execute(&mut *tx)
+            .await?;
+        self.projection.reset(&mut tx).await?;
+        sqlx::query(
+            "UPDATE subscription_checkpoints SET last_transaction_id = '0', \
+             last_global_position = 0, events_handled = 0, updated_at = now() WHERE name = $1",
+        )
+        .bind(self.name())
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        self.catch_up().await
+    }
+
+    /// Runs until `shutdown` turns true: woken by `wake` (NOTIFY on new events), with a
+    /// polling fallback. Errors are logged and retried with backoff; the reader never dies on
+    /// one bad batch.
+    pub async fn run(self, mut wake: watch::Receiver<u64>, mut shutdown: watch::Receiver<bool>) {
+        let mut failures = 0u32;
+        loop {
+            if *shutdown.borrow() {
+                return;
+            }
+            wake.borrow_and_update();
+            let pause = match self.run_batch().await {
+                Ok(BatchOutcome::Handled(_)) => {
+                    failures = 0;
+                    continue;
+                }
+                Ok(BatchOutcome::Behind) => Duration::from_millis(5),
+                Ok(BatchOutcome::Idle | BatchOutcome::Locked) => {
+                    failures = 0;
+                    self.poll_interval
+                }
+                Err(error) => {
+                    failures = failures.saturating_add(1);
+                    let pause = Duration::from_millis(100 * 2u64.pow(failures.min(6)));
+                    tracing::error!(subscription = self.name(), %error, retry_in_ms = pause.as_millis() as u64, "projection batch failed");
+                    pause
+                }
+            };
+            tokio::select! {
+                // A closed wake channel (the listener stopped) leaves the poll to wake us.
+                Ok(()) = wake.changed(), if failures == 0 => {}
+                _ = tokio::time::sleep(pause) => {}
+                _ = shutdown.changed() => {}
+            }
+        }
+    }
+}
+
+/// How far a subscription is behind the log, for `/metrics` and `/v1/subscriptions`.
+pub async fn lag(pool: &PgPool, name: &str) -> Result<i64, ProjectionError> {
+    Ok(sqlx::query_scalar(
+        "SELECT count(*) FROM events e, subscription_checkpoints c WHERE c.name = $1 \
+         AND (e.transaction_id, e.global_position) > (c.last_transaction_id, c.last_global_position)",
+    )
+    .bind(name)
+    .fetch_one(pool)
+    .await?)
+}

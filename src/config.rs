@@ -1,0 +1,126 @@
+//! Configuration from the environment (see `CONTRACT.md`, "The program"). Bad configuration
+//! stops start-up with one line naming the setting; secrets never print.
+
+use std::fmt;
+use std::net::SocketAddr;
+
+/// A value that must never reach a log line or a response.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("configuration: {setting}: {message}")]
+pub struct ConfigError {
+    pub setting: &'static str,
+    pub message: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// `postgres://...`. (The embedded SQLite default is a later step; see the README.)
+    pub database_url: Secret,
+    pub listen: SocketAddr,
+    pub api_keys: Vec<Secret>,
+    /// Largest request body accepted, in bytes.
+    pub max_body_bytes: usize,
+    pub database_max_connections: u32,
+}
+
+impl Config {
+    /// Reads the configuration from `lookup` (the process environment in production).
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let database_url = lookup("DATABASE_URL").ok_or(ConfigError {
+            setting: "DATABASE_URL",
+            message: "set it to a postgres:// URL (the embedded SQLite default is not built yet)"
+                .into(),
+        })?;
+        if !(database_url.starts_with("postgres://") || database_url.starts_with("postgresql://")) {
+            return Err(ConfigError {
+                setting: "DATABASE_URL",
+                message: "must start with postgres:// or postgresql://".into(),
+            });
+        }
+        let listen = lookup("MESSAGING_LISTEN").unwrap_or_else(|| "127.0.0.1:8080".into());
+        let listen = listen.parse().map_err(|_| ConfigError {
+            setting: "MESSAGING_LISTEN",
+            message: format!("`{listen}` is not a host:port address such as 127.0.0.1:8080"),
+        })?;
+        let api_keys: Vec<Secret> = lookup("MESSAGING_API_KEYS")
+            .unwrap_or_default()
+            .split(',')
+            .map(str::trim)
+            .filter(|k| !k.is_empty())
+            .map(Secret::new)
+            .collect();
+        if api_keys.is_empty() {
+            return Err(ConfigError {
+                setting: "MESSAGING_API_KEYS",
+                message: "give at least one bearer key (comma-separated) for /v1/*".into(),
+            });
+        }
+        let number = |setting: &'static str, default: u64| -> Result<u64, ConfigError> {
+            match lookup(setting) {
+                None => Ok(default),
+                Some(v) => v.parse().map_err(|_| ConfigError {
+                    setting,
+                    message: format!("`{v}` is not a whole number"),
+                }),
+            }
+        };
+        Ok(Self {
+            database_url: Secret::new(database_url),
+            listen,
+            api_keys,
+            max_body_bytes: number("MESSAGING_MAX_BODY_BYTES", 1024 * 1024)? as usize,
+            database_max_connections: number("MESSAGING_DATABASE_MAX_CONNECTIONS", 20)? as u32,
+        })
+    }
+
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_lookup(|k| std::env::var(k).ok())
+    }
+
+    /// For `migrate` and `projections rebuild`, which serve no API and need no keys.
+    pub fn from_env_for_tools() -> Result<Self, ConfigError> {
+        Self::from_lookup(|k| match k {
+            "MESSAGING_API_KEYS" => Some(std::env::var(k).unwrap_or_else(|_| "unused".into())),
+            _ => std::env::var(k).ok(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_api_key_names_the_setting() {
+        let err = Config::from_lookup(|k| {
+            (k == "DATABASE_URL").then(|| "postgres://localhost/x".to_string())
+        })
+        .map(|_| ())
+        .unwrap_err();
+        assert_eq!(err.setting, "MESSAGING_API_KEYS");
+    }
+
+    #[test]
+    fn secrets_do_not_print() {
+        let s = Secret::new("hunter2");
+        assert!(!format!("{s:?}").contains("hunter2"));
+    }
+}

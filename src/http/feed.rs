@@ -1,0 +1,88 @@
+//! The state-change feed for Automation: pull with a cursor, long-polled with `wait`.
+
+use super::error::ApiError;
+use super::{ApiJson, AppState};
+use axum::extract::{Query, State};
+use axum::routing::get;
+use axum::Router;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::time::Duration;
+
+pub fn router() -> Router<AppState> {
+    Router::new().route("/state-changes", get(state_changes))
+}
+
+#[derive(Deserialize)]
+struct FeedQuery {
+    after: Option<String>,
+    limit: Option<String>,
+    wait: Option<String>,
+}
+
+const MAX_LIMIT: i64 = 1000;
+const MAX_WAIT_SECONDS: u64 = 60;
+
+fn number<T: std::str::FromStr>(
+    raw: Option<&str>,
+    field: &str,
+    default: T,
+    ok: impl Fn(&T) -> bool,
+    hint: &str,
+) -> Result<T, ApiError> {
+    match raw {
+        None => Ok(default),
+        Some(r) => r
+            .parse::<T>()
+            .ok()
+            .filter(ok)
+            .ok_or_else(|| ApiError::field(field, hint)),
+    }
+}
+
+async fn state_changes(
+    State(state): State<AppState>,
+    Query(q): Query<FeedQuery>,
+) -> Result<ApiJson<Value>, ApiError> {
+    let after = number(
+        q.after.as_deref(),
+        "after",
+        0i64,
+        |n| *n >= 0,
+        "must be a position (0 or more)",
+    )?;
+    let limit = number(
+        q.limit.as_deref(),
+        "limit",
+        100i64,
+        |n| (1..=MAX_LIMIT).contains(n),
+        "must be 1 to 1000",
+    )?;
+    let wait = number(
+        q.wait.as_deref(),
+        "wait",
+        0u64,
+        |n| *n <= MAX_WAIT_SECONDS,
+        "must be 0 to 60 seconds",
+    )?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(wait);
+    let mut wake = state.feed_wake.clone();
+    loop {
+        // Mark the wake-up seen before reading, so an item that lands after the read wakes us.
+        wake.borrow_and_update();
+        let items = state.store.state_changes(after, limit).await?;
+        if !items.is_empty() || tokio::time::Instant::now() >= deadline {
+            let next = items.last().map(|i| i.position).unwrap_or(after);
+            return Ok(ApiJson(json!({"items": items, "next": next})));
+        }
+        tokio::select! {
+            changed = wake.changed() => {
+                if changed.is_err() {
+                    // No listener: fall back to a short poll.
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+            _ = tokio::time::sleep_until(deadline) => {}
+        }
+    }
+}

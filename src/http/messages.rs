@@ -1,0 +1,326 @@
+//! Message commands (compose, schedule, send, cancel) and queries (list, detail).
+
+use super::error::ApiError;
+use super::services::parse_service_id;
+use super::{ApiJson, AppState};
+use crate::store::{IdempotencyClaim, ListFilter};
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::{get, post};
+use axum::Router;
+use chrono::{DateTime, Utc};
+use messaging_domain::{
+    build_message, Channel, Compose, Direction, Dispatch, MessageCommand, MessageError, MessageId,
+    MessageInput, MessageState, Profile, ServiceRef,
+};
+use messaging_projections::MessageView;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/messages", get(list).post(compose))
+        .route("/messages/{id}", get(show))
+        .route("/messages/{id}/schedule", post(schedule))
+        .route("/messages/{id}/send", post(send))
+        .route("/messages/{id}/cancel", post(cancel))
+}
+
+#[derive(Deserialize)]
+struct Recipient {
+    username: String,
+    #[serde(default)]
+    name: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct ComposeRequest {
+    service_id: String,
+    #[serde(default)]
+    to: Vec<Recipient>,
+    subject: Option<String>,
+    text: Option<String>,
+    html: Option<String>,
+    link: Option<String>,
+    in_reply_to: Option<String>,
+    publish_at: Option<DateTime<Utc>>,
+    #[serde(default)]
+    send: bool,
+}
+
+const IDEMPOTENCY_KEY: &str = "idempotency-key";
+
+fn parse_message_id(raw: &str) -> Result<MessageId, ApiError> {
+    raw.parse()
+        .map_err(|_| ApiError::not_found(format!("no message with id `{raw}`")))
+}
+
+/// The message as it stands in the log (read-your-writes for the caller), with its history.
+async fn message_view(state: &AppState, id: MessageId) -> Result<(Value, Value), ApiError> {
+    let (message, history) = state
+        .store
+        .message(id)
+        .await?
+        .ok_or_else(|| ApiError::from(MessageError::NotFound))?;
+    let data = message
+        .data()
+        .ok_or_else(|| ApiError::internal(format!("message {id} has no first event")))?;
+    let view = serde_json::to_value(MessageView::from(data)).map_err(ApiError::internal)?;
+    let history = serde_json::to_value(history).map_err(ApiError::internal)?;
+    Ok((view, history))
+}
+
+async fn compose(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    ApiJson(body): ApiJson<Value>,
+) -> Result<(StatusCode, ApiJson<Value>), ApiError> {
+    // serde_json keeps object keys sorted, so equal bodies hash equal however they were spaced.
+    let request_hash = hex::encode(Sha256::digest(body.to_string().as_bytes()));
+    let request: ComposeRequest = serde_json::from_value(body).map_err(|e| {
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_field",
+            e.to_string(),
+        )
+    })?;
+    let service_id = parse_service_id(&request.service_id)
+        .map_err(|_| ApiError::field("service_id", "is not a service id"))?;
+    let service = state
+        .store
+        .service(service_id)
+        .await?
+        .ok_or_else(|| ApiError::field("service_id", "no service with this id"))?;
+    let service_ref = ServiceRef {
+        id: service.id,
+        channel: service.channel,
+        provider: service.provider,
+        username: service.username.clone(),
+        name: Some(service.name.clone()),
+    };
+    let input = MessageInput {
+        to: request
+            .to
+            .into_iter()
+            .map(|r| Profile::new(r.username, r.name))
+            .collect(),
+        subject: request.subject,
+        text: request.text,
+        html: request.html,
+        link: request.link,
+        in_reply_to: request.in_reply_to,
+    };
+    let message = build_message(&service_ref, input)?;
+    let now = Utc::now();
+    let dispatch = match (request.publish_at, request.send) {
+        (Some(_), true) => {
+            return Err(ApiError::field(
+                "publish_at",
+                "give either publish_at (send later) or send: true (send now), not both",
+            ))
+        }
+        (Some(at), false) if at <= now => {
+            return Err(ApiError::field("publish_at", "must be in the future"))
+        }
+        (Some(at), false) => Dispatch::At(at),
+        (None, true) => Dispatch::Now,
+        (None, false) => Dispatch::Draft,
+    };
+
+    let mut id = MessageId::from_uuid(uuid::Uuid::now_v7());
+    let idempotency_key = headers
+        .get(IDEMPOTENCY_KEY)
+        .map(|v| v.to_str().map(str::trim))
+        .transpose()
+        .map_err(|_| ApiError::field("Idempotency-Key", "must be visible ASCII"))?;
+    if let Some(key) = idempotency_key {
+        if key.is_empty() || key.len() > 255 {
+            return Err(ApiError::field(
+                "Idempotency-Key",
+                "must be 1 to 255 characters",
+            ));
+        }
+        match state
+            .store
+            .claim_idempotency_key(key, &request_hash, id)
+            .await?
+        {
+            IdempotencyClaim::Claimed => {}
+            IdempotencyClaim::Existing {
+                id: existing,
+                request_hash: hash,
+            } if hash == request_hash => id = existing,
+            IdempotencyClaim::Existing { .. } => {
+                return Err(ApiError::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "idempotency_key_reused",
+                    "this Idempotency-Key was used with a different request body; use a new key",
+                ))
+            }
+        }
+    }
+    let command = MessageCommand::Compose(Compose {
+        id,
+        message,
+        dispatch,
+        now,
+    });
+    match state.store.execute(id, command).await {
+        Ok(()) => {}
+        // A retry under the same key raced the first request, or repeats it: same message.
+        Err(crate::store::CommandError::Rejected(MessageError::AlreadyExists))
+            if idempotency_key.is_some() => {}
+        Err(e) => return Err(e.into()),
+    }
+    tracing::info!(message_id = %id, service_id = %service.id, "message composed");
+    let (view, _) = message_view(&state, id).await?;
+    Ok((StatusCode::CREATED, ApiJson(view)))
+}
+
+#[derive(Deserialize)]
+struct ScheduleRequest {
+    publish_at: DateTime<Utc>,
+}
+
+async fn run(
+    state: &AppState,
+    id: &str,
+    command: MessageCommand,
+) -> Result<ApiJson<Value>, ApiError> {
+    let id = parse_message_id(id)?;
+    let action = command.action();
+    state.store.execute(id, command).await?;
+    tracing::info!(message_id = %id, action, "message command");
+    Ok(ApiJson(message_view(state, id).await?.0))
+}
+
+async fn schedule(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<ScheduleRequest>,
+) -> Result<ApiJson<Value>, ApiError> {
+    let command = MessageCommand::Schedule {
+        publish_at: body.publish_at,
+        now: Utc::now(),
+    };
+    run(&state, &id, command).await
+}
+
+async fn send(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<ApiJson<Value>, ApiError> {
+    let command = MessageCommand::Send {
+        now: Utc::now(),
+        expected_publish_at: None,
+    };
+    run(&state, &id, command).await
+}
+
+async fn cancel(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<ApiJson<Value>, ApiError> {
+    run(&state, &id, MessageCommand::Cancel { now: Utc::now() }).await
+}
+
+async fn show(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<ApiJson<Value>, ApiError> {
+    let (mut view, history) = message_view(&state, parse_message_id(&id)?).await?;
+    if let Some(obj) = view.as_object_mut() {
+        obj.insert("history".into(), history);
+    }
+    Ok(ApiJson(view))
+}
+
+#[derive(Deserialize)]
+struct ListQuery {
+    service_id: Option<String>,
+    channel: Option<String>,
+    state: Option<String>,
+    direction: Option<String>,
+    profile: Option<String>,
+    limit: Option<String>,
+    cursor: Option<String>,
+}
+
+const DEFAULT_PAGE: i64 = 50;
+const MAX_PAGE: i64 = 500;
+
+async fn list(
+    State(state): State<AppState>,
+    Query(q): Query<ListQuery>,
+) -> Result<ApiJson<Value>, ApiError> {
+    let limit = match q.limit.as_deref() {
+        None => DEFAULT_PAGE,
+        Some(raw) => raw
+            .parse::<i64>()
+            .ok()
+            .filter(|n| (1..=MAX_PAGE).contains(n))
+            .ok_or_else(|| ApiError::field("limit", format!("must be 1 to {MAX_PAGE}")))?,
+    };
+    let filter = ListFilter {
+        service_id: q
+            .service_id
+            .as_deref()
+            .map(|s| {
+                s.parse()
+                    .map_err(|_| ApiError::field("service_id", "is not a service id"))
+            })
+            .transpose()?,
+        channel: q
+            .channel
+            .as_deref()
+            .map(|c| {
+                Channel::parse(c).ok_or_else(|| {
+                    ApiError::field("channel", "must be one of email, twitter, facebook")
+                })
+            })
+            .transpose()?,
+        state: q
+            .state
+            .map(|s| {
+                MessageState::parse(&s)
+                    .map(|st| st.as_str().to_string())
+                    .ok_or_else(|| {
+                        ApiError::field("state", format!("`{s}` is not a message state"))
+                    })
+            })
+            .transpose()?,
+        direction: q
+            .direction
+            .map(|d| {
+                Direction::parse(&d)
+                    .map(|d| d.as_str().to_string())
+                    .ok_or_else(|| ApiError::field("direction", "must be outbound or inbound"))
+            })
+            .transpose()?,
+        profile: q.profile.filter(|p| !p.is_empty()),
+        before: q
+            .cursor
+            .as_deref()
+            .filter(|c| !c.is_empty())
+            .map(|c| {
+                c.parse::<MessageId>()
+                    .map_err(|_| ApiError::field("cursor", "is not a cursor from a previous page"))
+            })
+            .transpose()?,
+        limit: limit + 1,
+    };
+    let mut messages = state.store.list_messages(&filter).await?;
+    let more = messages.len() as i64 > limit;
+    messages.truncate(limit as usize);
+    let items: Vec<MessageView> = messages
+        .iter()
+        .filter_map(|m| m.data().map(MessageView::from))
+        .collect();
+    let next_cursor = if more {
+        items.last().map(|v| v.id.clone())
+    } else {
+        None
+    };
+    Ok(ApiJson(json!({"items": items, "next_cursor": next_cursor})))
+}

@@ -1,0 +1,82 @@
+//! The HTTP API (`CONTRACT.md`, "HTTP API"). Each resource module exposes `router()`;
+//! handlers stay thin: extract, build the command, execute, map the result.
+
+pub mod error;
+mod feed;
+mod health;
+mod messages;
+mod services;
+
+use crate::store::Store;
+use axum::extract::{DefaultBodyLimit, FromRequest, Request, State};
+use axum::http::header::AUTHORIZATION;
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use axum::Router;
+use error::ApiError;
+use sha2::{Digest, Sha256};
+use std::sync::Arc;
+use tokio::sync::watch;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub store: Arc<dyn Store>,
+    /// SHA-256 of each accepted API key: compared by digest, never kept or logged in clear.
+    pub api_key_digests: Arc<Vec<[u8; 32]>>,
+    /// Bumped whenever the feed projector commits new items (NOTIFY `state_changes`).
+    pub feed_wake: watch::Receiver<u64>,
+}
+
+/// JSON bodies with our error shape for every rejection.
+#[derive(FromRequest)]
+#[from_request(via(axum::Json), rejection(ApiError))]
+pub struct ApiJson<T>(pub T);
+
+impl<T: serde::Serialize> axum::response::IntoResponse for ApiJson<T> {
+    fn into_response(self) -> Response {
+        axum::Json(self.0).into_response()
+    }
+}
+
+pub fn digest(key: &str) -> [u8; 32] {
+    Sha256::digest(key.as_bytes()).into()
+}
+
+async fn require_api_key(
+    State(state): State<AppState>,
+    request: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    let presented = request
+        .headers()
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(|k| digest(k.trim()));
+    match presented {
+        Some(d) if state.api_key_digests.iter().any(|k| *k == d) => Ok(next.run(request).await),
+        _ => Err(ApiError::unauthorized()),
+    }
+}
+
+async fn not_found() -> ApiError {
+    ApiError::not_found("no such route; see /v1/openapi.json")
+}
+
+pub fn router(state: AppState, max_body_bytes: usize) -> Router {
+    let v1 = Router::new()
+        .merge(services::router())
+        .merge(messages::router())
+        .merge(feed::router())
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            require_api_key,
+        ));
+    Router::new()
+        .nest("/v1", v1)
+        .merge(health::router())
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .layer(tower_http::trace::TraceLayer::new_for_http())
+        .with_state(state)
+}

@@ -1,0 +1,195 @@
+//! Services: the connected accounts messages are sent from. Credentials are write-only.
+
+use super::error::ApiError;
+use super::{ApiJson, AppState};
+use crate::store::Service;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::routing::get;
+use axum::Router;
+use messaging_domain::{Channel, EmailAddress, Provider, ServiceId};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/services", get(list).post(create))
+        .route("/services/{id}", get(show))
+}
+
+#[derive(Deserialize)]
+struct CreateService {
+    channel: String,
+    provider: String,
+    name: String,
+    username: String,
+    #[serde(default)]
+    credentials: Option<Value>,
+}
+
+fn view(s: &Service) -> Value {
+    json!({
+        "id": s.id,
+        "channel": s.channel,
+        "provider": s.provider,
+        "name": s.name,
+        "username": s.username,
+        "sandbox": s.provider == Provider::Sandbox,
+        "created_at": s.created_at,
+    })
+}
+
+pub fn parse_service_id(raw: &str) -> Result<ServiceId, ApiError> {
+    raw.parse()
+        .map_err(|_| ApiError::not_found(format!("no service with id `{raw}`")))
+}
+
+async fn create(
+    State(state): State<AppState>,
+    ApiJson(body): ApiJson<CreateService>,
+) -> Result<(StatusCode, ApiJson<Value>), ApiError> {
+    let channel = Channel::parse(&body.channel)
+        .ok_or_else(|| ApiError::field("channel", "must be one of email, twitter, facebook"))?;
+    let provider = Provider::parse(&body.provider).ok_or_else(|| {
+        ApiError::field(
+            "provider",
+            "must be one of sendgrid, smtp, x, facebook, sandbox",
+        )
+    })?;
+    if !provider.serves(channel) {
+        return Err(ApiError::field(
+            "provider",
+            format!("{provider} cannot send {channel} messages"),
+        ));
+    }
+    let name = body.name.trim();
+    if name.is_empty() {
+        return Err(ApiError::field("name", "must not be empty"));
+    }
+    let username = check_username(channel, &body.username)?;
+    let credentials = body.credentials.unwrap_or_else(|| json!({}));
+    check_credentials(provider, &credentials)?;
+    let service = Service {
+        id: ServiceId::from_uuid(uuid::Uuid::now_v7()),
+        channel,
+        provider,
+        name: name.to_string(),
+        username,
+        created_at: chrono::Utc::now(),
+    };
+    state.store.create_service(&service, &credentials).await?;
+    tracing::info!(service_id = %service.id, %channel, %provider, "service created");
+    Ok((StatusCode::CREATED, ApiJson(view(&service))))
+}
+
+async fn list(State(state): State<AppState>) -> Result<ApiJson<Value>, ApiError> {
+    let services = state.store.services().await?;
+    Ok(ApiJson(
+        json!({"items": services.iter().map(view).collect::<Vec<_>>()}),
+    ))
+}
+
+async fn show(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<ApiJson<Value>, ApiError> {
+    let id = parse_service_id(&id)?;
+    let service = state
+        .store
+        .service(id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no service with id `{id}`")))?;
+    Ok(ApiJson(view(&service)))
+}
+
+fn check_username(channel: Channel, raw: &str) -> Result<String, ApiError> {
+    let raw = raw.trim();
+    match channel {
+        Channel::Email => EmailAddress::parse(raw)
+            .map(|a| a.as_str().to_string())
+            .map_err(|m| ApiError::field("username", m)),
+        Channel::Twitter => {
+            let handle = raw.strip_prefix('@').unwrap_or(raw);
+            let ok = (1..=15).contains(&handle.len())
+                && handle
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_');
+            if ok {
+                Ok(handle.to_string())
+            } else {
+                Err(ApiError::field(
+                    "username",
+                    "an X handle is 1 to 15 letters, digits or underscores",
+                ))
+            }
+        }
+        Channel::Facebook => {
+            if !raw.is_empty() && raw.chars().all(|c| c.is_ascii_digit()) {
+                Ok(raw.to_string())
+            } else {
+                Err(ApiError::field("username", "a Facebook page id is numeric"))
+            }
+        }
+    }
+}
+
+/// Checks the credentials' shape per provider (`CONTRACT.md`, "Services"), naming any missing
+/// field; never echoes a value.
+fn check_credentials(provider: Provider, credentials: &Value) -> Result<(), ApiError> {
+    let Some(map) = credentials.as_object() else {
+        return Err(ApiError::field("credentials", "must be an object"));
+    };
+    let text = |key: &str| -> Result<(), ApiError> {
+        match map.get(key).and_then(Value::as_str) {
+            Some(v) if !v.trim().is_empty() => Ok(()),
+            _ => Err(ApiError::field(
+                &format!("credentials.{key}"),
+                "is required (a non-empty string)",
+            )),
+        }
+    };
+    match provider {
+        Provider::Sendgrid => text("api_key"),
+        Provider::Smtp => {
+            text("host")?;
+            let port_ok = map
+                .get("port")
+                .and_then(Value::as_u64)
+                .is_some_and(|p| (1..=65535).contains(&p));
+            if !port_ok {
+                return Err(ApiError::field("credentials.port", "must be a port number"));
+            }
+            match map.get("tls").and_then(Value::as_str) {
+                Some("none" | "starttls" | "tls") => {}
+                _ => {
+                    return Err(ApiError::field(
+                        "credentials.tls",
+                        "must be one of none, starttls, tls",
+                    ))
+                }
+            }
+            if map.contains_key("username") || map.contains_key("password") {
+                text("username")?;
+                text("password")?;
+            }
+            Ok(())
+        }
+        Provider::X => {
+            if map.contains_key("bearer_token") {
+                text("bearer_token")
+            } else {
+                for key in [
+                    "consumer_key",
+                    "consumer_secret",
+                    "access_token",
+                    "access_token_secret",
+                ] {
+                    text(key)?;
+                }
+                Ok(())
+            }
+        }
+        Provider::Facebook => text("page_access_token"),
+        Provider::Sandbox => Ok(()),
+    }
+}

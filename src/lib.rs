@@ -1,0 +1,7 @@
+//! The messaging service: configuration, start-up, store wiring, HTTP API and workers.
+
+pub mod config;
+pub mod http;
+pub mod notify;
+pub mod startup;
+pub mod store;

@@ -1,0 +1,107 @@
+//! Start-up: the pool, migrations, the workers and the HTTP server, in one process.
+
+use crate::config::Config;
+use crate::http::{self, AppState};
+use crate::notify::spawn_listener;
+use crate::store::postgres::{PgStore, MIGRATOR};
+use anyhow::Context;
+use messaging_projections::Subscription;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::PgPool;
+use std::net::SocketAddr;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+/// Connects with the session settings every connection needs.
+pub async fn connect(config: &Config) -> anyhow::Result<PgPool> {
+    let options = PgConnectOptions::from_str(config.database_url.expose())
+        .context("DATABASE_URL is not a valid PostgreSQL URL")?
+        // One session stuck in a transaction would hold back every subscription reader
+        // (they only read below the oldest running transaction): cut it off.
+        .options([("idle_in_transaction_session_timeout", "60000")]);
+    PgPoolOptions::new()
+        .max_connections(config.database_max_connections)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect_with(options)
+        .await
+        .context("cannot connect to the database at DATABASE_URL")
+}
+
+pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
+    MIGRATOR
+        .run(pool)
+        .await
+        .context("applying database migrations failed")
+}
+
+/// The running service: API, webhooks and workers.
+pub struct Application {
+    listener: TcpListener,
+    router: axum::Router,
+    shutdown: watch::Sender<bool>,
+    workers: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Application {
+    /// Connects, migrates, starts the workers and binds the listener (port 0 picks a free one).
+    pub async fn build(config: &Config) -> anyhow::Result<Self> {
+        let pool = connect(config).await?;
+        migrate(&pool).await?;
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let wakeups = spawn_listener(pool.clone(), shutdown_rx.clone());
+        let mut workers = Vec::new();
+        for projection in messaging_projections::all() {
+            let subscription = Subscription::new(pool.clone(), projection);
+            subscription.ensure_checkpoint().await?;
+            workers.push(tokio::spawn(
+                subscription.run(wakeups.events.clone(), shutdown_rx.clone()),
+            ));
+        }
+        let state = AppState {
+            store: Arc::new(PgStore::new(pool)),
+            api_key_digests: Arc::new(
+                config
+                    .api_keys
+                    .iter()
+                    .map(|k| http::digest(k.expose()))
+                    .collect(),
+            ),
+            feed_wake: wakeups.state_changes,
+        };
+        let router = http::router(state, config.max_body_bytes);
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("cannot listen on MESSAGING_LISTEN={}", config.listen))?;
+        Ok(Self {
+            listener,
+            router,
+            shutdown,
+            workers,
+        })
+    }
+
+    pub fn local_addr(&self) -> anyhow::Result<SocketAddr> {
+        Ok(self.listener.local_addr()?)
+    }
+
+    /// Serves until `stop` resolves, then lets in-flight requests and batches finish.
+    pub async fn run(
+        self,
+        stop: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let addr = self.local_addr()?;
+        tracing::info!(%addr, "listening");
+        axum::serve(self.listener, self.router)
+            .with_graceful_shutdown(stop)
+            .await
+            .context("HTTP server failed")?;
+        let _ = self.shutdown.send(true);
+        for worker in self.workers {
+            let _ = worker.await;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,106 @@
+//! The store port: everything the service asks of its database, behind one trait, so that a
+//! second backend (the embedded SQLite default) can implement the same behaviour.
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use messaging_domain::Message;
+use messaging_domain::{Channel, MessageCommand, MessageError, MessageId, Provider, ServiceId};
+use messaging_projections::{FeedItem, HistoryItem};
+use serde::Serialize;
+
+pub mod postgres;
+
+/// Why a command did not land.
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    #[error(transparent)]
+    Rejected(#[from] MessageError),
+    /// The message kept changing under us; retrying did not help.
+    #[error("the message is being changed concurrently; try again")]
+    Busy,
+    #[error("store: {0}")]
+    Store(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("store: {0}")]
+pub struct StoreError(pub String);
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        StoreError(e.to_string())
+    }
+}
+
+impl From<messaging_projections::ProjectionError> for StoreError {
+    fn from(e: messaging_projections::ProjectionError) -> Self {
+        StoreError(e.to_string())
+    }
+}
+
+/// A connected account. Credentials are stored, never read back through the API.
+#[derive(Debug, Clone, Serialize)]
+pub struct Service {
+    pub id: ServiceId,
+    pub channel: Channel,
+    pub provider: Provider,
+    pub name: String,
+    pub username: String,
+    pub created_at: DateTime<Utc>,
+}
+
+/// What the idempotency table said about a key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IdempotencyClaim {
+    /// The key is new: it now names `id`.
+    Claimed,
+    /// The key was used before, for this message, with this request hash.
+    Existing { id: MessageId, request_hash: String },
+}
+
+/// Filters of the message list; `None` means any.
+#[derive(Debug, Clone, Default)]
+pub struct ListFilter {
+    pub service_id: Option<ServiceId>,
+    pub channel: Option<Channel>,
+    pub state: Option<String>,
+    pub direction: Option<String>,
+    pub profile: Option<String>,
+    /// Only messages older than this one (the cursor).
+    pub before: Option<MessageId>,
+    pub limit: i64,
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Runs a command on a message, retrying optimistic-concurrency conflicts.
+    async fn execute(&self, id: MessageId, command: MessageCommand) -> Result<(), CommandError>;
+    /// The message folded from the log, with its history; `None` if there is no such message.
+    async fn message(
+        &self,
+        id: MessageId,
+    ) -> Result<Option<(Message, Vec<HistoryItem>)>, StoreError>;
+
+    async fn create_service(
+        &self,
+        service: &Service,
+        credentials: &serde_json::Value,
+    ) -> Result<(), StoreError>;
+    async fn service(&self, id: ServiceId) -> Result<Option<Service>, StoreError>;
+    async fn services(&self) -> Result<Vec<Service>, StoreError>;
+
+    async fn claim_idempotency_key(
+        &self,
+        key: &str,
+        request_hash: &str,
+        id: MessageId,
+    ) -> Result<IdempotencyClaim, StoreError>;
+
+    /// The message list read model, newest first.
+    async fn list_messages(&self, filter: &ListFilter) -> Result<Vec<Message>, StoreError>;
+    /// Feed items after `after`, oldest first.
+    async fn state_changes(&self, after: i64, limit: i64) -> Result<Vec<FeedItem>, StoreError>;
+
+    /// Whether the database answers and every migration is applied.
+    async fn ready(&self) -> Result<(), StoreError>;
+}

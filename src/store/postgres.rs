@@ -1,0 +1,234 @@
+//! The PostgreSQL backend: cqrs-es + postgres-es in event-store mode for commands, plain SQL
+//! for services, idempotency keys and the read models.
+
+use super::{CommandError, IdempotencyClaim, ListFilter, Service, Store, StoreError};
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use cqrs_es::persist::PersistedEventStore;
+use cqrs_es::{AggregateError, CqrsFramework};
+use messaging_domain::{
+    Channel, Message, MessageCommand, MessageData, MessageId, Provider, ServiceId,
+};
+use messaging_projections::event::message_events;
+use messaging_projections::{FeedItem, HistoryItem};
+use postgres_es::PostgresEventRepository;
+use rand::Rng;
+use sqlx::migrate::Migrator;
+use sqlx::PgPool;
+use std::time::Duration;
+
+pub static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
+
+type MessageCqrs = CqrsFramework<Message, PersistedEventStore<PostgresEventRepository, Message>>;
+
+/// How many times a command is retried when another writer appended to the same message
+/// first (postgres-es reports that as `AggregateConflict` and never retries it).
+const CONFLICT_RETRIES: u32 = 8;
+
+pub struct PgStore {
+    pool: PgPool,
+    cqrs: MessageCqrs,
+}
+
+impl PgStore {
+    pub fn new(pool: PgPool) -> Self {
+        // Event-store mode only: the snapshot and aggregate-store modes of cqrs-es 0.5.0 apply
+        // each event twice. No cqrs-es queries: projections are durable subscriptions.
+        let repo = PostgresEventRepository::new(pool.clone());
+        let cqrs = CqrsFramework::new(PersistedEventStore::new_event_store(repo), vec![], ());
+        Self { pool, cqrs }
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+}
+
+#[derive(sqlx::FromRow)]
+struct ServiceRow {
+    id: uuid::Uuid,
+    channel: String,
+    provider: String,
+    name: String,
+    username: String,
+    created_at: DateTime<Utc>,
+}
+
+impl TryFrom<ServiceRow> for Service {
+    type Error = StoreError;
+    fn try_from(r: ServiceRow) -> Result<Self, Self::Error> {
+        Ok(Service {
+            id: ServiceId::from_uuid(r.id),
+            channel: Channel::parse(&r.channel)
+                .ok_or_else(|| StoreError(format!("service {}: channel {}", r.id, r.channel)))?,
+            provider: Provider::parse(&r.provider)
+                .ok_or_else(|| StoreError(format!("service {}: provider {}", r.id, r.provider)))?,
+            name: r.name,
+            username: r.username,
+            created_at: r.created_at,
+        })
+    }
+}
+
+#[async_trait]
+impl Store for PgStore {
+    async fn execute(&self, id: MessageId, command: MessageCommand) -> Result<(), CommandError> {
+        let aggregate_id = id.to_string();
+        for attempt in 1..=CONFLICT_RETRIES {
+            match self.cqrs.execute(&aggregate_id, command.clone()).await {
+                Ok(()) => return Ok(()),
+                Err(AggregateError::UserError(e)) => return Err(CommandError::Rejected(e)),
+                Err(AggregateError::AggregateConflict) => {
+                    // Reload and decide again after a short, jittered pause.
+                    let jitter = rand::thread_rng().gen_range(1..=5 * u64::from(attempt));
+                    tokio::time::sleep(Duration::from_millis(jitter)).await;
+                }
+                Err(e) => return Err(CommandError::Store(e.to_string())),
+            }
+        }
+        Err(CommandError::Busy)
+    }
+
+    async fn message(
+        &self,
+        id: MessageId,
+    ) -> Result<Option<(Message, Vec<HistoryItem>)>, StoreError> {
+        let mut conn = self.pool.acquire().await?;
+        let events = message_events(&mut conn, &id.to_string(), None).await?;
+        if events.is_empty() {
+            return Ok(None);
+        }
+        let mut folded = Vec::with_capacity(events.len());
+        for e in events {
+            folded.push((e.sequence, e.message_event()?, e.recorded_at));
+        }
+        Ok(Some(messaging_projections::view::history(folded)))
+    }
+
+    async fn create_service(
+        &self,
+        service: &Service,
+        credentials: &serde_json::Value,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO services (id, channel, provider, name, username, credentials, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .bind(service.id.as_uuid())
+        .bind(service.channel.as_str())
+        .bind(service.provider.as_str())
+        .bind(&service.name)
+        .bind(&service.username)
+        .bind(credentials)
+        .bind(service.created_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn service(&self, id: ServiceId) -> Result<Option<Service>, StoreError> {
+        let row: Option<ServiceRow> = sqlx::query_as(
+            "SELECT id, channel, provider, name, username, created_at FROM services WHERE id = $1",
+        )
+        .bind(id.as_uuid())
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(Service::try_from).transpose()
+    }
+
+    async fn services(&self) -> Result<Vec<Service>, StoreError> {
+        let rows: Vec<ServiceRow> = sqlx::query_as(
+            "SELECT id, channel, provider, name, username, created_at FROM services \
+             ORDER BY created_at, id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter().map(Service::try_from).collect()
+    }
+
+    async fn claim_idempotency_key(
+        &self,
+        key: &str,
+        request_hash: &str,
+        id: MessageId,
+    ) -> Result<IdempotencyClaim, StoreError> {
+        let inserted = sqlx::query(
+            "INSERT INTO idempotency_keys (key, request_hash, message_id) VALUES ($1, $2, $3) \
+             ON CONFLICT (key) DO NOTHING",
+        )
+        .bind(key)
+        .bind(request_hash)
+        .bind(id.as_uuid())
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        if inserted == 1 {
+            return Ok(IdempotencyClaim::Claimed);
+        }
+        let (message_id, request_hash): (uuid::Uuid, String) =
+            sqlx::query_as("SELECT message_id, request_hash FROM idempotency_keys WHERE key = $1")
+                .bind(key)
+                .fetch_one(&self.pool)
+                .await?;
+        Ok(IdempotencyClaim::Existing {
+            id: MessageId::from_uuid(message_id),
+            request_hash,
+        })
+    }
+
+    async fn list_messages(&self, f: &ListFilter) -> Result<Vec<Message>, StoreError> {
+        let rows: Vec<(serde_json::Value,)> = sqlx::query_as(
+            "SELECT message FROM message_list \
+             WHERE ($1::uuid IS NULL OR service_id = $1) \
+               AND ($2::text IS NULL OR channel = $2) \
+               AND ($3::text IS NULL OR state = $3) \
+               AND ($4::text IS NULL OR direction = $4) \
+               AND ($5::text IS NULL OR profiles @> ARRAY[lower($5)]) \
+               AND ($6::uuid IS NULL OR message_id < $6) \
+             ORDER BY message_id DESC LIMIT $7",
+        )
+        .bind(f.service_id.map(|s| s.as_uuid()))
+        .bind(f.channel.map(|c| c.as_str()))
+        .bind(f.state.as_deref())
+        .bind(f.direction.as_deref())
+        .bind(f.profile.as_deref())
+        .bind(f.before.map(|m| m.as_uuid()))
+        .bind(f.limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|(json,)| {
+                serde_json::from_value::<MessageData>(json)
+                    .map(Message::from)
+                    .map_err(|e| StoreError(format!("message_list row: {e}")))
+            })
+            .collect()
+    }
+
+    async fn state_changes(&self, after: i64, limit: i64) -> Result<Vec<FeedItem>, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT position, message_id, channel, service_id, previous_state, state, cause, \
+                    occurred_at, recorded_at \
+             FROM state_changes WHERE position > $1 ORDER BY position LIMIT $2",
+        )
+        .bind(after)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    async fn ready(&self) -> Result<(), StoreError> {
+        let latest = MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0);
+        let applied: Option<i64> =
+            sqlx::query_scalar("SELECT max(version) FROM _sqlx_migrations WHERE success")
+                .fetch_one(&self.pool)
+                .await?;
+        if applied.unwrap_or(0) < latest {
+            return Err(StoreError(format!(
+                "migrations pending: database at {}, binary expects {latest}",
+                applied.unwrap_or(0)
+            )));
+        }
+        Ok(())
+    }
+}

@@ -1,4 +1,5 @@
 //! Given / when / then tests of the Message aggregate: one behaviour each.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
 use chrono::{DateTime, Duration, TimeZone, Utc};
 use messaging_domain::*;

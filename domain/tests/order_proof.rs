@@ -1,5 +1,6 @@
 //! Order-proof state: the final state and counts are a function of the set of provider facts,
 //! whatever their arrival order, and duplicates change nothing.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
 use chrono::{TimeZone, Utc};
 use messaging_domain::*;

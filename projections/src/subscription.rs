@@ -107,7 +107,11 @@ impl Subscription {
         .bind(self.name())
         .fetch_optional(&mut *tx)
         .await?;
+        // Every early return ends the transaction explicitly: a dropped sqlx transaction
+        // only queues its ROLLBACK, and the pooled connection would keep the checkpoint
+        // locked until it is next used.
         let Some((last_tx, last_pos)) = checkpoint else {
+            tx.rollback().await?;
             return Ok(BatchOutcome::Locked);
         };
         let sql = format!(
@@ -131,6 +135,7 @@ impl Subscription {
             .bind(last_pos)
             .fetch_one(&mut *tx)
             .await?;
+            tx.rollback().await?;
             return Ok(if newer {
                 BatchOutcome::Behind
             } else {
@@ -139,7 +144,10 @@ impl Subscription {
         };
         let (next_tx, next_pos) = (last.transaction_id.0.to_string(), last.global_position);
         for event in &events {
-            self.projection.handle(&mut tx, event).await?;
+            if let Err(error) = self.projection.handle(&mut tx, event).await {
+                tx.rollback().await?;
+                return Err(error);
+            }
         }
         sqlx::query(
             "UPDATE subscription_checkpoints SET last_transaction_id = $2::xid8, \

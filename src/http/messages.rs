@@ -78,12 +78,9 @@ async fn compose(
 ) -> Result<(StatusCode, ApiJson<Value>), ApiError> {
     // serde_json keeps object keys sorted, so equal bodies hash equal however they were spaced.
     let request_hash = hex::encode(Sha256::digest(body.to_string().as_bytes()));
-    let request: ComposeRequest = serde_json::from_value(body).map_err(|e| {
-        ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "invalid_field",
-            e.to_string(),
-        )
+    let request: ComposeRequest = serde_path_to_error::deserialize(body).map_err(|e| {
+        let path = e.path().to_string();
+        ApiError::field(&path, e.into_inner())
     })?;
     let service_id = parse_service_id(&request.service_id)
         .map_err(|_| ApiError::field("service_id", "is not a service id"))?;

@@ -54,7 +54,7 @@ async fn require_api_key(
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(|k| digest(k.trim()));
     match presented {
-        Some(d) if state.api_key_digests.iter().any(|k| *k == d) => Ok(next.run(request).await),
+        Some(d) if state.api_key_digests.contains(&d) => Ok(next.run(request).await),
         _ => Err(ApiError::unauthorized()),
     }
 }

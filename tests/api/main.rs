@@ -1,1 +1,9 @@
-mod x {}
+//! Integration tests: one binary, a fresh PostgreSQL database per test, the real service on
+//! port 0, driven over HTTP as a user would.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod helpers;
+mod messages;
+mod queries;
+mod services;
+mod tailing;

@@ -1,0 +1,229 @@
+use messaging::config::{Config, Secret};
+use messaging::startup::Application;
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use sqlx::postgres::PgPoolOptions;
+use sqlx::{Connection, PgConnection, PgPool};
+use std::future::Future;
+use std::time::Duration;
+
+pub const API_KEY: &str = "test-key-0123";
+
+/// The server that holds the test databases: `MESSAGING_TEST_DATABASE_URL`, else
+/// `DATABASE_URL`, else the local default.
+pub fn admin_url() -> String {
+    std::env::var("MESSAGING_TEST_DATABASE_URL")
+        .or_else(|_| std::env::var("DATABASE_URL"))
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+fn with_database(url: &str, db: &str) -> String {
+    let mut parsed = url::Url::parse(url).expect("a valid database URL");
+    parsed.set_path(&format!("/{db}"));
+    parsed.to_string()
+}
+
+/// Creates an empty database of its own for one test and returns its URL.
+pub async fn fresh_database() -> String {
+    let name = format!("messaging_test_{}", uuid::Uuid::now_v7().simple());
+    let mut admin = PgConnection::connect(&admin_url())
+        .await
+        .expect("PostgreSQL must be reachable for the integration tests (see README)");
+    sqlx::query(&format!(r#"CREATE DATABASE "{name}""#))
+        .execute(&mut admin)
+        .await
+        .expect("create test database");
+    with_database(&admin_url(), &name)
+}
+
+/// A migrated fresh database, for tests below the HTTP layer.
+pub async fn migrated_pool() -> PgPool {
+    let url = fresh_database().await;
+    let pool = PgPoolOptions::new()
+        .max_connections(20)
+        .connect(&url)
+        .await
+        .expect("connect");
+    messaging::startup::migrate(&pool).await.expect("migrate");
+    pool
+}
+
+pub struct TestApp {
+    pub base: String,
+    pub client: reqwest::Client,
+    pub pool: PgPool,
+    pub database_url: String,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    server: Option<tokio::task::JoinHandle<()>>,
+}
+
+pub fn test_config(database_url: &str) -> Config {
+    let mut config = Config::from_lookup(|k| match k {
+        "DATABASE_URL" => Some(database_url.to_string()),
+        "MESSAGING_API_KEYS" => Some(format!("other-key,{API_KEY}")),
+        "MESSAGING_LISTEN" => Some("127.0.0.1:0".into()),
+        "MESSAGING_MAX_BODY_BYTES" => Some("65536".into()),
+        _ => None,
+    })
+    .expect("test configuration");
+    config.database_url = Secret::new(database_url);
+    config
+}
+
+impl TestApp {
+    pub async fn spawn() -> Self {
+        Self::spawn_on(fresh_database().await).await
+    }
+
+    /// Starts the service on an existing database (for restarts).
+    pub async fn spawn_on(database_url: String) -> Self {
+        let app = Application::build(&test_config(&database_url))
+            .await
+            .expect("the service starts");
+        let addr = app.local_addr().expect("bound");
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(async move {
+            app.run(async {
+                let _ = stopped.await;
+            })
+            .await
+            .expect("server runs");
+        });
+        let pool = PgPoolOptions::new()
+            .max_connections(5)
+            .connect(&database_url)
+            .await
+            .expect("connect");
+        Self {
+            base: format!("http://{addr}"),
+            client: reqwest::Client::new(),
+            pool,
+            database_url,
+            stop: Some(stop),
+            server: Some(server),
+        }
+    }
+
+    /// Stops the service gracefully and waits for it.
+    pub async fn stop(mut self) -> String {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(server) = self.server.take() {
+            server.await.expect("server stopped cleanly");
+        }
+        self.database_url.clone()
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    pub async fn get(&self, path: &str) -> (StatusCode, Value) {
+        let r = self
+            .client
+            .get(self.url(path))
+            .bearer_auth(API_KEY)
+            .send()
+            .await
+            .expect("request");
+        read(r).await
+    }
+
+    pub async fn post(&self, path: &str, body: Value) -> (StatusCode, Value) {
+        let r = self
+            .client
+            .post(self.url(path))
+            .bearer_auth(API_KEY)
+            .json(&body)
+            .send()
+            .await
+            .expect("request");
+        read(r).await
+    }
+
+    pub async fn create_service(&self, channel: &str, provider: &str, username: &str) -> String {
+        let credentials = match provider {
+            "sendgrid" => json!({"api_key": "SG.secret-value"}),
+            "x" => json!({"bearer_token": "x-secret-token"}),
+            "facebook" => json!({"page_access_token": "fb-secret-token"}),
+            _ => json!({}),
+        };
+        let (status, body) = self
+            .post(
+                "/v1/services",
+                json!({"channel": channel, "provider": provider, "name": "Our Brand",
+                       "username": username, "credentials": credentials}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        body["id"].as_str().expect("id").to_string()
+    }
+
+    pub async fn email_service(&self) -> String {
+        self.create_service("email", "sendgrid", "news@example.com")
+            .await
+    }
+
+    /// Composes an email to `to` and returns its view.
+    pub async fn compose_email(&self, service_id: &str, to: &str, extra: Value) -> Value {
+        let mut body = json!({"service_id": service_id, "to": [{"username": to}],
+                              "subject": "Hello", "text": "Hi there"});
+        if let (Some(b), Some(e)) = (body.as_object_mut(), extra.as_object()) {
+            for (k, v) in e {
+                b.insert(k.clone(), v.clone());
+            }
+        }
+        let (status, view) = self.post("/v1/messages", body).await;
+        assert_eq!(status, StatusCode::CREATED, "{view}");
+        view
+    }
+
+    /// Waits until the message list shows `id` in `state`.
+    pub async fn wait_listed(&self, id: &str, state: &str) {
+        eventually(|| async {
+            let (_, body) = self.get("/v1/messages?limit=500").await;
+            body["items"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|m| m["id"] == id && m["state"] == state)
+        })
+        .await;
+    }
+}
+
+pub async fn read(r: reqwest::Response) -> (StatusCode, Value) {
+    let status = r.status();
+    let text = r.text().await.expect("body");
+    let value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+    (status, value)
+}
+
+/// Polls `check` until it holds, for at most ten seconds: read models are eventually
+/// consistent, and this bound is generous, not a speed claim.
+pub async fn eventually<F, Fut>(check: F)
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "condition not reached within 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+pub fn assert_error(status: StatusCode, body: &Value, expected: StatusCode, code: &str) {
+    assert_eq!(status, expected, "{body}");
+    assert_eq!(body["error"]["code"], code, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()),
+        "an error says what to fix: {body}"
+    );
+}

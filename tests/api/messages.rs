@@ -1,0 +1,432 @@
+//! Message commands over HTTP.
+
+use crate::helpers::*;
+use chrono::{Duration, Utc};
+use reqwest::StatusCode;
+use serde_json::json;
+
+#[tokio::test]
+async fn compose_schedule_send_and_cancel_move_the_message_through_its_states() {
+    let app = TestApp::spawn().await;
+    let service = app.email_service().await;
+
+    let draft = app
+        .compose_email(&service, "alice@example.com", json!({}))
+        .await;
+    assert_eq!(draft["state"], "draft");
+    assert_eq!(draft["channel"], "email");
+    assert_eq!(draft["direction"], "outbound");
+    assert_eq!(draft["from"]["username"], "news@example.com");
+    let id = draft["id"].as_str().unwrap().to_string();
+    let version = uuid::Uuid::parse_str(&id).unwrap().get_version_num();
+    assert_eq!(version, 7, "message ids are UUIDv7");
+
+    let at = (Utc::now() + Duration::hours(1)).to_rfc3339();
+    let (status, scheduled) = app
+        .post(
+            &format!("/v1/messages/{id}/schedule"),
+            json!({"publish_at": at}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{scheduled}");
+    assert_eq!(scheduled["state"], "scheduled");
+    assert_eq!(scheduled["previous_state"], "draft");
+    assert!(scheduled["publish_at"].is_string());
+
+    let (status, queued) = app
+        .post(&format!("/v1/messages/{id}/send"), json!({}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{queued}");
+    assert_eq!(queued["state"], "pending");
+
+    let (status, cancelled) = app
+        .post(&format!("/v1/messages/{id}/cancel"), json!({}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{cancelled}");
+    assert_eq!(cancelled["state"], "cancelled");
+    assert_eq!(cancelled["previous_state"], "pending");
+
+    // The detail shows every event, in order, with the state each left behind.
+    let (status, detail) = app.get(&format!("/v1/messages/{id}")).await;
+    assert_eq!(status, StatusCode::OK);
+    let history: Vec<(String, String)> = detail["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| {
+            (
+                h["type"].as_str().unwrap().to_string(),
+                h["state"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        history,
+        [
+            ("MessageComposed", "draft"),
+            ("MessageScheduled", "scheduled"),
+            ("MessageQueued", "pending"),
+            ("MessageCancelled", "cancelled"),
+        ]
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+    );
+    assert_eq!(detail["history"][3]["previous_state"], "pending");
+    assert_eq!(detail["history"][0]["sequence"], 1);
+
+    app.wait_listed(&id, "cancelled").await;
+}
+
+#[tokio::test]
+async fn compose_with_publish_at_schedules_and_with_send_queues() {
+    let app = TestApp::spawn().await;
+    let service = app.email_service().await;
+    let at = (Utc::now() + Duration::minutes(5)).to_rfc3339();
+    let scheduled = app
+        .compose_email(&service, "a@example.com", json!({"publish_at": at}))
+        .await;
+    assert_eq!(scheduled["state"], "scheduled");
+    let queued = app
+        .compose_email(&service, "b@example.com", json!({"send": true}))
+        .await;
+    assert_eq!(queued["state"], "pending");
+}
+
+#[tokio::test]
+async fn x_and_facebook_posts_without_recipients_go_to_the_service_profile() {
+    let app = TestApp::spawn().await;
+    let x = app.create_service("twitter", "x", "@ourbrand").await;
+    let (status, post) = app
+        .post(
+            "/v1/messages",
+            json!({"service_id": x, "text": "Launch day 🚀 https://example.com/launch"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{post}");
+    assert_eq!(post["channel"], "twitter");
+    assert_eq!(post["to"][0]["username"], "ourbrand");
+
+    let fb = app
+        .create_service("facebook", "facebook", "104857600123456")
+        .await;
+    let (status, post) = app
+        .post(
+            "/v1/messages",
+            json!({"service_id": fb, "link": "https://example.com/post"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{post}");
+    assert_eq!(post["to"][0]["username"], "104857600123456");
+}
+
+#[tokio::test]
+async fn invalid_transitions_are_409_and_change_nothing() {
+    let app = TestApp::spawn().await;
+    let service = app.email_service().await;
+    let id = app
+        .compose_email(&service, "a@example.com", json!({}))
+        .await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (status, _) = app
+        .post(&format!("/v1/messages/{id}/cancel"), json!({}))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+
+    let (status, body) = app
+        .post(&format!("/v1/messages/{id}/send"), json!({}))
+        .await;
+    assert_error(status, &body, StatusCode::CONFLICT, "invalid_transition");
+    assert!(body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("cancelled"));
+    let at = (Utc::now() + Duration::hours(1)).to_rfc3339();
+    let (status, body) = app
+        .post(
+            &format!("/v1/messages/{id}/schedule"),
+            json!({"publish_at": at}),
+        )
+        .await;
+    assert_error(status, &body, StatusCode::CONFLICT, "invalid_transition");
+
+    let (_, detail) = app.get(&format!("/v1/messages/{id}")).await;
+    assert_eq!(detail["state"], "cancelled");
+    assert_eq!(detail["history"].as_array().unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn cancel_after_the_provider_call_started_is_409() {
+    let app = TestApp::spawn().await;
+    let service = app.email_service().await;
+    let id = app
+        .compose_email(&service, "a@example.com", json!({"send": true}))
+        .await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // The sender (a later issue) records the start of its provider call as a command.
+    let store = messaging::store::postgres::PgStore::new(app.pool.clone());
+    use messaging::store::Store;
+    store
+        .execute(
+            id.parse().unwrap(),
+            messaging_domain::MessageCommand::StartSendAttempt { now: Utc::now() },
+        )
+        .await
+        .unwrap();
+    let (status, body) = app
+        .post(&format!("/v1/messages/{id}/cancel"), json!({}))
+        .await;
+    assert_error(status, &body, StatusCode::CONFLICT, "invalid_transition");
+}
+
+#[tokio::test]
+async fn invalid_fields_are_422_naming_the_field() {
+    let app = TestApp::spawn().await;
+    let service = app.email_service().await;
+    let x = app.create_service("twitter", "x", "ourbrand").await;
+    let cases = [
+        (
+            json!({"service_id": service, "to": [], "subject": "s", "text": "t"}),
+            "to",
+        ),
+        (
+            json!({"service_id": service, "to": [{"username": "not-an-address"}], "subject": "s", "text": "t"}),
+            "to[0].username",
+        ),
+        (
+            json!({"service_id": service, "to": [{"username": "a@example.com"}], "text": "t"}),
+            "subject",
+        ),
+        (
+            json!({"service_id": service, "to": [{"username": "a@example.com"}], "subject": "s", "text": "t",
+                "publish_at": "2001-01-01T00:00:00Z"}),
+            "publish_at",
+        ),
+        (
+            json!({"service_id": service, "to": [{"username": "a@example.com"}], "subject": "s", "text": "t",
+                "publish_at": "next tuesday"}),
+            "publish_at",
+        ),
+        (
+            json!({"service_id": "00000000-0000-7000-8000-000000000000", "text": "t"}),
+            "service_id",
+        ),
+        (json!({"service_id": x, "text": "x".repeat(281)}), "text"),
+        (
+            json!({"service_id": x, "text": "日本語".repeat(47)}),
+            "text",
+        ),
+    ];
+    for (body, field) in cases {
+        let (status, error) = app.post("/v1/messages", body.clone()).await;
+        assert_error(
+            status,
+            &error,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_field",
+        );
+        assert!(
+            error["error"]["message"].as_str().unwrap().contains(field),
+            "the message names `{field}`: {error} for {body}"
+        );
+    }
+    // Nothing was composed by any of them.
+    let (_, detail) = app.get("/v1/messages").await;
+    assert_eq!(detail["items"].as_array().unwrap().len(), 0);
+    let (status, error) = app
+        .post(
+            "/v1/messages/00000000-0000-7000-8000-000000000000/schedule",
+            json!({"publish_at": 5}),
+        )
+        .await;
+    assert_error(
+        status,
+        &error,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid_field",
+    );
+    assert!(error["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("publish_at"));
+}
+
+#[tokio::test]
+async fn requests_without_a_valid_key_are_401() {
+    let app = TestApp::spawn().await;
+    for auth in [
+        None,
+        Some("Bearer wrong"),
+        Some("Basic dGVzdA=="),
+        Some(API_KEY),
+    ] {
+        let mut r = app.client.get(app.url("/v1/messages"));
+        if let Some(a) = auth {
+            r = r.header("Authorization", a);
+        }
+        let (status, body) = read(r.send().await.unwrap()).await;
+        assert_error(status, &body, StatusCode::UNAUTHORIZED, "unauthorized");
+    }
+    let r = app
+        .client
+        .post(app.url("/v1/services"))
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(r.headers()["www-authenticate"], "Bearer");
+    // Health needs no key.
+    let r = app.client.get(app.url("/healthz")).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let r = app.client.get(app.url("/readyz")).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn malformed_unknown_and_oversized_requests_get_clear_errors() {
+    let app = TestApp::spawn().await;
+    let send = |body: String| {
+        app.client
+            .post(app.url("/v1/messages"))
+            .bearer_auth(API_KEY)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+    let (status, body) = read(send("{\"service_id\": ".into()).await.unwrap()).await;
+    assert_error(status, &body, StatusCode::BAD_REQUEST, "malformed_json");
+    let big = format!("{{\"text\": \"{}\"}}", "a".repeat(70_000));
+    let (status, body) = read(send(big).await.unwrap()).await;
+    assert_error(
+        status,
+        &body,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "payload_too_large",
+    );
+    let (status, body) = read(
+        app.client
+            .post(app.url("/v1/messages"))
+            .bearer_auth(API_KEY)
+            .body("{}")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_error(
+        status,
+        &body,
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "unsupported_media_type",
+    );
+
+    let (status, body) = app.get("/v1/messages/not-a-uuid").await;
+    assert_error(status, &body, StatusCode::NOT_FOUND, "not_found");
+    let (status, body) = app
+        .post(
+            "/v1/messages/01939c3a-0000-7000-8000-000000000000/send",
+            json!({}),
+        )
+        .await;
+    assert_error(status, &body, StatusCode::NOT_FOUND, "not_found");
+    let (status, body) = app.get("/v1/nothing-here").await;
+    assert_error(status, &body, StatusCode::NOT_FOUND, "not_found");
+}
+
+#[tokio::test]
+async fn concurrent_composes_with_one_idempotency_key_create_one_message() {
+    let app = TestApp::spawn().await;
+    let service = app.email_service().await;
+    let body = json!({"service_id": service, "to": [{"username": "a@example.com"}],
+                      "subject": "Once", "text": "only once", "send": true});
+    let requests = (0..8).map(|_| {
+        app.client
+            .post(app.url("/v1/messages"))
+            .bearer_auth(API_KEY)
+            .header("Idempotency-Key", "order-42")
+            .json(&body)
+            .send()
+    });
+    let responses = futures::future::join_all(requests).await;
+    let mut ids = std::collections::BTreeSet::new();
+    for r in responses {
+        let (status, view) = read(r.unwrap()).await;
+        assert_eq!(status, StatusCode::CREATED, "{view}");
+        ids.insert(view["id"].as_str().unwrap().to_string());
+    }
+    assert_eq!(ids.len(), 1, "one message for one key");
+    let id = ids.into_iter().next().unwrap();
+    let (_, detail) = app.get(&format!("/v1/messages/{id}")).await;
+    assert_eq!(
+        detail["history"].as_array().unwrap().len(),
+        2,
+        "composed and queued once"
+    );
+    let events: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(events, 2);
+
+    // The same key with another body is refused and creates nothing.
+    let mut other = body.clone();
+    other["subject"] = json!("Something else");
+    let r = app
+        .client
+        .post(app.url("/v1/messages"))
+        .bearer_auth(API_KEY)
+        .header("Idempotency-Key", "order-42")
+        .json(&other)
+        .send()
+        .await
+        .unwrap();
+    let (status, error) = read(r).await;
+    assert_error(
+        status,
+        &error,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "idempotency_key_reused",
+    );
+    let events: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(events, 2);
+}
+
+#[tokio::test]
+async fn nothing_is_lost_across_a_restart() {
+    let app = TestApp::spawn().await;
+    let service = app.email_service().await;
+    let id = app
+        .compose_email(&service, "a@example.com", json!({"send": true}))
+        .await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    app.wait_listed(&id, "pending").await;
+    let url = app.stop().await;
+
+    let app = TestApp::spawn_on(url).await;
+    let (status, detail) = app.get(&format!("/v1/messages/{id}")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(detail["state"], "pending");
+    let (status, _) = app
+        .post(&format!("/v1/messages/{id}/cancel"), json!({}))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    app.wait_listed(&id, "cancelled").await;
+    let (_, feed) = app.get("/v1/state-changes?after=2&wait=10").await;
+    let states: Vec<&str> = feed["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["state"].as_str().unwrap())
+        .collect();
+    assert_eq!(states, ["cancelled"]);
+    let (_, feed) = app.get("/v1/state-changes").await;
+    assert_eq!(feed["items"].as_array().unwrap().len(), 3);
+}

@@ -1,0 +1,244 @@
+//! The message list and the state-change feed.
+
+use crate::helpers::*;
+use reqwest::StatusCode;
+use serde_json::json;
+use std::time::{Duration, Instant};
+
+#[tokio::test]
+async fn list_filters_and_paginates_without_duplicates_or_gaps() {
+    let app = TestApp::spawn().await;
+    let email = app.email_service().await;
+    let x = app.create_service("twitter", "x", "ourbrand").await;
+    let mut all = Vec::new();
+    for i in 0..23 {
+        let extra = if i % 3 == 0 {
+            json!({"send": true})
+        } else {
+            json!({})
+        };
+        let to = if i % 2 == 0 {
+            "alice@example.com"
+        } else {
+            "bob@example.com"
+        };
+        all.push(
+            app.compose_email(&email, to, extra).await["id"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+        );
+    }
+    for i in 0..4 {
+        let (status, post) = app
+            .post(
+                "/v1/messages",
+                json!({"service_id": x, "text": format!("post {i}")}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED);
+        all.push(post["id"].as_str().unwrap().to_string());
+    }
+    let last = all.last().unwrap().clone();
+    app.wait_listed(&last, "draft").await;
+
+    // Pages of 5 cover everything exactly once, newest first.
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let path = match &cursor {
+            Some(c) => format!("/v1/messages?limit=5&cursor={c}"),
+            None => "/v1/messages?limit=5".to_string(),
+        };
+        let (status, page) = app.get(&path).await;
+        assert_eq!(status, StatusCode::OK, "{page}");
+        let items = page["items"].as_array().unwrap();
+        assert!(items.len() <= 5);
+        seen.extend(items.iter().map(|m| m["id"].as_str().unwrap().to_string()));
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_string()),
+            None => break,
+        }
+    }
+    let mut newest_first = all.clone();
+    newest_first.reverse();
+    assert_eq!(seen, newest_first);
+
+    let count = |path: String| {
+        let app = &app;
+        async move {
+            let (status, body) = app.get(&path).await;
+            assert_eq!(status, StatusCode::OK, "{body}");
+            body["items"].as_array().unwrap().len()
+        }
+    };
+    assert_eq!(
+        count(format!("/v1/messages?limit=500&service_id={x}")).await,
+        4
+    );
+    assert_eq!(
+        count("/v1/messages?limit=500&channel=email".into()).await,
+        23
+    );
+    assert_eq!(
+        count("/v1/messages?limit=500&state=pending".into()).await,
+        8
+    );
+    assert_eq!(
+        count("/v1/messages?limit=500&direction=inbound".into()).await,
+        0
+    );
+    assert_eq!(
+        count("/v1/messages?limit=500&profile=alice@example.com".into()).await,
+        12
+    );
+    assert_eq!(
+        count("/v1/messages?limit=500&profile=Bob@Example.com".into()).await,
+        11
+    );
+
+    for bad in [
+        "state=shipped",
+        "channel=fax",
+        "limit=0",
+        "limit=x",
+        "cursor=zzz",
+        "direction=up",
+    ] {
+        let (status, body) = app.get(&format!("/v1/messages?{bad}")).await;
+        assert_error(
+            status,
+            &body,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_field",
+        );
+        let field = bad.split('=').next().unwrap();
+        assert!(
+            body["error"]["message"].as_str().unwrap().contains(field),
+            "{body}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn the_feed_has_one_item_per_state_change_with_growing_positions() {
+    let app = TestApp::spawn().await;
+    let service = app.email_service().await;
+    let a = app
+        .compose_email(&service, "a@example.com", json!({"send": true}))
+        .await;
+    let b = app
+        .compose_email(&service, "b@example.com", json!({}))
+        .await;
+    let b_id = b["id"].as_str().unwrap();
+    app.post(&format!("/v1/messages/{b_id}/cancel"), json!({}))
+        .await;
+    // A repeated cancel changes no state and adds no item.
+    app.post(&format!("/v1/messages/{b_id}/cancel"), json!({}))
+        .await;
+
+    let mut items = Vec::new();
+    eventually(|| async {
+        let (_, feed) = app.get("/v1/state-changes?limit=2").await;
+        feed["items"].as_array().unwrap().len() == 2
+    })
+    .await;
+    let mut after = 0;
+    loop {
+        let (status, feed) = app
+            .get(&format!("/v1/state-changes?after={after}&limit=2"))
+            .await;
+        assert_eq!(status, StatusCode::OK, "{feed}");
+        let page = feed["items"].as_array().unwrap().clone();
+        if page.is_empty() {
+            assert_eq!(feed["next"], after);
+            if items.len() == 4 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            continue;
+        }
+        after = feed["next"].as_i64().unwrap();
+        items.extend(page);
+    }
+    let positions: Vec<i64> = items
+        .iter()
+        .map(|i| i["position"].as_i64().unwrap())
+        .collect();
+    assert!(positions.windows(2).all(|w| w[0] < w[1]), "{positions:?}");
+    let changes: Vec<(String, String, String)> = items
+        .iter()
+        .map(|i| {
+            (
+                i["message_id"].as_str().unwrap().to_string(),
+                i["previous_state"].as_str().unwrap_or("").to_string(),
+                i["state"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let a_id = a["id"].as_str().unwrap().to_string();
+    assert_eq!(
+        changes,
+        vec![
+            (a_id.clone(), "".into(), "draft".into()),
+            (a_id, "draft".into(), "pending".into()),
+            (b_id.to_string(), "".into(), "draft".into()),
+            (b_id.to_string(), "draft".into(), "cancelled".into()),
+        ]
+    );
+    assert_eq!(items[3]["cause"], "MessageCancelled");
+    assert_eq!(items[0]["channel"], "email");
+    assert_eq!(items[0]["service_id"], service);
+}
+
+#[tokio::test]
+async fn a_long_poll_returns_as_soon_as_a_change_lands() {
+    let app = TestApp::spawn().await;
+    let service = app.email_service().await;
+    let (_, feed) = app.get("/v1/state-changes").await;
+    assert_eq!(feed["items"].as_array().unwrap().len(), 0);
+    assert_eq!(feed["next"], 0);
+
+    let waiter = {
+        let client = app.client.clone();
+        let url = app.url("/v1/state-changes?after=0&wait=30");
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let r = client.get(url).bearer_auth(API_KEY).send().await.unwrap();
+            let (status, body) = read(r).await;
+            (status, body, started.elapsed())
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !waiter.is_finished(),
+        "the poll waits while nothing changes"
+    );
+    let id = app
+        .compose_email(&service, "a@example.com", json!({}))
+        .await["id"]
+        .clone();
+    let (status, body, elapsed) = waiter.await.unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["items"][0]["message_id"], id);
+    // Far below the 30 s wait: it returned on the change, not at the deadline.
+    assert!(
+        elapsed < Duration::from_secs(15),
+        "returned after {elapsed:?}"
+    );
+
+    // With nothing new, `wait` returns empty when the time is up.
+    let (status, body) = app.get("/v1/state-changes?after=1&wait=1").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["items"].as_array().unwrap().len(), 0);
+    assert_eq!(body["next"], 1);
+    for bad in ["after=-1", "wait=61", "limit=1001"] {
+        let (status, body) = app.get(&format!("/v1/state-changes?{bad}")).await;
+        assert_error(
+            status,
+            &body,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_field",
+        );
+    }
+}

@@ -1,0 +1,315 @@
+//! Tailing the log: transactions that commit out of order, concurrent readers, and a reader
+//! killed mid-batch.
+
+use crate::helpers::*;
+use async_trait::async_trait;
+use chrono::Utc;
+use messaging::store::postgres::PgStore;
+use messaging::store::Store;
+use messaging_domain::*;
+use messaging_projections::{
+    BatchOutcome, MessageList, Projection, ProjectionError, StateChangeFeed, StoredEvent,
+    Subscription,
+};
+use sqlx::{PgConnection, PgPool};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Records every event it is handed, in the order handed.
+struct Recorder;
+
+#[async_trait]
+impl Projection for Recorder {
+    fn name(&self) -> &'static str {
+        "recorder"
+    }
+    async fn handle(
+        &self,
+        conn: &mut PgConnection,
+        e: &StoredEvent,
+    ) -> Result<(), ProjectionError> {
+        // The unique key makes a second delivery of one event fail the batch loudly.
+        sqlx::query("INSERT INTO recorded (global_position, transaction_id) VALUES ($1, $2)")
+            .bind(e.global_position)
+            .bind(e.transaction_id.0 as i64)
+            .execute(conn)
+            .await?;
+        Ok(())
+    }
+    async fn reset(&self, conn: &mut PgConnection) -> Result<(), ProjectionError> {
+        sqlx::query("DELETE FROM recorded").execute(conn).await?;
+        Ok(())
+    }
+}
+
+async fn recorder_setup() -> (PgPool, Subscription) {
+    let pool = migrated_pool().await;
+    sqlx::query(
+        "CREATE TABLE recorded (seq bigserial PRIMARY KEY, global_position bigint UNIQUE NOT NULL, \
+         transaction_id bigint NOT NULL)",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let sub = Subscription::new(pool.clone(), Arc::new(Recorder)).with_batch_size(16);
+    sub.ensure_checkpoint().await.unwrap();
+    (pool, sub)
+}
+
+async fn insert_probe(conn: &mut PgConnection, aggregate: &str, sequence: i64) {
+    sqlx::query(
+        "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, \
+         payload, metadata) VALUES ('Probe', $1, $2, 'Probed', '1', '{}', '{}')",
+    )
+    .bind(aggregate)
+    .bind(sequence)
+    .execute(conn)
+    .await
+    .unwrap();
+}
+
+async fn recorded(pool: &PgPool) -> Vec<(i64, i64)> {
+    sqlx::query_as("SELECT transaction_id, global_position FROM recorded ORDER BY seq")
+        .fetch_all(pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn an_event_committed_late_is_not_skipped() {
+    let (pool, sub) = recorder_setup().await;
+    // A takes the first position but commits last.
+    let mut a = pool.begin().await.unwrap();
+    insert_probe(&mut a, "a", 1).await;
+    for name in ["b", "c"] {
+        let mut tx = pool.begin().await.unwrap();
+        insert_probe(&mut tx, name, 1).await;
+        tx.commit().await.unwrap();
+    }
+    // B and C are committed, but reading them now would move the checkpoint past A.
+    assert_eq!(sub.run_batch().await.unwrap(), BatchOutcome::Behind);
+    assert!(recorded(&pool).await.is_empty());
+
+    a.commit().await.unwrap();
+    assert_eq!(sub.catch_up().await.unwrap(), 3);
+    let seen = recorded(&pool).await;
+    assert_eq!(seen.iter().map(|s| s.1).collect::<Vec<_>>(), [1, 2, 3]);
+    assert_eq!(sub.run_batch().await.unwrap(), BatchOutcome::Idle);
+}
+
+#[tokio::test]
+async fn concurrent_writers_committing_out_of_order_are_each_seen_once_in_a_valid_order() {
+    let (pool, sub) = recorder_setup().await;
+    const WRITERS: usize = 6;
+    const TRANSACTIONS: usize = 40;
+    let writers: Vec<_> = (0..WRITERS)
+        .map(|w| {
+            let pool = pool.clone();
+            tokio::spawn(async move {
+                let mut written = 0;
+                for t in 0..TRANSACTIONS {
+                    let mut tx = pool.begin().await.unwrap();
+                    let n = 1 + (w + t) % 3;
+                    for i in 0..n {
+                        insert_probe(&mut tx, &format!("w{w}-t{t}"), i as i64 + 1).await;
+                    }
+                    // Hold some transactions open while others commit.
+                    tokio::time::sleep(Duration::from_millis(((w * 7 + t * 13) % 9) as u64)).await;
+                    tx.commit().await.unwrap();
+                    written += n;
+                }
+                written
+            })
+        })
+        .collect();
+    // Two readers of the same subscription race each other and the writers.
+    let readers: Vec<_> = (0..2)
+        .map(|_| {
+            let sub = sub.clone();
+            tokio::spawn(async move {
+                for _ in 0..400 {
+                    sub.run_batch().await.expect("a batch never fails");
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            })
+        })
+        .collect();
+    let mut total = 0;
+    for w in writers {
+        total += w.await.unwrap();
+    }
+    for r in readers {
+        r.await.unwrap();
+    }
+    sub.catch_up().await.unwrap();
+
+    let seen = recorded(&pool).await;
+    assert_eq!(seen.len(), total, "every event exactly once");
+    assert!(
+        seen.windows(2).all(|w| w[0] < w[1]),
+        "handed over in (transaction id, position) order"
+    );
+    let events: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(events as usize, total);
+}
+
+/// Fails after handling `remaining` events: a crash in the middle of a batch.
+struct CrashAfter {
+    inner: Arc<dyn Projection>,
+    remaining: AtomicUsize,
+}
+
+#[async_trait]
+impl Projection for CrashAfter {
+    fn name(&self) -> &'static str {
+        self.inner.name()
+    }
+    async fn handle(
+        &self,
+        conn: &mut PgConnection,
+        e: &StoredEvent,
+    ) -> Result<(), ProjectionError> {
+        if self.remaining.fetch_sub(1, Ordering::SeqCst) == 0 {
+            return Err(ProjectionError::Other("crashed mid-batch".into()));
+        }
+        self.inner.handle(conn, e).await
+    }
+    async fn reset(&self, conn: &mut PgConnection) -> Result<(), ProjectionError> {
+        self.inner.reset(conn).await
+    }
+}
+
+async fn write_history(pool: &PgPool) {
+    let store = PgStore::new(pool.clone());
+    let service = ServiceRef {
+        id: ServiceId::from_uuid(uuid::Uuid::now_v7()),
+        channel: Channel::Email,
+        provider: Provider::Sendgrid,
+        username: "news@example.com".into(),
+        name: None,
+    };
+    for i in 0..30u32 {
+        let id = MessageId::from_uuid(uuid::Uuid::now_v7());
+        let input = MessageInput {
+            to: vec![Profile::new(format!("p{i}@example.com"), None)],
+            subject: Some("s".into()),
+            text: Some("t".into()),
+            ..Default::default()
+        };
+        let now = Utc::now();
+        let fact = |n: u32| Fact {
+            fact_id: format!("{i}-{n}"),
+            occurred_at: now,
+        };
+        let mut commands = vec![MessageCommand::Compose(Compose {
+            id,
+            message: build_message(&service, input).unwrap(),
+            dispatch: if i % 4 == 0 {
+                Dispatch::Draft
+            } else {
+                Dispatch::Now
+            },
+            now,
+        })];
+        if i % 4 != 0 {
+            commands.push(MessageCommand::StartSendAttempt { now });
+            commands.push(MessageCommand::RecordSent {
+                provider_message_id: Some(format!("sg-{i}")),
+                at: now,
+            });
+            for n in 0..(i % 5) {
+                commands.push(MessageCommand::RecordOpen {
+                    fact: fact(n),
+                    machine_open: false,
+                });
+            }
+            if i % 3 == 0 {
+                commands.push(MessageCommand::RecordDelivery {
+                    fact: fact(99),
+                    outcome: DeliveryOutcome::Delivered { response: None },
+                });
+            }
+        } else {
+            commands.push(MessageCommand::Cancel { now });
+        }
+        for c in commands {
+            store.execute(id, c).await.unwrap();
+        }
+    }
+}
+
+async fn snapshot(
+    pool: &PgPool,
+) -> (
+    Vec<(uuid::Uuid, String, serde_json::Value, i64)>,
+    Vec<String>,
+) {
+    let list = sqlx::query_as(
+        "SELECT message_id, state, message, last_sequence FROM message_list ORDER BY message_id",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    let feed =
+        sqlx::query_scalar("SELECT row_to_json(s)::text FROM state_changes s ORDER BY position")
+            .fetch_all(pool)
+            .await
+            .unwrap();
+    (list, feed)
+}
+
+#[tokio::test]
+async fn a_subscription_killed_mid_batch_ends_identical_to_a_rebuild_from_zero() {
+    let pool = migrated_pool().await;
+    write_history(&pool).await;
+    let projections: [Arc<dyn Projection>; 2] = [Arc::new(MessageList), Arc::new(StateChangeFeed)];
+
+    for (k, projection) in projections.iter().enumerate() {
+        // Crash twice in the middle of batches...
+        for crash_after in [11 + k, 40] {
+            let crashing = Subscription::new(
+                pool.clone(),
+                Arc::new(CrashAfter {
+                    inner: projection.clone(),
+                    remaining: AtomicUsize::new(crash_after),
+                }),
+            )
+            .with_batch_size(7);
+            crashing.ensure_checkpoint().await.unwrap();
+            let error = crashing.catch_up().await.unwrap_err();
+            assert!(error.to_string().contains("crashed"), "{error}");
+        }
+        // ...and kill a running reader abruptly, wherever it is.
+        let (_wake_tx, wake) = tokio::sync::watch::channel(0u64);
+        let (_stop_tx, stop) = tokio::sync::watch::channel(false);
+        let running = tokio::spawn(
+            Subscription::new(pool.clone(), projection.clone())
+                .with_batch_size(5)
+                .run(wake, stop),
+        );
+        tokio::time::sleep(Duration::from_millis(15)).await;
+        running.abort();
+        let _ = running.await;
+        // Restart: it carries on from its checkpoint.
+        Subscription::new(pool.clone(), projection.clone())
+            .catch_up()
+            .await
+            .unwrap();
+    }
+    let resumed = snapshot(&pool).await;
+    assert_eq!(resumed.0.len(), 30);
+    assert!(!resumed.1.is_empty());
+
+    for projection in projections {
+        Subscription::new(pool.clone(), projection)
+            .rebuild()
+            .await
+            .unwrap();
+    }
+    let rebuilt = snapshot(&pool).await;
+    assert_eq!(resumed, rebuilt);
+}

@@ -6,6 +6,7 @@ use crate::notify::spawn_listener;
 use crate::store::postgres::{PgStore, MIGRATOR};
 use anyhow::Context;
 use messaging_projections::Subscription;
+use sqlx::migrate::MigrateDatabase;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::PgPool;
 use std::net::SocketAddr;
@@ -15,8 +16,19 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-/// Connects with the session settings every connection needs.
+/// Connects with the session settings every connection needs, creating the database first
+/// if the server does not have it yet.
 pub async fn connect(config: &Config) -> anyhow::Result<PgPool> {
+    let url = config.database_url.expose();
+    let exists = sqlx::Postgres::database_exists(url)
+        .await
+        .context("cannot reach the database server at DATABASE_URL")?;
+    if !exists {
+        sqlx::Postgres::create_database(url)
+            .await
+            .context("the database named in DATABASE_URL does not exist and cannot be created")?;
+        tracing::info!("created the database named in DATABASE_URL");
+    }
     let options = PgConnectOptions::from_str(config.database_url.expose())
         .context("DATABASE_URL is not a valid PostgreSQL URL")?
         // One session stuck in a transaction would hold back every subscription reader

@@ -1,0 +1,14 @@
+# Builds the `messaging` binary and runs it on a slim Debian.
+FROM rust:1-bookworm AS build
+WORKDIR /src
+COPY . .
+RUN cargo build --release --locked --bin messaging
+
+FROM debian:bookworm-slim
+RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates curl \
+    && rm -rf /var/lib/apt/lists/* && useradd --system --uid 10001 messaging
+COPY --from=build /src/target/release/messaging /usr/local/bin/messaging
+USER messaging
+EXPOSE 8080
+ENTRYPOINT ["messaging"]
+CMD ["serve"]

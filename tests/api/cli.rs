@@ -1,0 +1,114 @@
+//! The `messaging` binary: migrate, projections rebuild, and start-up errors.
+
+use crate::helpers::*;
+use serde_json::json;
+use std::process::Command;
+
+fn messaging(database_url: &str, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_messaging"))
+        .args(args)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("DATABASE_URL", database_url)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("the binary runs")
+}
+
+#[tokio::test]
+async fn migrate_creates_the_database_and_rebuild_restores_the_read_models() {
+    // A database that does not exist yet: `migrate` creates it.
+    let url = fresh_database()
+        .await
+        .replace("messaging_test_", "messaging_test_new_");
+    let out = messaging(&url, &["migrate"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("migrations applied"));
+
+    let app = TestApp::spawn_on(url.clone()).await;
+    let service = app.email_service().await;
+    let id = app
+        .compose_email(&service, "a@example.com", json!({"send": true}))
+        .await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    app.wait_listed(&id, "pending").await;
+    let before: Vec<String> =
+        sqlx::query_scalar("SELECT message::text FROM message_list ORDER BY message_id")
+            .fetch_all(&app.pool)
+            .await
+            .unwrap();
+    let url = app.stop().await;
+
+    // Lose the read model, then rebuild it from the log.
+    let pool = sqlx::PgPool::connect(&url).await.unwrap();
+    sqlx::query("DELETE FROM message_list")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let out = messaging(&url, &["projections", "rebuild", "message_list"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("message_list: rebuilt from 2 events"),
+        "{stdout}"
+    );
+    let after: Vec<String> =
+        sqlx::query_scalar("SELECT message::text FROM message_list ORDER BY message_id")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(before, after);
+
+    let out = messaging(&url, &["projections", "rebuild", "nope"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("message_list and state_changes"));
+}
+
+#[test]
+fn bad_configuration_stops_start_up_with_one_line_naming_the_setting() {
+    let cases: [(&[(&str, &str)], &str); 4] = [
+        (&[("MESSAGING_API_KEYS", "k")], "DATABASE_URL"),
+        (
+            &[("DATABASE_URL", "mysql://x"), ("MESSAGING_API_KEYS", "k")],
+            "DATABASE_URL",
+        ),
+        (
+            &[("DATABASE_URL", "postgres://u:hunter2@127.0.0.1/x")],
+            "MESSAGING_API_KEYS",
+        ),
+        (
+            &[
+                ("DATABASE_URL", "postgres://u:hunter2@127.0.0.1/x"),
+                ("MESSAGING_API_KEYS", "k"),
+                ("MESSAGING_LISTEN", "everywhere"),
+            ],
+            "MESSAGING_LISTEN",
+        ),
+    ];
+    for (env, setting) in cases {
+        let out = Command::new(env!("CARGO_BIN_EXE_messaging"))
+            .arg("serve")
+            .env_clear()
+            .envs(env.iter().copied())
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+        assert!(stderr.contains(setting), "{stderr}");
+        assert!(
+            !stderr.contains("hunter2"),
+            "no secret in the error: {stderr}"
+        );
+    }
+}

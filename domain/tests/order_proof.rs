@@ -70,7 +70,7 @@ fn fact_command(kind: u8, n: u8) -> MessageCommand {
         },
         4 => MessageCommand::RecordOpen {
             fact,
-            machine_open: n % 2 == 0,
+            machine_open: n.is_multiple_of(2),
         },
         5 => MessageCommand::RecordClick {
             fact,

@@ -5,3 +5,4 @@ pub mod http;
 pub mod notify;
 pub mod startup;
 pub mod store;
+pub mod providers;

@@ -3,6 +3,7 @@
 pub mod config;
 pub mod http;
 pub mod notify;
+pub mod process_managers;
+pub mod providers;
 pub mod startup;
 pub mod store;
-pub mod providers;

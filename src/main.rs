@@ -34,7 +34,7 @@ enum Command {
 enum ProjectionsCommand {
     /// Rebuild a read model (or all of them) from position zero of the event log.
     Rebuild {
-        /// `message_list` or `state_changes`; all when omitted.
+        /// `message_list`, `state_changes` or `delivery`; all when omitted.
         name: Option<String>,
     },
 }
@@ -85,9 +85,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .filter(|p| name.as_deref().is_none_or(|n| n == p.name()))
                 .collect();
             if projections.is_empty() {
+                let names: Vec<_> = messaging_projections::all()
+                    .iter()
+                    .map(|p| p.name())
+                    .collect();
                 anyhow::bail!(
-                    "no projection named `{}`; the projections are message_list and state_changes",
-                    name.unwrap_or_default()
+                    "no projection named `{}`; the projections are {}",
+                    name.unwrap_or_default(),
+                    names.join(", ")
                 );
             }
             for projection in projections {

@@ -7,15 +7,29 @@ use sqlx::PgPool;
 use std::time::Duration;
 use tokio::sync::watch;
 
+/// One watch channel per NOTIFY channel; a receiver sees a new value after each notification.
 pub struct Wakeups {
+    /// New events were committed.
     pub events: watch::Receiver<u64>,
+    /// The feed gained items.
     pub state_changes: watch::Receiver<u64>,
+    /// A message was scheduled or rescheduled.
+    pub schedule: watch::Receiver<u64>,
+    /// A send job became due (queued, or a retry was scheduled).
+    pub send_jobs: watch::Receiver<u64>,
 }
+
+const CHANNELS: [&str; 4] = ["events", "state_changes", "schedule", "send_jobs"];
 
 /// Starts the listener task; it runs until `shutdown` turns true.
 pub fn spawn_listener(pool: PgPool, mut shutdown: watch::Receiver<bool>) -> Wakeups {
     let (events_tx, events) = watch::channel(0u64);
     let (feed_tx, state_changes) = watch::channel(0u64);
+    let (schedule_tx, schedule) = watch::channel(0u64);
+    let (jobs_tx, send_jobs) = watch::channel(0u64);
+    // In CHANNELS order.
+    let senders = [events_tx, feed_tx, schedule_tx, jobs_tx];
+    let bump = |tx: &watch::Sender<u64>| tx.send_modify(|v| *v = v.wrapping_add(1));
     tokio::spawn(async move {
         loop {
             let mut listener = match PgListener::connect_with(&pool).await {
@@ -28,7 +42,7 @@ pub fn spawn_listener(pool: PgPool, mut shutdown: watch::Receiver<bool>) -> Wake
                     }
                 }
             };
-            if let Err(error) = listener.listen_all(["events", "state_changes"]).await {
+            if let Err(error) = listener.listen_all(CHANNELS).await {
                 tracing::warn!(%error, "LISTEN failed; retrying");
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 continue;
@@ -37,14 +51,15 @@ pub fn spawn_listener(pool: PgPool, mut shutdown: watch::Receiver<bool>) -> Wake
                 tokio::select! {
                     received = listener.try_recv() => match received {
                         Ok(Some(n)) => {
-                            let tx = if n.channel() == "events" { &events_tx } else { &feed_tx };
-                            tx.send_modify(|v| *v = v.wrapping_add(1));
+                            let i = CHANNELS.iter().position(|c| *c == n.channel());
+                            if let Some(tx) = i.and_then(|i| senders.get(i)) {
+                                bump(tx);
+                            }
                         }
                         // The connection dropped: notifications may have been missed, so wake
                         // everyone to re-read, then reconnect.
                         Ok(None) | Err(_) => {
-                            events_tx.send_modify(|v| *v = v.wrapping_add(1));
-                            feed_tx.send_modify(|v| *v = v.wrapping_add(1));
+                            senders.iter().for_each(bump);
                             break;
                         }
                     },
@@ -56,5 +71,7 @@ pub fn spawn_listener(pool: PgPool, mut shutdown: watch::Receiver<bool>) -> Wake
     Wakeups {
         events,
         state_changes,
+        schedule,
+        send_jobs,
     }
 }

@@ -72,8 +72,13 @@ impl Application {
                 subscription.run(wakeups.events.clone(), shutdown_rx.clone()),
             ));
         }
+        let store: Arc<dyn crate::store::Store> = Arc::new(PgStore::new(pool.clone()));
+        let scheduler = crate::process_managers::scheduler::Scheduler::new(pool, store.clone());
+        workers.push(tokio::spawn(
+            scheduler.run(wakeups.schedule.clone(), shutdown_rx.clone()),
+        ));
         let state = AppState {
-            store: Arc::new(PgStore::new(pool)),
+            store,
             api_key_digests: Arc::new(
                 config
                     .api_keys

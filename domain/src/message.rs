@@ -7,7 +7,7 @@ use crate::event::{Composed, DeliveryOutcome, MessageEvent, Received};
 use crate::ids::{MessageId, ServiceId};
 use crate::state::MessageState;
 use crate::values::Profile;
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, SubsecRound, Utc};
 use cqrs_es::event_sink::EventSink;
 use cqrs_es::Aggregate;
 use serde::{Deserialize, Serialize};
@@ -131,6 +131,7 @@ impl Message {
                 Err(MessageError::AlreadyExists)
             }
             MessageCommand::Schedule { publish_at, now } => {
+                let publish_at = storage_precision(publish_at);
                 if !changeable {
                     return Err(invalid());
                 }
@@ -326,12 +327,18 @@ fn decide_compose(c: Compose) -> Result<Vec<MessageEvent>, MessageError> {
             return Err(MessageError::ScheduleInPast { publish_at })
         }
         Dispatch::At(publish_at) => events.push(MessageEvent::MessageScheduled {
-            publish_at,
+            publish_at: storage_precision(publish_at),
             scheduled_at: c.now,
         }),
         Dispatch::Now => events.push(MessageEvent::MessageQueued { queued_at: c.now }),
     }
     Ok(events)
+}
+
+/// Times the schedule compares are kept to the microsecond, the precision PostgreSQL stores:
+/// the scheduler fires with the `publish_at` it read back, which must equal the recorded one.
+fn storage_precision(at: DateTime<Utc>) -> DateTime<Utc> {
+    at.trunc_subsecs(6)
 }
 
 fn received(r: Receive) -> MessageEvent {

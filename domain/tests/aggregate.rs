@@ -658,3 +658,24 @@ fn events_round_trip_through_json_with_permanent_names() {
     assert_eq!(back, e);
     assert_eq!(cqrs_es::DomainEvent::event_type(&e), "DeliveryRecorded");
 }
+
+#[test]
+fn publish_at_is_kept_to_the_microsecond_the_store_keeps() {
+    let m = given(vec![compose(Channel::Email, Dispatch::Draft)]);
+    let precise = t(100) + Duration::nanoseconds(123_456_789);
+    let c = MessageCommand::Schedule {
+        publish_at: precise,
+        now: t(1),
+    };
+    let mut m = m.clone();
+    for e in when(&m, c).expect("ok") {
+        m.apply_event(e);
+    }
+    let stored = t(100) + Duration::microseconds(123_456);
+    assert_eq!(m.data().and_then(|d| d.publish_at), Some(stored));
+    let fire = MessageCommand::Send {
+        now: t(100),
+        expected_publish_at: Some(stored),
+    };
+    assert_eq!(then_state(&m, fire), MessageState::Pending);
+}

@@ -5,12 +5,14 @@
 //! `events` table from its own checkpoint, which it updates in the same transaction as the
 //! projection's writes.
 
+pub mod delivery;
 pub mod event;
 pub mod feed;
 pub mod message_list;
 pub mod subscription;
 pub mod view;
 
+pub use delivery::DeliveryJobs;
 pub use event::{load_message, StoredEvent};
 pub use feed::{FeedItem, StateChangeFeed};
 pub use message_list::MessageList;
@@ -22,5 +24,6 @@ pub fn all() -> Vec<std::sync::Arc<dyn Projection>> {
     vec![
         std::sync::Arc::new(MessageList),
         std::sync::Arc::new(StateChangeFeed),
+        std::sync::Arc::new(DeliveryJobs),
     ]
 }

@@ -71,7 +71,7 @@ async fn migrate_creates_the_database_and_rebuild_restores_the_read_models() {
 
     let out = messaging(&url, &["projections", "rebuild", "nope"]);
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("message_list and state_changes"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("message_list, state_changes, delivery"));
 }
 
 #[test]

@@ -6,5 +6,6 @@ mod cli;
 mod helpers;
 mod messages;
 mod queries;
+mod scheduling;
 mod services;
 mod tailing;

@@ -1,0 +1,141 @@
+//! The scheduler: queues each scheduled message at its `publish_at`.
+//!
+//! It sleeps until the earliest `publish_at` in `scheduled_sends` (an index lookup, so memory
+//! and work do not grow with the number scheduled), woken early by NOTIFY `schedule` when a
+//! message is scheduled sooner. Due rows are claimed with `FOR UPDATE SKIP LOCKED`, so many
+//! instances can run; each firing carries the `publish_at` it fired for, so a reschedule or a
+//! cancel that races it wins and nothing is queued twice.
+
+use crate::store::{CommandError, Store};
+use chrono::{DateTime, Utc};
+use futures::StreamExt;
+use messaging_domain::{MessageCommand, MessageError, MessageId};
+use sqlx::PgPool;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+
+/// The longest the scheduler sleeps without looking again (a safety net for lost wake-ups).
+const MAX_SLEEP: Duration = Duration::from_secs(5);
+/// Commands run at once while firing a batch.
+const CONCURRENCY: usize = 16;
+
+#[derive(Clone)]
+pub struct Scheduler {
+    pool: PgPool,
+    store: Arc<dyn Store>,
+    batch_size: i64,
+}
+
+impl Scheduler {
+    pub fn new(pool: PgPool, store: Arc<dyn Store>) -> Self {
+        Self {
+            pool,
+            store,
+            batch_size: 200,
+        }
+    }
+
+    /// Queues every message due now; returns how many were queued.
+    pub async fn fire_due(&self) -> Result<usize, sqlx::Error> {
+        let mut fired = 0;
+        loop {
+            let mut tx = self.pool.begin().await?;
+            let due: Vec<(uuid::Uuid, DateTime<Utc>)> = sqlx::query_as(
+                "SELECT message_id, publish_at FROM scheduled_sends WHERE publish_at <= now() \
+                 ORDER BY publish_at LIMIT $1 FOR UPDATE SKIP LOCKED",
+            )
+            .bind(self.batch_size)
+            .fetch_all(&mut *tx)
+            .await?;
+            if due.is_empty() {
+                tx.rollback().await?;
+                return Ok(fired);
+            }
+            let claimed = due.len();
+            let outcomes: Vec<_> = futures::stream::iter(due)
+                .map(|(id, publish_at)| async move {
+                    let command = MessageCommand::Send {
+                        now: Utc::now(),
+                        expected_publish_at: Some(publish_at),
+                    };
+                    let result = self.store.execute(MessageId::from_uuid(id), command).await;
+                    (id, publish_at, result)
+                })
+                .buffer_unordered(CONCURRENCY)
+                .collect()
+                .await;
+            for (id, publish_at, result) in outcomes {
+                let done = match result {
+                    Ok(()) => {
+                        fired += 1;
+                        tracing::info!(message_id = %id, %publish_at, "scheduled message queued");
+                        true
+                    }
+                    // Rescheduled, cancelled or gone since the row was written: the log
+                    // decides, and this firing is void.
+                    Err(CommandError::Rejected(
+                        e @ (MessageError::StaleSchedule { .. }
+                        | MessageError::InvalidTransition { .. }
+                        | MessageError::NotFound),
+                    )) => {
+                        tracing::debug!(message_id = %id, reason = %e, "scheduled firing void");
+                        true
+                    }
+                    Err(error) => {
+                        tracing::warn!(message_id = %id, %error, "could not queue a due message; retrying");
+                        false
+                    }
+                };
+                if done {
+                    // Only this firing's row: a reschedule already written stays.
+                    sqlx::query(
+                        "DELETE FROM scheduled_sends WHERE message_id = $1 AND publish_at = $2",
+                    )
+                    .bind(id)
+                    .bind(publish_at)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+            }
+            tx.commit().await?;
+            if (claimed as i64) < self.batch_size {
+                return Ok(fired);
+            }
+        }
+    }
+
+    /// The earliest `publish_at` still waiting.
+    pub async fn next_due(&self) -> Result<Option<DateTime<Utc>>, sqlx::Error> {
+        sqlx::query_scalar("SELECT min(publish_at) FROM scheduled_sends")
+            .fetch_one(&self.pool)
+            .await
+    }
+
+    /// Runs until `shutdown` turns true.
+    pub async fn run(self, mut wake: watch::Receiver<u64>, mut shutdown: watch::Receiver<bool>) {
+        loop {
+            if *shutdown.borrow() {
+                return;
+            }
+            wake.borrow_and_update();
+            if let Err(error) = self.fire_due().await {
+                tracing::error!(%error, "scheduler round failed");
+            }
+            let sleep = match self.next_due().await {
+                Ok(Some(at)) => (at - Utc::now()).to_std().unwrap_or(Duration::ZERO),
+                Ok(None) => MAX_SLEEP,
+                Err(error) => {
+                    tracing::error!(%error, "scheduler cannot read the schedule");
+                    Duration::from_secs(1)
+                }
+            }
+            .min(MAX_SLEEP);
+            tokio::select! {
+                Ok(()) = wake.changed() => {}
+                _ = tokio::time::sleep(sleep) => {}
+                _ = shutdown.changed() => {}
+            }
+        }
+    }
+}

@@ -1,0 +1,107 @@
+//! The scheduler: a scheduled message is queued at its time; reschedule and cancel win races.
+
+use crate::helpers::*;
+use chrono::{DateTime, Duration, Utc};
+use serde_json::{json, Value};
+
+/// Waits (long-polling the feed) for `id` to reach `state`; returns the item.
+async fn feed_item(app: &TestApp, id: &str, state: &str) -> Value {
+    let mut after = 0;
+    let deadline = Utc::now() + Duration::seconds(20);
+    while Utc::now() < deadline {
+        let (_, feed) = app
+            .get(&format!("/v1/state-changes?after={after}&wait=5"))
+            .await;
+        for item in feed["items"].as_array().unwrap() {
+            if item["message_id"] == id && item["state"] == state {
+                return item.clone();
+            }
+        }
+        after = feed["next"].as_i64().unwrap();
+    }
+    panic!("{id} never reached {state}");
+}
+
+fn time(v: &Value) -> DateTime<Utc> {
+    v.as_str().unwrap().parse().unwrap()
+}
+
+#[tokio::test]
+async fn a_scheduled_message_is_queued_at_its_time_not_before() {
+    let app = TestApp::spawn().await;
+    let service = app.email_service().await;
+    let publish_at = Utc::now() + Duration::seconds(2);
+    let id = app
+        .compose_email(
+            &service,
+            "a@example.com",
+            json!({"publish_at": publish_at.to_rfc3339()}),
+        )
+        .await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let queued = feed_item(&app, &id, "pending").await;
+    let at = time(&queued["occurred_at"]);
+    assert!(
+        at >= publish_at,
+        "queued at {at}, before its time {publish_at}"
+    );
+    // Generous: the precise lateness is a benchmark figure, not a test.
+    assert!(
+        at - publish_at < Duration::milliseconds(1500),
+        "queued {} late",
+        at - publish_at
+    );
+}
+
+#[tokio::test]
+async fn a_reschedule_moves_the_firing_and_a_cancel_stops_it() {
+    let app = TestApp::spawn().await;
+    let service = app.email_service().await;
+    let soon = (Utc::now() + Duration::seconds(1)).to_rfc3339();
+    let moved = app
+        .compose_email(&service, "a@example.com", json!({"publish_at": soon}))
+        .await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let cancelled = app
+        .compose_email(&service, "b@example.com", json!({"publish_at": soon}))
+        .await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let later = Utc::now() + Duration::seconds(3);
+    let (status, _) = app
+        .post(
+            &format!("/v1/messages/{moved}/schedule"),
+            json!({"publish_at": later.to_rfc3339()}),
+        )
+        .await;
+    assert_eq!(status, reqwest::StatusCode::OK);
+    let (status, _) = app
+        .post(&format!("/v1/messages/{cancelled}/cancel"), json!({}))
+        .await;
+    assert_eq!(status, reqwest::StatusCode::OK);
+
+    let queued = feed_item(&app, &moved, "pending").await;
+    assert!(
+        time(&queued["occurred_at"]) >= later,
+        "fired at the new time: {queued}"
+    );
+    let (_, detail) = app.get(&format!("/v1/messages/{cancelled}")).await;
+    assert_eq!(detail["state"], "cancelled");
+    let types: Vec<&str> = detail["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["type"].as_str().unwrap())
+        .collect();
+    assert!(!types.contains(&"MessageQueued"), "{types:?}");
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM scheduled_sends")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(rows, 0);
+}

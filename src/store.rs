@@ -87,6 +87,11 @@ pub trait Store: Send + Sync + 'static {
         credentials: &serde_json::Value,
     ) -> Result<(), StoreError>;
     async fn service(&self, id: ServiceId) -> Result<Option<Service>, StoreError>;
+    /// The service with its stored credentials, for the sender alone.
+    async fn service_credentials(
+        &self,
+        id: ServiceId,
+    ) -> Result<Option<(Service, serde_json::Value)>, StoreError>;
     async fn services(&self) -> Result<Vec<Service>, StoreError>;
 
     async fn claim_idempotency_key(

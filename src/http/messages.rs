@@ -3,7 +3,7 @@
 use super::error::ApiError;
 use super::services::parse_service_id;
 use super::{ApiJson, AppState};
-use crate::store::{IdempotencyClaim, ListFilter};
+use crate::store::{IdempotencyClaim, ListFilter, Service};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{get, post};
@@ -25,6 +25,7 @@ pub fn router() -> Router<AppState> {
         .route("/messages/{id}/schedule", post(schedule))
         .route("/messages/{id}/send", post(send))
         .route("/messages/{id}/cancel", post(cancel))
+        .route("/services/{id}/shares", post(share))
 }
 
 #[derive(Deserialize)]
@@ -50,6 +51,21 @@ struct ComposeRequest {
 }
 
 const IDEMPOTENCY_KEY: &str = "idempotency-key";
+
+/// Reads a JSON body into `T`, naming the path of a bad field (`to[0].username`).
+fn parse_body<T: serde::de::DeserializeOwned>(body: Value) -> Result<T, ApiError> {
+    serde_path_to_error::deserialize(body).map_err(|e| {
+        let path = e.path().to_string();
+        ApiError::field(&path, e.into_inner())
+    })
+}
+
+fn profiles(recipients: Vec<Recipient>) -> Vec<Profile> {
+    recipients
+        .into_iter()
+        .map(|r| Profile::new(r.username, r.name))
+        .collect()
+}
 
 fn parse_message_id(raw: &str) -> Result<MessageId, ApiError> {
     raw.parse()
@@ -78,10 +94,7 @@ async fn compose(
 ) -> Result<(StatusCode, ApiJson<Value>), ApiError> {
     // serde_json keeps object keys sorted, so equal bodies hash equal however they were spaced.
     let request_hash = hex::encode(Sha256::digest(body.to_string().as_bytes()));
-    let request: ComposeRequest = serde_path_to_error::deserialize(body).map_err(|e| {
-        let path = e.path().to_string();
-        ApiError::field(&path, e.into_inner())
-    })?;
+    let request: ComposeRequest = parse_body(body)?;
     let service_id = parse_service_id(&request.service_id)
         .map_err(|_| ApiError::field("service_id", "is not a service id"))?;
     let service = state
@@ -89,6 +102,44 @@ async fn compose(
         .service(service_id)
         .await?
         .ok_or_else(|| ApiError::field("service_id", "no service with this id"))?;
+    let input = MessageInput {
+        to: profiles(request.to),
+        subject: request.subject,
+        text: request.text,
+        html: request.html,
+        link: request.link,
+        in_reply_to: request.in_reply_to,
+    };
+    let dispatch = dispatch(request.publish_at, request.send)?;
+    compose_for(&state, &service, input, dispatch, &headers, &request_hash).await
+}
+
+/// What to do once composed: `publish_at` schedules, `send` queues now, neither keeps a draft.
+fn dispatch(publish_at: Option<DateTime<Utc>>, send: bool) -> Result<Dispatch, ApiError> {
+    match (publish_at, send) {
+        (Some(_), true) => Err(ApiError::field(
+            "publish_at",
+            "give either publish_at (send later) or send: true (send now), not both",
+        )),
+        (Some(at), false) if at <= Utc::now() => {
+            Err(ApiError::field("publish_at", "must be in the future"))
+        }
+        (Some(at), false) => Ok(Dispatch::At(at)),
+        (None, true) => Ok(Dispatch::Now),
+        (None, false) => Ok(Dispatch::Draft),
+    }
+}
+
+/// Builds the message with the service channel's builder and composes it, under the request's
+/// `Idempotency-Key` when it has one.
+async fn compose_for(
+    state: &AppState,
+    service: &Service,
+    input: MessageInput,
+    dispatch: Dispatch,
+    headers: &HeaderMap,
+    request_hash: &str,
+) -> Result<(StatusCode, ApiJson<Value>), ApiError> {
     let service_ref = ServiceRef {
         id: service.id,
         channel: service.channel,
@@ -96,35 +147,8 @@ async fn compose(
         username: service.username.clone(),
         name: Some(service.name.clone()),
     };
-    let input = MessageInput {
-        to: request
-            .to
-            .into_iter()
-            .map(|r| Profile::new(r.username, r.name))
-            .collect(),
-        subject: request.subject,
-        text: request.text,
-        html: request.html,
-        link: request.link,
-        in_reply_to: request.in_reply_to,
-    };
     let message = build_message(&service_ref, input)?;
     let now = Utc::now();
-    let dispatch = match (request.publish_at, request.send) {
-        (Some(_), true) => {
-            return Err(ApiError::field(
-                "publish_at",
-                "give either publish_at (send later) or send: true (send now), not both",
-            ))
-        }
-        (Some(at), false) if at <= now => {
-            return Err(ApiError::field("publish_at", "must be in the future"))
-        }
-        (Some(at), false) => Dispatch::At(at),
-        (None, true) => Dispatch::Now,
-        (None, false) => Dispatch::Draft,
-    };
-
     let mut id = MessageId::from_uuid(uuid::Uuid::now_v7());
     let idempotency_key = headers
         .get(IDEMPOTENCY_KEY)
@@ -140,7 +164,7 @@ async fn compose(
         }
         match state
             .store
-            .claim_idempotency_key(key, &request_hash, id)
+            .claim_idempotency_key(key, request_hash, id)
             .await?
         {
             IdempotencyClaim::Claimed => {}
@@ -171,8 +195,48 @@ async fn compose(
         Err(e) => return Err(e.into()),
     }
     tracing::info!(message_id = %id, service_id = %service.id, "message composed");
-    let (view, _) = message_view(&state, id).await?;
+    let (view, _) = message_view(state, id).await?;
     Ok((StatusCode::CREATED, ApiJson(view)))
+}
+
+#[derive(Deserialize)]
+struct ShareRequest {
+    text: Option<String>,
+    link: Option<String>,
+    publish_at: Option<DateTime<Utc>>,
+    /// Email shares need recipients and a subject; posts go to the service's own profile.
+    #[serde(default)]
+    to: Vec<Recipient>,
+    subject: Option<String>,
+}
+
+/// The front end's one-call share: built for the service's channel, then queued now or
+/// scheduled.
+async fn share(
+    State(state): State<AppState>,
+    Path(service_id): Path<String>,
+    headers: HeaderMap,
+    ApiJson(body): ApiJson<Value>,
+) -> Result<(StatusCode, ApiJson<Value>), ApiError> {
+    let request_hash = hex::encode(Sha256::digest(
+        format!("share:{service_id}:{body}").as_bytes(),
+    ));
+    let request: ShareRequest = parse_body(body)?;
+    let id = parse_service_id(&service_id)?;
+    let service = state
+        .store
+        .service(id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no service with id `{id}`")))?;
+    let input = MessageInput {
+        to: profiles(request.to),
+        subject: request.subject,
+        text: request.text,
+        link: request.link,
+        ..Default::default()
+    };
+    let dispatch = dispatch(request.publish_at, request.publish_at.is_none())?;
+    compose_for(&state, &service, input, dispatch, &headers, &request_hash).await
 }
 
 #[derive(Deserialize)]

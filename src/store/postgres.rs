@@ -54,6 +54,13 @@ struct ServiceRow {
     created_at: DateTime<Utc>,
 }
 
+#[derive(sqlx::FromRow)]
+struct ServiceWithCredentials {
+    #[sqlx(flatten)]
+    service: ServiceRow,
+    credentials: serde_json::Value,
+}
+
 impl TryFrom<ServiceRow> for Service {
     type Error = StoreError;
     fn try_from(r: ServiceRow) -> Result<Self, Self::Error> {
@@ -134,6 +141,21 @@ impl Store for PgStore {
         .fetch_optional(&self.pool)
         .await?;
         row.map(Service::try_from).transpose()
+    }
+
+    async fn service_credentials(
+        &self,
+        id: ServiceId,
+    ) -> Result<Option<(Service, serde_json::Value)>, StoreError> {
+        let row: Option<ServiceWithCredentials> = sqlx::query_as(
+            "SELECT id, channel, provider, name, username, created_at, credentials \
+             FROM services WHERE id = $1",
+        )
+        .bind(id.as_uuid())
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| Ok((Service::try_from(r.service)?, r.credentials)))
+            .transpose()
     }
 
     async fn services(&self) -> Result<Vec<Service>, StoreError> {

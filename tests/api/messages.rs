@@ -430,3 +430,67 @@ async fn nothing_is_lost_across_a_restart() {
     let (_, feed) = app.get("/v1/state-changes").await;
     assert_eq!(feed["items"].as_array().unwrap().len(), 3);
 }
+
+#[tokio::test]
+async fn share_builds_the_post_for_the_channel_and_queues_or_schedules_it() {
+    let app = TestApp::spawn().await;
+    let x = app.create_service("twitter", "x", "ourbrand").await;
+    let (status, post) = app
+        .post(
+            &format!("/v1/services/{x}/shares"),
+            json!({"text": "Read this", "link": "https://example.com/a"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{post}");
+    assert_eq!(post["state"], "pending");
+    assert_eq!(post["text"], "Read this https://example.com/a");
+    assert_eq!(post["to"][0]["username"], "ourbrand");
+
+    let fb = app
+        .create_service("facebook", "facebook", "104857600123456")
+        .await;
+    let at = (Utc::now() + Duration::hours(2)).to_rfc3339();
+    let (status, post) = app
+        .post(
+            &format!("/v1/services/{fb}/shares"),
+            json!({"link": "https://example.com/b", "publish_at": at}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{post}");
+    assert_eq!(post["state"], "scheduled");
+    assert_eq!(post["link"], "https://example.com/b");
+
+    let email = app.email_service().await;
+    let (status, error) = app
+        .post(
+            &format!("/v1/services/{email}/shares"),
+            json!({"text": "hi"}),
+        )
+        .await;
+    assert_error(
+        status,
+        &error,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid_field",
+    );
+    assert!(error["error"]["message"]
+        .as_str()
+        .unwrap()
+        .starts_with("to"));
+    let (status, error) = app
+        .post(
+            "/v1/services/01939c3a-0000-7000-8000-000000000000/shares",
+            json!({"text": "hi"}),
+        )
+        .await;
+    assert_error(status, &error, StatusCode::NOT_FOUND, "not_found");
+    let (status, error) = app
+        .post(&format!("/v1/services/{x}/shares"), json!({"text": ""}))
+        .await;
+    assert_error(
+        status,
+        &error,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid_field",
+    );
+}

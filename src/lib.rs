@@ -3,6 +3,6 @@
 pub mod config;
 pub mod http;
 pub mod notify;
+pub mod providers;
 pub mod startup;
 pub mod store;
-pub mod providers;

@@ -101,3 +101,115 @@ pub enum SendError {
     #[error("ambiguous: {reason}")]
     Ambiguous { reason: String },
 }
+
+mod credentials;
+mod email;
+mod http;
+mod oauth1;
+
+pub mod facebook;
+pub mod sandbox;
+pub mod sendgrid;
+pub mod smtp;
+pub mod x;
+
+pub use credentials::parse_credentials;
+pub use oauth1::{oauth1_authorization, oauth1_signature, OAuth1Keys};
+
+use std::path::PathBuf;
+
+/// One provider's way of sending a message. The sender picks the implementation with
+/// [`Providers::for_provider`] and records the classified outcome.
+#[async_trait::async_trait]
+pub trait MessageProvider: Send + Sync {
+    async fn send(
+        &self,
+        account: &Account,
+        message: &OutgoingMessage,
+    ) -> Result<Accepted, SendError>;
+}
+
+/// Where the providers live and how long a call may take. Base URLs are injectable so that
+/// tests and sandboxes can point them at a stand-in (`MESSAGING_*_BASE_URL`).
+#[derive(Debug, Clone)]
+pub struct ProviderConfig {
+    pub sendgrid_base_url: String,
+    pub x_base_url: String,
+    pub facebook_base_url: String,
+    pub facebook_graph_version: String,
+    /// The whole provider call, connection included (HTTP) or each SMTP command.
+    pub timeout: Duration,
+    /// The sandbox's outbox: `.eml` files and `posts.jsonl`.
+    pub sandbox_dir: PathBuf,
+}
+
+impl Default for ProviderConfig {
+    fn default() -> Self {
+        Self {
+            sendgrid_base_url: "https://api.sendgrid.com".into(),
+            x_base_url: "https://api.x.com".into(),
+            facebook_base_url: "https://graph.facebook.com".into(),
+            facebook_graph_version: "v21.0".into(),
+            timeout: Duration::from_secs(10),
+            sandbox_dir: PathBuf::from("./data/outbox"),
+        }
+    }
+}
+
+/// The providers could not be set up (a bad base URL, or the TLS stack failed to load).
+#[derive(Debug, thiserror::Error)]
+pub enum ProvidersError {
+    #[error("provider base URL `{url}` is not a valid URL: {reason}")]
+    BaseUrl { url: String, reason: String },
+    #[error("cannot build the HTTP client: {0}")]
+    HttpClient(String),
+}
+
+/// One client per provider, built once and shared by every send.
+pub struct Providers {
+    sendgrid: sendgrid::SendgridClient,
+    smtp: smtp::SmtpClient,
+    x: x::XClient,
+    facebook: facebook::FacebookClient,
+    sandbox: sandbox::SandboxProvider,
+}
+
+impl Providers {
+    pub fn new(config: &ProviderConfig) -> Result<Self, ProvidersError> {
+        // One HTTP client (one connection pool) for every HTTP provider; each provider client
+        // holds a cheap clone of it.
+        let http = http::client(config.timeout)?;
+        Ok(Self {
+            sendgrid: sendgrid::SendgridClient::new(http.clone(), &config.sendgrid_base_url)?,
+            smtp: smtp::SmtpClient::new(config.timeout),
+            x: x::XClient::new(http.clone(), &config.x_base_url)?,
+            facebook: facebook::FacebookClient::new(
+                http,
+                &config.facebook_base_url,
+                &config.facebook_graph_version,
+            )?,
+            sandbox: sandbox::SandboxProvider::new(config.sandbox_dir.clone()),
+        })
+    }
+
+    pub fn for_provider(&self, provider: Provider) -> &dyn MessageProvider {
+        match provider {
+            Provider::Sendgrid => &self.sendgrid,
+            Provider::Smtp => &self.smtp,
+            Provider::X => &self.x,
+            Provider::Facebook => &self.facebook,
+            Provider::Sandbox => &self.sandbox,
+        }
+    }
+}
+
+/// The account's credentials are not the kind this provider needs: a wiring mistake that no
+/// retry fixes.
+fn wrong_credentials(provider: Provider) -> SendError {
+    SendError::Permanent {
+        reason: format!(
+            "the account's credentials are not {} credentials",
+            provider.as_str()
+        ),
+    }
+}

@@ -1,0 +1,169 @@
+//! Facebook Graph API: `POST {base}/{version}/{page-id}/feed` with `message` and/or `link`,
+//! answered `200` with `{"id": "<page>_<post>"}`.
+//!
+//! Graph takes its parameters, `access_token` included, from a form-encoded POST body as
+//! readily as from the query string (its own SDKs post them so). The token goes in the body:
+//! URLs end up in access logs and proxies, bodies do not.
+//!
+//! A post is not idempotent, so an answer lost after sending is Ambiguous. Graph reports
+//! throttling as a 4xx with a rate-limit error code (4, 17, 32, 613) or `is_transient: true`
+//! rather than as a 429; those are Transient, since a throttled request was not acted on.
+
+use super::http::{self, AfterSend};
+use super::{wrong_credentials, Accepted, Account, Credentials, MessageProvider};
+use super::{OutgoingMessage, ProvidersError, SendError};
+use messaging_domain::Provider;
+use reqwest::Url;
+use serde_json::Value;
+use std::time::SystemTime;
+
+/// Graph error codes that mean "throttled: try later" (application, user, page and custom
+/// rate limits).
+const RATE_LIMIT_CODES: [i64; 4] = [4, 17, 32, 613];
+
+pub struct FacebookClient {
+    http: reqwest::Client,
+    base_url: Url,
+    version: String,
+}
+
+impl FacebookClient {
+    pub fn new(
+        http: reqwest::Client,
+        base_url: &str,
+        graph_version: &str,
+    ) -> Result<Self, ProvidersError> {
+        Ok(Self {
+            http,
+            base_url: http::base_url(base_url)?,
+            version: graph_version.trim_matches('/').to_string(),
+        })
+    }
+}
+
+/// The form fields of a page post, without the token.
+pub fn feed_fields(message: &OutgoingMessage) -> Result<Vec<(&'static str, String)>, SendError> {
+    let mut fields = Vec::new();
+    if let Some(text) = &message.text {
+        fields.push(("message", text.clone()));
+    }
+    if let Some(link) = &message.link {
+        fields.push(("link", link.clone()));
+    }
+    if fields.is_empty() {
+        return Err(SendError::Permanent {
+            reason: "a Facebook post needs text or a link".into(),
+        });
+    }
+    Ok(fields)
+}
+
+/// Graph's error body: `{"error": {"message", "type", "code", "is_transient", ...}}`.
+struct GraphError {
+    message: Option<String>,
+    throttled: bool,
+}
+
+fn graph_error(body: &Value) -> Option<GraphError> {
+    let error = body.get("error")?;
+    let code = error.get("code").and_then(Value::as_i64);
+    let is_transient = error
+        .get("is_transient")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    Some(GraphError {
+        message: error
+            .get("message")
+            .and_then(Value::as_str)
+            .map(String::from),
+        throttled: is_transient || code.is_some_and(|c| RATE_LIMIT_CODES.contains(&c)),
+    })
+}
+
+#[async_trait::async_trait]
+impl MessageProvider for FacebookClient {
+    async fn send(
+        &self,
+        account: &Account,
+        message: &OutgoingMessage,
+    ) -> Result<Accepted, SendError> {
+        let Credentials::Facebook { page_access_token } = &account.credentials else {
+            return Err(wrong_credentials(Provider::Facebook));
+        };
+        let result = async {
+            let mut form = feed_fields(message)?;
+            form.push(("access_token", page_access_token.expose().to_string()));
+            let url = http::endpoint(&self.base_url, &[&self.version, &account.username, "feed"]);
+            let response = self
+                .http
+                .post(url)
+                .form(&form)
+                .send()
+                .await
+                .map_err(|e| http::transport_error("facebook", e, AfterSend::Ambiguous))?;
+            let status = response.status();
+            if status.is_success() {
+                // Published; an unreadable id does not make a retry safe.
+                let id = response
+                    .json::<Value>()
+                    .await
+                    .ok()
+                    .and_then(|b| b.get("id").and_then(Value::as_str).map(String::from));
+                if id.is_none() {
+                    tracing::warn!(%status, "facebook accepted the post but its id could not be read");
+                }
+                return Ok(Accepted {
+                    provider_message_id: id,
+                });
+            }
+            let headers = response.headers().clone();
+            let body = response.text().await.unwrap_or_default();
+            let parsed = serde_json::from_str::<Value>(&body)
+                .ok()
+                .as_ref()
+                .and_then(graph_error);
+            let throttled = parsed.as_ref().is_some_and(|e| e.throttled);
+            let reason = parsed.and_then(|e| e.message);
+            let error = http::status_error("facebook", status, &headers, reason, SystemTime::now());
+            Err(match error {
+                SendError::Permanent { reason } if throttled => SendError::Transient {
+                    reason,
+                    retry_after: None,
+                },
+                other => other,
+            })
+        }
+        .await;
+        let result = result.map_err(|e| http::redact(e, &[page_access_token.expose()]));
+        match &result {
+            Ok(accepted) => tracing::info!(
+                message_id = %message.message_id,
+                provider_message_id = ?accepted.provider_message_id,
+                "facebook accepted the post"
+            ),
+            Err(error) => {
+                tracing::warn!(message_id = %message.message_id, %error, "facebook post failed")
+            }
+        }
+        result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn throttling_codes_and_transient_flags_are_recognised() {
+        let limited = json!({"error": {"message": "(#32) Page request limit reached", "type": "OAuthException", "code": 32}});
+        assert!(graph_error(&limited).unwrap().throttled);
+        let flagged = json!({"error": {"message": "Try again", "code": 2, "is_transient": true}});
+        assert!(graph_error(&flagged).unwrap().throttled);
+        let refused = json!({"error": {"message": "(#200) Permissions error", "type": "OAuthException", "code": 200}});
+        let refused = graph_error(&refused).unwrap();
+        assert!(!refused.throttled);
+        assert_eq!(refused.message.as_deref(), Some("(#200) Permissions error"));
+        assert!(graph_error(&json!({"data": []})).is_none());
+    }
+}

@@ -261,3 +261,53 @@ async fn x_403_is_permanent_with_the_detail() {
     };
     assert!(reason.contains("duplicate content"), "{reason}");
 }
+
+#[tokio::test]
+async fn x_oauth1_header_is_exact_for_an_injected_nonce_and_clock() {
+    use messaging::providers::x::XClient;
+    use messaging::providers::{oauth1_authorization, MessageProvider, OAuth1Keys};
+    use std::sync::Arc;
+
+    let server = MockServer::start().await;
+    let url = url::Url::parse(&format!("{}/2/tweets", server.uri())).unwrap();
+    let expected = oauth1_authorization(
+        "POST",
+        &url,
+        &OAuth1Keys {
+            consumer_key: "ck-public",
+            consumer_secret: "cs-secret",
+            token: "123-token",
+            token_secret: "ts-secret",
+        },
+        "fixed-nonce-0123456789",
+        1_700_000_000,
+    );
+    assert!(expected.starts_with("OAuth oauth_consumer_key=\"ck-public\", oauth_nonce=\"fixed-nonce-0123456789\", oauth_signature=\""));
+    Mock::given(method("POST"))
+        .and(path("/2/tweets"))
+        // A closure, not `header()`: wiremock's header matcher splits values at commas.
+        .and(move |request: &Request| {
+            request
+                .headers
+                .get("authorization")
+                .and_then(|v| v.to_str().ok())
+                == Some(expected.as_str())
+        })
+        .respond_with(x_created("42", "hi"))
+        .expect(1)
+        .mount(&server)
+        .await;
+    let client = XClient::new(reqwest::Client::new(), &server.uri())
+        .unwrap()
+        .with_nonce_source(Arc::new(|| {
+            ("fixed-nonce-0123456789".to_string(), 1_700_000_000)
+        }));
+    let accepted = client
+        .send(
+            &x_oauth1_account(),
+            &post(Channel::Twitter, Some("hi"), None),
+        )
+        .await
+        .unwrap();
+    assert_eq!(accepted.provider_message_id.as_deref(), Some("42"));
+}

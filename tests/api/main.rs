@@ -5,6 +5,7 @@
 mod cli;
 mod helpers;
 mod messages;
+mod providers;
 mod queries;
 mod scheduling;
 mod services;

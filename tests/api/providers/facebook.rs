@@ -1,0 +1,159 @@
+//! Facebook Graph page posts.
+
+use super::*;
+use wiremock::matchers::{method, path, query_param_is_missing};
+use wiremock::{Match, Mock, MockServer, Request, ResponseTemplate};
+
+fn facebook_account() -> Account {
+    account(
+        Provider::Facebook,
+        "546349135390552",
+        Credentials::Facebook {
+            page_access_token: Secret::new("EAAB-page-token"),
+        },
+    )
+}
+
+/// Matches a form-encoded body with exactly these fields.
+struct FormBody(Vec<(&'static str, &'static str)>);
+
+impl Match for FormBody {
+    fn matches(&self, request: &Request) -> bool {
+        let content_type = request
+            .headers
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default();
+        if content_type != "application/x-www-form-urlencoded" {
+            return false;
+        }
+        let mut got: Vec<(String, String)> = url::form_urlencoded::parse(&request.body)
+            .into_owned()
+            .collect();
+        let mut want: Vec<(String, String)> = self
+            .0
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        got.sort();
+        want.sort();
+        got == want
+    }
+}
+
+#[tokio::test]
+async fn facebook_posts_to_the_page_feed_with_the_token_in_the_body() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/v21.0/546349135390552/feed"))
+        .and(query_param_is_missing("access_token"))
+        .and(FormBody(vec![
+            ("message", "For all Math geniuses :)"),
+            ("link", "https://projecteuler.net/"),
+            ("access_token", "EAAB-page-token"),
+        ]))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(json!({"id": "546349135390552_1116691191689674"})),
+        )
+        .expect(1)
+        .mount(&server)
+        .await;
+    let accepted = providers(&config(&server.uri()))
+        .for_provider(Provider::Facebook)
+        .send(
+            &facebook_account(),
+            &post(
+                Channel::Facebook,
+                Some("For all Math geniuses :)"),
+                Some("https://projecteuler.net/"),
+            ),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        accepted.provider_message_id.as_deref(),
+        Some("546349135390552_1116691191689674")
+    );
+}
+
+#[tokio::test]
+async fn facebook_400_is_permanent_with_the_error_message() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/v21.0/546349135390552/feed"))
+        .respond_with(ResponseTemplate::new(400).set_body_json(json!({"error": {
+            "message": "(#200) The user hasn't authorized the application to perform this action",
+            "type": "OAuthException",
+            "code": 200,
+            "fbtrace_id": "AbCdEf"
+        }})))
+        .expect(1)
+        .mount(&server)
+        .await;
+    let error = providers(&config(&server.uri()))
+        .for_provider(Provider::Facebook)
+        .send(
+            &facebook_account(),
+            &post(Channel::Facebook, Some("hi"), None),
+        )
+        .await
+        .unwrap_err();
+    let SendError::Permanent { reason } = error else {
+        panic!("expected permanent, got {error:?}");
+    };
+    assert!(
+        reason.contains("(#200) The user hasn't authorized the application"),
+        "{reason}"
+    );
+}
+
+#[tokio::test]
+async fn facebook_rate_limit_code_is_transient() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/v21.0/546349135390552/feed"))
+        .respond_with(ResponseTemplate::new(400).set_body_json(json!({"error": {
+            "message": "(#32) Page request limit reached",
+            "type": "OAuthException",
+            "code": 32
+        }})))
+        .expect(1)
+        .mount(&server)
+        .await;
+    let error = providers(&config(&server.uri()))
+        .for_provider(Provider::Facebook)
+        .send(
+            &facebook_account(),
+            &post(Channel::Facebook, Some("hi"), None),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(error, SendError::Transient { .. }), "{error:?}");
+}
+
+#[tokio::test]
+async fn facebook_timeout_after_sending_is_ambiguous() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/v21.0/546349135390552/feed"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(json!({"id": "1_2"}))
+                .set_delay(Duration::from_secs(3)),
+        )
+        .expect(1)
+        .mount(&server)
+        .await;
+    let mut config = config(&server.uri());
+    config.timeout = Duration::from_millis(300);
+    let error = providers(&config)
+        .for_provider(Provider::Facebook)
+        .send(
+            &facebook_account(),
+            &post(Channel::Facebook, Some("hi"), None),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(error, SendError::Ambiguous { .. }), "{error:?}");
+}

@@ -39,6 +39,31 @@ pub struct Config {
     /// Largest request body accepted, in bytes.
     pub max_body_bytes: usize,
     pub database_max_connections: u32,
+    pub providers: ProviderSettings,
+    pub sender: SenderSettings,
+}
+
+/// Where the providers are and how long a call may take (`MESSAGING_*_BASE_URL` so tests and
+/// sandboxes can point them elsewhere).
+#[derive(Debug, Clone)]
+pub struct ProviderSettings {
+    pub sendgrid_base_url: String,
+    pub x_base_url: String,
+    pub facebook_base_url: String,
+    pub facebook_graph_version: String,
+    pub timeout_ms: u64,
+    /// The sandbox provider's outbox.
+    pub sandbox_dir: String,
+}
+
+/// How the sender retries and paces.
+#[derive(Debug, Clone)]
+pub struct SenderSettings {
+    pub max_attempts: u32,
+    pub base_backoff_ms: u64,
+    pub lease_ms: u64,
+    /// Sends per second for one service, per instance.
+    pub per_service_rate: f64,
 }
 
 impl Config {
@@ -82,12 +107,51 @@ impl Config {
                 }),
             }
         };
+        let text = |setting: &str, default: &str| lookup(setting).unwrap_or_else(|| default.into());
+        let url = |setting: &'static str, default: &str| -> Result<String, ConfigError> {
+            let value = text(setting, default);
+            if value.starts_with("http://") || value.starts_with("https://") {
+                Ok(value.trim_end_matches('/').to_string())
+            } else {
+                Err(ConfigError {
+                    setting,
+                    message: format!("`{value}` is not an http(s) URL"),
+                })
+            }
+        };
+        let providers = ProviderSettings {
+            sendgrid_base_url: url("MESSAGING_SENDGRID_BASE_URL", "https://api.sendgrid.com")?,
+            x_base_url: url("MESSAGING_X_BASE_URL", "https://api.x.com")?,
+            facebook_base_url: url("MESSAGING_FACEBOOK_BASE_URL", "https://graph.facebook.com")?,
+            facebook_graph_version: text("MESSAGING_FACEBOOK_GRAPH_VERSION", "v21.0"),
+            timeout_ms: number("MESSAGING_PROVIDER_TIMEOUT_MS", 10_000)?,
+            sandbox_dir: text("MESSAGING_SANDBOX_DIR", "./data/outbox"),
+        };
+        let per_service_rate = match lookup("MESSAGING_SEND_RATE_PER_SERVICE") {
+            None => 100.0,
+            Some(v) => v
+                .parse::<f64>()
+                .ok()
+                .filter(|r| *r > 0.0 && r.is_finite())
+                .ok_or(ConfigError {
+                    setting: "MESSAGING_SEND_RATE_PER_SERVICE",
+                    message: format!("`{v}` is not a positive number of sends per second"),
+                })?,
+        };
+        let sender = SenderSettings {
+            max_attempts: number("MESSAGING_SEND_MAX_ATTEMPTS", 5)?.max(1) as u32,
+            base_backoff_ms: number("MESSAGING_SEND_BACKOFF_MS", 2_000)?,
+            lease_ms: number("MESSAGING_SEND_LEASE_MS", 120_000)?,
+            per_service_rate,
+        };
         Ok(Self {
             database_url: Secret::new(database_url),
             listen,
             api_keys,
             max_body_bytes: number("MESSAGING_MAX_BODY_BYTES", 1024 * 1024)? as usize,
             database_max_connections: number("MESSAGING_DATABASE_MAX_CONNECTIONS", 20)? as u32,
+            providers,
+            sender,
         })
     }
 

@@ -3,6 +3,9 @@
 use crate::config::Config;
 use crate::http::{self, AppState};
 use crate::notify::spawn_listener;
+use crate::process_managers::scheduler::Scheduler;
+use crate::process_managers::sender::{Sender, SenderConfig};
+use crate::providers::{ProviderConfig, Providers};
 use crate::store::postgres::{PgStore, MIGRATOR};
 use anyhow::Context;
 use messaging_projections::Subscription;
@@ -49,6 +52,30 @@ pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
         .context("applying database migrations failed")
 }
 
+fn provider_config(config: &Config) -> ProviderConfig {
+    let p = &config.providers;
+    ProviderConfig {
+        sendgrid_base_url: p.sendgrid_base_url.clone(),
+        x_base_url: p.x_base_url.clone(),
+        facebook_base_url: p.facebook_base_url.clone(),
+        facebook_graph_version: p.facebook_graph_version.clone(),
+        timeout: Duration::from_millis(p.timeout_ms),
+        sandbox_dir: p.sandbox_dir.clone().into(),
+    }
+}
+
+fn sender_config(config: &Config) -> SenderConfig {
+    let s = &config.sender;
+    SenderConfig {
+        max_attempts: s.max_attempts,
+        base_backoff: Duration::from_millis(s.base_backoff_ms),
+        lease: Duration::from_millis(s.lease_ms),
+        per_service_rate: s.per_service_rate,
+        per_service_burst: (s.per_service_rate * 2.0).max(1.0),
+        ..SenderConfig::default()
+    }
+}
+
 /// The running service: API, webhooks and workers.
 pub struct Application {
     listener: TcpListener,
@@ -73,9 +100,20 @@ impl Application {
             ));
         }
         let store: Arc<dyn crate::store::Store> = Arc::new(PgStore::new(pool.clone()));
-        let scheduler = crate::process_managers::scheduler::Scheduler::new(pool, store.clone());
+        let scheduler = Scheduler::new(pool.clone(), store.clone());
         workers.push(tokio::spawn(
             scheduler.run(wakeups.schedule.clone(), shutdown_rx.clone()),
+        ));
+        let providers = Providers::new(&provider_config(config))
+            .context("setting up the provider clients (check MESSAGING_*_BASE_URL)")?;
+        let sender = Sender::new(
+            pool,
+            store.clone(),
+            Arc::new(providers),
+            sender_config(config),
+        );
+        workers.push(tokio::spawn(
+            sender.run(wakeups.send_jobs.clone(), shutdown_rx.clone()),
         ));
         let state = AppState {
             store,

@@ -26,6 +26,9 @@ pub struct MessageView {
     pub sent_at: Option<DateTime<Utc>>,
     pub provider_message_id: Option<String>,
     pub attempts: u32,
+    /// A provider call may have reached X or Facebook but no answer came: it is not retried;
+    /// a person or a check decides.
+    pub send_outcome_unknown: bool,
     pub last_error: Option<String>,
     pub opens: u32,
     pub clicks: u32,
@@ -56,6 +59,7 @@ impl From<&MessageData> for MessageView {
             sent_at: d.sent_at,
             provider_message_id: d.provider_message_id.clone(),
             attempts: d.attempts,
+            send_outcome_unknown: d.outcome_unknown,
             last_error: d.last_error.clone(),
             opens: d.opens,
             clicks: d.clicks,

@@ -3,3 +3,4 @@
 //! command on the message.
 
 pub mod scheduler;
+pub mod sender;

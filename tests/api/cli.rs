@@ -1,7 +1,6 @@
 //! The `messaging` binary: migrate, projections rebuild, and start-up errors.
 
 use crate::helpers::*;
-use serde_json::json;
 use std::process::Command;
 
 fn messaging(database_url: &str, args: &[&str]) -> std::process::Output {
@@ -32,12 +31,12 @@ async fn migrate_creates_the_database_and_rebuild_restores_the_read_models() {
     let app = TestApp::spawn_on(url.clone()).await;
     let service = app.email_service().await;
     let id = app
-        .compose_email(&service, "a@example.com", json!({"send": true}))
+        .compose_email(&service, "a@example.com", tomorrow())
         .await["id"]
         .as_str()
         .unwrap()
         .to_string();
-    app.wait_listed(&id, "pending").await;
+    app.wait_listed(&id, "scheduled").await;
     let before: Vec<String> =
         sqlx::query_scalar("SELECT message::text FROM message_list ORDER BY message_id")
             .fetch_all(&app.pool)

@@ -57,13 +57,33 @@ pub struct TestApp {
     server: Option<tokio::task::JoinHandle<()>>,
 }
 
-pub fn test_config(database_url: &str) -> Config {
-    let mut config = Config::from_lookup(|k| match k {
-        "DATABASE_URL" => Some(database_url.to_string()),
-        "MESSAGING_API_KEYS" => Some(format!("other-key,{API_KEY}")),
-        "MESSAGING_LISTEN" => Some("127.0.0.1:0".into()),
-        "MESSAGING_MAX_BODY_BYTES" => Some("65536".into()),
-        _ => None,
+/// The service's configuration for a test; `overrides` win over the test defaults.
+pub fn test_config(database_url: &str, overrides: &[(&str, String)]) -> Config {
+    let mut config = Config::from_lookup(|k| {
+        if let Some((_, v)) = overrides.iter().find(|(name, _)| *name == k) {
+            return Some(v.clone());
+        }
+        match k {
+            "DATABASE_URL" => Some(database_url.to_string()),
+            "MESSAGING_API_KEYS" => Some(format!("other-key,{API_KEY}")),
+            "MESSAGING_LISTEN" => Some("127.0.0.1:0".into()),
+            "MESSAGING_MAX_BODY_BYTES" => Some("65536".into()),
+            // Short backoffs keep retry tests quick; the policy is the same.
+            "MESSAGING_SEND_BACKOFF_MS" => Some("200".into()),
+            "MESSAGING_PROVIDER_TIMEOUT_MS" => Some("2000".into()),
+            // Nothing leaves this machine: providers a test does not stand in for are a closed
+            // local port, and the sandbox writes under the system's temporary directory.
+            "MESSAGING_SENDGRID_BASE_URL"
+            | "MESSAGING_X_BASE_URL"
+            | "MESSAGING_FACEBOOK_BASE_URL" => Some("http://127.0.0.1:9".into()),
+            "MESSAGING_SANDBOX_DIR" => Some(
+                std::env::temp_dir()
+                    .join("messaging-test-outbox")
+                    .to_string_lossy()
+                    .into_owned(),
+            ),
+            _ => None,
+        }
     })
     .expect("test configuration");
     config.database_url = Secret::new(database_url);
@@ -75,9 +95,18 @@ impl TestApp {
         Self::spawn_on(fresh_database().await).await
     }
 
+    /// Starts the service with some settings changed (provider base URLs, ...).
+    pub async fn spawn_with(overrides: &[(&str, String)]) -> Self {
+        Self::start(fresh_database().await, overrides).await
+    }
+
     /// Starts the service on an existing database (for restarts).
     pub async fn spawn_on(database_url: String) -> Self {
-        let app = Application::build(&test_config(&database_url))
+        Self::start(database_url, &[]).await
+    }
+
+    pub async fn start(database_url: String, overrides: &[(&str, String)]) -> Self {
+        let app = Application::build(&test_config(&database_url, overrides))
             .await
             .expect("the service starts");
         let addr = app.local_addr().expect("bound");
@@ -226,4 +255,10 @@ pub fn assert_error(status: StatusCode, body: &Value, expected: StatusCode, code
             .is_some_and(|m| !m.is_empty()),
         "an error says what to fix: {body}"
     );
+}
+
+/// Compose options that schedule a message a day ahead: a stable state, whatever the sender
+/// is doing.
+pub fn tomorrow() -> Value {
+    json!({"publish_at": (chrono::Utc::now() + chrono::Duration::days(1)).to_rfc3339()})
 }

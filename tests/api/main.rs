@@ -8,5 +8,6 @@ mod messages;
 mod providers;
 mod queries;
 mod scheduling;
+mod sending;
 mod services;
 mod tailing;

@@ -157,7 +157,16 @@ async fn invalid_transitions_are_409_and_change_nothing() {
 
 #[tokio::test]
 async fn cancel_after_the_provider_call_started_is_409() {
-    let app = TestApp::spawn().await;
+    // A provider that takes its time: the call is in flight while the user cancels.
+    let sendgrid = wiremock::MockServer::start().await;
+    wiremock::Mock::given(wiremock::matchers::path("/v3/mail/send"))
+        .respond_with(
+            wiremock::ResponseTemplate::new(202).set_delay(std::time::Duration::from_millis(1200)),
+        )
+        .expect(1)
+        .mount(&sendgrid)
+        .await;
+    let app = TestApp::spawn_with(&[("MESSAGING_SENDGRID_BASE_URL", sendgrid.uri())]).await;
     let service = app.email_service().await;
     let id = app
         .compose_email(&service, "a@example.com", json!({"send": true}))
@@ -165,20 +174,20 @@ async fn cancel_after_the_provider_call_started_is_409() {
         .as_str()
         .unwrap()
         .to_string();
-    // The sender (a later issue) records the start of its provider call as a command.
-    let store = messaging::store::postgres::PgStore::new(app.pool.clone());
-    use messaging::store::Store;
-    store
-        .execute(
-            id.parse().unwrap(),
-            messaging_domain::MessageCommand::StartSendAttempt { now: Utc::now() },
-        )
-        .await
-        .unwrap();
+    eventually(|| async {
+        let (_, m) = app.get(&format!("/v1/messages/{id}")).await;
+        m["attempts"] == 1
+    })
+    .await;
     let (status, body) = app
         .post(&format!("/v1/messages/{id}/cancel"), json!({}))
         .await;
     assert_error(status, &body, StatusCode::CONFLICT, "invalid_transition");
+    eventually(|| async {
+        let (_, m) = app.get(&format!("/v1/messages/{id}")).await;
+        m["state"] == "sent"
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -340,8 +349,9 @@ async fn malformed_unknown_and_oversized_requests_get_clear_errors() {
 async fn concurrent_composes_with_one_idempotency_key_create_one_message() {
     let app = TestApp::spawn().await;
     let service = app.email_service().await;
+    let later = (Utc::now() + Duration::days(1)).to_rfc3339();
     let body = json!({"service_id": service, "to": [{"username": "a@example.com"}],
-                      "subject": "Once", "text": "only once", "send": true});
+                      "subject": "Once", "text": "only once", "publish_at": later});
     let requests = (0..8).map(|_| {
         app.client
             .post(app.url("/v1/messages"))
@@ -402,18 +412,18 @@ async fn nothing_is_lost_across_a_restart() {
     let app = TestApp::spawn().await;
     let service = app.email_service().await;
     let id = app
-        .compose_email(&service, "a@example.com", json!({"send": true}))
+        .compose_email(&service, "a@example.com", tomorrow())
         .await["id"]
         .as_str()
         .unwrap()
         .to_string();
-    app.wait_listed(&id, "pending").await;
+    app.wait_listed(&id, "scheduled").await;
     let url = app.stop().await;
 
     let app = TestApp::spawn_on(url).await;
     let (status, detail) = app.get(&format!("/v1/messages/{id}")).await;
     assert_eq!(status, StatusCode::OK);
-    assert_eq!(detail["state"], "pending");
+    assert_eq!(detail["state"], "scheduled");
     let (status, _) = app
         .post(&format!("/v1/messages/{id}/cancel"), json!({}))
         .await;

@@ -12,11 +12,7 @@ async fn list_filters_and_paginates_without_duplicates_or_gaps() {
     let x = app.create_service("twitter", "x", "ourbrand").await;
     let mut all = Vec::new();
     for i in 0..23 {
-        let extra = if i % 3 == 0 {
-            json!({"send": true})
-        } else {
-            json!({})
-        };
+        let extra = if i % 3 == 0 { tomorrow() } else { json!({}) };
         let to = if i % 2 == 0 {
             "alice@example.com"
         } else {
@@ -81,7 +77,7 @@ async fn list_filters_and_paginates_without_duplicates_or_gaps() {
         23
     );
     assert_eq!(
-        count("/v1/messages?limit=500&state=pending".into()).await,
+        count("/v1/messages?limit=500&state=scheduled".into()).await,
         8
     );
     assert_eq!(
@@ -125,7 +121,7 @@ async fn the_feed_has_one_item_per_state_change_with_growing_positions() {
     let app = TestApp::spawn().await;
     let service = app.email_service().await;
     let a = app
-        .compose_email(&service, "a@example.com", json!({"send": true}))
+        .compose_email(&service, "a@example.com", tomorrow())
         .await;
     let b = app
         .compose_email(&service, "b@example.com", json!({}))
@@ -181,7 +177,7 @@ async fn the_feed_has_one_item_per_state_change_with_growing_positions() {
         changes,
         vec![
             (a_id.clone(), "".into(), "draft".into()),
-            (a_id, "draft".into(), "pending".into()),
+            (a_id, "draft".into(), "scheduled".into()),
             (b_id.to_string(), "".into(), "draft".into()),
             (b_id.to_string(), "draft".into(), "cancelled".into()),
         ]

@@ -1,0 +1,406 @@
+//! The sender: one process manager for every channel, driven by `send_jobs`.
+//!
+//! A worker claims due jobs (`FOR UPDATE SKIP LOCKED`, at most a few per service per round so
+//! one busy account cannot starve the others) and takes a lease on each. For each job it
+//! records `StartSendAttempt` first: that command is the fence that makes the provider call
+//! happen once even if two workers ever hold the same job, since only one can start the
+//! attempt. Then it calls the provider and records the classified outcome:
+//!
+//! - accepted: `RecordSent` with the provider's id;
+//! - transient: `RecordSendFailure` with a retry time (exponential backoff with jitter, or the
+//!   provider's `Retry-After` / rate-limit reset when later), until the last attempt fails it;
+//! - permanent: `RecordSendFailure` without a retry: the message is `failed` with the reason;
+//! - ambiguous (X, Facebook): `RecordSendOutcomeUnknown`, never retried blindly.
+//!
+//! A worker that dies during the provider call leaves the attempt open; when its lease expires
+//! another worker recovers the job: email is retried (its stable Message-ID and `custom_args`
+//! make a duplicate detectable), a post is recorded as an unknown outcome.
+
+use crate::providers::{parse_credentials, Account, OutgoingMessage, Providers, SendError};
+use crate::store::{CommandError, Store};
+use chrono::{DateTime, Utc};
+use futures::StreamExt;
+use messaging_domain::{
+    Channel, MessageCommand, MessageData, MessageError, MessageId, MessageState, ServiceId,
+};
+use rand::Rng;
+use sqlx::PgPool;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{watch, Mutex};
+
+/// How the sender paces and retries.
+#[derive(Debug, Clone)]
+pub struct SenderConfig {
+    /// Provider attempts before a transient failure becomes final.
+    pub max_attempts: u32,
+    /// Backoff before the second attempt; doubled for each one after, with ±25 % jitter.
+    pub base_backoff: Duration,
+    pub max_backoff: Duration,
+    /// How long a claimed job is held before another worker may recover it.
+    pub lease: Duration,
+    /// Jobs sent at once by one worker.
+    pub concurrency: usize,
+    /// Jobs one round claims for one service.
+    pub per_service_per_round: i64,
+    /// Sends per second allowed for one service by one worker (a token bucket), and its burst.
+    pub per_service_rate: f64,
+    pub per_service_burst: f64,
+}
+
+impl Default for SenderConfig {
+    fn default() -> Self {
+        Self {
+            max_attempts: 5,
+            base_backoff: Duration::from_secs(2),
+            max_backoff: Duration::from_secs(300),
+            lease: Duration::from_secs(120),
+            concurrency: 16,
+            per_service_per_round: 50,
+            per_service_rate: 20.0,
+            per_service_burst: 40.0,
+        }
+    }
+}
+
+#[derive(Debug, sqlx::FromRow)]
+struct Job {
+    message_id: uuid::Uuid,
+    service_id: uuid::Uuid,
+}
+
+/// A token bucket per service, so one busy account is paced without holding others back.
+#[derive(Default)]
+struct RateLimiter {
+    buckets: Mutex<HashMap<ServiceId, (f64, tokio::time::Instant)>>,
+}
+
+impl RateLimiter {
+    async fn acquire(&self, service: ServiceId, rate: f64, burst: f64) {
+        loop {
+            let wait = {
+                let mut buckets = self.buckets.lock().await;
+                let now = tokio::time::Instant::now();
+                let (tokens, last) = buckets.entry(service).or_insert((burst, now));
+                *tokens = (*tokens + now.duration_since(*last).as_secs_f64() * rate).min(burst);
+                *last = now;
+                if *tokens >= 1.0 {
+                    *tokens -= 1.0;
+                    return;
+                }
+                Duration::from_secs_f64((1.0 - *tokens) / rate.max(f64::MIN_POSITIVE))
+            };
+            tokio::time::sleep(wait).await;
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Sender {
+    pool: PgPool,
+    store: Arc<dyn Store>,
+    providers: Arc<Providers>,
+    config: SenderConfig,
+    limiter: Arc<RateLimiter>,
+}
+
+/// What happened to one claimed job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobOutcome {
+    Sent,
+    RetryScheduled,
+    Failed,
+    Unknown,
+    /// Nothing to do (already sent, cancelled, or another worker has it).
+    Skipped,
+}
+
+impl Sender {
+    pub fn new(
+        pool: PgPool,
+        store: Arc<dyn Store>,
+        providers: Arc<Providers>,
+        config: SenderConfig,
+    ) -> Self {
+        Self {
+            pool,
+            store,
+            providers,
+            config,
+            limiter: Arc::default(),
+        }
+    }
+
+    /// Claims due jobs and leases them.
+    async fn claim(&self, limit: i64) -> Result<Vec<Job>, sqlx::Error> {
+        sqlx::query_as(
+            "WITH candidates AS ( \
+               SELECT message_id FROM ( \
+                 SELECT message_id, row_number() OVER (PARTITION BY service_id ORDER BY due_at) AS n \
+                 FROM send_jobs \
+                 WHERE due_at <= now() AND (locked_until IS NULL OR locked_until < now()) \
+               ) ranked WHERE n <= $2 LIMIT $1 \
+             ), locked AS ( \
+               SELECT message_id FROM send_jobs \
+               WHERE message_id IN (SELECT message_id FROM candidates) \
+                 AND due_at <= now() AND (locked_until IS NULL OR locked_until < now()) \
+               FOR UPDATE SKIP LOCKED \
+             ) \
+             UPDATE send_jobs j SET locked_until = now() + $3 * interval '1 millisecond', \
+                 claims = claims + 1 \
+             FROM locked WHERE j.message_id = locked.message_id \
+             RETURNING j.message_id, j.service_id",
+        )
+        .bind(limit)
+        .bind(self.config.per_service_per_round)
+        .bind(self.config.lease.as_millis() as f64)
+        .fetch_all(&self.pool)
+        .await
+    }
+
+    /// Claims one round of due jobs and sends them; returns what happened to each.
+    pub async fn run_once(&self) -> Result<Vec<JobOutcome>, sqlx::Error> {
+        let jobs = self.claim(self.config.concurrency as i64 * 4).await?;
+        Ok(futures::stream::iter(jobs)
+            .map(|job| async move {
+                let id = MessageId::from_uuid(job.message_id);
+                match self.process(id, ServiceId::from_uuid(job.service_id)).await {
+                    Ok(outcome) => outcome,
+                    Err(error) => {
+                        // The lease expires and the job is recovered: nothing is lost.
+                        tracing::error!(message_id = %id, %error, "send job failed; it will be recovered");
+                        JobOutcome::Skipped
+                    }
+                }
+            })
+            .buffer_unordered(self.config.concurrency)
+            .collect()
+            .await)
+    }
+
+    /// The earliest time a job becomes claimable.
+    pub async fn next_due(&self) -> Result<Option<DateTime<Utc>>, sqlx::Error> {
+        sqlx::query_scalar(
+            "SELECT min(greatest(due_at, coalesce(locked_until, due_at))) FROM send_jobs",
+        )
+        .fetch_one(&self.pool)
+        .await
+    }
+
+    async fn execute(&self, id: MessageId, command: MessageCommand) -> Result<(), CommandError> {
+        self.store.execute(id, command).await
+    }
+
+    async fn process(
+        &self,
+        id: MessageId,
+        service_id: ServiceId,
+    ) -> Result<JobOutcome, CommandError> {
+        let Some((message, _)) = self
+            .store
+            .message(id)
+            .await
+            .map_err(|e| CommandError::Store(e.to_string()))?
+        else {
+            return Ok(JobOutcome::Skipped);
+        };
+        let Some(d) = message.data() else {
+            return Ok(JobOutcome::Skipped);
+        };
+        if d.attempt_in_progress {
+            return self.recover(id, d).await;
+        }
+        if d.lifecycle != MessageState::Pending || d.outcome_unknown || d.sent_at.is_some() {
+            // Nothing left to send (the projection removes such jobs; this one raced it).
+            sqlx::query("DELETE FROM send_jobs WHERE message_id = $1")
+                .bind(id.as_uuid())
+                .execute(&self.pool)
+                .await
+                .map_err(|e| CommandError::Store(e.to_string()))?;
+            return Ok(JobOutcome::Skipped);
+        }
+        self.limiter
+            .acquire(
+                service_id,
+                self.config.per_service_rate,
+                self.config.per_service_burst,
+            )
+            .await;
+        // The fence: only one worker can start this attempt.
+        match self
+            .execute(id, MessageCommand::StartSendAttempt { now: Utc::now() })
+            .await
+        {
+            Ok(()) => {}
+            Err(CommandError::Rejected(MessageError::InvalidTransition { .. })) => {
+                return Ok(JobOutcome::Skipped)
+            }
+            Err(e) => return Err(e),
+        }
+        let attempt = d.attempts + 1;
+        let result = match self.account(service_id).await {
+            Ok(account) => {
+                let outgoing = outgoing(d);
+                let provider = self.providers.for_provider(account.provider);
+                provider.send(&account, &outgoing).await
+            }
+            Err(reason) => Err(SendError::Permanent { reason }),
+        };
+        self.record(id, d.channel, attempt, result).await
+    }
+
+    async fn account(&self, service_id: ServiceId) -> Result<Account, String> {
+        let (service, credentials) = self
+            .store
+            .service_credentials(service_id)
+            .await
+            .map_err(|e| format!("cannot read service {service_id}: {e}"))?
+            .ok_or_else(|| format!("service {service_id} no longer exists"))?;
+        let credentials = parse_credentials(service.provider, &credentials)
+            .map_err(|e| format!("service {service_id} has unusable credentials: {e}"))?;
+        Ok(Account {
+            service_id,
+            provider: service.provider,
+            username: service.username,
+            name: service.name,
+            credentials,
+        })
+    }
+
+    fn backoff(&self, attempt: u32) -> Duration {
+        let exp = self
+            .config
+            .base_backoff
+            .saturating_mul(2u32.saturating_pow(attempt.saturating_sub(1)))
+            .min(self.config.max_backoff);
+        exp.mul_f64(rand::thread_rng().gen_range(0.75..=1.25))
+    }
+
+    async fn record(
+        &self,
+        id: MessageId,
+        channel: Channel,
+        attempt: u32,
+        result: Result<crate::providers::Accepted, SendError>,
+    ) -> Result<JobOutcome, CommandError> {
+        let now = Utc::now();
+        let (command, outcome) = match result {
+            Ok(accepted) => {
+                tracing::info!(message_id = %id, %channel, attempt, provider_message_id = accepted.provider_message_id.as_deref().unwrap_or(""), "sent");
+                (
+                    MessageCommand::RecordSent {
+                        provider_message_id: accepted.provider_message_id,
+                        at: now,
+                    },
+                    JobOutcome::Sent,
+                )
+            }
+            Err(SendError::Transient {
+                reason,
+                retry_after,
+            }) if attempt < self.config.max_attempts => {
+                let wait = self.backoff(attempt).max(retry_after.unwrap_or_default());
+                let retry_at = now + chrono::Duration::from_std(wait).unwrap_or_default();
+                tracing::warn!(message_id = %id, attempt, %reason, retry_in_ms = wait.as_millis() as u64, "send failed; will retry");
+                (
+                    MessageCommand::RecordSendFailure {
+                        reason,
+                        retry_at: Some(retry_at),
+                        at: now,
+                    },
+                    JobOutcome::RetryScheduled,
+                )
+            }
+            Err(SendError::Transient { reason, .. }) => {
+                tracing::warn!(message_id = %id, attempt, %reason, "send failed on the last attempt");
+                (
+                    MessageCommand::RecordSendFailure {
+                        reason: format!("{reason} (gave up after {attempt} attempts)"),
+                        retry_at: None,
+                        at: now,
+                    },
+                    JobOutcome::Failed,
+                )
+            }
+            Err(SendError::Permanent { reason }) => {
+                tracing::warn!(message_id = %id, attempt, %reason, "provider refused the message");
+                (
+                    MessageCommand::RecordSendFailure {
+                        reason,
+                        retry_at: None,
+                        at: now,
+                    },
+                    JobOutcome::Failed,
+                )
+            }
+            Err(SendError::Ambiguous { reason }) => {
+                tracing::warn!(message_id = %id, attempt, %reason, "send outcome unknown; not retried");
+                (
+                    MessageCommand::RecordSendOutcomeUnknown { reason, at: now },
+                    JobOutcome::Unknown,
+                )
+            }
+        };
+        self.execute(id, command).await?;
+        Ok(outcome)
+    }
+
+    /// A previous worker started an attempt and never recorded its outcome.
+    async fn recover(&self, id: MessageId, d: &MessageData) -> Result<JobOutcome, CommandError> {
+        let reason = "the sender stopped during the provider call".to_string();
+        let result = match d.channel {
+            // Email may be retried: duplicates are detectable by Message-ID and custom_args.
+            Channel::Email => Err(SendError::Transient {
+                reason,
+                retry_after: None,
+            }),
+            Channel::Twitter | Channel::Facebook => Err(SendError::Ambiguous {
+                reason: format!("{reason}; the post may have been published"),
+            }),
+        };
+        self.record(id, d.channel, d.attempts, result).await
+    }
+
+    /// Runs until `shutdown` turns true, woken by NOTIFY `send_jobs` and at the next due time.
+    pub async fn run(self, mut wake: watch::Receiver<u64>, mut shutdown: watch::Receiver<bool>) {
+        loop {
+            if *shutdown.borrow() {
+                return;
+            }
+            wake.borrow_and_update();
+            match self.run_once().await {
+                Ok(outcomes) if !outcomes.is_empty() => continue,
+                Ok(_) => {}
+                Err(error) => tracing::error!(%error, "sender round failed"),
+            }
+            let sleep = match self.next_due().await {
+                Ok(Some(at)) => (at - Utc::now())
+                    .to_std()
+                    .unwrap_or(Duration::from_millis(50)),
+                Ok(None) => Duration::from_secs(5),
+                Err(_) => Duration::from_secs(1),
+            }
+            .clamp(Duration::from_millis(10), Duration::from_secs(5));
+            tokio::select! {
+                Ok(()) = wake.changed() => {}
+                _ = tokio::time::sleep(sleep) => {}
+                _ = shutdown.changed() => {}
+            }
+        }
+    }
+}
+
+fn outgoing(d: &MessageData) -> OutgoingMessage {
+    OutgoingMessage {
+        message_id: d.id,
+        channel: d.channel,
+        from: d.from.clone(),
+        to: d.to.clone(),
+        subject: d.subject.clone(),
+        text: d.text.clone(),
+        html: d.html.clone(),
+        link: d.link.clone(),
+        in_reply_to: d.in_reply_to.clone(),
+    }
+}

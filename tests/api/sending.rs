@@ -1,0 +1,469 @@
+//! Outbound delivery end to end: the scheduler and the sender against wiremock servers that
+//! stand in for SendGrid, X and Facebook and check the exact documented requests.
+
+use crate::helpers::*;
+use chrono::{DateTime, Duration, Utc};
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use wiremock::matchers::{body_json, body_partial_json, header, method, path};
+use wiremock::{Mock, MockServer, ResponseTemplate};
+
+async fn wait_message(app: &TestApp, id: &str, done: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Utc::now() + Duration::seconds(20);
+    loop {
+        let (_, m) = app.get(&format!("/v1/messages/{id}")).await;
+        if done(&m) {
+            return m;
+        }
+        assert!(Utc::now() < deadline, "message never got there: {m}");
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+}
+
+fn history_types(m: &Value) -> Vec<String> {
+    m["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["type"].as_str().unwrap().to_string())
+        .collect()
+}
+
+fn history_of<'a>(m: &'a Value, kind: &str) -> Vec<&'a Value> {
+    m["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|h| h["type"] == kind)
+        .collect()
+}
+
+fn time(v: &Value) -> DateTime<Utc> {
+    v.as_str().unwrap().parse().unwrap()
+}
+
+async fn draft_email(app: &TestApp, service: &str) -> String {
+    app.compose_email(service, "alice@example.com", json!({}))
+        .await["id"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+fn sendgrid_request(id: &str) -> Value {
+    json!({
+        "personalizations": [{"to": [{"email": "alice@example.com"}]}],
+        "from": {"email": "news@example.com", "name": "Our Brand"},
+        "subject": "Hello",
+        "content": [{"type": "text/plain", "value": "Hi there"}],
+        "custom_args": {"message_id": id}
+    })
+}
+
+async fn sendgrid_app() -> (TestApp, MockServer, String) {
+    let sendgrid = MockServer::start().await;
+    let app = TestApp::spawn_with(&[("MESSAGING_SENDGRID_BASE_URL", sendgrid.uri())]).await;
+    let service = app.email_service().await;
+    (app, sendgrid, service)
+}
+
+fn sendgrid_mock(id: &str) -> wiremock::MockBuilder {
+    Mock::given(method("POST"))
+        .and(path("/v3/mail/send"))
+        .and(header("authorization", "Bearer SG.secret-value"))
+        .and(header("content-type", "application/json"))
+        .and(body_partial_json(sendgrid_request(id)))
+}
+
+#[tokio::test]
+async fn an_email_goes_out_once_through_sendgrid_and_records_its_id() {
+    let (app, sendgrid, service) = sendgrid_app().await;
+    let id = draft_email(&app, &service).await;
+    sendgrid_mock(&id)
+        .respond_with(ResponseTemplate::new(202).insert_header("X-Message-Id", "sg-abc123"))
+        .expect(1)
+        .mount(&sendgrid)
+        .await;
+    app.post(&format!("/v1/messages/{id}/send"), json!({}))
+        .await;
+    let m = wait_message(&app, &id, |m| m["state"] == "sent").await;
+    assert_eq!(m["provider_message_id"], "sg-abc123");
+    assert_eq!(m["attempts"], 1);
+    assert!(m["sent_at"].is_string());
+    assert_eq!(
+        history_types(&m),
+        [
+            "MessageComposed",
+            "MessageQueued",
+            "SendAttemptStarted",
+            "MessageSent"
+        ]
+    );
+    app.wait_listed(&id, "sent").await;
+}
+
+#[tokio::test]
+async fn a_provider_that_fails_twice_then_accepts_sends_once_with_two_retries_in_history() {
+    let (app, sendgrid, service) = sendgrid_app().await;
+    let id = draft_email(&app, &service).await;
+    sendgrid_mock(&id)
+        .respond_with(ResponseTemplate::new(500).set_body_string("internal error"))
+        .up_to_n_times(2)
+        .expect(2)
+        .with_priority(1)
+        .mount(&sendgrid)
+        .await;
+    sendgrid_mock(&id)
+        .respond_with(ResponseTemplate::new(202).insert_header("X-Message-Id", "sg-3rd"))
+        .expect(1)
+        .with_priority(2)
+        .mount(&sendgrid)
+        .await;
+    app.post(&format!("/v1/messages/{id}/send"), json!({}))
+        .await;
+    let m = wait_message(&app, &id, |m| m["state"] == "sent").await;
+    assert_eq!(m["provider_message_id"], "sg-3rd");
+    assert_eq!(m["attempts"], 3);
+    let failures = history_of(&m, "SendAttemptFailed");
+    assert_eq!(failures.len(), 2);
+    for f in failures {
+        assert!(f["data"]["reason"].as_str().unwrap().contains("500"), "{f}");
+        assert!(f["data"]["retry_at"].is_string());
+        assert_eq!(f["state"], "pending");
+    }
+}
+
+#[tokio::test]
+async fn a_429_with_retry_after_waits_that_long_before_retrying() {
+    let (app, sendgrid, service) = sendgrid_app().await;
+    let id = draft_email(&app, &service).await;
+    sendgrid_mock(&id)
+        .respond_with(ResponseTemplate::new(429).insert_header("Retry-After", "2"))
+        .up_to_n_times(1)
+        .expect(1)
+        .with_priority(1)
+        .mount(&sendgrid)
+        .await;
+    sendgrid_mock(&id)
+        .respond_with(ResponseTemplate::new(202).insert_header("X-Message-Id", "sg-after"))
+        .expect(1)
+        .with_priority(2)
+        .mount(&sendgrid)
+        .await;
+    app.post(&format!("/v1/messages/{id}/send"), json!({}))
+        .await;
+    let m = wait_message(&app, &id, |m| m["state"] == "sent").await;
+    let failed = history_of(&m, "SendAttemptFailed")[0];
+    let retry_at = time(&failed["data"]["retry_at"]);
+    let failed_at = time(&failed["data"]["failed_at"]);
+    assert!(retry_at - failed_at >= Duration::seconds(2), "{failed}");
+    let second = history_of(&m, "SendAttemptStarted")[1];
+    assert!(time(&second["occurred_at"]) >= retry_at, "{second}");
+}
+
+#[tokio::test]
+async fn a_400_fails_at_once_with_the_providers_reason() {
+    let (app, sendgrid, service) = sendgrid_app().await;
+    let id = draft_email(&app, &service).await;
+    sendgrid_mock(&id)
+        .respond_with(ResponseTemplate::new(400).set_body_json(json!({
+            "errors": [{"message": "The from address does not match a verified Sender Identity.",
+                        "field": "from", "help": null}]
+        })))
+        .expect(1)
+        .mount(&sendgrid)
+        .await;
+    app.post(&format!("/v1/messages/{id}/send"), json!({}))
+        .await;
+    let m = wait_message(&app, &id, |m| m["state"] == "failed").await;
+    assert!(
+        m["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("verified Sender Identity"),
+        "{m}"
+    );
+    assert_eq!(m["attempts"], 1);
+    assert_eq!(history_of(&m, "MessageFailed").len(), 1);
+    // The failure reached the feed too.
+    eventually(|| async {
+        let (_, feed) = app.get("/v1/state-changes?after=0&limit=100").await;
+        feed["items"].as_array().unwrap().iter().any(|i| {
+            i["message_id"] == id && i["state"] == "failed" && i["previous_state"] == "pending"
+        })
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_x_post_that_times_out_is_recorded_as_unknown_and_never_posted_again() {
+    let x = MockServer::start().await;
+    let app = TestApp::spawn_with(&[
+        ("MESSAGING_X_BASE_URL", x.uri()),
+        ("MESSAGING_PROVIDER_TIMEOUT_MS", "500".into()),
+    ])
+    .await;
+    let service = app.create_service("twitter", "x", "ourbrand").await;
+    Mock::given(method("POST"))
+        .and(path("/2/tweets"))
+        .and(header("authorization", "Bearer x-secret-token"))
+        .and(body_json(json!({"text": "Hello world"})))
+        .respond_with(
+            ResponseTemplate::new(201)
+                .set_body_json(
+                    json!({"data": {"id": "1861234567890123456", "text": "Hello world"}}),
+                )
+                .set_delay(std::time::Duration::from_secs(3)),
+        )
+        .expect(1)
+        .mount(&x)
+        .await;
+    let (_, post) = app
+        .post(
+            "/v1/messages",
+            json!({"service_id": service, "text": "Hello world", "send": true}),
+        )
+        .await;
+    let id = post["id"].as_str().unwrap();
+    let m = wait_message(&app, id, |m| m["send_outcome_unknown"] == true).await;
+    assert_eq!(m["state"], "pending");
+    assert!(
+        !m["last_error"].as_str().unwrap().is_empty(),
+        "the reason is shown: {m}"
+    );
+    assert_eq!(history_of(&m, "SendOutcomeUnknown").len(), 1);
+    // Give a blind retry every chance to happen: it must not.
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    let (_, m) = app.get(&format!("/v1/messages/{id}")).await;
+    assert_eq!(history_of(&m, "SendAttemptStarted").len(), 1);
+}
+
+#[tokio::test]
+async fn an_x_post_is_sent_with_its_reply_target_and_records_the_post_id() {
+    let x = MockServer::start().await;
+    let app = TestApp::spawn_with(&[("MESSAGING_X_BASE_URL", x.uri())]).await;
+    let service = app.create_service("twitter", "x", "ourbrand").await;
+    Mock::given(method("POST"))
+        .and(path("/2/tweets"))
+        .and(header("authorization", "Bearer x-secret-token"))
+        .and(body_json(
+            json!({"text": "Thanks!", "reply": {"in_reply_to_tweet_id": "1861234567890123456"}}),
+        ))
+        .respond_with(
+            ResponseTemplate::new(201)
+                .set_body_json(json!({"data": {"id": "1861234567890999999", "text": "Thanks!"}})),
+        )
+        .expect(1)
+        .mount(&x)
+        .await;
+    let (_, post) = app
+        .post(
+            "/v1/messages",
+            json!({"service_id": service, "text": "Thanks!", "in_reply_to": "1861234567890123456", "send": true}),
+        )
+        .await;
+    let id = post["id"].as_str().unwrap();
+    let m = wait_message(&app, id, |m| m["state"] == "sent").await;
+    assert_eq!(m["provider_message_id"], "1861234567890999999");
+}
+
+#[tokio::test]
+async fn a_facebook_post_goes_to_the_page_feed_and_records_the_post_id() {
+    let facebook = MockServer::start().await;
+    let app = TestApp::spawn_with(&[("MESSAGING_FACEBOOK_BASE_URL", facebook.uri())]).await;
+    let service = app
+        .create_service("facebook", "facebook", "104857600123456")
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/v21.0/104857600123456/feed"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(json!({"id": "104857600123456_998877665544332"})),
+        )
+        .expect(1)
+        .mount(&facebook)
+        .await;
+    let (status, post) = app
+        .post(
+            &format!("/v1/services/{service}/shares"),
+            json!({"text": "New post", "link": "https://example.com/p"}),
+        )
+        .await;
+    assert_eq!(status, reqwest::StatusCode::CREATED, "{post}");
+    let id = post["id"].as_str().unwrap();
+    let m = wait_message(&app, id, |m| m["state"] == "sent").await;
+    assert_eq!(m["provider_message_id"], "104857600123456_998877665544332");
+    let requests = facebook.received_requests().await.unwrap();
+    let form: HashMap<String, String> = url::form_urlencoded::parse(&requests[0].body)
+        .into_owned()
+        .collect();
+    assert_eq!(form.get("message").map(String::as_str), Some("New post"));
+    assert_eq!(
+        form.get("link").map(String::as_str),
+        Some("https://example.com/p")
+    );
+    assert_eq!(
+        form.get("access_token").map(String::as_str),
+        Some("fb-secret-token")
+    );
+    assert!(
+        !requests[0]
+            .url
+            .query()
+            .unwrap_or("")
+            .contains("fb-secret-token"),
+        "the page token is not in the URL"
+    );
+}
+
+#[tokio::test]
+async fn a_scheduled_email_is_sent_at_its_time_and_a_cancelled_one_never() {
+    let (app, sendgrid, service) = sendgrid_app().await;
+    let publish_at = Utc::now() + Duration::seconds(2);
+    let sent = app
+        .compose_email(
+            &service,
+            "alice@example.com",
+            json!({"publish_at": publish_at.to_rfc3339()}),
+        )
+        .await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let cancelled = app
+        .compose_email(
+            &service,
+            "alice@example.com",
+            json!({"publish_at": publish_at.to_rfc3339()}),
+        )
+        .await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    sendgrid_mock(&sent)
+        .respond_with(ResponseTemplate::new(202).insert_header("X-Message-Id", "sg-on-time"))
+        .expect(1)
+        .mount(&sendgrid)
+        .await;
+    sendgrid_mock(&cancelled)
+        .respond_with(ResponseTemplate::new(202))
+        .expect(0)
+        .mount(&sendgrid)
+        .await;
+    app.post(&format!("/v1/messages/{cancelled}/cancel"), json!({}))
+        .await;
+
+    let m = wait_message(&app, &sent, |m| m["state"] == "sent").await;
+    let started = time(&history_of(&m, "SendAttemptStarted")[0]["occurred_at"]);
+    assert!(started >= publish_at, "called the provider before its time");
+    // Generous bound: the precise lateness is a benchmark figure.
+    assert!(
+        started - publish_at < Duration::milliseconds(1500),
+        "{} late",
+        started - publish_at
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let (_, c) = app.get(&format!("/v1/messages/{cancelled}")).await;
+    assert_eq!(c["state"], "cancelled");
+}
+
+#[tokio::test]
+async fn two_instances_send_each_of_thousands_of_queued_messages_exactly_once() {
+    const MESSAGES: usize = 2000;
+    let sendgrid = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/v3/mail/send"))
+        .respond_with(ResponseTemplate::new(202))
+        .mount(&sendgrid)
+        .await;
+    let overrides = [
+        ("MESSAGING_SENDGRID_BASE_URL", sendgrid.uri()),
+        ("MESSAGING_SEND_RATE_PER_SERVICE", "1000000".to_string()),
+    ];
+    let first = TestApp::spawn_with(&overrides).await;
+    let second = TestApp::start(first.database_url.clone(), &overrides).await;
+    let service = first.email_service().await;
+    let store = messaging::store::postgres::PgStore::new(first.pool.clone());
+    let service_ref = messaging_domain::ServiceRef {
+        id: service.parse().unwrap(),
+        channel: messaging_domain::Channel::Email,
+        provider: messaging_domain::Provider::Sendgrid,
+        username: "news@example.com".into(),
+        name: Some("Our Brand".into()),
+    };
+    // Queue them through the store, many at once, while both instances are sending.
+    let ids: Vec<String> = futures::future::join_all((0..MESSAGES).map(|i| {
+        let store = &store;
+        let service_ref = service_ref.clone();
+        async move {
+            use messaging::store::Store;
+            let id = messaging_domain::MessageId::from_uuid(uuid::Uuid::now_v7());
+            let input = messaging_domain::MessageInput {
+                to: vec![messaging_domain::Profile::new(
+                    format!("p{i}@example.com"),
+                    None,
+                )],
+                subject: Some("Bulk".into()),
+                text: Some("Hello".into()),
+                ..Default::default()
+            };
+            let message = messaging_domain::build_message(&service_ref, input).unwrap();
+            store
+                .execute(
+                    id,
+                    messaging_domain::MessageCommand::Compose(messaging_domain::Compose {
+                        id,
+                        message,
+                        dispatch: messaging_domain::Dispatch::Now,
+                        now: Utc::now(),
+                    }),
+                )
+                .await
+                .unwrap();
+            id.to_string()
+        }
+    }))
+    .await;
+
+    let deadline = Utc::now() + Duration::seconds(240);
+    loop {
+        let sent: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM message_list WHERE state = 'sent'")
+                .fetch_one(&first.pool)
+                .await
+                .unwrap();
+        if sent as usize == MESSAGES {
+            break;
+        }
+        assert!(Utc::now() < deadline, "only {sent} of {MESSAGES} sent");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let mut calls: HashMap<String, usize> = HashMap::new();
+    for r in sendgrid.received_requests().await.unwrap() {
+        let body: Value = serde_json::from_slice(&r.body).unwrap();
+        *calls
+            .entry(
+                body["custom_args"]["message_id"]
+                    .as_str()
+                    .unwrap()
+                    .to_string(),
+            )
+            .or_default() += 1;
+    }
+    assert_eq!(calls.len(), MESSAGES);
+    for id in &ids {
+        assert_eq!(
+            calls.get(id),
+            Some(&1),
+            "{id} sent {:?} times",
+            calls.get(id)
+        );
+    }
+    let starts: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM events WHERE event_type = 'SendAttemptStarted'")
+            .fetch_one(&first.pool)
+            .await
+            .unwrap();
+    assert_eq!(starts as usize, MESSAGES);
+    second.stop().await;
+}

@@ -81,6 +81,13 @@ pub enum MessageCommand {
         reason: String,
         at: DateTime<Utc>,
     },
+    /// A person (or a check against the provider) settles an unknown outcome: the post was
+    /// published (with its id when known), or it was not and may be sent again.
+    ResolveSendOutcome {
+        posted: bool,
+        provider_message_id: Option<String>,
+        at: DateTime<Utc>,
+    },
     RecordDelivery {
         fact: Fact,
         outcome: DeliveryOutcome,
@@ -120,6 +127,7 @@ impl MessageCommand {
             MessageCommand::RecordSent { .. } => "record sent",
             MessageCommand::RecordSendFailure { .. } => "record a send failure",
             MessageCommand::RecordSendOutcomeUnknown { .. } => "record an unknown send outcome",
+            MessageCommand::ResolveSendOutcome { .. } => "resolve the send outcome of",
             MessageCommand::RecordDelivery { .. } => "record a delivery",
             MessageCommand::RecordOpen { .. } => "record an open",
             MessageCommand::RecordClick { .. } => "record a click",

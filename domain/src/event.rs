@@ -107,6 +107,10 @@ pub enum MessageEvent {
         reason: String,
         at: DateTime<Utc>,
     },
+    /// An unknown outcome was settled as "not posted": the message may be sent again.
+    SendRetryRequested {
+        requested_at: DateTime<Utc>,
+    },
     DeliveryRecorded {
         fact_id: String,
         #[serde(flatten)]
@@ -154,6 +158,7 @@ impl MessageEvent {
             MessageEvent::SendAttemptFailed { .. } => "SendAttemptFailed",
             MessageEvent::MessageFailed { .. } => "MessageFailed",
             MessageEvent::SendOutcomeUnknown { .. } => "SendOutcomeUnknown",
+            MessageEvent::SendRetryRequested { .. } => "SendRetryRequested",
             MessageEvent::DeliveryRecorded { .. } => "DeliveryRecorded",
             MessageEvent::OpenRecorded { .. } => "OpenRecorded",
             MessageEvent::ClickRecorded { .. } => "ClickRecorded",
@@ -176,6 +181,7 @@ impl MessageEvent {
             MessageEvent::SendAttemptFailed { failed_at, .. } => *failed_at,
             MessageEvent::MessageFailed { failed_at, .. } => *failed_at,
             MessageEvent::SendOutcomeUnknown { at, .. } => *at,
+            MessageEvent::SendRetryRequested { requested_at } => *requested_at,
             MessageEvent::DeliveryRecorded { occurred_at, .. }
             | MessageEvent::OpenRecorded { occurred_at, .. }
             | MessageEvent::ClickRecorded { occurred_at, .. }

@@ -229,6 +229,23 @@ impl Message {
                     at,
                 }])
             }
+            MessageCommand::ResolveSendOutcome {
+                posted,
+                provider_message_id,
+                at,
+            } => {
+                if !d.outcome_unknown {
+                    return Err(invalid());
+                }
+                Ok(vec![if posted {
+                    MessageEvent::MessageSent {
+                        provider_message_id,
+                        sent_at: at,
+                    }
+                } else {
+                    MessageEvent::SendRetryRequested { requested_at: at }
+                }])
+            }
             MessageCommand::RecordDelivery { fact, outcome } => {
                 d.check_fact(action, &fact, true)?;
                 Ok(d.unseen(&fact, || MessageEvent::DeliveryRecorded {
@@ -533,6 +550,10 @@ impl MessageData {
                 self.outcome_unknown = true;
                 self.last_error = Some(reason.clone());
                 self.touch(*at);
+            }
+            MessageEvent::SendRetryRequested { requested_at } => {
+                self.outcome_unknown = false;
+                self.touch(*requested_at);
             }
             MessageEvent::DeliveryRecorded {
                 fact_id,

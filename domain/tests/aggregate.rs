@@ -679,3 +679,62 @@ fn publish_at_is_kept_to_the_microsecond_the_store_keeps() {
     };
     assert_eq!(then_state(&m, fire), MessageState::Pending);
 }
+
+fn unknown_x_post() -> Message {
+    given(vec![
+        compose(Channel::Twitter, Dispatch::Now),
+        MessageCommand::StartSendAttempt { now: t(1) },
+        MessageCommand::RecordSendOutcomeUnknown {
+            reason: "timed out after the request was sent".into(),
+            at: t(31),
+        },
+    ])
+}
+
+#[test]
+fn an_unknown_outcome_resolved_as_posted_is_sent() {
+    let c = MessageCommand::ResolveSendOutcome {
+        posted: true,
+        provider_message_id: Some("186".into()),
+        at: t(60),
+    };
+    let mut m = unknown_x_post();
+    for e in when(&m, c).expect("ok") {
+        m.apply_event(e);
+    }
+    let d = m.data().expect("exists");
+    assert_eq!(d.state, MessageState::Sent);
+    assert_eq!(d.provider_message_id.as_deref(), Some("186"));
+    assert!(!d.outcome_unknown);
+}
+
+#[test]
+fn an_unknown_outcome_resolved_as_not_posted_may_be_sent_again() {
+    let c = MessageCommand::ResolveSendOutcome {
+        posted: false,
+        provider_message_id: None,
+        at: t(60),
+    };
+    let mut m = unknown_x_post();
+    for e in when(&m, c).expect("ok") {
+        m.apply_event(e);
+    }
+    assert_eq!(m.state(), Some(MessageState::Pending));
+    assert_eq!(
+        then_state(&m, MessageCommand::StartSendAttempt { now: t(61) }),
+        MessageState::Pending
+    );
+}
+
+#[test]
+fn resolving_an_outcome_that_is_not_unknown_is_refused() {
+    let c = MessageCommand::ResolveSendOutcome {
+        posted: true,
+        provider_message_id: None,
+        at: t(60),
+    };
+    assert_eq!(
+        when(&sent_email(), c),
+        Err(invalid("resolve the send outcome of", MessageState::Sent))
+    );
+}

@@ -39,6 +39,35 @@ async fn dequeue(conn: &mut PgConnection, id: uuid::Uuid) -> Result<(), Projecti
     Ok(())
 }
 
+/// Adds a send job due at `due_at`. The job needs the message's service and channel: they are
+/// in its first event.
+async fn enqueue(
+    conn: &mut PgConnection,
+    event: &StoredEvent,
+    id: uuid::Uuid,
+    due_at: chrono::DateTime<chrono::Utc>,
+) -> Result<(), ProjectionError> {
+    let message = crate::event::load_message(&mut *conn, &event.aggregate_id, Some(1)).await?;
+    let Some(d) = message.data() else {
+        return Err(ProjectionError::Other(format!(
+            "queued message {id} has no first event"
+        )));
+    };
+    sqlx::query(
+        "INSERT INTO send_jobs (message_id, service_id, channel, provider, due_at) \
+         VALUES ($1, $2, $3, $4, $5) \
+         ON CONFLICT (message_id) DO UPDATE SET due_at = EXCLUDED.due_at, locked_until = NULL",
+    )
+    .bind(id)
+    .bind(d.service_id.as_uuid())
+    .bind(d.channel.as_str())
+    .bind(d.provider.as_str())
+    .bind(due_at)
+    .execute(&mut *conn)
+    .await?;
+    notify(conn, "send_jobs").await
+}
+
 #[async_trait]
 impl Projection for DeliveryJobs {
     fn name(&self) -> &'static str {
@@ -68,26 +97,10 @@ impl Projection for DeliveryJobs {
             }
             MessageEvent::MessageQueued { queued_at } => {
                 unschedule(&mut *conn, id).await?;
-                // The job needs the message's service and channel: they are in its first event.
-                let message =
-                    crate::event::load_message(&mut *conn, &event.aggregate_id, Some(1)).await?;
-                let Some(d) = message.data() else {
-                    return Err(ProjectionError::Other(format!(
-                        "queued message {id} has no first event"
-                    )));
-                };
-                sqlx::query(
-                    "INSERT INTO send_jobs (message_id, service_id, channel, provider, due_at) \
-                     VALUES ($1, $2, $3, $4, $5) ON CONFLICT (message_id) DO NOTHING",
-                )
-                .bind(id)
-                .bind(d.service_id.as_uuid())
-                .bind(d.channel.as_str())
-                .bind(d.provider.as_str())
-                .bind(queued_at)
-                .execute(&mut *conn)
-                .await?;
-                notify(conn, "send_jobs").await?;
+                enqueue(conn, event, id, queued_at).await?;
+            }
+            MessageEvent::SendRetryRequested { requested_at } => {
+                enqueue(conn, event, id, requested_at).await?;
             }
             MessageEvent::MessageCancelled { .. } => {
                 unschedule(&mut *conn, id).await?;

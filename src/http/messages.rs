@@ -25,6 +25,7 @@ pub fn router() -> Router<AppState> {
         .route("/messages/{id}/schedule", post(schedule))
         .route("/messages/{id}/send", post(send))
         .route("/messages/{id}/cancel", post(cancel))
+        .route("/messages/{id}/resolve", post(resolve))
         .route("/services/{id}/shares", post(share))
 }
 
@@ -284,6 +285,28 @@ async fn cancel(
     Path(id): Path<String>,
 ) -> Result<ApiJson<Value>, ApiError> {
     run(&state, &id, MessageCommand::Cancel { now: Utc::now() }).await
+}
+
+#[derive(Deserialize)]
+struct ResolveRequest {
+    /// Whether the post was published after all (check the account on X or Facebook).
+    posted: bool,
+    provider_message_id: Option<String>,
+}
+
+/// Settles an unknown send outcome: `posted: true` records it as sent, `posted: false` sends
+/// it again.
+async fn resolve(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<ResolveRequest>,
+) -> Result<ApiJson<Value>, ApiError> {
+    let command = MessageCommand::ResolveSendOutcome {
+        posted: body.posted,
+        provider_message_id: body.provider_message_id.filter(|p| !p.trim().is_empty()),
+        at: Utc::now(),
+    };
+    run(&state, &id, command).await
 }
 
 async fn show(

@@ -236,6 +236,78 @@ async fn an_x_post_that_times_out_is_recorded_as_unknown_and_never_posted_again(
     tokio::time::sleep(std::time::Duration::from_secs(1)).await;
     let (_, m) = app.get(&format!("/v1/messages/{id}")).await;
     assert_eq!(history_of(&m, "SendAttemptStarted").len(), 1);
+
+    // A person checks the account and finds the post: it is recorded as sent, not re-posted.
+    let (status, m) = app
+        .post(
+            &format!("/v1/messages/{id}/resolve"),
+            json!({"posted": true, "provider_message_id": "1861234567890123456"}),
+        )
+        .await;
+    assert_eq!(status, reqwest::StatusCode::OK, "{m}");
+    assert_eq!(m["state"], "sent");
+    assert_eq!(m["send_outcome_unknown"], false);
+    assert_eq!(m["provider_message_id"], "1861234567890123456");
+    let (status, body) = app
+        .post(
+            &format!("/v1/messages/{id}/resolve"),
+            json!({"posted": false}),
+        )
+        .await;
+    assert_error(
+        status,
+        &body,
+        reqwest::StatusCode::CONFLICT,
+        "invalid_transition",
+    );
+}
+
+#[tokio::test]
+async fn an_unknown_outcome_settled_as_not_posted_is_sent_again() {
+    let x = MockServer::start().await;
+    let app = TestApp::spawn_with(&[
+        ("MESSAGING_X_BASE_URL", x.uri()),
+        ("MESSAGING_PROVIDER_TIMEOUT_MS", "500".into()),
+    ])
+    .await;
+    let service = app.create_service("twitter", "x", "ourbrand").await;
+    Mock::given(method("POST"))
+        .and(path("/2/tweets"))
+        .respond_with(ResponseTemplate::new(201).set_delay(std::time::Duration::from_secs(2)))
+        .up_to_n_times(1)
+        .expect(1)
+        .with_priority(1)
+        .mount(&x)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/2/tweets"))
+        .and(body_json(json!({"text": "Second try"})))
+        .respond_with(
+            ResponseTemplate::new(201)
+                .set_body_json(json!({"data": {"id": "42", "text": "Second try"}})),
+        )
+        .expect(1)
+        .with_priority(2)
+        .mount(&x)
+        .await;
+    let (_, post) = app
+        .post(
+            "/v1/messages",
+            json!({"service_id": service, "text": "Second try", "send": true}),
+        )
+        .await;
+    let id = post["id"].as_str().unwrap();
+    wait_message(&app, id, |m| m["send_outcome_unknown"] == true).await;
+    let (status, m) = app
+        .post(
+            &format!("/v1/messages/{id}/resolve"),
+            json!({"posted": false}),
+        )
+        .await;
+    assert_eq!(status, reqwest::StatusCode::OK, "{m}");
+    let m = wait_message(&app, id, |m| m["state"] == "sent").await;
+    assert_eq!(m["provider_message_id"], "42");
+    assert_eq!(m["attempts"], 2);
 }
 
 #[tokio::test]

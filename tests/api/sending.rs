@@ -539,3 +539,69 @@ async fn two_instances_send_each_of_thousands_of_queued_messages_exactly_once() 
     assert_eq!(starts as usize, MESSAGES);
     second.stop().await;
 }
+
+#[tokio::test]
+async fn one_busy_account_does_not_starve_another() {
+    let sendgrid = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/v3/mail/send"))
+        .respond_with(ResponseTemplate::new(202))
+        .mount(&sendgrid)
+        .await;
+    let app = TestApp::spawn_with(&[
+        ("MESSAGING_SENDGRID_BASE_URL", sendgrid.uri()),
+        ("MESSAGING_SEND_RATE_PER_SERVICE", "20".into()),
+    ])
+    .await;
+    let busy = app.email_service().await;
+    let quiet = app
+        .create_service("email", "sendgrid", "quiet@example.com")
+        .await;
+    let store = messaging::store::postgres::PgStore::new(app.pool.clone());
+    let busy_ref = messaging_domain::ServiceRef {
+        id: busy.parse().unwrap(),
+        channel: messaging_domain::Channel::Email,
+        provider: messaging_domain::Provider::Sendgrid,
+        username: "news@example.com".into(),
+        name: None,
+    };
+    for i in 0..400 {
+        use messaging::store::Store;
+        let id = messaging_domain::MessageId::from_uuid(uuid::Uuid::now_v7());
+        let input = messaging_domain::MessageInput {
+            to: vec![messaging_domain::Profile::new(
+                format!("p{i}@example.com"),
+                None,
+            )],
+            subject: Some("Bulk".into()),
+            text: Some("Hello".into()),
+            ..Default::default()
+        };
+        let command = messaging_domain::MessageCommand::Compose(messaging_domain::Compose {
+            id,
+            message: messaging_domain::build_message(&busy_ref, input).unwrap(),
+            dispatch: messaging_domain::Dispatch::Now,
+            now: Utc::now(),
+        });
+        store.execute(id, command).await.unwrap();
+    }
+    // Queued behind four hundred of the busy account's messages.
+    let id = app
+        .compose_email(&quiet, "bob@example.com", json!({"send": true}))
+        .await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    wait_message(&app, &id, |m| m["state"] == "sent").await;
+    let busy_sent: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM events WHERE event_type = 'MessageSent'")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    // At 20 a second (burst 40) the busy account needs about 18 s for its queue; the quiet
+    // one went out long before that.
+    assert!(
+        busy_sent < 300,
+        "the quiet account waited for {busy_sent} busy sends"
+    );
+}

@@ -278,3 +278,50 @@ async fn starttls_is_required_so_a_plain_server_never_sees_the_password() {
     assert!(inbox.mails.is_empty());
     assert!(inbox.logins.is_empty(), "credentials sent without TLS");
 }
+
+/// Through the whole service: an SMTP service composes, queues and sends; the server receives
+/// the mail with our stable Message-ID, and the message records it.
+#[tokio::test]
+async fn the_service_sends_email_through_a_real_smtp_server() {
+    let (port, inbox) = start_server(true, None).await;
+    let app = crate::helpers::TestApp::spawn().await;
+    let (status, service) = app
+        .post(
+            "/v1/services",
+            serde_json::json!({"channel": "email", "provider": "smtp", "name": "Support",
+                   "username": "support@example.com",
+                   "credentials": {"host": "127.0.0.1", "port": port, "tls": "none",
+                                   "username": "mailer", "password": "s3cret-pass"}}),
+        )
+        .await;
+    assert_eq!(status, reqwest::StatusCode::CREATED, "{service}");
+    let view = app
+        .compose_email(
+            service["id"].as_str().unwrap(),
+            "alice@example.com",
+            serde_json::json!({"send": true}),
+        )
+        .await;
+    let id = view["id"].as_str().unwrap().to_string();
+    crate::helpers::eventually(|| async {
+        let (_, m) = app.get(&format!("/v1/messages/{id}")).await;
+        m["state"] == "sent"
+    })
+    .await;
+    let (_, m) = app.get(&format!("/v1/messages/{id}")).await;
+    let message_id = format!("<{id}@example.com>");
+    assert_eq!(m["provider_message_id"], message_id.as_str());
+    let inbox = inbox.lock().unwrap();
+    assert_eq!(inbox.mails.len(), 1);
+    let mail = String::from_utf8_lossy(&inbox.mails[0].data).to_string();
+    assert_eq!(
+        header_value(&mail, "Message-ID").as_deref(),
+        Some(message_id.as_str())
+    );
+    assert_eq!(header_value(&mail, "Subject").as_deref(), Some("Hello"));
+    assert_eq!(inbox.mails[0].to, ["alice@example.com"]);
+    assert_eq!(
+        inbox.mails[0].login.as_ref().map(|l| l.0.as_str()),
+        Some("mailer")
+    );
+}

@@ -7,3 +7,4 @@ pub mod process_managers;
 pub mod providers;
 pub mod startup;
 pub mod store;
+pub mod webhooks;

@@ -41,6 +41,19 @@ pub struct Config {
     pub database_max_connections: u32,
     pub providers: ProviderSettings,
     pub sender: SenderSettings,
+    pub webhooks: WebhookSettings,
+}
+
+/// Webhook secrets. Each webhook refuses every delivery until its secret is set.
+#[derive(Debug, Clone, Default)]
+pub struct WebhookSettings {
+    /// Base64 DER, as SendGrid shows it.
+    pub sendgrid_public_key: Option<Secret>,
+    /// The `?token=` that SendGrid Inbound Parse must send (it signs nothing).
+    pub sendgrid_inbound_token: Option<Secret>,
+    pub x_consumer_secret: Option<Secret>,
+    pub facebook_app_secret: Option<Secret>,
+    pub facebook_verify_token: Option<Secret>,
 }
 
 /// Where the providers are and how long a call may take (`MESSAGING_*_BASE_URL` so tests and
@@ -144,6 +157,18 @@ impl Config {
             lease_ms: number("MESSAGING_SEND_LEASE_MS", 120_000)?,
             per_service_rate,
         };
+        let secret = |setting: &str| {
+            lookup(setting)
+                .filter(|v| !v.trim().is_empty())
+                .map(Secret::new)
+        };
+        let webhooks = WebhookSettings {
+            sendgrid_public_key: secret("MESSAGING_SENDGRID_WEBHOOK_PUBLIC_KEY"),
+            sendgrid_inbound_token: secret("MESSAGING_SENDGRID_INBOUND_TOKEN"),
+            x_consumer_secret: secret("MESSAGING_X_CONSUMER_SECRET"),
+            facebook_app_secret: secret("MESSAGING_FACEBOOK_APP_SECRET"),
+            facebook_verify_token: secret("MESSAGING_FACEBOOK_VERIFY_TOKEN"),
+        };
         Ok(Self {
             database_url: Secret::new(database_url),
             listen,
@@ -152,6 +177,7 @@ impl Config {
             database_max_connections: number("MESSAGING_DATABASE_MAX_CONNECTIONS", 20)? as u32,
             providers,
             sender,
+            webhooks,
         })
     }
 

@@ -17,9 +17,17 @@ pub struct Wakeups {
     pub schedule: watch::Receiver<u64>,
     /// A send job became due (queued, or a retry was scheduled).
     pub send_jobs: watch::Receiver<u64>,
+    /// Provider webhooks landed in the inbox.
+    pub webhook_inbox: watch::Receiver<u64>,
 }
 
-const CHANNELS: [&str; 4] = ["events", "state_changes", "schedule", "send_jobs"];
+const CHANNELS: [&str; 5] = [
+    "events",
+    "state_changes",
+    "schedule",
+    "send_jobs",
+    "webhook_inbox",
+];
 
 /// Starts the listener task; it runs until `shutdown` turns true.
 pub fn spawn_listener(pool: PgPool, mut shutdown: watch::Receiver<bool>) -> Wakeups {
@@ -27,8 +35,9 @@ pub fn spawn_listener(pool: PgPool, mut shutdown: watch::Receiver<bool>) -> Wake
     let (feed_tx, state_changes) = watch::channel(0u64);
     let (schedule_tx, schedule) = watch::channel(0u64);
     let (jobs_tx, send_jobs) = watch::channel(0u64);
+    let (inbox_tx, webhook_inbox) = watch::channel(0u64);
     // In CHANNELS order.
-    let senders = [events_tx, feed_tx, schedule_tx, jobs_tx];
+    let senders = [events_tx, feed_tx, schedule_tx, jobs_tx, inbox_tx];
     let bump = |tx: &watch::Sender<u64>| tx.send_modify(|v| *v = v.wrapping_add(1));
     tokio::spawn(async move {
         loop {
@@ -73,5 +82,6 @@ pub fn spawn_listener(pool: PgPool, mut shutdown: watch::Receiver<bool>) -> Wake
         state_changes,
         schedule,
         send_jobs,
+        webhook_inbox,
     }
 }

@@ -7,6 +7,9 @@ use crate::process_managers::scheduler::Scheduler;
 use crate::process_managers::sender::{Sender, SenderConfig};
 use crate::providers::{ProviderConfig, Providers};
 use crate::store::postgres::{PgStore, MIGRATOR};
+use crate::webhooks::{
+    self, applier::Applier, verify::SendgridVerifier, WebhookSecrets, WebhookState,
+};
 use anyhow::Context;
 use messaging_projections::Subscription;
 use sqlx::migrate::MigrateDatabase;
@@ -64,6 +67,25 @@ fn provider_config(config: &Config) -> ProviderConfig {
     }
 }
 
+fn webhook_secrets(config: &Config) -> anyhow::Result<WebhookSecrets> {
+    let w = &config.webhooks;
+    let sendgrid_verifier = w
+        .sendgrid_public_key
+        .as_ref()
+        .map(|key| SendgridVerifier::from_base64_der(key.expose()))
+        .transpose()
+        .map_err(|e| {
+            anyhow::anyhow!("configuration: MESSAGING_SENDGRID_WEBHOOK_PUBLIC_KEY: {e}")
+        })?;
+    Ok(WebhookSecrets {
+        sendgrid_verifier,
+        sendgrid_inbound_token: w.sendgrid_inbound_token.clone(),
+        x_consumer_secret: w.x_consumer_secret.clone(),
+        facebook_app_secret: w.facebook_app_secret.clone(),
+        facebook_verify_token: w.facebook_verify_token.clone(),
+    })
+}
+
 fn sender_config(config: &Config) -> SenderConfig {
     let s = &config.sender;
     SenderConfig {
@@ -87,6 +109,8 @@ pub struct Application {
 impl Application {
     /// Connects, migrates, starts the workers and binds the listener (port 0 picks a free one).
     pub async fn build(config: &Config) -> anyhow::Result<Self> {
+        // Settings that can be wrong are checked before anything starts.
+        let webhook_secrets = Arc::new(webhook_secrets(config)?);
         let pool = connect(config).await?;
         migrate(&pool).await?;
         let (shutdown, shutdown_rx) = watch::channel(false);
@@ -107,7 +131,7 @@ impl Application {
         let providers = Providers::new(&provider_config(config))
             .context("setting up the provider clients (check MESSAGING_*_BASE_URL)")?;
         let sender = Sender::new(
-            pool,
+            pool.clone(),
             store.clone(),
             Arc::new(providers),
             sender_config(config),
@@ -115,6 +139,16 @@ impl Application {
         workers.push(tokio::spawn(
             sender.run(wakeups.send_jobs.clone(), shutdown_rx.clone()),
         ));
+        let applier = Applier::new(pool.clone(), store.clone());
+        workers.push(tokio::spawn(applier.run(
+            wakeups.webhook_inbox.clone(),
+            wakeups.events.clone(),
+            shutdown_rx.clone(),
+        )));
+        let webhook_state = WebhookState {
+            pool,
+            secrets: webhook_secrets,
+        };
         let state = AppState {
             store,
             api_key_digests: Arc::new(
@@ -126,7 +160,8 @@ impl Application {
             ),
             feed_wake: wakeups.state_changes,
         };
-        let router = http::router(state, config.max_body_bytes);
+        let router =
+            http::router(state, config.max_body_bytes).merge(webhooks::router(webhook_state));
         let listener = TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("cannot listen on MESSAGING_LISTEN={}", config.listen))?;

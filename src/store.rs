@@ -106,6 +106,13 @@ pub trait Store: Send + Sync + 'static {
     /// Feed items after `after`, oldest first.
     async fn state_changes(&self, after: i64, limit: i64) -> Result<Vec<FeedItem>, StoreError>;
 
+    /// Webhook input that names no message of ours or could not be read, newest first.
+    async fn webhook_problems(
+        &self,
+        before: Option<i64>,
+        limit: i64,
+    ) -> Result<Vec<crate::webhooks::inbox::Problematic>, StoreError>;
+
     /// Whether the database answers and every migration is applied.
     async fn ready(&self) -> Result<(), StoreError>;
 }

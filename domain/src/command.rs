@@ -112,6 +112,9 @@ pub enum MessageCommand {
         fact: Fact,
         group_id: Option<i64>,
     },
+    /// Several commands decided in turn, each against the state the previous ones left, and
+    /// recorded together or not at all (a webhook batch's facts about one message).
+    Batch(Vec<MessageCommand>),
 }
 
 impl MessageCommand {
@@ -134,6 +137,7 @@ impl MessageCommand {
             MessageCommand::RecordReply { .. } => "record a reply",
             MessageCommand::RecordSpamReport { .. } => "record a spam report",
             MessageCommand::RecordUnsubscribe { .. } => "record an unsubscribe",
+            MessageCommand::Batch(_) => "apply a batch to",
         }
     }
 }

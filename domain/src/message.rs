@@ -102,6 +102,17 @@ impl Message {
     /// Checks `command` and returns the events it causes. An empty list means the command was
     /// already satisfied (a duplicate provider fact, a repeated cancel): nothing to record.
     pub fn decide(&self, command: MessageCommand) -> Result<Vec<MessageEvent>, MessageError> {
+        if let MessageCommand::Batch(commands) = command {
+            let mut state = self.clone();
+            let mut events = Vec::new();
+            for command in commands {
+                for event in state.decide(command)? {
+                    state.apply_event(event.clone());
+                    events.push(event);
+                }
+            }
+            return Ok(events);
+        }
         let action = command.action();
         let data = match (&self.data, command) {
             (None, MessageCommand::Compose(c)) => return decide_compose(c),
@@ -130,6 +141,8 @@ impl Message {
             MessageCommand::Compose(_) | MessageCommand::Receive(_) => {
                 Err(MessageError::AlreadyExists)
             }
+            // Handled above, before the state is looked at.
+            MessageCommand::Batch(_) => Ok(vec![]),
             MessageCommand::Schedule { publish_at, now } => {
                 let publish_at = storage_precision(publish_at);
                 if !changeable {

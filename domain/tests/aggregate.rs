@@ -738,3 +738,47 @@ fn resolving_an_outcome_that_is_not_unknown_is_refused() {
         Err(invalid("resolve the send outcome of", MessageState::Sent))
     );
 }
+
+#[test]
+fn a_batch_decides_each_command_against_the_state_the_previous_ones_left() {
+    let c = MessageCommand::Batch(vec![
+        MessageCommand::RecordOpen {
+            fact: fact("o1", 5),
+            machine_open: false,
+        },
+        MessageCommand::RecordOpen {
+            fact: fact("o1", 5),
+            machine_open: false,
+        },
+        MessageCommand::RecordClick {
+            fact: fact("c1", 6),
+            url: None,
+        },
+    ]);
+    let events = when(&sent_email(), c.clone()).expect("ok");
+    assert_eq!(
+        events.len(),
+        2,
+        "the duplicate inside the batch adds nothing"
+    );
+    assert_eq!(then_state(&sent_email(), c), MessageState::Clicked);
+}
+
+#[test]
+fn a_batch_with_one_invalid_command_records_nothing() {
+    let m = given(vec![compose(Channel::Email, Dispatch::Draft)]);
+    let c = MessageCommand::Batch(vec![
+        MessageCommand::Schedule {
+            publish_at: t(100),
+            now: t(1),
+        },
+        MessageCommand::RecordOpen {
+            fact: fact("o1", 5),
+            machine_open: false,
+        },
+    ]);
+    assert_eq!(
+        when(&m, c),
+        Err(invalid("record an open", MessageState::Scheduled))
+    );
+}

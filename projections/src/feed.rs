@@ -7,8 +7,11 @@ use crate::event::{load_message, StoredEvent};
 use crate::subscription::{Projection, ProjectionError};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use messaging_domain::Message;
 use serde::Serialize;
 use sqlx::PgConnection;
+use std::collections::hash_map::Entry;
+use std::collections::HashMap;
 
 pub struct StateChangeFeed;
 
@@ -37,46 +40,70 @@ impl Projection for StateChangeFeed {
         conn: &mut PgConnection,
         event: &StoredEvent,
     ) -> Result<(), ProjectionError> {
-        if !event.is_message() {
-            return Ok(());
+        self.handle_batch(conn, std::slice::from_ref(event)).await
+    }
+
+    /// Items are numbered in log order. The state before an event is the fold of the events
+    /// before it (the log is this projection's only source, so it depends on no other), loaded
+    /// once per message per batch and then carried forward.
+    async fn handle_batch(
+        &self,
+        conn: &mut PgConnection,
+        events: &[StoredEvent],
+    ) -> Result<(), ProjectionError> {
+        let mut messages: HashMap<String, Message> = HashMap::new();
+        let mut next: Option<i64> = None;
+        for event in events.iter().filter(|e| e.is_message()) {
+            let message = match messages.entry(event.aggregate_id.clone()) {
+                Entry::Occupied(m) => m.into_mut(),
+                Entry::Vacant(slot) => slot.insert(
+                    load_message(&mut *conn, &event.aggregate_id, Some(event.sequence - 1)).await?,
+                ),
+            };
+            let before = message.state();
+            let payload = event.message_event()?;
+            let cause = payload.type_name();
+            let occurred_at = payload.occurred_at();
+            message.apply_event(payload);
+            let (Some(d), after) = (message.data(), message.state()) else {
+                continue;
+            };
+            if after == before {
+                continue;
+            }
+            let position = match next {
+                Some(p) => p,
+                None => {
+                    sqlx::query_scalar::<_, i64>(
+                        "SELECT COALESCE(MAX(position), 0) + 1 FROM state_changes",
+                    )
+                    .fetch_one(&mut *conn)
+                    .await?
+                }
+            };
+            let inserted = sqlx::query(
+                "INSERT INTO state_changes (position, message_id, channel, service_id, \
+                   previous_state, state, cause, occurred_at, recorded_at, event_position) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
+                 ON CONFLICT (event_position) DO NOTHING",
+            )
+            .bind(position)
+            .bind(d.id.as_uuid())
+            .bind(d.channel.as_str())
+            .bind(d.service_id.as_uuid())
+            .bind(before.map(|s| s.as_str()))
+            .bind(d.state.as_str())
+            .bind(cause)
+            .bind(occurred_at)
+            .bind(event.recorded_at)
+            .bind(event.global_position)
+            .execute(&mut *conn)
+            .await?
+            .rows_affected();
+            next = Some(position + i64::try_from(inserted).unwrap_or(0));
         }
-        // The state before this event is the fold of the events before it: the log is the
-        // only source, so this projection depends on no other.
-        let mut message =
-            load_message(&mut *conn, &event.aggregate_id, Some(event.sequence - 1)).await?;
-        let before = message.state();
-        let payload = event.message_event()?;
-        let cause = payload.type_name();
-        let occurred_at = payload.occurred_at();
-        message.apply_event(payload);
-        let (Some(d), after) = (message.data(), message.state()) else {
-            return Ok(());
-        };
-        if after == before {
-            return Ok(());
-        }
-        let position: i64 = sqlx::query_scalar(
-            "INSERT INTO state_changes (position, message_id, channel, service_id, previous_state, \
-               state, cause, occurred_at, recorded_at, event_position) \
-             SELECT COALESCE(MAX(position), 0) + 1, $1, $2, $3, $4, $5, $6, $7, $8, $9 \
-               FROM state_changes \
-             ON CONFLICT (event_position) DO NOTHING RETURNING position",
-        )
-        .bind(d.id.as_uuid())
-        .bind(d.channel.as_str())
-        .bind(d.service_id.as_uuid())
-        .bind(before.map(|s| s.as_str()))
-        .bind(d.state.as_str())
-        .bind(cause)
-        .bind(occurred_at)
-        .bind(event.recorded_at)
-        .bind(event.global_position)
-        .fetch_optional(&mut *conn)
-        .await?
-        .unwrap_or_default();
-        if position > 0 {
-            sqlx::query("SELECT pg_notify('state_changes', $1)")
-                .bind(position.to_string())
+        if next.is_some() {
+            sqlx::query("SELECT pg_notify('state_changes', '')")
                 .execute(&mut *conn)
                 .await?;
         }

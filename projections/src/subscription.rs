@@ -42,6 +42,19 @@ pub trait Projection: Send + Sync + 'static {
         event: &StoredEvent,
     ) -> Result<(), ProjectionError>;
 
+    /// Applies a batch, in log order, inside one transaction. The default handles each event
+    /// in turn; a projection overrides it to load and write each row once per batch.
+    async fn handle_batch(
+        &self,
+        conn: &mut PgConnection,
+        events: &[StoredEvent],
+    ) -> Result<(), ProjectionError> {
+        for event in events {
+            self.handle(&mut *conn, event).await?;
+        }
+        Ok(())
+    }
+
     /// Empties the read model, for a rebuild from position zero.
     async fn reset(&self, conn: &mut PgConnection) -> Result<(), ProjectionError>;
 }
@@ -143,11 +156,9 @@ impl Subscription {
             });
         };
         let (next_tx, next_pos) = (last.transaction_id.0.to_string(), last.global_position);
-        for event in &events {
-            if let Err(error) = self.projection.handle(&mut tx, event).await {
-                tx.rollback().await?;
-                return Err(error);
-            }
+        if let Err(error) = self.projection.handle_batch(&mut tx, &events).await {
+            tx.rollback().await?;
+            return Err(error);
         }
         sqlx::query(
             "UPDATE subscription_checkpoints SET last_transaction_id = $2::xid8, \

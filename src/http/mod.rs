@@ -6,6 +6,7 @@ mod feed;
 mod health;
 mod messages;
 mod services;
+mod webhooks;
 
 use crate::store::Store;
 use axum::extract::{DefaultBodyLimit, FromRequest, Request, State};
@@ -68,6 +69,7 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
         .merge(services::router())
         .merge(messages::router())
         .merge(feed::router())
+        .merge(webhooks::router())
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             require_api_key,

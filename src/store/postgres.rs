@@ -239,6 +239,14 @@ impl Store for PgStore {
         .await?)
     }
 
+    async fn webhook_problems(
+        &self,
+        before: Option<i64>,
+        limit: i64,
+    ) -> Result<Vec<crate::webhooks::inbox::Problematic>, StoreError> {
+        Ok(crate::webhooks::inbox::problems(&self.pool, before, limit).await?)
+    }
+
     async fn ready(&self) -> Result<(), StoreError> {
         let latest = MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0);
         let applied: Option<i64> =

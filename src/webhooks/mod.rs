@@ -1,1 +1,103 @@
+//! Provider webhooks (no bearer key: each is authenticated by its provider's signature over
+//! the raw body, checked before anything is parsed). Every fact lands in a durable inbox in the
+//! request's transaction; the applier records it on its message.
+
+pub mod applier;
+pub mod inbox;
+pub mod sendgrid;
+pub mod social;
 pub mod verify;
+
+use crate::config::Secret;
+use axum::extract::DefaultBodyLimit;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::json;
+use sqlx::PgPool;
+use std::sync::Arc;
+
+/// What the webhooks verify with. `None` means not configured: that webhook refuses everything.
+#[derive(Default)]
+pub struct WebhookSecrets {
+    pub sendgrid_verifier: Option<verify::SendgridVerifier>,
+    pub sendgrid_inbound_token: Option<Secret>,
+    pub x_consumer_secret: Option<Secret>,
+    pub facebook_app_secret: Option<Secret>,
+    pub facebook_verify_token: Option<Secret>,
+}
+
+#[derive(Clone)]
+pub struct WebhookState {
+    pub pool: PgPool,
+    pub secrets: Arc<WebhookSecrets>,
+}
+
+/// Why a webhook delivery was refused; the same error shape as the API.
+#[derive(Debug, thiserror::Error)]
+pub enum WebhookError {
+    #[error("this webhook is not configured: set {0}")]
+    NotConfigured(&'static str),
+    #[error("the signature header is missing")]
+    MissingSignature,
+    #[error("the signature does not match the body")]
+    BadSignature,
+    #[error("{0}")]
+    Malformed(String),
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+}
+
+impl IntoResponse for WebhookError {
+    fn into_response(self) -> Response {
+        let (status, code) = match &self {
+            WebhookError::NotConfigured(_) => (StatusCode::SERVICE_UNAVAILABLE, "not_configured"),
+            WebhookError::MissingSignature | WebhookError::BadSignature => {
+                (StatusCode::UNAUTHORIZED, "bad_signature")
+            }
+            WebhookError::Malformed(_) => (StatusCode::BAD_REQUEST, "malformed"),
+            WebhookError::Database(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal_error"),
+        };
+        let message = match &self {
+            // Opaque to the caller (the provider retries a 5xx); the cause goes to the log.
+            WebhookError::Database(e) => {
+                tracing::error!(error = %e, "webhook not recorded");
+                "not recorded; retry later".to_string()
+            }
+            other => {
+                tracing::warn!(reason = %other, "webhook refused");
+                other.to_string()
+            }
+        };
+        (
+            status,
+            Json(json!({"error": {"code": code, "message": message}})),
+        )
+            .into_response()
+    }
+}
+
+/// Compares secrets without leaking, through timing, how much of them matched.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// A SendGrid batch of a thousand events is about half a megabyte; leave room.
+const WEBHOOK_BODY_LIMIT: usize = 8 * 1024 * 1024;
+
+pub fn router(state: WebhookState) -> Router {
+    Router::new()
+        .route("/webhooks/sendgrid/events", post(sendgrid::events))
+        .route("/webhooks/sendgrid/inbound", post(sendgrid::inbound))
+        .route(
+            "/webhooks/twitter",
+            get(social::x_crc).post(social::x_events),
+        )
+        .route(
+            "/webhooks/facebook",
+            get(social::facebook_challenge).post(social::facebook_events),
+        )
+        .layer(DefaultBodyLimit::max(WEBHOOK_BODY_LIMIT))
+        .with_state(state)
+}

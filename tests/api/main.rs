@@ -11,3 +11,4 @@ mod scheduling;
 mod sending;
 mod services;
 mod tailing;
+mod webhooks;

@@ -1,0 +1,337 @@
+//! The applier: records each pending inbox fact on its message, in the provider's time order.
+//! A fact for a message not known yet waits, and is applied once the message is listed.
+//! Facts are claimed with `FOR UPDATE SKIP LOCKED`, so any number of instances can run.
+
+use super::inbox::FactKind;
+use crate::store::{CommandError, Store};
+use chrono::{DateTime, Utc};
+use messaging_domain::{
+    DeliveryOutcome, Fact, MessageCommand, MessageError, MessageId, Profile, Receive, ServiceRef,
+};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use sqlx::PgPool;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+
+#[derive(Debug, sqlx::FromRow)]
+struct Pending {
+    id: i64,
+    event_id: String,
+    message_id: Option<uuid::Uuid>,
+    kind: String,
+    occurred_at: DateTime<Utc>,
+    payload: Value,
+}
+
+/// What became of one fact.
+#[derive(Clone)]
+enum Applied {
+    Done,
+    /// The message is not known yet.
+    Wait,
+    /// The message cannot take the fact in its state yet (its sending has not started).
+    WaitForChange(String),
+    /// It can never apply; kept with the reason.
+    Unmatched(String),
+    /// A passing failure: try again later.
+    Retry(String),
+}
+
+#[derive(Clone)]
+pub struct Applier {
+    pool: PgPool,
+    store: Arc<dyn Store>,
+}
+
+fn text(v: &Value, key: &str) -> Option<String> {
+    v.get(key).and_then(Value::as_str).map(str::to_string)
+}
+
+/// A reply's inbound message id: time-ordered like every message id, and derived from the
+/// provider's id for the reply, so applying the same reply twice finds the same message.
+fn inbound_id(event_id: &str, at: DateTime<Utc>) -> MessageId {
+    let digest = Sha256::digest(event_id.as_bytes());
+    let mut random = [0u8; 10];
+    random.copy_from_slice(&digest[..10]);
+    let millis = u64::try_from(at.timestamp_millis()).unwrap_or_default();
+    MessageId::from_uuid(uuid::Builder::from_unix_timestamp_millis(millis, &random).into_uuid())
+}
+
+impl Applier {
+    pub fn new(pool: PgPool, store: Arc<dyn Store>) -> Self {
+        Self { pool, store }
+    }
+
+    /// Applies what is pending now; returns how many facts were settled.
+    pub async fn run_once(&self) -> Result<usize, sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        let pending: Vec<Pending> = sqlx::query_as(
+            "SELECT w.id, w.event_id, w.message_id, w.kind, w.occurred_at, w.payload \
+             FROM webhook_inbox w \
+             WHERE w.status = 'pending' AND (NOT w.waiting OR EXISTS \
+                 (SELECT 1 FROM message_list m WHERE m.message_id = w.message_id \
+                    AND m.last_sequence > COALESCE(w.waiting_after, 0))) \
+             ORDER BY w.occurred_at, w.id LIMIT 500 FOR UPDATE SKIP LOCKED",
+        )
+        .fetch_all(&mut *tx)
+        .await?;
+        if pending.is_empty() {
+            tx.rollback().await?;
+            return Ok(0);
+        }
+        let mut settled = 0;
+        for (fact, outcome) in self.apply_all(&pending).await {
+            let (status, waiting, reason) = match outcome {
+                Applied::Done => ("applied", false, None),
+                Applied::Wait => ("pending", true, None),
+                Applied::WaitForChange(reason) => ("pending", true, Some(reason)),
+                Applied::Unmatched(reason) => ("unmatched", false, Some(reason)),
+                Applied::Retry(reason) => {
+                    tracing::warn!(inbox_id = fact.id, %reason, "webhook fact not applied yet");
+                    ("pending", false, Some(reason))
+                }
+            };
+            if status != "pending" {
+                settled += 1;
+            }
+            // A fact waiting on a known message waits for it to change.
+            sqlx::query(
+                "UPDATE webhook_inbox SET status = $2, waiting = $3, reason = $4, \
+                 applied_at = CASE WHEN $2 = 'applied' THEN now() END, \
+                 waiting_after = CASE WHEN $3 THEN (SELECT last_sequence FROM message_list m \
+                     WHERE m.message_id = webhook_inbox.message_id) END \
+                 WHERE id = $1",
+            )
+            .bind(fact.id)
+            .bind(status)
+            .bind(waiting)
+            .bind(reason)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(settled)
+    }
+
+    /// Applies facts in order. Consecutive facts about one message go in one batch command:
+    /// one load of the message and one append, however many facts (a thousand opens, say).
+    async fn apply_all<'a>(&self, pending: &'a [Pending]) -> Vec<(&'a Pending, Applied)> {
+        // Each message's facts together, still in the provider's time order.
+        let mut pending: Vec<&Pending> = pending.iter().collect();
+        pending.sort_by_key(|p| p.message_id);
+        let mut outcomes = Vec::with_capacity(pending.len());
+        let mut run: Vec<(&Pending, MessageCommand)> = Vec::new();
+        for p in pending {
+            if run
+                .first()
+                .is_some_and(|(first, _)| first.message_id != p.message_id)
+            {
+                outcomes.extend(self.flush(std::mem::take(&mut run)).await);
+            }
+            match self.command_for(p).await {
+                Ok(command) => run.push((p, command)),
+                Err(outcome) => outcomes.push((p, outcome)),
+            }
+        }
+        outcomes.extend(self.flush(run).await);
+        outcomes
+    }
+
+    /// Executes a run of commands on one message: together when they all apply, one by one
+    /// when one of them is refused, so a bad fact never costs the others.
+    async fn flush<'a>(
+        &self,
+        run: Vec<(&'a Pending, MessageCommand)>,
+    ) -> Vec<(&'a Pending, Applied)> {
+        let Some(message_id) = run
+            .first()
+            .and_then(|(p, _)| p.message_id)
+            .map(MessageId::from_uuid)
+        else {
+            return Vec::new();
+        };
+        if run.len() > 1 {
+            let batch = MessageCommand::Batch(run.iter().map(|(_, c)| c.clone()).collect());
+            match self.execute(message_id, batch).await {
+                // One of them is refused: find which, one by one.
+                Applied::Unmatched(_) | Applied::WaitForChange(_) => {}
+                outcome => {
+                    return run.into_iter().map(|(p, _)| (p, outcome.clone())).collect();
+                }
+            }
+        }
+        let mut outcomes = Vec::with_capacity(run.len());
+        for (p, command) in run {
+            outcomes.push((p, self.execute(message_id, command).await));
+        }
+        outcomes
+    }
+
+    async fn execute(&self, message_id: MessageId, command: MessageCommand) -> Applied {
+        match self.store.execute(message_id, command).await {
+            Ok(()) => Applied::Done,
+            Err(CommandError::Rejected(MessageError::NotFound)) => Applied::Wait,
+            Err(CommandError::Rejected(e @ MessageError::InvalidTransition { .. })) => {
+                Applied::WaitForChange(e.to_string())
+            }
+            Err(CommandError::Rejected(e)) => Applied::Unmatched(e.to_string()),
+            Err(e) => Applied::Retry(e.to_string()),
+        }
+    }
+
+    /// The command that records this fact (for a reply, after receiving the inbound message).
+    async fn command_for(&self, p: &Pending) -> Result<MessageCommand, Applied> {
+        let Some(message_id) = p.message_id.map(MessageId::from_uuid) else {
+            return Err(Applied::Unmatched(
+                "the payload names no message of ours".into(),
+            ));
+        };
+        let fact = Fact {
+            fact_id: p.event_id.clone(),
+            occurred_at: p.occurred_at,
+        };
+        let v = &p.payload;
+        let command = match FactKind::parse(&p.kind) {
+            FactKind::Processed => MessageCommand::RecordDelivery {
+                fact,
+                outcome: DeliveryOutcome::Processed,
+            },
+            FactKind::Deferred => MessageCommand::RecordDelivery {
+                fact,
+                outcome: DeliveryOutcome::Deferred {
+                    response: text(v, "response"),
+                },
+            },
+            FactKind::Delivered => MessageCommand::RecordDelivery {
+                fact,
+                outcome: DeliveryOutcome::Delivered {
+                    response: text(v, "response"),
+                },
+            },
+            FactKind::Bounced => MessageCommand::RecordDelivery {
+                fact,
+                outcome: DeliveryOutcome::Bounced {
+                    reason: text(v, "reason"),
+                    bounce_type: text(v, "type"),
+                },
+            },
+            FactKind::Dropped => MessageCommand::RecordDelivery {
+                fact,
+                outcome: DeliveryOutcome::Dropped {
+                    reason: text(v, "reason"),
+                },
+            },
+            FactKind::Open => MessageCommand::RecordOpen {
+                fact,
+                machine_open: v
+                    .get("sg_machine_open")
+                    .and_then(Value::as_bool)
+                    .unwrap_or(false),
+            },
+            FactKind::Click => MessageCommand::RecordClick {
+                fact,
+                url: text(v, "url"),
+            },
+            FactKind::SpamReport => MessageCommand::RecordSpamReport { fact },
+            FactKind::Unsubscribe => MessageCommand::RecordUnsubscribe {
+                fact,
+                group_id: v.get("asm_group_id").and_then(Value::as_i64),
+            },
+            FactKind::Reply => return self.receive_reply(message_id, p).await,
+            FactKind::Other => return Err(Applied::Unmatched("not a fact we record".into())),
+        };
+        Ok(command)
+    }
+
+    /// Records the reply as an inbound message from the profile to the original's service,
+    /// and returns the command that records it on the original.
+    async fn receive_reply(
+        &self,
+        original: MessageId,
+        p: &Pending,
+    ) -> Result<MessageCommand, Applied> {
+        let (message, _) = match self.store.message(original).await {
+            Ok(Some(found)) => found,
+            Ok(None) => return Err(Applied::Wait),
+            Err(e) => return Err(Applied::Retry(e.to_string())),
+        };
+        let Some(d) = message.data() else {
+            return Err(Applied::Wait);
+        };
+        let service = match self.store.service(d.service_id).await {
+            Ok(Some(s)) => s,
+            Ok(None) => {
+                return Err(Applied::Unmatched(format!(
+                    "service {} is gone",
+                    d.service_id
+                )))
+            }
+            Err(e) => return Err(Applied::Retry(e.to_string())),
+        };
+        let v = &p.payload;
+        let from = Profile::new(
+            text(v, "from_username").unwrap_or_default(),
+            text(v, "from_name"),
+        );
+        let id = inbound_id(&p.event_id, p.occurred_at);
+        let receive = MessageCommand::Receive(Receive {
+            id,
+            service: ServiceRef {
+                id: service.id,
+                channel: service.channel,
+                provider: service.provider,
+                username: service.username.clone(),
+                name: Some(service.name.clone()),
+            },
+            from: from.clone(),
+            subject: text(v, "subject"),
+            text: text(v, "text"),
+            in_reply_to: Some(original),
+            provider_message_id: text(v, "provider_message_id"),
+            received_at: p.occurred_at,
+        });
+        match self.store.execute(id, receive).await {
+            // Already received by an earlier try: the same reply, the same message.
+            Ok(()) | Err(CommandError::Rejected(MessageError::AlreadyExists)) => {}
+            Err(e) => return Err(Applied::Retry(e.to_string())),
+        }
+        Ok(MessageCommand::RecordReply {
+            fact: Fact {
+                fact_id: p.event_id.clone(),
+                occurred_at: p.occurred_at,
+            },
+            reply_message_id: Some(id),
+            from,
+        })
+    }
+
+    /// Runs until `shutdown`: woken by new inbox rows and by new events (a message a waiting
+    /// fact names may have appeared), with a polling fallback.
+    pub async fn run(
+        self,
+        mut inbox: watch::Receiver<u64>,
+        mut events: watch::Receiver<u64>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        loop {
+            if *shutdown.borrow() {
+                return;
+            }
+            inbox.borrow_and_update();
+            events.borrow_and_update();
+            match self.run_once().await {
+                Ok(n) if n > 0 => continue,
+                Ok(_) => {}
+                Err(error) => tracing::error!(%error, "webhook applier round failed"),
+            }
+            tokio::select! {
+                Ok(()) = inbox.changed() => {}
+                Ok(()) = events.changed() => {}
+                _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                _ = shutdown.changed() => {}
+            }
+        }
+    }
+}

@@ -1,0 +1,294 @@
+//! SendGrid: the Event Webhook (signed batches of delivery, engagement and compliance events)
+//! and Inbound Parse (replies, as multipart forms).
+
+use super::inbox::{self, FactKind, InboxFact, Problem};
+use super::{WebhookError, WebhookState};
+use axum::body::Bytes;
+use axum::extract::{Multipart, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::Json;
+use chrono::{DateTime, TimeZone, Utc};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+const SIGNATURE: &str = "x-twilio-email-event-webhook-signature";
+const TIMESTAMP: &str = "x-twilio-email-event-webhook-timestamp";
+
+/// `POST /webhooks/sendgrid/events`: verified over the raw bytes before anything is parsed;
+/// answered 2xx only once every event of the batch is durably in the inbox.
+pub async fn events(
+    State(state): State<WebhookState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<(StatusCode, Json<Value>), WebhookError> {
+    let verifier = state
+        .secrets
+        .sendgrid_verifier
+        .as_ref()
+        .ok_or(WebhookError::NotConfigured(
+            "MESSAGING_SENDGRID_WEBHOOK_PUBLIC_KEY",
+        ))?;
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let (Some(signature), Some(timestamp)) = (header(SIGNATURE), header(TIMESTAMP)) else {
+        return Err(WebhookError::MissingSignature);
+    };
+    verifier
+        .verify(timestamp, &body, signature)
+        .map_err(|_| WebhookError::BadSignature)?;
+    let facts = parse_events(&body);
+    let new = inbox::record(&state.pool, &facts).await?;
+    tracing::info!(events = facts.len(), new, "sendgrid events recorded");
+    Ok((
+        StatusCode::OK,
+        Json(json!({"received": facts.len(), "new": new})),
+    ))
+}
+
+fn body_fingerprint(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+/// A fact that could not be read: kept whole, with what was wrong.
+pub fn malformed(provider: &'static str, raw: &[u8], error: &str) -> InboxFact {
+    InboxFact {
+        provider,
+        event_id: format!("malformed:{}", body_fingerprint(raw)),
+        message_id: None,
+        kind: FactKind::Other,
+        occurred_at: Utc::now(),
+        payload: json!({"_raw": String::from_utf8_lossy(raw), "_error": error}),
+        problem: Some(Problem::Malformed),
+    }
+}
+
+/// Reads a batch. Never fails as a whole: what cannot be read is kept as malformed, so one
+/// bad event never costs the others.
+pub fn parse_events(body: &[u8]) -> Vec<InboxFact> {
+    let events = match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Array(events)) => events,
+        Ok(_) => {
+            return vec![malformed(
+                "sendgrid",
+                body,
+                "the body is not a JSON array of events",
+            )]
+        }
+        Err(e) => return vec![malformed("sendgrid", body, &format!("not JSON: {e}"))],
+    };
+    events.into_iter().map(parse_event).collect()
+}
+
+fn parse_event(event: Value) -> InboxFact {
+    let raw = event.to_string();
+    let (Some(kind), Some(event_id), Some(timestamp)) = (
+        event.get("event").and_then(Value::as_str),
+        event.get("sg_event_id").and_then(Value::as_str),
+        event.get("timestamp").and_then(Value::as_i64),
+    ) else {
+        return malformed(
+            "sendgrid",
+            raw.as_bytes(),
+            "an event needs `event`, `sg_event_id` and a numeric `timestamp`",
+        );
+    };
+    let Some(occurred_at) = Utc.timestamp_opt(timestamp, 0).single() else {
+        return malformed("sendgrid", raw.as_bytes(), "`timestamp` is out of range");
+    };
+    let kind = match kind {
+        "processed" => FactKind::Processed,
+        "deferred" => FactKind::Deferred,
+        "delivered" => FactKind::Delivered,
+        // `type` says bounce or blocked; both end delivery.
+        "bounce" => FactKind::Bounced,
+        "dropped" => FactKind::Dropped,
+        "open" => FactKind::Open,
+        "click" => FactKind::Click,
+        "spamreport" => FactKind::SpamReport,
+        "unsubscribe" | "group_unsubscribe" => FactKind::Unsubscribe,
+        _ => FactKind::Other,
+    };
+    // Our id, sent as a custom arg, comes back as a top-level field.
+    let message_id = event
+        .get("message_id")
+        .and_then(Value::as_str)
+        .and_then(|s| uuid::Uuid::parse_str(s).ok());
+    let problem = (kind == FactKind::Other || message_id.is_none()).then_some(Problem::Unmatched);
+    InboxFact {
+        provider: "sendgrid",
+        event_id: event_id.to_string(),
+        message_id,
+        kind,
+        occurred_at,
+        payload: event,
+        problem,
+    }
+}
+
+#[derive(Deserialize)]
+pub struct InboundQuery {
+    token: Option<String>,
+}
+
+/// `POST /webhooks/sendgrid/inbound`: Inbound Parse posts each received email as a multipart
+/// form. SendGrid does not sign these; configure `MESSAGING_SENDGRID_INBOUND_TOKEN` and put
+/// `?token=...` in the URL you give SendGrid.
+pub async fn inbound(
+    State(state): State<WebhookState>,
+    Query(query): Query<InboundQuery>,
+    mut form: Multipart,
+) -> Result<(StatusCode, Json<Value>), WebhookError> {
+    if let Some(expected) = &state.secrets.sendgrid_inbound_token {
+        let given = query.token.unwrap_or_default();
+        if !super::constant_time_eq(given.as_bytes(), expected.expose().as_bytes()) {
+            return Err(WebhookError::BadSignature);
+        }
+    }
+    let mut fields = std::collections::HashMap::new();
+    while let Some(field) = form
+        .next_field()
+        .await
+        .map_err(|e| WebhookError::Malformed(format!("multipart: {e}")))?
+    {
+        let Some(name) = field.name().map(str::to_string) else {
+            continue;
+        };
+        // Attachments are not kept; the text fields are.
+        if field.file_name().is_some() {
+            continue;
+        }
+        let value = field
+            .text()
+            .await
+            .map_err(|e| WebhookError::Malformed(format!("multipart field {name}: {e}")))?;
+        fields.insert(name, value);
+    }
+    let fact = parse_inbound(&fields, Utc::now());
+    let new = inbox::record(&state.pool, std::slice::from_ref(&fact)).await?;
+    tracing::info!(
+        new,
+        matched = fact.problem.is_none(),
+        "inbound email recorded"
+    );
+    Ok((StatusCode::OK, Json(json!({"received": 1, "new": new}))))
+}
+
+/// The header `name` from a raw header block, continuation lines unfolded.
+fn header_value(headers: &str, name: &str) -> Option<String> {
+    let unfolded = headers
+        .replace("\r\n", "\n")
+        .replace("\n ", " ")
+        .replace("\n\t", " ");
+    unfolded.lines().find_map(|line| {
+        let (k, v) = line.split_once(':')?;
+        k.trim()
+            .eq_ignore_ascii_case(name)
+            .then(|| v.trim().to_string())
+    })
+}
+
+/// Our Message-IDs are `<{message id}@{domain}>`: the first one in the reply's `In-Reply-To`
+/// or `References` that names a message id is the message answered.
+fn answered_message(headers: &str) -> Option<uuid::Uuid> {
+    ["In-Reply-To", "References"]
+        .into_iter()
+        .filter_map(|h| header_value(headers, h))
+        .flat_map(|v| {
+            v.split(['<', '>', ' ', ','])
+                .filter_map(|id| id.split_once('@').map(|(local, _)| local.to_string()))
+                .collect::<Vec<_>>()
+        })
+        .find_map(|local| uuid::Uuid::parse_str(&local).ok())
+}
+
+/// `Name <address>` or a bare address.
+fn parse_from(from: &str) -> (String, Option<String>) {
+    match (from.rfind('<'), from.rfind('>')) {
+        (Some(start), Some(end)) if start < end => {
+            let name = from[..start].trim().trim_matches('"').trim();
+            (
+                from[start + 1..end].trim().to_string(),
+                (!name.is_empty()).then(|| name.to_string()),
+            )
+        }
+        _ => (from.trim().to_string(), None),
+    }
+}
+
+pub fn parse_inbound(
+    fields: &std::collections::HashMap<String, String>,
+    received_at: DateTime<Utc>,
+) -> InboxFact {
+    let headers = fields
+        .get("headers")
+        .map(String::as_str)
+        .unwrap_or_default();
+    let (from_username, from_name) =
+        parse_from(fields.get("from").map(String::as_str).unwrap_or_default());
+    let text = fields
+        .get("text")
+        .or_else(|| fields.get("html"))
+        .cloned()
+        .unwrap_or_default();
+    let event_id = header_value(headers, "Message-ID").unwrap_or_else(|| {
+        format!(
+            "inbound:{}",
+            body_fingerprint(format!("{headers}\n{from_username}\n{text}").as_bytes())
+        )
+    });
+    let message_id = answered_message(headers);
+    InboxFact {
+        provider: "sendgrid_inbound",
+        event_id,
+        message_id,
+        kind: FactKind::Reply,
+        occurred_at: received_at,
+        payload: json!({
+            "from_username": from_username,
+            "from_name": from_name,
+            "subject": fields.get("subject"),
+            "text": text,
+            "provider_message_id": header_value(headers, "Message-ID"),
+        }),
+        problem: message_id.is_none().then_some(Problem::Unmatched),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bad_event_never_costs_the_rest_of_the_batch() {
+        let body = br#"[{"event":"delivered","sg_event_id":"a","timestamp":1764000005,"message_id":"0193b6c2-8f1e-7c3a-9d41-5a6e2f0b7c11"},
+                        {"event":"open"},
+                        {"event":"teleported","sg_event_id":"b","timestamp":1764000006}]"#;
+        let facts = parse_events(body);
+        assert_eq!(facts.len(), 3);
+        assert_eq!(facts[0].problem, None);
+        assert_eq!(facts[0].kind, FactKind::Delivered);
+        assert_eq!(facts[1].problem, Some(Problem::Malformed));
+        assert_eq!(facts[2].problem, Some(Problem::Unmatched));
+        assert_eq!(parse_events(b"{nope").len(), 1);
+    }
+
+    #[test]
+    fn a_reply_is_matched_by_in_reply_to_or_references() {
+        let id = "0193b6c2-8f1e-7c3a-9d41-5a6e2f0b7c11";
+        let mut fields = std::collections::HashMap::new();
+        fields.insert(
+            "headers".to_string(),
+            format!("Message-ID: <reply-1@mail.example.net>\r\nReferences: <other@x.org>\r\n <{id}@example.com>\r\nSubject: Re: Hello"),
+        );
+        fields.insert(
+            "from".to_string(),
+            "Alice Doe <alice@example.com>".to_string(),
+        );
+        fields.insert("text".to_string(), "Thanks!".to_string());
+        let fact = parse_inbound(&fields, Utc::now());
+        assert_eq!(fact.message_id.map(|u| u.to_string()).as_deref(), Some(id));
+        assert_eq!(fact.event_id, "<reply-1@mail.example.net>");
+        assert_eq!(fact.payload["from_username"], "alice@example.com");
+        assert_eq!(fact.payload["from_name"], "Alice Doe");
+    }
+}

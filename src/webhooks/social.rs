@@ -1,0 +1,278 @@
+//! X Account Activity and Facebook Page webhooks: challenges answered as documented, deliveries
+//! verified over the raw body, and replies to our posts recorded.
+
+use super::inbox::{self, FactKind, InboxFact, Problem};
+use super::sendgrid::malformed;
+use super::verify::{verify_facebook_signature, verify_x_signature, x_crc_response};
+use super::{constant_time_eq, WebhookError, WebhookState};
+use axum::body::Bytes;
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use chrono::{DateTime, TimeZone, Utc};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use sqlx::PgPool;
+
+#[derive(Deserialize)]
+pub struct CrcQuery {
+    crc_token: Option<String>,
+}
+
+/// `GET /webhooks/twitter?crc_token=...`: X's challenge-response check.
+pub async fn x_crc(
+    State(state): State<WebhookState>,
+    Query(q): Query<CrcQuery>,
+) -> Result<Json<Value>, WebhookError> {
+    let secret = state
+        .secrets
+        .x_consumer_secret
+        .as_ref()
+        .ok_or(WebhookError::NotConfigured("MESSAGING_X_CONSUMER_SECRET"))?;
+    let token = q
+        .crc_token
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| WebhookError::Malformed("crc_token is required".into()))?;
+    Ok(Json(
+        json!({"response_token": x_crc_response(secret.expose(), &token)}),
+    ))
+}
+
+/// Our sent post with this provider id on this channel, if any.
+async fn our_post(
+    pool: &PgPool,
+    channel: &str,
+    provider_id: &str,
+) -> Result<Option<uuid::Uuid>, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT message_id FROM message_list WHERE provider_message_id = $1 AND channel = $2 \
+         AND direction = 'outbound' LIMIT 1",
+    )
+    .bind(provider_id)
+    .bind(channel)
+    .fetch_optional(pool)
+    .await
+}
+
+fn reply_fact(
+    provider: &'static str,
+    event_id: String,
+    message_id: Option<uuid::Uuid>,
+    occurred_at: DateTime<Utc>,
+    payload: Value,
+) -> InboxFact {
+    InboxFact {
+        provider,
+        event_id,
+        message_id,
+        kind: FactKind::Reply,
+        occurred_at,
+        payload,
+        problem: message_id.is_none().then_some(Problem::Unmatched),
+    }
+}
+
+/// `POST /webhooks/twitter`: `tweet_create_events` that answer one of our sent posts.
+pub async fn x_events(
+    State(state): State<WebhookState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<(StatusCode, Json<Value>), WebhookError> {
+    let secret = state
+        .secrets
+        .x_consumer_secret
+        .as_ref()
+        .ok_or(WebhookError::NotConfigured("MESSAGING_X_CONSUMER_SECRET"))?;
+    let signature = headers
+        .get("x-twitter-webhooks-signature")
+        .and_then(|v| v.to_str().ok())
+        .ok_or(WebhookError::MissingSignature)?;
+    verify_x_signature(secret.expose(), &body, signature)
+        .map_err(|_| WebhookError::BadSignature)?;
+    let facts = match serde_json::from_slice::<Value>(&body) {
+        Ok(delivery) => x_facts(&state.pool, &delivery).await?,
+        Err(e) => vec![malformed("x", &body, &format!("not JSON: {e}"))],
+    };
+    let new = inbox::record(&state.pool, &facts).await?;
+    Ok((
+        StatusCode::OK,
+        Json(json!({"received": facts.len(), "new": new})),
+    ))
+}
+
+async fn x_facts(pool: &PgPool, delivery: &Value) -> Result<Vec<InboxFact>, sqlx::Error> {
+    let ours = delivery.get("for_user_id").and_then(Value::as_str);
+    let mut facts = Vec::new();
+    for tweet in delivery
+        .get("tweet_create_events")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let s = |k: &str| tweet.get(k).and_then(Value::as_str);
+        let user = |k: &str| {
+            tweet
+                .get("user")
+                .and_then(|u| u.get(k))
+                .and_then(Value::as_str)
+        };
+        let Some(id) = s("id_str") else {
+            facts.push(malformed(
+                "x",
+                tweet.to_string().as_bytes(),
+                "a tweet without id_str",
+            ));
+            continue;
+        };
+        // Our own posts come back too: they are not replies to record.
+        if user("id_str").is_some() && user("id_str") == ours {
+            continue;
+        }
+        let message_id = match s("in_reply_to_status_id_str") {
+            Some(answered) => our_post(pool, "twitter", answered).await?,
+            None => None,
+        };
+        let occurred_at = s("created_at")
+            .and_then(|t| DateTime::parse_from_str(t, "%a %b %d %H:%M:%S %z %Y").ok())
+            .map(|t| t.with_timezone(&Utc))
+            .unwrap_or_else(Utc::now);
+        facts.push(reply_fact(
+            "x",
+            format!("tweet:{id}"),
+            message_id,
+            occurred_at,
+            json!({
+                "from_username": user("screen_name"),
+                "from_name": user("name"),
+                "text": s("text"),
+                "provider_message_id": id,
+                "in_reply_to": s("in_reply_to_status_id_str"),
+            }),
+        ));
+    }
+    Ok(facts)
+}
+
+#[derive(Deserialize)]
+pub struct HubQuery {
+    #[serde(rename = "hub.mode")]
+    mode: Option<String>,
+    #[serde(rename = "hub.verify_token")]
+    verify_token: Option<String>,
+    #[serde(rename = "hub.challenge")]
+    challenge: Option<String>,
+}
+
+/// `GET /webhooks/facebook`: echoes `hub.challenge` when the verify token is ours.
+pub async fn facebook_challenge(
+    State(state): State<WebhookState>,
+    Query(q): Query<HubQuery>,
+) -> Result<Response, WebhookError> {
+    let expected =
+        state
+            .secrets
+            .facebook_verify_token
+            .as_ref()
+            .ok_or(WebhookError::NotConfigured(
+                "MESSAGING_FACEBOOK_VERIFY_TOKEN",
+            ))?;
+    let token_ok = q
+        .verify_token
+        .as_deref()
+        .is_some_and(|t| constant_time_eq(t.as_bytes(), expected.expose().as_bytes()));
+    match (q.mode.as_deref(), token_ok, q.challenge) {
+        (Some("subscribe"), true, Some(challenge)) => {
+            Ok((StatusCode::OK, challenge).into_response())
+        }
+        _ => Err(WebhookError::BadSignature),
+    }
+}
+
+/// `POST /webhooks/facebook`: comments added on our page posts.
+pub async fn facebook_events(
+    State(state): State<WebhookState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<(StatusCode, Json<Value>), WebhookError> {
+    let secret = state
+        .secrets
+        .facebook_app_secret
+        .as_ref()
+        .ok_or(WebhookError::NotConfigured("MESSAGING_FACEBOOK_APP_SECRET"))?;
+    let signature = headers
+        .get("x-hub-signature-256")
+        .and_then(|v| v.to_str().ok())
+        .ok_or(WebhookError::MissingSignature)?;
+    verify_facebook_signature(secret.expose(), &body, signature)
+        .map_err(|_| WebhookError::BadSignature)?;
+    let facts = match serde_json::from_slice::<Value>(&body) {
+        Ok(delivery) => facebook_facts(&state.pool, &delivery).await?,
+        Err(e) => vec![malformed("facebook", &body, &format!("not JSON: {e}"))],
+    };
+    let new = inbox::record(&state.pool, &facts).await?;
+    Ok((
+        StatusCode::OK,
+        Json(json!({"received": facts.len(), "new": new})),
+    ))
+}
+
+async fn facebook_facts(pool: &PgPool, delivery: &Value) -> Result<Vec<InboxFact>, sqlx::Error> {
+    let mut facts = Vec::new();
+    let changes = delivery
+        .get("entry")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .flat_map(|e| {
+            e.get("changes")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+        });
+    for change in changes {
+        let value = change.get("value").cloned().unwrap_or(Value::Null);
+        let s = |k: &str| value.get(k).and_then(Value::as_str);
+        let is_new_comment = change.get("field").and_then(Value::as_str) == Some("feed")
+            && s("item") == Some("comment")
+            && s("verb") == Some("add");
+        let (true, Some(comment_id)) = (is_new_comment, s("comment_id")) else {
+            // Other page activity is kept for inspection, not applied.
+            let raw = change.to_string();
+            let mut fact = malformed("facebook", raw.as_bytes(), "not a new comment");
+            fact.problem = Some(Problem::Unmatched);
+            fact.payload = change.clone();
+            facts.push(fact);
+            continue;
+        };
+        let message_id = match s("post_id") {
+            Some(post) => our_post(pool, "facebook", post).await?,
+            None => None,
+        };
+        let occurred_at = value
+            .get("created_time")
+            .and_then(Value::as_i64)
+            .and_then(|t| Utc.timestamp_opt(t, 0).single())
+            .unwrap_or_else(Utc::now);
+        let from = |k: &str| {
+            value
+                .get("from")
+                .and_then(|f| f.get(k))
+                .and_then(Value::as_str)
+        };
+        facts.push(reply_fact(
+            "facebook",
+            format!("comment:{comment_id}"),
+            message_id,
+            occurred_at,
+            json!({
+                "from_username": from("id"),
+                "from_name": from("name"),
+                "text": s("message"),
+                "provider_message_id": comment_id,
+                "post_id": s("post_id"),
+            }),
+        ));
+    }
+    Ok(facts)
+}

@@ -1,0 +1,589 @@
+//! Provider webhooks over HTTP: verified, deduplicated, order-proof, nothing dropped.
+
+use crate::helpers::*;
+use chrono::Utc;
+use messaging::store::postgres::PgStore;
+use messaging::store::Store;
+use messaging::webhooks::verify::{sendgrid_test_signature, x_crc_response};
+use messaging_domain::*;
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+
+const SCALAR: [u8; 32] = [7; 32];
+const X_SECRET: &str = "x-consumer-secret-for-tests";
+const FB_SECRET: &str = "fb-app-secret-for-tests";
+const FB_VERIFY: &str = "fb-verify-token";
+
+fn fixture(name: &str) -> Vec<u8> {
+    std::fs::read(format!(
+        "{}/tests/fixtures/{name}",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .unwrap()
+}
+
+async fn webhook_app() -> TestApp {
+    let (public_key, _) = sendgrid_test_signature(&SCALAR, "0", b"").unwrap();
+    TestApp::spawn_with(&[
+        ("MESSAGING_SENDGRID_WEBHOOK_PUBLIC_KEY", public_key),
+        ("MESSAGING_X_CONSUMER_SECRET", X_SECRET.into()),
+        ("MESSAGING_FACEBOOK_APP_SECRET", FB_SECRET.into()),
+        ("MESSAGING_FACEBOOK_VERIFY_TOKEN", FB_VERIFY.into()),
+    ])
+    .await
+}
+
+async fn post_sendgrid(app: &TestApp, body: &[u8]) -> (StatusCode, Value) {
+    let timestamp = Utc::now().timestamp().to_string();
+    let (_, signature) = sendgrid_test_signature(&SCALAR, &timestamp, body).unwrap();
+    let r = app
+        .client
+        .post(app.url("/webhooks/sendgrid/events"))
+        .header("X-Twilio-Email-Event-Webhook-Signature", signature)
+        .header("X-Twilio-Email-Event-Webhook-Timestamp", timestamp)
+        .header("content-type", "application/json")
+        .body(body.to_vec())
+        .send()
+        .await
+        .unwrap();
+    read(r).await
+}
+
+/// A message with this id that has been handed to its provider (`provider_id` recorded).
+async fn sent_message(app: &TestApp, id: &str, channel: Channel, provider_id: &str) {
+    let store = PgStore::new(app.pool.clone());
+    let (provider, username, to) = match channel {
+        Channel::Email => (
+            Provider::Sendgrid,
+            "news@example.com",
+            vec![Profile::new("alice@example.com", None)],
+        ),
+        Channel::Twitter => (Provider::X, "acme_marketing", vec![]),
+        Channel::Facebook => (Provider::Facebook, "104857600123456", vec![]),
+    };
+    let service_id = app
+        .create_service(channel.as_str(), provider.as_str(), username)
+        .await;
+    let service = ServiceRef {
+        id: service_id.parse().unwrap(),
+        channel,
+        provider,
+        username: username.into(),
+        name: Some("Our Brand".into()),
+    };
+    let input = MessageInput {
+        to,
+        subject: Some("Hello".into()),
+        text: Some("Hello there".into()),
+        ..Default::default()
+    };
+    let id: MessageId = id.parse().unwrap();
+    let now = Utc::now();
+    for command in [
+        MessageCommand::Compose(Compose {
+            id,
+            message: build_message(&service, input).unwrap(),
+            dispatch: Dispatch::Draft,
+            now,
+        }),
+        MessageCommand::Send {
+            now,
+            expected_publish_at: None,
+        },
+        MessageCommand::StartSendAttempt { now },
+        MessageCommand::RecordSent {
+            provider_message_id: Some(provider_id.into()),
+            at: now,
+        },
+    ] {
+        store.execute(id, command).await.unwrap();
+    }
+}
+
+fn fixture_message_ids() -> Vec<String> {
+    let events: Vec<Value> = serde_json::from_slice(&fixture("sendgrid-events.json")).unwrap();
+    let mut ids: Vec<String> = events
+        .iter()
+        .map(|e| e["message_id"].as_str().unwrap().to_string())
+        .collect();
+    ids.sort();
+    ids.dedup();
+    ids
+}
+
+/// Final state and counts per message, and the webhook-caused feed items per message.
+async fn outcome(
+    app: &TestApp,
+    ids: &[String],
+) -> BTreeMap<String, (Value, Vec<(String, String, String)>)> {
+    let mut out = BTreeMap::new();
+    for id in ids {
+        let (_, m) = app.get(&format!("/v1/messages/{id}")).await;
+        let summary = json!([m["state"], m["opens"], m["clicks"], m["replies"]]);
+        out.insert(id.clone(), (summary, Vec::new()));
+    }
+    let (_, feed) = app.get("/v1/state-changes?limit=1000").await;
+    for item in feed["items"].as_array().unwrap() {
+        let cause = item["cause"].as_str().unwrap();
+        if [
+            "DeliveryRecorded",
+            "OpenRecorded",
+            "ClickRecorded",
+            "SpamReportRecorded",
+            "UnsubscribeRecorded",
+        ]
+        .contains(&cause)
+        {
+            let id = item["message_id"].as_str().unwrap().to_string();
+            if let Some(entry) = out.get_mut(&id) {
+                entry.1.push((
+                    item["previous_state"].as_str().unwrap().to_string(),
+                    item["state"].as_str().unwrap().to_string(),
+                    cause.to_string(),
+                ));
+            }
+        }
+    }
+    out
+}
+
+async fn settled(app: &TestApp) {
+    eventually(|| async {
+        let pending: i64 = sqlx::query_scalar("SELECT count(*) FROM webhook_inbox WHERE status = 'pending'")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+        let lag: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM events e, subscription_checkpoints c \
+             WHERE (e.transaction_id, e.global_position) > (c.last_transaction_id, c.last_global_position)",
+        )
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+        pending == 0 && lag == 0
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn the_fixture_batch_posted_three_times_shuffled_ends_as_posting_it_once_in_order() {
+    let ids = fixture_message_ids();
+    let batch = fixture("sendgrid-events.json");
+    let mut events: Vec<Value> = serde_json::from_slice(&batch).unwrap();
+    events.sort_by_key(|e| e["timestamp"].as_i64());
+    let in_order = serde_json::to_vec(&events).unwrap();
+
+    let once = webhook_app().await;
+    let thrice = webhook_app().await;
+    for app in [&once, &thrice] {
+        for id in &ids {
+            sent_message(app, id, Channel::Email, &format!("sg-{id}")).await;
+        }
+    }
+    let (status, body) = post_sendgrid(&once, &in_order).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["received"], 10);
+    assert_eq!(body["new"], 9, "the duplicate delivered is dropped");
+
+    for seed in [3u64, 11, 29] {
+        let mut shuffled = events.clone();
+        let mut rng = seed;
+        for i in (1..shuffled.len()).rev() {
+            rng = rng
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            shuffled.swap(i, (rng >> 33) as usize % (i + 1));
+        }
+        let (status, _) = post_sendgrid(&thrice, &serde_json::to_vec(&shuffled).unwrap()).await;
+        assert_eq!(status, StatusCode::OK);
+    }
+    settled(&once).await;
+    settled(&thrice).await;
+    let expected = outcome(&once, &ids).await;
+    assert_eq!(outcome(&thrice, &ids).await, expected);
+
+    let clicked = &expected["0193b6c2-8f1e-7c3a-9d41-5a6e2f0b7c11"];
+    assert_eq!(clicked.0, json!(["clicked", 1, 1, 0]));
+    assert_eq!(
+        clicked.1.iter().map(|c| c.1.as_str()).collect::<Vec<_>>(),
+        ["delivered", "opened", "clicked"],
+        "processed is recorded but changes nothing"
+    );
+    let states: Vec<Value> = expected.values().map(|v| v.0[0].clone()).collect();
+    for s in [
+        "bounced",
+        "deferred",
+        "dropped",
+        "spam_reported",
+        "unsubscribed",
+    ] {
+        assert!(states.contains(&json!(s)), "{s} in {states:?}");
+    }
+    let (_, m) = once
+        .get("/v1/messages/0193b6c2-8f1e-7c3a-9d41-5a6e2f0b7c11")
+        .await;
+    let processed = m["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|h| h["type"] == "DeliveryRecorded")
+        .count();
+    assert_eq!(
+        processed, 2,
+        "processed and delivered are both in the history"
+    );
+}
+
+#[tokio::test]
+async fn sendgrid_signatures_are_checked_before_anything_is_recorded() {
+    let app = webhook_app().await;
+    let body = fixture("sendgrid-events.json");
+    let timestamp = Utc::now().timestamp().to_string();
+    let (_, signature) = sendgrid_test_signature(&SCALAR, &timestamp, &body).unwrap();
+    let send = |sig: Option<String>, ts: Option<String>, body: Vec<u8>| {
+        let mut r = app
+            .client
+            .post(app.url("/webhooks/sendgrid/events"))
+            .body(body);
+        if let Some(sig) = sig {
+            r = r.header("X-Twilio-Email-Event-Webhook-Signature", sig);
+        }
+        if let Some(ts) = ts {
+            r = r.header("X-Twilio-Email-Event-Webhook-Timestamp", ts);
+        }
+        r.send()
+    };
+    let mut flipped = body.clone();
+    flipped[40] ^= 1;
+    let other_ts = (Utc::now().timestamp() + 1).to_string();
+    let (_, wrong_key_sig) = sendgrid_test_signature(&[9; 32], &timestamp, &body).unwrap();
+    for (sig, ts, body) in [
+        (None, Some(timestamp.clone()), body.clone()),
+        (Some(signature.clone()), None, body.clone()),
+        (Some(signature.clone()), Some(timestamp.clone()), flipped),
+        (Some(signature.clone()), Some(other_ts), body.clone()),
+        (Some(wrong_key_sig), Some(timestamp.clone()), body.clone()),
+        (
+            Some("bm90IGEgc2lnbmF0dXJl".into()),
+            Some(timestamp.clone()),
+            body.clone(),
+        ),
+    ] {
+        let (status, error) = read(send(sig, ts, body).await.unwrap()).await;
+        assert_error(status, &error, StatusCode::UNAUTHORIZED, "bad_signature");
+    }
+    let recorded: i64 = sqlx::query_scalar("SELECT count(*) FROM webhook_inbox")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(recorded, 0);
+    let (status, _) = read(send(Some(signature), Some(timestamp), body).await.unwrap()).await;
+    assert_eq!(status, StatusCode::OK);
+
+    // Without a configured key every delivery is refused.
+    let bare = TestApp::spawn().await;
+    let r = bare
+        .client
+        .post(bare.url("/webhooks/sendgrid/events"))
+        .body("[]")
+        .send()
+        .await
+        .unwrap();
+    let (status, error) = read(r).await;
+    assert_error(
+        status,
+        &error,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "not_configured",
+    );
+}
+
+#[tokio::test]
+async fn an_event_that_arrives_before_its_message_is_applied_when_the_message_appears() {
+    let app = webhook_app().await;
+    let id = uuid::Uuid::now_v7().to_string();
+    let batch = json!([{"email": "alice@example.com", "timestamp": Utc::now().timestamp(), "event": "delivered",
+                        "sg_event_id": "early-1", "message_id": id}]);
+    let (status, _) = post_sendgrid(&app, batch.to_string().as_bytes()).await;
+    assert_eq!(status, StatusCode::OK);
+    eventually(|| async {
+        let waiting: bool =
+            sqlx::query_scalar("SELECT waiting FROM webhook_inbox WHERE event_id = 'early-1'")
+                .fetch_one(&app.pool)
+                .await
+                .unwrap();
+        waiting
+    })
+    .await;
+    sent_message(&app, &id, Channel::Email, "sg-late").await;
+    eventually(|| async {
+        let (_, m) = app.get(&format!("/v1/messages/{id}")).await;
+        m["state"] == "delivered"
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn unmatched_and_malformed_input_is_kept_and_never_fails_the_batch() {
+    let app = webhook_app().await;
+    let id = uuid::Uuid::now_v7().to_string();
+    sent_message(&app, &id, Channel::Email, "sg-1").await;
+    let now = Utc::now().timestamp();
+    let batch = json!([
+        {"event": "open", "sg_event_id": "good", "timestamp": now, "message_id": id, "sg_machine_open": true},
+        {"event": "open", "sg_event_id": "no-id", "timestamp": now},
+        {"event": "group_resubscribe", "sg_event_id": "odd", "timestamp": now, "message_id": id},
+        {"event": "open", "timestamp": "yesterday"}
+    ]);
+    let (status, body) = post_sendgrid(&app, batch.to_string().as_bytes()).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    eventually(|| async {
+        let (_, m) = app.get(&format!("/v1/messages/{id}")).await;
+        m["opens"] == 1 && m["state"] == "opened"
+    })
+    .await;
+    let (status, problems) = app.get("/v1/webhooks/unmatched").await;
+    assert_eq!(status, StatusCode::OK);
+    let items = problems["items"].as_array().unwrap();
+    assert_eq!(items.len(), 3, "{problems}");
+    let statuses: Vec<&str> = items
+        .iter()
+        .map(|i| i["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(statuses.iter().filter(|s| **s == "malformed").count(), 1);
+    assert!(
+        items
+            .iter()
+            .all(|i| !i["reason"].as_str().unwrap_or("").is_empty()),
+        "{problems}"
+    );
+
+    // A body that is not JSON at all is kept too, and said to be malformed.
+    let (status, _) = post_sendgrid(&app, b"{not json").await;
+    assert_eq!(status, StatusCode::OK);
+    let (_, problems) = app.get("/v1/webhooks/unmatched?limit=1").await;
+    assert_eq!(problems["items"][0]["status"], "malformed");
+    assert!(problems["next_cursor"].is_string());
+}
+
+#[tokio::test]
+async fn a_batch_of_a_thousand_events_is_recorded_in_one_request() {
+    let app = webhook_app().await;
+    let id = uuid::Uuid::now_v7().to_string();
+    sent_message(&app, &id, Channel::Email, "sg-1").await;
+    let now = Utc::now().timestamp();
+    let batch: Vec<Value> = (0..1000)
+        .map(|i| json!({"event": "open", "sg_event_id": format!("open-{i}"), "timestamp": now + i, "message_id": id}))
+        .collect();
+    let (status, body) = post_sendgrid(&app, &serde_json::to_vec(&batch).unwrap()).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["new"], 1000);
+    eventually(|| async {
+        let (_, m) = app.get(&format!("/v1/messages/{id}")).await;
+        m["opens"] == 1000
+    })
+    .await;
+}
+
+fn hmac_hex(secret: &str, body: &[u8]) -> String {
+    use hmac::Mac;
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+    mac.update(body);
+    hex::encode(mac.finalize().into_bytes())
+}
+
+fn hmac_base64(secret: &str, body: &[u8]) -> String {
+    use base64::Engine;
+    use hmac::Mac;
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+    mac.update(body);
+    base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
+}
+
+#[tokio::test]
+async fn x_crc_is_answered_and_a_reply_to_our_post_is_recorded() {
+    let app = webhook_app().await;
+    let r = app
+        .client
+        .get(app.url("/webhooks/twitter?crc_token=challenge-123"))
+        .send()
+        .await
+        .unwrap();
+    let (status, body) = read(r).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        body,
+        json!({"response_token": format!("sha256={}", hmac_base64(X_SECRET, b"challenge-123"))})
+    );
+    assert_eq!(
+        body["response_token"],
+        x_crc_response(X_SECRET, "challenge-123")
+    );
+
+    let original = uuid::Uuid::now_v7().to_string();
+    sent_message(&app, &original, Channel::Twitter, "1861234567890123456").await;
+    app.wait_listed(&original, "sent").await;
+    let delivery = fixture("x-account-activity-reply.json");
+    let post = |signature: String| {
+        app.client
+            .post(app.url("/webhooks/twitter"))
+            .header("x-twitter-webhooks-signature", signature)
+            .body(delivery.clone())
+            .send()
+    };
+    let (status, error) = read(post("sha256=AAAA".into()).await.unwrap()).await;
+    assert_error(status, &error, StatusCode::UNAUTHORIZED, "bad_signature");
+    let good = format!("sha256={}", hmac_base64(X_SECRET, &delivery));
+    let (status, _) = read(post(good.clone()).await.unwrap()).await;
+    assert_eq!(status, StatusCode::OK);
+    // X re-sends: the same reply again changes nothing.
+    let (status, body) = read(post(good).await.unwrap()).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["new"], 0);
+
+    eventually(|| async {
+        let (_, m) = app.get(&format!("/v1/messages/{original}")).await;
+        m["state"] == "replied" && m["replies"] == 1
+    })
+    .await;
+    eventually(|| async {
+        let (_, inbound) = app.get("/v1/messages?direction=inbound").await;
+        inbound["items"].as_array().unwrap().len() == 1
+    })
+    .await;
+    let (_, inbound) = app.get("/v1/messages?direction=inbound").await;
+    let reply = &inbound["items"][0];
+    assert_eq!(reply["state"], "received");
+    assert_eq!(reply["from"]["username"], "jane_doe");
+    assert_eq!(reply["text"], "@acme_marketing thanks, that helped!");
+    assert_eq!(reply["in_reply_to"], original.as_str());
+    assert_eq!(reply["to"][0]["username"], "acme_marketing");
+}
+
+#[tokio::test]
+async fn facebook_challenge_is_answered_and_a_comment_on_our_post_is_a_reply() {
+    let app = webhook_app().await;
+    let get = |query: &str| {
+        app.client
+            .get(app.url(&format!("/webhooks/facebook?{query}")))
+            .send()
+    };
+    let r = get(&format!(
+        "hub.mode=subscribe&hub.verify_token={FB_VERIFY}&hub.challenge=1158201444"
+    ))
+    .await
+    .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.text().await.unwrap(), "1158201444");
+    let r = get("hub.mode=subscribe&hub.verify_token=wrong&hub.challenge=1158201444")
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+
+    let original = uuid::Uuid::now_v7().to_string();
+    sent_message(
+        &app,
+        &original,
+        Channel::Facebook,
+        "104857600123456_998877665544332",
+    )
+    .await;
+    app.wait_listed(&original, "sent").await;
+    let delivery = fixture("facebook-feed-comment.json");
+    let post = |signature: String| {
+        app.client
+            .post(app.url("/webhooks/facebook"))
+            .header("X-Hub-Signature-256", signature)
+            .body(delivery.clone())
+            .send()
+    };
+    let mut tampered = delivery.clone();
+    tampered[10] ^= 1;
+    let r = app
+        .client
+        .post(app.url("/webhooks/facebook"))
+        .header(
+            "X-Hub-Signature-256",
+            format!("sha256={}", hmac_hex(FB_SECRET, &delivery)),
+        )
+        .body(tampered)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    let (status, _) = read(
+        post(format!("sha256={}", hmac_hex(FB_SECRET, &delivery)))
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    eventually(|| async {
+        let (_, m) = app.get(&format!("/v1/messages/{original}")).await;
+        m["state"] == "replied" && m["replies"] == 1
+    })
+    .await;
+    eventually(|| async {
+        let (_, inbound) = app
+            .get("/v1/messages?direction=inbound&channel=facebook")
+            .await;
+        inbound["items"]
+            .as_array()
+            .unwrap()
+            .first()
+            .is_some_and(|m| m["text"] == "Love this post!")
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_inbound_email_reply_is_matched_by_its_headers() {
+    let app = webhook_app().await;
+    let original = uuid::Uuid::now_v7().to_string();
+    sent_message(&app, &original, Channel::Email, "sg-1").await;
+    let form = reqwest::multipart::Form::new()
+        .text(
+            "headers",
+            format!(
+                "Received: from mx.example.net\r\nMessage-ID: <CAF-reply-1@mail.example.net>\r\n\
+                 In-Reply-To: <{original}@example.com>\r\nSubject: Re: Hello\r\n"
+            ),
+        )
+        .text("from", "Alice Doe <alice@example.com>")
+        .text("to", "news@example.com")
+        .text("subject", "Re: Hello")
+        .text("text", "Thanks, see you then.")
+        .text(
+            "envelope",
+            r#"{"to":["news@example.com"],"from":"alice@example.com"}"#,
+        );
+    let r = app
+        .client
+        .post(app.url("/webhooks/sendgrid/inbound"))
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    eventually(|| async {
+        let (_, m) = app.get(&format!("/v1/messages/{original}")).await;
+        m["state"] == "replied"
+    })
+    .await;
+    eventually(|| async {
+        let (_, inbound) = app
+            .get("/v1/messages?direction=inbound&profile=alice@example.com")
+            .await;
+        inbound["items"]
+            .as_array()
+            .unwrap()
+            .first()
+            .is_some_and(|m| {
+                m["subject"] == "Re: Hello"
+                    && m["text"] == "Thanks, see you then."
+                    && m["from"]["name"] == "Alice Doe"
+            })
+    })
+    .await;
+}

@@ -42,6 +42,8 @@ pub struct Config {
     pub providers: ProviderSettings,
     pub sender: SenderSettings,
     pub webhooks: WebhookSettings,
+    /// Backoff before a failed push delivery is retried (doubles, ±25 % jitter, ≤ 5 min).
+    pub push_backoff_ms: u64,
 }
 
 /// Webhook secrets. Each webhook refuses every delivery until its secret is set.
@@ -178,6 +180,7 @@ impl Config {
             providers,
             sender,
             webhooks,
+            push_backoff_ms: number("MESSAGING_PUSH_BACKOFF_MS", 1_000)?,
         })
     }
 

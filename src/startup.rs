@@ -3,6 +3,7 @@
 use crate::config::Config;
 use crate::http::{self, AppState};
 use crate::notify::spawn_listener;
+use crate::process_managers::push::{PushConfig, Pusher};
 use crate::process_managers::scheduler::Scheduler;
 use crate::process_managers::sender::{Sender, SenderConfig};
 use crate::providers::{ProviderConfig, Providers};
@@ -145,6 +146,17 @@ impl Application {
             wakeups.events.clone(),
             shutdown_rx.clone(),
         )));
+        let pusher = Pusher::new(
+            pool.clone(),
+            PushConfig {
+                base_backoff: Duration::from_millis(config.push_backoff_ms),
+                ..PushConfig::default()
+            },
+        )
+        .context("setting up the push delivery client")?;
+        workers.push(tokio::spawn(
+            pusher.run(wakeups.state_changes.clone(), shutdown_rx.clone()),
+        ));
         let webhook_state = WebhookState {
             pool,
             secrets: webhook_secrets,

@@ -49,6 +49,36 @@ pub struct Service {
     pub created_at: DateTime<Utc>,
 }
 
+/// A push subscription, as the API shows it (the secret is never shown).
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct PushSubscription {
+    pub id: uuid::Uuid,
+    pub url: String,
+    pub states: Option<Vec<String>>,
+    pub channels: Option<Vec<String>>,
+    /// The last feed position delivered (or passed over by the filters).
+    pub cursor: i64,
+    /// Feed items after the cursor, whether or not the filters will keep them.
+    pub lag: i64,
+    pub delivered: i64,
+    pub failures: i32,
+    pub last_error: Option<String>,
+    pub last_attempt_at: Option<DateTime<Utc>>,
+    pub next_attempt_at: DateTime<Utc>,
+    pub created_at: DateTime<Utc>,
+}
+
+/// A new push subscription.
+#[derive(Debug, Clone)]
+pub struct NewSubscription {
+    pub url: String,
+    pub secret: String,
+    pub states: Option<Vec<String>>,
+    pub channels: Option<Vec<String>>,
+    /// Start after this position; `None` starts after the newest item (only new changes).
+    pub after: Option<i64>,
+}
+
 /// What the idempotency table said about a key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum IdempotencyClaim {
@@ -105,6 +135,15 @@ pub trait Store: Send + Sync + 'static {
     async fn list_messages(&self, filter: &ListFilter) -> Result<Vec<Message>, StoreError>;
     /// Feed items after `after`, oldest first.
     async fn state_changes(&self, after: i64, limit: i64) -> Result<Vec<FeedItem>, StoreError>;
+
+    async fn create_subscription(
+        &self,
+        subscription: &NewSubscription,
+    ) -> Result<PushSubscription, StoreError>;
+    async fn subscription(&self, id: uuid::Uuid) -> Result<Option<PushSubscription>, StoreError>;
+    async fn subscriptions(&self) -> Result<Vec<PushSubscription>, StoreError>;
+    /// Whether there was one to delete.
+    async fn delete_subscription(&self, id: uuid::Uuid) -> Result<bool, StoreError>;
 
     /// Webhook input that names no message of ours or could not be read, newest first.
     async fn webhook_problems(

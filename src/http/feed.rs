@@ -3,14 +3,80 @@
 use super::error::ApiError;
 use super::{ApiJson, AppState};
 use axum::extract::{Query, State};
+use axum::http::HeaderMap;
+use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::routing::get;
 use axum::Router;
+use futures::Stream;
+use messaging_projections::FeedItem;
 use serde::Deserialize;
 use serde_json::{json, Value};
+use std::collections::VecDeque;
 use std::time::Duration;
 
 pub fn router() -> Router<AppState> {
-    Router::new().route("/state-changes", get(state_changes))
+    Router::new()
+        .route("/state-changes", get(state_changes))
+        .route("/state-changes/stream", get(stream))
+}
+
+#[derive(Deserialize)]
+struct StreamQuery {
+    after: Option<String>,
+}
+
+/// `GET /v1/state-changes/stream`: the same items as server-sent events, each with its
+/// position as the event id, so a client that reconnects with `Last-Event-ID` (or `after`)
+/// resumes exactly where it stopped.
+async fn stream(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Query(q): Query<StreamQuery>,
+) -> Result<Sse<impl Stream<Item = Result<Event, std::convert::Infallible>>>, ApiError> {
+    let last_event_id = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let after = number(
+        last_event_id.as_deref().or(q.after.as_deref()),
+        "Last-Event-ID",
+        0i64,
+        |n| *n >= 0,
+        "must be a feed position (0 or more)",
+    )?;
+    let wake = state.feed_wake.clone();
+    let start = (after, VecDeque::<FeedItem>::new(), state, wake);
+    let events = futures::stream::unfold(
+        start,
+        |(mut after, mut queue, state, mut wake)| async move {
+            loop {
+                if let Some(item) = queue.pop_front() {
+                    after = item.position;
+                    let event = Event::default()
+                        .id(item.position.to_string())
+                        .event("state_change")
+                        .json_data(&item)
+                        .unwrap_or_else(|_| Event::default().comment("unserializable item"));
+                    return Some((Ok(event), (after, queue, state, wake)));
+                }
+                wake.borrow_and_update();
+                match state.store.state_changes(after, 500).await {
+                    Ok(items) if !items.is_empty() => queue.extend(items),
+                    Ok(_) => {
+                        if wake.changed().await.is_err() {
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                        }
+                    }
+                    Err(error) => {
+                        // The client reconnects with Last-Event-ID and loses nothing.
+                        tracing::error!(%error, "state-change stream failed");
+                        return None;
+                    }
+                }
+            }
+        },
+    );
+    Ok(Sse::new(events).keep_alive(KeepAlive::default()))
 }
 
 #[derive(Deserialize)]

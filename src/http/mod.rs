@@ -6,6 +6,7 @@ mod feed;
 mod health;
 mod messages;
 mod services;
+mod subscriptions;
 mod webhooks;
 
 use crate::store::Store;
@@ -70,6 +71,7 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
         .merge(messages::router())
         .merge(feed::router())
         .merge(webhooks::router())
+        .merge(subscriptions::router())
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             require_api_key,

@@ -2,5 +2,6 @@
 //! send queue (tables derived from the log), call providers, and record every outcome as a
 //! command on the message.
 
+pub mod push;
 pub mod scheduler;
 pub mod sender;

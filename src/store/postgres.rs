@@ -1,7 +1,10 @@
 //! The PostgreSQL backend: cqrs-es + postgres-es in event-store mode for commands, plain SQL
 //! for services, idempotency keys and the read models.
 
-use super::{CommandError, IdempotencyClaim, ListFilter, Service, Store, StoreError};
+use super::{
+    CommandError, IdempotencyClaim, ListFilter, NewSubscription, PushSubscription, Service, Store,
+    StoreError,
+};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use cqrs_es::persist::PersistedEventStore;
@@ -16,6 +19,12 @@ use rand::Rng;
 use sqlx::migrate::Migrator;
 use sqlx::PgPool;
 use std::time::Duration;
+
+/// A subscription with its lag: feed items after its cursor.
+const SUBSCRIPTION_VIEW: &str = "SELECT s.id, s.url, s.states, s.channels, s.cursor, \
+       GREATEST((SELECT COALESCE(MAX(position), 0) FROM state_changes) - s.cursor, 0) AS lag, \
+       s.delivered, s.failures, s.last_error, s.last_attempt_at, s.next_attempt_at, s.created_at \
+     FROM subscriptions s";
 
 pub static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
 
@@ -237,6 +246,55 @@ impl Store for PgStore {
         .bind(limit)
         .fetch_all(&self.pool)
         .await?)
+    }
+
+    async fn create_subscription(
+        &self,
+        new: &NewSubscription,
+    ) -> Result<PushSubscription, StoreError> {
+        let id = uuid::Uuid::now_v7();
+        sqlx::query(
+            "INSERT INTO subscriptions (id, url, secret, states, channels, cursor) \
+             VALUES ($1, $2, $3, $4, $5, \
+                     COALESCE($6, (SELECT COALESCE(MAX(position), 0) FROM state_changes)))",
+        )
+        .bind(id)
+        .bind(&new.url)
+        .bind(&new.secret)
+        .bind(&new.states)
+        .bind(&new.channels)
+        .bind(new.after)
+        .execute(&self.pool)
+        .await?;
+        self.subscription(id)
+            .await?
+            .ok_or_else(|| StoreError(format!("subscription {id} vanished")))
+    }
+
+    async fn subscription(&self, id: uuid::Uuid) -> Result<Option<PushSubscription>, StoreError> {
+        Ok(
+            sqlx::query_as(&format!("{SUBSCRIPTION_VIEW} WHERE s.id = $1"))
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await?,
+        )
+    }
+
+    async fn subscriptions(&self) -> Result<Vec<PushSubscription>, StoreError> {
+        Ok(
+            sqlx::query_as(&format!("{SUBSCRIPTION_VIEW} ORDER BY s.created_at, s.id"))
+                .fetch_all(&self.pool)
+                .await?,
+        )
+    }
+
+    async fn delete_subscription(&self, id: uuid::Uuid) -> Result<bool, StoreError> {
+        let deleted = sqlx::query("DELETE FROM subscriptions WHERE id = $1")
+            .bind(id)
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+        Ok(deleted > 0)
     }
 
     async fn webhook_problems(

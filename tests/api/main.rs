@@ -2,6 +2,7 @@
 //! port 0, driven over HTTP as a user would.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod automation;
 mod cli;
 mod helpers;
 mod messages;

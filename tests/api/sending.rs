@@ -464,38 +464,43 @@ async fn two_instances_send_each_of_thousands_of_queued_messages_exactly_once() 
         name: Some("Our Brand".into()),
     };
     // Queue them through the store, many at once, while both instances are sending.
-    let ids: Vec<String> = futures::future::join_all((0..MESSAGES).map(|i| {
-        let store = &store;
-        let service_ref = service_ref.clone();
-        async move {
-            use messaging::store::Store;
-            let id = messaging_domain::MessageId::from_uuid(uuid::Uuid::now_v7());
-            let input = messaging_domain::MessageInput {
-                to: vec![messaging_domain::Profile::new(
-                    format!("p{i}@example.com"),
-                    None,
-                )],
-                subject: Some("Bulk".into()),
-                text: Some("Hello".into()),
-                ..Default::default()
-            };
-            let message = messaging_domain::build_message(&service_ref, input).unwrap();
-            store
-                .execute(
-                    id,
-                    messaging_domain::MessageCommand::Compose(messaging_domain::Compose {
+    use futures::StreamExt;
+    // Sixteen at a time: as many writers as the test's connection pool serves.
+    let ids: Vec<String> = futures::stream::iter(0..MESSAGES)
+        .map(|i| {
+            let store = &store;
+            let service_ref = service_ref.clone();
+            async move {
+                use messaging::store::Store;
+                let id = messaging_domain::MessageId::from_uuid(uuid::Uuid::now_v7());
+                let input = messaging_domain::MessageInput {
+                    to: vec![messaging_domain::Profile::new(
+                        format!("p{i}@example.com"),
+                        None,
+                    )],
+                    subject: Some("Bulk".into()),
+                    text: Some("Hello".into()),
+                    ..Default::default()
+                };
+                let message = messaging_domain::build_message(&service_ref, input).unwrap();
+                store
+                    .execute(
                         id,
-                        message,
-                        dispatch: messaging_domain::Dispatch::Now,
-                        now: Utc::now(),
-                    }),
-                )
-                .await
-                .unwrap();
-            id.to_string()
-        }
-    }))
-    .await;
+                        messaging_domain::MessageCommand::Compose(messaging_domain::Compose {
+                            id,
+                            message,
+                            dispatch: messaging_domain::Dispatch::Now,
+                            now: Utc::now(),
+                        }),
+                    )
+                    .await
+                    .unwrap();
+                id.to_string()
+            }
+        })
+        .buffer_unordered(16)
+        .collect()
+        .await;
 
     let deadline = Utc::now() + Duration::seconds(240);
     loop {

@@ -1,0 +1,244 @@
+//! Automation: the state-change stream (SSE) and push subscriptions.
+
+use crate::helpers::*;
+use axum::http::{HeaderMap, StatusCode as AxumStatus};
+use messaging::webhooks::verify::verify_push;
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use std::sync::{Arc, Mutex};
+
+const SECRET: &str = "subscriber-secret-0123456789";
+
+/// Five drafts, each then cancelled: ten state changes.
+async fn ten_changes(app: &TestApp) -> Vec<String> {
+    let service = app.email_service().await;
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        let id = app
+            .compose_email(&service, &format!("p{i}@example.com"), json!({}))
+            .await["id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        app.post(&format!("/v1/messages/{id}/cancel"), json!({}))
+            .await;
+        ids.push(id);
+    }
+    ids
+}
+
+/// Reads server-sent events until `n` have arrived; returns (id, data) pairs.
+async fn read_events(mut response: reqwest::Response, n: usize) -> Vec<(i64, Value)> {
+    let mut buffer = String::new();
+    let mut events = Vec::new();
+    while events.len() < n {
+        let chunk = tokio::time::timeout(std::time::Duration::from_secs(10), response.chunk())
+            .await
+            .expect("an event within 10 s")
+            .unwrap()
+            .expect("the stream stays open");
+        buffer.push_str(&String::from_utf8_lossy(&chunk));
+        while let Some(end) = buffer.find("\n\n") {
+            let block: String = buffer.drain(..end + 2).collect();
+            let field = |name: &str| {
+                block
+                    .lines()
+                    .find_map(|l| l.strip_prefix(name).map(|v| v.trim().to_string()))
+            };
+            if let (Some(id), Some(data)) = (field("id:"), field("data:")) {
+                events.push((id.parse().unwrap(), serde_json::from_str(&data).unwrap()));
+            }
+        }
+    }
+    events
+}
+
+#[tokio::test]
+async fn the_stream_sends_each_change_and_resumes_from_last_event_id() {
+    let app = TestApp::spawn().await;
+    let open = |last: Option<i64>| {
+        let mut r = app
+            .client
+            .get(app.url("/v1/state-changes/stream"))
+            .bearer_auth(API_KEY);
+        if let Some(last) = last {
+            r = r.header("Last-Event-ID", last.to_string());
+        }
+        r.send()
+    };
+    let first = open(None).await.unwrap();
+    assert_eq!(first.status(), StatusCode::OK);
+    assert!(first.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/event-stream"));
+    ten_changes(&app).await;
+    let seen = read_events(first, 4).await;
+    assert_eq!(seen.iter().map(|e| e.0).collect::<Vec<_>>(), [1, 2, 3, 4]);
+    assert_eq!(seen[0].1["state"], "draft");
+    assert_eq!(seen[0].1["position"], 1);
+
+    // Reconnect after the fourth: the rest, nothing again.
+    let rest = read_events(open(Some(4)).await.unwrap(), 6).await;
+    assert_eq!(
+        rest.iter().map(|e| e.0).collect::<Vec<_>>(),
+        [5, 6, 7, 8, 9, 10]
+    );
+    let r = app
+        .client
+        .get(app.url("/v1/state-changes/stream"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+}
+
+/// A subscriber that fails its first `failures` deliveries, then accepts; it checks every
+/// signature and records what it accepted.
+async fn subscriber(failures: usize) -> (String, Arc<Mutex<(usize, Vec<Value>)>>) {
+    let seen: Arc<Mutex<(usize, Vec<Value>)>> = Arc::default();
+    let state = seen.clone();
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |headers: HeaderMap, body: axum::body::Bytes| {
+            let state = state.clone();
+            async move {
+                let signature = headers["x-messaging-signature"]
+                    .to_str()
+                    .unwrap()
+                    .to_string();
+                let now = chrono::Utc::now().timestamp();
+                verify_push(SECRET, &signature, &body, now, 300).expect("a valid signature");
+                let mut s = state.lock().unwrap();
+                s.0 += 1;
+                if s.0 <= failures {
+                    return AxumStatus::INTERNAL_SERVER_ERROR;
+                }
+                s.1.push(serde_json::from_slice(&body).unwrap());
+                AxumStatus::OK
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (url, seen)
+}
+
+fn accepted_items(seen: &Arc<Mutex<(usize, Vec<Value>)>>) -> Vec<Value> {
+    seen.lock()
+        .unwrap()
+        .1
+        .iter()
+        .flat_map(|batch| batch["items"].as_array().unwrap().clone())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_subscriber_that_fails_for_a_while_then_recovers_receives_everything_in_order() {
+    let app = TestApp::spawn_with(&[("MESSAGING_PUSH_BACKOFF_MS", "100".into())]).await;
+    let (url, seen) = subscriber(3).await;
+    let (status, sub) = app
+        .post(
+            "/v1/subscriptions",
+            json!({"url": url, "secret": SECRET, "after": 0}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{sub}");
+    assert!(
+        !sub.to_string().contains(SECRET),
+        "the secret is write-only"
+    );
+    let id = sub["id"].as_str().unwrap().to_string();
+    ten_changes(&app).await;
+
+    eventually(|| async {
+        let (_, s) = app.get(&format!("/v1/subscriptions/{id}")).await;
+        s["failures"].as_i64().unwrap_or(0) > 0 && s["last_error"].is_string()
+    })
+    .await;
+    eventually(|| async { accepted_items(&seen).len() >= 10 }).await;
+    let positions: Vec<i64> = accepted_items(&seen)
+        .iter()
+        .map(|i| i["position"].as_i64().unwrap())
+        .collect();
+    assert_eq!(
+        positions,
+        (1..=10).collect::<Vec<_>>(),
+        "every item, in order, once"
+    );
+    eventually(|| async {
+        let (_, s) = app.get(&format!("/v1/subscriptions/{id}")).await;
+        s["cursor"] == 10 && s["lag"] == 0 && s["last_error"].is_null() && s["failures"] == 0
+    })
+    .await;
+    let (_, s) = app.get(&format!("/v1/subscriptions/{id}")).await;
+    assert_eq!(s["delivered"], 10);
+}
+
+#[tokio::test]
+async fn subscriptions_filter_by_state_and_channel() {
+    let app = TestApp::spawn().await;
+    let (url, seen) = subscriber(0).await;
+    let (status, _) = app
+        .post(
+            "/v1/subscriptions",
+            json!({"url": url, "secret": SECRET, "after": 0, "states": ["cancelled"], "channels": ["email"]}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED);
+    let ids = ten_changes(&app).await;
+    eventually(|| async { accepted_items(&seen).len() >= 5 }).await;
+    let items = accepted_items(&seen);
+    assert!(items.iter().all(|i| i["state"] == "cancelled"));
+    let mut got: Vec<String> = items
+        .iter()
+        .map(|i| i["message_id"].as_str().unwrap().to_string())
+        .collect();
+    got.sort();
+    let mut want = ids.clone();
+    want.sort();
+    assert_eq!(got, want);
+}
+
+#[tokio::test]
+async fn invalid_subscriptions_are_422_and_unknown_ones_404() {
+    let app = TestApp::spawn().await;
+    for (body, field) in [
+        (json!({"url": "ftp://x", "secret": SECRET}), "url"),
+        (
+            json!({"url": "https://example.com/h", "secret": "short"}),
+            "secret",
+        ),
+        (
+            json!({"url": "https://example.com/h", "secret": SECRET, "states": ["shipped"]}),
+            "states",
+        ),
+        (
+            json!({"url": "https://example.com/h", "secret": SECRET, "channels": ["fax"]}),
+            "channels",
+        ),
+        (
+            json!({"url": "https://example.com/h", "secret": SECRET, "after": -1}),
+            "after",
+        ),
+    ] {
+        let (status, error) = app.post("/v1/subscriptions", body).await;
+        assert_error(
+            status,
+            &error,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_field",
+        );
+        assert!(
+            error["error"]["message"].as_str().unwrap().contains(field),
+            "{error}"
+        );
+    }
+    let (status, error) = app
+        .get("/v1/subscriptions/01939c3a-0000-7000-8000-000000000000")
+        .await;
+    assert_error(status, &error, StatusCode::NOT_FOUND, "not_found");
+    let (_, list) = app.get("/v1/subscriptions").await;
+    assert_eq!(list["items"].as_array().unwrap().len(), 0);
+}

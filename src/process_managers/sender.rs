@@ -208,6 +208,9 @@ impl Sender {
         let Some(d) = message.data() else {
             return Ok(JobOutcome::Skipped);
         };
+        if d.reported.is_some() && d.sent_at.is_none() {
+            return self.provider_has_it(id).await;
+        }
         if d.attempt_in_progress {
             return self.recover(id, d).await;
         }
@@ -344,6 +347,22 @@ impl Sender {
         };
         self.execute(id, command).await?;
         Ok(outcome)
+    }
+
+    /// The provider already reported on the message (a webhook said delivered, opened, ...)
+    /// though our record of its answer was lost: it has the message, so it is sent, and
+    /// calling again would only send it twice.
+    async fn provider_has_it(&self, id: MessageId) -> Result<JobOutcome, CommandError> {
+        tracing::info!(message_id = %id, "the provider reported on it already: recorded as sent");
+        self.execute(
+            id,
+            MessageCommand::RecordSent {
+                provider_message_id: None,
+                at: Utc::now(),
+            },
+        )
+        .await?;
+        Ok(JobOutcome::Sent)
     }
 
     /// A previous worker started an attempt and never recorded its outcome.

@@ -4,6 +4,7 @@
 
 mod automation;
 mod cli;
+mod faults;
 mod helpers;
 mod messages;
 mod providers;

@@ -9,6 +9,7 @@ mod helpers;
 mod messages;
 mod providers;
 mod queries;
+mod readme;
 mod scheduling;
 mod sending;
 mod services;

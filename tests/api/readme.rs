@@ -1,0 +1,94 @@
+//! The README's "A first message" commands, run as written against a freshly started binary,
+//! so the walkthrough cannot rot.
+
+use crate::helpers::*;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+fn walkthrough() -> String {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let section = &readme[readme
+        .find("## A first message")
+        .expect("the section exists")..];
+    let start = section.find("```sh\n").expect("a shell block") + "```sh\n".len();
+    let end = start + section[start..].find("```").expect("the block ends");
+    section[start..end].to_string()
+}
+
+#[tokio::test]
+async fn the_readme_walkthrough_runs_as_written() {
+    for tool in ["bash", "curl", "jq"] {
+        let found = Command::new(tool)
+            .arg("--version")
+            .stdout(Stdio::null())
+            .status();
+        assert!(found.is_ok(), "the README needs `{tool}`; install it");
+    }
+    let url = fresh_database().await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dir = tempfile::tempdir().unwrap();
+    // The README's own start command, with the test's database and a free port.
+    let mut server = Command::new(env!("CARGO_BIN_EXE_messaging"))
+        .arg("serve")
+        .current_dir(dir.path())
+        .env("DATABASE_URL", &url)
+        .env("MESSAGING_API_KEYS", "dev-key")
+        .env("MESSAGING_LISTEN", format!("127.0.0.1:{port}"))
+        .env("RUST_LOG", "warn")
+        .spawn()
+        .unwrap();
+    let client = reqwest::Client::new();
+    let mut up = false;
+    for _ in 0..200 {
+        if client
+            .get(format!("http://127.0.0.1:{port}/readyz"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success())
+        {
+            up = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let script = walkthrough().replace("localhost:8080", &format!("localhost:{port}"));
+    let output = if up {
+        Command::new("bash")
+            .args(["-euo", "pipefail", "-c", &script])
+            .current_dir(dir.path())
+            .output()
+            .unwrap()
+    } else {
+        let _ = server.kill();
+        let _ = server.wait();
+        panic!("the service did not start");
+    };
+    let _ = server.kill();
+    let _ = server.wait();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "the walkthrough failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    // It follows the message through the feed to `sent`, and cancels the scheduled one.
+    assert!(stdout.contains("\"MessageComposed\""), "{stdout}");
+    assert!(stdout.contains("\"MessageSent\""), "{stdout}");
+    assert!(
+        stdout.contains("[\"pending\",\"sent\"]"),
+        "the feed shows it: {stdout}"
+    );
+    assert!(stdout.trim_end().ends_with("\"cancelled\""), "{stdout}");
+    // The sandbox wrote the email where the README says.
+    let outbox = dir.path().join("data/outbox");
+    let emails = std::fs::read_dir(&outbox).unwrap().filter(|e| {
+        e.as_ref()
+            .is_ok_and(|e| e.path().extension().is_some_and(|x| x == "eml"))
+    });
+    assert_eq!(emails.count(), 1);
+}

@@ -78,6 +78,19 @@ impl IntoResponse for WebhookError {
     }
 }
 
+/// Records a delivery's facts (one statement, one transaction) and says so: the 2xx is sent
+/// only once they are durable.
+pub async fn recorded(
+    pool: &PgPool,
+    facts: &[inbox::InboxFact],
+) -> Result<(StatusCode, Json<serde_json::Value>), WebhookError> {
+    let new = inbox::record(pool, facts).await?;
+    Ok((
+        StatusCode::OK,
+        Json(json!({"received": facts.len(), "new": new})),
+    ))
+}
+
 /// Compares secrets without leaking, through timing, how much of them matched.
 pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0

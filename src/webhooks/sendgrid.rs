@@ -1,7 +1,7 @@
 //! SendGrid: the Event Webhook (signed batches of delivery, engagement and compliance events)
 //! and Inbound Parse (replies, as multipart forms).
 
-use super::inbox::{self, FactKind, InboxFact, Problem};
+use super::inbox::{FactKind, InboxFact, Problem};
 use super::{WebhookError, WebhookState};
 use axum::body::Bytes;
 use axum::extract::{Multipart, Query, State};
@@ -37,12 +37,8 @@ pub async fn events(
         .verify(timestamp, &body, signature)
         .map_err(|_| WebhookError::BadSignature)?;
     let facts = parse_events(&body);
-    let new = inbox::record(&state.pool, &facts).await?;
-    tracing::info!(events = facts.len(), new, "sendgrid events recorded");
-    Ok((
-        StatusCode::OK,
-        Json(json!({"received": facts.len(), "new": new})),
-    ))
+    tracing::info!(events = facts.len(), "sendgrid events received");
+    super::recorded(&state.pool, &facts).await
 }
 
 fn body_fingerprint(bytes: &[u8]) -> String {
@@ -164,13 +160,8 @@ pub async fn inbound(
         fields.insert(name, value);
     }
     let fact = parse_inbound(&fields, Utc::now());
-    let new = inbox::record(&state.pool, std::slice::from_ref(&fact)).await?;
-    tracing::info!(
-        new,
-        matched = fact.problem.is_none(),
-        "inbound email recorded"
-    );
-    Ok((StatusCode::OK, Json(json!({"received": 1, "new": new}))))
+    tracing::info!(matched = fact.problem.is_none(), "inbound email received");
+    super::recorded(&state.pool, std::slice::from_ref(&fact)).await
 }
 
 /// The header `name` from a raw header block, continuation lines unfolded.

@@ -1,7 +1,7 @@
 //! X Account Activity and Facebook Page webhooks: challenges answered as documented, deliveries
 //! verified over the raw body, and replies to our posts recorded.
 
-use super::inbox::{self, FactKind, InboxFact, Problem};
+use super::inbox::{FactKind, InboxFact, Problem};
 use super::sendgrid::malformed;
 use super::verify::{verify_facebook_signature, verify_x_signature, x_crc_response};
 use super::{constant_time_eq, WebhookError, WebhookState};
@@ -73,32 +73,61 @@ fn reply_fact(
     }
 }
 
+/// The two signed social deliveries: same shape, their own secret, header and payload.
+#[derive(Clone, Copy)]
+enum Social {
+    X,
+    Facebook,
+}
+
+/// Verifies a signed delivery over its raw bytes, turns it into facts and records them.
+async fn social_delivery(
+    state: WebhookState,
+    headers: HeaderMap,
+    body: Bytes,
+    social: Social,
+) -> Result<(StatusCode, Json<Value>), WebhookError> {
+    let (secret, setting, header, verify, provider): (_, _, _, VerifyFn, _) = match social {
+        Social::X => (
+            &state.secrets.x_consumer_secret,
+            "MESSAGING_X_CONSUMER_SECRET",
+            "x-twitter-webhooks-signature",
+            verify_x_signature,
+            "x",
+        ),
+        Social::Facebook => (
+            &state.secrets.facebook_app_secret,
+            "MESSAGING_FACEBOOK_APP_SECRET",
+            "x-hub-signature-256",
+            verify_facebook_signature,
+            "facebook",
+        ),
+    };
+    let secret = secret
+        .as_ref()
+        .ok_or(WebhookError::NotConfigured(setting))?;
+    let signature = headers
+        .get(header)
+        .and_then(|v| v.to_str().ok())
+        .ok_or(WebhookError::MissingSignature)?;
+    verify(secret.expose(), &body, signature).map_err(|_| WebhookError::BadSignature)?;
+    let facts = match (serde_json::from_slice::<Value>(&body), social) {
+        (Ok(delivery), Social::X) => x_facts(&state.pool, &delivery).await?,
+        (Ok(delivery), Social::Facebook) => facebook_facts(&state.pool, &delivery).await?,
+        (Err(e), _) => vec![malformed(provider, &body, &format!("not JSON: {e}"))],
+    };
+    super::recorded(&state.pool, &facts).await
+}
+
+type VerifyFn = fn(&str, &[u8], &str) -> Result<(), super::verify::VerifyError>;
+
 /// `POST /webhooks/twitter`: `tweet_create_events` that answer one of our sent posts.
 pub async fn x_events(
     State(state): State<WebhookState>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<(StatusCode, Json<Value>), WebhookError> {
-    let secret = state
-        .secrets
-        .x_consumer_secret
-        .as_ref()
-        .ok_or(WebhookError::NotConfigured("MESSAGING_X_CONSUMER_SECRET"))?;
-    let signature = headers
-        .get("x-twitter-webhooks-signature")
-        .and_then(|v| v.to_str().ok())
-        .ok_or(WebhookError::MissingSignature)?;
-    verify_x_signature(secret.expose(), &body, signature)
-        .map_err(|_| WebhookError::BadSignature)?;
-    let facts = match serde_json::from_slice::<Value>(&body) {
-        Ok(delivery) => x_facts(&state.pool, &delivery).await?,
-        Err(e) => vec![malformed("x", &body, &format!("not JSON: {e}"))],
-    };
-    let new = inbox::record(&state.pool, &facts).await?;
-    Ok((
-        StatusCode::OK,
-        Json(json!({"received": facts.len(), "new": new})),
-    ))
+    social_delivery(state, headers, body, Social::X).await
 }
 
 async fn x_facts(pool: &PgPool, delivery: &Value) -> Result<Vec<InboxFact>, sqlx::Error> {
@@ -195,26 +224,7 @@ pub async fn facebook_events(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<(StatusCode, Json<Value>), WebhookError> {
-    let secret = state
-        .secrets
-        .facebook_app_secret
-        .as_ref()
-        .ok_or(WebhookError::NotConfigured("MESSAGING_FACEBOOK_APP_SECRET"))?;
-    let signature = headers
-        .get("x-hub-signature-256")
-        .and_then(|v| v.to_str().ok())
-        .ok_or(WebhookError::MissingSignature)?;
-    verify_facebook_signature(secret.expose(), &body, signature)
-        .map_err(|_| WebhookError::BadSignature)?;
-    let facts = match serde_json::from_slice::<Value>(&body) {
-        Ok(delivery) => facebook_facts(&state.pool, &delivery).await?,
-        Err(e) => vec![malformed("facebook", &body, &format!("not JSON: {e}"))],
-    };
-    let new = inbox::record(&state.pool, &facts).await?;
-    Ok((
-        StatusCode::OK,
-        Json(json!({"received": facts.len(), "new": new})),
-    ))
+    social_delivery(state, headers, body, Social::Facebook).await
 }
 
 async fn facebook_facts(pool: &PgPool, delivery: &Value) -> Result<Vec<InboxFact>, sqlx::Error> {

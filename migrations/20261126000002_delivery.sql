@@ -4,8 +4,10 @@
 -- One row per scheduled message. The scheduler claims due rows and queues the message with
 -- the publish_at it fired for, so a reschedule racing the firing wins.
 CREATE TABLE scheduled_sends (
-    message_id uuid PRIMARY KEY,
-    publish_at timestamptz NOT NULL
+    message_id   uuid PRIMARY KEY,
+    publish_at   timestamptz NOT NULL,
+    -- Leased by the scheduler instance firing it (no transaction is held open meanwhile).
+    locked_until timestamptz
 );
 CREATE INDEX scheduled_sends_due ON scheduled_sends (publish_at);
 

@@ -19,6 +19,8 @@ CREATE TABLE webhook_inbox (
     -- sequence then).
     waiting       boolean NOT NULL DEFAULT false,
     waiting_after bigint,
+    -- Leased by an applier while it applies the fact (no transaction is held open meanwhile).
+    locked_until  timestamptz,
     received_at timestamptz NOT NULL DEFAULT now(),
     applied_at  timestamptz,
     UNIQUE (provider, event_id)

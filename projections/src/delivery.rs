@@ -87,7 +87,8 @@ impl Projection for DeliveryJobs {
             MessageEvent::MessageScheduled { publish_at, .. } => {
                 sqlx::query(
                     "INSERT INTO scheduled_sends (message_id, publish_at) VALUES ($1, $2) \
-                     ON CONFLICT (message_id) DO UPDATE SET publish_at = EXCLUDED.publish_at",
+                     ON CONFLICT (message_id) DO UPDATE SET publish_at = EXCLUDED.publish_at, \
+                     locked_until = NULL",
                 )
                 .bind(id)
                 .bind(publish_at)

@@ -40,18 +40,21 @@ impl Scheduler {
     pub async fn fire_due(&self) -> Result<usize, sqlx::Error> {
         let mut fired = 0;
         loop {
-            let mut tx = self.pool.begin().await?;
+            // Leased in one short statement, then fired with no transaction open: an open
+            // transaction older than the events the firings append would hold back every log
+            // reader until it ended.
             let due: Vec<(uuid::Uuid, DateTime<Utc>)> = sqlx::query_as(
-                "SELECT message_id, publish_at FROM scheduled_sends WHERE publish_at <= now() \
-                 ORDER BY publish_at LIMIT $1 FOR UPDATE SKIP LOCKED",
+                "UPDATE scheduled_sends s SET locked_until = now() + interval '30 seconds' \
+                 FROM (SELECT message_id FROM scheduled_sends \
+                       WHERE publish_at <= now() \
+                         AND (locked_until IS NULL OR locked_until < now()) \
+                       ORDER BY publish_at LIMIT $1 FOR UPDATE SKIP LOCKED) due \
+                 WHERE s.message_id = due.message_id \
+                 RETURNING s.message_id, s.publish_at",
             )
             .bind(self.batch_size)
-            .fetch_all(&mut *tx)
+            .fetch_all(&self.pool)
             .await?;
-            if due.is_empty() {
-                tx.rollback().await?;
-                return Ok(fired);
-            }
             let claimed = due.len();
             let outcomes: Vec<_> = futures::stream::iter(due)
                 .map(|(id, publish_at)| async move {
@@ -87,18 +90,19 @@ impl Scheduler {
                         false
                     }
                 };
-                if done {
-                    // Only this firing's row: a reschedule already written stays.
-                    sqlx::query(
-                        "DELETE FROM scheduled_sends WHERE message_id = $1 AND publish_at = $2",
-                    )
+                // Only this firing's row: a reschedule written meanwhile stays, unleased.
+                let sql = if done {
+                    "DELETE FROM scheduled_sends WHERE message_id = $1 AND publish_at = $2"
+                } else {
+                    "UPDATE scheduled_sends SET locked_until = NULL \
+                     WHERE message_id = $1 AND publish_at = $2"
+                };
+                sqlx::query(sql)
                     .bind(id)
                     .bind(publish_at)
-                    .execute(&mut *tx)
+                    .execute(&self.pool)
                     .await?;
-                }
             }
-            tx.commit().await?;
             if (claimed as i64) < self.batch_size {
                 return Ok(fired);
             }
@@ -107,9 +111,12 @@ impl Scheduler {
 
     /// The earliest `publish_at` still waiting.
     pub async fn next_due(&self) -> Result<Option<DateTime<Utc>>, sqlx::Error> {
-        sqlx::query_scalar("SELECT min(publish_at) FROM scheduled_sends")
-            .fetch_one(&self.pool)
-            .await
+        sqlx::query_scalar(
+            "SELECT min(greatest(publish_at, coalesce(locked_until, publish_at))) \
+             FROM scheduled_sends",
+        )
+        .fetch_one(&self.pool)
+        .await
     }
 
     /// Runs until `shutdown` turns true.

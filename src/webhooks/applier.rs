@@ -66,22 +66,30 @@ impl Applier {
 
     /// Applies what is pending now; returns how many facts were settled.
     pub async fn run_once(&self) -> Result<usize, sqlx::Error> {
-        let mut tx = self.pool.begin().await?;
-        let pending: Vec<Pending> = sqlx::query_as(
-            "SELECT w.id, w.event_id, w.message_id, w.kind, w.occurred_at, w.payload \
-             FROM webhook_inbox w \
-             WHERE w.status = 'pending' AND (NOT w.waiting OR EXISTS \
-                 (SELECT 1 FROM message_list m WHERE m.message_id = w.message_id \
-                    AND m.last_sequence > COALESCE(w.waiting_after, 0))) \
-             ORDER BY w.occurred_at, w.id LIMIT 500 FOR UPDATE SKIP LOCKED",
+        // Leased in one short statement, then applied with no transaction open: the commands
+        // append events, and an open transaction older than them would hold back every log
+        // reader until it ended. A crashed applier's lease expires and the facts are retried
+        // (applying a fact twice changes nothing: its id is remembered).
+        let mut pending: Vec<Pending> = sqlx::query_as(
+            "UPDATE webhook_inbox w SET locked_until = now() + interval '60 seconds' \
+             FROM (SELECT id FROM webhook_inbox c \
+                   WHERE c.status = 'pending' \
+                     AND (c.locked_until IS NULL OR c.locked_until < now()) \
+                     AND (NOT c.waiting OR EXISTS \
+                       (SELECT 1 FROM message_list m WHERE m.message_id = c.message_id \
+                          AND m.last_sequence > COALESCE(c.waiting_after, 0))) \
+                   ORDER BY c.occurred_at, c.id LIMIT 500 FOR UPDATE SKIP LOCKED) due \
+             WHERE w.id = due.id \
+             RETURNING w.id, w.event_id, w.message_id, w.kind, w.occurred_at, w.payload",
         )
-        .fetch_all(&mut *tx)
+        .fetch_all(&self.pool)
         .await?;
         if pending.is_empty() {
-            tx.rollback().await?;
             return Ok(0);
         }
+        pending.sort_by_key(|p| (p.occurred_at, p.id));
         let mut settled = 0;
+        let (mut ids, mut statuses, mut waits, mut reasons) = (vec![], vec![], vec![], vec![]);
         for (fact, outcome) in self.apply_all(&pending).await {
             let (status, waiting, reason) = match outcome {
                 Applied::Done => ("applied", false, None),
@@ -96,22 +104,29 @@ impl Applier {
             if status != "pending" {
                 settled += 1;
             }
-            // A fact waiting on a known message waits for it to change.
-            sqlx::query(
-                "UPDATE webhook_inbox SET status = $2, waiting = $3, reason = $4, \
-                 applied_at = CASE WHEN $2 = 'applied' THEN now() END, \
-                 waiting_after = CASE WHEN $3 THEN (SELECT last_sequence FROM message_list m \
-                     WHERE m.message_id = webhook_inbox.message_id) END \
-                 WHERE id = $1",
-            )
-            .bind(fact.id)
-            .bind(status)
-            .bind(waiting)
-            .bind(reason)
-            .execute(&mut *tx)
-            .await?;
+            ids.push(fact.id);
+            statuses.push(status);
+            waits.push(waiting);
+            reasons.push(reason);
         }
-        tx.commit().await?;
+        // One statement for the whole round. A fact waiting on a known message waits for it
+        // to change past its current sequence.
+        sqlx::query(
+            "UPDATE webhook_inbox w SET status = u.status, waiting = u.waiting, reason = u.reason, \
+               locked_until = NULL, \
+               applied_at = CASE WHEN u.status = 'applied' THEN now() END, \
+               waiting_after = CASE WHEN u.waiting THEN (SELECT last_sequence FROM message_list m \
+                   WHERE m.message_id = w.message_id) END \
+             FROM unnest($1::bigint[], $2::text[], $3::bool[], $4::text[]) \
+               AS u(id, status, waiting, reason) \
+             WHERE w.id = u.id",
+        )
+        .bind(&ids)
+        .bind(&statuses)
+        .bind(&waits)
+        .bind(&reasons)
+        .execute(&self.pool)
+        .await?;
         Ok(settled)
     }
 

@@ -10,11 +10,6 @@ use sqlx::PgConnection;
 
 pub struct DeliveryJobs;
 
-fn message_uuid(event: &StoredEvent) -> Result<uuid::Uuid, ProjectionError> {
-    uuid::Uuid::parse_str(&event.aggregate_id)
-        .map_err(|e| ProjectionError::Other(format!("message id: {e}")))
-}
-
 async fn notify(conn: &mut PgConnection, channel: &str) -> Result<(), ProjectionError> {
     sqlx::query("SELECT pg_notify($1, '')")
         .bind(channel)
@@ -82,7 +77,7 @@ impl Projection for DeliveryJobs {
         if !event.is_message() {
             return Ok(());
         }
-        let id = message_uuid(event)?;
+        let id = event.message_uuid()?;
         match event.message_event()? {
             MessageEvent::MessageScheduled { publish_at, .. } => {
                 sqlx::query(

@@ -52,6 +52,14 @@ impl StoredEvent {
         })
     }
 
+    /// The message's id (message aggregates are keyed by their UUID).
+    pub fn message_uuid(&self) -> Result<uuid::Uuid, ProjectionError> {
+        uuid::Uuid::parse_str(&self.aggregate_id).map_err(|e| ProjectionError::Payload {
+            position: self.global_position,
+            error: format!("aggregate id is not a message id: {e}"),
+        })
+    }
+
     pub fn is_message(&self) -> bool {
         self.aggregate_type == Message::TYPE_NAME
     }

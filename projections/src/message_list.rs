@@ -18,11 +18,6 @@ struct Row {
     changed: bool,
 }
 
-fn message_uuid(event: &StoredEvent) -> Result<uuid::Uuid, ProjectionError> {
-    uuid::Uuid::parse_str(&event.aggregate_id)
-        .map_err(|e| ProjectionError::Other(format!("message id: {e}")))
-}
-
 async fn load(
     conn: &mut PgConnection,
     id: uuid::Uuid,
@@ -115,7 +110,7 @@ impl Projection for MessageList {
         let mut rows: HashMap<uuid::Uuid, Row> = HashMap::new();
         let mut order = Vec::new();
         for event in events.iter().filter(|e| e.is_message()) {
-            let id = message_uuid(event)?;
+            let id = event.message_uuid()?;
             let row = match rows.entry(id) {
                 Entry::Occupied(row) => row.into_mut(),
                 Entry::Vacant(slot) => {

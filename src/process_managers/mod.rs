@@ -5,3 +5,15 @@
 pub mod push;
 pub mod scheduler;
 pub mod sender;
+
+use rand::Rng;
+use std::time::Duration;
+
+/// Exponential backoff with ±25 % jitter: `base` before the second attempt, doubling for each
+/// one after, never more than `max`. The jitter spreads retries so that many failures at once
+/// do not come back at once.
+pub fn backoff(base: Duration, max: Duration, attempt: u32) -> Duration {
+    base.saturating_mul(2u32.saturating_pow(attempt.saturating_sub(1)))
+        .min(max)
+        .mul_f64(rand::thread_rng().gen_range(0.75..=1.25))
+}

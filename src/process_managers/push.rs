@@ -10,7 +10,6 @@
 use crate::webhooks::verify::sign_push;
 use chrono::Utc;
 use messaging_projections::FeedItem;
-use rand::Rng;
 use serde_json::json;
 use sqlx::PgPool;
 use std::time::Duration;
@@ -176,12 +175,11 @@ impl Pusher {
 
     async fn failed(&self, sub: &Due, reason: String) -> Result<(), sqlx::Error> {
         let failures = sub.failures.saturating_add(1);
-        let backoff = self
-            .config
-            .base_backoff
-            .saturating_mul(2u32.saturating_pow(failures.saturating_sub(1) as u32))
-            .min(self.config.max_backoff)
-            .mul_f64(rand::thread_rng().gen_range(0.75..=1.25));
+        let backoff = super::backoff(
+            self.config.base_backoff,
+            self.config.max_backoff,
+            u32::try_from(failures).unwrap_or(u32::MAX),
+        );
         tracing::warn!(subscription_id = %sub.id, failures, %reason, retry_in_ms = backoff.as_millis() as u64, "push delivery failed");
         sqlx::query(
             "UPDATE subscriptions SET failures = $2, last_error = $3, last_attempt_at = now(), \

@@ -23,7 +23,6 @@ use futures::StreamExt;
 use messaging_domain::{
     Channel, MessageCommand, MessageData, MessageError, MessageId, MessageState, ServiceId,
 };
-use rand::Rng;
 use sqlx::PgPool;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -271,15 +270,6 @@ impl Sender {
         })
     }
 
-    fn backoff(&self, attempt: u32) -> Duration {
-        let exp = self
-            .config
-            .base_backoff
-            .saturating_mul(2u32.saturating_pow(attempt.saturating_sub(1)))
-            .min(self.config.max_backoff);
-        exp.mul_f64(rand::thread_rng().gen_range(0.75..=1.25))
-    }
-
     async fn record(
         &self,
         id: MessageId,
@@ -303,7 +293,9 @@ impl Sender {
                 reason,
                 retry_after,
             }) if attempt < self.config.max_attempts => {
-                let wait = self.backoff(attempt).max(retry_after.unwrap_or_default());
+                let wait =
+                    super::backoff(self.config.base_backoff, self.config.max_backoff, attempt)
+                        .max(retry_after.unwrap_or_default());
                 let retry_at = now + chrono::Duration::from_std(wait).unwrap_or_default();
                 tracing::warn!(message_id = %id, attempt, %reason, retry_in_ms = wait.as_millis() as u64, "send failed; will retry");
                 (

@@ -68,6 +68,8 @@ pub fn test_config(database_url: &str, overrides: &[(&str, String)]) -> Config {
             "MESSAGING_API_KEYS" => Some(format!("other-key,{API_KEY}")),
             "MESSAGING_LISTEN" => Some("127.0.0.1:0".into()),
             "MESSAGING_MAX_BODY_BYTES" => Some("65536".into()),
+            // Tests run side by side on one server: keep each instance's pool small.
+            "MESSAGING_DATABASE_MAX_CONNECTIONS" => Some("8".into()),
             // Short backoffs keep retry tests quick; the policy is the same.
             "MESSAGING_SEND_BACKOFF_MS" => Some("200".into()),
             "MESSAGING_PROVIDER_TIMEOUT_MS" => Some("2000".into()),

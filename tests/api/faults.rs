@@ -37,6 +37,7 @@ impl Instance {
             .env("MESSAGING_SENDGRID_BASE_URL", sendgrid)
             .env("MESSAGING_SENDGRID_WEBHOOK_PUBLIC_KEY", public_key)
             .env("MESSAGING_SEND_LEASE_MS", "2000")
+            .env("MESSAGING_DATABASE_MAX_CONNECTIONS", "8")
             .env("MESSAGING_SEND_BACKOFF_MS", "200")
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())

@@ -6,6 +6,7 @@ mod feed;
 mod health;
 mod messages;
 pub mod observability;
+mod openapi;
 mod services;
 mod subscriptions;
 mod webhooks;
@@ -76,6 +77,7 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
         .merge(feed::router())
         .merge(webhooks::router())
         .merge(subscriptions::router())
+        .merge(openapi::router())
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             require_api_key,

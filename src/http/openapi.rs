@@ -255,7 +255,7 @@ pub fn operations() -> Vec<Operation> {
             .errors(&[400, 415, 422]),
         op("get", "/v1/state-changes", "feed", "The state-change feed after a position; `wait` long-polls")
             .query("after", "position to read after", json!({"type": "integer"}))
-            .query("limit", "items, 1 to 500", json!({"type": "integer"}))
+            .query("limit", "items, 1 to 1000", json!({"type": "integer"}))
             .query("wait", "seconds to wait for an item, at most 60", json!({"type": "integer"}))
             .ok(200, "items and the next cursor", Some(schema_ref("FeedPage")))
             .errors(&[422]),

@@ -6,6 +6,7 @@ mod automation;
 mod cli;
 mod helpers;
 mod messages;
+mod operability;
 mod providers;
 mod queries;
 mod scheduling;

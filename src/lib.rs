@@ -2,6 +2,7 @@
 
 pub mod config;
 pub mod http;
+pub mod metrics;
 pub mod notify;
 pub mod process_managers;
 pub mod providers;

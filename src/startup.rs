@@ -2,6 +2,7 @@
 
 use crate::config::Config;
 use crate::http::{self, AppState};
+use crate::metrics::Metrics;
 use crate::notify::spawn_listener;
 use crate::process_managers::push::{PushConfig, Pusher};
 use crate::process_managers::scheduler::Scheduler;
@@ -124,7 +125,9 @@ impl Application {
                 subscription.run(wakeups.events.clone(), shutdown_rx.clone()),
             ));
         }
-        let store: Arc<dyn crate::store::Store> = Arc::new(PgStore::new(pool.clone()));
+        let metrics = Arc::new(Metrics::new().context("setting up the metrics registry")?);
+        let store: Arc<dyn crate::store::Store> =
+            Arc::new(PgStore::new(pool.clone()).with_metrics(metrics.clone()));
         let scheduler = Scheduler::new(pool.clone(), store.clone());
         workers.push(tokio::spawn(
             scheduler.run(wakeups.schedule.clone(), shutdown_rx.clone()),
@@ -136,7 +139,8 @@ impl Application {
             store.clone(),
             Arc::new(providers),
             sender_config(config),
-        );
+        )
+        .with_metrics(metrics.clone());
         workers.push(tokio::spawn(
             sender.run(wakeups.send_jobs.clone(), shutdown_rx.clone()),
         ));
@@ -158,7 +162,7 @@ impl Application {
             pusher.run(wakeups.state_changes.clone(), shutdown_rx.clone()),
         ));
         let webhook_state = WebhookState {
-            pool,
+            pool: pool.clone(),
             secrets: webhook_secrets,
         };
         let state = AppState {
@@ -171,9 +175,14 @@ impl Application {
                     .collect(),
             ),
             feed_wake: wakeups.state_changes,
+            metrics: metrics.clone(),
+            pool,
         };
-        let router =
-            http::router(state, config.max_body_bytes).merge(webhooks::router(webhook_state));
+        // Request ids, logs and metrics wrap every route, the webhooks' too: after the merge.
+        let router = http::observability::layer(
+            http::router(state, config.max_body_bytes).merge(webhooks::router(webhook_state)),
+            metrics,
+        );
         let listener = TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("cannot listen on MESSAGING_LISTEN={}", config.listen))?;

@@ -5,6 +5,8 @@ pub mod error;
 mod feed;
 mod health;
 mod messages;
+pub mod observability;
+mod openapi;
 mod services;
 mod subscriptions;
 mod webhooks;
@@ -27,6 +29,9 @@ pub struct AppState {
     pub api_key_digests: Arc<Vec<[u8; 32]>>,
     /// Bumped whenever the feed projector commits new items (NOTIFY `state_changes`).
     pub feed_wake: watch::Receiver<u64>,
+    pub metrics: Arc<crate::metrics::Metrics>,
+    /// For the gauges `/metrics` reads at scrape time (lag, queue depths).
+    pub pool: sqlx::PgPool,
 }
 
 /// JSON bodies with our error shape for every rejection.
@@ -72,6 +77,7 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
         .merge(feed::router())
         .merge(webhooks::router())
         .merge(subscriptions::router())
+        .merge(openapi::router())
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             require_api_key,
@@ -79,8 +85,8 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
     Router::new()
         .nest("/v1", v1)
         .merge(health::router())
+        .merge(observability::router())
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(max_body_bytes))
-        .layer(tower_http::trace::TraceLayer::new_for_http())
         .with_state(state)
 }

@@ -21,7 +21,8 @@ use crate::store::{CommandError, Store};
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use messaging_domain::{
-    Channel, MessageCommand, MessageData, MessageError, MessageId, MessageState, ServiceId,
+    Channel, MessageCommand, MessageData, MessageError, MessageId, MessageState, Provider,
+    ServiceId,
 };
 use sqlx::PgPool;
 use std::collections::HashMap;
@@ -102,6 +103,7 @@ pub struct Sender {
     providers: Arc<Providers>,
     config: SenderConfig,
     limiter: Arc<RateLimiter>,
+    metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 /// What happened to one claimed job.
@@ -128,6 +130,15 @@ impl Sender {
             providers,
             config,
             limiter: Arc::default(),
+            metrics: None,
+        }
+    }
+
+    /// Counts send outcomes by provider.
+    pub fn with_metrics(self, metrics: Arc<crate::metrics::Metrics>) -> Self {
+        Self {
+            metrics: Some(metrics),
+            ..self
         }
     }
 
@@ -249,7 +260,8 @@ impl Sender {
             }
             Err(reason) => Err(SendError::Permanent { reason }),
         };
-        self.record(id, d.channel, attempt, result).await
+        self.record(id, d.channel, d.provider, attempt, result)
+            .await
     }
 
     async fn account(&self, service_id: ServiceId) -> Result<Account, String> {
@@ -274,6 +286,7 @@ impl Sender {
         &self,
         id: MessageId,
         channel: Channel,
+        provider: Provider,
         attempt: u32,
         result: Result<crate::providers::Accepted, SendError>,
     ) -> Result<JobOutcome, CommandError> {
@@ -338,6 +351,9 @@ impl Sender {
             }
         };
         self.execute(id, command).await?;
+        if let Some(metrics) = &self.metrics {
+            metrics.send(provider.as_str(), outcome);
+        }
         Ok(outcome)
     }
 
@@ -370,7 +386,8 @@ impl Sender {
                 reason: format!("{reason}; the post may have been published"),
             }),
         };
-        self.record(id, d.channel, d.attempts, result).await
+        self.record(id, d.channel, d.provider, d.attempts, result)
+            .await
     }
 
     /// Runs until `shutdown` turns true, woken by NOTIFY `send_jobs` and at the next due time.

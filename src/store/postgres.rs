@@ -5,6 +5,7 @@ use super::{
     CommandError, IdempotencyClaim, ListFilter, NewSubscription, PushSubscription, Service, Store,
     StoreError,
 };
+use crate::metrics::{command_name, Metrics};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use cqrs_es::persist::PersistedEventStore;
@@ -18,6 +19,7 @@ use postgres_es::PostgresEventRepository;
 use rand::Rng;
 use sqlx::migrate::Migrator;
 use sqlx::PgPool;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// A subscription with its lag: feed items after its cursor.
@@ -37,15 +39,30 @@ const CONFLICT_RETRIES: u32 = 8;
 pub struct PgStore {
     pool: PgPool,
     cqrs: MessageCqrs,
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl PgStore {
     pub fn new(pool: PgPool) -> Self {
         // Event-store mode only: the snapshot and aggregate-store modes of cqrs-es 0.5.0 apply
-        // each event twice. No cqrs-es queries: projections are durable subscriptions.
+        // each event twice. No cqrs-es queries but the metrics' event counter: projections are
+        // durable subscriptions.
         let repo = PostgresEventRepository::new(pool.clone());
         let cqrs = CqrsFramework::new(PersistedEventStore::new_event_store(repo), vec![], ());
-        Self { pool, cqrs }
+        Self {
+            pool,
+            cqrs,
+            metrics: None,
+        }
+    }
+
+    /// Counts commands by type and outcome, and the events they append.
+    pub fn with_metrics(self, metrics: Arc<Metrics>) -> Self {
+        Self {
+            cqrs: self.cqrs.append_query(metrics.event_counter()),
+            metrics: Some(metrics),
+            ..self
+        }
     }
 
     pub fn pool(&self) -> &PgPool {
@@ -86,9 +103,13 @@ impl TryFrom<ServiceRow> for Service {
     }
 }
 
-#[async_trait]
-impl Store for PgStore {
-    async fn execute(&self, id: MessageId, command: MessageCommand) -> Result<(), CommandError> {
+impl PgStore {
+    /// Runs a command, deciding again when another writer appended to the message first.
+    async fn execute_with_retries(
+        &self,
+        id: MessageId,
+        command: MessageCommand,
+    ) -> Result<(), CommandError> {
         let aggregate_id = id.to_string();
         for attempt in 1..=CONFLICT_RETRIES {
             match self.cqrs.execute(&aggregate_id, command.clone()).await {
@@ -103,6 +124,18 @@ impl Store for PgStore {
             }
         }
         Err(CommandError::Busy)
+    }
+}
+
+#[async_trait]
+impl Store for PgStore {
+    async fn execute(&self, id: MessageId, command: MessageCommand) -> Result<(), CommandError> {
+        let name = command_name(&command);
+        let result = self.execute_with_retries(id, command).await;
+        if let Some(metrics) = &self.metrics {
+            metrics.command(name, &result);
+        }
+        result
     }
 
     async fn message(

@@ -7,6 +7,7 @@ mod cli;
 mod faults;
 mod helpers;
 mod messages;
+mod operability;
 mod providers;
 mod queries;
 mod readme;

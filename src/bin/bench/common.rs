@@ -104,8 +104,13 @@ impl Figure {
         self
     }
 
+    /// Adds a note (appended to any earlier one).
     pub fn note(mut self, note: impl Into<String>) -> Self {
-        self.note = Some(note.into());
+        let note = note.into();
+        self.note = Some(match self.note.take() {
+            Some(earlier) => format!("{earlier}; {note}"),
+            None => note,
+        });
         self
     }
 }

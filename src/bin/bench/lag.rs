@@ -36,7 +36,7 @@ pub async fn run(bench: &mut Bench) -> Result<Vec<Figure>> {
         }
     };
     let rate = (peak / 2.0).max(1.0);
-    let duration = Duration::from_secs(bench.size(3, 10));
+    let duration = Duration::from_secs(bench.size(2, 10));
     let total = (rate * duration.as_secs_f64()) as usize;
 
     let mut conn = PgConnection::connect_with(&bench.pool.connect_options())

@@ -18,10 +18,19 @@ const CONCURRENCY: usize = 4;
 
 pub async fn run(bench: &mut Bench) -> Result<Vec<Figure>> {
     let messages = bench.size(200, 1_000);
-    let batches = bench.size(4, 20);
+    let batches = bench.size(2, 20);
     // Facts apply only to messages whose sending has started: send them first (sandbox).
     let ids: Vec<MessageId> = futures::stream::iter(0..messages)
-        .map(|_| execute_compose(&bench.store, &bench.service, Dispatch::Now))
+        .map(|_| async {
+            // A shared server may briefly run out of connections: retry setup a few times.
+            let mut tries = 0;
+            loop {
+                match execute_compose(&bench.store, &bench.service, Dispatch::Now).await {
+                    Err(_) if tries < 3 => tries += 1,
+                    result => return result,
+                }
+            }
+        })
         .buffer_unordered(16)
         .collect::<Vec<_>>()
         .await

@@ -1,0 +1,165 @@
+//! Scenario `commands`: compose+send throughput at 1, 8 and 32 concurrent clients, in-process
+//! through `PgStore::execute` and over HTTP, against plain single-row INSERTs of an event-shaped
+//! row at the same concurrency.
+
+use crate::common::{
+    closed_loop, compose, compose_body, execute_compose, settle, Bench, Figure, LoopResult,
+};
+use anyhow::{anyhow, Context, Result};
+use chrono::Utc;
+use messaging_domain::{Dispatch, Message};
+use std::time::Duration;
+
+const SCENARIO: &str = "commands";
+
+pub async fn run(bench: &mut Bench) -> Result<Vec<Figure>> {
+    sqlx::query(
+        "CREATE TABLE IF NOT EXISTS bench_events \
+         (LIKE events INCLUDING DEFAULTS INCLUDING IDENTITY INCLUDING INDEXES)",
+    )
+    .execute(&bench.pool)
+    .await
+    .context("creating the scratch table bench_events")?;
+    // The reference row carries a real MessageComposed payload, so it is the size of one.
+    let (_, command) = compose(&bench.service, Dispatch::Now)?;
+    let composed = Message::default()
+        .decide(command)
+        .map_err(|e| anyhow!("{e}"))?
+        .into_iter()
+        .next()
+        .ok_or_else(|| anyhow!("compose decided no event"))?;
+    let payload = serde_json::to_string(&composed)?;
+
+    let duration = Duration::from_secs_f64(bench.size(0.7, 4.0));
+    let settle_cap = Duration::from_secs(bench.size(3, 30));
+    let far = || Utc::now() + chrono::Duration::days(365);
+    let mut figures = Vec::new();
+    let mut peak: f64 = 0.0;
+    for clients in [1usize, 8, 32] {
+        settle(&bench.pool, settle_cap).await?;
+        let pool = bench.pool.clone();
+        let payload = payload.clone();
+        let reference = closed_loop(clients, duration, move || {
+            let (pool, payload) = (pool.clone(), payload.clone());
+            async move {
+                sqlx::query(
+                    "INSERT INTO bench_events (aggregate_type, aggregate_id, sequence, event_type, \
+                                               event_version, payload, metadata) \
+                     VALUES ('Message', $1, 1, 'MessageComposed', '1', $2::json, '{}'::json)",
+                )
+                .bind(uuid::Uuid::now_v7().to_string())
+                .bind(payload)
+                .execute(&pool)
+                .await?;
+                Ok(())
+            }
+        })
+        .await;
+        let reference_rate = reference.rate();
+        let reference_name = format!("INSERT 1 event row, {clients} clients");
+        figures.push(Figure::info(
+            SCENARIO,
+            format!("reference: single-row INSERT, {clients} clients"),
+            "rows/s",
+            reference_rate,
+        ));
+
+        // Scheduled a year ahead: the pure command cost (the sender has nothing to do).
+        for (label, scheduled) in [
+            ("scheduled (pure command)", true),
+            ("send now (sender running)", false),
+        ] {
+            settle(&bench.pool, settle_cap).await?;
+            let (store, service) = (bench.store.clone(), bench.service.clone());
+            let in_process = closed_loop(clients, duration, move || {
+                let (store, service) = (store.clone(), service.clone());
+                async move {
+                    let dispatch = if scheduled {
+                        Dispatch::At(far())
+                    } else {
+                        Dispatch::Now
+                    };
+                    execute_compose(&store, &service, dispatch)
+                        .await
+                        .map(|_| ())
+                }
+            })
+            .await;
+            if !scheduled {
+                peak = peak.max(in_process.rate());
+            }
+            let mut figure = Figure::versus(
+                SCENARIO,
+                format!("in-process compose, {label}, {clients} clients"),
+                "msg/s",
+                in_process.rate(),
+                reference_rate,
+                reference_name.clone(),
+                Some(0.5),
+            );
+            if !scheduled {
+                figure = figure
+                    .note("2 events per compose; the sender sends them (sandbox) during the run");
+            }
+            figures.push(figure);
+
+            settle(&bench.pool, settle_cap).await?;
+            let (http, url, key, service) = (
+                bench.http.clone(),
+                format!("{}/v1/messages", bench.base),
+                bench.api_key.clone(),
+                bench.service.clone(),
+            );
+            let over_http = closed_loop(clients, duration, move || {
+                let (http, url, key) = (http.clone(), url.clone(), key.clone());
+                let body = compose_body(&service, scheduled.then(far));
+                async move {
+                    let response = http.post(&url).bearer_auth(key).json(&body).send().await?;
+                    let status = response.status();
+                    if status.as_u16() != 201 {
+                        return Err(anyhow!(
+                            "POST /v1/messages: {status}: {}",
+                            response.text().await?
+                        ));
+                    }
+                    Ok(())
+                }
+            })
+            .await;
+            let mut figure = Figure::versus(
+                SCENARIO,
+                format!("HTTP compose, {label}, {clients} clients"),
+                "msg/s",
+                over_http.rate(),
+                reference_rate,
+                reference_name.clone(),
+                Some(0.5),
+            );
+            if !scheduled {
+                figure = figure.note("the sender sends them (sandbox) during the run");
+            }
+            figures.push(errors_note(figure, &over_http));
+        }
+    }
+    bench.peak_command_rate = Some(peak);
+    Ok(figures)
+}
+
+/// Failed calls (a shared server can run out of connections) are not counted, only reported;
+/// more than 1 % of them fails the figure's target.
+fn errors_note(mut figure: Figure, result: &LoopResult) -> Figure {
+    if result.errors > 0 {
+        let share = result.errors as f64 / (result.errors + result.ok) as f64;
+        figure = figure.note(format!(
+            "{} of {} calls failed ({:.1} %); first: {}",
+            result.errors,
+            result.errors + result.ok,
+            share * 100.0,
+            result.first_error.as_deref().unwrap_or("?")
+        ));
+        if share > 0.01 {
+            figure.met = Some(false);
+        }
+    }
+    figure
+}

@@ -1,0 +1,190 @@
+//! Scenario `lag`: at a steady, open-loop load of half the peak in-process command rate, the
+//! time from a compose's commit (its `execute` returned) until the message list shows it and
+//! until the state-change feed has it, measured by a poller on its own connection.
+
+use crate::common::{closed_loop, execute_compose, quantile, settle, Bench, Figure};
+use anyhow::{Context, Result};
+use messaging_domain::Dispatch;
+use sqlx::{Connection, PgConnection};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, Semaphore};
+
+const SCENARIO: &str = "lag";
+/// The poller's pause between two looks (its resolution, with the query's own time).
+const POLL: Duration = Duration::from_millis(2);
+
+pub async fn run(bench: &mut Bench) -> Result<Vec<Figure>> {
+    settle(&bench.pool, Duration::from_secs(bench.size(10, 60))).await?;
+    let peak = match bench.peak_command_rate {
+        Some(rate) if rate > 0.0 => rate,
+        // Run alone (`--only lag`): measure the peak briefly.
+        _ => {
+            let (store, service) = (bench.store.clone(), bench.service.clone());
+            let r = closed_loop(8, Duration::from_secs(1), move || {
+                let (store, service) = (store.clone(), service.clone());
+                async move {
+                    execute_compose(&store, &service, Dispatch::Now)
+                        .await
+                        .map(|_| ())
+                }
+            })
+            .await;
+            settle(&bench.pool, Duration::from_secs(bench.size(10, 60))).await?;
+            r.rate()
+        }
+    };
+    let rate = (peak / 2.0).max(1.0);
+    let duration = Duration::from_secs(bench.size(2, 10));
+    let total = (rate * duration.as_secs_f64()) as usize;
+
+    let mut conn = PgConnection::connect_with(&bench.pool.connect_options())
+        .await
+        .context("the poller's connection")?;
+    let (tx, mut rx) = mpsc::unbounded_channel::<(uuid::Uuid, Instant)>();
+    let generator = {
+        let (store, service) = (bench.store.clone(), bench.service.clone());
+        tokio::spawn(async move {
+            let limit = Arc::new(Semaphore::new(64));
+            let started = tokio::time::Instant::now();
+            let interval = Duration::from_secs_f64(1.0 / rate);
+            let mut failures = 0u64;
+            let mut tasks = Vec::with_capacity(total);
+            for i in 0..total {
+                tokio::time::sleep_until(started + interval.mul_f64(i as f64)).await;
+                let Ok(permit) = limit.clone().acquire_owned().await else {
+                    break;
+                };
+                let (store, service, tx) = (store.clone(), service.clone(), tx.clone());
+                tasks.push(tokio::spawn(async move {
+                    let result = execute_compose(&store, &service, Dispatch::Now).await;
+                    drop(permit);
+                    match result {
+                        Ok(id) => {
+                            let _ = tx.send((id.as_uuid(), Instant::now()));
+                            true
+                        }
+                        Err(_) => false,
+                    }
+                }));
+            }
+            for task in tasks {
+                if !matches!(task.await, Ok(true)) {
+                    failures += 1;
+                }
+            }
+            (started.elapsed(), failures)
+        })
+    };
+
+    let mut list_pending: HashMap<uuid::Uuid, Instant> = HashMap::new();
+    let mut feed_pending: HashMap<uuid::Uuid, Instant> = HashMap::new();
+    let (mut list_lags, mut feed_lags) = (Vec::with_capacity(total), Vec::with_capacity(total));
+    let mut deadline = None;
+    loop {
+        // Read before draining: everything sent before the generator ended is drained below.
+        let finished = generator.is_finished();
+        while let Ok((id, at)) = rx.try_recv() {
+            list_pending.insert(id, at);
+            feed_pending.insert(id, at);
+        }
+        if finished && deadline.is_none() {
+            deadline = Some(Instant::now() + Duration::from_secs(30));
+        }
+        if finished && list_pending.is_empty() && feed_pending.is_empty() {
+            break;
+        }
+        if deadline.is_some_and(|d| Instant::now() > d) {
+            break;
+        }
+        look(
+            &mut conn,
+            "SELECT message_id FROM message_list WHERE message_id = ANY($1)",
+            &mut list_pending,
+            &mut list_lags,
+        )
+        .await?;
+        look(
+            &mut conn,
+            "SELECT DISTINCT message_id FROM state_changes WHERE message_id = ANY($1)",
+            &mut feed_pending,
+            &mut feed_lags,
+        )
+        .await?;
+        tokio::time::sleep(POLL).await;
+    }
+    let (elapsed, failures) = generator.await.context("the load generator")?;
+    drop(rx);
+    let achieved = list_lags.len().max(feed_lags.len()) as f64 / elapsed.as_secs_f64();
+    list_lags.sort_by(f64::total_cmp);
+    feed_lags.sort_by(f64::total_cmp);
+    let load_note = format!(
+        "open-loop {rate:.0} msg/s (half of peak {peak:.0}) for {duration:?}, achieved {achieved:.0}/s, {failures} failed; \
+         sender running; poll every {POLL:?}"
+    );
+    let mut figures = vec![Figure::info(
+        SCENARIO,
+        "steady load (compose + send now)",
+        "msg/s",
+        achieved,
+    )
+    .note(load_note)];
+    for (what, lags, missing) in [
+        ("message list", &list_lags, list_pending.len()),
+        ("state-change feed", &feed_lags, feed_pending.len()),
+    ] {
+        figures.push(Figure::info(
+            SCENARIO,
+            format!("commit -> visible in {what}, p50"),
+            "ms",
+            quantile(lags, 0.5),
+        ));
+        let mut p99 = Figure::below(
+            SCENARIO,
+            format!("commit -> visible in {what}, p99"),
+            "ms",
+            quantile(lags, 0.99),
+            100.0,
+        );
+        if missing > 0 {
+            p99 = p99.note(format!(
+                "{missing} never seen within 30 s after the load ended"
+            ));
+            p99.met = Some(false);
+        }
+        figures.push(p99);
+        figures.push(Figure::info(
+            SCENARIO,
+            format!("commit -> visible in {what}, max"),
+            "ms",
+            quantile(lags, 1.0),
+        ));
+    }
+    Ok(figures)
+}
+
+/// Runs `sql` for the ids still pending; every id found is done, its lag recorded.
+async fn look(
+    conn: &mut PgConnection,
+    sql: &str,
+    pending: &mut HashMap<uuid::Uuid, Instant>,
+    lags: &mut Vec<f64>,
+) -> Result<()> {
+    if pending.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<uuid::Uuid> = pending.keys().copied().collect();
+    let found: Vec<uuid::Uuid> = sqlx::query_scalar(sql)
+        .bind(&ids)
+        .fetch_all(&mut *conn)
+        .await
+        .context("polling the read models")?;
+    let now = Instant::now();
+    for id in found {
+        if let Some(at) = pending.remove(&id) {
+            lags.push(now.saturating_duration_since(at).as_secs_f64() * 1e3);
+        }
+    }
+    Ok(())
+}

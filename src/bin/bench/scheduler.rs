@@ -1,0 +1,209 @@
+//! Scenario `scheduler`: N messages scheduled over a short window in the near future; lateness
+//! from `publish_at` to the `MessageQueued` event's `recorded_at`, and to the sandbox provider
+//! call (`SendAttemptStarted.started_at`); the process's memory growth.
+//!
+//! The schedule is written directly in bulk (`common::insert_messages`: the exact rows
+//! postgres-es writes), not through commands, so 100k are ready in seconds. From there on
+//! everything is the real path: the `delivery` subscription writes `scheduled_sends`, the
+//! scheduler fires, the sender sends.
+
+use crate::common::{backlog, create_service, insert_messages, rss_bytes, settle, Bench, Figure};
+use anyhow::{anyhow, Context, Result};
+use chrono::Utc;
+use messaging_domain::Dispatch;
+use std::time::{Duration, Instant};
+
+const SCENARIO: &str = "scheduler";
+
+/// Count, p50, p99, max (ms) to `MessageQueued`, then the same to `SendAttemptStarted`.
+#[derive(sqlx::FromRow)]
+struct Lateness {
+    queued: i64,
+    q50: Option<f64>,
+    q99: Option<f64>,
+    qmax: Option<f64>,
+    sent: i64,
+    s50: Option<f64>,
+    s99: Option<f64>,
+    smax: Option<f64>,
+}
+
+pub async fn run(bench: &mut Bench) -> Result<Vec<Figure>> {
+    let n: usize = bench.size(5_000, 100_000);
+    // The window opens after the bulk insert and the delivery subscription have had time to
+    // write the schedule (checked and reported below).
+    let (opens, spread) = bench.size((4.0, 5.0), (40.0, 20.0));
+    settle(&bench.pool, Duration::from_secs(bench.size(15, 120))).await?;
+    let service = create_service(
+        &bench.http,
+        &bench.base,
+        &bench.api_key,
+        "scheduled@example.com",
+    )
+    .await?;
+    let rss_before = rss_bytes()?;
+    let started = Instant::now();
+    let t0 = Utc::now();
+    let window_start = t0 + chrono::Duration::milliseconds((opens * 1e3) as i64);
+    let window_end = window_start + chrono::Duration::milliseconds((spread * 1e3) as i64);
+    let step = (spread * 1e3) / n as f64;
+    let ids = insert_messages(&bench.pool, &service, n, |i| {
+        Dispatch::At(window_start + chrono::Duration::microseconds((i as f64 * step * 1e3) as i64))
+    })
+    .await?;
+    let inserted = started.elapsed();
+    let ids: Vec<String> = ids.iter().map(|id| id.to_string()).collect();
+    // The schedule is ready when the delivery subscription has read every one of its events.
+    let projected = loop {
+        let lag = messaging_projections::subscription::lag(&bench.pool, "delivery").await?;
+        if lag == 0 || started.elapsed() > Duration::from_secs_f64(opens + spread + 120.0) {
+            break started.elapsed();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    // Then until every due row has fired.
+    let cap = Duration::from_secs_f64(opens + spread + bench.size(10.0, 180.0));
+    loop {
+        let left: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM scheduled_sends WHERE publish_at <= $1")
+                .bind(window_end)
+                .fetch_one(&bench.pool)
+                .await?;
+        let delivery_lag =
+            messaging_projections::subscription::lag(&bench.pool, "delivery").await?;
+        if (Utc::now() > window_end && left == 0 && delivery_lag == 0) || started.elapsed() > cap {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let fired_by = started.elapsed();
+    let rss_after = rss_bytes()?;
+    // Give the sender time to start the sends (sandbox: local files), within a bound.
+    let send_cap = Duration::from_secs(bench.size(5, 180));
+    let send_started = Instant::now();
+    while send_started.elapsed() < send_cap && backlog(&bench.pool).await?.1 > 0 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let row: Lateness = sqlx::query_as(
+            "WITH s AS (SELECT e.aggregate_id, \
+                               (e.payload->'MessageScheduled'->>'publish_at')::timestamptz AS publish_at \
+                        FROM events e WHERE e.aggregate_type = 'Message' \
+                          AND e.aggregate_id = ANY($1) AND e.event_type = 'MessageScheduled'), \
+                  l AS (SELECT \
+                     (SELECT extract(epoch FROM min(q.recorded_at) - s.publish_at) * 1000 FROM events q \
+                      WHERE q.aggregate_type = 'Message' AND q.aggregate_id = s.aggregate_id \
+                        AND q.event_type = 'MessageQueued')::float8 AS queued, \
+                     (SELECT extract(epoch FROM min((a.payload->'SendAttemptStarted'->>'started_at')::timestamptz) \
+                                                - s.publish_at) * 1000 FROM events a \
+                      WHERE a.aggregate_type = 'Message' AND a.aggregate_id = s.aggregate_id \
+                        AND a.event_type = 'SendAttemptStarted')::float8 AS started \
+                     FROM s) \
+             SELECT count(queued) AS queued, \
+                    percentile_cont(0.5) WITHIN GROUP (ORDER BY queued) AS q50, \
+                    percentile_cont(0.99) WITHIN GROUP (ORDER BY queued) AS q99, max(queued) AS qmax, \
+                    count(started) AS sent, percentile_cont(0.5) WITHIN GROUP (ORDER BY started) AS s50, \
+                    percentile_cont(0.99) WITHIN GROUP (ORDER BY started) AS s99, max(started) AS smax \
+             FROM l",
+        )
+        .bind(&ids)
+        .fetch_one(&bench.pool)
+        .await
+        .context("reading the lateness")?;
+    let Lateness {
+        queued,
+        q50,
+        q99,
+        qmax,
+        sent,
+        s50,
+        s99,
+        smax,
+    } = row;
+    if queued == 0 {
+        return Err(anyhow!(
+            "none of the {n} scheduled messages was queued within {cap:?}"
+        ));
+    }
+    let nan = |v: Option<f64>| v.unwrap_or(f64::NAN);
+    let setup = format!(
+        "{n} scheduled over {spread} s opening at +{opens} s; bulk insert took {:.1} s, schedule projected at +{:.1} s",
+        inserted.as_secs_f64(),
+        projected.as_secs_f64()
+    );
+    let late_note = if projected.as_secs_f64() > opens {
+        " (the schedule was not fully projected when the window opened: lateness includes that)"
+    } else {
+        ""
+    };
+    let mb = (rss_after as f64 - rss_before as f64) / (1024.0 * 1024.0);
+    let per_100k = mb * 100_000.0 / n as f64;
+    let mut figures = vec![
+        Figure::info(SCENARIO, "setup", "msgs", n as f64).note(format!("{setup}{late_note}")),
+        Figure::below(
+            SCENARIO,
+            "publish_at -> MessageQueued recorded, p50",
+            "ms",
+            nan(q50),
+            50.0,
+        ),
+        Figure::below(
+            SCENARIO,
+            "publish_at -> MessageQueued recorded, p99",
+            "ms",
+            nan(q99),
+            250.0,
+        ),
+        Figure::info(
+            SCENARIO,
+            "publish_at -> MessageQueued recorded, max",
+            "ms",
+            nan(qmax),
+        )
+        .note(format!(
+            "{queued} of {n} queued; all due rows fired by +{:.1} s",
+            fired_by.as_secs_f64()
+        )),
+        Figure::info(
+            SCENARIO,
+            "publish_at -> provider call (SendAttemptStarted), p50",
+            "ms",
+            nan(s50),
+        ),
+        Figure::info(
+            SCENARIO,
+            "publish_at -> provider call (SendAttemptStarted), p99",
+            "ms",
+            nan(s99),
+        ),
+        Figure::info(
+            SCENARIO,
+            "publish_at -> provider call (SendAttemptStarted), max",
+            "ms",
+            nan(smax),
+        )
+        .note(format!("{sent} of {n} started")),
+        Figure::below(
+            SCENARIO,
+            "process RSS growth per 100k scheduled",
+            "MB",
+            per_100k,
+            16.0,
+        )
+        .note(format!(
+            "RSS {:.1} MB before the insert, {:.1} MB once all fired (whole process: app + bench; \
+             scaled linearly from {n}, so fixed warm-up costs dominate at small sizes)",
+            rss_before as f64 / 1048576.0,
+            rss_after as f64 / 1048576.0
+        )),
+    ];
+    if queued < n as i64 {
+        for f in figures
+            .iter_mut()
+            .filter(|f| f.met.is_some() && f.unit == "ms")
+        {
+            f.met = Some(false);
+        }
+    }
+    Ok(figures)
+}

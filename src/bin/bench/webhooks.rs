@@ -1,0 +1,238 @@
+//! Scenario `webhooks`: SendGrid Event Webhook ingestion. Signed batches of 1000 events about
+//! sent messages; the time to 2xx (durably in the inbox), then the time until the applier has
+//! recorded every fact on its message; against one multi-row INSERT of 1000 equivalent rows.
+
+use crate::common::{execute_compose, quantile, settle, Bench, Figure};
+use anyhow::{anyhow, Context, Result};
+use futures::StreamExt;
+use messaging::webhooks::inbox::InboxFact;
+use messaging::webhooks::sendgrid::parse_events;
+use messaging::webhooks::verify::sendgrid_test_signature;
+use messaging_domain::{Dispatch, MessageId};
+use std::time::{Duration, Instant};
+
+const SCENARIO: &str = "webhooks";
+const BATCH: usize = 1_000;
+/// Batches posted at once (SendGrid posts batches concurrently).
+const CONCURRENCY: usize = 4;
+
+pub async fn run(bench: &mut Bench) -> Result<Vec<Figure>> {
+    let messages = bench.size(200, 1_000);
+    let batches = bench.size(2, 20);
+    // Facts apply only to messages whose sending has started: send them first (sandbox).
+    let ids: Vec<MessageId> = futures::stream::iter(0..messages)
+        .map(|_| async {
+            // A shared server may briefly run out of connections: retry setup a few times.
+            let mut tries = 0;
+            loop {
+                match execute_compose(&bench.store, &bench.service, Dispatch::Now).await {
+                    Err(_) if tries < 3 => tries += 1,
+                    result => return result,
+                }
+            }
+        })
+        .buffer_unordered(16)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<Result<_>>()?;
+    let (took, events_left, jobs_left) = settle(&bench.pool, Duration::from_secs(120)).await?;
+    if jobs_left > 0 || events_left > 0 {
+        return Err(anyhow!(
+            "{messages} messages not sent after {took:.1?} ({jobs_left} send jobs, {events_left} events unprojected)"
+        ));
+    }
+
+    // Built, signed and (for the reference) parsed before any clock starts.
+    let bodies = (0..batches)
+        .map(|b| signed_batch(bench, &ids, b))
+        .collect::<Result<Vec<_>>>()?;
+    let parsed: Vec<Vec<InboxFact>> = bodies.iter().map(|b| parse_events(&b.body)).collect();
+    let url = format!("{}/webhooks/sendgrid/events", bench.base);
+
+    // Reference first, on a scratch copy of the inbox (same columns, defaults and indexes).
+    sqlx::query("CREATE TABLE IF NOT EXISTS bench_inbox (LIKE webhook_inbox INCLUDING ALL)")
+        .execute(&bench.pool)
+        .await
+        .context("creating the scratch table bench_inbox")?;
+    let started = Instant::now();
+    futures::stream::iter(parsed.iter())
+        .map(|facts| reference_insert(bench, facts))
+        .buffer_unordered(CONCURRENCY)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<Result<Vec<_>>>()?;
+    let reference_rate = (batches * BATCH) as f64 / started.elapsed().as_secs_f64();
+
+    let started = Instant::now();
+    let timings: Vec<f64> = futures::stream::iter(bodies.iter())
+        .map(|batch| post(bench, &url, batch))
+        .buffer_unordered(CONCURRENCY)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<Result<_>>()?;
+    let ingest = started.elapsed();
+    let cap = Duration::from_secs(bench.size(60, 300));
+    let pending = loop {
+        let pending: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM webhook_inbox WHERE status = 'pending'")
+                .fetch_one(&bench.pool)
+                .await?;
+        if pending == 0 || started.elapsed() > cap {
+            break pending;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let applied = started.elapsed();
+    let total = (batches * BATCH) as f64;
+    let mut sorted = timings;
+    sorted.sort_by(f64::total_cmp);
+    let reference_name = format!("multi-row INSERT of {BATCH} rows, {CONCURRENCY} at once");
+    let mut applied_figure = Figure::info(
+        SCENARIO,
+        "applied to messages (inbox has no pending)",
+        "events/s",
+        total / applied.as_secs_f64(),
+    )
+    .with_reference(reference_rate, reference_name.clone())
+    .note(format!(
+        "{} events over {messages} messages, all applied after {applied:.1?}",
+        total as u64
+    ));
+    if pending > 0 {
+        applied_figure = applied_figure.note(format!(
+            "{pending} still pending after {cap:?}: rate is a lower bound"
+        ));
+    }
+    Ok(vec![
+        Figure::info(
+            SCENARIO,
+            "reference: multi-row INSERT into a copy of webhook_inbox",
+            "events/s",
+            reference_rate,
+        ),
+        Figure::versus(
+            SCENARIO,
+            format!("ingest: signed batches of {BATCH}, {CONCURRENCY} at once, to 2xx"),
+            "events/s",
+            total / ingest.as_secs_f64(),
+            reference_rate,
+            reference_name,
+            Some(0.5),
+        ),
+        Figure::info(
+            SCENARIO,
+            "time to 2xx per batch of 1000, p50",
+            "ms",
+            quantile(&sorted, 0.5),
+        ),
+        Figure::info(
+            SCENARIO,
+            "time to 2xx per batch of 1000, max",
+            "ms",
+            quantile(&sorted, 1.0),
+        ),
+        applied_figure,
+    ])
+}
+
+struct Signed {
+    body: Vec<u8>,
+    timestamp: String,
+    signature: String,
+}
+
+/// Batch `b`: a realistic mix (processed, delivered, open, click) spread over the messages,
+/// signed as SendGrid signs.
+fn signed_batch(bench: &Bench, ids: &[MessageId], b: usize) -> Result<Signed> {
+    let now = chrono::Utc::now().timestamp();
+    let events: Vec<serde_json::Value> = (0..BATCH)
+        .map(|i| {
+            let n = b * BATCH + i;
+            let id = ids[n % ids.len()];
+            let round = n / ids.len();
+            let kind = ["processed", "delivered", "open", "click"][round % 4];
+            let mut event = serde_json::json!({
+                "email": "alice@example.com",
+                "timestamp": now - 3600 + (n as i64 % 3600),
+                "smtp-id": format!("<{id}@example.com>"),
+                "event": kind,
+                "category": ["newsletter"],
+                "sg_event_id": format!("bench-{b}-{i}-{}", uuid::Uuid::now_v7().simple()),
+                "sg_message_id": format!("sg{}.filter0001.16648.5515E0B88.0", id.as_uuid().simple()),
+                "message_id": id.to_string(),
+            });
+            match kind {
+                "delivered" => event["response"] = "250 OK".into(),
+                "open" => {
+                    event["useragent"] = "Mozilla/5.0 (Windows NT 10.0; Win64; x64)".into();
+                    event["ip"] = "203.0.113.7".into();
+                    event["sg_machine_open"] = false.into();
+                }
+                "click" => {
+                    event["url"] = "https://example.com/spring?utm_source=newsletter".into();
+                    event["useragent"] = "Mozilla/5.0 (Windows NT 10.0; Win64; x64)".into();
+                    event["ip"] = "203.0.113.7".into();
+                }
+                _ => {}
+            }
+            event
+        })
+        .collect();
+    let body = serde_json::to_vec(&events)?;
+    let timestamp = chrono::Utc::now().timestamp().to_string();
+    let (_, signature) = sendgrid_test_signature(&bench.signing_secret, &timestamp, &body)
+        .map_err(|e| anyhow!("signing: {e}"))?;
+    Ok(Signed {
+        body,
+        timestamp,
+        signature,
+    })
+}
+
+/// Posts one signed batch; returns the time to the 2xx in milliseconds.
+async fn post(bench: &Bench, url: &str, batch: &Signed) -> Result<f64> {
+    let started = Instant::now();
+    let response = bench
+        .http
+        .post(url)
+        .header("content-type", "application/json")
+        .header("x-twilio-email-event-webhook-signature", &batch.signature)
+        .header("x-twilio-email-event-webhook-timestamp", &batch.timestamp)
+        .body(batch.body.clone())
+        .send()
+        .await?;
+    let status = response.status();
+    let text = response.text().await?;
+    let took = started.elapsed().as_secs_f64() * 1e3;
+    if !status.is_success() {
+        return Err(anyhow!("POST /webhooks/sendgrid/events: {status}: {text}"));
+    }
+    Ok(took)
+}
+
+/// The same rows the endpoint writes, in one INSERT, into the scratch copy of the inbox.
+async fn reference_insert(bench: &Bench, facts: &[InboxFact]) -> Result<()> {
+    let event_ids: Vec<&str> = facts.iter().map(|f| f.event_id.as_str()).collect();
+    let message_ids: Vec<Option<uuid::Uuid>> = facts.iter().map(|f| f.message_id).collect();
+    let kinds: Vec<&str> = facts.iter().map(|f| f.kind.as_str()).collect();
+    let times: Vec<_> = facts.iter().map(|f| f.occurred_at).collect();
+    let payloads: Vec<serde_json::Value> = facts.iter().map(|f| f.payload.clone()).collect();
+    sqlx::query(
+        "INSERT INTO bench_inbox (provider, event_id, message_id, kind, occurred_at, payload, status) \
+         SELECT 'sendgrid', e, m, k, t, p, 'pending' \
+         FROM unnest($1::text[], $2::uuid[], $3::text[], $4::timestamptz[], $5::jsonb[]) AS u(e, m, k, t, p) \
+         ON CONFLICT (provider, event_id) DO NOTHING",
+    )
+    .bind(&event_ids)
+    .bind(&message_ids)
+    .bind(&kinds)
+    .bind(&times)
+    .bind(&payloads)
+    .execute(&bench.pool)
+    .await
+    .context("reference insert")?;
+    Ok(())
+}

@@ -96,3 +96,38 @@ pub async fn load_message(
     }
     Ok(message)
 }
+
+/// For each `(message id, sequence)`, the message folded from its events before that
+/// sequence: one query for a whole batch instead of one per message.
+pub async fn load_messages_before(
+    conn: &mut PgConnection,
+    wanted: &[(String, i64)],
+) -> Result<std::collections::HashMap<String, Message>, ProjectionError> {
+    let mut messages: std::collections::HashMap<String, Message> = wanted
+        .iter()
+        .map(|(id, _)| (id.clone(), Message::default()))
+        .collect();
+    if wanted.iter().all(|(_, sequence)| *sequence <= 1) {
+        return Ok(messages);
+    }
+    let ids: Vec<&str> = wanted.iter().map(|(id, _)| id.as_str()).collect();
+    let sequences: Vec<i64> = wanted.iter().map(|(_, s)| *s).collect();
+    let sql = format!(
+        "SELECT {EVENT_COLUMNS} FROM events \
+         JOIN unnest($2::text[], $3::bigint[]) AS wanted(id, before) \
+           ON aggregate_id = wanted.id AND sequence < wanted.before \
+         WHERE aggregate_type = $1 ORDER BY aggregate_id, sequence"
+    );
+    let events: Vec<StoredEvent> = sqlx::query_as(&sql)
+        .bind(Message::TYPE_NAME)
+        .bind(&ids)
+        .bind(&sequences)
+        .fetch_all(conn)
+        .await?;
+    for e in events {
+        if let Some(message) = messages.get_mut(&e.aggregate_id) {
+            message.apply_event(e.message_event()?);
+        }
+    }
+    Ok(messages)
+}

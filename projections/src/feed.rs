@@ -3,17 +3,28 @@
 //! only grow, an item never appears behind a position already served, and a rebuild numbers
 //! the items the same way.
 
-use crate::event::{load_message, StoredEvent};
+use crate::event::{load_messages_before, StoredEvent};
 use crate::subscription::{Projection, ProjectionError};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use messaging_domain::Message;
 use serde::Serialize;
 use sqlx::PgConnection;
-use std::collections::hash_map::Entry;
-use std::collections::HashMap;
 
 pub struct StateChangeFeed;
+
+/// A batch's new items, column by column, for one multi-row insert.
+#[derive(Default)]
+struct Items {
+    message_id: Vec<uuid::Uuid>,
+    channel: Vec<&'static str>,
+    service_id: Vec<uuid::Uuid>,
+    previous_state: Vec<Option<&'static str>>,
+    state: Vec<&'static str>,
+    cause: Vec<&'static str>,
+    occurred_at: Vec<DateTime<Utc>>,
+    recorded_at: Vec<DateTime<Utc>>,
+    event_position: Vec<i64>,
+}
 
 /// One feed item, as the API serves it.
 #[derive(Debug, Clone, Serialize, sqlx::FromRow, PartialEq)]
@@ -51,14 +62,19 @@ impl Projection for StateChangeFeed {
         conn: &mut PgConnection,
         events: &[StoredEvent],
     ) -> Result<(), ProjectionError> {
-        let mut messages: HashMap<String, Message> = HashMap::new();
-        let mut next: Option<i64> = None;
-        for event in events.iter().filter(|e| e.is_message()) {
-            let message = match messages.entry(event.aggregate_id.clone()) {
-                Entry::Occupied(m) => m.into_mut(),
-                Entry::Vacant(slot) => slot.insert(
-                    load_message(&mut *conn, &event.aggregate_id, Some(event.sequence - 1)).await?,
-                ),
+        let events: Vec<&StoredEvent> = events.iter().filter(|e| e.is_message()).collect();
+        // Each message's state before its first event in this batch, in one query.
+        let mut seen = std::collections::HashSet::new();
+        let first_seen: Vec<(String, i64)> = events
+            .iter()
+            .filter(|e| seen.insert(e.aggregate_id.as_str()))
+            .map(|e| (e.aggregate_id.clone(), e.sequence))
+            .collect();
+        let mut messages = load_messages_before(&mut *conn, &first_seen).await?;
+        let mut items = Items::default();
+        for event in events {
+            let Some(message) = messages.get_mut(&event.aggregate_id) else {
+                continue;
             };
             let before = message.state();
             let payload = event.message_event()?;
@@ -71,42 +87,46 @@ impl Projection for StateChangeFeed {
             if after == before {
                 continue;
             }
-            let position = match next {
-                Some(p) => p,
-                None => {
-                    sqlx::query_scalar::<_, i64>(
-                        "SELECT COALESCE(MAX(position), 0) + 1 FROM state_changes",
-                    )
-                    .fetch_one(&mut *conn)
-                    .await?
-                }
-            };
-            let inserted = sqlx::query(
-                "INSERT INTO state_changes (position, message_id, channel, service_id, \
-                   previous_state, state, cause, occurred_at, recorded_at, event_position) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
-                 ON CONFLICT (event_position) DO NOTHING",
-            )
-            .bind(position)
-            .bind(d.id.as_uuid())
-            .bind(d.channel.as_str())
-            .bind(d.service_id.as_uuid())
-            .bind(before.map(|s| s.as_str()))
-            .bind(d.state.as_str())
-            .bind(cause)
-            .bind(occurred_at)
-            .bind(event.recorded_at)
-            .bind(event.global_position)
+            items.message_id.push(d.id.as_uuid());
+            items.channel.push(d.channel.as_str());
+            items.service_id.push(d.service_id.as_uuid());
+            items.previous_state.push(before.map(|s| s.as_str()));
+            items.state.push(d.state.as_str());
+            items.cause.push(cause);
+            items.occurred_at.push(occurred_at);
+            items.recorded_at.push(event.recorded_at);
+            items.event_position.push(event.global_position);
+        }
+        if items.message_id.is_empty() {
+            return Ok(());
+        }
+        // Numbered in log order from the current end: one writer holds the checkpoint lock.
+        sqlx::query(
+            "INSERT INTO state_changes (position, message_id, channel, service_id, \
+               previous_state, state, cause, occurred_at, recorded_at, event_position) \
+             SELECT (SELECT COALESCE(MAX(position), 0) FROM state_changes) + n, \
+                    message_id, channel, service_id, previous_state, state, cause, \
+                    occurred_at, recorded_at, event_position \
+             FROM unnest($1::uuid[], $2::text[], $3::uuid[], $4::text[], $5::text[], $6::text[], \
+                         $7::timestamptz[], $8::timestamptz[], $9::bigint[]) WITH ORDINALITY \
+               AS i(message_id, channel, service_id, previous_state, state, cause, \
+                    occurred_at, recorded_at, event_position, n) \
+             ORDER BY n",
+        )
+        .bind(&items.message_id)
+        .bind(&items.channel)
+        .bind(&items.service_id)
+        .bind(&items.previous_state)
+        .bind(&items.state)
+        .bind(&items.cause)
+        .bind(&items.occurred_at)
+        .bind(&items.recorded_at)
+        .bind(&items.event_position)
+        .execute(&mut *conn)
+        .await?;
+        sqlx::query("SELECT pg_notify('state_changes', '')")
             .execute(&mut *conn)
-            .await?
-            .rows_affected();
-            next = Some(position + i64::try_from(inserted).unwrap_or(0));
-        }
-        if next.is_some() {
-            sqlx::query("SELECT pg_notify('state_changes', '')")
-                .execute(&mut *conn)
-                .await?;
-        }
+            .await?;
         Ok(())
     }
 

@@ -85,7 +85,7 @@ impl Subscription {
         Self {
             pool,
             projection,
-            batch_size: 500,
+            batch_size: 1000,
             poll_interval: Duration::from_millis(500),
         }
     }

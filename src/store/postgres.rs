@@ -40,6 +40,41 @@ pub struct PgStore {
     pool: PgPool,
     cqrs: MessageCqrs,
     metrics: Option<Arc<Metrics>>,
+    /// Wakes the task that tells every instance's readers that events were committed.
+    committed: Arc<tokio::sync::Notify>,
+}
+
+/// Sends NOTIFY `events` after commits, at most once per few milliseconds however many
+/// commands commit: readers in every instance (this one included, through its listener) wake
+/// without a NOTIFY inside each appending transaction.
+fn spawn_commit_notifier(pool: PgPool) -> Arc<tokio::sync::Notify> {
+    let committed = Arc::new(tokio::sync::Notify::new());
+    let weak = Arc::downgrade(&committed);
+    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+        runtime.spawn(async move {
+            loop {
+                // Ends once the store is gone.
+                let Some(committed) = weak.upgrade() else {
+                    return;
+                };
+                let woken =
+                    tokio::time::timeout(Duration::from_secs(1), committed.notified()).await;
+                drop(committed);
+                if woken.is_err() {
+                    continue;
+                }
+                if let Err(error) = sqlx::query("SELECT pg_notify('events', '')")
+                    .execute(&pool)
+                    .await
+                {
+                    // Readers poll as well: a lost wake-up only delays them.
+                    tracing::debug!(%error, "could not notify readers");
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        });
+    }
+    committed
 }
 
 impl PgStore {
@@ -50,6 +85,7 @@ impl PgStore {
         let repo = PostgresEventRepository::new(pool.clone());
         let cqrs = CqrsFramework::new(PersistedEventStore::new_event_store(repo), vec![], ());
         Self {
+            committed: spawn_commit_notifier(pool.clone()),
             pool,
             cqrs,
             metrics: None,
@@ -132,6 +168,9 @@ impl Store for PgStore {
     async fn execute(&self, id: MessageId, command: MessageCommand) -> Result<(), CommandError> {
         let name = command_name(&command);
         let result = self.execute_with_retries(id, command).await;
+        if result.is_ok() {
+            self.committed.notify_one();
+        }
         if let Some(metrics) = &self.metrics {
             metrics.command(name, &result);
         }

@@ -53,6 +53,8 @@ enum Scenario {
     Lag,
     Rebuild,
     Scheduler,
+    /// 100k scheduled over the next hour: lateness of those that come due while watched.
+    SchedulerSpread,
 }
 
 const API_KEY: &str = "bench-key-0123";
@@ -186,6 +188,7 @@ async fn run_in(cli: &Cli, url: &str, sandbox_dir: PathBuf) -> Result<(Vec<Figur
         Scenario::Lag,
         Scenario::Rebuild,
         Scenario::Scheduler,
+        Scenario::SchedulerSpread,
     ] {
         if !selected(scenario) {
             continue;
@@ -202,6 +205,7 @@ async fn run_in(cli: &Cli, url: &str, sandbox_dir: PathBuf) -> Result<(Vec<Figur
             Scenario::Lag => lag::run(&mut bench).await,
             Scenario::Rebuild => rebuild::run(&mut bench).await,
             Scenario::Scheduler => scheduler::run(&mut bench).await,
+            Scenario::SchedulerSpread => scheduler::run_spread(&mut bench).await,
         };
         match result {
             Ok(mut f) => figures.append(&mut f),

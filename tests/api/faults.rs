@@ -113,6 +113,23 @@ async fn post_opens(client: &reqwest::Client, base: &str, ids: &[String], batch:
         .is_ok_and(|r| r.status().is_success())
 }
 
+async fn sendgrid_service(client: &reqwest::Client, base: &str) -> String {
+    let r = client
+        .post(format!("{base}/v1/services"))
+        .bearer_auth(API_KEY)
+        .json(
+            &json!({"channel": "email", "provider": "sendgrid", "name": "News",
+                      "username": "news@example.com", "credentials": {"api_key": "SG.k"}}),
+        )
+        .send()
+        .await
+        .unwrap();
+    r.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
 async fn sendgrid() -> MockServer {
     let server = MockServer::start().await;
     Mock::given(method("POST"))
@@ -223,20 +240,7 @@ async fn killed_mid_load_and_restarted_loses_nothing_and_doubles_only_cut_calls(
     let url = fresh_database().await;
     let client = reqwest::Client::new();
     let first = Instance::start(&url, &server.uri()).await;
-    let r = client
-        .post(format!("{}/v1/services", first.base))
-        .bearer_auth(API_KEY)
-        .json(
-            &json!({"channel": "email", "provider": "sendgrid", "name": "News",
-                      "username": "news@example.com", "credentials": {"api_key": "SG.k"}}),
-        )
-        .send()
-        .await
-        .unwrap();
-    let service = r.json::<Value>().await.unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let service = sendgrid_service(&client, &first.base).await;
 
     let mut accepted = Vec::new();
     let mut acknowledged_opens = Vec::new();
@@ -279,20 +283,7 @@ async fn two_instances_with_one_killed_mid_load_send_everything() {
     let client = reqwest::Client::new();
     let a = Instance::start(&url, &server.uri()).await;
     let b = Instance::start(&url, &server.uri()).await;
-    let r = client
-        .post(format!("{}/v1/services", a.base))
-        .bearer_auth(API_KEY)
-        .json(
-            &json!({"channel": "email", "provider": "sendgrid", "name": "News",
-                      "username": "news@example.com", "credentials": {"api_key": "SG.k"}}),
-        )
-        .send()
-        .await
-        .unwrap();
-    let service = r.json::<Value>().await.unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let service = sendgrid_service(&client, &a.base).await;
     let mut accepted = Vec::new();
     for i in 0..200 {
         // Alternate: both instances take commands and both send.

@@ -79,6 +79,19 @@ pub struct NewSubscription {
     pub after: Option<i64>,
 }
 
+impl From<&Service> for messaging_domain::ServiceRef {
+    /// The account as a command carries it.
+    fn from(service: &Service) -> Self {
+        Self {
+            id: service.id,
+            channel: service.channel,
+            provider: service.provider,
+            username: service.username.clone(),
+            name: Some(service.name.clone()),
+        }
+    }
+}
+
 /// What the idempotency table said about a key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum IdempotencyClaim {
@@ -105,6 +118,9 @@ pub struct ListFilter {
 pub trait Store: Send + Sync + 'static {
     /// Runs a command on a message, retrying optimistic-concurrency conflicts.
     async fn execute(&self, id: MessageId, command: MessageCommand) -> Result<(), CommandError>;
+    /// The message folded from the log, without building its history (for the workers);
+    /// `None` if there is no such message.
+    async fn load_message(&self, id: MessageId) -> Result<Option<Message>, StoreError>;
     /// The message folded from the log, with its history; `None` if there is no such message.
     async fn message(
         &self,

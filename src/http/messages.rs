@@ -141,13 +141,7 @@ async fn compose_for(
     headers: &HeaderMap,
     request_hash: &str,
 ) -> Result<(StatusCode, ApiJson<Value>), ApiError> {
-    let service_ref = ServiceRef {
-        id: service.id,
-        channel: service.channel,
-        provider: service.provider,
-        username: service.username.clone(),
-        name: Some(service.name.clone()),
-    };
+    let service_ref = ServiceRef::from(service);
     let message = build_message(&service_ref, input)?;
     let now = Utc::now();
     let mut id = MessageId::from_uuid(uuid::Uuid::now_v7());

@@ -207,9 +207,9 @@ impl Sender {
         id: MessageId,
         service_id: ServiceId,
     ) -> Result<JobOutcome, CommandError> {
-        let Some((message, _)) = self
+        let Some(message) = self
             .store
-            .message(id)
+            .load_message(id)
             .await
             .map_err(|e| CommandError::Store(e.to_string()))?
         else {

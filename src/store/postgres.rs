@@ -177,6 +177,12 @@ impl Store for PgStore {
         result
     }
 
+    async fn load_message(&self, id: MessageId) -> Result<Option<Message>, StoreError> {
+        let mut conn = self.pool.acquire().await?;
+        let message = messaging_projections::load_message(&mut conn, &id.to_string(), None).await?;
+        Ok(message.data().is_some().then_some(message))
+    }
+
     async fn message(
         &self,
         id: MessageId,

@@ -267,7 +267,7 @@ impl Applier {
         original: MessageId,
         p: &Pending,
     ) -> Result<MessageCommand, Applied> {
-        let (message, _) = match self.store.message(original).await {
+        let message = match self.store.load_message(original).await {
             Ok(Some(found)) => found,
             Ok(None) => return Err(Applied::Wait),
             Err(e) => return Err(Applied::Retry(e.to_string())),
@@ -293,13 +293,7 @@ impl Applier {
         let id = inbound_id(&p.event_id, p.occurred_at);
         let receive = MessageCommand::Receive(Receive {
             id,
-            service: ServiceRef {
-                id: service.id,
-                channel: service.channel,
-                provider: service.provider,
-                username: service.username.clone(),
-                name: Some(service.name.clone()),
-            },
+            service: ServiceRef::from(&service),
             from: from.clone(),
             subject: text(v, "subject"),
             text: text(v, "text"),

@@ -28,7 +28,7 @@ const SUBSCRIPTION_VIEW: &str = "SELECT s.id, s.url, s.states, s.channels, s.cur
        s.delivered, s.failures, s.last_error, s.last_attempt_at, s.next_attempt_at, s.created_at \
      FROM subscriptions s";
 
-pub static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
+pub static MIGRATOR: Migrator = sqlx::migrate!("./migrations/postgres");
 
 type MessageCqrs = CqrsFramework<Message, PersistedEventStore<PostgresEventRepository, Message>>;
 

@@ -128,19 +128,14 @@ impl Application {
         let metrics = Arc::new(Metrics::new().context("setting up the metrics registry")?);
         let store: Arc<dyn crate::store::Store> =
             Arc::new(PgStore::new(pool.clone()).with_metrics(metrics.clone()));
-        let scheduler = Scheduler::new(pool.clone(), store.clone());
+        let scheduler = Scheduler::new(store.clone());
         workers.push(tokio::spawn(
             scheduler.run(wakeups.schedule.clone(), shutdown_rx.clone()),
         ));
         let providers = Providers::new(&provider_config(config))
             .context("setting up the provider clients (check MESSAGING_*_BASE_URL)")?;
-        let sender = Sender::new(
-            pool.clone(),
-            store.clone(),
-            Arc::new(providers),
-            sender_config(config),
-        )
-        .with_metrics(metrics.clone());
+        let sender = Sender::new(store.clone(), Arc::new(providers), sender_config(config))
+            .with_metrics(metrics.clone());
         workers.push(tokio::spawn(
             sender.run(wakeups.send_jobs.clone(), shutdown_rx.clone()),
         ));

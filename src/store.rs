@@ -7,6 +7,7 @@ use messaging_domain::Message;
 use messaging_domain::{Channel, MessageCommand, MessageError, MessageId, Provider, ServiceId};
 use messaging_projections::{FeedItem, HistoryItem};
 use serde::Serialize;
+use std::time::Duration;
 
 pub mod postgres;
 
@@ -114,6 +115,21 @@ pub struct ListFilter {
     pub limit: i64,
 }
 
+/// A scheduled send the scheduler leased, with the `publish_at` it was leased at: the firing
+/// is for that time only (a reschedule written since is a different firing).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ScheduledSend {
+    pub message_id: MessageId,
+    pub publish_at: DateTime<Utc>,
+}
+
+/// A send job the sender claimed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SendJob {
+    pub message_id: MessageId,
+    pub service_id: ServiceId,
+}
+
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// Runs a command on a message, retrying optimistic-concurrency conflicts.
@@ -170,4 +186,63 @@ pub trait Store: Send + Sync + 'static {
 
     /// Whether the database answers and every migration is applied.
     async fn ready(&self) -> Result<(), StoreError>;
+
+    // ---- Scheduler ----
+    // `scheduled_sends` holds one row per scheduled message (`message_id`, `publish_at`,
+    // `locked_until`), written by the delivery projection. The scheduler leases due rows,
+    // fires each (a `Send` command carrying that `publish_at`), then finishes or releases
+    // exactly the row it fired, matched on message and `publish_at`. "Now" is the store's
+    // clock. Any number of instances may run at once: no row is leased by two at a time.
+
+    /// Leases up to `limit` due rows (`publish_at` <= now, and `locked_until` NULL or < now),
+    /// earliest `publish_at` first, for 30 seconds (`locked_until` = now + 30 s), in one
+    /// atomic step; a row another instance is leasing at that moment is skipped, not waited
+    /// for. Returns each leased row's message and `publish_at`.
+    async fn lease_due_schedules(&self, limit: i64) -> Result<Vec<ScheduledSend>, StoreError>;
+    /// Deletes the message's row if its `publish_at` is still `publish_at` (a firing that is
+    /// done, or void); a row rescheduled since is left alone. Nothing to delete is no error.
+    async fn finish_schedule(
+        &self,
+        message_id: MessageId,
+        publish_at: DateTime<Utc>,
+    ) -> Result<(), StoreError>;
+    /// Clears the lease (`locked_until` = NULL) of the message's row if its `publish_at` is
+    /// still `publish_at`, so the next round fires it again; a row rescheduled since is left
+    /// alone. Nothing to release is no error.
+    async fn release_schedule(
+        &self,
+        message_id: MessageId,
+        publish_at: DateTime<Utc>,
+    ) -> Result<(), StoreError>;
+    /// The earliest time a row can be leased: the minimum over all rows of the later of
+    /// `publish_at` and `locked_until` (`publish_at` when unleased); may be in the past.
+    /// `None` when there are no rows.
+    async fn next_schedule_due(&self) -> Result<Option<DateTime<Utc>>, StoreError>;
+
+    // ---- Sender ----
+    // `send_jobs` holds one row per message waiting to be sent (`message_id`, `service_id`,
+    // `due_at`, `locked_until`, `claims`), written by the delivery projection. The sender
+    // claims due jobs with a lease; the message's `StartSendAttempt` command, not the lease,
+    // is the fence against sending twice. "Now" is the store's clock. Any number of instances
+    // may run at once: no job is claimed by two at a time while its lease holds.
+
+    /// Claims due jobs (`due_at` <= now, and `locked_until` NULL or < now), at most
+    /// `per_service` of each service (that service's earliest `due_at` first) and at most
+    /// `limit` in all (which services fill `limit` is unspecified), in one atomic step: each
+    /// claimed job gets `locked_until` = now + `lease` and `claims` + 1. A job another instance
+    /// is claiming at that moment is skipped, not waited for, and one leased meanwhile is not
+    /// claimed. Returns each claimed job's message and service.
+    async fn claim_send_jobs(
+        &self,
+        limit: i64,
+        per_service: i64,
+        lease: Duration,
+    ) -> Result<Vec<SendJob>, StoreError>;
+    /// The earliest time a job can be claimed: the minimum over all jobs of the later of
+    /// `due_at` and `locked_until` (`due_at` when unleased); may be in the past. `None` when
+    /// there are no jobs.
+    async fn next_send_job_due(&self) -> Result<Option<DateTime<Utc>>, StoreError>;
+    /// Deletes the message's job whoever holds its lease (the message has nothing left to
+    /// send). No job is no error.
+    async fn delete_send_job(&self, message_id: MessageId) -> Result<(), StoreError>;
 }

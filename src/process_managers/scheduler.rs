@@ -6,11 +6,10 @@
 //! instances can run; each firing carries the `publish_at` it fired for, so a reschedule or a
 //! cancel that races it wins and nothing is queued twice.
 
-use crate::store::{CommandError, Store};
+use crate::store::{CommandError, ScheduledSend, Store, StoreError};
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
-use messaging_domain::{MessageCommand, MessageError, MessageId};
-use sqlx::PgPool;
+use messaging_domain::{MessageCommand, MessageError};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
@@ -22,53 +21,47 @@ const CONCURRENCY: usize = 16;
 
 #[derive(Clone)]
 pub struct Scheduler {
-    pool: PgPool,
     store: Arc<dyn Store>,
     batch_size: i64,
 }
 
 impl Scheduler {
-    pub fn new(pool: PgPool, store: Arc<dyn Store>) -> Self {
+    pub fn new(store: Arc<dyn Store>) -> Self {
         Self {
-            pool,
             store,
             batch_size: 200,
         }
     }
 
     /// Queues every message due now; returns how many were queued.
-    pub async fn fire_due(&self) -> Result<usize, sqlx::Error> {
+    pub async fn fire_due(&self) -> Result<usize, StoreError> {
         let mut fired = 0;
         loop {
-            // Leased in one short statement, then fired with no transaction open: an open
+            // Leased in one short step, then fired with no transaction open: an open
             // transaction older than the events the firings append would hold back every log
             // reader until it ended.
-            let due: Vec<(uuid::Uuid, DateTime<Utc>)> = sqlx::query_as(
-                "UPDATE scheduled_sends s SET locked_until = now() + interval '30 seconds' \
-                 FROM (SELECT message_id FROM scheduled_sends \
-                       WHERE publish_at <= now() \
-                         AND (locked_until IS NULL OR locked_until < now()) \
-                       ORDER BY publish_at LIMIT $1 FOR UPDATE SKIP LOCKED) due \
-                 WHERE s.message_id = due.message_id \
-                 RETURNING s.message_id, s.publish_at",
-            )
-            .bind(self.batch_size)
-            .fetch_all(&self.pool)
-            .await?;
+            let due = self.store.lease_due_schedules(self.batch_size).await?;
             let claimed = due.len();
             let outcomes: Vec<_> = futures::stream::iter(due)
-                .map(|(id, publish_at)| async move {
+                .map(|due| async move {
                     let command = MessageCommand::Send {
                         now: Utc::now(),
-                        expected_publish_at: Some(publish_at),
+                        expected_publish_at: Some(due.publish_at),
                     };
-                    let result = self.store.execute(MessageId::from_uuid(id), command).await;
-                    (id, publish_at, result)
+                    let result = self.store.execute(due.message_id, command).await;
+                    (due, result)
                 })
                 .buffer_unordered(CONCURRENCY)
                 .collect()
                 .await;
-            for (id, publish_at, result) in outcomes {
+            for (
+                ScheduledSend {
+                    message_id: id,
+                    publish_at,
+                },
+                result,
+            ) in outcomes
+            {
                 let done = match result {
                     Ok(()) => {
                         fired += 1;
@@ -91,17 +84,11 @@ impl Scheduler {
                     }
                 };
                 // Only this firing's row: a reschedule written meanwhile stays, unleased.
-                let sql = if done {
-                    "DELETE FROM scheduled_sends WHERE message_id = $1 AND publish_at = $2"
+                if done {
+                    self.store.finish_schedule(id, publish_at).await?;
                 } else {
-                    "UPDATE scheduled_sends SET locked_until = NULL \
-                     WHERE message_id = $1 AND publish_at = $2"
-                };
-                sqlx::query(sql)
-                    .bind(id)
-                    .bind(publish_at)
-                    .execute(&self.pool)
-                    .await?;
+                    self.store.release_schedule(id, publish_at).await?;
+                }
             }
             if (claimed as i64) < self.batch_size {
                 return Ok(fired);
@@ -110,13 +97,8 @@ impl Scheduler {
     }
 
     /// The earliest `publish_at` still waiting.
-    pub async fn next_due(&self) -> Result<Option<DateTime<Utc>>, sqlx::Error> {
-        sqlx::query_scalar(
-            "SELECT min(greatest(publish_at, coalesce(locked_until, publish_at))) \
-             FROM scheduled_sends",
-        )
-        .fetch_one(&self.pool)
-        .await
+    pub async fn next_due(&self) -> Result<Option<DateTime<Utc>>, StoreError> {
+        self.store.next_schedule_due().await
     }
 
     /// Runs until `shutdown` turns true.

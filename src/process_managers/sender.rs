@@ -17,14 +17,13 @@
 //! make a duplicate detectable), a post is recorded as an unknown outcome.
 
 use crate::providers::{parse_credentials, Account, OutgoingMessage, Providers, SendError};
-use crate::store::{CommandError, Store};
+use crate::store::{CommandError, SendJob, Store, StoreError};
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use messaging_domain::{
     Channel, MessageCommand, MessageData, MessageError, MessageId, MessageState, Provider,
     ServiceId,
 };
-use sqlx::PgPool;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -64,12 +63,6 @@ impl Default for SenderConfig {
     }
 }
 
-#[derive(Debug, sqlx::FromRow)]
-struct Job {
-    message_id: uuid::Uuid,
-    service_id: uuid::Uuid,
-}
-
 /// A token bucket per service, so one busy account is paced without holding others back.
 #[derive(Default)]
 struct RateLimiter {
@@ -98,7 +91,6 @@ impl RateLimiter {
 
 #[derive(Clone)]
 pub struct Sender {
-    pool: PgPool,
     store: Arc<dyn Store>,
     providers: Arc<Providers>,
     config: SenderConfig,
@@ -118,14 +110,8 @@ pub enum JobOutcome {
 }
 
 impl Sender {
-    pub fn new(
-        pool: PgPool,
-        store: Arc<dyn Store>,
-        providers: Arc<Providers>,
-        config: SenderConfig,
-    ) -> Self {
+    pub fn new(store: Arc<dyn Store>, providers: Arc<Providers>, config: SenderConfig) -> Self {
         Self {
-            pool,
             store,
             providers,
             config,
@@ -143,39 +129,19 @@ impl Sender {
     }
 
     /// Claims due jobs and leases them.
-    async fn claim(&self, limit: i64) -> Result<Vec<Job>, sqlx::Error> {
-        sqlx::query_as(
-            "WITH candidates AS ( \
-               SELECT message_id FROM ( \
-                 SELECT message_id, row_number() OVER (PARTITION BY service_id ORDER BY due_at) AS n \
-                 FROM send_jobs \
-                 WHERE due_at <= now() AND (locked_until IS NULL OR locked_until < now()) \
-               ) ranked WHERE n <= $2 LIMIT $1 \
-             ), locked AS ( \
-               SELECT message_id FROM send_jobs \
-               WHERE message_id IN (SELECT message_id FROM candidates) \
-                 AND due_at <= now() AND (locked_until IS NULL OR locked_until < now()) \
-               FOR UPDATE SKIP LOCKED \
-             ) \
-             UPDATE send_jobs j SET locked_until = now() + $3 * interval '1 millisecond', \
-                 claims = claims + 1 \
-             FROM locked WHERE j.message_id = locked.message_id \
-             RETURNING j.message_id, j.service_id",
-        )
-        .bind(limit)
-        .bind(self.config.per_service_per_round)
-        .bind(self.config.lease.as_millis() as f64)
-        .fetch_all(&self.pool)
-        .await
+    async fn claim(&self, limit: i64) -> Result<Vec<SendJob>, StoreError> {
+        self.store
+            .claim_send_jobs(limit, self.config.per_service_per_round, self.config.lease)
+            .await
     }
 
     /// Claims one round of due jobs and sends them; returns what happened to each.
-    pub async fn run_once(&self) -> Result<Vec<JobOutcome>, sqlx::Error> {
+    pub async fn run_once(&self) -> Result<Vec<JobOutcome>, StoreError> {
         let jobs = self.claim(self.config.concurrency as i64 * 4).await?;
         Ok(futures::stream::iter(jobs)
             .map(|job| async move {
-                let id = MessageId::from_uuid(job.message_id);
-                match self.process(id, ServiceId::from_uuid(job.service_id)).await {
+                let id = job.message_id;
+                match self.process(id, job.service_id).await {
                     Ok(outcome) => outcome,
                     Err(error) => {
                         // The lease expires and the job is recovered: nothing is lost.
@@ -190,12 +156,8 @@ impl Sender {
     }
 
     /// The earliest time a job becomes claimable.
-    pub async fn next_due(&self) -> Result<Option<DateTime<Utc>>, sqlx::Error> {
-        sqlx::query_scalar(
-            "SELECT min(greatest(due_at, coalesce(locked_until, due_at))) FROM send_jobs",
-        )
-        .fetch_one(&self.pool)
-        .await
+    pub async fn next_due(&self) -> Result<Option<DateTime<Utc>>, StoreError> {
+        self.store.next_send_job_due().await
     }
 
     async fn execute(&self, id: MessageId, command: MessageCommand) -> Result<(), CommandError> {
@@ -226,9 +188,8 @@ impl Sender {
         }
         if d.lifecycle != MessageState::Pending || d.outcome_unknown || d.sent_at.is_some() {
             // Nothing left to send (the projection removes such jobs; this one raced it).
-            sqlx::query("DELETE FROM send_jobs WHERE message_id = $1")
-                .bind(id.as_uuid())
-                .execute(&self.pool)
+            self.store
+                .delete_send_job(id)
                 .await
                 .map_err(|e| CommandError::Store(e.to_string()))?;
             return Ok(JobOutcome::Skipped);

@@ -1,9 +1,11 @@
 //! The PostgreSQL backend: cqrs-es + postgres-es in event-store mode for commands, plain SQL
 //! for services, idempotency keys and the read models.
 
+mod jobs;
+
 use super::{
-    CommandError, IdempotencyClaim, ListFilter, NewSubscription, PushSubscription, Service, Store,
-    StoreError,
+    CommandError, IdempotencyClaim, ListFilter, NewSubscription, PushSubscription, ScheduledSend,
+    SendJob, Service, Store, StoreError,
 };
 use crate::metrics::{command_name, Metrics};
 use async_trait::async_trait;
@@ -396,5 +398,46 @@ impl Store for PgStore {
             )));
         }
         Ok(())
+    }
+
+    async fn lease_due_schedules(&self, limit: i64) -> Result<Vec<ScheduledSend>, StoreError> {
+        jobs::lease_due_schedules(&self.pool, limit).await
+    }
+
+    async fn finish_schedule(
+        &self,
+        message_id: MessageId,
+        publish_at: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        jobs::finish_schedule(&self.pool, message_id, publish_at).await
+    }
+
+    async fn release_schedule(
+        &self,
+        message_id: MessageId,
+        publish_at: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        jobs::release_schedule(&self.pool, message_id, publish_at).await
+    }
+
+    async fn next_schedule_due(&self) -> Result<Option<DateTime<Utc>>, StoreError> {
+        jobs::next_schedule_due(&self.pool).await
+    }
+
+    async fn claim_send_jobs(
+        &self,
+        limit: i64,
+        per_service: i64,
+        lease: Duration,
+    ) -> Result<Vec<SendJob>, StoreError> {
+        jobs::claim_send_jobs(&self.pool, limit, per_service, lease).await
+    }
+
+    async fn next_send_job_due(&self) -> Result<Option<DateTime<Utc>>, StoreError> {
+        jobs::next_send_job_due(&self.pool).await
+    }
+
+    async fn delete_send_job(&self, message_id: MessageId) -> Result<(), StoreError> {
+        jobs::delete_send_job(&self.pool, message_id).await
     }
 }

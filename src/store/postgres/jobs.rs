@@ -1,0 +1,130 @@
+//! The scheduler's `scheduled_sends` and the sender's `send_jobs`: row leases taken with
+//! `FOR UPDATE SKIP LOCKED`, so any number of instances can work the same tables.
+
+use crate::store::{ScheduledSend, SendJob, StoreError};
+use chrono::{DateTime, Utc};
+use messaging_domain::{MessageId, ServiceId};
+use sqlx::PgPool;
+use std::time::Duration;
+
+pub(super) async fn lease_due_schedules(
+    pool: &PgPool,
+    limit: i64,
+) -> Result<Vec<ScheduledSend>, StoreError> {
+    // One short statement: the firings that follow run with no transaction open (an open
+    // transaction older than the events they append would hold back every log reader).
+    let due: Vec<(uuid::Uuid, DateTime<Utc>)> = sqlx::query_as(
+        "UPDATE scheduled_sends s SET locked_until = now() + interval '30 seconds' \
+         FROM (SELECT message_id FROM scheduled_sends \
+               WHERE publish_at <= now() \
+                 AND (locked_until IS NULL OR locked_until < now()) \
+               ORDER BY publish_at LIMIT $1 FOR UPDATE SKIP LOCKED) due \
+         WHERE s.message_id = due.message_id \
+         RETURNING s.message_id, s.publish_at",
+    )
+    .bind(limit)
+    .fetch_all(pool)
+    .await?;
+    Ok(due
+        .into_iter()
+        .map(|(id, publish_at)| ScheduledSend {
+            message_id: MessageId::from_uuid(id),
+            publish_at,
+        })
+        .collect())
+}
+
+pub(super) async fn finish_schedule(
+    pool: &PgPool,
+    message_id: MessageId,
+    publish_at: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    sqlx::query("DELETE FROM scheduled_sends WHERE message_id = $1 AND publish_at = $2")
+        .bind(message_id.as_uuid())
+        .bind(publish_at)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+pub(super) async fn release_schedule(
+    pool: &PgPool,
+    message_id: MessageId,
+    publish_at: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "UPDATE scheduled_sends SET locked_until = NULL \
+         WHERE message_id = $1 AND publish_at = $2",
+    )
+    .bind(message_id.as_uuid())
+    .bind(publish_at)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+pub(super) async fn next_schedule_due(pool: &PgPool) -> Result<Option<DateTime<Utc>>, StoreError> {
+    Ok(sqlx::query_scalar(
+        "SELECT min(greatest(publish_at, coalesce(locked_until, publish_at))) \
+         FROM scheduled_sends",
+    )
+    .fetch_one(pool)
+    .await?)
+}
+
+pub(super) async fn claim_send_jobs(
+    pool: &PgPool,
+    limit: i64,
+    per_service: i64,
+    lease: Duration,
+) -> Result<Vec<SendJob>, StoreError> {
+    let jobs: Vec<(uuid::Uuid, uuid::Uuid)> = sqlx::query_as(
+        "WITH candidates AS ( \
+           SELECT message_id FROM ( \
+             SELECT message_id, row_number() OVER (PARTITION BY service_id ORDER BY due_at) AS n \
+             FROM send_jobs \
+             WHERE due_at <= now() AND (locked_until IS NULL OR locked_until < now()) \
+           ) ranked WHERE n <= $2 LIMIT $1 \
+         ), locked AS ( \
+           SELECT message_id FROM send_jobs \
+           WHERE message_id IN (SELECT message_id FROM candidates) \
+             AND due_at <= now() AND (locked_until IS NULL OR locked_until < now()) \
+           FOR UPDATE SKIP LOCKED \
+         ) \
+         UPDATE send_jobs j SET locked_until = now() + $3 * interval '1 millisecond', \
+             claims = claims + 1 \
+         FROM locked WHERE j.message_id = locked.message_id \
+         RETURNING j.message_id, j.service_id",
+    )
+    .bind(limit)
+    .bind(per_service)
+    .bind(lease.as_millis() as f64)
+    .fetch_all(pool)
+    .await?;
+    Ok(jobs
+        .into_iter()
+        .map(|(message_id, service_id)| SendJob {
+            message_id: MessageId::from_uuid(message_id),
+            service_id: ServiceId::from_uuid(service_id),
+        })
+        .collect())
+}
+
+pub(super) async fn next_send_job_due(pool: &PgPool) -> Result<Option<DateTime<Utc>>, StoreError> {
+    Ok(sqlx::query_scalar(
+        "SELECT min(greatest(due_at, coalesce(locked_until, due_at))) FROM send_jobs",
+    )
+    .fetch_one(pool)
+    .await?)
+}
+
+pub(super) async fn delete_send_job(
+    pool: &PgPool,
+    message_id: MessageId,
+) -> Result<(), StoreError> {
+    sqlx::query("DELETE FROM send_jobs WHERE message_id = $1")
+        .bind(message_id.as_uuid())
+        .execute(pool)
+        .await?;
+    Ok(())
+}

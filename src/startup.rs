@@ -139,7 +139,7 @@ impl Application {
         workers.push(tokio::spawn(
             sender.run(wakeups.send_jobs.clone(), shutdown_rx.clone()),
         ));
-        let applier = Applier::new(pool.clone(), store.clone());
+        let applier = Applier::new(store.clone());
         workers.push(tokio::spawn(applier.run(
             wakeups.webhook_inbox.clone(),
             wakeups.events.clone(),
@@ -157,7 +157,7 @@ impl Application {
             pusher.run(wakeups.state_changes.clone(), shutdown_rx.clone()),
         ));
         let webhook_state = WebhookState {
-            pool: pool.clone(),
+            store: store.clone(),
             secrets: webhook_secrets,
         };
         let state = AppState {

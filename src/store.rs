@@ -1,6 +1,7 @@
 //! The store port: everything the service asks of its database, behind one trait, so that a
 //! second backend (the embedded SQLite default) can implement the same behaviour.
 
+use crate::webhooks::inbox::{FactKind, InboxFact, Problematic};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use messaging_domain::Message;
@@ -130,6 +131,34 @@ pub struct SendJob {
     pub service_id: ServiceId,
 }
 
+/// A pending webhook inbox fact the applier leased.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PendingFact {
+    /// The inbox row's id: ascending in the order rows were recorded.
+    pub id: i64,
+    pub event_id: String,
+    pub message_id: Option<MessageId>,
+    /// The stored kind, parsed (a kind this build does not know is `Other`).
+    pub kind: FactKind,
+    pub occurred_at: DateTime<Utc>,
+    pub payload: serde_json::Value,
+}
+
+/// How the applier settled one leased fact.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FactSettlement {
+    /// Recorded on its message: `applied`, `applied_at` = now, no reason.
+    Applied,
+    /// It can never apply: `unmatched`, with the reason.
+    Unmatched(String),
+    /// A passing failure: stays `pending`, not waiting (leasable again at once), with the
+    /// reason.
+    Retry(String),
+    /// Its message is unknown, or cannot take it yet: stays `pending` and waiting until the
+    /// message is listed with a newer sequence than now; with the reason, if any.
+    Wait(Option<String>),
+}
+
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// Runs a command on a message, retrying optimistic-concurrency conflicts.
@@ -176,13 +205,6 @@ pub trait Store: Send + Sync + 'static {
     async fn subscriptions(&self) -> Result<Vec<PushSubscription>, StoreError>;
     /// Whether there was one to delete.
     async fn delete_subscription(&self, id: uuid::Uuid) -> Result<bool, StoreError>;
-
-    /// Webhook input that names no message of ours or could not be read, newest first.
-    async fn webhook_problems(
-        &self,
-        before: Option<i64>,
-        limit: i64,
-    ) -> Result<Vec<crate::webhooks::inbox::Problematic>, StoreError>;
 
     /// Whether the database answers and every migration is applied.
     async fn ready(&self) -> Result<(), StoreError>;
@@ -245,4 +267,51 @@ pub trait Store: Send + Sync + 'static {
     /// Deletes the message's job whoever holds its lease (the message has nothing left to
     /// send). No job is no error.
     async fn delete_send_job(&self, message_id: MessageId) -> Result<(), StoreError>;
+
+    // ---- Webhook inbox ----
+    // `webhook_inbox` holds every fact a provider webhook told us, recorded before we answer
+    // the provider, unique by (`provider`, `event_id`). A row's `status` is `pending` (to
+    // apply), `applied`, `unmatched` (never applies) or `malformed` (unreadable); a pending
+    // row may be `waiting` for its message to be listed (or to change past `waiting_after`,
+    // the message's `last_sequence` when it last waited) and may be leased (`locked_until`)
+    // by an applier. "Now" is the store's clock. Any number of appliers may run at once.
+
+    /// Records a batch atomically (all or none): each new fact becomes a row with the status
+    /// and reason [`InboxFact::stored_status`] gives it, received now; a fact whose
+    /// (`provider`, `event_id`) is already recorded (a provider re-send) is dropped, leaving
+    /// the existing row untouched, and of facts repeated within the batch only the first is
+    /// recorded. Wakes the appliers. Returns how
+    /// many rows were new.
+    async fn record_webhook_facts(&self, facts: &[InboxFact]) -> Result<u64, StoreError>;
+    /// The id of one of our outbound messages on `channel` whose provider id is
+    /// `provider_message_id`, as the message list has it; `None` if the list has none.
+    async fn outbound_message_id(
+        &self,
+        channel: Channel,
+        provider_message_id: &str,
+    ) -> Result<Option<MessageId>, StoreError>;
+    /// Leases, for 60 seconds (`locked_until` = now + 60 s), up to 500 facts that are
+    /// `pending`, unleased (`locked_until` NULL or < now), and either not `waiting` or waiting
+    /// on a message now in the message list with `last_sequence` > `waiting_after` (NULL
+    /// counts as 0), choosing the earliest by (`occurred_at`, `id`), in one atomic step; a
+    /// fact another applier is leasing at that moment is skipped, not waited for. Returns the
+    /// leased facts in no particular order.
+    async fn lease_webhook_facts(&self) -> Result<Vec<PendingFact>, StoreError>;
+    /// Settles leased facts, each by its `PendingFact::id`, atomically (all or none): sets
+    /// its status, `waiting` and `reason` as [`FactSettlement`] says, clears its lease, sets
+    /// `applied_at` to now when applied (NULL otherwise), and `waiting_after` to its message's
+    /// current `last_sequence` in the message list when waiting (NULL otherwise, or when the
+    /// message is not listed). Ids with no row are ignored.
+    async fn settle_webhook_facts(
+        &self,
+        settled: &[(i64, FactSettlement)],
+    ) -> Result<(), StoreError>;
+    /// Webhook input that names no message of ours or could not be read (`unmatched` or
+    /// `malformed`), newest (highest id) first: up to `limit` rows, only ids below `before`
+    /// when given.
+    async fn webhook_problems(
+        &self,
+        before: Option<i64>,
+        limit: i64,
+    ) -> Result<Vec<Problematic>, StoreError>;
 }

@@ -1,13 +1,15 @@
 //! The PostgreSQL backend: cqrs-es + postgres-es in event-store mode for commands, plain SQL
 //! for services, idempotency keys and the read models.
 
+mod inbox;
 mod jobs;
 
 use super::{
-    CommandError, IdempotencyClaim, ListFilter, NewSubscription, PushSubscription, ScheduledSend,
-    SendJob, Service, Store, StoreError,
+    CommandError, FactSettlement, IdempotencyClaim, ListFilter, NewSubscription, PendingFact,
+    PushSubscription, ScheduledSend, SendJob, Service, Store, StoreError,
 };
 use crate::metrics::{command_name, Metrics};
+use crate::webhooks::inbox::{InboxFact, Problematic};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use cqrs_es::persist::PersistedEventStore;
@@ -377,14 +379,6 @@ impl Store for PgStore {
         Ok(deleted > 0)
     }
 
-    async fn webhook_problems(
-        &self,
-        before: Option<i64>,
-        limit: i64,
-    ) -> Result<Vec<crate::webhooks::inbox::Problematic>, StoreError> {
-        Ok(crate::webhooks::inbox::problems(&self.pool, before, limit).await?)
-    }
-
     async fn ready(&self) -> Result<(), StoreError> {
         let latest = MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0);
         let applied: Option<i64> =
@@ -439,5 +433,36 @@ impl Store for PgStore {
 
     async fn delete_send_job(&self, message_id: MessageId) -> Result<(), StoreError> {
         jobs::delete_send_job(&self.pool, message_id).await
+    }
+
+    async fn record_webhook_facts(&self, facts: &[InboxFact]) -> Result<u64, StoreError> {
+        inbox::record(&self.pool, facts).await
+    }
+
+    async fn outbound_message_id(
+        &self,
+        channel: Channel,
+        provider_message_id: &str,
+    ) -> Result<Option<MessageId>, StoreError> {
+        inbox::outbound_message_id(&self.pool, channel, provider_message_id).await
+    }
+
+    async fn lease_webhook_facts(&self) -> Result<Vec<PendingFact>, StoreError> {
+        inbox::lease(&self.pool).await
+    }
+
+    async fn settle_webhook_facts(
+        &self,
+        settled: &[(i64, FactSettlement)],
+    ) -> Result<(), StoreError> {
+        inbox::settle(&self.pool, settled).await
+    }
+
+    async fn webhook_problems(
+        &self,
+        before: Option<i64>,
+        limit: i64,
+    ) -> Result<Vec<Problematic>, StoreError> {
+        inbox::problems(&self.pool, before, limit).await
     }
 }

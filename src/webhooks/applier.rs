@@ -3,27 +3,16 @@
 //! Facts are claimed with `FOR UPDATE SKIP LOCKED`, so any number of instances can run.
 
 use super::inbox::FactKind;
-use crate::store::{CommandError, Store};
+use crate::store::{CommandError, FactSettlement, PendingFact, Store, StoreError};
 use chrono::{DateTime, Utc};
 use messaging_domain::{
     DeliveryOutcome, Fact, MessageCommand, MessageError, MessageId, Profile, Receive, ServiceRef,
 };
 use serde_json::Value;
 use sha2::{Digest, Sha256};
-use sqlx::PgPool;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
-
-#[derive(Debug, sqlx::FromRow)]
-struct Pending {
-    id: i64,
-    event_id: String,
-    message_id: Option<uuid::Uuid>,
-    kind: String,
-    occurred_at: DateTime<Utc>,
-    payload: Value,
-}
 
 /// What became of one fact.
 #[derive(Clone)]
@@ -41,7 +30,6 @@ enum Applied {
 
 #[derive(Clone)]
 pub struct Applier {
-    pool: PgPool,
     store: Arc<dyn Store>,
 }
 
@@ -60,84 +48,56 @@ fn inbound_id(event_id: &str, at: DateTime<Utc>) -> MessageId {
 }
 
 impl Applier {
-    pub fn new(pool: PgPool, store: Arc<dyn Store>) -> Self {
-        Self { pool, store }
+    pub fn new(store: Arc<dyn Store>) -> Self {
+        Self { store }
     }
 
     /// Applies what is pending now; returns how many facts were settled.
-    pub async fn run_once(&self) -> Result<usize, sqlx::Error> {
-        // Leased in one short statement, then applied with no transaction open: the commands
+    pub async fn run_once(&self) -> Result<usize, StoreError> {
+        // Leased in one short step, then applied with no transaction open: the commands
         // append events, and an open transaction older than them would hold back every log
         // reader until it ended. A crashed applier's lease expires and the facts are retried
         // (applying a fact twice changes nothing: its id is remembered).
-        let mut pending: Vec<Pending> = sqlx::query_as(
-            "UPDATE webhook_inbox w SET locked_until = now() + interval '60 seconds' \
-             FROM (SELECT id FROM webhook_inbox c \
-                   WHERE c.status = 'pending' \
-                     AND (c.locked_until IS NULL OR c.locked_until < now()) \
-                     AND (NOT c.waiting OR EXISTS \
-                       (SELECT 1 FROM message_list m WHERE m.message_id = c.message_id \
-                          AND m.last_sequence > COALESCE(c.waiting_after, 0))) \
-                   ORDER BY c.occurred_at, c.id LIMIT 500 FOR UPDATE SKIP LOCKED) due \
-             WHERE w.id = due.id \
-             RETURNING w.id, w.event_id, w.message_id, w.kind, w.occurred_at, w.payload",
-        )
-        .fetch_all(&self.pool)
-        .await?;
+        let mut pending = self.store.lease_webhook_facts().await?;
         if pending.is_empty() {
             return Ok(0);
         }
         pending.sort_by_key(|p| (p.occurred_at, p.id));
         let mut settled = 0;
-        let (mut ids, mut statuses, mut waits, mut reasons) = (vec![], vec![], vec![], vec![]);
+        let mut settlements = Vec::with_capacity(pending.len());
         for (fact, outcome) in self.apply_all(&pending).await {
-            let (status, waiting, reason) = match outcome {
-                Applied::Done => ("applied", false, None),
-                Applied::Wait => ("pending", true, None),
-                Applied::WaitForChange(reason) => ("pending", true, Some(reason)),
-                Applied::Unmatched(reason) => ("unmatched", false, Some(reason)),
+            let settlement = match outcome {
+                Applied::Done => FactSettlement::Applied,
+                Applied::Wait => FactSettlement::Wait(None),
+                Applied::WaitForChange(reason) => FactSettlement::Wait(Some(reason)),
+                Applied::Unmatched(reason) => FactSettlement::Unmatched(reason),
                 Applied::Retry(reason) => {
                     tracing::warn!(inbox_id = fact.id, %reason, "webhook fact not applied yet");
-                    ("pending", false, Some(reason))
+                    FactSettlement::Retry(reason)
                 }
             };
-            if status != "pending" {
+            if matches!(
+                settlement,
+                FactSettlement::Applied | FactSettlement::Unmatched(_)
+            ) {
                 settled += 1;
             }
-            ids.push(fact.id);
-            statuses.push(status);
-            waits.push(waiting);
-            reasons.push(reason);
+            settlements.push((fact.id, settlement));
         }
-        // One statement for the whole round. A fact waiting on a known message waits for it
-        // to change past its current sequence.
-        sqlx::query(
-            "UPDATE webhook_inbox w SET status = u.status, waiting = u.waiting, reason = u.reason, \
-               locked_until = NULL, \
-               applied_at = CASE WHEN u.status = 'applied' THEN now() END, \
-               waiting_after = CASE WHEN u.waiting THEN (SELECT last_sequence FROM message_list m \
-                   WHERE m.message_id = w.message_id) END \
-             FROM unnest($1::bigint[], $2::text[], $3::bool[], $4::text[]) \
-               AS u(id, status, waiting, reason) \
-             WHERE w.id = u.id",
-        )
-        .bind(&ids)
-        .bind(&statuses)
-        .bind(&waits)
-        .bind(&reasons)
-        .execute(&self.pool)
-        .await?;
+        // One step for the whole round. A fact waiting on a known message waits for it to
+        // change past its current sequence.
+        self.store.settle_webhook_facts(&settlements).await?;
         Ok(settled)
     }
 
     /// Applies facts in order. Consecutive facts about one message go in one batch command:
     /// one load of the message and one append, however many facts (a thousand opens, say).
-    async fn apply_all<'a>(&self, pending: &'a [Pending]) -> Vec<(&'a Pending, Applied)> {
+    async fn apply_all<'a>(&self, pending: &'a [PendingFact]) -> Vec<(&'a PendingFact, Applied)> {
         // Each message's facts together, still in the provider's time order.
-        let mut pending: Vec<&Pending> = pending.iter().collect();
+        let mut pending: Vec<&PendingFact> = pending.iter().collect();
         pending.sort_by_key(|p| p.message_id);
         let mut outcomes = Vec::with_capacity(pending.len());
-        let mut run: Vec<(&Pending, MessageCommand)> = Vec::new();
+        let mut run: Vec<(&PendingFact, MessageCommand)> = Vec::new();
         for p in pending {
             if run
                 .first()
@@ -158,13 +118,9 @@ impl Applier {
     /// when one of them is refused, so a bad fact never costs the others.
     async fn flush<'a>(
         &self,
-        run: Vec<(&'a Pending, MessageCommand)>,
-    ) -> Vec<(&'a Pending, Applied)> {
-        let Some(message_id) = run
-            .first()
-            .and_then(|(p, _)| p.message_id)
-            .map(MessageId::from_uuid)
-        else {
+        run: Vec<(&'a PendingFact, MessageCommand)>,
+    ) -> Vec<(&'a PendingFact, Applied)> {
+        let Some(message_id) = run.first().and_then(|(p, _)| p.message_id) else {
             return Vec::new();
         };
         if run.len() > 1 {
@@ -197,8 +153,8 @@ impl Applier {
     }
 
     /// The command that records this fact (for a reply, after receiving the inbound message).
-    async fn command_for(&self, p: &Pending) -> Result<MessageCommand, Applied> {
-        let Some(message_id) = p.message_id.map(MessageId::from_uuid) else {
+    async fn command_for(&self, p: &PendingFact) -> Result<MessageCommand, Applied> {
+        let Some(message_id) = p.message_id else {
             return Err(Applied::Unmatched(
                 "the payload names no message of ours".into(),
             ));
@@ -208,7 +164,7 @@ impl Applier {
             occurred_at: p.occurred_at,
         };
         let v = &p.payload;
-        let command = match FactKind::parse(&p.kind) {
+        let command = match p.kind {
             FactKind::Processed => MessageCommand::RecordDelivery {
                 fact,
                 outcome: DeliveryOutcome::Processed,
@@ -265,7 +221,7 @@ impl Applier {
     async fn receive_reply(
         &self,
         original: MessageId,
-        p: &Pending,
+        p: &PendingFact,
     ) -> Result<MessageCommand, Applied> {
         let message = match self.store.load_message(original).await {
             Ok(Some(found)) => found,

@@ -3,7 +3,6 @@
 
 use chrono::{DateTime, Utc};
 use serde_json::Value;
-use sqlx::PgPool;
 
 /// What a provider told us, normalised.
 #[derive(Debug, Clone, PartialEq)]
@@ -79,59 +78,23 @@ impl FactKind {
     }
 }
 
-/// Records a batch in one transaction and one statement; returns how many were new (re-sends
-/// of a fact already recorded are dropped). The caller answers 2xx only after this returns.
-pub async fn record(pool: &PgPool, facts: &[InboxFact]) -> Result<u64, sqlx::Error> {
-    if facts.is_empty() {
-        return Ok(0);
-    }
-    let mut providers = Vec::with_capacity(facts.len());
-    let mut event_ids = Vec::with_capacity(facts.len());
-    let mut message_ids = Vec::with_capacity(facts.len());
-    let mut kinds = Vec::with_capacity(facts.len());
-    let mut times = Vec::with_capacity(facts.len());
-    let mut payloads = Vec::with_capacity(facts.len());
-    let mut statuses = Vec::with_capacity(facts.len());
-    let mut reasons: Vec<Option<String>> = Vec::with_capacity(facts.len());
-    for f in facts {
-        providers.push(f.provider);
-        event_ids.push(f.event_id.as_str());
-        message_ids.push(f.message_id);
-        kinds.push(f.kind.as_str());
-        times.push(f.occurred_at);
-        payloads.push(f.payload.clone());
-        let (status, reason) = match f.problem {
+impl InboxFact {
+    /// The status and reason its inbox row is recorded with: `pending` when it has no
+    /// problem, `unmatched` with why, or `malformed` with the parse error (if the payload
+    /// carries one in `_error`).
+    pub fn stored_status(&self) -> (&'static str, Option<String>) {
+        match self.problem {
             None => ("pending", None),
-            Some(Problem::Unmatched) => ("unmatched", Some(unmatched_reason(f))),
+            Some(Problem::Unmatched) => ("unmatched", Some(unmatched_reason(self))),
             Some(Problem::Malformed) => (
                 "malformed",
-                f.payload
+                self.payload
                     .get("_error")
                     .and_then(Value::as_str)
                     .map(str::to_string),
             ),
-        };
-        statuses.push(status);
-        reasons.push(reason);
+        }
     }
-    let inserted = sqlx::query(
-        "INSERT INTO webhook_inbox (provider, event_id, message_id, kind, occurred_at, payload, status, reason) \
-         SELECT * FROM unnest($1::text[], $2::text[], $3::uuid[], $4::text[], $5::timestamptz[], \
-                              $6::jsonb[], $7::text[], $8::text[]) \
-         ON CONFLICT (provider, event_id) DO NOTHING",
-    )
-    .bind(&providers)
-    .bind(&event_ids)
-    .bind(&message_ids)
-    .bind(&kinds)
-    .bind(&times)
-    .bind(&payloads)
-    .bind(&statuses)
-    .bind(&reasons)
-    .execute(pool)
-    .await?
-    .rows_affected();
-    Ok(inserted)
 }
 
 fn unmatched_reason(f: &InboxFact) -> String {
@@ -143,7 +106,7 @@ fn unmatched_reason(f: &InboxFact) -> String {
 }
 
 /// Unmatched and malformed input, newest first, for `GET /v1/webhooks/unmatched`.
-#[derive(Debug, serde::Serialize, sqlx::FromRow)]
+#[derive(Debug, serde::Serialize)]
 pub struct Problematic {
     pub id: i64,
     pub provider: String,
@@ -155,21 +118,4 @@ pub struct Problematic {
     pub occurred_at: DateTime<Utc>,
     pub received_at: DateTime<Utc>,
     pub payload: Value,
-}
-
-pub async fn problems(
-    pool: &PgPool,
-    before: Option<i64>,
-    limit: i64,
-) -> Result<Vec<Problematic>, sqlx::Error> {
-    sqlx::query_as(
-        "SELECT id, provider, event_id, message_id, kind, status, reason, occurred_at, received_at, payload \
-         FROM webhook_inbox WHERE status IN ('unmatched', 'malformed') \
-           AND ($1::bigint IS NULL OR id < $1) \
-         ORDER BY id DESC LIMIT $2",
-    )
-    .bind(before)
-    .bind(limit)
-    .fetch_all(pool)
-    .await
 }

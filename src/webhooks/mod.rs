@@ -9,13 +9,13 @@ pub mod social;
 pub mod verify;
 
 use crate::config::Secret;
+use crate::store::{Store, StoreError};
 use axum::extract::DefaultBodyLimit;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::json;
-use sqlx::PgPool;
 use std::sync::Arc;
 
 /// What the webhooks verify with. `None` means not configured: that webhook refuses everything.
@@ -30,7 +30,7 @@ pub struct WebhookSecrets {
 
 #[derive(Clone)]
 pub struct WebhookState {
-    pub pool: PgPool,
+    pub store: Arc<dyn Store>,
     pub secrets: Arc<WebhookSecrets>,
 }
 
@@ -46,7 +46,7 @@ pub enum WebhookError {
     #[error("{0}")]
     Malformed(String),
     #[error("database: {0}")]
-    Database(#[from] sqlx::Error),
+    Database(#[from] StoreError),
 }
 
 impl IntoResponse for WebhookError {
@@ -81,10 +81,10 @@ impl IntoResponse for WebhookError {
 /// Records a delivery's facts (one statement, one transaction) and says so: the 2xx is sent
 /// only once they are durable.
 pub async fn recorded(
-    pool: &PgPool,
+    store: &dyn Store,
     facts: &[inbox::InboxFact],
 ) -> Result<(StatusCode, Json<serde_json::Value>), WebhookError> {
-    let new = inbox::record(pool, facts).await?;
+    let new = store.record_webhook_facts(facts).await?;
     Ok((
         StatusCode::OK,
         Json(json!({"received": facts.len(), "new": new})),

@@ -38,7 +38,7 @@ pub async fn events(
         .map_err(|_| WebhookError::BadSignature)?;
     let facts = parse_events(&body);
     tracing::info!(events = facts.len(), "sendgrid events received");
-    super::recorded(&state.pool, &facts).await
+    super::recorded(state.store.as_ref(), &facts).await
 }
 
 fn body_fingerprint(bytes: &[u8]) -> String {
@@ -161,7 +161,7 @@ pub async fn inbound(
     }
     let fact = parse_inbound(&fields, Utc::now());
     tracing::info!(matched = fact.problem.is_none(), "inbound email received");
-    super::recorded(&state.pool, std::slice::from_ref(&fact)).await
+    super::recorded(state.store.as_ref(), std::slice::from_ref(&fact)).await
 }
 
 /// The header `name` from a raw header block, continuation lines unfolded.

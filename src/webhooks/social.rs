@@ -5,15 +5,16 @@ use super::inbox::{FactKind, InboxFact, Problem};
 use super::sendgrid::malformed;
 use super::verify::{verify_facebook_signature, verify_x_signature, x_crc_response};
 use super::{constant_time_eq, WebhookError, WebhookState};
+use crate::store::{Store, StoreError};
 use axum::body::Bytes;
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use chrono::{DateTime, TimeZone, Utc};
+use messaging_domain::Channel;
 use serde::Deserialize;
 use serde_json::{json, Value};
-use sqlx::PgPool;
 
 #[derive(Deserialize)]
 pub struct CrcQuery {
@@ -41,18 +42,12 @@ pub async fn x_crc(
 
 /// Our sent post with this provider id on this channel, if any.
 async fn our_post(
-    pool: &PgPool,
-    channel: &str,
+    store: &dyn Store,
+    channel: Channel,
     provider_id: &str,
-) -> Result<Option<uuid::Uuid>, sqlx::Error> {
-    sqlx::query_scalar(
-        "SELECT message_id FROM message_list WHERE provider_message_id = $1 AND channel = $2 \
-         AND direction = 'outbound' LIMIT 1",
-    )
-    .bind(provider_id)
-    .bind(channel)
-    .fetch_optional(pool)
-    .await
+) -> Result<Option<uuid::Uuid>, StoreError> {
+    let id = store.outbound_message_id(channel, provider_id).await?;
+    Ok(id.map(|id| id.as_uuid()))
 }
 
 fn reply_fact(
@@ -112,11 +107,11 @@ async fn social_delivery(
         .ok_or(WebhookError::MissingSignature)?;
     verify(secret.expose(), &body, signature).map_err(|_| WebhookError::BadSignature)?;
     let facts = match (serde_json::from_slice::<Value>(&body), social) {
-        (Ok(delivery), Social::X) => x_facts(&state.pool, &delivery).await?,
-        (Ok(delivery), Social::Facebook) => facebook_facts(&state.pool, &delivery).await?,
+        (Ok(delivery), Social::X) => x_facts(state.store.as_ref(), &delivery).await?,
+        (Ok(delivery), Social::Facebook) => facebook_facts(state.store.as_ref(), &delivery).await?,
         (Err(e), _) => vec![malformed(provider, &body, &format!("not JSON: {e}"))],
     };
-    super::recorded(&state.pool, &facts).await
+    super::recorded(state.store.as_ref(), &facts).await
 }
 
 type VerifyFn = fn(&str, &[u8], &str) -> Result<(), super::verify::VerifyError>;
@@ -130,7 +125,7 @@ pub async fn x_events(
     social_delivery(state, headers, body, Social::X).await
 }
 
-async fn x_facts(pool: &PgPool, delivery: &Value) -> Result<Vec<InboxFact>, sqlx::Error> {
+async fn x_facts(store: &dyn Store, delivery: &Value) -> Result<Vec<InboxFact>, StoreError> {
     let ours = delivery.get("for_user_id").and_then(Value::as_str);
     let mut facts = Vec::new();
     for tweet in delivery
@@ -159,7 +154,7 @@ async fn x_facts(pool: &PgPool, delivery: &Value) -> Result<Vec<InboxFact>, sqlx
             continue;
         }
         let message_id = match s("in_reply_to_status_id_str") {
-            Some(answered) => our_post(pool, "twitter", answered).await?,
+            Some(answered) => our_post(store, Channel::Twitter, answered).await?,
             None => None,
         };
         let occurred_at = s("created_at")
@@ -227,7 +222,7 @@ pub async fn facebook_events(
     social_delivery(state, headers, body, Social::Facebook).await
 }
 
-async fn facebook_facts(pool: &PgPool, delivery: &Value) -> Result<Vec<InboxFact>, sqlx::Error> {
+async fn facebook_facts(store: &dyn Store, delivery: &Value) -> Result<Vec<InboxFact>, StoreError> {
     let mut facts = Vec::new();
     let changes = delivery
         .get("entry")
@@ -256,7 +251,7 @@ async fn facebook_facts(pool: &PgPool, delivery: &Value) -> Result<Vec<InboxFact
             continue;
         };
         let message_id = match s("post_id") {
-            Some(post) => our_post(pool, "facebook", post).await?,
+            Some(post) => our_post(store, Channel::Facebook, post).await?,
             None => None,
         };
         let occurred_at = value

@@ -1,0 +1,197 @@
+//! The webhook inbox: facts recorded before the provider is answered, leased and settled by
+//! the applier with `FOR UPDATE SKIP LOCKED`, and the lookups the webhooks need.
+
+use crate::store::{FactSettlement, PendingFact, StoreError};
+use crate::webhooks::inbox::{FactKind, InboxFact, Problematic};
+use chrono::{DateTime, Utc};
+use messaging_domain::{Channel, MessageId};
+use serde_json::Value;
+use sqlx::PgPool;
+
+/// Records a batch in one statement (one transaction); re-sends are dropped by the unique key.
+pub(super) async fn record(pool: &PgPool, facts: &[InboxFact]) -> Result<u64, StoreError> {
+    if facts.is_empty() {
+        return Ok(0);
+    }
+    let mut providers = Vec::with_capacity(facts.len());
+    let mut event_ids = Vec::with_capacity(facts.len());
+    let mut message_ids = Vec::with_capacity(facts.len());
+    let mut kinds = Vec::with_capacity(facts.len());
+    let mut times = Vec::with_capacity(facts.len());
+    let mut payloads = Vec::with_capacity(facts.len());
+    let mut statuses = Vec::with_capacity(facts.len());
+    let mut reasons: Vec<Option<String>> = Vec::with_capacity(facts.len());
+    for f in facts {
+        providers.push(f.provider);
+        event_ids.push(f.event_id.as_str());
+        message_ids.push(f.message_id);
+        kinds.push(f.kind.as_str());
+        times.push(f.occurred_at);
+        payloads.push(f.payload.clone());
+        let (status, reason) = f.stored_status();
+        statuses.push(status);
+        reasons.push(reason);
+    }
+    let inserted = sqlx::query(
+        "INSERT INTO webhook_inbox (provider, event_id, message_id, kind, occurred_at, payload, status, reason) \
+         SELECT * FROM unnest($1::text[], $2::text[], $3::uuid[], $4::text[], $5::timestamptz[], \
+                              $6::jsonb[], $7::text[], $8::text[]) \
+         ON CONFLICT (provider, event_id) DO NOTHING",
+    )
+    .bind(&providers)
+    .bind(&event_ids)
+    .bind(&message_ids)
+    .bind(&kinds)
+    .bind(&times)
+    .bind(&payloads)
+    .bind(&statuses)
+    .bind(&reasons)
+    .execute(pool)
+    .await?
+    .rows_affected();
+    Ok(inserted)
+}
+
+/// Our sent post with this provider id on this channel, if any.
+pub(super) async fn outbound_message_id(
+    pool: &PgPool,
+    channel: Channel,
+    provider_message_id: &str,
+) -> Result<Option<MessageId>, StoreError> {
+    let id: Option<uuid::Uuid> = sqlx::query_scalar(
+        "SELECT message_id FROM message_list WHERE provider_message_id = $1 AND channel = $2 \
+         AND direction = 'outbound' LIMIT 1",
+    )
+    .bind(provider_message_id)
+    .bind(channel.as_str())
+    .fetch_optional(pool)
+    .await?;
+    Ok(id.map(MessageId::from_uuid))
+}
+
+#[derive(sqlx::FromRow)]
+struct PendingRow {
+    id: i64,
+    event_id: String,
+    message_id: Option<uuid::Uuid>,
+    kind: String,
+    occurred_at: DateTime<Utc>,
+    payload: Value,
+}
+
+pub(super) async fn lease(pool: &PgPool) -> Result<Vec<PendingFact>, StoreError> {
+    // One short statement: the facts are applied with no transaction open, since the commands
+    // append events and an open transaction older than them would hold back every log reader.
+    let rows: Vec<PendingRow> = sqlx::query_as(
+        "UPDATE webhook_inbox w SET locked_until = now() + interval '60 seconds' \
+         FROM (SELECT id FROM webhook_inbox c \
+               WHERE c.status = 'pending' \
+                 AND (c.locked_until IS NULL OR c.locked_until < now()) \
+                 AND (NOT c.waiting OR EXISTS \
+                   (SELECT 1 FROM message_list m WHERE m.message_id = c.message_id \
+                      AND m.last_sequence > COALESCE(c.waiting_after, 0))) \
+               ORDER BY c.occurred_at, c.id LIMIT 500 FOR UPDATE SKIP LOCKED) due \
+         WHERE w.id = due.id \
+         RETURNING w.id, w.event_id, w.message_id, w.kind, w.occurred_at, w.payload",
+    )
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| PendingFact {
+            id: r.id,
+            event_id: r.event_id,
+            message_id: r.message_id.map(MessageId::from_uuid),
+            kind: FactKind::parse(&r.kind),
+            occurred_at: r.occurred_at,
+            payload: r.payload,
+        })
+        .collect())
+}
+
+pub(super) async fn settle(
+    pool: &PgPool,
+    settled: &[(i64, FactSettlement)],
+) -> Result<(), StoreError> {
+    if settled.is_empty() {
+        return Ok(());
+    }
+    let (mut ids, mut statuses, mut waits, mut reasons) = (vec![], vec![], vec![], vec![]);
+    for (id, settlement) in settled {
+        let (status, waiting, reason) = match settlement {
+            FactSettlement::Applied => ("applied", false, None),
+            FactSettlement::Unmatched(reason) => ("unmatched", false, Some(reason.clone())),
+            FactSettlement::Retry(reason) => ("pending", false, Some(reason.clone())),
+            FactSettlement::Wait(reason) => ("pending", true, reason.clone()),
+        };
+        ids.push(*id);
+        statuses.push(status);
+        waits.push(waiting);
+        reasons.push(reason);
+    }
+    // One statement for the whole round. A fact waiting on a known message waits for it to
+    // change past its current sequence.
+    sqlx::query(
+        "UPDATE webhook_inbox w SET status = u.status, waiting = u.waiting, reason = u.reason, \
+           locked_until = NULL, \
+           applied_at = CASE WHEN u.status = 'applied' THEN now() END, \
+           waiting_after = CASE WHEN u.waiting THEN (SELECT last_sequence FROM message_list m \
+               WHERE m.message_id = w.message_id) END \
+         FROM unnest($1::bigint[], $2::text[], $3::bool[], $4::text[]) \
+           AS u(id, status, waiting, reason) \
+         WHERE w.id = u.id",
+    )
+    .bind(&ids)
+    .bind(&statuses)
+    .bind(&waits)
+    .bind(&reasons)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+#[derive(sqlx::FromRow)]
+struct ProblemRow {
+    id: i64,
+    provider: String,
+    event_id: String,
+    message_id: Option<uuid::Uuid>,
+    kind: String,
+    status: String,
+    reason: Option<String>,
+    occurred_at: DateTime<Utc>,
+    received_at: DateTime<Utc>,
+    payload: Value,
+}
+
+pub(super) async fn problems(
+    pool: &PgPool,
+    before: Option<i64>,
+    limit: i64,
+) -> Result<Vec<Problematic>, StoreError> {
+    let rows: Vec<ProblemRow> = sqlx::query_as(
+        "SELECT id, provider, event_id, message_id, kind, status, reason, occurred_at, received_at, payload \
+         FROM webhook_inbox WHERE status IN ('unmatched', 'malformed') \
+           AND ($1::bigint IS NULL OR id < $1) \
+         ORDER BY id DESC LIMIT $2",
+    )
+    .bind(before)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| Problematic {
+            id: r.id,
+            provider: r.provider,
+            event_id: r.event_id,
+            message_id: r.message_id,
+            kind: r.kind,
+            status: r.status,
+            reason: r.reason,
+            occurred_at: r.occurred_at,
+            received_at: r.received_at,
+            payload: r.payload,
+        })
+        .collect())
+}

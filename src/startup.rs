@@ -146,7 +146,7 @@ impl Application {
             shutdown_rx.clone(),
         )));
         let pusher = Pusher::new(
-            pool.clone(),
+            store.clone(),
             PushConfig {
                 base_backoff: Duration::from_millis(config.push_backoff_ms),
                 ..PushConfig::default()

@@ -159,6 +159,22 @@ pub enum FactSettlement {
     Wait(Option<String>),
 }
 
+/// A push subscription the pusher leased for one delivery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PushDue {
+    pub id: uuid::Uuid,
+    pub url: String,
+    pub secret: String,
+    /// Feed states to deliver; `None` means every state.
+    pub states: Option<Vec<String>>,
+    /// Channels to deliver; `None` means every channel.
+    pub channels: Option<Vec<String>>,
+    /// The last feed position delivered (or passed over by the filters).
+    pub cursor: i64,
+    /// Failed deliveries since the last acknowledged one.
+    pub failures: i32,
+}
+
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// Runs a command on a message, retrying optimistic-concurrency conflicts.
@@ -314,4 +330,43 @@ pub trait Store: Send + Sync + 'static {
         before: Option<i64>,
         limit: i64,
     ) -> Result<Vec<Problematic>, StoreError>;
+
+    // ---- Push deliveries ----
+    // `subscriptions` holds each push subscription's `cursor` (the last feed position it
+    // was given or passed over), counters, last error and `next_attempt_at`. A subscription
+    // is *behind* when its cursor is below the newest feed position (0 for an empty feed).
+    // The pusher leases a subscription by moving its `next_attempt_at` past the delivery's
+    // timeout, reads the feed after the cursor with `state_changes`, delivers with no
+    // transaction open, then acknowledges or fails it. "Now" is the store's clock. Any number
+    // of instances may run at once: no subscription is leased by two at a time.
+
+    /// Leases up to 16 subscriptions that are due (`next_attempt_at` <= now) and behind,
+    /// earliest `next_attempt_at` first, by setting `next_attempt_at` = now + `lease`, in one
+    /// atomic step; a subscription another instance is leasing at that moment is skipped,
+    /// not waited for. Returns what a delivery needs of each.
+    async fn lease_push_subscriptions(&self, lease: Duration) -> Result<Vec<PushDue>, StoreError>;
+    /// Records an acknowledged delivery of `delivered` items (0 when the filters kept nothing
+    /// in the window read): `cursor` = the greater of the stored cursor and `cursor`,
+    /// `delivered` += `delivered`, `failures` = 0, `last_error` = NULL, `next_attempt_at` =
+    /// now (due again at once), and `last_attempt_at` = now only if `delivered` > 0. No
+    /// subscription with that id (deleted meanwhile) is no error.
+    async fn push_acknowledged(
+        &self,
+        id: uuid::Uuid,
+        cursor: i64,
+        delivered: i64,
+    ) -> Result<(), StoreError>;
+    /// Records a failed delivery: `failures` = `failures` (the caller's new count),
+    /// `last_error` = `reason`, `last_attempt_at` = now, `next_attempt_at` = now + `retry_in`;
+    /// the cursor stays. No subscription with that id is no error.
+    async fn push_failed(
+        &self,
+        id: uuid::Uuid,
+        failures: i32,
+        reason: &str,
+        retry_in: Duration,
+    ) -> Result<(), StoreError>;
+    /// The earliest `next_attempt_at` among subscriptions that are behind (may be in the
+    /// past); `None` when none is behind.
+    async fn next_push_due(&self) -> Result<Option<DateTime<Utc>>, StoreError>;
 }

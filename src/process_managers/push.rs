@@ -7,11 +7,12 @@
 //! leaves a lease that expires, and the batch is delivered again: at least once, and in the
 //! normal case exactly once.
 
+use crate::store::{PushDue, Store, StoreError};
 use crate::webhooks::verify::sign_push;
 use chrono::Utc;
 use messaging_projections::FeedItem;
 use serde_json::json;
-use sqlx::PgPool;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
 
@@ -35,49 +36,35 @@ impl Default for PushConfig {
     }
 }
 
-#[derive(Debug, sqlx::FromRow)]
-struct Due {
-    id: uuid::Uuid,
-    url: String,
-    secret: String,
-    states: Option<Vec<String>>,
-    channels: Option<Vec<String>>,
-    cursor: i64,
-    failures: i32,
-}
-
 #[derive(Clone)]
 pub struct Pusher {
-    pool: PgPool,
+    store: Arc<dyn Store>,
     http: reqwest::Client,
     config: PushConfig,
 }
 
 impl Pusher {
-    pub fn new(pool: PgPool, config: PushConfig) -> Result<Self, reqwest::Error> {
+    pub fn new(store: Arc<dyn Store>, config: PushConfig) -> Result<Self, reqwest::Error> {
         let http = reqwest::Client::builder().timeout(config.timeout).build()?;
-        Ok(Self { pool, http, config })
+        Ok(Self {
+            store,
+            http,
+            config,
+        })
     }
 
     /// Leases the subscriptions that have something to deliver and are due.
-    async fn lease(&self) -> Result<Vec<Due>, sqlx::Error> {
-        let lease_ms = (self.config.timeout.as_millis() as f64) * 2.0 + 5_000.0;
-        sqlx::query_as(
-            "UPDATE subscriptions s SET next_attempt_at = now() + $1 * interval '1 millisecond' \
-             FROM (SELECT id FROM subscriptions \
-                   WHERE next_attempt_at <= now() \
-                     AND cursor < (SELECT COALESCE(MAX(position), 0) FROM state_changes) \
-                   ORDER BY next_attempt_at LIMIT 16 FOR UPDATE SKIP LOCKED) due \
-             WHERE s.id = due.id \
-             RETURNING s.id, s.url, s.secret, s.states, s.channels, s.cursor, s.failures",
-        )
-        .bind(lease_ms)
-        .fetch_all(&self.pool)
-        .await
+    async fn lease(&self) -> Result<Vec<PushDue>, StoreError> {
+        let lease = self
+            .config
+            .timeout
+            .saturating_mul(2)
+            .saturating_add(Duration::from_secs(5));
+        self.store.lease_push_subscriptions(lease).await
     }
 
     /// One round: every due subscription gets its next batch. Returns how many were attempted.
-    pub async fn run_once(&self) -> Result<usize, sqlx::Error> {
+    pub async fn run_once(&self) -> Result<usize, StoreError> {
         let due = self.lease().await?;
         let attempted = due.len();
         let results = futures::future::join_all(due.into_iter().map(|d| self.deliver(d))).await;
@@ -87,17 +74,12 @@ impl Pusher {
         Ok(attempted)
     }
 
-    async fn deliver(&self, sub: Due) -> Result<(), sqlx::Error> {
+    async fn deliver(&self, sub: PushDue) -> Result<(), StoreError> {
         // Scan ahead; the filters keep some. The cursor also moves past items they drop.
-        let window: Vec<FeedItem> = sqlx::query_as(
-            "SELECT position, message_id, channel, service_id, previous_state, state, cause, \
-                    occurred_at, recorded_at \
-             FROM state_changes WHERE position > $1 ORDER BY position LIMIT $2",
-        )
-        .bind(sub.cursor)
-        .bind((self.config.batch_size * 10) as i64)
-        .fetch_all(&self.pool)
-        .await?;
+        let window: Vec<FeedItem> = self
+            .store
+            .state_changes(sub.cursor, (self.config.batch_size * 10) as i64)
+            .await?;
         let keep = |i: &FeedItem| {
             sub.states.as_ref().is_none_or(|s| s.contains(&i.state))
                 && sub.channels.as_ref().is_none_or(|c| c.contains(&i.channel))
@@ -155,25 +137,16 @@ impl Pusher {
 
     async fn acknowledged(
         &self,
-        sub: &Due,
+        sub: &PushDue,
         cursor: i64,
         delivered: usize,
-    ) -> Result<(), sqlx::Error> {
-        sqlx::query(
-            "UPDATE subscriptions SET cursor = GREATEST(cursor, $2), delivered = delivered + $3, \
-             failures = 0, last_error = NULL, next_attempt_at = now(), \
-             last_attempt_at = CASE WHEN $3 > 0 THEN now() ELSE last_attempt_at END \
-             WHERE id = $1",
-        )
-        .bind(sub.id)
-        .bind(cursor)
-        .bind(delivered as i64)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+    ) -> Result<(), StoreError> {
+        self.store
+            .push_acknowledged(sub.id, cursor, delivered as i64)
+            .await
     }
 
-    async fn failed(&self, sub: &Due, reason: String) -> Result<(), sqlx::Error> {
+    async fn failed(&self, sub: &PushDue, reason: String) -> Result<(), StoreError> {
         let failures = sub.failures.saturating_add(1);
         let backoff = super::backoff(
             self.config.base_backoff,
@@ -181,17 +154,9 @@ impl Pusher {
             u32::try_from(failures).unwrap_or(u32::MAX),
         );
         tracing::warn!(subscription_id = %sub.id, failures, %reason, retry_in_ms = backoff.as_millis() as u64, "push delivery failed");
-        sqlx::query(
-            "UPDATE subscriptions SET failures = $2, last_error = $3, last_attempt_at = now(), \
-             next_attempt_at = now() + $4 * interval '1 millisecond' WHERE id = $1",
-        )
-        .bind(sub.id)
-        .bind(failures)
-        .bind(reason)
-        .bind(backoff.as_millis() as f64)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        self.store
+            .push_failed(sub.id, failures, &reason, backoff)
+            .await
     }
 
     /// Runs until `shutdown`: woken when the feed grows, and at the next retry time.
@@ -206,13 +171,8 @@ impl Pusher {
                 Ok(_) => {}
                 Err(error) => tracing::error!(%error, "push round failed"),
             }
-            let next: Option<chrono::DateTime<Utc>> = sqlx::query_scalar(
-                "SELECT min(next_attempt_at) FROM subscriptions \
-                 WHERE cursor < (SELECT COALESCE(MAX(position), 0) FROM state_changes)",
-            )
-            .fetch_one(&self.pool)
-            .await
-            .unwrap_or(None);
+            let next: Option<chrono::DateTime<Utc>> =
+                self.store.next_push_due().await.unwrap_or(None);
             let sleep = next
                 .and_then(|at| (at - Utc::now()).to_std().ok())
                 .unwrap_or(Duration::from_secs(5))

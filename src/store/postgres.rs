@@ -3,10 +3,11 @@
 
 mod inbox;
 mod jobs;
+mod push;
 
 use super::{
     CommandError, FactSettlement, IdempotencyClaim, ListFilter, NewSubscription, PendingFact,
-    PushSubscription, ScheduledSend, SendJob, Service, Store, StoreError,
+    PushDue, PushSubscription, ScheduledSend, SendJob, Service, Store, StoreError,
 };
 use crate::metrics::{command_name, Metrics};
 use crate::webhooks::inbox::{InboxFact, Problematic};
@@ -464,5 +465,32 @@ impl Store for PgStore {
         limit: i64,
     ) -> Result<Vec<Problematic>, StoreError> {
         inbox::problems(&self.pool, before, limit).await
+    }
+
+    async fn lease_push_subscriptions(&self, lease: Duration) -> Result<Vec<PushDue>, StoreError> {
+        push::lease(&self.pool, lease).await
+    }
+
+    async fn push_acknowledged(
+        &self,
+        id: uuid::Uuid,
+        cursor: i64,
+        delivered: i64,
+    ) -> Result<(), StoreError> {
+        push::acknowledged(&self.pool, id, cursor, delivered).await
+    }
+
+    async fn push_failed(
+        &self,
+        id: uuid::Uuid,
+        failures: i32,
+        reason: &str,
+        retry_in: Duration,
+    ) -> Result<(), StoreError> {
+        push::failed(&self.pool, id, failures, reason, retry_in).await
+    }
+
+    async fn next_push_due(&self) -> Result<Option<DateTime<Utc>>, StoreError> {
+        push::next_due(&self.pool).await
     }
 }

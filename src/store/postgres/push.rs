@@ -1,0 +1,94 @@
+//! Push deliveries: subscriptions leased with `FOR UPDATE SKIP LOCKED` in one short
+//! statement, so no transaction stays open while a subscriber is called.
+
+use crate::store::{PushDue, StoreError};
+use chrono::{DateTime, Utc};
+use sqlx::PgPool;
+use std::time::Duration;
+
+#[derive(sqlx::FromRow)]
+struct DueRow {
+    id: uuid::Uuid,
+    url: String,
+    secret: String,
+    states: Option<Vec<String>>,
+    channels: Option<Vec<String>>,
+    cursor: i64,
+    failures: i32,
+}
+
+pub(super) async fn lease(pool: &PgPool, lease: Duration) -> Result<Vec<PushDue>, StoreError> {
+    let rows: Vec<DueRow> = sqlx::query_as(
+        "UPDATE subscriptions s SET next_attempt_at = now() + $1 * interval '1 millisecond' \
+         FROM (SELECT id FROM subscriptions \
+               WHERE next_attempt_at <= now() \
+                 AND cursor < (SELECT COALESCE(MAX(position), 0) FROM state_changes) \
+               ORDER BY next_attempt_at LIMIT 16 FOR UPDATE SKIP LOCKED) due \
+         WHERE s.id = due.id \
+         RETURNING s.id, s.url, s.secret, s.states, s.channels, s.cursor, s.failures",
+    )
+    .bind(lease.as_millis() as f64)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| PushDue {
+            id: r.id,
+            url: r.url,
+            secret: r.secret,
+            states: r.states,
+            channels: r.channels,
+            cursor: r.cursor,
+            failures: r.failures,
+        })
+        .collect())
+}
+
+pub(super) async fn acknowledged(
+    pool: &PgPool,
+    id: uuid::Uuid,
+    cursor: i64,
+    delivered: i64,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "UPDATE subscriptions SET cursor = GREATEST(cursor, $2), delivered = delivered + $3, \
+         failures = 0, last_error = NULL, next_attempt_at = now(), \
+         last_attempt_at = CASE WHEN $3 > 0 THEN now() ELSE last_attempt_at END \
+         WHERE id = $1",
+    )
+    .bind(id)
+    .bind(cursor)
+    .bind(delivered)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+pub(super) async fn failed(
+    pool: &PgPool,
+    id: uuid::Uuid,
+    failures: i32,
+    reason: &str,
+    retry_in: Duration,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "UPDATE subscriptions SET failures = $2, last_error = $3, last_attempt_at = now(), \
+         next_attempt_at = now() + $4 * interval '1 millisecond' WHERE id = $1",
+    )
+    .bind(id)
+    .bind(failures)
+    .bind(reason)
+    .bind(retry_in.as_millis() as f64)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+pub(super) async fn next_due(pool: &PgPool) -> Result<Option<DateTime<Utc>>, StoreError> {
+    Ok(sqlx::query_scalar(
+        "SELECT min(next_attempt_at) FROM subscriptions \
+         WHERE cursor < (SELECT COALESCE(MAX(position), 0) FROM state_changes)",
+    )
+    .fetch_one(pool)
+    .await?)
+}

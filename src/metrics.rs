@@ -7,7 +7,7 @@
 //! in one process) then count independently, and nothing has to be installed exactly once.
 
 use crate::process_managers::sender::JobOutcome;
-use crate::store::CommandError;
+use crate::store::{CommandError, Gauges, Store, StoreError};
 use async_trait::async_trait;
 use cqrs_es::{DomainEvent, EventEnvelope, Query};
 use messaging_domain::{Message, MessageCommand};
@@ -15,7 +15,6 @@ use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
     TextEncoder,
 };
-use sqlx::PgPool;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -115,13 +114,13 @@ impl Metrics {
     /// The text exposition: this instance's counters, then gauges read from the database
     /// now. When the database does not answer, the counters are still served and
     /// `messaging_metrics_database_ok` is 0.
-    pub async fn render(&self, pool: &PgPool) -> Result<String, prometheus::Error> {
+    pub async fn render(&self, store: &dyn Store) -> Result<String, prometheus::Error> {
         let mut families = self.registry.gather();
         let database_ok = IntGauge::new(
             "messaging_metrics_database_ok",
             "1 when the gauges read from the database at this scrape could be read",
         )?;
-        match database_gauges(pool).await {
+        match database_gauges(store).await {
             Ok(gauges) => {
                 families.extend(gauges.gather());
                 database_ok.set(1);
@@ -139,8 +138,8 @@ impl Metrics {
 
 #[derive(Debug, thiserror::Error)]
 enum GaugeError {
-    #[error("database: {0}")]
-    Database(#[from] sqlx::Error),
+    #[error(transparent)]
+    Store(#[from] StoreError),
     #[error("registry: {0}")]
     Registry(#[from] prometheus::Error),
 }
@@ -182,9 +181,17 @@ pub fn command_name(command: &MessageCommand) -> &'static str {
     }
 }
 
-/// Lag and queue depths, read at scrape time (three queries) into a registry of their own
+/// Lag and queue depths, read at scrape time from the store into a registry of their own
 /// (a fresh one each scrape, so a deleted push subscription leaves no stale series).
-async fn database_gauges(pool: &PgPool) -> Result<Registry, GaugeError> {
+async fn database_gauges(store: &dyn Store) -> Result<Registry, GaugeError> {
+    let Gauges {
+        projection_lag,
+        send_jobs_due,
+        send_jobs,
+        scheduled_sends,
+        webhook_inbox_pending,
+        push_lag: subscriptions,
+    } = store.gauges().await?;
     let registry = Registry::new();
     let lag = IntGaugeVec::new(
         Opts::new(
@@ -211,41 +218,19 @@ async fn database_gauges(pool: &PgPool) -> Result<Registry, GaugeError> {
     registry.register(Box::new(queues.clone()))?;
     registry.register(Box::new(push_lag.clone()))?;
 
-    let lags: Vec<(String, i64)> = sqlx::query_as(
-        "SELECT c.name, (SELECT count(*) FROM events e \
-           WHERE (e.transaction_id, e.global_position) \
-               > (c.last_transaction_id, c.last_global_position)) \
-         FROM subscription_checkpoints c ORDER BY c.name",
-    )
-    .fetch_all(pool)
-    .await?;
-    for (name, n) in lags {
+    for (name, n) in projection_lag {
         lag.with_label_values(&[&name]).set(n);
     }
 
-    let (due, jobs, scheduled, inbox): (i64, i64, i64, i64) = sqlx::query_as(
-        "SELECT (SELECT count(*) FROM send_jobs WHERE due_at <= now()), \
-                (SELECT count(*) FROM send_jobs), \
-                (SELECT count(*) FROM scheduled_sends), \
-                (SELECT count(*) FROM webhook_inbox WHERE status = 'pending')",
-    )
-    .fetch_one(pool)
-    .await?;
     for (queue, n) in [
-        ("send_jobs_due", due),
-        ("send_jobs", jobs),
-        ("scheduled_sends", scheduled),
-        ("webhook_inbox_pending", inbox),
+        ("send_jobs_due", send_jobs_due),
+        ("send_jobs", send_jobs),
+        ("scheduled_sends", scheduled_sends),
+        ("webhook_inbox_pending", webhook_inbox_pending),
     ] {
         queues.with_label_values(&[queue]).set(n);
     }
 
-    let subscriptions: Vec<(uuid::Uuid, i64)> = sqlx::query_as(
-        "SELECT s.id, GREATEST((SELECT COALESCE(MAX(position), 0) FROM state_changes) - s.cursor, 0) \
-         FROM subscriptions s ORDER BY s.id",
-    )
-    .fetch_all(pool)
-    .await?;
     for (id, n) in subscriptions {
         push_lag.with_label_values(&[&id.to_string()]).set(n);
     }

@@ -171,7 +171,6 @@ impl Application {
             ),
             feed_wake: wakeups.state_changes,
             metrics: metrics.clone(),
-            pool,
         };
         // Request ids, logs and metrics wrap every route, the webhooks' too: after the merge.
         let router = http::observability::layer(

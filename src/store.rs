@@ -175,6 +175,24 @@ pub struct PushDue {
     pub failures: i32,
 }
 
+/// Lag and queue depths, read when `/metrics` is scraped.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Gauges {
+    /// Per projection (subscription checkpoint), by name in name order: events in the log
+    /// after its checkpoint.
+    pub projection_lag: Vec<(String, i64)>,
+    /// Send jobs with `due_at` <= now, leased or not.
+    pub send_jobs_due: i64,
+    /// All send jobs.
+    pub send_jobs: i64,
+    /// All scheduled sends.
+    pub scheduled_sends: i64,
+    /// Webhook inbox facts with status `pending` (waiting or not).
+    pub webhook_inbox_pending: i64,
+    /// Per push subscription, in id order: feed items after its cursor (never negative).
+    pub push_lag: Vec<(uuid::Uuid, i64)>,
+}
+
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// Runs a command on a message, retrying optimistic-concurrency conflicts.
@@ -369,4 +387,10 @@ pub trait Store: Send + Sync + 'static {
     /// The earliest `next_attempt_at` among subscriptions that are behind (may be in the
     /// past); `None` when none is behind.
     async fn next_push_due(&self) -> Result<Option<DateTime<Utc>>, StoreError>;
+
+    // ---- Gauges ----
+
+    /// Reads [`Gauges`] now; the three groups (projection lag, queue depths, push lag) may
+    /// be read at slightly different moments, not as one snapshot.
+    async fn gauges(&self) -> Result<Gauges, StoreError>;
 }

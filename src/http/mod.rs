@@ -30,8 +30,6 @@ pub struct AppState {
     /// Bumped whenever the feed projector commits new items (NOTIFY `state_changes`).
     pub feed_wake: watch::Receiver<u64>,
     pub metrics: Arc<crate::metrics::Metrics>,
-    /// For the gauges `/metrics` reads at scrape time (lag, queue depths).
-    pub pool: sqlx::PgPool,
 }
 
 /// JSON bodies with our error shape for every rejection.

@@ -123,7 +123,7 @@ async fn record_metrics(
 /// `GET /metrics`: Prometheus text exposition, no bearer key (like `/healthz`; keep it off
 /// the public network).
 async fn metrics(State(state): State<AppState>) -> Response {
-    match state.metrics.render(&state.pool).await {
+    match state.metrics.render(state.store.as_ref()).await {
         Ok(body) => (
             [(
                 CONTENT_TYPE,

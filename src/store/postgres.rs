@@ -1,13 +1,14 @@
 //! The PostgreSQL backend: cqrs-es + postgres-es in event-store mode for commands, plain SQL
 //! for services, idempotency keys and the read models.
 
+mod gauges;
 mod inbox;
 mod jobs;
 mod push;
 
 use super::{
-    CommandError, FactSettlement, IdempotencyClaim, ListFilter, NewSubscription, PendingFact,
-    PushDue, PushSubscription, ScheduledSend, SendJob, Service, Store, StoreError,
+    CommandError, FactSettlement, Gauges, IdempotencyClaim, ListFilter, NewSubscription,
+    PendingFact, PushDue, PushSubscription, ScheduledSend, SendJob, Service, Store, StoreError,
 };
 use crate::metrics::{command_name, Metrics};
 use crate::webhooks::inbox::{InboxFact, Problematic};
@@ -492,5 +493,9 @@ impl Store for PgStore {
 
     async fn next_push_due(&self) -> Result<Option<DateTime<Utc>>, StoreError> {
         push::next_due(&self.pool).await
+    }
+
+    async fn gauges(&self) -> Result<Gauges, StoreError> {
+        gauges::read(&self.pool).await
     }
 }

@@ -45,7 +45,7 @@ pub enum WebhookError {
     BadSignature,
     #[error("{0}")]
     Malformed(String),
-    #[error("database: {0}")]
+    #[error(transparent)]
     Database(#[from] StoreError),
 }
 

@@ -1,13 +1,11 @@
-//! Wake-ups from PostgreSQL NOTIFY: `events` (a commit appended events) and `state_changes`
-//! (the feed gained items), fanned out to this process's readers through watch channels.
-//! Readers also poll, so a lost connection delays them and loses nothing.
+//! Wake-ups: `events` (a commit appended events), `state_changes` (the feed gained items) and
+//! the work queues, fanned out to this process's readers and workers through watch channels.
+//! A backend feeds them (PostgreSQL from NOTIFY, in `store::postgres::notify`); readers also
+//! poll, so a lost wake-up delays them and loses nothing.
 
-use sqlx::postgres::PgListener;
-use sqlx::PgPool;
-use std::time::Duration;
 use tokio::sync::watch;
 
-/// One watch channel per NOTIFY channel; a receiver sees a new value after each notification.
+/// One watch channel per kind of wake-up; a receiver sees a new value after each one.
 pub struct Wakeups {
     /// New events were committed.
     pub events: watch::Receiver<u64>,
@@ -19,69 +17,4 @@ pub struct Wakeups {
     pub send_jobs: watch::Receiver<u64>,
     /// Provider webhooks landed in the inbox.
     pub webhook_inbox: watch::Receiver<u64>,
-}
-
-const CHANNELS: [&str; 5] = [
-    "events",
-    "state_changes",
-    "schedule",
-    "send_jobs",
-    "webhook_inbox",
-];
-
-/// Starts the listener task; it runs until `shutdown` turns true.
-pub fn spawn_listener(pool: PgPool, mut shutdown: watch::Receiver<bool>) -> Wakeups {
-    let (events_tx, events) = watch::channel(0u64);
-    let (feed_tx, state_changes) = watch::channel(0u64);
-    let (schedule_tx, schedule) = watch::channel(0u64);
-    let (jobs_tx, send_jobs) = watch::channel(0u64);
-    let (inbox_tx, webhook_inbox) = watch::channel(0u64);
-    // In CHANNELS order.
-    let senders = [events_tx, feed_tx, schedule_tx, jobs_tx, inbox_tx];
-    let bump = |tx: &watch::Sender<u64>| tx.send_modify(|v| *v = v.wrapping_add(1));
-    tokio::spawn(async move {
-        loop {
-            let mut listener = match PgListener::connect_with(&pool).await {
-                Ok(l) => l,
-                Err(error) => {
-                    tracing::warn!(%error, "cannot listen for notifications; retrying");
-                    tokio::select! {
-                        _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
-                        _ = shutdown.changed() => return,
-                    }
-                }
-            };
-            if let Err(error) = listener.listen_all(CHANNELS).await {
-                tracing::warn!(%error, "LISTEN failed; retrying");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                continue;
-            }
-            loop {
-                tokio::select! {
-                    received = listener.try_recv() => match received {
-                        Ok(Some(n)) => {
-                            let i = CHANNELS.iter().position(|c| *c == n.channel());
-                            if let Some(tx) = i.and_then(|i| senders.get(i)) {
-                                bump(tx);
-                            }
-                        }
-                        // The connection dropped: notifications may have been missed, so wake
-                        // everyone to re-read, then reconnect.
-                        Ok(None) | Err(_) => {
-                            senders.iter().for_each(bump);
-                            break;
-                        }
-                    },
-                    _ = shutdown.changed() => return,
-                }
-            }
-        }
-    });
-    Wakeups {
-        events,
-        state_changes,
-        schedule,
-        send_jobs,
-        webhook_inbox,
-    }
 }

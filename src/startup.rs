@@ -3,11 +3,11 @@
 use crate::config::Config;
 use crate::http::{self, AppState};
 use crate::metrics::Metrics;
-use crate::notify::spawn_listener;
 use crate::process_managers::push::{PushConfig, Pusher};
 use crate::process_managers::scheduler::Scheduler;
 use crate::process_managers::sender::{Sender, SenderConfig};
 use crate::providers::{ProviderConfig, Providers};
+use crate::store::postgres::notify::spawn_listener;
 use crate::store::postgres::{PgStore, MIGRATOR};
 use crate::webhooks::{
     self, applier::Applier, verify::SendgridVerifier, WebhookSecrets, WebhookState,

@@ -4,6 +4,7 @@
 mod gauges;
 mod inbox;
 mod jobs;
+pub mod notify;
 mod push;
 
 use super::{

@@ -248,7 +248,8 @@ pub trait Store: Send + Sync + 'static {
     // `locked_until`), written by the delivery projection. The scheduler leases due rows,
     // fires each (a `Send` command carrying that `publish_at`), then finishes or releases
     // exactly the row it fired, matched on message and `publish_at`. "Now" is the store's
-    // clock. Any number of instances may run at once: no row is leased by two at a time.
+    // clock. Any number of instances may run at once: no row is leased by two at a time
+    // while its lease holds; an expired lease (a crashed scheduler) makes the row due again.
 
     /// Leases up to `limit` due rows (`publish_at` <= now, and `locked_until` NULL or < now),
     /// earliest `publish_at` first, for 30 seconds (`locked_until` = now + 30 s), in one
@@ -314,8 +315,7 @@ pub trait Store: Send + Sync + 'static {
     /// and reason [`InboxFact::stored_status`] gives it, received now; a fact whose
     /// (`provider`, `event_id`) is already recorded (a provider re-send) is dropped, leaving
     /// the existing row untouched, and of facts repeated within the batch only the first is
-    /// recorded. Wakes the appliers. Returns how
-    /// many rows were new.
+    /// recorded. Wakes the appliers. Returns how many rows were new.
     async fn record_webhook_facts(&self, facts: &[InboxFact]) -> Result<u64, StoreError>;
     /// The id of one of our outbound messages on `channel` whose provider id is
     /// `provider_message_id`, as the message list has it; `None` if the list has none.
@@ -389,6 +389,8 @@ pub trait Store: Send + Sync + 'static {
     async fn next_push_due(&self) -> Result<Option<DateTime<Utc>>, StoreError>;
 
     // ---- Gauges ----
+    // Read by `/metrics` at scrape time: facts of the shared database, so every instance
+    // reports the same numbers.
 
     /// Reads [`Gauges`] now; the three groups (projection lag, queue depths, push lag) may
     /// be read at slightly different moments, not as one snapshot.

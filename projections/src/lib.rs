@@ -19,8 +19,8 @@ pub use message_list::MessageList;
 pub use subscription::{BatchOutcome, Projection, ProjectionError, Subscription};
 pub use view::{HistoryItem, MessageView};
 
-/// Every projection this service runs, by name.
-pub fn all() -> Vec<std::sync::Arc<dyn Projection>> {
+/// Every projection this service runs on PostgreSQL, by name.
+pub fn all() -> Vec<std::sync::Arc<dyn Projection<sqlx::Postgres>>> {
     vec![
         std::sync::Arc::new(MessageList),
         std::sync::Arc::new(StateChangeFeed),

@@ -1,7 +1,7 @@
 //! The front end's message list: one row per message, the aggregate's fold plus copies of
 //! the fields the list filters on.
 //!
-//! The fold is shared by both backends ([`Rows`]); this file writes it to PostgreSQL,
+//! The fold is shared by both backends (`Rows`); this file writes it to PostgreSQL,
 //! `sqlite::message_list` to SQLite.
 
 use crate::event::StoredEvent;

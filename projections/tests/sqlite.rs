@@ -930,6 +930,43 @@ async fn a_failing_batch_rolls_back_both_the_model_and_the_checkpoint() {
 }
 
 #[tokio::test]
+async fn a_reader_cancelled_anywhere_never_leaves_the_write_lock_held() {
+    let db = sqlite_db().await;
+    // Few connections, so that one a cancelled reader spoiled is soon reused, and a short
+    // busy timeout, so that a held lock fails fast.
+    let options = SqliteConnectOptions::new()
+        .filename(db._dir.path().join("messaging.db"))
+        .busy_timeout(std::time::Duration::from_millis(500));
+    let pool = SqlitePoolOptions::new()
+        .max_connections(2)
+        .connect_with(options)
+        .await
+        .unwrap();
+    let log = history(11);
+    append_sqlite(&pool, &log.events).await;
+    for i in 0..300 {
+        let sub = SqliteSubscription::new(pool.clone(), Arc::new(MessageList)).with_batch_size(2);
+        let running = tokio::spawn(async move { sub.run_batch().await });
+        // Cancelled after a varying number of steps: before, within and after the begin.
+        for _ in 0..i % 40 {
+            tokio::task::yield_now().await;
+        }
+        running.abort();
+        let _ = running.await;
+        let tx = sqlite::begin_immediate(&pool)
+            .await
+            .unwrap_or_else(|e| panic!("after a reader cancelled at step {}: {e}", i % 40));
+        tx.commit().await.unwrap();
+        if i % 40 == 39 {
+            sqlx::query("UPDATE subscription_checkpoints SET last_global_position = 0")
+                .execute(&pool)
+                .await
+                .unwrap();
+        }
+    }
+}
+
+#[tokio::test]
 async fn on_commit_follows_each_batch_that_handled_events() {
     let db = sqlite_db().await;
     let log = history(12);
@@ -1047,7 +1084,7 @@ async fn concurrent_writers_and_two_readers_see_each_event_once_in_order() {
             tokio::spawn(async move {
                 let mut written = 0;
                 for t in 0..TRANSACTIONS {
-                    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await.unwrap();
+                    let mut tx = sqlite::begin_immediate(&pool).await.unwrap();
                     let n = 1 + (w + t) % 3;
                     for i in 0..n {
                         sqlx::query(

@@ -3,14 +3,15 @@
 //! SQLite has one writer at a time, so events commit in position order and a reader can
 //! checkpoint the position alone: it reads `global_position > checkpoint` in order, handles
 //! the batch and moves the checkpoint in the same transaction. That transaction starts with
-//! `BEGIN IMMEDIATE`: it takes the write lock before reading the checkpoint, so two readers of
-//! one subscription take turns, and no transaction ever has to upgrade a read lock to a write
-//! lock (which fails at once with `SQLITE_BUSY` instead of waiting when another writer got in
-//! first).
+//! `BEGIN IMMEDIATE` ([`begin_immediate`], which writers should use too): it takes the write
+//! lock before reading the checkpoint, so two readers of one subscription take turns, and no
+//! transaction ever has to upgrade a read lock to a write lock (which fails at once with
+//! `SQLITE_BUSY` instead of waiting when another writer got in first).
 //!
 //! Only one process opens the database (the embedded single-node mode): [`BatchOutcome`]'s
-//! `Behind` and `Locked` never happen here. There is no NOTIFY either: [`Subscription::on_commit`]
-//! tells the caller, in process, when a batch committed, to wake the readers of the models.
+//! `Behind` and `Locked` never happen here. There is no NOTIFY either:
+//! [`Subscription::on_commit`] tells the caller, in process, when a batch committed, to wake
+//! the readers of the models.
 
 pub mod delivery;
 pub mod event;
@@ -24,7 +25,7 @@ use crate::subscription::{catch_up_with, run_until_shutdown};
 use crate::{
     BatchOutcome, DeliveryJobs, MessageList, Projection, ProjectionError, StateChangeFeed,
 };
-use sqlx::{Sqlite, SqlitePool};
+use sqlx::{Sqlite, SqlitePool, Transaction};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
@@ -32,6 +33,27 @@ use tokio::sync::watch;
 /// The most parameters one statement binds: SQLite allows 32766; multi-row statements are
 /// cut into chunks below this.
 pub(crate) const MAX_PARAMETERS: usize = 30_000;
+
+/// Begins a write transaction with `BEGIN IMMEDIATE`: it waits (up to the busy timeout) for
+/// the write lock before any statement runs, so it never has to upgrade a read lock.
+///
+/// The begin runs on a task of its own. sqlx 0.8.6's `begin_with` awaits once more after a
+/// custom BEGIN succeeded (to check that it opened a transaction) before it hands out the
+/// `Transaction`: a caller cancelled there (a reader task aborted) would return the connection
+/// to the pool inside a transaction that holds the write lock, and every other writer would
+/// fail with "database is locked". Spawned, the begin always completes, and a transaction
+/// nobody waits for any more is dropped, which rolls it back.
+pub async fn begin_immediate(
+    pool: &SqlitePool,
+) -> Result<Transaction<'static, Sqlite>, sqlx::Error> {
+    let pool = pool.clone();
+    match tokio::spawn(async move { pool.begin_with("BEGIN IMMEDIATE").await }).await {
+        Ok(begun) => begun,
+        Err(join) if join.is_panic() => std::panic::resume_unwind(join.into_panic()),
+        // Only when the runtime shuts down.
+        Err(_) => Err(sqlx::Error::WorkerCrashed),
+    }
+}
 
 /// Every projection this service runs on SQLite: the same three, with the same names, as on
 /// PostgreSQL.
@@ -95,7 +117,7 @@ impl Subscription {
 
     /// Reads and handles at most one batch: `Handled` or `Idle`, never `Behind` or `Locked`.
     pub async fn run_batch(&self) -> Result<BatchOutcome, ProjectionError> {
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let mut tx = begin_immediate(&self.pool).await?;
         let checkpoint: Option<i64> = sqlx::query_scalar(
             "SELECT last_global_position FROM subscription_checkpoints WHERE name = ?1",
         )
@@ -161,7 +183,7 @@ impl Subscription {
     /// instance's batch: both take the write lock), then reads the whole log again.
     pub async fn rebuild(&self) -> Result<u64, ProjectionError> {
         self.ensure_checkpoint().await?;
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let mut tx = begin_immediate(&self.pool).await?;
         self.projection.reset(&mut tx).await?;
         sqlx::query(
             "UPDATE subscription_checkpoints SET last_global_position = 0, events_handled = 0, \

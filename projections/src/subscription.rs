@@ -87,6 +87,12 @@ impl Subscription {
         self
     }
 
+    /// How long [`Self::run`] waits for a wake-up before it looks anyway (500 ms unless set).
+    pub fn with_poll_interval(mut self, poll_interval: Duration) -> Self {
+        self.poll_interval = poll_interval;
+        self
+    }
+
     pub fn name(&self) -> &'static str {
         self.projection.name()
     }

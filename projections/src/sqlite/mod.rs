@@ -92,6 +92,12 @@ impl Subscription {
         self
     }
 
+    /// How long [`Self::run`] waits for a wake-up before it looks anyway (500 ms unless set).
+    pub fn with_poll_interval(mut self, poll_interval: Duration) -> Self {
+        self.poll_interval = poll_interval;
+        self
+    }
+
     /// Called after every commit of a batch that handled events, once the read model's rows
     /// are visible: the embedded backend's stand-in for NOTIFY, to wake the model's readers
     /// (scheduler, sender, feed) in process. It runs on the reader's task: keep it short.

@@ -4,6 +4,7 @@ use crate::subscription::ProjectionError;
 use chrono::{DateTime, Utc};
 use messaging_domain::{Message, MessageEvent};
 use sqlx::PgConnection;
+use std::collections::HashMap;
 
 /// One row of the `events` table.
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -32,7 +33,7 @@ impl TryFrom<String> for TxId {
     }
 }
 
-/// The columns a reader selects, in [`StoredEvent`]'s shape.
+/// The columns a PostgreSQL reader selects, in [`StoredEvent`]'s shape.
 pub const EVENT_COLUMNS: &str = "global_position, transaction_id::text AS transaction_id, \
      aggregate_type, aggregate_id, sequence, event_type, event_version, payload, recorded_at";
 
@@ -90,11 +91,41 @@ pub async fn load_message(
     message_id: &str,
     up_to: Option<i64>,
 ) -> Result<Message, ProjectionError> {
+    fold(message_events(conn, message_id, up_to).await?)
+}
+
+/// Folds one message's events, in order.
+pub(crate) fn fold(events: Vec<StoredEvent>) -> Result<Message, ProjectionError> {
     let mut message = Message::default();
-    for e in message_events(conn, message_id, up_to).await? {
+    for e in events {
         message.apply_event(e.message_event()?);
     }
     Ok(message)
+}
+
+/// The messages of `wanted`, each still empty, and whether any of them has events before its
+/// wanted sequence: when none has (each starts at its first event), there is nothing to read.
+pub(crate) fn messages_before(wanted: &[(String, i64)]) -> (HashMap<String, Message>, bool) {
+    let messages = wanted
+        .iter()
+        .map(|(id, _)| (id.clone(), Message::default()))
+        .collect();
+    let any_before = wanted.iter().any(|(_, sequence)| *sequence > 1);
+    (messages, any_before)
+}
+
+/// Folds the events read for [`load_messages_before`] (ordered by message and sequence) into
+/// their messages.
+pub(crate) fn fold_into(
+    messages: &mut HashMap<String, Message>,
+    events: Vec<StoredEvent>,
+) -> Result<(), ProjectionError> {
+    for e in events {
+        if let Some(message) = messages.get_mut(&e.aggregate_id) {
+            message.apply_event(e.message_event()?);
+        }
+    }
+    Ok(())
 }
 
 /// For each `(message id, sequence)`, the message folded from its events before that
@@ -102,12 +133,9 @@ pub async fn load_message(
 pub async fn load_messages_before(
     conn: &mut PgConnection,
     wanted: &[(String, i64)],
-) -> Result<std::collections::HashMap<String, Message>, ProjectionError> {
-    let mut messages: std::collections::HashMap<String, Message> = wanted
-        .iter()
-        .map(|(id, _)| (id.clone(), Message::default()))
-        .collect();
-    if wanted.iter().all(|(_, sequence)| *sequence <= 1) {
+) -> Result<HashMap<String, Message>, ProjectionError> {
+    let (mut messages, any_before) = messages_before(wanted);
+    if !any_before {
         return Ok(messages);
     }
     let ids: Vec<&str> = wanted.iter().map(|(id, _)| id.as_str()).collect();
@@ -124,10 +152,6 @@ pub async fn load_messages_before(
         .bind(&sequences)
         .fetch_all(conn)
         .await?;
-    for e in events {
-        if let Some(message) = messages.get_mut(&e.aggregate_id) {
-            message.apply_event(e.message_event()?);
-        }
-    }
+    fold_into(&mut messages, events)?;
     Ok(messages)
 }

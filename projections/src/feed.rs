@@ -7,8 +7,10 @@ use crate::event::{load_messages_before, StoredEvent};
 use crate::subscription::{Projection, ProjectionError};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use messaging_domain::Message;
 use serde::Serialize;
-use sqlx::PgConnection;
+use sqlx::{PgConnection, Postgres};
+use std::collections::HashMap;
 
 pub struct StateChangeFeed;
 
@@ -40,18 +42,80 @@ pub struct FeedItem {
     pub recorded_at: DateTime<Utc>,
 }
 
-#[async_trait]
-impl Projection for StateChangeFeed {
-    fn name(&self) -> &'static str {
-        "state_changes"
-    }
+impl StateChangeFeed {
+    pub const NAME: &'static str = "state_changes";
+}
 
-    async fn handle(
-        &self,
-        conn: &mut PgConnection,
-        event: &StoredEvent,
-    ) -> Result<(), ProjectionError> {
-        self.handle_batch(conn, std::slice::from_ref(event)).await
+/// One new feed item, before it is numbered.
+pub(crate) struct NewItem {
+    pub message_id: uuid::Uuid,
+    pub channel: &'static str,
+    pub service_id: uuid::Uuid,
+    pub previous_state: Option<&'static str>,
+    pub state: &'static str,
+    pub cause: &'static str,
+    pub occurred_at: DateTime<Utc>,
+    pub recorded_at: DateTime<Utc>,
+    pub event_position: i64,
+}
+
+/// The batch's message events, in log order.
+pub(crate) fn message_events(events: &[StoredEvent]) -> Vec<&StoredEvent> {
+    events.iter().filter(|e| e.is_message()).collect()
+}
+
+/// Each message of the batch with the sequence of its first event in it: the fold of the
+/// events before that is its state before the batch.
+pub(crate) fn first_seen(events: &[&StoredEvent]) -> Vec<(String, i64)> {
+    let mut seen = std::collections::HashSet::new();
+    events
+        .iter()
+        .filter(|e| seen.insert(e.aggregate_id.as_str()))
+        .map(|e| (e.aggregate_id.clone(), e.sequence))
+        .collect()
+}
+
+/// The batch's state changes, in log order. `messages` holds each message's state before its
+/// first event in the batch and is carried forward.
+pub(crate) fn new_items(
+    events: &[&StoredEvent],
+    messages: &mut HashMap<String, Message>,
+) -> Result<Vec<NewItem>, ProjectionError> {
+    let mut items = Vec::new();
+    for event in events {
+        let Some(message) = messages.get_mut(&event.aggregate_id) else {
+            continue;
+        };
+        let before = message.state();
+        let payload = event.message_event()?;
+        let cause = payload.type_name();
+        let occurred_at = payload.occurred_at();
+        message.apply_event(payload);
+        let (Some(d), after) = (message.data(), message.state()) else {
+            continue;
+        };
+        if after == before {
+            continue;
+        }
+        items.push(NewItem {
+            message_id: d.id.as_uuid(),
+            channel: d.channel.as_str(),
+            service_id: d.service_id.as_uuid(),
+            previous_state: before.map(|s| s.as_str()),
+            state: d.state.as_str(),
+            cause,
+            occurred_at,
+            recorded_at: event.recorded_at,
+            event_position: event.global_position,
+        });
+    }
+    Ok(items)
+}
+
+#[async_trait]
+impl Projection<Postgres> for StateChangeFeed {
+    fn name(&self) -> &'static str {
+        Self::NAME
     }
 
     /// Items are numbered in log order. The state before an event is the fold of the events
@@ -62,40 +126,20 @@ impl Projection for StateChangeFeed {
         conn: &mut PgConnection,
         events: &[StoredEvent],
     ) -> Result<(), ProjectionError> {
-        let events: Vec<&StoredEvent> = events.iter().filter(|e| e.is_message()).collect();
+        let events = message_events(events);
         // Each message's state before its first event in this batch, in one query.
-        let mut seen = std::collections::HashSet::new();
-        let first_seen: Vec<(String, i64)> = events
-            .iter()
-            .filter(|e| seen.insert(e.aggregate_id.as_str()))
-            .map(|e| (e.aggregate_id.clone(), e.sequence))
-            .collect();
-        let mut messages = load_messages_before(&mut *conn, &first_seen).await?;
+        let mut messages = load_messages_before(&mut *conn, &first_seen(&events)).await?;
         let mut items = Items::default();
-        for event in events {
-            let Some(message) = messages.get_mut(&event.aggregate_id) else {
-                continue;
-            };
-            let before = message.state();
-            let payload = event.message_event()?;
-            let cause = payload.type_name();
-            let occurred_at = payload.occurred_at();
-            message.apply_event(payload);
-            let (Some(d), after) = (message.data(), message.state()) else {
-                continue;
-            };
-            if after == before {
-                continue;
-            }
-            items.message_id.push(d.id.as_uuid());
-            items.channel.push(d.channel.as_str());
-            items.service_id.push(d.service_id.as_uuid());
-            items.previous_state.push(before.map(|s| s.as_str()));
-            items.state.push(d.state.as_str());
-            items.cause.push(cause);
-            items.occurred_at.push(occurred_at);
-            items.recorded_at.push(event.recorded_at);
-            items.event_position.push(event.global_position);
+        for item in new_items(&events, &mut messages)? {
+            items.message_id.push(item.message_id);
+            items.channel.push(item.channel);
+            items.service_id.push(item.service_id);
+            items.previous_state.push(item.previous_state);
+            items.state.push(item.state);
+            items.cause.push(item.cause);
+            items.occurred_at.push(item.occurred_at);
+            items.recorded_at.push(item.recorded_at);
+            items.event_position.push(item.event_position);
         }
         if items.message_id.is_empty() {
             return Ok(());

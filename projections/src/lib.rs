@@ -4,11 +4,16 @@
 //! process, swallows errors and is lost on a crash. A [`Subscription`] instead tails the
 //! `events` table from its own checkpoint, which it updates in the same transaction as the
 //! projection's writes.
+//!
+//! Two backends: PostgreSQL (this module's [`Subscription`], the read models' own modules)
+//! and SQLite, the embedded default ([`sqlite`]). Each read model implements [`Projection`]
+//! for both; the fold of events into rows is shared and only the SQL differs.
 
 pub mod delivery;
 pub mod event;
 pub mod feed;
 pub mod message_list;
+pub mod sqlite;
 pub mod subscription;
 pub mod view;
 
@@ -16,11 +21,12 @@ pub use delivery::DeliveryJobs;
 pub use event::{load_message, StoredEvent};
 pub use feed::{FeedItem, StateChangeFeed};
 pub use message_list::MessageList;
+pub use sqlite::Subscription as SqliteSubscription;
 pub use subscription::{BatchOutcome, Projection, ProjectionError, Subscription};
 pub use view::{HistoryItem, MessageView};
 
-/// Every projection this service runs, by name.
-pub fn all() -> Vec<std::sync::Arc<dyn Projection>> {
+/// Every projection this service runs on PostgreSQL, by name ([`sqlite::all`] for SQLite).
+pub fn all() -> Vec<std::sync::Arc<dyn Projection<sqlx::Postgres>>> {
     vec![
         std::sync::Arc::new(MessageList),
         std::sync::Arc::new(StateChangeFeed),

@@ -1,14 +1,21 @@
 //! The front end's message list: one row per message, the aggregate's fold plus copies of
 //! the fields the list filters on.
+//!
+//! The fold is shared by both backends (`Rows`); this file writes it to PostgreSQL,
+//! `sqlite::message_list` to SQLite.
 
 use crate::event::StoredEvent;
 use crate::subscription::{Projection, ProjectionError};
 use async_trait::async_trait;
 use messaging_domain::{Message, MessageData};
-use sqlx::PgConnection;
+use sqlx::{PgConnection, Postgres};
 use std::collections::HashMap;
 
 pub struct MessageList;
+
+impl MessageList {
+    pub const NAME: &'static str = "message_list";
+}
 
 /// One message's row while a batch is applied.
 struct Row {
@@ -17,32 +24,59 @@ struct Row {
     changed: bool,
 }
 
-/// The rows of these messages, in one query.
-async fn load(
-    conn: &mut PgConnection,
-    ids: &[uuid::Uuid],
-) -> Result<HashMap<uuid::Uuid, Row>, ProjectionError> {
-    let found: Vec<(uuid::Uuid, serde_json::Value, i64)> = sqlx::query_as(
-        "SELECT message_id, message, last_sequence FROM message_list WHERE message_id = ANY($1)",
-    )
-    .bind(ids)
-    .fetch_all(&mut *conn)
-    .await?;
-    let mut rows: HashMap<uuid::Uuid, Row> = ids
-        .iter()
-        .map(|id| {
-            let row = Row {
-                message: Message::default(),
-                last_sequence: 0,
-                changed: false,
-            };
-            (*id, row)
-        })
-        .collect();
-    for (id, json, last_sequence) in found {
+/// The rows a batch touches, loaded once and written once per batch.
+pub(crate) struct Rows(HashMap<uuid::Uuid, Row>);
+
+/// One row to write, as both backends store it.
+pub(crate) struct ListRow {
+    pub id: uuid::Uuid,
+    pub service_id: uuid::Uuid,
+    pub channel: &'static str,
+    pub direction: &'static str,
+    pub state: &'static str,
+    /// Lower-cased usernames of the sender and the recipients, sorted, without duplicates.
+    pub profiles: Vec<String>,
+    pub message: serde_json::Value,
+    pub last_sequence: i64,
+    pub provider_message_id: Option<String>,
+}
+
+impl Rows {
+    /// The messages a batch is about, each once.
+    pub(crate) fn ids(events: &[StoredEvent]) -> Result<Vec<uuid::Uuid>, ProjectionError> {
+        let mut ids = std::collections::HashSet::new();
+        for event in events.iter().filter(|e| e.is_message()) {
+            ids.insert(event.message_uuid()?);
+        }
+        Ok(ids.into_iter().collect())
+    }
+
+    /// An empty row per message, for those the table does not hold yet.
+    pub(crate) fn new(ids: &[uuid::Uuid]) -> Self {
+        Self(
+            ids.iter()
+                .map(|id| {
+                    let row = Row {
+                        message: Message::default(),
+                        last_sequence: 0,
+                        changed: false,
+                    };
+                    (*id, row)
+                })
+                .collect(),
+        )
+    }
+
+    /// A row as the table holds it.
+    pub(crate) fn found(
+        &mut self,
+        id: uuid::Uuid,
+        json: serde_json::Value,
+        last_sequence: i64,
+    ) -> Result<(), ProjectionError> {
         let data: MessageData = serde_json::from_value(json)
             .map_err(|e| ProjectionError::Other(format!("stored message {id}: {e}")))?;
-        rows.insert(
+        self.0.insert(
             id,
             Row {
                 message: Message::from(data),
@@ -50,39 +84,87 @@ async fn load(
                 changed: false,
             },
         );
+        Ok(())
+    }
+
+    /// Folds the batch's events into the rows, in log order.
+    pub(crate) fn apply(&mut self, events: &[StoredEvent]) -> Result<(), ProjectionError> {
+        for event in events.iter().filter(|e| e.is_message()) {
+            let Some(row) = self.0.get_mut(&event.message_uuid()?) else {
+                continue;
+            };
+            // Guarded by the event's sequence: applying an event twice changes nothing.
+            if event.sequence <= row.last_sequence {
+                continue;
+            }
+            row.message.apply_event(event.message_event()?);
+            row.last_sequence = event.sequence;
+            row.changed = true;
+        }
+        Ok(())
+    }
+
+    /// The rows the batch changed, as they are to be written.
+    pub(crate) fn changed(&self) -> Result<Vec<ListRow>, ProjectionError> {
+        let mut changed = Vec::new();
+        for (id, row) in self.0.iter().filter(|(_, r)| r.changed) {
+            let Some(d) = row.message.data() else {
+                return Err(ProjectionError::Other(format!(
+                    "message {id}: its first event does not start a message"
+                )));
+            };
+            let mut profiles: Vec<String> = std::iter::once(&d.from)
+                .chain(d.to.iter())
+                .map(|p| p.username.to_lowercase())
+                .collect();
+            profiles.sort();
+            profiles.dedup();
+            changed.push(ListRow {
+                id: *id,
+                service_id: d.service_id.as_uuid(),
+                channel: d.channel.as_str(),
+                direction: d.direction.as_str(),
+                state: d.state.as_str(),
+                profiles,
+                message: serde_json::to_value(d)
+                    .map_err(|e| ProjectionError::Other(e.to_string()))?,
+                last_sequence: row.last_sequence,
+                provider_message_id: d.provider_message_id.clone(),
+            });
+        }
+        Ok(changed)
+    }
+}
+
+/// The rows of these messages, in one query.
+async fn load(conn: &mut PgConnection, ids: &[uuid::Uuid]) -> Result<Rows, ProjectionError> {
+    let found: Vec<(uuid::Uuid, serde_json::Value, i64)> = sqlx::query_as(
+        "SELECT message_id, message, last_sequence FROM message_list WHERE message_id = ANY($1)",
+    )
+    .bind(ids)
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut rows = Rows::new(ids);
+    for (id, json, last_sequence) in found {
+        rows.found(id, json, last_sequence)?;
     }
     Ok(rows)
 }
 
 /// Writes the changed rows in one multi-row upsert.
-async fn store(
-    conn: &mut PgConnection,
-    rows: &HashMap<uuid::Uuid, Row>,
-) -> Result<(), ProjectionError> {
+async fn store(conn: &mut PgConnection, rows: &Rows) -> Result<(), ProjectionError> {
     let mut c = Columns::default();
-    for (id, row) in rows.iter().filter(|(_, r)| r.changed) {
-        let Some(d) = row.message.data() else {
-            return Err(ProjectionError::Other(format!(
-                "message {id}: its first event does not start a message"
-            )));
-        };
-        let mut profiles: Vec<String> = std::iter::once(&d.from)
-            .chain(d.to.iter())
-            .map(|p| p.username.to_lowercase())
-            .collect();
-        profiles.sort();
-        profiles.dedup();
-        c.id.push(*id);
-        c.service_id.push(d.service_id.as_uuid());
-        c.channel.push(d.channel.as_str());
-        c.direction.push(d.direction.as_str());
-        c.state.push(d.state.as_str());
+    for row in rows.changed()? {
+        c.id.push(row.id);
+        c.service_id.push(row.service_id);
+        c.channel.push(row.channel);
+        c.direction.push(row.direction);
+        c.state.push(row.state);
         // Arrays of arrays do not unnest into rows: each row's profiles travel as one text.
-        c.profiles.push(profiles.join(PROFILE_SEPARATOR));
-        c.message
-            .push(serde_json::to_value(d).map_err(|e| ProjectionError::Other(e.to_string()))?);
+        c.profiles.push(row.profiles.join(PROFILE_SEPARATOR));
+        c.message.push(row.message);
         c.last_sequence.push(row.last_sequence);
-        c.provider_message_id.push(d.provider_message_id.clone());
+        c.provider_message_id.push(row.provider_message_id);
     }
     if c.id.is_empty() {
         return Ok(());
@@ -134,17 +216,9 @@ struct Columns {
 }
 
 #[async_trait]
-impl Projection for MessageList {
+impl Projection<Postgres> for MessageList {
     fn name(&self) -> &'static str {
-        "message_list"
-    }
-
-    async fn handle(
-        &self,
-        conn: &mut PgConnection,
-        event: &StoredEvent,
-    ) -> Result<(), ProjectionError> {
-        self.handle_batch(conn, std::slice::from_ref(event)).await
+        Self::NAME
     }
 
     /// Each message's row is read once and written once per batch, however many of its
@@ -154,24 +228,8 @@ impl Projection for MessageList {
         conn: &mut PgConnection,
         events: &[StoredEvent],
     ) -> Result<(), ProjectionError> {
-        let mut ids = std::collections::HashSet::new();
-        for event in events.iter().filter(|e| e.is_message()) {
-            ids.insert(event.message_uuid()?);
-        }
-        let ids: Vec<uuid::Uuid> = ids.into_iter().collect();
-        let mut rows = load(&mut *conn, &ids).await?;
-        for event in events.iter().filter(|e| e.is_message()) {
-            let Some(row) = rows.get_mut(&event.message_uuid()?) else {
-                continue;
-            };
-            // Guarded by the event's sequence: applying an event twice changes nothing.
-            if event.sequence <= row.last_sequence {
-                continue;
-            }
-            row.message.apply_event(event.message_event()?);
-            row.last_sequence = event.sequence;
-            row.changed = true;
-        }
+        let mut rows = load(&mut *conn, &Rows::ids(events)?).await?;
+        rows.apply(events)?;
         store(conn, &rows).await
     }
 

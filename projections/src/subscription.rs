@@ -1,4 +1,6 @@
-//! The durable subscription reader.
+//! The durable subscription reader on PostgreSQL, and what every backend shares: the
+//! [`Projection`] trait, the batch outcomes and the reader's loop (`crate::sqlite` has the
+//! embedded backend's reader).
 //!
 //! Positions (`global_position`) become visible out of order when transactions commit out of
 //! order, so a reader that checkpoints the position alone skips events. Each event row carries
@@ -12,7 +14,8 @@
 
 use crate::event::{StoredEvent, EVENT_COLUMNS};
 use async_trait::async_trait;
-use sqlx::{PgConnection, PgPool};
+use sqlx::{PgPool, Postgres};
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
@@ -29,34 +32,23 @@ pub enum ProjectionError {
     Other(String),
 }
 
-/// A read model fed by a subscription.
+/// A read model fed by a subscription, on one backend (`sqlx::Postgres` or `sqlx::Sqlite`).
+/// Each read model implements it once per backend: the fold is shared, only the SQL differs.
 #[async_trait]
-pub trait Projection: Send + Sync + 'static {
+pub trait Projection<DB: sqlx::Database>: Send + Sync + 'static {
     /// The subscription's name: its checkpoint's key, and the CLI's name for a rebuild.
     fn name(&self) -> &'static str;
 
-    /// Applies one event inside the batch's transaction. Errors roll the whole batch back.
-    async fn handle(
-        &self,
-        conn: &mut PgConnection,
-        event: &StoredEvent,
-    ) -> Result<(), ProjectionError>;
-
-    /// Applies a batch, in log order, inside one transaction. The default handles each event
-    /// in turn; a projection overrides it to load and write each row once per batch.
+    /// Applies a batch, in log order, inside one transaction. Errors roll the whole batch
+    /// back, checkpoint included.
     async fn handle_batch(
         &self,
-        conn: &mut PgConnection,
+        conn: &mut DB::Connection,
         events: &[StoredEvent],
-    ) -> Result<(), ProjectionError> {
-        for event in events {
-            self.handle(&mut *conn, event).await?;
-        }
-        Ok(())
-    }
+    ) -> Result<(), ProjectionError>;
 
     /// Empties the read model, for a rebuild from position zero.
-    async fn reset(&self, conn: &mut PgConnection) -> Result<(), ProjectionError>;
+    async fn reset(&self, conn: &mut DB::Connection) -> Result<(), ProjectionError>;
 }
 
 /// What one call of [`Subscription::run_batch`] found.
@@ -75,13 +67,13 @@ pub enum BatchOutcome {
 #[derive(Clone)]
 pub struct Subscription {
     pool: PgPool,
-    projection: Arc<dyn Projection>,
+    projection: Arc<dyn Projection<Postgres>>,
     batch_size: i64,
     poll_interval: Duration,
 }
 
 impl Subscription {
-    pub fn new(pool: PgPool, projection: Arc<dyn Projection>) -> Self {
+    pub fn new(pool: PgPool, projection: Arc<dyn Projection<Postgres>>) -> Self {
         Self {
             pool,
             projection,
@@ -92,6 +84,12 @@ impl Subscription {
 
     pub fn with_batch_size(mut self, batch_size: i64) -> Self {
         self.batch_size = batch_size.max(1);
+        self
+    }
+
+    /// How long [`Self::run`] waits for a wake-up before it looks anyway (500 ms unless set).
+    pub fn with_poll_interval(mut self, poll_interval: Duration) -> Self {
+        self.poll_interval = poll_interval;
         self
     }
 
@@ -179,16 +177,7 @@ impl Subscription {
     /// Waits briefly while an older transaction holds newer events back.
     pub async fn catch_up(&self) -> Result<u64, ProjectionError> {
         self.ensure_checkpoint().await?;
-        let mut total = 0u64;
-        loop {
-            match self.run_batch().await? {
-                BatchOutcome::Handled(n) => total += n as u64,
-                BatchOutcome::Behind | BatchOutcome::Locked => {
-                    tokio::time::sleep(Duration::from_millis(20)).await
-                }
-                BatchOutcome::Idle => return Ok(total),
-            }
-        }
+        catch_up_with(|| self.run_batch()).await
     }
 
     /// Empties the read model and its checkpoint in one transaction (waiting for a running
@@ -215,36 +204,71 @@ impl Subscription {
     /// Runs until `shutdown` turns true: woken by `wake` (NOTIFY on new events), with a
     /// polling fallback. Errors are logged and retried with backoff; the reader never dies on
     /// one bad batch.
-    pub async fn run(self, mut wake: watch::Receiver<u64>, mut shutdown: watch::Receiver<bool>) {
-        let mut failures = 0u32;
-        loop {
-            if *shutdown.borrow() {
-                return;
+    pub async fn run(self, wake: watch::Receiver<u64>, shutdown: watch::Receiver<bool>) {
+        let name = self.name();
+        let poll_interval = self.poll_interval;
+        run_until_shutdown(name, poll_interval, wake, shutdown, || self.run_batch()).await
+    }
+}
+
+/// Runs batches until none is left to handle; returns how many events were handled.
+pub(crate) async fn catch_up_with<F, Fut>(mut run_batch: F) -> Result<u64, ProjectionError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<BatchOutcome, ProjectionError>>,
+{
+    let mut total = 0u64;
+    loop {
+        match run_batch().await? {
+            BatchOutcome::Handled(n) => total += n as u64,
+            BatchOutcome::Behind | BatchOutcome::Locked => {
+                tokio::time::sleep(Duration::from_millis(20)).await
             }
-            wake.borrow_and_update();
-            let pause = match self.run_batch().await {
-                Ok(BatchOutcome::Handled(_)) => {
-                    failures = 0;
-                    continue;
-                }
-                Ok(BatchOutcome::Behind) => Duration::from_millis(5),
-                Ok(BatchOutcome::Idle | BatchOutcome::Locked) => {
-                    failures = 0;
-                    self.poll_interval
-                }
-                Err(error) => {
-                    failures = failures.saturating_add(1);
-                    let pause = Duration::from_millis(100 * 2u64.pow(failures.min(6)));
-                    tracing::error!(subscription = self.name(), %error, retry_in_ms = pause.as_millis() as u64, "projection batch failed");
-                    pause
-                }
-            };
-            tokio::select! {
-                // A closed wake channel (the listener stopped) leaves the poll to wake us.
-                Ok(()) = wake.changed(), if failures == 0 => {}
-                _ = tokio::time::sleep(pause) => {}
-                _ = shutdown.changed() => {}
+            BatchOutcome::Idle => return Ok(total),
+        }
+    }
+}
+
+/// A reader's loop, whatever the backend: a batch after each wake-up or poll interval, the
+/// next one at once while batches find events, backoff after errors.
+pub(crate) async fn run_until_shutdown<F, Fut>(
+    name: &'static str,
+    poll_interval: Duration,
+    mut wake: watch::Receiver<u64>,
+    mut shutdown: watch::Receiver<bool>,
+    mut run_batch: F,
+) where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<BatchOutcome, ProjectionError>>,
+{
+    let mut failures = 0u32;
+    loop {
+        if *shutdown.borrow() {
+            return;
+        }
+        wake.borrow_and_update();
+        let pause = match run_batch().await {
+            Ok(BatchOutcome::Handled(_)) => {
+                failures = 0;
+                continue;
             }
+            Ok(BatchOutcome::Behind) => Duration::from_millis(5),
+            Ok(BatchOutcome::Idle | BatchOutcome::Locked) => {
+                failures = 0;
+                poll_interval
+            }
+            Err(error) => {
+                failures = failures.saturating_add(1);
+                let pause = Duration::from_millis(100 * 2u64.pow(failures.min(6)));
+                tracing::error!(subscription = name, %error, retry_in_ms = pause.as_millis() as u64, "projection batch failed");
+                pause
+            }
+        };
+        tokio::select! {
+            // A closed wake channel (the listener stopped) leaves the poll to wake us.
+            Ok(()) = wake.changed(), if failures == 0 => {}
+            _ = tokio::time::sleep(pause) => {}
+            _ = shutdown.changed() => {}
         }
     }
 }

@@ -11,7 +11,7 @@ use messaging_projections::{
     BatchOutcome, MessageList, Projection, ProjectionError, StateChangeFeed, StoredEvent,
     Subscription,
 };
-use sqlx::{PgConnection, PgPool};
+use sqlx::{PgConnection, PgPool, Postgres};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,21 +20,23 @@ use std::time::Duration;
 struct Recorder;
 
 #[async_trait]
-impl Projection for Recorder {
+impl Projection<Postgres> for Recorder {
     fn name(&self) -> &'static str {
         "recorder"
     }
-    async fn handle(
+    async fn handle_batch(
         &self,
         conn: &mut PgConnection,
-        e: &StoredEvent,
+        events: &[StoredEvent],
     ) -> Result<(), ProjectionError> {
-        // The unique key makes a second delivery of one event fail the batch loudly.
-        sqlx::query("INSERT INTO recorded (global_position, transaction_id) VALUES ($1, $2)")
-            .bind(e.global_position)
-            .bind(e.transaction_id.0 as i64)
-            .execute(conn)
-            .await?;
+        for e in events {
+            // The unique key makes a second delivery of one event fail the batch loudly.
+            sqlx::query("INSERT INTO recorded (global_position, transaction_id) VALUES ($1, $2)")
+                .bind(e.global_position)
+                .bind(e.transaction_id.0 as i64)
+                .execute(&mut *conn)
+                .await?;
+        }
         Ok(())
     }
     async fn reset(&self, conn: &mut PgConnection) -> Result<(), ProjectionError> {
@@ -157,26 +159,32 @@ async fn concurrent_writers_committing_out_of_order_are_each_seen_once_in_a_vali
     assert_eq!(events as usize, total);
 }
 
-/// Fails after handling `remaining` events: a crash in the middle of a batch.
+/// Fails after handling `remaining` events: a crash in the middle of a batch, after the
+/// batch's first events were written.
 struct CrashAfter {
-    inner: Arc<dyn Projection>,
+    inner: Arc<dyn Projection<Postgres>>,
     remaining: AtomicUsize,
 }
 
 #[async_trait]
-impl Projection for CrashAfter {
+impl Projection<Postgres> for CrashAfter {
     fn name(&self) -> &'static str {
         self.inner.name()
     }
-    async fn handle(
+    async fn handle_batch(
         &self,
         conn: &mut PgConnection,
-        e: &StoredEvent,
+        events: &[StoredEvent],
     ) -> Result<(), ProjectionError> {
-        if self.remaining.fetch_sub(1, Ordering::SeqCst) == 0 {
+        let handled = events.len().min(self.remaining.load(Ordering::SeqCst));
+        self.remaining.fetch_sub(handled, Ordering::SeqCst);
+        if handled > 0 {
+            self.inner.handle_batch(conn, &events[..handled]).await?;
+        }
+        if handled < events.len() {
             return Err(ProjectionError::Other("crashed mid-batch".into()));
         }
-        self.inner.handle(conn, e).await
+        Ok(())
     }
     async fn reset(&self, conn: &mut PgConnection) -> Result<(), ProjectionError> {
         self.inner.reset(conn).await
@@ -266,7 +274,8 @@ async fn snapshot(
 async fn a_subscription_killed_mid_batch_ends_identical_to_a_rebuild_from_zero() {
     let pool = migrated_pool().await;
     write_history(&pool).await;
-    let projections: [Arc<dyn Projection>; 2] = [Arc::new(MessageList), Arc::new(StateChangeFeed)];
+    let projections: [Arc<dyn Projection<Postgres>>; 2] =
+        [Arc::new(MessageList), Arc::new(StateChangeFeed)];
 
     for (k, projection) in projections.iter().enumerate() {
         // Crash twice in the middle of batches...

@@ -46,7 +46,7 @@ pub async fn run(bench: &mut Bench) -> Result<Vec<Figure>> {
         "events/s",
         reference,
     )];
-    let projections: [Arc<dyn messaging_projections::Projection>; 2] =
+    let projections: [Arc<dyn messaging_projections::Projection<sqlx::Postgres>>; 2] =
         [Arc::new(MessageList), Arc::new(StateChangeFeed)];
     for projection in projections {
         let name = projection.name();

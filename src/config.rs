@@ -3,6 +3,7 @@
 
 use std::fmt;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 
 /// A value that must never reach a log line or a response.
 #[derive(Clone, PartialEq, Eq)]
@@ -32,9 +33,14 @@ pub struct ConfigError {
 
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// `postgres://...`. (The embedded SQLite default is a later step; see the README.)
-    pub database_url: Secret,
+    /// Which database holds the log and the read models.
+    pub database: Database,
+    /// Where the embedded default keeps its files: the SQLite database, the generated API
+    /// key, the sandbox outbox (`MESSAGING_DATA_DIR`, `./data`).
+    pub data_dir: PathBuf,
     pub listen: SocketAddr,
+    /// Bearer keys for `/v1/*`; empty means the key file under `data_dir` (created on first
+    /// start), so the embedded default runs with no configuration.
     pub api_keys: Vec<Secret>,
     /// Largest request body accepted, in bytes.
     pub max_body_bytes: usize,
@@ -44,6 +50,50 @@ pub struct Config {
     pub webhooks: WebhookSettings,
     /// Backoff before a failed push delivery is retried (doubles, ±25 % jitter, ≤ 5 min).
     pub push_backoff_ms: u64,
+}
+
+/// The backend `DATABASE_URL` selects.
+#[derive(Debug, Clone)]
+pub enum Database {
+    /// `postgres://...`: production, any number of instances.
+    Postgres(Secret),
+    /// `sqlite://PATH`, or `DATABASE_URL` unset (`<data dir>/messaging.db`): the embedded
+    /// default, one process.
+    Sqlite(PathBuf),
+}
+
+impl Database {
+    fn parse(url: Option<String>, data_dir: &Path) -> Result<Self, ConfigError> {
+        let Some(url) = url.filter(|u| !u.trim().is_empty()) else {
+            return Ok(Self::Sqlite(data_dir.join("messaging.db")));
+        };
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            return Ok(Self::Postgres(Secret::new(url)));
+        }
+        let path = url
+            .strip_prefix("sqlite://")
+            .or_else(|| url.strip_prefix("sqlite:"))
+            .map(|p| p.split('?').next().unwrap_or_default());
+        match path {
+            Some(path) if !path.is_empty() && !path.starts_with(':') => {
+                Ok(Self::Sqlite(PathBuf::from(path)))
+            }
+            _ => Err(ConfigError {
+                setting: "DATABASE_URL",
+                message: "must be postgres://..., sqlite://PATH to a file, or unset for \
+                          ./data/messaging.db"
+                    .into(),
+            }),
+        }
+    }
+
+    /// For logs: the backend and, for SQLite, the file (a PostgreSQL URL may hold a password).
+    pub fn describe(&self) -> String {
+        match self {
+            Self::Postgres(_) => "PostgreSQL".into(),
+            Self::Sqlite(path) => format!("SQLite at {}", path.display()),
+        }
+    }
 }
 
 /// Webhook secrets. Each webhook refuses every delivery until its secret is set.
@@ -84,35 +134,34 @@ pub struct SenderSettings {
 impl Config {
     /// Reads the configuration from `lookup` (the process environment in production).
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
-        let database_url = lookup("DATABASE_URL").ok_or(ConfigError {
-            setting: "DATABASE_URL",
-            message: "set it to a postgres:// URL (the embedded SQLite default is not built yet)"
-                .into(),
-        })?;
-        if !(database_url.starts_with("postgres://") || database_url.starts_with("postgresql://")) {
-            return Err(ConfigError {
-                setting: "DATABASE_URL",
-                message: "must start with postgres:// or postgresql://".into(),
-            });
-        }
+        let text = |setting: &str, default: &str| lookup(setting).unwrap_or_else(|| default.into());
+        let data_dir = PathBuf::from(text("MESSAGING_DATA_DIR", "./data"));
+        let database = Database::parse(lookup("DATABASE_URL"), &data_dir)?;
         let listen = lookup("MESSAGING_LISTEN").unwrap_or_else(|| "127.0.0.1:8080".into());
         let listen = listen.parse().map_err(|_| ConfigError {
             setting: "MESSAGING_LISTEN",
             message: format!("`{listen}` is not a host:port address such as 127.0.0.1:8080"),
         })?;
-        let api_keys: Vec<Secret> = lookup("MESSAGING_API_KEYS")
-            .unwrap_or_default()
-            .split(',')
-            .map(str::trim)
-            .filter(|k| !k.is_empty())
-            .map(Secret::new)
-            .collect();
-        if api_keys.is_empty() {
-            return Err(ConfigError {
-                setting: "MESSAGING_API_KEYS",
-                message: "give at least one bearer key (comma-separated) for /v1/*".into(),
-            });
-        }
+        let api_keys = match lookup("MESSAGING_API_KEYS") {
+            None => Vec::new(),
+            Some(keys) => {
+                let keys: Vec<Secret> = keys
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|k| !k.is_empty())
+                    .map(Secret::new)
+                    .collect();
+                if keys.is_empty() {
+                    return Err(ConfigError {
+                        setting: "MESSAGING_API_KEYS",
+                        message: "holds no key: give bearer keys (comma-separated) for /v1/*, \
+                                  or unset it to use the generated key file"
+                            .into(),
+                    });
+                }
+                keys
+            }
+        };
         let number = |setting: &'static str, default: u64| -> Result<u64, ConfigError> {
             match lookup(setting) {
                 None => Ok(default),
@@ -122,7 +171,6 @@ impl Config {
                 }),
             }
         };
-        let text = |setting: &str, default: &str| lookup(setting).unwrap_or_else(|| default.into());
         let url = |setting: &'static str, default: &str| -> Result<String, ConfigError> {
             let value = text(setting, default);
             if value.starts_with("http://") || value.starts_with("https://") {
@@ -140,7 +188,8 @@ impl Config {
             facebook_base_url: url("MESSAGING_FACEBOOK_BASE_URL", "https://graph.facebook.com")?,
             facebook_graph_version: text("MESSAGING_FACEBOOK_GRAPH_VERSION", "v21.0"),
             timeout_ms: number("MESSAGING_PROVIDER_TIMEOUT_MS", 10_000)?,
-            sandbox_dir: text("MESSAGING_SANDBOX_DIR", "./data/outbox"),
+            sandbox_dir: lookup("MESSAGING_SANDBOX_DIR")
+                .unwrap_or_else(|| data_dir.join("outbox").to_string_lossy().into_owned()),
         };
         let per_service_rate = match lookup("MESSAGING_SEND_RATE_PER_SERVICE") {
             None => 100.0,
@@ -172,7 +221,8 @@ impl Config {
             facebook_verify_token: secret("MESSAGING_FACEBOOK_VERIFY_TOKEN"),
         };
         Ok(Self {
-            database_url: Secret::new(database_url),
+            database,
+            data_dir,
             listen,
             api_keys,
             max_body_bytes: number("MESSAGING_MAX_BODY_BYTES", 1024 * 1024)? as usize,
@@ -187,14 +237,6 @@ impl Config {
     pub fn from_env() -> Result<Self, ConfigError> {
         Self::from_lookup(|k| std::env::var(k).ok())
     }
-
-    /// For `migrate` and `projections rebuild`, which serve no API and need no keys.
-    pub fn from_env_for_tools() -> Result<Self, ConfigError> {
-        Self::from_lookup(|k| match k {
-            "MESSAGING_API_KEYS" => Some(std::env::var(k).unwrap_or_else(|_| "unused".into())),
-            _ => std::env::var(k).ok(),
-        })
-    }
 }
 
 #[cfg(test)]
@@ -202,13 +244,37 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_missing_api_key_names_the_setting() {
-        let err = Config::from_lookup(|k| {
-            (k == "DATABASE_URL").then(|| "postgres://localhost/x".to_string())
-        })
-        .map(|_| ())
-        .unwrap_err();
+    fn an_api_key_setting_without_a_key_names_the_setting() {
+        let err = Config::from_lookup(|k| (k == "MESSAGING_API_KEYS").then(|| " , ".to_string()))
+            .map(|_| ())
+            .unwrap_err();
         assert_eq!(err.setting, "MESSAGING_API_KEYS");
+    }
+
+    #[test]
+    fn no_configuration_at_all_is_the_embedded_default() {
+        let config = Config::from_lookup(|_| None).unwrap();
+        assert!(config.api_keys.is_empty());
+        match config.database {
+            Database::Sqlite(path) => assert_eq!(path, Path::new("./data/messaging.db")),
+            other => panic!("expected SQLite, got {other:?}"),
+        }
+        assert_eq!(config.providers.sandbox_dir, "./data/outbox");
+    }
+
+    #[test]
+    fn database_urls_select_the_backend() {
+        let parse = |url: &str| Database::parse(Some(url.into()), Path::new("d"));
+        assert!(matches!(parse("postgres://x/y"), Ok(Database::Postgres(_))));
+        assert!(
+            matches!(parse("sqlite://a/b.db"), Ok(Database::Sqlite(p)) if p == Path::new("a/b.db"))
+        );
+        assert!(
+            matches!(parse("sqlite:b.db?mode=rwc"), Ok(Database::Sqlite(p)) if p == Path::new("b.db"))
+        );
+        for bad in ["mysql://x", "sqlite://", "sqlite::memory:"] {
+            assert_eq!(parse(bad).unwrap_err().setting, "DATABASE_URL", "{bad}");
+        }
     }
 
     #[test]

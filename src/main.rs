@@ -3,8 +3,8 @@
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use messaging::config::Config;
-use messaging::startup::{self, Application};
-use messaging_projections::Subscription;
+use messaging::startup::{Application, Backend};
+use messaging_projections::{SqliteSubscription, Subscription};
 
 #[derive(Parser)]
 #[command(
@@ -13,13 +13,15 @@ use messaging_projections::Subscription;
     about = "Event-sourced messaging service: email, X and Facebook"
 )]
 struct Cli {
+    /// `serve` when omitted.
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
 }
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the API, webhooks and workers in one process (migrates the database first).
+    /// Run the API, webhooks and workers in one process (migrates the database first). The
+    /// default: with no DATABASE_URL it runs on SQLite under ./data, with no other set-up.
     Serve,
     /// Apply database migrations and exit.
     Migrate,
@@ -61,47 +63,62 @@ fn init_tracing() {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    match cli.command {
+    match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => {
             let config = Config::from_env()?;
             let app = Application::build(&config).await?;
             app.run(shutdown_signal()).await
         }
         Command::Migrate => {
-            let config = Config::from_env_for_tools()?;
-            let pool = startup::connect(&config).await?;
-            startup::migrate(&pool).await?;
+            let config = Config::from_env()?;
+            Backend::open(&config).await?;
             println!("migrations applied");
             Ok(())
         }
         Command::Projections {
             command: ProjectionsCommand::Rebuild { name },
         } => {
-            let config = Config::from_env_for_tools()?;
-            let pool = startup::connect(&config).await?;
-            startup::migrate(&pool).await?;
-            let projections: Vec<_> = messaging_projections::all()
-                .into_iter()
-                .filter(|p| name.as_deref().is_none_or(|n| n == p.name()))
+            let config = Config::from_env()?;
+            let names: Vec<&str> = messaging_projections::all()
+                .iter()
+                .map(|p| p.name())
                 .collect();
-            if projections.is_empty() {
-                let names: Vec<_> = messaging_projections::all()
-                    .iter()
-                    .map(|p| p.name())
-                    .collect();
+            if name.as_deref().is_some_and(|n| !names.contains(&n)) {
                 anyhow::bail!(
                     "no projection named `{}`; the projections are {}",
                     name.unwrap_or_default(),
                     names.join(", ")
                 );
             }
-            for projection in projections {
-                let name = projection.name();
+            let wanted = |n: &str| name.as_deref().is_none_or(|w| w == n);
+            let backend = Backend::open(&config).await?;
+            for name in names.into_iter().filter(|n| wanted(n)) {
                 let started = std::time::Instant::now();
-                let n = Subscription::new(pool.clone(), projection)
-                    .rebuild()
-                    .await
-                    .with_context(|| format!("rebuilding {name}"))?;
+                let rebuilt = match &backend {
+                    Backend::Postgres(pool) => {
+                        let projection = messaging_projections::all()
+                            .into_iter()
+                            .find(|p| p.name() == name);
+                        match projection {
+                            Some(p) => Subscription::new(pool.clone(), p).rebuild().await,
+                            None => continue,
+                        }
+                    }
+                    Backend::Sqlite { pools, .. } => {
+                        let projection = messaging_projections::sqlite::all()
+                            .into_iter()
+                            .find(|p| p.name() == name);
+                        match projection {
+                            Some(p) => {
+                                SqliteSubscription::new(pools.write.clone(), p)
+                                    .rebuild()
+                                    .await
+                            }
+                            None => continue,
+                        }
+                    }
+                };
+                let n = rebuilt.with_context(|| format!("rebuilding {name}"))?;
                 println!(
                     "{name}: rebuilt from {n} events in {:.2?}",
                     started.elapsed()

@@ -1,19 +1,23 @@
-//! Start-up: the pool, migrations, the workers and the HTTP server, in one process.
+//! Start-up: the database (PostgreSQL, or the embedded SQLite default), migrations, the
+//! workers and the HTTP server, in one process.
 
-use crate::config::Config;
+use crate::config::{Config, Database, Secret};
 use crate::http::{self, AppState};
 use crate::metrics::Metrics;
+use crate::notify::{self, Wakeups};
 use crate::process_managers::push::{PushConfig, Pusher};
 use crate::process_managers::scheduler::Scheduler;
 use crate::process_managers::sender::{Sender, SenderConfig};
 use crate::providers::{ProviderConfig, Providers};
 use crate::store::postgres::notify::spawn_listener;
 use crate::store::postgres::{PgStore, MIGRATOR};
+use crate::store::sqlite::{SqlitePools, SqliteStore};
+use crate::store::Store;
 use crate::webhooks::{
     self, applier::Applier, verify::SendgridVerifier, WebhookSecrets, WebhookState,
 };
 use anyhow::Context;
-use messaging_projections::Subscription;
+use messaging_projections::{SqliteSubscription, Subscription};
 use sqlx::migrate::MigrateDatabase;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::PgPool;
@@ -24,10 +28,107 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+/// The database a process runs on, connected and migrated.
+pub enum Backend {
+    Postgres(PgPool),
+    Sqlite {
+        pools: SqlitePools,
+        /// Held while the process runs: one process per SQLite file.
+        lock: std::fs::File,
+    },
+}
+
+impl Backend {
+    /// Connects to the configured database (creating it if missing) and applies the
+    /// migrations.
+    pub async fn open(config: &Config) -> anyhow::Result<Self> {
+        match &config.database {
+            Database::Postgres(url) => {
+                let pool = connect(url, config.database_max_connections).await?;
+                migrate(&pool).await?;
+                Ok(Self::Postgres(pool))
+            }
+            Database::Sqlite(path) => {
+                if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                    std::fs::create_dir_all(dir).with_context(|| {
+                        format!("cannot create {} for the SQLite database", dir.display())
+                    })?;
+                }
+                let lock = lock_sqlite_file(path)?;
+                let pools = SqlitePools::open(path, config.database_max_connections)
+                    .await
+                    .with_context(|| {
+                        format!("cannot open the SQLite database {}", path.display())
+                    })?;
+                crate::store::sqlite::MIGRATOR
+                    .run(&pools.write)
+                    .await
+                    .context("applying database migrations failed")?;
+                Ok(Self::Sqlite { pools, lock })
+            }
+        }
+    }
+}
+
+/// Takes the lock file next to the database: the SQLite backend serves one process (its
+/// workers coordinate in memory), so a second one stops at start-up and says why.
+fn lock_sqlite_file(path: &std::path::Path) -> anyhow::Result<std::fs::File> {
+    let lock_path = path.with_extension("lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .with_context(|| format!("cannot create the lock file {}", lock_path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
+            "another messaging process is using {}: the SQLite backend serves one process \
+             (set DATABASE_URL=postgres://... to run several)",
+            path.display()
+        ),
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(e).with_context(|| format!("cannot lock {}", lock_path.display()))
+        }
+    }
+}
+
+/// The bearer keys: `MESSAGING_API_KEYS`, else the key in `<data dir>/api-key`, generated
+/// (random, readable by this user only) on first start.
+pub fn api_keys(config: &Config) -> anyhow::Result<Vec<Secret>> {
+    if !config.api_keys.is_empty() {
+        return Ok(config.api_keys.clone());
+    }
+    let path = config.data_dir.join("api-key");
+    match std::fs::read_to_string(&path) {
+        Ok(key) if !key.trim().is_empty() => {
+            tracing::info!(path = %path.display(), "no MESSAGING_API_KEYS: using the key in this file");
+            return Ok(vec![Secret::new(key.trim())]);
+        }
+        Ok(_) => anyhow::bail!("{} is empty: delete it to get a new key", path.display()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    }
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("cannot create {}", config.data_dir.display()))?;
+    let key = format!("msk_{}", hex::encode(rand::random::<[u8; 24]>()));
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options
+        .open(&path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
+    std::io::Write::write_all(&mut file, format!("{key}\n").as_bytes())
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    tracing::info!(path = %path.display(), "no MESSAGING_API_KEYS: generated an API key in this file");
+    Ok(vec![Secret::new(key)])
+}
+
 /// Connects with the session settings every connection needs, creating the database first
 /// if the server does not have it yet.
-pub async fn connect(config: &Config) -> anyhow::Result<PgPool> {
-    let url = config.database_url.expose();
+pub async fn connect(url: &Secret, max_connections: u32) -> anyhow::Result<PgPool> {
+    let url = url.expose();
     let exists = sqlx::Postgres::database_exists(url)
         .await
         .context("cannot reach the database server at DATABASE_URL")?;
@@ -37,13 +138,13 @@ pub async fn connect(config: &Config) -> anyhow::Result<PgPool> {
             .context("the database named in DATABASE_URL does not exist and cannot be created")?;
         tracing::info!("created the database named in DATABASE_URL");
     }
-    let options = PgConnectOptions::from_str(config.database_url.expose())
+    let options = PgConnectOptions::from_str(url)
         .context("DATABASE_URL is not a valid PostgreSQL URL")?
         // One session stuck in a transaction would hold back every subscription reader
         // (they only read below the oldest running transaction): cut it off.
         .options([("idle_in_transaction_session_timeout", "60000")]);
     PgPoolOptions::new()
-        .max_connections(config.database_max_connections)
+        .max_connections(max_connections)
         .acquire_timeout(Duration::from_secs(10))
         .connect_with(options)
         .await
@@ -106,6 +207,9 @@ pub struct Application {
     router: axum::Router,
     shutdown: watch::Sender<bool>,
     workers: Vec<tokio::task::JoinHandle<()>>,
+    store: Arc<dyn Store>,
+    /// The SQLite file's lock, held until the process ends.
+    _lock: Option<std::fs::File>,
 }
 
 impl Application {
@@ -113,21 +217,40 @@ impl Application {
     pub async fn build(config: &Config) -> anyhow::Result<Self> {
         // Settings that can be wrong are checked before anything starts.
         let webhook_secrets = Arc::new(webhook_secrets(config)?);
-        let pool = connect(config).await?;
-        migrate(&pool).await?;
+        let api_keys = api_keys(config)?;
+        let backend = Backend::open(config).await?;
+        tracing::info!(database = %config.database.describe(), "database ready");
         let (shutdown, shutdown_rx) = watch::channel(false);
-        let wakeups = spawn_listener(pool.clone(), shutdown_rx.clone());
-        let mut workers = Vec::new();
-        for projection in messaging_projections::all() {
-            let subscription = Subscription::new(pool.clone(), projection);
-            subscription.ensure_checkpoint().await?;
-            workers.push(tokio::spawn(
-                subscription.run(wakeups.events.clone(), shutdown_rx.clone()),
-            ));
-        }
         let metrics = Arc::new(Metrics::new().context("setting up the metrics registry")?);
-        let store: Arc<dyn crate::store::Store> =
-            Arc::new(PgStore::new(pool.clone()).with_metrics(metrics.clone()));
+        let mut workers = Vec::new();
+        let (store, wakeups, lock): (Arc<dyn Store>, Wakeups, _) = match backend {
+            Backend::Postgres(pool) => {
+                let wakeups = spawn_listener(pool.clone(), shutdown_rx.clone());
+                for projection in messaging_projections::all() {
+                    let subscription = Subscription::new(pool.clone(), projection);
+                    subscription.ensure_checkpoint().await?;
+                    workers.push(tokio::spawn(
+                        subscription.run(wakeups.events.clone(), shutdown_rx.clone()),
+                    ));
+                }
+                let store = PgStore::new(pool).with_metrics(metrics.clone());
+                (Arc::new(store), wakeups, None)
+            }
+            Backend::Sqlite { pools, lock } => {
+                let (bell, wakeups) = notify::in_process();
+                for projection in messaging_projections::sqlite::all() {
+                    let rings = bell.clone();
+                    let subscription = SqliteSubscription::new(pools.write.clone(), projection)
+                        .on_commit(Arc::new(move || rings.read_models()));
+                    subscription.ensure_checkpoint().await?;
+                    workers.push(tokio::spawn(
+                        subscription.run(wakeups.events.clone(), shutdown_rx.clone()),
+                    ));
+                }
+                let store = SqliteStore::new(pools, bell).with_metrics(metrics.clone());
+                (Arc::new(store), wakeups, Some(lock))
+            }
+        };
         let scheduler = Scheduler::new(store.clone());
         workers.push(tokio::spawn(
             scheduler.run(wakeups.schedule.clone(), shutdown_rx.clone()),
@@ -160,15 +283,10 @@ impl Application {
             store: store.clone(),
             secrets: webhook_secrets,
         };
+        let state_store = store.clone();
         let state = AppState {
             store,
-            api_key_digests: Arc::new(
-                config
-                    .api_keys
-                    .iter()
-                    .map(|k| http::digest(k.expose()))
-                    .collect(),
-            ),
+            api_key_digests: Arc::new(api_keys.iter().map(|k| http::digest(k.expose())).collect()),
             feed_wake: wakeups.state_changes,
             metrics: metrics.clone(),
         };
@@ -185,7 +303,14 @@ impl Application {
             router,
             shutdown,
             workers,
+            store: state_store,
+            _lock: lock,
         })
+    }
+
+    /// The store the service runs on (for tests and tools in the same process).
+    pub fn store(&self) -> Arc<dyn Store> {
+        self.store.clone()
     }
 
     pub fn local_addr(&self) -> anyhow::Result<SocketAddr> {

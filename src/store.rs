@@ -10,7 +10,9 @@ use messaging_projections::{FeedItem, HistoryItem};
 use serde::Serialize;
 use std::time::Duration;
 
+mod commands;
 pub mod postgres;
+pub mod sqlite;
 
 /// Why a command did not land.
 #[derive(Debug, thiserror::Error)]
@@ -191,6 +193,72 @@ pub struct Gauges {
     pub webhook_inbox_pending: i64,
     /// Per push subscription, in id order: feed items after its cursor (never negative).
     pub push_lag: Vec<(uuid::Uuid, i64)>,
+}
+
+/// A `services` row as both backends read it.
+#[derive(sqlx::FromRow)]
+pub(crate) struct ServiceRow {
+    pub id: uuid::Uuid,
+    pub channel: String,
+    pub provider: String,
+    pub name: String,
+    pub username: String,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(sqlx::FromRow)]
+pub(crate) struct ServiceWithCredentials {
+    #[sqlx(flatten)]
+    pub service: ServiceRow,
+    pub credentials: serde_json::Value,
+}
+
+impl TryFrom<ServiceRow> for Service {
+    type Error = StoreError;
+    fn try_from(r: ServiceRow) -> Result<Self, Self::Error> {
+        Ok(Service {
+            id: ServiceId::from_uuid(r.id),
+            channel: Channel::parse(&r.channel)
+                .ok_or_else(|| StoreError(format!("service {}: channel {}", r.id, r.channel)))?,
+            provider: Provider::parse(&r.provider)
+                .ok_or_else(|| StoreError(format!("service {}: provider {}", r.id, r.provider)))?,
+            name: r.name,
+            username: r.username,
+            created_at: r.created_at,
+        })
+    }
+}
+
+/// A `webhook_inbox` row as `webhook_problems` reads it.
+#[derive(sqlx::FromRow)]
+pub(crate) struct ProblemRow {
+    pub id: i64,
+    pub provider: String,
+    pub event_id: String,
+    pub message_id: Option<uuid::Uuid>,
+    pub kind: String,
+    pub status: String,
+    pub reason: Option<String>,
+    pub occurred_at: DateTime<Utc>,
+    pub received_at: DateTime<Utc>,
+    pub payload: serde_json::Value,
+}
+
+impl From<ProblemRow> for Problematic {
+    fn from(r: ProblemRow) -> Self {
+        Self {
+            id: r.id,
+            provider: r.provider,
+            event_id: r.event_id,
+            message_id: r.message_id,
+            kind: r.kind,
+            status: r.status,
+            reason: r.reason,
+            occurred_at: r.occurred_at,
+            received_at: r.received_at,
+            payload: r.payload,
+        }
+    }
 }
 
 #[async_trait]
@@ -395,4 +463,30 @@ pub trait Store: Send + Sync + 'static {
     /// Reads [`Gauges`] now; the three groups (projection lag, queue depths, push lag) may
     /// be read at slightly different moments, not as one snapshot.
     async fn gauges(&self) -> Result<Gauges, StoreError>;
+}
+
+/// Whether every migration this binary carries is applied.
+async fn check_migrations<'a, E>(
+    migrator: &sqlx::migrate::Migrator,
+    db: E,
+) -> Result<(), StoreError>
+where
+    E: sqlx::Executor<'a>,
+    i64: sqlx::Type<E::Database> + for<'r> sqlx::Decode<'r, E::Database>,
+    Option<i64>: for<'r> sqlx::Decode<'r, E::Database>,
+    for<'q> <E::Database as sqlx::Database>::Arguments<'q>: sqlx::IntoArguments<'q, E::Database>,
+    usize: sqlx::ColumnIndex<<E::Database as sqlx::Database>::Row>,
+{
+    let latest = migrator.iter().map(|m| m.version).max().unwrap_or(0);
+    let applied: Option<i64> =
+        sqlx::query_scalar("SELECT max(version) FROM _sqlx_migrations WHERE success")
+            .fetch_one(db)
+            .await?;
+    if applied.unwrap_or(0) < latest {
+        return Err(StoreError(format!(
+            "migrations pending: database at {}, binary expects {latest}",
+            applied.unwrap_or(0)
+        )));
+    }
+    Ok(())
 }

@@ -151,8 +151,7 @@ async fn run_in(cli: &Cli, url: &str, sandbox_dir: PathBuf) -> Result<(Vec<Figur
             _ => return None,
         })
     };
-    let mut config = Config::from_lookup(lookup).context("the bench's service configuration")?;
-    config.database_url = Secret::new(url);
+    let config = Config::from_lookup(lookup).context("the bench's service configuration")?;
     let app = Application::build(&config)
         .await
         .context("starting the service")?;
@@ -163,9 +162,7 @@ async fn run_in(cli: &Cli, url: &str, sandbox_dir: PathBuf) -> Result<(Vec<Figur
     }));
 
     // The bench's own pool, with the service's session settings; room for 32 clients.
-    let mut bench_config = config.clone();
-    bench_config.database_max_connections = 34;
-    let pool = startup::connect(&bench_config).await?;
+    let pool = startup::connect(&Secret::new(url), 34).await?;
     let http = reqwest::Client::new();
     let service = common::create_service(&http, &base, API_KEY, "news@example.com").await?;
     let mut bench = Bench {

@@ -7,23 +7,22 @@ mod jobs;
 pub mod notify;
 mod push;
 
+use super::commands::{execute_with_retries, MessageCqrs};
 use super::{
     CommandError, FactSettlement, Gauges, IdempotencyClaim, ListFilter, NewSubscription,
-    PendingFact, PushDue, PushSubscription, ScheduledSend, SendJob, Service, Store, StoreError,
+    PendingFact, PushDue, PushSubscription, ScheduledSend, SendJob, Service, ServiceRow,
+    ServiceWithCredentials, Store, StoreError,
 };
 use crate::metrics::{command_name, Metrics};
 use crate::webhooks::inbox::{InboxFact, Problematic};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use cqrs_es::persist::PersistedEventStore;
-use cqrs_es::{AggregateError, CqrsFramework};
-use messaging_domain::{
-    Channel, Message, MessageCommand, MessageData, MessageId, Provider, ServiceId,
-};
+use cqrs_es::CqrsFramework;
+use messaging_domain::{Channel, Message, MessageCommand, MessageData, MessageId, ServiceId};
 use messaging_projections::event::message_events;
 use messaging_projections::{FeedItem, HistoryItem};
 use postgres_es::PostgresEventRepository;
-use rand::Rng;
 use sqlx::migrate::Migrator;
 use sqlx::PgPool;
 use std::sync::Arc;
@@ -37,15 +36,9 @@ const SUBSCRIPTION_VIEW: &str = "SELECT s.id, s.url, s.states, s.channels, s.cur
 
 pub static MIGRATOR: Migrator = sqlx::migrate!("./migrations/postgres");
 
-type MessageCqrs = CqrsFramework<Message, PersistedEventStore<PostgresEventRepository, Message>>;
-
-/// How many times a command is retried when another writer appended to the same message
-/// first (postgres-es reports that as `AggregateConflict` and never retries it).
-const CONFLICT_RETRIES: u32 = 8;
-
 pub struct PgStore {
     pool: PgPool,
-    cqrs: MessageCqrs,
+    cqrs: MessageCqrs<PostgresEventRepository>,
     metrics: Option<Arc<Metrics>>,
     /// Wakes the task that tells every instance's readers that events were committed.
     committed: Arc<tokio::sync::Notify>,
@@ -113,68 +106,11 @@ impl PgStore {
     }
 }
 
-#[derive(sqlx::FromRow)]
-struct ServiceRow {
-    id: uuid::Uuid,
-    channel: String,
-    provider: String,
-    name: String,
-    username: String,
-    created_at: DateTime<Utc>,
-}
-
-#[derive(sqlx::FromRow)]
-struct ServiceWithCredentials {
-    #[sqlx(flatten)]
-    service: ServiceRow,
-    credentials: serde_json::Value,
-}
-
-impl TryFrom<ServiceRow> for Service {
-    type Error = StoreError;
-    fn try_from(r: ServiceRow) -> Result<Self, Self::Error> {
-        Ok(Service {
-            id: ServiceId::from_uuid(r.id),
-            channel: Channel::parse(&r.channel)
-                .ok_or_else(|| StoreError(format!("service {}: channel {}", r.id, r.channel)))?,
-            provider: Provider::parse(&r.provider)
-                .ok_or_else(|| StoreError(format!("service {}: provider {}", r.id, r.provider)))?,
-            name: r.name,
-            username: r.username,
-            created_at: r.created_at,
-        })
-    }
-}
-
-impl PgStore {
-    /// Runs a command, deciding again when another writer appended to the message first.
-    async fn execute_with_retries(
-        &self,
-        id: MessageId,
-        command: MessageCommand,
-    ) -> Result<(), CommandError> {
-        let aggregate_id = id.to_string();
-        for attempt in 1..=CONFLICT_RETRIES {
-            match self.cqrs.execute(&aggregate_id, command.clone()).await {
-                Ok(()) => return Ok(()),
-                Err(AggregateError::UserError(e)) => return Err(CommandError::Rejected(e)),
-                Err(AggregateError::AggregateConflict) => {
-                    // Reload and decide again after a short, jittered pause.
-                    let jitter = rand::thread_rng().gen_range(1..=5 * u64::from(attempt));
-                    tokio::time::sleep(Duration::from_millis(jitter)).await;
-                }
-                Err(e) => return Err(CommandError::Store(e.to_string())),
-            }
-        }
-        Err(CommandError::Busy)
-    }
-}
-
 #[async_trait]
 impl Store for PgStore {
     async fn execute(&self, id: MessageId, command: MessageCommand) -> Result<(), CommandError> {
         let name = command_name(&command);
-        let result = self.execute_with_retries(id, command).await;
+        let result = execute_with_retries(&self.cqrs, id, command).await;
         if result.is_ok() {
             self.committed.notify_one();
         }

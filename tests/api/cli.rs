@@ -38,14 +38,14 @@ async fn migrate_creates_the_database_and_rebuild_restores_the_read_models() {
         .to_string();
     app.wait_listed(&id, "scheduled").await;
     let before: Vec<String> =
-        sqlx::query_scalar("SELECT message::text FROM message_list ORDER BY message_id")
+        sqlx::query_scalar("SELECT CAST(message AS TEXT) FROM message_list ORDER BY message_id")
             .fetch_all(&app.pool)
             .await
             .unwrap();
     let url = app.stop().await;
 
     // Lose the read model, then rebuild it from the log.
-    let pool = sqlx::PgPool::connect(&url).await.unwrap();
+    let pool = any_pool(&url).await;
     sqlx::query("DELETE FROM message_list")
         .execute(&pool)
         .await
@@ -62,7 +62,7 @@ async fn migrate_creates_the_database_and_rebuild_restores_the_read_models() {
         "{stdout}"
     );
     let after: Vec<String> =
-        sqlx::query_scalar("SELECT message::text FROM message_list ORDER BY message_id")
+        sqlx::query_scalar("SELECT CAST(message AS TEXT) FROM message_list ORDER BY message_id")
             .fetch_all(&pool)
             .await
             .unwrap();
@@ -76,13 +76,16 @@ async fn migrate_creates_the_database_and_rebuild_restores_the_read_models() {
 #[test]
 fn bad_configuration_stops_start_up_with_one_line_naming_the_setting() {
     let cases: [(&[(&str, &str)], &str); 4] = [
-        (&[("MESSAGING_API_KEYS", "k")], "DATABASE_URL"),
+        (&[("DATABASE_URL", "sqlite://")], "DATABASE_URL"),
         (
             &[("DATABASE_URL", "mysql://x"), ("MESSAGING_API_KEYS", "k")],
             "DATABASE_URL",
         ),
         (
-            &[("DATABASE_URL", "postgres://u:hunter2@127.0.0.1/x")],
+            &[
+                ("DATABASE_URL", "postgres://u:hunter2@127.0.0.1/x"),
+                ("MESSAGING_API_KEYS", " , "),
+            ],
             "MESSAGING_API_KEYS",
         ),
         (
@@ -110,4 +113,36 @@ fn bad_configuration_stops_start_up_with_one_line_naming_the_setting() {
             "no secret in the error: {stderr}"
         );
     }
+}
+
+#[tokio::test]
+async fn a_second_process_on_the_same_sqlite_file_stops_at_start_up_and_says_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("one.db").display());
+    let app = TestApp::spawn_on(url.clone()).await;
+    let out = Command::new(env!("CARGO_BIN_EXE_messaging"))
+        .arg("serve")
+        .env_clear()
+        .env("DATABASE_URL", &url)
+        .env("MESSAGING_API_KEYS", "k")
+        .env("MESSAGING_LISTEN", "127.0.0.1:0")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("another messaging process is using") && stderr.contains("postgres://"),
+        "{stderr}"
+    );
+    // The first one was not disturbed.
+    let (status, _) = app.get("/v1/messages").await;
+    assert_eq!(status, reqwest::StatusCode::OK);
+    // Once it stops, the file is free again.
+    app.stop().await;
+    let out = messaging(&url, &["migrate"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -1,10 +1,13 @@
-use messaging::config::{Config, Secret};
+use messaging::config::Config;
 use messaging::startup::Application;
+use messaging::store::Store;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
+use sqlx::any::AnyPoolOptions;
 use sqlx::postgres::PgPoolOptions;
-use sqlx::{Connection, PgConnection, PgPool};
+use sqlx::{AnyPool, Connection, PgConnection, PgPool};
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 pub const API_KEY: &str = "test-key-0123";
@@ -23,8 +26,29 @@ fn with_database(url: &str, db: &str) -> String {
     parsed.to_string()
 }
 
-/// Creates an empty database of its own for one test and returns its URL.
+/// The backend the suite runs on: `MESSAGING_TEST_BACKEND=sqlite` for the embedded default,
+/// PostgreSQL otherwise. `scripts/test` runs the suite on both.
+pub fn on_sqlite() -> bool {
+    std::env::var("MESSAGING_TEST_BACKEND").as_deref() == Ok("sqlite")
+}
+
+/// Creates an empty database of its own for one test and returns its URL: a new PostgreSQL
+/// database, or a new SQLite file under the system's temporary directory.
 pub async fn fresh_database() -> String {
+    if on_sqlite() {
+        let dir = std::env::temp_dir().join("messaging-tests");
+        std::fs::create_dir_all(&dir).expect("a directory for the test databases");
+        let file = dir.join(format!(
+            "messaging_test_{}.db",
+            uuid::Uuid::now_v7().simple()
+        ));
+        return format!("sqlite://{}", file.display());
+    }
+    fresh_postgres_database().await
+}
+
+/// A new PostgreSQL database, whatever the suite's backend (for PostgreSQL-only tests).
+pub async fn fresh_postgres_database() -> String {
     let name = format!("messaging_test_{}", uuid::Uuid::now_v7().simple());
     let mut admin = PgConnection::connect(&admin_url())
         .await
@@ -38,7 +62,7 @@ pub async fn fresh_database() -> String {
 
 /// A migrated fresh database, for tests below the HTTP layer.
 pub async fn migrated_pool() -> PgPool {
-    let url = fresh_database().await;
+    let url = fresh_postgres_database().await;
     let pool = PgPoolOptions::new()
         .max_connections(20)
         .connect(&url)
@@ -51,7 +75,10 @@ pub async fn migrated_pool() -> PgPool {
 pub struct TestApp {
     pub base: String,
     pub client: reqwest::Client,
-    pub pool: PgPool,
+    /// The test's own connection to the service's database, for checks (either backend).
+    pub pool: AnyPool,
+    /// The store the service runs on, for commands a test issues directly.
+    pub store: Arc<dyn Store>,
     pub database_url: String,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     server: Option<tokio::task::JoinHandle<()>>,
@@ -59,7 +86,7 @@ pub struct TestApp {
 
 /// The service's configuration for a test; `overrides` win over the test defaults.
 pub fn test_config(database_url: &str, overrides: &[(&str, String)]) -> Config {
-    let mut config = Config::from_lookup(|k| {
+    Config::from_lookup(|k| {
         if let Some((_, v)) = overrides.iter().find(|(name, _)| *name == k) {
             return Some(v.clone());
         }
@@ -87,9 +114,7 @@ pub fn test_config(database_url: &str, overrides: &[(&str, String)]) -> Config {
             _ => None,
         }
     })
-    .expect("test configuration");
-    config.database_url = Secret::new(database_url);
-    config
+    .expect("test configuration")
 }
 
 impl TestApp {
@@ -112,6 +137,7 @@ impl TestApp {
             .await
             .expect("the service starts");
         let addr = app.local_addr().expect("bound");
+        let store = app.store();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(async move {
             app.run(async {
@@ -120,15 +146,12 @@ impl TestApp {
             .await
             .expect("server runs");
         });
-        let pool = PgPoolOptions::new()
-            .max_connections(5)
-            .connect(&database_url)
-            .await
-            .expect("connect");
+        let pool = any_pool(&database_url).await;
         Self {
             base: format!("http://{addr}"),
             client: reqwest::Client::new(),
             pool,
+            store,
             database_url,
             stop: Some(stop),
             server: Some(server),
@@ -222,6 +245,17 @@ impl TestApp {
         })
         .await;
     }
+}
+
+/// A small pool on either backend, for a test's own queries.
+pub async fn any_pool(database_url: &str) -> AnyPool {
+    static DRIVERS: std::sync::Once = std::sync::Once::new();
+    DRIVERS.call_once(sqlx::any::install_default_drivers);
+    AnyPoolOptions::new()
+        .max_connections(if on_sqlite() { 1 } else { 5 })
+        .connect(database_url)
+        .await
+        .expect("connect")
 }
 
 pub async fn read(r: reqwest::Response) -> (StatusCode, Value) {

@@ -25,23 +25,28 @@ async fn the_readme_walkthrough_runs_as_written() {
             .status();
         assert!(found.is_ok(), "the README needs `{tool}`; install it");
     }
-    let url = fresh_database().await;
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
         .port();
     let dir = tempfile::tempdir().unwrap();
-    // The README's own start command, with the test's database and a free port.
-    let mut server = Command::new(env!("CARGO_BIN_EXE_messaging"))
-        .arg("serve")
+    // The README's start command (`cargo run --release`: the binary, no arguments) with no
+    // configuration but a free port; on the PostgreSQL pass, its production command's
+    // DATABASE_URL too.
+    let mut command = Command::new(env!("CARGO_BIN_EXE_messaging"));
+    command
         .current_dir(dir.path())
-        .env("DATABASE_URL", &url)
-        .env("MESSAGING_API_KEYS", "dev-key")
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env("MESSAGING_LISTEN", format!("127.0.0.1:{port}"))
-        .env("RUST_LOG", "warn")
-        .spawn()
-        .unwrap();
+        .env("RUST_LOG", "warn");
+    if !on_sqlite() {
+        command
+            .arg("serve")
+            .env("DATABASE_URL", fresh_database().await);
+    }
+    let mut server = command.spawn().unwrap();
     let client = reqwest::Client::new();
     let mut up = false;
     for _ in 0..200 {
@@ -91,4 +96,6 @@ async fn the_readme_walkthrough_runs_as_written() {
             .is_ok_and(|e| e.path().extension().is_some_and(|x| x == "eml"))
     });
     assert_eq!(emails.count(), 1);
+    // Where the README says the embedded default keeps its database.
+    assert_eq!(dir.path().join("data/messaging.db").exists(), on_sqlite());
 }

@@ -105,3 +105,43 @@ async fn a_reschedule_moves_the_firing_and_a_cancel_stops_it() {
         .unwrap();
     assert_eq!(rows, 0);
 }
+
+#[tokio::test]
+async fn a_schedule_survives_a_restart_and_fires_after_it() {
+    let app = TestApp::spawn().await;
+    let service = app
+        .create_service("email", "sandbox", "news@example.com")
+        .await;
+    let publish_at = Utc::now() + Duration::seconds(3);
+    let id = app
+        .compose_email(
+            &service,
+            "a@example.com",
+            json!({"publish_at": publish_at.to_rfc3339()}),
+        )
+        .await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    app.wait_listed(&id, "scheduled").await;
+    // Stopped before the message is due: only the stored schedule can fire it now.
+    let url = app.stop().await;
+    assert!(
+        Utc::now() < publish_at,
+        "the test stopped the service in time"
+    );
+
+    let app = TestApp::spawn_on(url).await;
+    let queued = feed_item(&app, &id, "pending").await;
+    assert!(time(&queued["occurred_at"]) >= publish_at, "{queued}");
+    app.wait_listed(&id, "sent").await;
+    // Read models were not rebuilt from zero on restart: each change is in the feed once.
+    let (_, feed) = app.get("/v1/state-changes?limit=100").await;
+    let scheduled = feed["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|i| i["message_id"] == id.as_str() && i["state"] == "scheduled")
+        .count();
+    assert_eq!(scheduled, 1, "{feed}");
+}

@@ -440,7 +440,7 @@ async fn a_scheduled_email_is_sent_at_its_time_and_a_cancelled_one_never() {
 }
 
 #[tokio::test]
-async fn two_instances_send_each_of_thousands_of_queued_messages_exactly_once() {
+async fn two_instances_on_one_postgres_send_each_of_thousands_of_queued_messages_exactly_once() {
     const MESSAGES: usize = 2000;
     let sendgrid = MockServer::start().await;
     Mock::given(method("POST"))
@@ -452,10 +452,10 @@ async fn two_instances_send_each_of_thousands_of_queued_messages_exactly_once() 
         ("MESSAGING_SENDGRID_BASE_URL", sendgrid.uri()),
         ("MESSAGING_SEND_RATE_PER_SERVICE", "1000000".to_string()),
     ];
-    let first = TestApp::spawn_with(&overrides).await;
+    let first = TestApp::start(fresh_postgres_database().await, &overrides).await;
     let second = TestApp::start(first.database_url.clone(), &overrides).await;
     let service = first.email_service().await;
-    let store = messaging::store::postgres::PgStore::new(first.pool.clone());
+    let store = first.store.clone();
     let service_ref = messaging_domain::ServiceRef {
         id: service.parse().unwrap(),
         channel: messaging_domain::Channel::Email,
@@ -471,7 +471,6 @@ async fn two_instances_send_each_of_thousands_of_queued_messages_exactly_once() 
             let store = &store;
             let service_ref = service_ref.clone();
             async move {
-                use messaging::store::Store;
                 let id = messaging_domain::MessageId::from_uuid(uuid::Uuid::now_v7());
                 let input = messaging_domain::MessageInput {
                     to: vec![messaging_domain::Profile::new(
@@ -562,7 +561,7 @@ async fn one_busy_account_does_not_starve_another() {
     let quiet = app
         .create_service("email", "sendgrid", "quiet@example.com")
         .await;
-    let store = messaging::store::postgres::PgStore::new(app.pool.clone());
+    let store = app.store.clone();
     let busy_ref = messaging_domain::ServiceRef {
         id: busy.parse().unwrap(),
         channel: messaging_domain::Channel::Email,
@@ -571,7 +570,6 @@ async fn one_busy_account_does_not_starve_another() {
         name: None,
     };
     for i in 0..400 {
-        use messaging::store::Store;
         let id = messaging_domain::MessageId::from_uuid(uuid::Uuid::now_v7());
         let input = messaging_domain::MessageInput {
             to: vec![messaging_domain::Profile::new(

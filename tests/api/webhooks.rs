@@ -2,8 +2,6 @@
 
 use crate::helpers::*;
 use chrono::Utc;
-use messaging::store::postgres::PgStore;
-use messaging::store::Store;
 use messaging::webhooks::verify::{sendgrid_test_signature, x_crc_response};
 use messaging_domain::*;
 use reqwest::StatusCode;
@@ -52,7 +50,7 @@ async fn post_sendgrid(app: &TestApp, body: &[u8]) -> (StatusCode, Value) {
 
 /// A message with this id that has been handed to its provider (`provider_id` recorded).
 async fn sent_message(app: &TestApp, id: &str, channel: Channel, provider_id: &str) {
-    let store = PgStore::new(app.pool.clone());
+    let store = app.store.clone();
     let (provider, username, to) = match channel {
         Channel::Email => (
             Provider::Sendgrid,
@@ -150,18 +148,9 @@ async fn outcome(
 
 async fn settled(app: &TestApp) {
     eventually(|| async {
-        let pending: i64 = sqlx::query_scalar("SELECT count(*) FROM webhook_inbox WHERE status = 'pending'")
-            .fetch_one(&app.pool)
-            .await
-            .unwrap();
-        let lag: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM events e, subscription_checkpoints c \
-             WHERE (e.transaction_id, e.global_position) > (c.last_transaction_id, c.last_global_position)",
-        )
-        .fetch_one(&app.pool)
-        .await
-        .unwrap();
-        pending == 0 && lag == 0
+        let gauges = app.store.gauges().await.unwrap();
+        let lag: i64 = gauges.projection_lag.iter().map(|(_, lag)| lag).sum();
+        gauges.webhook_inbox_pending == 0 && lag == 0
     })
     .await;
 }
@@ -308,12 +297,13 @@ async fn an_event_that_arrives_before_its_message_is_applied_when_the_message_ap
     let (status, _) = post_sendgrid(&app, batch.to_string().as_bytes()).await;
     assert_eq!(status, StatusCode::OK);
     eventually(|| async {
-        let waiting: bool =
-            sqlx::query_scalar("SELECT waiting FROM webhook_inbox WHERE event_id = 'early-1'")
-                .fetch_one(&app.pool)
-                .await
-                .unwrap();
-        waiting
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM webhook_inbox WHERE event_id = 'early-1' AND waiting",
+        )
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+        waiting == 1
     })
     .await;
     sent_message(&app, &id, Channel::Email, "sg-late").await;

@@ -150,26 +150,12 @@ pub(super) async fn settle(
     Ok(())
 }
 
-#[derive(sqlx::FromRow)]
-struct ProblemRow {
-    id: i64,
-    provider: String,
-    event_id: String,
-    message_id: Option<uuid::Uuid>,
-    kind: String,
-    status: String,
-    reason: Option<String>,
-    occurred_at: DateTime<Utc>,
-    received_at: DateTime<Utc>,
-    payload: Value,
-}
-
 pub(super) async fn problems(
     pool: &PgPool,
     before: Option<i64>,
     limit: i64,
 ) -> Result<Vec<Problematic>, StoreError> {
-    let rows: Vec<ProblemRow> = sqlx::query_as(
+    let rows: Vec<crate::store::ProblemRow> = sqlx::query_as(
         "SELECT id, provider, event_id, message_id, kind, status, reason, occurred_at, received_at, payload \
          FROM webhook_inbox WHERE status IN ('unmatched', 'malformed') \
            AND ($1::bigint IS NULL OR id < $1) \
@@ -179,19 +165,5 @@ pub(super) async fn problems(
     .bind(limit)
     .fetch_all(pool)
     .await?;
-    Ok(rows
-        .into_iter()
-        .map(|r| Problematic {
-            id: r.id,
-            provider: r.provider,
-            event_id: r.event_id,
-            message_id: r.message_id,
-            kind: r.kind,
-            status: r.status,
-            reason: r.reason,
-            occurred_at: r.occurred_at,
-            received_at: r.received_at,
-            payload: r.payload,
-        })
-        .collect())
+    Ok(rows.into_iter().map(Problematic::from).collect())
 }

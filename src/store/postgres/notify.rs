@@ -2,7 +2,7 @@
 //! process's readers through watch channels. Readers also poll, so a lost connection delays
 //! them and loses nothing.
 
-use crate::notify::Wakeups;
+use crate::notify::{bump, channels, Wakeups};
 use sqlx::postgres::PgListener;
 use sqlx::PgPool;
 use std::time::Duration;
@@ -19,14 +19,8 @@ const CHANNELS: [&str; 5] = [
 
 /// Starts the listener task; it runs until `shutdown` turns true.
 pub fn spawn_listener(pool: PgPool, mut shutdown: watch::Receiver<bool>) -> Wakeups {
-    let (events_tx, events) = watch::channel(0u64);
-    let (feed_tx, state_changes) = watch::channel(0u64);
-    let (schedule_tx, schedule) = watch::channel(0u64);
-    let (jobs_tx, send_jobs) = watch::channel(0u64);
-    let (inbox_tx, webhook_inbox) = watch::channel(0u64);
     // In CHANNELS order.
-    let senders = [events_tx, feed_tx, schedule_tx, jobs_tx, inbox_tx];
-    let bump = |tx: &watch::Sender<u64>| tx.send_modify(|v| *v = v.wrapping_add(1));
+    let (senders, wakeups) = channels();
     tokio::spawn(async move {
         loop {
             let mut listener = match PgListener::connect_with(&pool).await {
@@ -65,11 +59,5 @@ pub fn spawn_listener(pool: PgPool, mut shutdown: watch::Receiver<bool>) -> Wake
             }
         }
     });
-    Wakeups {
-        events,
-        state_changes,
-        schedule,
-        send_jobs,
-        webhook_inbox,
-    }
+    wakeups
 }

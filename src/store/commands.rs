@@ -1,0 +1,38 @@
+//! Running a command through cqrs-es, the same way on every backend.
+
+use super::CommandError;
+use cqrs_es::persist::{PersistedEventRepository, PersistedEventStore};
+use cqrs_es::{AggregateError, CqrsFramework};
+use messaging_domain::{Message, MessageCommand, MessageId};
+use rand::Rng;
+use std::time::Duration;
+
+/// The command side over one backend's event repository (event-store mode only: the
+/// snapshot and aggregate-store modes of cqrs-es 0.5.0 apply each event twice).
+pub type MessageCqrs<R> = CqrsFramework<Message, PersistedEventStore<R, Message>>;
+
+/// How many times a command is retried when another writer appended to the same message
+/// first (the repositories report that as `AggregateConflict`, which cqrs-es never retries).
+const CONFLICT_RETRIES: u32 = 8;
+
+/// Runs a command, deciding again when another writer appended to the message first.
+pub async fn execute_with_retries<R: PersistedEventRepository>(
+    cqrs: &MessageCqrs<R>,
+    id: MessageId,
+    command: MessageCommand,
+) -> Result<(), CommandError> {
+    let aggregate_id = id.to_string();
+    for attempt in 1..=CONFLICT_RETRIES {
+        match cqrs.execute(&aggregate_id, command.clone()).await {
+            Ok(()) => return Ok(()),
+            Err(AggregateError::UserError(e)) => return Err(CommandError::Rejected(e)),
+            Err(AggregateError::AggregateConflict) => {
+                // Reload and decide again after a short, jittered pause.
+                let jitter = rand::thread_rng().gen_range(1..=5 * u64::from(attempt));
+                tokio::time::sleep(Duration::from_millis(jitter)).await;
+            }
+            Err(e) => return Err(CommandError::Store(e.to_string())),
+        }
+    }
+    Err(CommandError::Busy)
+}

@@ -1,0 +1,140 @@
+//! The webhook inbox on SQLite.
+
+use super::{later, SqlitePools};
+use crate::store::{FactSettlement, PendingFact, StoreError};
+use crate::webhooks::inbox::{FactKind, InboxFact};
+use chrono::{DateTime, Utc};
+use messaging_domain::{Channel, MessageId};
+use messaging_projections::sqlite::begin_immediate;
+use serde_json::Value;
+use sqlx::types::Json;
+use std::time::Duration;
+
+/// How long an applier holds the facts it leased (as on PostgreSQL).
+const LEASE: Duration = Duration::from_secs(60);
+/// Rows per INSERT: 8 parameters each, well under SQLite's 32766.
+const CHUNK: usize = 1000;
+
+pub(super) async fn record(pools: &SqlitePools, facts: &[InboxFact]) -> Result<u64, StoreError> {
+    if facts.is_empty() {
+        return Ok(0);
+    }
+    let received_at = Utc::now();
+    let mut tx = begin_immediate(&pools.write).await?;
+    let mut inserted = 0;
+    for chunk in facts.chunks(CHUNK) {
+        let mut insert = sqlx::QueryBuilder::new(
+            "INSERT INTO webhook_inbox (provider, event_id, message_id, kind, occurred_at, \
+             payload, status, reason, received_at) ",
+        );
+        insert.push_values(chunk, |mut row, f| {
+            let (status, reason) = f.stored_status();
+            row.push_bind(f.provider)
+                .push_bind(&f.event_id)
+                .push_bind(f.message_id)
+                .push_bind(f.kind.as_str())
+                .push_bind(f.occurred_at)
+                .push_bind(Json(&f.payload))
+                .push_bind(status)
+                .push_bind(reason)
+                .push_bind(received_at);
+        });
+        // A provider re-send, or a repeat within the batch, keeps the first row.
+        insert.push(" ON CONFLICT (provider, event_id) DO NOTHING");
+        inserted += insert.build().execute(&mut *tx).await?.rows_affected();
+    }
+    tx.commit().await?;
+    Ok(inserted)
+}
+
+pub(super) async fn outbound_message_id(
+    pools: &SqlitePools,
+    channel: Channel,
+    provider_message_id: &str,
+) -> Result<Option<MessageId>, StoreError> {
+    let id: Option<uuid::Uuid> = sqlx::query_scalar(
+        "SELECT message_id FROM message_list WHERE provider_message_id = ?1 AND channel = ?2 \
+         AND direction = 'outbound' LIMIT 1",
+    )
+    .bind(provider_message_id)
+    .bind(channel.as_str())
+    .fetch_optional(&pools.read)
+    .await?;
+    Ok(id.map(MessageId::from_uuid))
+}
+
+#[derive(sqlx::FromRow)]
+struct PendingRow {
+    id: i64,
+    event_id: String,
+    message_id: Option<uuid::Uuid>,
+    kind: String,
+    occurred_at: DateTime<Utc>,
+    payload: Json<Value>,
+}
+
+pub(super) async fn lease(pools: &SqlitePools) -> Result<Vec<PendingFact>, StoreError> {
+    let now = Utc::now();
+    let rows: Vec<PendingRow> = sqlx::query_as(
+        "UPDATE webhook_inbox SET locked_until = ?2 \
+         WHERE id IN (SELECT c.id FROM webhook_inbox c \
+               WHERE c.status = 'pending' \
+                 AND (c.locked_until IS NULL OR c.locked_until < ?1) \
+                 AND (NOT c.waiting OR EXISTS \
+                   (SELECT 1 FROM message_list m WHERE m.message_id = c.message_id \
+                      AND m.last_sequence > COALESCE(c.waiting_after, 0))) \
+               ORDER BY c.occurred_at, c.id LIMIT 500) \
+         RETURNING id, event_id, message_id, kind, occurred_at, payload",
+    )
+    .bind(now)
+    .bind(later(now, LEASE))
+    .fetch_all(&pools.write)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| PendingFact {
+            id: r.id,
+            event_id: r.event_id,
+            message_id: r.message_id.map(MessageId::from_uuid),
+            kind: FactKind::parse(&r.kind),
+            occurred_at: r.occurred_at,
+            payload: r.payload.0,
+        })
+        .collect())
+}
+
+pub(super) async fn settle(
+    pools: &SqlitePools,
+    settled: &[(i64, FactSettlement)],
+) -> Result<(), StoreError> {
+    if settled.is_empty() {
+        return Ok(());
+    }
+    let now = Utc::now();
+    let mut tx = begin_immediate(&pools.write).await?;
+    for (id, settlement) in settled {
+        let (status, waiting, reason) = match settlement {
+            FactSettlement::Applied => ("applied", false, None),
+            FactSettlement::Unmatched(reason) => ("unmatched", false, Some(reason.as_str())),
+            FactSettlement::Retry(reason) => ("pending", false, Some(reason.as_str())),
+            FactSettlement::Wait(reason) => ("pending", true, reason.as_deref()),
+        };
+        sqlx::query(
+            "UPDATE webhook_inbox SET status = ?2, waiting = ?3, reason = ?4, \
+               locked_until = NULL, \
+               applied_at = CASE WHEN ?2 = 'applied' THEN ?5 END, \
+               waiting_after = CASE WHEN ?3 THEN (SELECT last_sequence FROM message_list m \
+                   WHERE m.message_id = webhook_inbox.message_id) END \
+             WHERE id = ?1",
+        )
+        .bind(id)
+        .bind(status)
+        .bind(waiting)
+        .bind(reason)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(())
+}

@@ -1,0 +1,132 @@
+//! The scheduler's and the sender's tables on SQLite. One process owns the file and every
+//! write goes through the one writer connection, so an `UPDATE ... RETURNING` over the chosen
+//! rows is the atomic lease that `FOR UPDATE SKIP LOCKED` gives on PostgreSQL.
+
+use super::{later, SqlitePools};
+use crate::store::{ScheduledSend, SendJob, StoreError};
+use chrono::{DateTime, Utc};
+use messaging_domain::{MessageId, ServiceId};
+use std::time::Duration;
+
+/// How long a fired schedule row stays leased (as on PostgreSQL).
+const SCHEDULE_LEASE: Duration = Duration::from_secs(30);
+
+pub(super) async fn lease_due_schedules(
+    pools: &SqlitePools,
+    limit: i64,
+) -> Result<Vec<ScheduledSend>, StoreError> {
+    let now = Utc::now();
+    let due: Vec<(uuid::Uuid, DateTime<Utc>)> = sqlx::query_as(
+        "UPDATE scheduled_sends SET locked_until = ?2 \
+         WHERE message_id IN (SELECT message_id FROM scheduled_sends \
+               WHERE publish_at <= ?1 AND (locked_until IS NULL OR locked_until < ?1) \
+               ORDER BY publish_at LIMIT ?3) \
+         RETURNING message_id, publish_at",
+    )
+    .bind(now)
+    .bind(later(now, SCHEDULE_LEASE))
+    .bind(limit)
+    .fetch_all(&pools.write)
+    .await?;
+    Ok(due
+        .into_iter()
+        .map(|(id, publish_at)| ScheduledSend {
+            message_id: MessageId::from_uuid(id),
+            publish_at,
+        })
+        .collect())
+}
+
+pub(super) async fn finish_schedule(
+    pools: &SqlitePools,
+    message_id: MessageId,
+    publish_at: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    sqlx::query("DELETE FROM scheduled_sends WHERE message_id = ?1 AND publish_at = ?2")
+        .bind(message_id.as_uuid())
+        .bind(publish_at)
+        .execute(&pools.write)
+        .await?;
+    Ok(())
+}
+
+pub(super) async fn release_schedule(
+    pools: &SqlitePools,
+    message_id: MessageId,
+    publish_at: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "UPDATE scheduled_sends SET locked_until = NULL WHERE message_id = ?1 AND publish_at = ?2",
+    )
+    .bind(message_id.as_uuid())
+    .bind(publish_at)
+    .execute(&pools.write)
+    .await?;
+    Ok(())
+}
+
+pub(super) async fn next_schedule_due(
+    pools: &SqlitePools,
+) -> Result<Option<DateTime<Utc>>, StoreError> {
+    let next: Option<String> = sqlx::query_scalar(
+        "SELECT min(max(publish_at, coalesce(locked_until, publish_at))) FROM scheduled_sends",
+    )
+    .fetch_one(&pools.read)
+    .await?;
+    next.as_deref().map(super::parse_time).transpose()
+}
+
+pub(super) async fn claim_send_jobs(
+    pools: &SqlitePools,
+    limit: i64,
+    per_service: i64,
+    lease: Duration,
+) -> Result<Vec<SendJob>, StoreError> {
+    let now = Utc::now();
+    let jobs: Vec<(uuid::Uuid, uuid::Uuid)> = sqlx::query_as(
+        "UPDATE send_jobs SET locked_until = ?2, claims = claims + 1 \
+         WHERE message_id IN ( \
+           SELECT message_id FROM ( \
+             SELECT message_id, \
+                    row_number() OVER (PARTITION BY service_id ORDER BY due_at) AS n \
+             FROM send_jobs \
+             WHERE due_at <= ?1 AND (locked_until IS NULL OR locked_until < ?1) \
+           ) WHERE n <= ?3 LIMIT ?4) \
+         RETURNING message_id, service_id",
+    )
+    .bind(now)
+    .bind(later(now, lease))
+    .bind(per_service)
+    .bind(limit)
+    .fetch_all(&pools.write)
+    .await?;
+    Ok(jobs
+        .into_iter()
+        .map(|(message_id, service_id)| SendJob {
+            message_id: MessageId::from_uuid(message_id),
+            service_id: ServiceId::from_uuid(service_id),
+        })
+        .collect())
+}
+
+pub(super) async fn next_send_job_due(
+    pools: &SqlitePools,
+) -> Result<Option<DateTime<Utc>>, StoreError> {
+    let next: Option<String> = sqlx::query_scalar(
+        "SELECT min(max(due_at, coalesce(locked_until, due_at))) FROM send_jobs",
+    )
+    .fetch_one(&pools.read)
+    .await?;
+    next.as_deref().map(super::parse_time).transpose()
+}
+
+pub(super) async fn delete_send_job(
+    pools: &SqlitePools,
+    message_id: MessageId,
+) -> Result<(), StoreError> {
+    sqlx::query("DELETE FROM send_jobs WHERE message_id = ?1")
+        .bind(message_id.as_uuid())
+        .execute(&pools.write)
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,652 @@
+//! The embedded backend: one SQLite file in WAL mode, for trying the service, development and
+//! small single-node deployments.
+//!
+//! Writes go through a pool of one connection, so they are serialized inside the process and
+//! never meet `database is locked`; reads use their own pool and never wait for a writer (WAL).
+//! One process owns the file (an exclusive lock file next to it says so at start-up), so the
+//! leases and claims PostgreSQL needs across instances reduce to plain updates here.
+
+use crate::metrics::{command_name, Metrics};
+use crate::notify::Bell;
+use crate::store::commands::{execute_with_retries, MessageCqrs};
+use crate::store::{
+    CommandError, FactSettlement, Gauges, IdempotencyClaim, ListFilter, NewSubscription,
+    PendingFact, PushDue, PushSubscription, ScheduledSend, SendJob, Service, Store, StoreError,
+};
+use crate::webhooks::inbox::{InboxFact, Problematic};
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use cqrs_es::persist::{
+    PersistedEventRepository, PersistedEventStore, PersistenceError, ReplayStream, SerializedEvent,
+    SerializedSnapshot,
+};
+use cqrs_es::{Aggregate, CqrsFramework};
+use messaging_domain::{Channel, Message, MessageCommand, MessageData, MessageId, ServiceId};
+use messaging_projections::sqlite::begin_immediate;
+use messaging_projections::{FeedItem, HistoryItem};
+use serde_json::Value;
+use sqlx::migrate::Migrator;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+use sqlx::types::Json;
+use sqlx::Row;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+mod gauges;
+mod inbox;
+mod jobs;
+mod push;
+
+pub static MIGRATOR: Migrator = sqlx::migrate!("./migrations/sqlite");
+
+/// `now` + `by`, for leases and retry times (written from Rust so that every stored time has
+/// the same text form, and text order is time order).
+fn later(now: DateTime<Utc>, by: Duration) -> DateTime<Utc> {
+    now + chrono::Duration::from_std(by).unwrap_or(chrono::Duration::MAX)
+}
+
+/// A stored time read back through an SQL aggregate (which loses the column's type).
+fn parse_time(text: &str) -> Result<DateTime<Utc>, StoreError> {
+    DateTime::parse_from_rfc3339(text)
+        .map(|t| t.with_timezone(&Utc))
+        .map_err(|e| StoreError(format!("stored time `{text}`: {e}")))
+}
+
+/// The two pools over one file: every write through `write` (one connection), reads through
+/// `read`.
+#[derive(Clone)]
+pub struct SqlitePools {
+    pub write: SqlitePool,
+    pub read: SqlitePool,
+}
+
+impl SqlitePools {
+    /// Opens (creating if missing) the database file in WAL mode.
+    pub async fn open(path: &Path, readers: u32) -> Result<Self, sqlx::Error> {
+        let options = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            // WAL + NORMAL: a crash loses no committed transaction; a power cut may lose the
+            // last few (the durability PostgreSQL's synchronous_commit=off would give).
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(Duration::from_secs(30))
+            .foreign_keys(true);
+        // The writer stays open: it keeps the WAL and its index alive for the read-only
+        // readers.
+        let write = SqlitePoolOptions::new()
+            .max_connections(1)
+            .min_connections(1)
+            .idle_timeout(None)
+            .max_lifetime(None)
+            .acquire_timeout(Duration::from_secs(30))
+            .connect_with(options.clone())
+            .await?;
+        let read = SqlitePoolOptions::new()
+            .max_connections(readers.max(1))
+            .acquire_timeout(Duration::from_secs(30))
+            .connect_with(options.read_only(true))
+            .await?;
+        Ok(Self { write, read })
+    }
+}
+
+/// cqrs-es' event repository over the SQLite `events` table.
+///
+/// Not the third-party `sqlite-es` crate: its table has no global position (a bare rowid,
+/// which VACUUM may renumber, is all a reader could checkpoint), and it recognises a
+/// concurrent append only by the primary-key error code. Event-store mode only.
+pub struct SqliteEventRepository {
+    write: SqlitePool,
+    read: SqlitePool,
+}
+
+const SELECT_EVENTS: &str = "SELECT aggregate_type, aggregate_id, sequence, event_type, \
+     event_version, payload, metadata FROM events \
+     WHERE aggregate_type = ?1 AND aggregate_id = ?2 AND sequence > ?3 ORDER BY sequence";
+
+fn unknown(e: impl std::error::Error + Send + Sync + 'static) -> PersistenceError {
+    PersistenceError::UnknownError(Box::new(e))
+}
+
+impl SqliteEventRepository {
+    async fn select<A: Aggregate>(
+        &self,
+        aggregate_id: &str,
+        after: i64,
+    ) -> Result<Vec<SerializedEvent>, PersistenceError> {
+        let rows = sqlx::query(SELECT_EVENTS)
+            .bind(A::TYPE)
+            .bind(aggregate_id)
+            .bind(after)
+            .fetch_all(&self.read)
+            .await
+            .map_err(|e| PersistenceError::ConnectionError(Box::new(e)))?;
+        rows.iter()
+            .map(|row| {
+                let sequence: i64 = row.try_get("sequence").map_err(unknown)?;
+                let Json(payload): Json<Value> = row.try_get("payload").map_err(unknown)?;
+                let Json(metadata): Json<Value> = row.try_get("metadata").map_err(unknown)?;
+                Ok(SerializedEvent {
+                    aggregate_id: row.try_get("aggregate_id").map_err(unknown)?,
+                    sequence: sequence as usize,
+                    aggregate_type: row.try_get("aggregate_type").map_err(unknown)?,
+                    event_type: row.try_get("event_type").map_err(unknown)?,
+                    event_version: row.try_get("event_version").map_err(unknown)?,
+                    payload,
+                    metadata,
+                })
+            })
+            .collect()
+    }
+}
+
+impl PersistedEventRepository for SqliteEventRepository {
+    async fn get_events<A: Aggregate>(
+        &self,
+        aggregate_id: &str,
+    ) -> Result<Vec<SerializedEvent>, PersistenceError> {
+        self.select::<A>(aggregate_id, -1).await
+    }
+
+    async fn get_last_events<A: Aggregate>(
+        &self,
+        aggregate_id: &str,
+        last_sequence: usize,
+    ) -> Result<Vec<SerializedEvent>, PersistenceError> {
+        self.select::<A>(aggregate_id, last_sequence as i64).await
+    }
+
+    async fn get_snapshot<A: Aggregate>(
+        &self,
+        _aggregate_id: &str,
+    ) -> Result<Option<SerializedSnapshot>, PersistenceError> {
+        Ok(None)
+    }
+
+    /// Appends in one transaction; another writer's event at the same sequence makes it an
+    /// optimistic-lock error, which the caller answers by deciding again.
+    async fn persist<A: Aggregate>(
+        &self,
+        events: &[SerializedEvent],
+        snapshot_update: Option<(String, Value, usize)>,
+    ) -> Result<(), PersistenceError> {
+        if snapshot_update.is_some() {
+            return Err(PersistenceError::UnknownError(
+                "snapshots are not used with the SQLite backend".into(),
+            ));
+        }
+        let conflict = |e: sqlx::Error| match &e {
+            sqlx::Error::Database(db) if db.is_unique_violation() => {
+                PersistenceError::OptimisticLockError
+            }
+            _ => PersistenceError::ConnectionError(Box::new(e)),
+        };
+        let mut tx = begin_immediate(&self.write).await.map_err(conflict)?;
+        for event in events {
+            sqlx::query(
+                "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, \
+                 event_version, payload, metadata) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )
+            .bind(&event.aggregate_type)
+            .bind(&event.aggregate_id)
+            .bind(event.sequence as i64)
+            .bind(&event.event_type)
+            .bind(&event.event_version)
+            .bind(Json(&event.payload))
+            .bind(Json(&event.metadata))
+            .execute(&mut *tx)
+            .await
+            .map_err(conflict)?;
+        }
+        tx.commit().await.map_err(conflict)
+    }
+
+    async fn stream_events<A: Aggregate>(
+        &self,
+        aggregate_id: &str,
+    ) -> Result<ReplayStream, PersistenceError> {
+        let events = self.get_events::<A>(aggregate_id).await?;
+        replay(events).await
+    }
+
+    async fn stream_all_events<A: Aggregate>(&self) -> Result<ReplayStream, PersistenceError> {
+        Err(PersistenceError::UnknownError(
+            "replaying every aggregate through cqrs-es is not used: projections are durable \
+             subscriptions"
+                .into(),
+        ))
+    }
+}
+
+async fn replay(events: Vec<SerializedEvent>) -> Result<ReplayStream, PersistenceError> {
+    let (mut feed, stream) = ReplayStream::new(events.len().max(1));
+    for event in events {
+        // The stream's buffer holds them all: this never waits.
+        if feed.push(Ok(event)).await.is_err() {
+            break;
+        }
+    }
+    Ok(stream)
+}
+
+pub struct SqliteStore {
+    pools: SqlitePools,
+    cqrs: MessageCqrs<SqliteEventRepository>,
+    metrics: Option<Arc<Metrics>>,
+    /// Rings this process's readers after a commit (there is no NOTIFY).
+    bell: Bell,
+}
+
+impl SqliteStore {
+    pub fn new(pools: SqlitePools, bell: Bell) -> Self {
+        let repo = SqliteEventRepository {
+            write: pools.write.clone(),
+            read: pools.read.clone(),
+        };
+        let cqrs = CqrsFramework::new(PersistedEventStore::new_event_store(repo), vec![], ());
+        Self {
+            pools,
+            cqrs,
+            metrics: None,
+            bell,
+        }
+    }
+
+    /// Counts commands by type and outcome, and the events they append.
+    pub fn with_metrics(self, metrics: Arc<Metrics>) -> Self {
+        Self {
+            cqrs: self.cqrs.append_query(metrics.event_counter()),
+            metrics: Some(metrics),
+            ..self
+        }
+    }
+
+    pub fn pools(&self) -> &SqlitePools {
+        &self.pools
+    }
+}
+
+/// A subscription with its lag: feed items after its cursor.
+const SUBSCRIPTION_VIEW: &str = "SELECT s.id, s.url, s.states, s.channels, s.cursor, \
+       MAX((SELECT COALESCE(MAX(position), 0) FROM state_changes) - s.cursor, 0) AS lag, \
+       s.delivered, s.failures, s.last_error, s.last_attempt_at, s.next_attempt_at, s.created_at \
+     FROM subscriptions s";
+
+#[derive(sqlx::FromRow)]
+struct SubscriptionRow {
+    id: uuid::Uuid,
+    url: String,
+    states: Option<Json<Vec<String>>>,
+    channels: Option<Json<Vec<String>>>,
+    cursor: i64,
+    lag: i64,
+    delivered: i64,
+    failures: i32,
+    last_error: Option<String>,
+    last_attempt_at: Option<DateTime<Utc>>,
+    next_attempt_at: DateTime<Utc>,
+    created_at: DateTime<Utc>,
+}
+
+impl From<SubscriptionRow> for PushSubscription {
+    fn from(r: SubscriptionRow) -> Self {
+        Self {
+            id: r.id,
+            url: r.url,
+            states: r.states.map(|Json(s)| s),
+            channels: r.channels.map(|Json(c)| c),
+            cursor: r.cursor,
+            lag: r.lag,
+            delivered: r.delivered,
+            failures: r.failures,
+            last_error: r.last_error,
+            last_attempt_at: r.last_attempt_at,
+            next_attempt_at: r.next_attempt_at,
+            created_at: r.created_at,
+        }
+    }
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn execute(&self, id: MessageId, command: MessageCommand) -> Result<(), CommandError> {
+        let name = command_name(&command);
+        let result = execute_with_retries(&self.cqrs, id, command).await;
+        if result.is_ok() {
+            self.bell.events();
+        }
+        if let Some(metrics) = &self.metrics {
+            metrics.command(name, &result);
+        }
+        result
+    }
+
+    async fn load_message(&self, id: MessageId) -> Result<Option<Message>, StoreError> {
+        let mut conn = self.pools.read.acquire().await?;
+        let message =
+            messaging_projections::sqlite::load_message(&mut conn, &id.to_string(), None).await?;
+        Ok(message.data().is_some().then_some(message))
+    }
+
+    async fn message(
+        &self,
+        id: MessageId,
+    ) -> Result<Option<(Message, Vec<HistoryItem>)>, StoreError> {
+        let mut conn = self.pools.read.acquire().await?;
+        let events =
+            messaging_projections::sqlite::message_events(&mut conn, &id.to_string(), None).await?;
+        if events.is_empty() {
+            return Ok(None);
+        }
+        let mut folded = Vec::with_capacity(events.len());
+        for e in events {
+            folded.push((e.sequence, e.message_event()?, e.recorded_at));
+        }
+        Ok(Some(messaging_projections::view::history(folded)))
+    }
+
+    async fn create_service(
+        &self,
+        service: &Service,
+        credentials: &Value,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO services (id, channel, provider, name, username, credentials, created_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        )
+        .bind(service.id.as_uuid())
+        .bind(service.channel.as_str())
+        .bind(service.provider.as_str())
+        .bind(&service.name)
+        .bind(&service.username)
+        .bind(Json(credentials))
+        .bind(service.created_at)
+        .execute(&self.pools.write)
+        .await?;
+        Ok(())
+    }
+
+    async fn service(&self, id: ServiceId) -> Result<Option<Service>, StoreError> {
+        let row: Option<crate::store::ServiceRow> = sqlx::query_as(
+            "SELECT id, channel, provider, name, username, created_at FROM services WHERE id = ?1",
+        )
+        .bind(id.as_uuid())
+        .fetch_optional(&self.pools.read)
+        .await?;
+        row.map(Service::try_from).transpose()
+    }
+
+    async fn service_credentials(
+        &self,
+        id: ServiceId,
+    ) -> Result<Option<(Service, Value)>, StoreError> {
+        let row: Option<crate::store::ServiceWithCredentials> = sqlx::query_as(
+            "SELECT id, channel, provider, name, username, created_at, credentials \
+             FROM services WHERE id = ?1",
+        )
+        .bind(id.as_uuid())
+        .fetch_optional(&self.pools.read)
+        .await?;
+        row.map(|r| Ok((Service::try_from(r.service)?, r.credentials)))
+            .transpose()
+    }
+
+    async fn services(&self) -> Result<Vec<Service>, StoreError> {
+        let rows: Vec<crate::store::ServiceRow> = sqlx::query_as(
+            "SELECT id, channel, provider, name, username, created_at FROM services \
+             ORDER BY created_at, id",
+        )
+        .fetch_all(&self.pools.read)
+        .await?;
+        rows.into_iter().map(Service::try_from).collect()
+    }
+
+    async fn claim_idempotency_key(
+        &self,
+        key: &str,
+        request_hash: &str,
+        id: MessageId,
+    ) -> Result<IdempotencyClaim, StoreError> {
+        let inserted = sqlx::query(
+            "INSERT INTO idempotency_keys (key, request_hash, message_id) VALUES (?1, ?2, ?3) \
+             ON CONFLICT (key) DO NOTHING",
+        )
+        .bind(key)
+        .bind(request_hash)
+        .bind(id.as_uuid())
+        .execute(&self.pools.write)
+        .await?
+        .rows_affected();
+        if inserted == 1 {
+            return Ok(IdempotencyClaim::Claimed);
+        }
+        // From the writer: the row it just refused is certainly visible there.
+        let (message_id, request_hash): (uuid::Uuid, String) =
+            sqlx::query_as("SELECT message_id, request_hash FROM idempotency_keys WHERE key = ?1")
+                .bind(key)
+                .fetch_one(&self.pools.write)
+                .await?;
+        Ok(IdempotencyClaim::Existing {
+            id: MessageId::from_uuid(message_id),
+            request_hash,
+        })
+    }
+
+    async fn list_messages(&self, f: &ListFilter) -> Result<Vec<Message>, StoreError> {
+        let rows: Vec<(Json<MessageData>,)> = sqlx::query_as(
+            "SELECT message FROM message_list \
+             WHERE (?1 IS NULL OR service_id = ?1) \
+               AND (?2 IS NULL OR channel = ?2) \
+               AND (?3 IS NULL OR state = ?3) \
+               AND (?4 IS NULL OR direction = ?4) \
+               AND (?5 IS NULL OR EXISTS (SELECT 1 FROM json_each(profiles) WHERE value = ?5)) \
+               AND (?6 IS NULL OR message_id < ?6) \
+             ORDER BY message_id DESC LIMIT ?7",
+        )
+        .bind(f.service_id.map(|s| s.as_uuid()))
+        .bind(f.channel.map(|c| c.as_str()))
+        .bind(f.state.as_deref())
+        .bind(f.direction.as_deref())
+        // The projection stores usernames lower-cased by the same function.
+        .bind(f.profile.as_deref().map(str::to_lowercase))
+        .bind(f.before.map(|m| m.as_uuid()))
+        .bind(f.limit)
+        .fetch_all(&self.pools.read)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(Json(data),)| Message::from(data))
+            .collect())
+    }
+
+    async fn state_changes(&self, after: i64, limit: i64) -> Result<Vec<FeedItem>, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT position, message_id, channel, service_id, previous_state, state, cause, \
+                    occurred_at, recorded_at \
+             FROM state_changes WHERE position > ?1 ORDER BY position LIMIT ?2",
+        )
+        .bind(after)
+        .bind(limit)
+        .fetch_all(&self.pools.read)
+        .await?)
+    }
+
+    async fn create_subscription(
+        &self,
+        new: &NewSubscription,
+    ) -> Result<PushSubscription, StoreError> {
+        let id = uuid::Uuid::now_v7();
+        let now = Utc::now();
+        sqlx::query(
+            "INSERT INTO subscriptions (id, url, secret, states, channels, cursor, \
+                                        next_attempt_at, created_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5, \
+                     COALESCE(?6, (SELECT COALESCE(MAX(position), 0) FROM state_changes)), \
+                     ?7, ?7)",
+        )
+        .bind(id)
+        .bind(&new.url)
+        .bind(&new.secret)
+        .bind(new.states.as_ref().map(Json))
+        .bind(new.channels.as_ref().map(Json))
+        .bind(new.after)
+        .bind(now)
+        .execute(&self.pools.write)
+        .await?;
+        let row: SubscriptionRow = sqlx::query_as(&format!("{SUBSCRIPTION_VIEW} WHERE s.id = ?1"))
+            .bind(id)
+            .fetch_one(&self.pools.write)
+            .await?;
+        Ok(row.into())
+    }
+
+    async fn subscription(&self, id: uuid::Uuid) -> Result<Option<PushSubscription>, StoreError> {
+        let row: Option<SubscriptionRow> =
+            sqlx::query_as(&format!("{SUBSCRIPTION_VIEW} WHERE s.id = ?1"))
+                .bind(id)
+                .fetch_optional(&self.pools.read)
+                .await?;
+        Ok(row.map(Into::into))
+    }
+
+    async fn subscriptions(&self) -> Result<Vec<PushSubscription>, StoreError> {
+        let rows: Vec<SubscriptionRow> =
+            sqlx::query_as(&format!("{SUBSCRIPTION_VIEW} ORDER BY s.created_at, s.id"))
+                .fetch_all(&self.pools.read)
+                .await?;
+        Ok(rows.into_iter().map(Into::into).collect())
+    }
+
+    async fn delete_subscription(&self, id: uuid::Uuid) -> Result<bool, StoreError> {
+        let deleted = sqlx::query("DELETE FROM subscriptions WHERE id = ?1")
+            .bind(id)
+            .execute(&self.pools.write)
+            .await?
+            .rows_affected();
+        Ok(deleted > 0)
+    }
+
+    async fn webhook_problems(
+        &self,
+        before: Option<i64>,
+        limit: i64,
+    ) -> Result<Vec<Problematic>, StoreError> {
+        let rows: Vec<crate::store::ProblemRow> = sqlx::query_as(
+            "SELECT id, provider, event_id, message_id, kind, status, reason, occurred_at, \
+                    received_at, payload \
+             FROM webhook_inbox WHERE status IN ('unmatched', 'malformed') \
+               AND (?1 IS NULL OR id < ?1) \
+             ORDER BY id DESC LIMIT ?2",
+        )
+        .bind(before)
+        .bind(limit)
+        .fetch_all(&self.pools.read)
+        .await?;
+        Ok(rows.into_iter().map(Problematic::from).collect())
+    }
+
+    async fn ready(&self) -> Result<(), StoreError> {
+        crate::store::check_migrations(&MIGRATOR, &self.pools.read).await
+    }
+
+    async fn lease_due_schedules(&self, limit: i64) -> Result<Vec<ScheduledSend>, StoreError> {
+        jobs::lease_due_schedules(&self.pools, limit).await
+    }
+
+    async fn finish_schedule(
+        &self,
+        message_id: MessageId,
+        publish_at: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        jobs::finish_schedule(&self.pools, message_id, publish_at).await
+    }
+
+    async fn release_schedule(
+        &self,
+        message_id: MessageId,
+        publish_at: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        jobs::release_schedule(&self.pools, message_id, publish_at).await
+    }
+
+    async fn next_schedule_due(&self) -> Result<Option<DateTime<Utc>>, StoreError> {
+        jobs::next_schedule_due(&self.pools).await
+    }
+
+    async fn claim_send_jobs(
+        &self,
+        limit: i64,
+        per_service: i64,
+        lease: Duration,
+    ) -> Result<Vec<SendJob>, StoreError> {
+        jobs::claim_send_jobs(&self.pools, limit, per_service, lease).await
+    }
+
+    async fn next_send_job_due(&self) -> Result<Option<DateTime<Utc>>, StoreError> {
+        jobs::next_send_job_due(&self.pools).await
+    }
+
+    async fn delete_send_job(&self, message_id: MessageId) -> Result<(), StoreError> {
+        jobs::delete_send_job(&self.pools, message_id).await
+    }
+
+    async fn record_webhook_facts(&self, facts: &[InboxFact]) -> Result<u64, StoreError> {
+        let inserted = inbox::record(&self.pools, facts).await?;
+        self.bell.webhook_inbox();
+        Ok(inserted)
+    }
+
+    async fn outbound_message_id(
+        &self,
+        channel: Channel,
+        provider_message_id: &str,
+    ) -> Result<Option<MessageId>, StoreError> {
+        inbox::outbound_message_id(&self.pools, channel, provider_message_id).await
+    }
+
+    async fn lease_webhook_facts(&self) -> Result<Vec<PendingFact>, StoreError> {
+        inbox::lease(&self.pools).await
+    }
+
+    async fn settle_webhook_facts(
+        &self,
+        settled: &[(i64, FactSettlement)],
+    ) -> Result<(), StoreError> {
+        inbox::settle(&self.pools, settled).await
+    }
+
+    async fn lease_push_subscriptions(&self, lease: Duration) -> Result<Vec<PushDue>, StoreError> {
+        push::lease(&self.pools, lease).await
+    }
+
+    async fn push_acknowledged(
+        &self,
+        id: uuid::Uuid,
+        cursor: i64,
+        delivered: i64,
+    ) -> Result<(), StoreError> {
+        push::acknowledged(&self.pools, id, cursor, delivered).await
+    }
+
+    async fn push_failed(
+        &self,
+        id: uuid::Uuid,
+        failures: i32,
+        reason: &str,
+        retry_in: Duration,
+    ) -> Result<(), StoreError> {
+        push::failed(&self.pools, id, failures, reason, retry_in).await
+    }
+
+    async fn next_push_due(&self) -> Result<Option<DateTime<Utc>>, StoreError> {
+        push::next_due(&self.pools).await
+    }
+
+    async fn gauges(&self) -> Result<Gauges, StoreError> {
+        gauges::read(&self.pools).await
+    }
+}

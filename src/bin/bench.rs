@@ -76,15 +76,24 @@ const API_KEY: &str = "bench-key-0123";
 /// The P-256 secret scalar the bench signs SendGrid batches with (its public key is configured).
 const SIGNING_SECRET: [u8; 32] = [7; 32];
 
+#[global_allocator]
+static ALLOCATOR: child::CountingAlloc = child::CountingAlloc;
+
 #[tokio::main]
 async fn main() {
+    let cli = Cli::parse();
+    if cli.serve_child {
+        child::count_heap();
+    }
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt().with_env_filter(filter).init();
-    let cli = Cli::parse();
+    let logs = tracing_subscriber::fmt().with_env_filter(filter);
     let outcome = if cli.serve_child {
+        // Standard output carries the heap answers only (see `bench/child.rs`).
+        logs.with_writer(std::io::stderr).init();
         child::serve().await
     } else {
+        logs.init();
         run(cli).await
     };
     if let Err(error) = outcome {

@@ -9,13 +9,19 @@
 //! Steps: start, let it settle, read the baseline; bulk-insert N messages scheduled two to three
 //! hours ahead (none fires while we measure), wait until every subscription has read them and
 //! `scheduled_sends` holds them, settle, read; the same again for another N. The second step is
-//! the cleaner figure: pools, caches and allocator arenas are warm by then.
+//! the cleaner figure: pools, caches and allocator arenas are warm by then. The first N is
+//! reported as it is, not scaled to 100k: most of it is a one-off warm-up, which scaling from a
+//! smaller N would multiply.
+//!
+//! Beside RSS (split into the binary's mapped code and anonymous memory), the child reports
+//! its live heap (the bytes its allocations hold, `child::CountingAlloc`): what the service
+//! keeps, without what the allocator retains.
 
 use crate::child::{Memory, ServiceProcess};
 use crate::common::{backlog, create_service, insert_messages, Bench, Figure};
 use anyhow::{anyhow, Context, Result};
 use chrono::Utc;
-use messaging::config::Config;
+use messaging::config::{Config, Secret};
 use messaging_domain::Dispatch;
 use sqlx::PgPool;
 use std::time::{Duration, Instant};
@@ -24,6 +30,8 @@ const SCENARIO: &str = "scheduler-memory";
 /// The issue's target, per 100k scheduled.
 const TARGET_MB_PER_100K: f64 = 16.0;
 const MB: f64 = 1024.0 * 1024.0;
+/// The `application_name` of the bench's own connections to the child's database.
+const BENCH_APPLICATION: &str = "bench-scheduler-memory";
 
 /// The database the child service runs on, beside the bench's own (dropped with it).
 pub fn database_name(bench_database: &str) -> String {
@@ -72,11 +80,13 @@ struct Step {
     inserted: Duration,
     projected: Duration,
     after: Memory,
+    /// Connections the service held on its database after the step.
+    connections: i64,
 }
 
 async fn measure(bench: &Bench, env: &[(&'static str, String)]) -> Result<Vec<Figure>> {
     let n: usize = bench.size(20_000, 100_000);
-    let settle_for = Duration::from_secs(bench.size(2, 3));
+    let settle_for = Duration::from_secs(3);
     let mut service = ServiceProcess::start(env, &bench.http, Duration::from_secs(120))
         .await
         .context("starting the service process")?;
@@ -89,6 +99,12 @@ async fn measure(bench: &Bench, env: &[(&'static str, String)]) -> Result<Vec<Fi
     .context("the child service's configuration")?;
     let mut bench_config = config.clone();
     bench_config.database_max_connections = 4;
+    // Named, so the service's own connections can be counted apart.
+    let url = config.database_url.expose();
+    let separator = if url.contains('?') { '&' } else { '?' };
+    bench_config.database_url = Secret::new(format!(
+        "{url}{separator}application_name={BENCH_APPLICATION}"
+    ));
     let pool = messaging::startup::connect(&bench_config).await?;
     let outcome = async {
         let account = create_service(
@@ -98,8 +114,8 @@ async fn measure(bench: &Bench, env: &[(&'static str, String)]) -> Result<Vec<Fi
             "memory@example.com",
         )
         .await?;
-        tokio::time::sleep(settle_for).await;
-        let baseline = service.memory()?;
+        let baseline = settled(&mut service, settle_for).await?;
+        let baseline_connections = service_connections(&pool).await?;
         let mut steps = Vec::new();
         for step in 1..=2 {
             let started = Instant::now();
@@ -117,21 +133,58 @@ async fn measure(bench: &Bench, env: &[(&'static str, String)]) -> Result<Vec<Fi
                 Duration::from_secs(bench.size(120, 600)),
             )
             .await?;
-            tokio::time::sleep(settle_for).await;
             steps.push(Step {
                 inserted,
                 projected,
-                after: service.memory()?,
+                after: settled(&mut service, settle_for).await?,
+                connections: service_connections(&pool).await?,
             });
         }
         let scheduled = scheduled(&pool).await?;
         let end = service.memory()?;
-        Ok::<_, anyhow::Error>(figures(n, baseline, &steps, scheduled, end))
+        Ok::<_, anyhow::Error>(figures(
+            n,
+            (baseline, baseline_connections),
+            &steps,
+            scheduled,
+            end,
+        ))
     }
     .await;
     pool.close().await;
     drop(service);
     outcome
+}
+
+/// The service's memory once settled: the lowest of readings every 100 ms over `window`, so a
+/// moment's work (a poll, a timer) is not taken for memory kept. The peaks are the last
+/// reading's.
+async fn settled(service: &mut ServiceProcess, window: Duration) -> Result<Memory> {
+    let started = Instant::now();
+    let mut low = service.memory()?;
+    while started.elapsed() < window {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let now = service.memory()?;
+        low = Memory {
+            rss: low.rss.min(now.rss),
+            anon: low.anon.min(now.anon),
+            file: low.file.min(now.file),
+            heap: low.heap.min(now.heap),
+            ..now
+        };
+    }
+    Ok(low)
+}
+
+/// The connections the service holds on its database (all but the bench's).
+async fn service_connections(pool: &PgPool) -> Result<i64> {
+    Ok(sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_activity \
+         WHERE datname = current_database() AND application_name <> $1",
+    )
+    .bind(BENCH_APPLICATION)
+    .fetch_one(pool)
+    .await?)
 }
 
 /// Rows in `scheduled_sends`.
@@ -161,7 +214,13 @@ async fn wait_projected(pool: &PgPool, expected: i64, cap: Duration) -> Result<D
     }
 }
 
-fn figures(n: usize, baseline: Memory, steps: &[Step], scheduled: i64, end: Memory) -> Vec<Figure> {
+fn figures(
+    n: usize,
+    (baseline, baseline_connections): (Memory, i64),
+    steps: &[Step],
+    scheduled: i64,
+    end: Memory,
+) -> Vec<Figure> {
     let mb = |bytes: u64| bytes as f64 / MB;
     let grown = |from: u64, to: u64| (to as f64 - from as f64) / MB;
     let per_100k = |mb: f64| mb * 100_000.0 / n as f64;
@@ -185,7 +244,8 @@ fn figures(n: usize, baseline: Memory, steps: &[Step], scheduled: i64, end: Memo
             mb(baseline.rss),
         )
         .note(format!(
-            "{:.1} MB of it mapped files (the binary's code), {:.1} MB anonymous; live heap {:.1} MB",
+            "{:.1} MB of it mapped files (the binary's code), {:.1} MB anonymous; live heap \
+             {:.1} MB; {baseline_connections} database connections",
             mb(baseline.file),
             mb(baseline.anon),
             mb(baseline.heap)
@@ -198,8 +258,9 @@ fn figures(n: usize, baseline: Memory, steps: &[Step], scheduled: i64, end: Memo
     let first_name = format!("service RSS growth, start -> first {n} scheduled");
     let first_note = format!(
         "VmRSS {:.1} -> {:.1} MB (anonymous {:.1} -> {:.1} MB); live heap {:.1} -> {:.1} MB, \
-         {:.1} MB at its peak: includes the warm-up (connections opened and their buffers grown, \
-         allocator arenas holding the batches' peak)",
+         {:.1} MB at its peak; {baseline_connections} -> {} database connections: includes the \
+         warm-up (connections opened and their buffers grown, allocator arenas holding the \
+         batches' peak)",
         mb(baseline.rss),
         mb(first.rss),
         mb(baseline.anon),
@@ -207,6 +268,7 @@ fn figures(n: usize, baseline: Memory, steps: &[Step], scheduled: i64, end: Memo
         mb(baseline.heap),
         mb(first.heap),
         mb(first.heap_peak),
+        steps[0].connections,
     );
     figures.push(if n == 100_000 {
         Figure::below(SCENARIO, first_name, "MB", first_growth, TARGET_MB_PER_100K).note(first_note)
@@ -239,10 +301,13 @@ fn figures(n: usize, baseline: Memory, steps: &[Step], scheduled: i64, end: Memo
             per_100k(grown(first.heap, second.heap)),
         )
         .note(format!(
-            "bytes held by the service's allocations (its own count), {:.2} -> {:.2} MB: RSS \
-             without the allocator's retention and fragmentation",
+            "bytes held by the service's allocations (its own count), {:.2} -> {:.2} MB, with \
+             {} -> {} database connections (each keeps buffers as large as the largest batch it \
+             carried): RSS without the allocator's retention and fragmentation",
             mb(first.heap),
-            mb(second.heap)
+            mb(second.heap),
+            steps[0].connections,
+            steps[1].connections,
         )),
     );
     figures.push(

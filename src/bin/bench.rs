@@ -46,7 +46,7 @@ use std::time::{Duration, Instant};
     about = "Benchmarks the messaging service against plain-SQL references"
 )]
 struct Cli {
-    /// Smaller sizes, for a CI smoke run (under a minute).
+    /// Smaller sizes, for a smoke run (a few minutes).
     #[arg(long)]
     quick: bool,
     /// Run one scenario only.

@@ -6,6 +6,13 @@
 //! figures to `target/bench/<unix time>.json` and `target/bench/latest.json`.
 //!
 //! Every figure is printed beside a reference measured in the same run on the same database.
+//!
+//! `scheduler-memory` runs the service as a separate process instead, on a database of its own:
+//! the bench re-executes itself as `bench --serve-child` (see `bench/child.rs`), so the
+//! service's memory is measured without the bench's.
+
+#[path = "bench/child.rs"]
+mod child;
 
 #[path = "bench/commands.rs"]
 mod commands;
@@ -17,6 +24,8 @@ mod lag;
 mod rebuild;
 #[path = "bench/scheduler.rs"]
 mod scheduler;
+#[path = "bench/scheduler_memory.rs"]
+mod scheduler_memory;
 #[path = "bench/webhooks.rs"]
 mod webhooks;
 
@@ -37,12 +46,16 @@ use std::time::{Duration, Instant};
     about = "Benchmarks the messaging service against plain-SQL references"
 )]
 struct Cli {
-    /// Smaller sizes, for a CI smoke run (under a minute).
+    /// Smaller sizes, for a smoke run (a few minutes).
     #[arg(long)]
     quick: bool,
     /// Run one scenario only.
     #[arg(long, value_enum)]
     only: Option<Scenario>,
+    /// Internal: serve like `messaging serve` (settings from the environment) until SIGTERM,
+    /// Ctrl-C or the end of standard input. `scheduler-memory` starts the service this way.
+    #[arg(long, hide = true)]
+    serve_child: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -55,18 +68,35 @@ enum Scenario {
     Scheduler,
     /// 100k scheduled over the next hour: lateness of those that come due while watched.
     SchedulerSpread,
+    /// The service's own memory (a separate process) as scheduled messages grow.
+    SchedulerMemory,
 }
 
 const API_KEY: &str = "bench-key-0123";
 /// The P-256 secret scalar the bench signs SendGrid batches with (its public key is configured).
 const SIGNING_SECRET: [u8; 32] = [7; 32];
 
+#[global_allocator]
+static ALLOCATOR: child::CountingAlloc = child::CountingAlloc;
+
 #[tokio::main]
 async fn main() {
+    let cli = Cli::parse();
+    if cli.serve_child {
+        child::count_heap();
+    }
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt().with_env_filter(filter).init();
-    if let Err(error) = run(Cli::parse()).await {
+    let logs = tracing_subscriber::fmt().with_env_filter(filter);
+    let outcome = if cli.serve_child {
+        // Standard output carries the heap answers only (see `bench/child.rs`).
+        logs.with_writer(std::io::stderr).init();
+        child::serve().await
+    } else {
+        logs.init();
+        run(cli).await
+    };
+    if let Err(error) = outcome {
         eprintln!("error: {error:#}");
         std::process::exit(1);
     }
@@ -109,10 +139,17 @@ async fn run(cli: Cli) -> Result<()> {
         .context("creating the bench database")?;
     let sandbox_dir = std::env::temp_dir().join(&name);
     let outcome = run_in(&cli, &with_database(&server, &name)?, sandbox_dir.clone()).await;
-    // Always clean up, whatever happened.
+    // Always clean up, whatever happened (`scheduler-memory` drops its own database, unless it
+    // failed half-way).
     let dropped = sqlx::query(&format!(r#"DROP DATABASE IF EXISTS "{name}" WITH (FORCE)"#))
         .execute(&mut admin)
         .await;
+    let memory_db = scheduler_memory::database_name(&name);
+    let _ = sqlx::query(&format!(
+        r#"DROP DATABASE IF EXISTS "{memory_db}" WITH (FORCE)"#
+    ))
+    .execute(&mut admin)
+    .await;
     let _ = std::fs::remove_dir_all(&sandbox_dir);
     let (figures, errors) = outcome?;
     dropped.context("dropping the bench database")?;
@@ -135,21 +172,26 @@ async fn run_in(cli: &Cli, url: &str, sandbox_dir: PathBuf) -> Result<(Vec<Figur
         messaging::webhooks::verify::sendgrid_test_signature(&SIGNING_SECRET, "0", b"")
             .map_err(|e| anyhow::anyhow!("deriving the SendGrid test key: {e}"))?;
     let sandbox = sandbox_dir.to_string_lossy().into_owned();
+    // The service's settings as environment variables: read here through `from_lookup`, and
+    // passed as the environment of the `scheduler-memory` child.
+    let service_env: Vec<(&'static str, String)> = vec![
+        ("DATABASE_URL", url.to_string()),
+        ("MESSAGING_API_KEYS", API_KEY.into()),
+        ("MESSAGING_LISTEN", "127.0.0.1:0".into()),
+        // Nothing leaves this machine.
+        ("MESSAGING_SENDGRID_BASE_URL", "http://127.0.0.1:9".into()),
+        ("MESSAGING_X_BASE_URL", "http://127.0.0.1:9".into()),
+        ("MESSAGING_FACEBOOK_BASE_URL", "http://127.0.0.1:9".into()),
+        ("MESSAGING_SANDBOX_DIR", sandbox),
+        // One service sends everything here: do not let its pacing be the bottleneck.
+        ("MESSAGING_SEND_RATE_PER_SERVICE", "1000000".into()),
+        ("MESSAGING_SENDGRID_WEBHOOK_PUBLIC_KEY", public_key),
+    ];
     let lookup = |k: &str| -> Option<String> {
-        Some(match k {
-            "DATABASE_URL" => url.to_string(),
-            "MESSAGING_API_KEYS" => API_KEY.into(),
-            "MESSAGING_LISTEN" => "127.0.0.1:0".into(),
-            // Nothing leaves this machine.
-            "MESSAGING_SENDGRID_BASE_URL"
-            | "MESSAGING_X_BASE_URL"
-            | "MESSAGING_FACEBOOK_BASE_URL" => "http://127.0.0.1:9".into(),
-            "MESSAGING_SANDBOX_DIR" => sandbox.clone(),
-            // One service sends everything here: do not let its pacing be the bottleneck.
-            "MESSAGING_SEND_RATE_PER_SERVICE" => "1000000".into(),
-            "MESSAGING_SENDGRID_WEBHOOK_PUBLIC_KEY" => public_key.clone(),
-            _ => return None,
-        })
+        service_env
+            .iter()
+            .find(|(name, _)| *name == k)
+            .map(|(_, v)| v.clone())
     };
     let config = Config::from_lookup(lookup).context("the bench's service configuration")?;
     let app = Application::build(&config)
@@ -175,6 +217,7 @@ async fn run_in(cli: &Cli, url: &str, sandbox_dir: PathBuf) -> Result<(Vec<Figur
         service,
         signing_secret: SIGNING_SECRET,
         peak_command_rate: None,
+        service_env,
     };
     let mut figures = Vec::new();
     let mut errors = Vec::new();
@@ -186,6 +229,7 @@ async fn run_in(cli: &Cli, url: &str, sandbox_dir: PathBuf) -> Result<(Vec<Figur
         Scenario::Rebuild,
         Scenario::Scheduler,
         Scenario::SchedulerSpread,
+        Scenario::SchedulerMemory,
     ] {
         if !selected(scenario) {
             continue;
@@ -203,6 +247,7 @@ async fn run_in(cli: &Cli, url: &str, sandbox_dir: PathBuf) -> Result<(Vec<Figur
             Scenario::Rebuild => rebuild::run(&mut bench).await,
             Scenario::Scheduler => scheduler::run(&mut bench).await,
             Scenario::SchedulerSpread => scheduler::run_spread(&mut bench).await,
+            Scenario::SchedulerMemory => scheduler_memory::run(&mut bench).await,
         };
         match result {
             Ok(mut f) => figures.append(&mut f),

@@ -1,5 +1,5 @@
 //! What every scenario shares: the figure type, the load runner, statistics, bulk event
-//! writing, settling the workers between runs, and the process's memory.
+//! writing, settling the workers between runs.
 
 use anyhow::{anyhow, Context, Result};
 use chrono::{DateTime, Utc};
@@ -130,6 +130,9 @@ pub struct Bench {
     pub signing_secret: [u8; 32],
     /// The best in-process compose+send rate measured by `commands`, for `lag`.
     pub peak_command_rate: Option<f64>,
+    /// The in-process service's settings as environment variables (`DATABASE_URL`,
+    /// `MESSAGING_*`), for a service started as a separate process.
+    pub service_env: Vec<(&'static str, String)>,
 }
 
 impl Bench {
@@ -332,18 +335,6 @@ pub async fn settle(pool: &PgPool, cap: Duration) -> Result<(Duration, i64, i64)
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-}
-
-/// This process's resident memory, in bytes (Linux `/proc/self/status` VmRSS).
-pub fn rss_bytes() -> Result<u64> {
-    let status =
-        std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
-    let kb = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .ok_or_else(|| anyhow!("no VmRSS in /proc/self/status"))?;
-    Ok(kb * 1024)
 }
 
 /// Connects a sandbox email service through the API and returns it as commands carry it.

@@ -1,13 +1,14 @@
 //! Scenario `scheduler`: N messages scheduled over a short window in the near future; lateness
 //! from `publish_at` to the `MessageQueued` event's `recorded_at`, and to the sandbox provider
-//! call (`SendAttemptStarted.started_at`); the process's memory growth.
+//! call (`SendAttemptStarted.started_at`). The service's memory is measured apart, in a process
+//! of its own (`scheduler-memory`): this process holds the bench too.
 //!
 //! The schedule is written directly in bulk (`common::insert_messages`: the exact rows
 //! postgres-es writes), not through commands, so 100k are ready in seconds. From there on
 //! everything is the real path: the `delivery` subscription writes `scheduled_sends`, the
 //! scheduler fires, the sender sends.
 
-use crate::common::{backlog, create_service, insert_messages, rss_bytes, settle, Bench, Figure};
+use crate::common::{backlog, create_service, insert_messages, settle, Bench, Figure};
 use anyhow::{anyhow, Context, Result};
 use chrono::Utc;
 use messaging_domain::Dispatch;
@@ -41,7 +42,6 @@ pub async fn run(bench: &mut Bench) -> Result<Vec<Figure>> {
         "scheduled@example.com",
     )
     .await?;
-    let rss_before = rss_bytes()?;
     let started = Instant::now();
     let t0 = Utc::now();
     let window_start = t0 + chrono::Duration::milliseconds((opens * 1e3) as i64);
@@ -77,7 +77,6 @@ pub async fn run(bench: &mut Bench) -> Result<Vec<Figure>> {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let fired_by = started.elapsed();
-    let rss_after = rss_bytes()?;
     // Give the sender time to start the sends (sandbox: local files), within a bound.
     let send_cap = Duration::from_secs(bench.size(5, 180));
     let send_started = Instant::now();
@@ -112,8 +111,6 @@ pub async fn run(bench: &mut Bench) -> Result<Vec<Figure>> {
     } else {
         ""
     };
-    let mb = (rss_after as f64 - rss_before as f64) / (1024.0 * 1024.0);
-    let per_100k = mb * 100_000.0 / n as f64;
     let mut figures = vec![
         Figure::info(SCENARIO, "setup", "msgs", n as f64).note(format!("{setup}{late_note}")),
         Figure::below(
@@ -159,19 +156,6 @@ pub async fn run(bench: &mut Bench) -> Result<Vec<Figure>> {
             nan(smax),
         )
         .note(format!("{sent} of {n} started")),
-        Figure::below(
-            SCENARIO,
-            "process RSS growth per 100k scheduled",
-            "MB",
-            per_100k,
-            16.0,
-        )
-        .note(format!(
-            "RSS {:.1} MB before the insert, {:.1} MB once all fired (whole process: app + bench; \
-             scaled linearly from {n}, so fixed warm-up costs dominate at small sizes)",
-            rss_before as f64 / 1048576.0,
-            rss_after as f64 / 1048576.0
-        )),
     ];
     if queued < n as i64 {
         for f in figures
@@ -233,7 +217,6 @@ pub async fn run_spread(bench: &mut Bench) -> Result<Vec<Figure>> {
         "spread@example.com",
     )
     .await?;
-    let rss_before = rss_bytes()?;
     let started = Instant::now();
     let window_start = Utc::now() + chrono::Duration::milliseconds((opens * 1e3) as i64);
     let step_us = spread * 1e6 / n as f64;
@@ -248,7 +231,6 @@ pub async fn run_spread(bench: &mut Bench) -> Result<Vec<Figure>> {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    let rss_scheduled = rss_bytes()?;
     let watch_end = Duration::from_secs_f64(opens + observe + 2.0);
     if let Some(left) = watch_end.checked_sub(started.elapsed()) {
         tokio::time::sleep(left).await;
@@ -257,7 +239,6 @@ pub async fn run_spread(bench: &mut Bench) -> Result<Vec<Figure>> {
     let watched: Vec<String> = ids.iter().take(due).map(|id| id.to_string()).collect();
     let row = lateness(&bench.pool, &watched).await?;
     let nan = |v: Option<f64>| v.unwrap_or(f64::NAN);
-    let mb = (rss_scheduled as f64 - rss_before as f64) / (1024.0 * 1024.0);
     let note =
         format!(
         "{n} scheduled over {spread} s; {} came due in the {observe} s watched (from +{opens} s); \
@@ -301,19 +282,6 @@ pub async fn run_spread(bench: &mut Bench) -> Result<Vec<Figure>> {
             "ms",
             nan(row.s99),
         ),
-        Figure::below(
-            SCENARIO,
-            "process RSS growth per 100k scheduled",
-            "MB",
-            mb * 100_000.0 / n as f64,
-            16.0,
-        )
-        .note(format!(
-            "RSS {:.1} MB before the insert, {:.1} MB once {n} were scheduled and projected \
-                 (whole process: app + bench, which also holds the {n} ids)",
-            rss_before as f64 / 1048576.0,
-            rss_scheduled as f64 / 1048576.0
-        )),
     ];
     if (row.queued as usize) < watched.len() {
         for f in figures

@@ -21,7 +21,7 @@ use crate::child::{Memory, ServiceProcess};
 use crate::common::{backlog, create_service, insert_messages, Bench, Figure};
 use anyhow::{anyhow, Context, Result};
 use chrono::Utc;
-use messaging::config::{Config, Secret};
+use messaging::config::Secret;
 use messaging_domain::Dispatch;
 use sqlx::PgPool;
 use std::time::{Duration, Instant};
@@ -93,21 +93,17 @@ async fn measure(bench: &Bench, env: &[(&'static str, String)]) -> Result<Vec<Fi
         .await
         .context("starting the service process")?;
     // The bench's pool on the child's database (the child created and migrated it).
-    let config = Config::from_lookup(|k| {
-        env.iter()
-            .find(|(name, _)| *name == k)
-            .map(|(_, v)| v.clone())
-    })
-    .context("the child service's configuration")?;
-    let mut bench_config = config.clone();
-    bench_config.database_max_connections = 4;
+    let url = env
+        .iter()
+        .find(|(name, _)| *name == "DATABASE_URL")
+        .map(|(_, v)| v.clone())
+        .context("the child service's DATABASE_URL")?;
     // Named, so the service's own connections can be counted apart.
-    let url = config.database_url.expose();
     let separator = if url.contains('?') { '&' } else { '?' };
-    bench_config.database_url = Secret::new(format!(
+    let named = Secret::new(format!(
         "{url}{separator}application_name={BENCH_APPLICATION}"
     ));
-    let pool = messaging::startup::connect(&bench_config).await?;
+    let pool = messaging::startup::connect(&named, 4).await?;
     let outcome = async {
         let account = create_service(
             &bench.http,

@@ -14,7 +14,7 @@
 
 use crate::event::{StoredEvent, EVENT_COLUMNS};
 use async_trait::async_trait;
-use sqlx::{PgPool, Postgres};
+use sqlx::{Connection, PgConnection, PgPool, Postgres};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -110,7 +110,19 @@ impl Subscription {
 
     /// Reads and handles at most one batch.
     pub async fn run_batch(&self) -> Result<BatchOutcome, ProjectionError> {
-        let mut tx = self.pool.begin().await?;
+        let mut conn = self.pool.acquire().await?;
+        let outcome = self.batch_on(&mut conn).await;
+        if matches!(outcome, Ok(BatchOutcome::Handled(_))) {
+            // A batch's statements run to megabytes (a thousand events in, a thousand rows
+            // out) and sqlx keeps a connection's buffers at their largest: without this,
+            // every pooled connection that ever ran a batch would hold that much.
+            conn.shrink_buffers();
+        }
+        outcome
+    }
+
+    async fn batch_on(&self, conn: &mut PgConnection) -> Result<BatchOutcome, ProjectionError> {
+        let mut tx = conn.begin().await?;
         let checkpoint: Option<(String, i64)> = sqlx::query_as(
             "SELECT last_transaction_id::text, last_global_position FROM subscription_checkpoints \
              WHERE name = $1 FOR UPDATE SKIP LOCKED",

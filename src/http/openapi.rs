@@ -443,7 +443,7 @@ fn schemas() -> Value {
             "created_at": datetime(),
         }},
         "CreateService": {
-            "type": "object", "required": ["channel", "provider", "name", "username"],
+            "type": "object", "required": ["channel", "name", "username"],
             "properties": {
                 "channel": {"enum": ["email", "twitter", "facebook"]},
                 "provider": {"enum": ["sendgrid", "smtp", "x", "facebook", "sandbox"]},

@@ -20,7 +20,9 @@ pub fn router() -> Router<AppState> {
 #[derive(Deserialize)]
 struct CreateService {
     channel: String,
-    provider: String,
+    /// `sandbox` when omitted with no credentials.
+    #[serde(default)]
+    provider: Option<String>,
     name: String,
     username: String,
     #[serde(default)]
@@ -50,12 +52,22 @@ async fn create(
 ) -> Result<(StatusCode, ApiJson<Value>), ApiError> {
     let channel = Channel::parse(&body.channel)
         .ok_or_else(|| ApiError::field("channel", "must be one of email, twitter, facebook"))?;
-    let provider = Provider::parse(&body.provider).ok_or_else(|| {
-        ApiError::field(
-            "provider",
-            "must be one of sendgrid, smtp, x, facebook, sandbox",
-        )
-    })?;
+    let provider = match (&body.provider, &body.credentials) {
+        (Some(provider), _) => Provider::parse(provider).ok_or_else(|| {
+            ApiError::field(
+                "provider",
+                "must be one of sendgrid, smtp, x, facebook, sandbox",
+            )
+        })?,
+        // No provider and nothing to send with: the offline sandbox, labelled as such.
+        (None, None) => Provider::Sandbox,
+        (None, Some(_)) => {
+            return Err(ApiError::field(
+                "provider",
+                "is required with credentials: one of sendgrid, smtp, x, facebook",
+            ))
+        }
+    };
     if !provider.serves(channel) {
         return Err(ApiError::field(
             "provider",

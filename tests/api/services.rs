@@ -31,6 +31,41 @@ async fn credentials_are_write_only() {
 }
 
 #[tokio::test]
+async fn a_service_with_no_provider_and_no_credentials_is_the_labelled_sandbox() {
+    let app = TestApp::spawn().await;
+    let (status, created) = app
+        .post(
+            "/v1/services",
+            json!({"channel": "twitter", "name": "Try", "username": "ourbrand"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    assert_eq!(created["provider"], "sandbox");
+    assert_eq!(created["sandbox"], true);
+    // With credentials, the provider must be named: they would be for someone.
+    let (status, body) = app
+        .post(
+            "/v1/services",
+            json!({"channel": "email", "name": "n", "username": "a@example.com",
+                   "credentials": {"api_key": "SG.x"}}),
+        )
+        .await;
+    assert_error(
+        status,
+        &body,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid_field",
+    );
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("provider"),
+        "{body}"
+    );
+}
+
+#[tokio::test]
 async fn invalid_services_are_422_naming_the_field() {
     let app = TestApp::spawn().await;
     let cases = [

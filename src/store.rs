@@ -465,6 +465,20 @@ pub trait Store: Send + Sync + 'static {
     async fn gauges(&self) -> Result<Gauges, StoreError>;
 }
 
+/// A message's events (in sequence order) folded with its history; `None` when it has none.
+fn with_history(
+    events: Vec<messaging_projections::StoredEvent>,
+) -> Result<Option<(Message, Vec<HistoryItem>)>, StoreError> {
+    if events.is_empty() {
+        return Ok(None);
+    }
+    let mut folded = Vec::with_capacity(events.len());
+    for e in events {
+        folded.push((e.sequence, e.message_event()?, e.recorded_at));
+    }
+    Ok(Some(messaging_projections::view::history(folded)))
+}
+
 /// Whether every migration this binary carries is applied.
 async fn check_migrations<'a, E>(
     migrator: &sqlx::migrate::Migrator,

@@ -1,6 +1,7 @@
 //! Running a command through cqrs-es, the same way on every backend.
 
 use super::CommandError;
+use crate::metrics::{command_name, Metrics};
 use cqrs_es::persist::{PersistedEventRepository, PersistedEventStore};
 use cqrs_es::{AggregateError, CqrsFramework};
 use messaging_domain::{Message, MessageCommand, MessageId};
@@ -15,8 +16,23 @@ pub type MessageCqrs<R> = CqrsFramework<Message, PersistedEventStore<R, Message>
 /// first (the repositories report that as `AggregateConflict`, which cqrs-es never retries).
 const CONFLICT_RETRIES: u32 = 8;
 
+/// Runs a command (see [`execute_with_retries`]) and counts it by type and outcome.
+pub async fn execute<R: PersistedEventRepository>(
+    cqrs: &MessageCqrs<R>,
+    metrics: Option<&Metrics>,
+    id: MessageId,
+    command: MessageCommand,
+) -> Result<(), CommandError> {
+    let name = command_name(&command);
+    let result = execute_with_retries(cqrs, id, command).await;
+    if let Some(metrics) = metrics {
+        metrics.command(name, &result);
+    }
+    result
+}
+
 /// Runs a command, deciding again when another writer appended to the message first.
-pub async fn execute_with_retries<R: PersistedEventRepository>(
+async fn execute_with_retries<R: PersistedEventRepository>(
     cqrs: &MessageCqrs<R>,
     id: MessageId,
     command: MessageCommand,

@@ -7,13 +7,13 @@ mod jobs;
 pub mod notify;
 mod push;
 
-use super::commands::{execute_with_retries, MessageCqrs};
+use super::commands::{execute, MessageCqrs};
 use super::{
     CommandError, FactSettlement, Gauges, IdempotencyClaim, ListFilter, NewSubscription,
     PendingFact, PushDue, PushSubscription, ScheduledSend, SendJob, Service, ServiceRow,
     ServiceWithCredentials, Store, StoreError,
 };
-use crate::metrics::{command_name, Metrics};
+use crate::metrics::Metrics;
 use crate::webhooks::inbox::{InboxFact, Problematic};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -109,13 +109,9 @@ impl PgStore {
 #[async_trait]
 impl Store for PgStore {
     async fn execute(&self, id: MessageId, command: MessageCommand) -> Result<(), CommandError> {
-        let name = command_name(&command);
-        let result = execute_with_retries(&self.cqrs, id, command).await;
+        let result = execute(&self.cqrs, self.metrics.as_deref(), id, command).await;
         if result.is_ok() {
             self.committed.notify_one();
-        }
-        if let Some(metrics) = &self.metrics {
-            metrics.command(name, &result);
         }
         result
     }
@@ -132,14 +128,7 @@ impl Store for PgStore {
     ) -> Result<Option<(Message, Vec<HistoryItem>)>, StoreError> {
         let mut conn = self.pool.acquire().await?;
         let events = message_events(&mut conn, &id.to_string(), None).await?;
-        if events.is_empty() {
-            return Ok(None);
-        }
-        let mut folded = Vec::with_capacity(events.len());
-        for e in events {
-            folded.push((e.sequence, e.message_event()?, e.recorded_at));
-        }
-        Ok(Some(messaging_projections::view::history(folded)))
+        crate::store::with_history(events)
     }
 
     async fn create_service(

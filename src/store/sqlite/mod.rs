@@ -6,9 +6,9 @@
 //! One process owns the file (an exclusive lock file next to it says so at start-up), so the
 //! leases and claims PostgreSQL needs across instances reduce to plain updates here.
 
-use crate::metrics::{command_name, Metrics};
+use crate::metrics::Metrics;
 use crate::notify::Bell;
-use crate::store::commands::{execute_with_retries, MessageCqrs};
+use crate::store::commands::{execute, MessageCqrs};
 use crate::store::{
     CommandError, FactSettlement, Gauges, IdempotencyClaim, ListFilter, NewSubscription,
     PendingFact, PushDue, PushSubscription, ScheduledSend, SendJob, Service, Store, StoreError,
@@ -314,13 +314,9 @@ impl From<SubscriptionRow> for PushSubscription {
 #[async_trait]
 impl Store for SqliteStore {
     async fn execute(&self, id: MessageId, command: MessageCommand) -> Result<(), CommandError> {
-        let name = command_name(&command);
-        let result = execute_with_retries(&self.cqrs, id, command).await;
+        let result = execute(&self.cqrs, self.metrics.as_deref(), id, command).await;
         if result.is_ok() {
             self.bell.events();
-        }
-        if let Some(metrics) = &self.metrics {
-            metrics.command(name, &result);
         }
         result
     }
@@ -339,14 +335,7 @@ impl Store for SqliteStore {
         let mut conn = self.pools.read.acquire().await?;
         let events =
             messaging_projections::sqlite::message_events(&mut conn, &id.to_string(), None).await?;
-        if events.is_empty() {
-            return Ok(None);
-        }
-        let mut folded = Vec::with_capacity(events.len());
-        for e in events {
-            folded.push((e.sequence, e.message_event()?, e.recorded_at));
-        }
-        Ok(Some(messaging_projections::view::history(folded)))
+        crate::store::with_history(events)
     }
 
     async fn create_service(

@@ -504,3 +504,33 @@ async fn share_builds_the_post_for_the_channel_and_queues_or_schedules_it() {
         "invalid_field",
     );
 }
+
+#[tokio::test]
+async fn many_concurrent_writers_all_succeed_and_every_message_goes_out() {
+    // On SQLite every write of the API, the projections and the workers queues for one
+    // connection: none of them may surface `database is locked` (or anything else) to a user.
+    let app = TestApp::spawn().await;
+    let service = app
+        .create_service("email", "sandbox", "news@example.com")
+        .await;
+    let composes = (0..64).map(|i| {
+        let (app, service) = (&app, &service);
+        async move {
+            app.post(
+                "/v1/messages",
+                json!({"service_id": service, "to": [{"username": format!("r{i}@example.com")}],
+                       "subject": "Hello", "text": "Hi", "send": true}),
+            )
+            .await
+        }
+    });
+    let created = futures::future::join_all(composes).await;
+    let mut ids = Vec::new();
+    for (status, body) in created {
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        ids.push(body["id"].as_str().unwrap().to_string());
+    }
+    for id in &ids {
+        app.wait_listed(id, "sent").await;
+    }
+}

@@ -71,17 +71,22 @@ impl Database {
             return Ok(Self::Postgres(Secret::new(url)));
         }
         let path = url
+            .trim()
             .strip_prefix("sqlite://")
-            .or_else(|| url.strip_prefix("sqlite:"))
-            .map(|p| p.split('?').next().unwrap_or_default());
+            .or_else(|| url.trim().strip_prefix("sqlite:"));
         match path {
-            Some(path) if !path.is_empty() && !path.starts_with(':') => {
+            Some(path)
+                if !path.is_empty()
+                    && !path.contains(':')
+                    && !path.contains('?')
+                    && !path.contains('%') =>
+            {
                 Ok(Self::Sqlite(PathBuf::from(path)))
             }
             _ => Err(ConfigError {
                 setting: "DATABASE_URL",
-                message: "must be postgres://..., sqlite://PATH to a file, or unset for \
-                          ./data/messaging.db"
+                message: "must be postgres://..., sqlite://PATH to a file (no options, no \
+                          percent-encoding), or unset for ./data/messaging.db"
                     .into(),
             }),
         }
@@ -162,6 +167,15 @@ impl Config {
                 keys
             }
         };
+        if api_keys.is_empty() && matches!(database, Database::Postgres(_)) {
+            return Err(ConfigError {
+                setting: "MESSAGING_API_KEYS",
+                message: "give bearer keys (comma-separated) for /v1/*: with PostgreSQL, every \
+                          instance must accept the same keys (only the embedded default \
+                          generates one)"
+                    .into(),
+            });
+        }
         let number = |setting: &'static str, default: u64| -> Result<u64, ConfigError> {
             match lookup(setting) {
                 None => Ok(default),
@@ -237,11 +251,29 @@ impl Config {
     pub fn from_env() -> Result<Self, ConfigError> {
         Self::from_lookup(|k| std::env::var(k).ok())
     }
+
+    /// For `migrate` and `projections rebuild`, which serve no API and need no keys.
+    pub fn from_env_for_tools() -> Result<Self, ConfigError> {
+        Self::from_lookup(|k| match k {
+            "MESSAGING_API_KEYS" => Some(std::env::var(k).unwrap_or_else(|_| "unused".into())),
+            _ => std::env::var(k).ok(),
+        })
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn postgres_without_api_keys_names_the_setting() {
+        let err = Config::from_lookup(|k| {
+            (k == "DATABASE_URL").then(|| "postgres://localhost/x".to_string())
+        })
+        .map(|_| ())
+        .unwrap_err();
+        assert_eq!(err.setting, "MESSAGING_API_KEYS");
+    }
 
     #[test]
     fn an_api_key_setting_without_a_key_names_the_setting() {
@@ -269,10 +301,15 @@ mod tests {
         assert!(
             matches!(parse("sqlite://a/b.db"), Ok(Database::Sqlite(p)) if p == Path::new("a/b.db"))
         );
-        assert!(
-            matches!(parse("sqlite:b.db?mode=rwc"), Ok(Database::Sqlite(p)) if p == Path::new("b.db"))
-        );
-        for bad in ["mysql://x", "sqlite://", "sqlite::memory:"] {
+        assert!(matches!(parse("sqlite:b.db"), Ok(Database::Sqlite(p)) if p == Path::new("b.db")));
+        for bad in [
+            "mysql://x",
+            "sqlite://",
+            "sqlite::memory:",
+            "sqlite:file::memory:",
+            "sqlite:b.db?mode=ro",
+            "sqlite://a%20b.db",
+        ] {
             assert_eq!(parse(bad).unwrap_err().setting, "DATABASE_URL", "{bad}");
         }
     }

@@ -70,7 +70,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             app.run(shutdown_signal()).await
         }
         Command::Migrate => {
-            let config = Config::from_env()?;
+            let config = Config::from_env_for_tools()?;
             Backend::open(&config).await?;
             println!("migrations applied");
             Ok(())
@@ -78,7 +78,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Projections {
             command: ProjectionsCommand::Rebuild { name },
         } => {
-            let config = Config::from_env()?;
+            let config = Config::from_env_for_tools()?;
             let names: Vec<&str> = messaging_projections::all()
                 .iter()
                 .map(|p| p.name())

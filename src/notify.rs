@@ -59,9 +59,9 @@ impl Bell {
     }
 
     /// A projection batch committed: the feed, the schedule and the send jobs may have
-    /// changed.
+    /// changed, and a webhook fact waiting for its message may now apply.
     pub fn read_models(&self) {
-        self.0[1..4].iter().for_each(bump);
+        self.0[1..5].iter().for_each(bump);
     }
 
     /// Provider webhooks landed in the inbox.

@@ -50,11 +50,10 @@ impl Backend {
             }
             Database::Sqlite(path) => {
                 if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                    std::fs::create_dir_all(dir).with_context(|| {
-                        format!("cannot create {} for the SQLite database", dir.display())
-                    })?;
+                    create_private_dir(dir)?;
                 }
                 let lock = lock_sqlite_file(path)?;
+                create_private_file(path)?;
                 let pools = SqlitePools::open(path, config.database_max_connections)
                     .await
                     .with_context(|| {
@@ -70,10 +69,26 @@ impl Backend {
     }
 }
 
+/// Creates the database file if missing, readable by this user only: it holds the services'
+/// credentials (SQLite gives its journal files the same mode).
+fn create_private_file(path: &std::path::Path) -> anyhow::Result<()> {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    match options.open(path) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("cannot create {}", path.display())),
+    }
+}
+
 /// Takes the lock file next to the database: the SQLite backend serves one process (its
 /// workers coordinate in memory), so a second one stops at start-up and says why.
 fn lock_sqlite_file(path: &std::path::Path) -> anyhow::Result<std::fs::File> {
-    let lock_path = path.with_extension("lock");
+    let mut lock_path = path.as_os_str().to_owned();
+    lock_path.push(".lock");
+    let lock_path = std::path::PathBuf::from(lock_path);
     let file = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
@@ -93,36 +108,68 @@ fn lock_sqlite_file(path: &std::path::Path) -> anyhow::Result<std::fs::File> {
     }
 }
 
-/// The bearer keys: `MESSAGING_API_KEYS`, else the key in `<data dir>/api-key`, generated
-/// (random, readable by this user only) on first start.
+/// The bearer keys: `MESSAGING_API_KEYS`, else (the embedded default only: the configuration
+/// refuses PostgreSQL without keys) the key in `<data dir>/api-key`, generated on first start,
+/// readable by this user only. Called once the SQLite lock is held.
 pub fn api_keys(config: &Config) -> anyhow::Result<Vec<Secret>> {
     if !config.api_keys.is_empty() {
         return Ok(config.api_keys.clone());
     }
     let path = config.data_dir.join("api-key");
-    match std::fs::read_to_string(&path) {
-        Ok(key) if !key.trim().is_empty() => {
-            tracing::info!(path = %path.display(), "no MESSAGING_API_KEYS: using the key in this file");
-            return Ok(vec![Secret::new(key.trim())]);
-        }
-        Ok(_) => anyhow::bail!("{} is empty: delete it to get a new key", path.display()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    if let Some(key) = read_key(&path)? {
+        tracing::info!(path = %path.display(), "no MESSAGING_API_KEYS: using the key in this file");
+        return Ok(vec![key]);
     }
-    std::fs::create_dir_all(&config.data_dir)
-        .with_context(|| format!("cannot create {}", config.data_dir.display()))?;
+    create_private_dir(&config.data_dir)?;
     let key = format!("msk_{}", hex::encode(rand::random::<[u8; 24]>()));
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create_new(true);
+    // Written whole to a file of its own, then linked into place: the key file is never seen
+    // half-written, and a key that appeared meanwhile is kept.
+    let tmp = config.data_dir.join(format!(
+        ".api-key.{}",
+        hex::encode(rand::random::<[u8; 6]>())
+    ));
+    let written = (|| {
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true).create_new(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        let mut file = options.open(&tmp)?;
+        std::io::Write::write_all(&mut file, format!("{key}\n").as_bytes())?;
+        file.sync_all()?;
+        std::fs::hard_link(&tmp, &path)
+    })();
+    let _ = std::fs::remove_file(&tmp);
+    match written {
+        Ok(()) => {
+            tracing::info!(path = %path.display(), "no MESSAGING_API_KEYS: generated an API key in this file");
+            Ok(vec![Secret::new(key)])
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => read_key(&path)?
+            .map(|key| vec![key])
+            .with_context(|| format!("{} is empty: delete it to get a new key", path.display())),
+        Err(e) => Err(e).with_context(|| format!("cannot write {}", path.display())),
+    }
+}
+
+fn read_key(path: &std::path::Path) -> anyhow::Result<Option<Secret>> {
+    match std::fs::read_to_string(path) {
+        Ok(key) if !key.trim().is_empty() => Ok(Some(Secret::new(key.trim()))),
+        Ok(_) => anyhow::bail!("{} is empty: delete it to get a new key", path.display()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+    }
+}
+
+/// Creates `dir` if missing, readable by this user only (it holds the database, with the
+/// services' credentials, and the API key).
+fn create_private_dir(dir: &std::path::Path) -> anyhow::Result<()> {
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
     #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    let mut file = options
-        .open(&path)
-        .with_context(|| format!("cannot create {}", path.display()))?;
-    std::io::Write::write_all(&mut file, format!("{key}\n").as_bytes())
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    tracing::info!(path = %path.display(), "no MESSAGING_API_KEYS: generated an API key in this file");
-    Ok(vec![Secret::new(key)])
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder
+        .create(dir)
+        .with_context(|| format!("cannot create {}", dir.display()))
 }
 
 /// Connects with the session settings every connection needs, creating the database first
@@ -217,8 +264,8 @@ impl Application {
     pub async fn build(config: &Config) -> anyhow::Result<Self> {
         // Settings that can be wrong are checked before anything starts.
         let webhook_secrets = Arc::new(webhook_secrets(config)?);
-        let api_keys = api_keys(config)?;
         let backend = Backend::open(config).await?;
+        let api_keys = api_keys(config)?;
         tracing::info!(database = %config.database.describe(), "database ready");
         let (shutdown, shutdown_rx) = watch::channel(false);
         let metrics = Arc::new(Metrics::new().context("setting up the metrics registry")?);

@@ -224,7 +224,7 @@ impl Store for PgStore {
                AND ($2::text IS NULL OR channel = $2) \
                AND ($3::text IS NULL OR state = $3) \
                AND ($4::text IS NULL OR direction = $4) \
-               AND ($5::text IS NULL OR profiles @> ARRAY[lower($5)]) \
+               AND ($5::text IS NULL OR profiles @> ARRAY[$5]) \
                AND ($6::uuid IS NULL OR message_id < $6) \
              ORDER BY message_id DESC LIMIT $7",
         )
@@ -232,7 +232,9 @@ impl Store for PgStore {
         .bind(f.channel.map(|c| c.as_str()))
         .bind(f.state.as_deref())
         .bind(f.direction.as_deref())
-        .bind(f.profile.as_deref())
+        // The projection lower-cases usernames in Rust: so does the filter (PostgreSQL's
+        // lower() depends on the database's locale).
+        .bind(f.profile.as_deref().map(str::to_lowercase))
         .bind(f.before.map(|m| m.as_uuid()))
         .bind(f.limit)
         .fetch_all(&self.pool)

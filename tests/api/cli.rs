@@ -75,7 +75,11 @@ async fn migrate_creates_the_database_and_rebuild_restores_the_read_models() {
 
 #[test]
 fn bad_configuration_stops_start_up_with_one_line_naming_the_setting() {
-    let cases: [(&[(&str, &str)], &str); 4] = [
+    let cases: [(&[(&str, &str)], &str); 5] = [
+        (
+            &[("DATABASE_URL", "postgres://u:hunter2@127.0.0.1/x")],
+            "MESSAGING_API_KEYS",
+        ),
         (&[("DATABASE_URL", "sqlite://")], "DATABASE_URL"),
         (
             &[("DATABASE_URL", "mysql://x"), ("MESSAGING_API_KEYS", "k")],

@@ -29,7 +29,11 @@ fn with_database(url: &str, db: &str) -> String {
 /// The backend the suite runs on: `MESSAGING_TEST_BACKEND=sqlite` for the embedded default,
 /// PostgreSQL otherwise. `scripts/test` runs the suite on both.
 pub fn on_sqlite() -> bool {
-    std::env::var("MESSAGING_TEST_BACKEND").as_deref() == Ok("sqlite")
+    match std::env::var("MESSAGING_TEST_BACKEND").as_deref() {
+        Ok("sqlite") => true,
+        Ok("postgres") | Err(_) => false,
+        Ok(other) => panic!("MESSAGING_TEST_BACKEND={other}: use sqlite or postgres"),
+    }
 }
 
 /// Creates an empty database of its own for one test and returns its URL: a new PostgreSQL

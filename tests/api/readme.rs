@@ -33,7 +33,7 @@ async fn the_readme_walkthrough_runs_as_written() {
     let dir = tempfile::tempdir().unwrap();
     // The README's start command (`cargo run --release`: the binary, no arguments) with no
     // configuration but a free port; on the PostgreSQL pass, its production command's
-    // DATABASE_URL too.
+    // DATABASE_URL and key too.
     let mut command = Command::new(env!("CARGO_BIN_EXE_messaging"));
     command
         .current_dir(dir.path())
@@ -41,10 +41,13 @@ async fn the_readme_walkthrough_runs_as_written() {
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env("MESSAGING_LISTEN", format!("127.0.0.1:{port}"))
         .env("RUST_LOG", "warn");
+    let mut script_env = Vec::new();
     if !on_sqlite() {
         command
             .arg("serve")
-            .env("DATABASE_URL", fresh_database().await);
+            .env("DATABASE_URL", fresh_database().await)
+            .env("MESSAGING_API_KEYS", "change-me");
+        script_env.push(("MESSAGING_API_KEYS", "change-me"));
     }
     let mut server = command.spawn().unwrap();
     let client = reqwest::Client::new();
@@ -65,6 +68,8 @@ async fn the_readme_walkthrough_runs_as_written() {
     let output = if up {
         Command::new("bash")
             .args(["-euo", "pipefail", "-c", &script])
+            .env_remove("MESSAGING_API_KEYS")
+            .envs(script_env)
             .current_dir(dir.path())
             .output()
             .unwrap()
@@ -96,6 +101,18 @@ async fn the_readme_walkthrough_runs_as_written() {
             .is_ok_and(|e| e.path().extension().is_some_and(|x| x == "eml"))
     });
     assert_eq!(emails.count(), 1);
-    // Where the README says the embedded default keeps its database.
+    // Where the README says the embedded default keeps its database and its key (this user's
+    // only).
     assert_eq!(dir.path().join("data/messaging.db").exists(), on_sqlite());
+    assert_eq!(dir.path().join("data/api-key").exists(), on_sqlite());
+    if on_sqlite() {
+        use std::os::unix::fs::PermissionsExt;
+        for private in ["data", "data/api-key", "data/messaging.db"] {
+            let mode = std::fs::metadata(dir.path().join(private))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o077, 0, "{private} is {mode:o}");
+        }
+    }
 }

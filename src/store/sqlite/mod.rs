@@ -44,8 +44,15 @@ pub static MIGRATOR: Migrator = sqlx::migrate!("./migrations/sqlite");
 
 /// `now` + `by`, for leases and retry times (written from Rust so that every stored time has
 /// the same text form, and text order is time order).
+/// Clamped to the year 9999: later years print with a sign, which would break text order.
 fn later(now: DateTime<Utc>, by: Duration) -> DateTime<Utc> {
-    now + chrono::Duration::from_std(by).unwrap_or(chrono::Duration::MAX)
+    let end = chrono::NaiveDate::from_ymd_opt(9999, 12, 31)
+        .and_then(|d| d.and_hms_opt(0, 0, 0))
+        .map_or(DateTime::<Utc>::MAX_UTC, |t| t.and_utc());
+    chrono::Duration::from_std(by)
+        .ok()
+        .and_then(|by| now.checked_add_signed(by))
+        .map_or(end, |t| t.min(end))
 }
 
 /// A stored time read back through an SQL aggregate (which loses the column's type).
@@ -70,9 +77,9 @@ impl SqlitePools {
             .filename(path)
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
-            // WAL + NORMAL: a crash loses no committed transaction; a power cut may lose the
-            // last few (the durability PostgreSQL's synchronous_commit=off would give).
-            .synchronous(SqliteSynchronous::Normal)
+            // FULL: a commit is on disk before it is acknowledged (a webhook's 2xx promises
+            // the fact is kept), power cut included.
+            .synchronous(SqliteSynchronous::Full)
             .busy_timeout(Duration::from_secs(30))
             .foreign_keys(true);
         // The writer stays open: it keeps the WAL and its index alive for the read-only

@@ -2,34 +2,19 @@
 //! `scheduled_sends` row, a queued one a `send_jobs` row until its outcome is recorded.
 //! NOTIFY `schedule` / `send_jobs` wake the workers at commit.
 
-use crate::event::StoredEvent;
+use crate::event::{load_messages_before, StoredEvent};
 use crate::subscription::{Projection, ProjectionError};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use messaging_domain::{Message, MessageEvent};
 use sqlx::{PgConnection, Postgres};
+use std::collections::BTreeMap;
 
 pub struct DeliveryJobs;
 
 async fn notify(conn: &mut PgConnection, channel: &str) -> Result<(), ProjectionError> {
     sqlx::query("SELECT pg_notify($1, '')")
         .bind(channel)
-        .execute(conn)
-        .await?;
-    Ok(())
-}
-
-async fn unschedule(conn: &mut PgConnection, id: uuid::Uuid) -> Result<(), ProjectionError> {
-    sqlx::query("DELETE FROM scheduled_sends WHERE message_id = $1")
-        .bind(id)
-        .execute(conn)
-        .await?;
-    Ok(())
-}
-
-async fn dequeue(conn: &mut PgConnection, id: uuid::Uuid) -> Result<(), ProjectionError> {
-    sqlx::query("DELETE FROM send_jobs WHERE message_id = $1")
-        .bind(id)
         .execute(conn)
         .await?;
     Ok(())
@@ -109,28 +94,112 @@ impl JobOf {
     }
 }
 
-/// Adds a send job due at `due_at`.
-async fn enqueue(
-    conn: &mut PgConnection,
-    event: &StoredEvent,
-    id: uuid::Uuid,
-    due_at: DateTime<Utc>,
-) -> Result<(), ProjectionError> {
-    let message = crate::event::load_message(&mut *conn, &event.aggregate_id, Some(1)).await?;
-    let job = JobOf::new(id, &message)?;
-    sqlx::query(
-        "INSERT INTO send_jobs (message_id, service_id, channel, provider, due_at) \
-         VALUES ($1, $2, $3, $4, $5) \
-         ON CONFLICT (message_id) DO UPDATE SET due_at = EXCLUDED.due_at, locked_until = NULL",
-    )
-    .bind(id)
-    .bind(job.service_id)
-    .bind(job.channel)
-    .bind(job.provider)
-    .bind(due_at)
-    .execute(&mut *conn)
-    .await?;
-    notify(conn, "send_jobs").await
+/// What a batch does to one message's row in one table. In log order a message's changes
+/// collapse to: delete the row (if any change deleted it), then what the changes after the
+/// last delete leave (`after`). Each later upsert or update overwrites the columns an earlier
+/// one set, so only the last one counts; a delete is kept apart because it also resets what
+/// no change sets (a job's `claims`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct RowPlan<T> {
+    pub delete: bool,
+    pub after: Option<T>,
+}
+
+impl<T> Default for RowPlan<T> {
+    fn default() -> Self {
+        Self {
+            delete: false,
+            after: None,
+        }
+    }
+}
+
+/// What a send job's row becomes after its message's last delete in the batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum JobAfter {
+    /// Inserted, or made due at `due_at` and unleased; its copies come from `aggregate_id`'s
+    /// first event.
+    Upsert {
+        due_at: DateTime<Utc>,
+        aggregate_id: String,
+    },
+    /// Made due at `retry_at` and unleased if the row exists (it was not touched before in
+    /// the batch).
+    Update { retry_at: DateTime<Utc> },
+}
+
+/// A batch's [`JobChange`]s folded per message, so that the batch writes each table in a few
+/// set-based statements instead of a few round trips per event: the batch's transaction holds
+/// a transaction id, and while it runs no reader may read past it (see `subscription`).
+#[derive(Debug, Default)]
+pub(crate) struct Plan {
+    /// `scheduled_sends`: `after` is the `publish_at` of an upsert.
+    pub schedule: BTreeMap<uuid::Uuid, RowPlan<DateTime<Utc>>>,
+    pub jobs: BTreeMap<uuid::Uuid, RowPlan<JobAfter>>,
+    /// Whether anything was scheduled (NOTIFY `schedule`).
+    pub scheduled: bool,
+    /// Whether a job was enqueued or retried (NOTIFY `send_jobs`).
+    pub queued: bool,
+}
+
+impl Plan {
+    pub(crate) fn new(events: &[StoredEvent]) -> Result<Self, ProjectionError> {
+        let mut plan = Self::default();
+        for event in events {
+            let (id, changes) = job_changes(event)?;
+            for change in changes {
+                plan.add(id, &event.aggregate_id, change);
+            }
+        }
+        Ok(plan)
+    }
+
+    fn add(&mut self, id: uuid::Uuid, aggregate_id: &str, change: JobChange) {
+        match change {
+            JobChange::Schedule { publish_at } => {
+                self.scheduled = true;
+                self.schedule.entry(id).or_default().after = Some(publish_at);
+            }
+            JobChange::Unschedule => {
+                self.schedule.insert(
+                    id,
+                    RowPlan {
+                        delete: true,
+                        after: None,
+                    },
+                );
+            }
+            JobChange::Enqueue { due_at } => {
+                self.queued = true;
+                self.jobs.entry(id).or_default().after = Some(JobAfter::Upsert {
+                    due_at,
+                    aggregate_id: aggregate_id.to_string(),
+                });
+            }
+            JobChange::Retry { retry_at } => {
+                self.queued = true;
+                let row = self.jobs.entry(id).or_default();
+                row.after = match row.after.take() {
+                    Some(JobAfter::Upsert { aggregate_id, .. }) => Some(JobAfter::Upsert {
+                        due_at: retry_at,
+                        aggregate_id,
+                    }),
+                    // Deleted earlier in the batch and not enqueued since: no row to update.
+                    None if row.delete => None,
+                    None | Some(JobAfter::Update { .. }) => Some(JobAfter::Update { retry_at }),
+                };
+            }
+            JobChange::Dequeue => {
+                self.jobs.insert(
+                    id,
+                    RowPlan {
+                        delete: true,
+                        after: None,
+                    },
+                );
+            }
+        }
+    }
 }
 
 impl DeliveryJobs {
@@ -143,43 +212,20 @@ impl Projection<Postgres> for DeliveryJobs {
         Self::NAME
     }
 
+    /// The batch's changes, folded per message ([`Plan`]), in at most seven statements.
     async fn handle_batch(
         &self,
         conn: &mut PgConnection,
         events: &[StoredEvent],
     ) -> Result<(), ProjectionError> {
-        for event in events {
-            let (id, changes) = job_changes(event)?;
-            for change in changes {
-                match change {
-                    JobChange::Schedule { publish_at } => {
-                        sqlx::query(
-                            "INSERT INTO scheduled_sends (message_id, publish_at) VALUES ($1, $2) \
-                             ON CONFLICT (message_id) DO UPDATE SET \
-                             publish_at = EXCLUDED.publish_at, locked_until = NULL",
-                        )
-                        .bind(id)
-                        .bind(publish_at)
-                        .execute(&mut *conn)
-                        .await?;
-                        notify(&mut *conn, "schedule").await?;
-                    }
-                    JobChange::Unschedule => unschedule(&mut *conn, id).await?,
-                    JobChange::Enqueue { due_at } => enqueue(&mut *conn, event, id, due_at).await?,
-                    JobChange::Retry { retry_at } => {
-                        sqlx::query(
-                            "UPDATE send_jobs SET due_at = $2, locked_until = NULL \
-                             WHERE message_id = $1",
-                        )
-                        .bind(id)
-                        .bind(retry_at)
-                        .execute(&mut *conn)
-                        .await?;
-                        notify(&mut *conn, "send_jobs").await?;
-                    }
-                    JobChange::Dequeue => dequeue(&mut *conn, id).await?,
-                }
-            }
+        let plan = Plan::new(events)?;
+        write_schedule(&mut *conn, &plan).await?;
+        write_jobs(&mut *conn, &plan).await?;
+        if plan.scheduled {
+            notify(&mut *conn, "schedule").await?;
+        }
+        if plan.queued {
+            notify(&mut *conn, "send_jobs").await?;
         }
         Ok(())
     }
@@ -190,5 +236,229 @@ impl Projection<Postgres> for DeliveryJobs {
             .await?;
         sqlx::query("DELETE FROM send_jobs").execute(conn).await?;
         Ok(())
+    }
+}
+
+/// Applies the plan's `scheduled_sends` changes: deletes first, then upserts.
+async fn write_schedule(conn: &mut PgConnection, plan: &Plan) -> Result<(), ProjectionError> {
+    let deleted: Vec<uuid::Uuid> = plan
+        .schedule
+        .iter()
+        .filter(|(_, row)| row.delete)
+        .map(|(id, _)| *id)
+        .collect();
+    if !deleted.is_empty() {
+        sqlx::query("DELETE FROM scheduled_sends WHERE message_id = ANY($1)")
+            .bind(&deleted)
+            .execute(&mut *conn)
+            .await?;
+    }
+    let (mut ids, mut publish_at) = (Vec::new(), Vec::new());
+    for (id, row) in &plan.schedule {
+        if let Some(at) = row.after {
+            ids.push(*id);
+            publish_at.push(at);
+        }
+    }
+    if !ids.is_empty() {
+        sqlx::query(
+            "INSERT INTO scheduled_sends (message_id, publish_at) \
+             SELECT * FROM unnest($1::uuid[], $2::timestamptz[]) \
+             ON CONFLICT (message_id) DO UPDATE SET \
+             publish_at = EXCLUDED.publish_at, locked_until = NULL",
+        )
+        .bind(&ids)
+        .bind(&publish_at)
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(())
+}
+
+/// Applies the plan's `send_jobs` changes: deletes, then upserts (each job's copies read from
+/// its message's first event, all in one query), then updates of rows the batch did not
+/// otherwise touch.
+async fn write_jobs(conn: &mut PgConnection, plan: &Plan) -> Result<(), ProjectionError> {
+    let deleted: Vec<uuid::Uuid> = plan
+        .jobs
+        .iter()
+        .filter(|(_, row)| row.delete)
+        .map(|(id, _)| *id)
+        .collect();
+    if !deleted.is_empty() {
+        sqlx::query("DELETE FROM send_jobs WHERE message_id = ANY($1)")
+            .bind(&deleted)
+            .execute(&mut *conn)
+            .await?;
+    }
+    let mut upserts = Vec::new();
+    let (mut updated, mut retry_at) = (Vec::new(), Vec::new());
+    for (id, row) in &plan.jobs {
+        match &row.after {
+            Some(JobAfter::Upsert {
+                due_at,
+                aggregate_id,
+            }) => upserts.push((*id, *due_at, aggregate_id.clone())),
+            Some(JobAfter::Update { retry_at: at }) => {
+                updated.push(*id);
+                retry_at.push(*at);
+            }
+            None => {}
+        }
+    }
+    if !upserts.is_empty() {
+        // Sequence 1 only: a job's copies are in its message's first event.
+        let wanted: Vec<(String, i64)> = upserts.iter().map(|(_, _, a)| (a.clone(), 2)).collect();
+        let firsts = load_messages_before(&mut *conn, &wanted).await?;
+        let (mut c, none) = (JobColumns::default(), Message::default());
+        for (id, due_at, aggregate_id) in &upserts {
+            let job = JobOf::new(*id, firsts.get(aggregate_id).unwrap_or(&none))?;
+            c.id.push(*id);
+            c.service_id.push(job.service_id);
+            c.channel.push(job.channel);
+            c.provider.push(job.provider);
+            c.due_at.push(*due_at);
+        }
+        sqlx::query(
+            "INSERT INTO send_jobs (message_id, service_id, channel, provider, due_at) \
+             SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], \
+                                  $5::timestamptz[]) \
+             ON CONFLICT (message_id) DO UPDATE SET due_at = EXCLUDED.due_at, locked_until = NULL",
+        )
+        .bind(&c.id)
+        .bind(&c.service_id)
+        .bind(&c.channel)
+        .bind(&c.provider)
+        .bind(&c.due_at)
+        .execute(&mut *conn)
+        .await?;
+    }
+    if !updated.is_empty() {
+        sqlx::query(
+            "UPDATE send_jobs j SET due_at = u.due_at, locked_until = NULL \
+             FROM unnest($1::uuid[], $2::timestamptz[]) AS u(id, due_at) \
+             WHERE j.message_id = u.id",
+        )
+        .bind(&updated)
+        .bind(&retry_at)
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(())
+}
+
+#[derive(Default)]
+struct JobColumns {
+    id: Vec<uuid::Uuid>,
+    service_id: Vec<uuid::Uuid>,
+    channel: Vec<&'static str>,
+    provider: Vec<&'static str>,
+    due_at: Vec<DateTime<Utc>>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use JobChange::*;
+
+    fn at(secs: i64) -> DateTime<Utc> {
+        DateTime::from_timestamp(secs, 0).unwrap()
+    }
+
+    fn plan(changes: &[JobChange]) -> Plan {
+        let mut plan = Plan::default();
+        for change in changes {
+            plan.add(uuid::Uuid::nil(), "m", *change);
+        }
+        plan
+    }
+
+    fn job(plan: &Plan) -> RowPlan<JobAfter> {
+        plan.jobs
+            .get(&uuid::Uuid::nil())
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    fn upsert(secs: i64) -> Option<JobAfter> {
+        Some(JobAfter::Upsert {
+            due_at: at(secs),
+            aggregate_id: "m".into(),
+        })
+    }
+
+    #[test]
+    fn the_last_change_after_the_last_delete_counts() {
+        let p = plan(&[
+            Schedule { publish_at: at(1) },
+            Schedule { publish_at: at(2) },
+        ]);
+        let row = &p.schedule[&uuid::Uuid::nil()];
+        assert_eq!((row.delete, row.after), (false, Some(at(2))));
+        assert!(p.scheduled && !p.queued);
+
+        // Queued: unscheduled and enqueued; sent: dequeued.
+        let p = plan(&[Unschedule, Enqueue { due_at: at(3) }, Dequeue]);
+        assert!(p.schedule[&uuid::Uuid::nil()].delete);
+        assert_eq!(
+            job(&p),
+            RowPlan {
+                delete: true,
+                after: None
+            }
+        );
+        assert!(p.queued);
+    }
+
+    #[test]
+    fn a_retry_updates_the_job_the_batch_left() {
+        // Enqueued in the batch: the upsert carries the retry's time.
+        let p = plan(&[Enqueue { due_at: at(1) }, Retry { retry_at: at(5) }]);
+        assert_eq!(
+            job(&p),
+            RowPlan {
+                delete: false,
+                after: upsert(5)
+            }
+        );
+        // Enqueued before the batch: an update of the row, if it is still there.
+        let p = plan(&[Retry { retry_at: at(5) }, Retry { retry_at: at(6) }]);
+        assert_eq!(
+            job(&p),
+            RowPlan {
+                delete: false,
+                after: Some(JobAfter::Update { retry_at: at(6) })
+            }
+        );
+        // Dequeued earlier in the batch: there is no row to update.
+        let p = plan(&[Dequeue, Retry { retry_at: at(5) }]);
+        assert_eq!(
+            job(&p),
+            RowPlan {
+                delete: true,
+                after: None
+            }
+        );
+    }
+
+    #[test]
+    fn an_enqueue_after_a_dequeue_deletes_first() {
+        // The delete resets `claims`, which the upsert alone would keep.
+        let p = plan(&[Dequeue, Enqueue { due_at: at(2) }]);
+        assert_eq!(
+            job(&p),
+            RowPlan {
+                delete: true,
+                after: upsert(2)
+            }
+        );
+        let p = plan(&[Retry { retry_at: at(1) }, Enqueue { due_at: at(2) }]);
+        assert_eq!(
+            job(&p),
+            RowPlan {
+                delete: false,
+                after: upsert(2)
+            }
+        );
     }
 }

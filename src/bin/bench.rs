@@ -52,6 +52,10 @@ struct Cli {
     /// Run one scenario only.
     #[arg(long, value_enum)]
     only: Option<Scenario>,
+    /// `lag` at this load (messages/s) instead of half the peak: the same load for runs on
+    /// different commits, or one the machine is not saturated by.
+    #[arg(long)]
+    lag_rate: Option<f64>,
     /// Internal: serve like `messaging serve` (settings from the environment) until SIGTERM,
     /// Ctrl-C or the end of standard input. `scheduler-memory` starts the service this way.
     #[arg(long, hide = true)]
@@ -217,6 +221,7 @@ async fn run_in(cli: &Cli, url: &str, sandbox_dir: PathBuf) -> Result<(Vec<Figur
         service,
         signing_secret: SIGNING_SECRET,
         peak_command_rate: None,
+        lag_rate: cli.lag_rate,
         service_env,
     };
     let mut figures = Vec::new();

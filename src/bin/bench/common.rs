@@ -130,6 +130,8 @@ pub struct Bench {
     pub signing_secret: [u8; 32],
     /// The best in-process compose+send rate measured by `commands`, for `lag`.
     pub peak_command_rate: Option<f64>,
+    /// `--lag-rate`: the load for `lag`, instead of half the peak.
+    pub lag_rate: Option<f64>,
     /// The in-process service's settings as environment variables (`DATABASE_URL`,
     /// `MESSAGING_*`), for a service started as a separate process.
     pub service_env: Vec<(&'static str, String)>,

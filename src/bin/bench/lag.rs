@@ -17,8 +17,9 @@ const POLL: Duration = Duration::from_millis(2);
 
 pub async fn run(bench: &mut Bench) -> Result<Vec<Figure>> {
     settle(&bench.pool, Duration::from_secs(bench.size(10, 60))).await?;
-    let peak = match bench.peak_command_rate {
-        Some(rate) if rate > 0.0 => rate,
+    let (rate, load) = match (bench.lag_rate, bench.peak_command_rate) {
+        (Some(rate), _) if rate > 0.0 => (rate, "set by --lag-rate".to_string()),
+        (_, Some(peak)) if peak > 0.0 => (peak / 2.0, format!("half of peak {peak:.0}")),
         // Run alone (`--only lag`): measure the peak briefly.
         _ => {
             let (store, service) = (bench.store.clone(), bench.service.clone());
@@ -32,10 +33,11 @@ pub async fn run(bench: &mut Bench) -> Result<Vec<Figure>> {
             })
             .await;
             settle(&bench.pool, Duration::from_secs(bench.size(10, 60))).await?;
-            r.rate()
+            let peak = r.rate();
+            (peak / 2.0, format!("half of peak {peak:.0}"))
         }
     };
-    let rate = (peak / 2.0).max(1.0);
+    let rate = rate.max(1.0);
     let duration = Duration::from_secs(bench.size(2, 10));
     let total = (rate * duration.as_secs_f64()) as usize;
 
@@ -43,6 +45,7 @@ pub async fn run(bench: &mut Bench) -> Result<Vec<Figure>> {
         .await
         .context("the poller's connection")?;
     let (tx, mut rx) = mpsc::unbounded_channel::<(uuid::Uuid, Instant)>();
+    let cpu_at_start = cpu_times();
     let generator = {
         let (store, service) = (bench.store.clone(), bench.service.clone());
         tokio::spawn(async move {
@@ -82,6 +85,7 @@ pub async fn run(bench: &mut Bench) -> Result<Vec<Figure>> {
     let mut feed_pending: HashMap<uuid::Uuid, Instant> = HashMap::new();
     let (mut list_lags, mut feed_lags) = (Vec::with_capacity(total), Vec::with_capacity(total));
     let mut deadline = None;
+    let mut cpu_busy = None;
     loop {
         // Read before draining: everything sent before the generator ended is drained below.
         let finished = generator.is_finished();
@@ -91,6 +95,8 @@ pub async fn run(bench: &mut Bench) -> Result<Vec<Figure>> {
         }
         if finished && deadline.is_none() {
             deadline = Some(Instant::now() + Duration::from_secs(30));
+            cpu_busy =
+                busy_share(cpu_at_start, cpu_times()).zip(own_share(cpu_at_start, cpu_times()));
         }
         if finished && list_pending.is_empty() && feed_pending.is_empty() {
             break;
@@ -120,8 +126,18 @@ pub async fn run(bench: &mut Bench) -> Result<Vec<Figure>> {
     list_lags.sort_by(f64::total_cmp);
     feed_lags.sort_by(f64::total_cmp);
     let load_note = format!(
-        "open-loop {rate:.0} msg/s (half of peak {peak:.0}) for {duration:?}, achieved {achieved:.0}/s, {failures} failed; \
-         sender running; poll every {POLL:?}"
+        "open-loop {rate:.0} msg/s ({load}) for {duration:?}, achieved {achieved:.0}/s, {failures} failed; \
+         sender running; poll every {POLL:?}; {}",
+        match cpu_busy {
+            Some((busy, own)) => format!(
+                "the machine's {} cores were {:.0}% busy meanwhile, {:.0}% by this process \
+                 (service and bench; the rest is mostly PostgreSQL)",
+                std::thread::available_parallelism().map_or(0, |n| n.get()),
+                busy * 100.0,
+                own * 100.0
+            ),
+            None => "CPU use unknown".into(),
+        }
     );
     let mut figures = vec![Figure::info(
         SCENARIO,
@@ -187,4 +203,42 @@ async fn look(
         }
     }
     Ok(())
+}
+
+/// The machine's CPU time so far: busy, total and this process's, in clock ticks (Linux
+/// `/proc/stat`, `/proc/self/stat`).
+fn cpu_times() -> Option<(u64, u64, u64)> {
+    let (busy, total) = machine_times()?;
+    let own = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // After the command name: state is field 3, utime and stime are fields 14 and 15.
+    let fields: Vec<&str> = own.rsplit_once(')')?.1.split_whitespace().collect();
+    let own = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some((busy, total, own))
+}
+
+fn machine_times() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+    let ticks: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|t| t.parse().ok())
+        .collect();
+    let total: u64 = ticks.iter().take(8).sum();
+    // idle and iowait
+    let idle = ticks.get(3)? + ticks.get(4).copied().unwrap_or(0);
+    Some((total - idle, total))
+}
+
+/// The share of the machine's CPU time that was busy between two readings: near 1, the
+/// load saturates the machine and the lag measures the queueing that comes with it.
+fn busy_share(start: Option<(u64, u64, u64)>, end: Option<(u64, u64, u64)>) -> Option<f64> {
+    let ((busy0, total0, _), (busy1, total1, _)) = (start?, end?);
+    (total1 > total0).then(|| (busy1 - busy0) as f64 / (total1 - total0) as f64)
+}
+
+/// The share of the machine's CPU time this process used between two readings.
+fn own_share(start: Option<(u64, u64, u64)>, end: Option<(u64, u64, u64)>) -> Option<f64> {
+    let ((_, total0, own0), (_, total1, own1)) = (start?, end?);
+    (total1 > total0).then(|| own1.saturating_sub(own0) as f64 / (total1 - total0) as f64)
 }

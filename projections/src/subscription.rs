@@ -8,9 +8,28 @@
 //! is below the oldest transaction still running (`pg_snapshot_xmin`), which can never gain
 //! rows again, ordered by `(transaction_id, global_position)`, and checkpoints that pair.
 //!
-//! The checkpoint row is locked with `FOR UPDATE SKIP LOCKED` for each batch, so one instance
-//! processes a subscription at a time across processes, and it is updated in the same
-//! transaction as the projection's writes: a crash mid-batch rolls both back together.
+//! Each batch takes a transaction-level advisory lock keyed by the subscription's name
+//! (`pg_try_advisory_xact_lock(hashtext('subscription:' || name))`, computed by the server so
+//! every process derives the same key), so one instance processes a subscription at a time
+//! across processes; the lock goes with the transaction's commit or rollback, a crashed
+//! session's included. The checkpoint is read by a later statement than the one that took the
+//! lock, so under READ COMMITTED its snapshot sees the previous holder's commit (PostgreSQL
+//! releases a transaction's locks only after its commit is visible). The checkpoint is updated
+//! in the same transaction as the projection's writes: a crash mid-batch rolls both back
+//! together. Two names whose keys collide only take turns.
+//!
+//! Why not a row lock: `FOR UPDATE` gives a transaction its id at its first statement, and a
+//! running transaction id holds `pg_snapshot_xmin` down for every reader, so each batch (and
+//! each idle wake-up) held all other subscriptions back from its lock to its commit. An
+//! advisory lock assigns no id: a batch takes one at its first write, so an idle or behind
+//! batch never does, and a working one holds the others back only while it writes (the
+//! projection's statements and the checkpoint update), not while it locks and reads. That
+//! window is inherent to writing the read model and the checkpoint in one transaction.
+//!
+//! The skip-freedom argument is unchanged: the bound is read before the batch writes anything,
+//! and a running batch's id can only lower other readers' bounds (they wait, never skip).
+//! A batch's id is assigned after its read, so it is above every `transaction_id` that read
+//! returned: anything the batch itself wrote to the log would lie after its new checkpoint.
 
 use crate::event::{StoredEvent, EVENT_COLUMNS};
 use async_trait::async_trait;
@@ -63,6 +82,12 @@ pub enum BatchOutcome {
     /// Another instance holds the subscription right now.
     Locked,
 }
+
+/// Takes the subscription's advisory lock for the rest of the transaction, if no one holds it.
+/// The key is derived by the server, so it is the same in every process on that server.
+const TRY_LOCK: &str = "SELECT pg_try_advisory_xact_lock(hashtext('subscription:' || $1))";
+/// The same lock, waiting for a running batch to finish.
+const LOCK: &str = "SELECT pg_advisory_xact_lock(hashtext('subscription:' || $1))";
 
 #[derive(Clone)]
 pub struct Subscription {
@@ -124,16 +149,27 @@ impl Subscription {
     async fn batch_on(&self, conn: &mut PgConnection) -> Result<BatchOutcome, ProjectionError> {
         let started = std::time::Instant::now();
         let mut tx = conn.begin().await?;
+        // Every early return ends the transaction explicitly: a dropped sqlx transaction
+        // only queues its ROLLBACK, and the pooled connection would keep the subscription
+        // locked until it is next used.
+        let locked: bool = sqlx::query_scalar(TRY_LOCK)
+            .bind(self.name())
+            .fetch_one(&mut *tx)
+            .await?;
+        if !locked {
+            tx.rollback().await?;
+            return Ok(BatchOutcome::Locked);
+        }
+        // A separate statement from the lock's, so its snapshot is taken after the lock was
+        // granted and sees the checkpoint the previous holder committed.
         let checkpoint: Option<(String, i64)> = sqlx::query_as(
             "SELECT last_transaction_id::text, last_global_position FROM subscription_checkpoints \
-             WHERE name = $1 FOR UPDATE SKIP LOCKED",
+             WHERE name = $1",
         )
         .bind(self.name())
         .fetch_optional(&mut *tx)
         .await?;
-        // Every early return ends the transaction explicitly: a dropped sqlx transaction
-        // only queues its ROLLBACK, and the pooled connection would keep the checkpoint
-        // locked until it is next used.
+        // No checkpoint row yet (`ensure_checkpoint` not run): nothing to resume from.
         let Some((last_tx, last_pos)) = checkpoint else {
             tx.rollback().await?;
             return Ok(BatchOutcome::Locked);
@@ -183,9 +219,9 @@ impl Subscription {
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
-        // The batch's transaction holds a transaction id from its first statement (the row
-        // lock) to its commit, and no reader reads past it meanwhile: a slow batch delays
-        // every subscription, not only its own.
+        // The batch's transaction holds a transaction id from its first write to its commit,
+        // and no reader reads past it meanwhile: a slow `handle_batch` delays every
+        // subscription, not only its own.
         tracing::debug!(
             subscription = self.name(),
             events = events.len(),
@@ -207,7 +243,7 @@ impl Subscription {
     pub async fn rebuild(&self) -> Result<u64, ProjectionError> {
         self.ensure_checkpoint().await?;
         let mut tx = self.pool.begin().await?;
-        sqlx::query("SELECT name FROM subscription_checkpoints WHERE name = $1 FOR UPDATE")
+        sqlx::query(LOCK)
             .bind(self.name())
             .execute(&mut *tx)
             .await?;

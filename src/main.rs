@@ -3,7 +3,7 @@
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use messaging::config::Config;
-use messaging::startup::{Application, Backend};
+use messaging::startup::{self, Application, Backend};
 use messaging_projections::{SqliteSubscription, Subscription};
 
 #[derive(Parser)]
@@ -67,7 +67,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve => {
             let config = Config::from_env()?;
             let app = Application::build(&config).await?;
-            app.run(shutdown_signal()).await
+            app.run(startup::shutdown_signal()).await
         }
         Command::Migrate => {
             let config = Config::from_env_for_tools()?;
@@ -127,26 +127,4 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = terminate => {},
-    }
-    tracing::info!("shutting down: finishing in-flight work");
 }

@@ -34,6 +34,10 @@ impl TryFrom<String> for TxId {
 }
 
 /// The columns a PostgreSQL reader selects, in [`StoredEvent`]'s shape.
+///
+/// `transaction_id` is selected as text under its own name, and an unqualified `ORDER BY
+/// transaction_id` means the output column: order by `events.transaction_id` (the `xid8`),
+/// or text order puts transaction 10 before 9 and the index goes unused.
 pub const EVENT_COLUMNS: &str = "global_position, transaction_id::text AS transaction_id, \
      aggregate_type, aggregate_id, sequence, event_type, event_version, payload, recorded_at";
 

@@ -178,7 +178,7 @@ impl Subscription {
             "SELECT {EVENT_COLUMNS} FROM events \
              WHERE (transaction_id, global_position) > ($1::xid8, $2) \
                AND transaction_id < pg_snapshot_xmin(pg_current_snapshot()) \
-             ORDER BY transaction_id, global_position LIMIT $3"
+             ORDER BY events.transaction_id, events.global_position LIMIT $3"
         );
         let events: Vec<StoredEvent> = sqlx::query_as(&sql)
             .bind(&last_tx)

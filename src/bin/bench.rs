@@ -56,6 +56,10 @@ struct Cli {
     /// different commits, or one the machine is not saturated by.
     #[arg(long)]
     lag_rate: Option<f64>,
+    /// Leave the bench's database in place afterwards (its name is printed), to look into a
+    /// figure with EXPLAIN or psql.
+    #[arg(long)]
+    keep_database: bool,
     /// Internal: serve like `messaging serve` (settings from the environment) until SIGTERM,
     /// Ctrl-C or the end of standard input. `scheduler-memory` starts the service this way.
     #[arg(long, hide = true)]
@@ -145,9 +149,14 @@ async fn run(cli: Cli) -> Result<()> {
     let outcome = run_in(&cli, &with_database(&server, &name)?, sandbox_dir.clone()).await;
     // Always clean up, whatever happened (`scheduler-memory` drops its own database, unless it
     // failed half-way).
-    let dropped = sqlx::query(&format!(r#"DROP DATABASE IF EXISTS "{name}" WITH (FORCE)"#))
-        .execute(&mut admin)
-        .await;
+    let dropped = if cli.keep_database {
+        eprintln!("bench: kept database {name}");
+        Ok(Default::default())
+    } else {
+        sqlx::query(&format!(r#"DROP DATABASE IF EXISTS "{name}" WITH (FORCE)"#))
+            .execute(&mut admin)
+            .await
+    };
     let memory_db = scheduler_memory::database_name(&name);
     let _ = sqlx::query(&format!(
         r#"DROP DATABASE IF EXISTS "{memory_db}" WITH (FORCE)"#

@@ -322,3 +322,29 @@ async fn a_subscription_killed_mid_batch_ends_identical_to_a_rebuild_from_zero()
     let rebuilt = snapshot(&pool).await;
     assert_eq!(resumed, rebuilt);
 }
+
+/// Transaction ids are numbers: the reader orders by the `xid8` column, not by the text it
+/// selects it as (text order puts transaction 10 before 9, and a batch that ended on 10 would
+/// have checkpointed past 9's events for good).
+#[tokio::test]
+async fn events_are_read_in_transaction_id_order_across_a_digit_boundary() {
+    let (pool, sub) = recorder_setup().await;
+    let sub = sub.with_batch_size(1);
+    // Ids far below any running transaction, as a log written long ago holds; one more digit
+    // for the later one.
+    for (aggregate, transaction_id) in [("a", 9), ("b", 10), ("c", 99), ("d", 100)] {
+        sqlx::query(
+            "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, \
+             event_version, payload, metadata, transaction_id) \
+             VALUES ('Probe', $1, 1, 'Probed', '1', '{}', '{}', $2::text::xid8)",
+        )
+        .bind(aggregate)
+        .bind(transaction_id.to_string())
+        .execute(&pool)
+        .await
+        .unwrap();
+    }
+    assert_eq!(sub.catch_up().await.unwrap(), 4);
+    let order: Vec<i64> = recorded(&pool).await.into_iter().map(|(t, _)| t).collect();
+    assert_eq!(order, vec![9, 10, 99, 100]);
+}

@@ -30,8 +30,10 @@ pub async fn run(bench: &mut Bench) -> Result<Vec<Figure>> {
         .await?;
 
     let started = Instant::now();
-    let sql =
-        format!("SELECT {EVENT_COLUMNS} FROM events ORDER BY transaction_id, global_position");
+    let sql = format!(
+        "SELECT {EVENT_COLUMNS} FROM events \
+         ORDER BY events.transaction_id, events.global_position"
+    );
     let read: u64 = sqlx::query_as::<_, StoredEvent>(&sql)
         .fetch(&bench.pool)
         .try_fold(0u64, |n, _| async move { Ok(n + 1) })

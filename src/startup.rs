@@ -189,7 +189,11 @@ pub async fn connect(url: &Secret, max_connections: u32) -> anyhow::Result<PgPoo
         .context("DATABASE_URL is not a valid PostgreSQL URL")?
         // One session stuck in a transaction would hold back every subscription reader
         // (they only read below the oldest running transaction): cut it off.
-        .options([("idle_in_transaction_session_timeout", "60000")]);
+        .options([("idle_in_transaction_session_timeout", "60000")])
+        // Every statement here is short; JIT compiling one costs more than running it
+        // (measured: 205 ms of JIT for a 0.1 ms `/metrics` gauge query over 100k events,
+        // chosen because the estimate of the correlated count crossed jit_above_cost).
+        .options([("jit", "off")]);
     PgPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(Duration::from_secs(10))

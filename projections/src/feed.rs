@@ -175,9 +175,10 @@ impl Projection<Postgres> for StateChangeFeed {
     }
 
     async fn reset(&self, conn: &mut PgConnection) -> Result<(), ProjectionError> {
-        sqlx::query("DELETE FROM state_changes")
-            .execute(conn)
-            .await?;
+        // TRUNCATE, not DELETE: the rows written next would otherwise meet each old row's
+        // dead index entries in the unique checks (DELETE of 50k rows and the re-inserts
+        // behind it cost more than the rest of a rebuild).
+        sqlx::query("TRUNCATE state_changes").execute(conn).await?;
         Ok(())
     }
 }

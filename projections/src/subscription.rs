@@ -33,6 +33,7 @@
 
 use crate::event::{StoredEvent, EVENT_COLUMNS};
 use async_trait::async_trait;
+use futures_util::TryStreamExt;
 use sqlx::{Connection, PgConnection, PgPool, Postgres};
 use std::future::Future;
 use std::sync::Arc;
@@ -86,8 +87,9 @@ pub enum BatchOutcome {
 /// Takes the subscription's advisory lock for the rest of the transaction, if no one holds it.
 /// The key is derived by the server, so it is the same in every process on that server.
 const TRY_LOCK: &str = "SELECT pg_try_advisory_xact_lock(hashtext('subscription:' || $1))";
-/// The same lock, waiting for a running batch to finish.
-const LOCK: &str = "SELECT pg_advisory_xact_lock(hashtext('subscription:' || $1))";
+/// The same lock for a whole session (a rebuild's), waiting for a running batch to finish.
+/// Session and transaction-level advisory locks on one key conflict with each other.
+const SESSION_LOCK: &str = "SELECT pg_advisory_lock(hashtext('subscription:' || $1))";
 
 #[derive(Clone)]
 pub struct Subscription {
@@ -186,38 +188,31 @@ impl Subscription {
             .bind(self.batch_size)
             .fetch_all(&mut *tx)
             .await?;
-        let Some(last) = events.last() else {
-            let newer: bool = sqlx::query_scalar(
-                "SELECT EXISTS (SELECT 1 FROM events \
-                 WHERE (transaction_id, global_position) > ($1::xid8, $2))",
+        if events.is_empty() {
+            // Whether the log's last row lies past the checkpoint: one step of the index
+            // from its end. (`EXISTS (... WHERE (..) > (..))` was planned generically as a
+            // sequential scan that read the whole log on every idle wake-up.)
+            let newer: Option<bool> = sqlx::query_scalar(
+                "SELECT (transaction_id, global_position) > ($1::xid8, $2) FROM events \
+                 ORDER BY transaction_id DESC, global_position DESC LIMIT 1",
             )
             .bind(&last_tx)
             .bind(last_pos)
-            .fetch_one(&mut *tx)
+            .fetch_optional(&mut *tx)
             .await?;
+            let newer = newer.unwrap_or(false);
             tx.rollback().await?;
             return Ok(if newer {
                 BatchOutcome::Behind
             } else {
                 BatchOutcome::Idle
             });
-        };
-        let (next_tx, next_pos) = (last.transaction_id.0.to_string(), last.global_position);
+        }
         if let Err(error) = self.projection.handle_batch(&mut tx, &events).await {
             tx.rollback().await?;
             return Err(error);
         }
-        sqlx::query(
-            "UPDATE subscription_checkpoints SET last_transaction_id = $2::xid8, \
-             last_global_position = $3, events_handled = events_handled + $4, updated_at = now() \
-             WHERE name = $1",
-        )
-        .bind(self.name())
-        .bind(next_tx)
-        .bind(next_pos)
-        .bind(events.len() as i64)
-        .execute(&mut *tx)
-        .await?;
+        self.advance(&mut tx, &events).await?;
         tx.commit().await?;
         // The batch's transaction holds a transaction id from its first write to its commit,
         // and no reader reads past it meanwhile: a slow `handle_batch` delays every
@@ -240,13 +235,24 @@ impl Subscription {
 
     /// Empties the read model and its checkpoint in one transaction (waiting for a running
     /// instance to finish its batch), then reads the whole log again.
+    ///
+    /// The log is read ahead while the batches are written: one connection streams the events
+    /// (everything below the oldest running transaction when the read starts, in checkpoint
+    /// order) while another applies them batch by batch, each batch committed with its
+    /// checkpoint as in [`Self::run_batch`], so other subscriptions keep moving meanwhile and
+    /// an interrupted rebuild resumes from its last batch. The writer holds the subscription's
+    /// lock at session level for the whole read, so no other instance takes a batch between
+    /// two of ours (a read-ahead batch can never be stale); it is a connection of its own,
+    /// outside the pool, so that however the rebuild ends the lock ends with it. What was
+    /// committed after the read began is then read by [`Self::catch_up`].
     pub async fn rebuild(&self) -> Result<u64, ProjectionError> {
         self.ensure_checkpoint().await?;
-        let mut tx = self.pool.begin().await?;
-        sqlx::query(LOCK)
+        let mut writer = PgConnection::connect_with(&self.pool.connect_options()).await?;
+        sqlx::query(SESSION_LOCK)
             .bind(self.name())
-            .execute(&mut *tx)
+            .execute(&mut writer)
             .await?;
+        let mut tx = writer.begin().await?;
         self.projection.reset(&mut tx).await?;
         sqlx::query(
             "UPDATE subscription_checkpoints SET last_transaction_id = '0', \
@@ -256,7 +262,77 @@ impl Subscription {
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
-        self.catch_up().await
+
+        let batch_size = self.batch_size as usize;
+        let (batches, mut to_write) = tokio::sync::mpsc::channel::<Vec<StoredEvent>>(2);
+        let pool = self.pool.clone();
+        let reader = tokio::spawn(async move {
+            let sql = format!(
+                "SELECT {EVENT_COLUMNS} FROM events \
+                 WHERE transaction_id < pg_snapshot_xmin(pg_current_snapshot()) \
+                 ORDER BY events.transaction_id, events.global_position"
+            );
+            let mut rows = sqlx::query_as::<_, StoredEvent>(&sql).fetch(&pool);
+            let mut batch = Vec::with_capacity(batch_size);
+            while let Some(event) = rows.try_next().await? {
+                batch.push(event);
+                if batch.len() == batch_size {
+                    let full = std::mem::replace(&mut batch, Vec::with_capacity(batch_size));
+                    if batches.send(full).await.is_err() {
+                        // The writer stopped (its error is the one reported).
+                        return Ok(());
+                    }
+                }
+            }
+            if !batch.is_empty() {
+                let _ = batches.send(batch).await;
+            }
+            Ok::<(), sqlx::Error>(())
+        });
+        let mut total = 0u64;
+        let written = async {
+            while let Some(events) = to_write.recv().await {
+                let mut tx = writer.begin().await?;
+                self.projection.handle_batch(&mut tx, &events).await?;
+                self.advance(&mut tx, &events).await?;
+                tx.commit().await?;
+                total += events.len() as u64;
+            }
+            Ok::<(), ProjectionError>(())
+        }
+        .await;
+        drop(to_write);
+        let read = reader
+            .await
+            .map_err(|e| ProjectionError::Other(format!("the rebuild's reader stopped: {e}")))?;
+        written?;
+        read?;
+        // Closing the connection ends the session lock.
+        writer.close().await?;
+        Ok(total + self.catch_up().await?)
+    }
+
+    /// Moves the checkpoint past `events` (non-empty, in log order), in the batch's transaction.
+    async fn advance(
+        &self,
+        conn: &mut PgConnection,
+        events: &[StoredEvent],
+    ) -> Result<(), ProjectionError> {
+        let Some(last) = events.last() else {
+            return Ok(());
+        };
+        sqlx::query(
+            "UPDATE subscription_checkpoints SET last_transaction_id = $2::xid8, \
+             last_global_position = $3, events_handled = events_handled + $4, updated_at = now() \
+             WHERE name = $1",
+        )
+        .bind(self.name())
+        .bind(last.transaction_id.0.to_string())
+        .bind(last.global_position)
+        .bind(events.len() as i64)
+        .execute(conn)
+        .await?;
+        Ok(())
     }
 
     /// Runs until `shutdown` turns true: woken by `wake` (NOTIFY on new events), with a

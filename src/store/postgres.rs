@@ -218,8 +218,8 @@ impl Store for PgStore {
     }
 
     async fn list_messages(&self, f: &ListFilter) -> Result<Vec<Message>, StoreError> {
-        let rows: Vec<(serde_json::Value,)> = sqlx::query_as(
-            "SELECT message FROM message_list \
+        let rows: Vec<(String,)> = sqlx::query_as(
+            "SELECT message::text FROM message_list \
              WHERE ($1::uuid IS NULL OR service_id = $1) \
                AND ($2::text IS NULL OR channel = $2) \
                AND ($3::text IS NULL OR state = $3) \
@@ -241,7 +241,7 @@ impl Store for PgStore {
         .await?;
         rows.into_iter()
             .map(|(json,)| {
-                serde_json::from_value::<MessageData>(json)
+                serde_json::from_str::<MessageData>(&json)
                     .map(Message::from)
                     .map_err(|e| StoreError(format!("message_list row: {e}")))
             })

@@ -24,10 +24,10 @@ async fn load(conn: &mut SqliteConnection, ids: &[uuid::Uuid]) -> Result<Rows, P
             list.push_bind(*id);
         }
         list.push_unseparated(")");
-        let found: Vec<(uuid::Uuid, serde_json::Value, i64)> =
+        let found: Vec<(uuid::Uuid, String, i64)> =
             query.build_query_as().fetch_all(&mut *conn).await?;
         for (id, json, last_sequence) in found {
-            rows.found(id, json, last_sequence)?;
+            rows.found(id, &json, last_sequence)?;
         }
     }
     Ok(rows)
@@ -57,7 +57,7 @@ async fn store(conn: &mut SqliteConnection, rows: &Rows) -> Result<(), Projectio
                 .push_bind(row.direction)
                 .push_bind(row.state)
                 .push_bind(profiles.as_str())
-                .push_bind(&row.message)
+                .push_bind(row.message.as_str())
                 .push_bind(row.last_sequence)
                 .push_bind(row.provider_message_id.as_deref());
         });

@@ -348,3 +348,134 @@ async fn events_are_read_in_transaction_id_order_across_a_digit_boundary() {
     let order: Vec<i64> = recorded(&pool).await.into_iter().map(|(t, _)| t).collect();
     assert_eq!(order, vec![9, 10, 99, 100]);
 }
+
+/// A rebuild reads the log ahead while it writes: with small batches, writers appending
+/// meanwhile and another instance's reader running on the same projection, it ends where a
+/// quiet rebuild ends, and the other reader never takes a batch in between (the feed would
+/// number an event twice and its unique key would fail the batch).
+#[tokio::test]
+async fn a_rebuild_under_load_with_another_reader_running_ends_as_a_quiet_one() {
+    let pool = migrated_pool().await;
+    write_history(&pool).await;
+    let projections: [Arc<dyn Projection<Postgres>>; 2] =
+        [Arc::new(MessageList), Arc::new(StateChangeFeed)];
+    let (wake_tx, wake) = tokio::sync::watch::channel(0u64);
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    let mut others = Vec::new();
+    for projection in &projections {
+        let other = Subscription::new(pool.clone(), projection.clone())
+            .with_batch_size(3)
+            .with_poll_interval(Duration::from_millis(5));
+        other.ensure_checkpoint().await.unwrap();
+        others.push(tokio::spawn(other.run(wake.clone(), stop.clone())));
+    }
+    let writer = {
+        let pool = pool.clone();
+        tokio::spawn(async move {
+            for _ in 0..3 {
+                write_history(&pool).await;
+                let _ = wake_tx.send(0);
+            }
+            wake_tx
+        })
+    };
+    for projection in &projections {
+        for _ in 0..2 {
+            Subscription::new(pool.clone(), projection.clone())
+                .with_batch_size(7)
+                .rebuild()
+                .await
+                .unwrap();
+        }
+    }
+    let _wake_tx = writer.await.unwrap();
+    stop_tx.send(true).unwrap();
+    for other in others {
+        other.await.unwrap();
+    }
+    for projection in &projections {
+        Subscription::new(pool.clone(), projection.clone())
+            .catch_up()
+            .await
+            .unwrap();
+    }
+    let after_load = snapshot(&pool).await;
+    assert_eq!(
+        after_load.0.len(),
+        120,
+        "every message of the four histories"
+    );
+
+    for projection in projections {
+        Subscription::new(pool.clone(), projection)
+            .rebuild()
+            .await
+            .unwrap();
+    }
+    assert_eq!(after_load, snapshot(&pool).await);
+}
+
+/// A rebuild stopped half-way (its task dropped) leaves no lock behind: the subscription
+/// carries on from the last batch the rebuild committed.
+#[tokio::test]
+async fn a_rebuild_dropped_half_way_releases_the_subscription() {
+    let pool = migrated_pool().await;
+    for _ in 0..4 {
+        write_history(&pool).await;
+    }
+    let slow = Arc::new(Slow(Arc::new(StateChangeFeed)));
+    let rebuild = {
+        let pool = pool.clone();
+        tokio::spawn(async move {
+            Subscription::new(pool, slow)
+                .with_batch_size(5)
+                .rebuild()
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    rebuild.abort();
+    assert!(rebuild.await.unwrap_err().is_cancelled());
+    let partial: i64 = sqlx::query_scalar("SELECT count(*) FROM state_changes")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    let sub = Subscription::new(pool.clone(), Arc::new(StateChangeFeed));
+    let finished = tokio::time::timeout(Duration::from_secs(20), sub.catch_up())
+        .await
+        .expect("the subscription is not left locked")
+        .unwrap();
+    assert!(finished > 0);
+    let total: i64 = sqlx::query_scalar("SELECT count(*) FROM state_changes")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert!(partial > 0 && partial < total, "{partial} of {total}");
+    let resumed = snapshot(&pool).await;
+    Subscription::new(pool.clone(), Arc::new(StateChangeFeed))
+        .rebuild()
+        .await
+        .unwrap();
+    assert_eq!(resumed, snapshot(&pool).await);
+}
+
+/// Takes its time over each batch.
+struct Slow(Arc<dyn Projection<Postgres>>);
+
+#[async_trait]
+impl Projection<Postgres> for Slow {
+    fn name(&self) -> &'static str {
+        self.0.name()
+    }
+    async fn handle_batch(
+        &self,
+        conn: &mut PgConnection,
+        events: &[StoredEvent],
+    ) -> Result<(), ProjectionError> {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        self.0.handle_batch(conn, events).await
+    }
+    async fn reset(&self, conn: &mut PgConnection) -> Result<(), ProjectionError> {
+        self.0.reset(conn).await
+    }
+}

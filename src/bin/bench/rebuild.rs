@@ -69,7 +69,7 @@ pub async fn run(bench: &mut Bench) -> Result<Vec<Figure>> {
                 Some(0.5),
             )
             .note(format!(
-                "{elapsed:.2?}; batches of 500; the app's instance may take some batches"
+                "{elapsed:.2?}; batches of 1000, the log read ahead on a second connection"
             )),
         );
     }

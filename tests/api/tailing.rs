@@ -433,7 +433,16 @@ async fn a_rebuild_dropped_half_way_releases_the_subscription() {
                 .await
         })
     };
-    tokio::time::sleep(Duration::from_millis(150)).await;
+    // Stop it once it has committed a few batches (not after a fixed time: a slow start on a
+    // busy machine would stop it before its first batch).
+    let mut seen = 0;
+    while seen < 10 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        seen = sqlx::query_scalar::<_, i64>("SELECT count(*) FROM state_changes")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    }
     rebuild.abort();
     assert!(rebuild.await.unwrap_err().is_cancelled());
     let partial: i64 = sqlx::query_scalar("SELECT count(*) FROM state_changes")

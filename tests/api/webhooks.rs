@@ -78,7 +78,9 @@ async fn sent_message(app: &TestApp, id: &str, channel: Channel, provider_id: &s
     };
     let id: MessageId = id.parse().unwrap();
     let now = Utc::now();
-    for command in [
+    // One batch, recorded together: done one by one, the running service's sender could claim
+    // the queued message between `Send` and `StartSendAttempt` and start the attempt itself.
+    let commands = vec![
         MessageCommand::Compose(Compose {
             id,
             message: build_message(&service, input).unwrap(),
@@ -94,9 +96,11 @@ async fn sent_message(app: &TestApp, id: &str, channel: Channel, provider_id: &s
             provider_message_id: Some(provider_id.into()),
             at: now,
         },
-    ] {
-        store.execute(id, command).await.unwrap();
-    }
+    ];
+    store
+        .execute(id, MessageCommand::Batch(commands))
+        .await
+        .unwrap();
 }
 
 fn fixture_message_ids() -> Vec<String> {

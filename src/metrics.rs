@@ -10,7 +10,7 @@ use crate::process_managers::sender::JobOutcome;
 use crate::store::{CommandError, Gauges, Store, StoreError};
 use async_trait::async_trait;
 use cqrs_es::{DomainEvent, EventEnvelope, Query};
-use messaging_domain::{Message, MessageCommand};
+use messaging_domain::{Message, MessageCommand, MessageEvent};
 use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
     TextEncoder,
@@ -91,6 +91,13 @@ impl Metrics {
             Err(CommandError::Store(_)) => "error",
         };
         self.commands.with_label_values(&[command, outcome]).inc();
+    }
+
+    /// Events appended without cqrs-es (the batch command path), counted as its query does.
+    pub fn events_appended<'a>(&self, events: impl IntoIterator<Item = &'a MessageEvent>) {
+        for event in events {
+            self.events.with_label_values(&[event.type_name()]).inc();
+        }
     }
 
     /// The outcome the sender recorded for one attempt.

@@ -265,6 +265,20 @@ impl From<ProblemRow> for Problematic {
 pub trait Store: Send + Sync + 'static {
     /// Runs a command on a message, retrying optimistic-concurrency conflicts.
     async fn execute(&self, id: MessageId, command: MessageCommand) -> Result<(), CommandError>;
+    /// Runs one command on each of several messages, with the same outcome per command as
+    /// [`Store::execute`] one at a time, but in as few round trips as the backend allows
+    /// (the workers' bulk path). One result per command, in order; one command rejected does
+    /// not hold back the others.
+    async fn execute_each(
+        &self,
+        commands: Vec<(MessageId, MessageCommand)>,
+    ) -> Vec<Result<(), CommandError>> {
+        let mut results = Vec::with_capacity(commands.len());
+        for (id, command) in commands {
+            results.push(self.execute(id, command).await);
+        }
+        results
+    }
     /// The message folded from the log, without building its history (for the workers);
     /// `None` if there is no such message.
     async fn load_message(&self, id: MessageId) -> Result<Option<Message>, StoreError>;
@@ -324,21 +338,14 @@ pub trait Store: Send + Sync + 'static {
     /// atomic step; a row another instance is leasing at that moment is skipped, not waited
     /// for. Returns each leased row's message and `publish_at`.
     async fn lease_due_schedules(&self, limit: i64) -> Result<Vec<ScheduledSend>, StoreError>;
-    /// Deletes the message's row if its `publish_at` is still `publish_at` (a firing that is
-    /// done, or void); a row rescheduled since is left alone. Nothing to delete is no error.
-    async fn finish_schedule(
-        &self,
-        message_id: MessageId,
-        publish_at: DateTime<Utc>,
-    ) -> Result<(), StoreError>;
-    /// Clears the lease (`locked_until` = NULL) of the message's row if its `publish_at` is
-    /// still `publish_at`, so the next round fires it again; a row rescheduled since is left
-    /// alone. Nothing to release is no error.
-    async fn release_schedule(
-        &self,
-        message_id: MessageId,
-        publish_at: DateTime<Utc>,
-    ) -> Result<(), StoreError>;
+    /// For each firing, deletes the message's row if its `publish_at` is still the firing's
+    /// (a firing that is done, or void); a row rescheduled since is left alone. Nothing to
+    /// delete is no error.
+    async fn finish_schedules(&self, fired: &[ScheduledSend]) -> Result<(), StoreError>;
+    /// For each firing, clears the lease (`locked_until` = NULL) of the message's row if its
+    /// `publish_at` is still the firing's, so the next round fires it again; a row rescheduled
+    /// since is left alone. Nothing to release is no error.
+    async fn release_schedules(&self, fired: &[ScheduledSend]) -> Result<(), StoreError>;
     /// The earliest time a row can be leased: the minimum over all rows of the later of
     /// `publish_at` and `locked_until` (`publish_at` when unleased); may be in the past.
     /// `None` when there are no rows.

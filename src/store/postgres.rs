@@ -1,6 +1,7 @@
 //! The PostgreSQL backend: cqrs-es + postgres-es in event-store mode for commands, plain SQL
 //! for services, idempotency keys and the read models.
 
+mod batch;
 mod gauges;
 mod inbox;
 mod jobs;
@@ -114,6 +115,18 @@ impl Store for PgStore {
             self.committed.notify_one();
         }
         result
+    }
+
+    async fn execute_each(
+        &self,
+        commands: Vec<(MessageId, MessageCommand)>,
+    ) -> Vec<Result<(), CommandError>> {
+        let results =
+            batch::execute_each(&self.pool, &self.cqrs, self.metrics.as_deref(), commands).await;
+        if results.iter().any(Result::is_ok) {
+            self.committed.notify_one();
+        }
+        results
     }
 
     async fn load_message(&self, id: MessageId) -> Result<Option<Message>, StoreError> {
@@ -328,20 +341,12 @@ impl Store for PgStore {
         jobs::lease_due_schedules(&self.pool, limit).await
     }
 
-    async fn finish_schedule(
-        &self,
-        message_id: MessageId,
-        publish_at: DateTime<Utc>,
-    ) -> Result<(), StoreError> {
-        jobs::finish_schedule(&self.pool, message_id, publish_at).await
+    async fn finish_schedules(&self, fired: &[ScheduledSend]) -> Result<(), StoreError> {
+        jobs::finish_schedules(&self.pool, fired).await
     }
 
-    async fn release_schedule(
-        &self,
-        message_id: MessageId,
-        publish_at: DateTime<Utc>,
-    ) -> Result<(), StoreError> {
-        jobs::release_schedule(&self.pool, message_id, publish_at).await
+    async fn release_schedules(&self, fired: &[ScheduledSend]) -> Result<(), StoreError> {
+        jobs::release_schedules(&self.pool, fired).await
     }
 
     async fn next_schedule_due(&self) -> Result<Option<DateTime<Utc>>, StoreError> {

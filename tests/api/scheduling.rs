@@ -145,3 +145,57 @@ async fn a_schedule_survives_a_restart_and_fires_after_it() {
         .count();
     assert_eq!(scheduled, 1, "{feed}");
 }
+
+#[tokio::test]
+async fn messages_due_at_the_same_moment_are_each_queued_once() {
+    let app = TestApp::spawn().await;
+    let service = app.email_service().await;
+    let publish_at = (Utc::now() + Duration::seconds(2)).to_rfc3339();
+    let mut ids = Vec::new();
+    for i in 0..25 {
+        let created = app
+            .compose_email(
+                &service,
+                &format!("p{i}@example.com"),
+                json!({"publish_at": publish_at}),
+            )
+            .await;
+        ids.push(created["id"].as_str().unwrap().to_string());
+    }
+    // Two drop out of the round before it fires: one cancelled, one moved later.
+    let (cancelled, moved) = (ids[3].clone(), ids[17].clone());
+    let (status, _) = app
+        .post(&format!("/v1/messages/{cancelled}/cancel"), json!({}))
+        .await;
+    assert_eq!(status, reqwest::StatusCode::OK);
+    let later = (Utc::now() + Duration::seconds(60)).to_rfc3339();
+    let (status, _) = app
+        .post(
+            &format!("/v1/messages/{moved}/schedule"),
+            json!({"publish_at": later}),
+        )
+        .await;
+    assert_eq!(status, reqwest::StatusCode::OK);
+
+    for id in ids.iter().filter(|id| **id != cancelled && **id != moved) {
+        feed_item(&app, id, "pending").await;
+    }
+    for id in &ids {
+        let (_, detail) = app.get(&format!("/v1/messages/{id}")).await;
+        let queued = detail["history"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|h| h["type"] == "MessageQueued")
+            .count();
+        let expected = usize::from(*id != cancelled && *id != moved);
+        assert_eq!(queued, expected, "{id}: {detail}");
+    }
+    let (_, detail) = app.get(&format!("/v1/messages/{moved}")).await;
+    assert_eq!(detail["state"], "scheduled", "{detail}");
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM scheduled_sends")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(rows, 1, "only the moved message is still scheduled");
+}

@@ -488,3 +488,188 @@ impl Projection<Postgres> for Slow {
         self.0.reset(conn).await
     }
 }
+
+/// The batch command path reads every message, then appends in one statement: a writer that
+/// appends to one of the messages in between makes the statement fail on the primary key. The
+/// batch must then write nothing of its own and run each command again on its own.
+#[tokio::test]
+async fn a_batch_of_commands_that_loses_a_race_falls_back_and_loses_nothing() {
+    let pool = migrated_pool().await;
+    let store = PgStore::new(pool.clone());
+    let service = ServiceRef {
+        id: ServiceId::from_uuid(uuid::Uuid::now_v7()),
+        channel: Channel::Email,
+        provider: Provider::Sendgrid,
+        username: "news@example.com".into(),
+        name: None,
+    };
+    let publish_at = Utc::now() + chrono::Duration::hours(1);
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        let id = MessageId::from_uuid(uuid::Uuid::now_v7());
+        let input = MessageInput {
+            to: vec![Profile::new(format!("p{i}@example.com"), None)],
+            subject: Some("s".into()),
+            text: Some("t".into()),
+            ..Default::default()
+        };
+        let compose = MessageCommand::Compose(Compose {
+            id,
+            message: build_message(&service, input).unwrap(),
+            dispatch: Dispatch::At(publish_at),
+            now: Utc::now(),
+        });
+        store.execute(id, compose).await.unwrap();
+        ids.push(id);
+    }
+    let last = |id: MessageId| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>("SELECT max(sequence) FROM events WHERE aggregate_id = $1")
+                .bind(id.to_string())
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
+    };
+    let raced = ids[2];
+    let before = last(raced).await;
+
+    // Another writer appends to one message (the same schedule again) and holds its commit.
+    let mut other = pool.begin().await.unwrap();
+    sqlx::query(
+        "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, \
+                             payload, metadata) \
+         SELECT aggregate_type, aggregate_id, sequence + 1, event_type, event_version, payload, \
+                metadata FROM events WHERE aggregate_id = $1 AND sequence = $2",
+    )
+    .bind(raced.to_string())
+    .bind(before)
+    .execute(&mut *other)
+    .await
+    .unwrap();
+    let commands = ids
+        .iter()
+        .map(|id| {
+            let send = MessageCommand::Send {
+                now: Utc::now(),
+                expected_publish_at: None,
+            };
+            (*id, send)
+        })
+        .collect();
+    let batch = {
+        let store = Arc::new(store);
+        tokio::spawn(async move { store.execute_each(commands).await })
+    };
+    // The batch has read the messages and waits on the other writer's row.
+    let mut waited = 0;
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        if waiting > 0 {
+            break;
+        }
+        waited += 1;
+        assert!(waited < 500, "the batch never reached the append");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    other.commit().await.unwrap();
+
+    let results = batch.await.unwrap();
+    assert_eq!(results.len(), 5);
+    for (id, result) in ids.iter().zip(&results) {
+        assert!(result.is_ok(), "{id}: {result:?}");
+    }
+    for id in &ids {
+        let queued: Vec<i64> = sqlx::query_scalar(
+            "SELECT sequence FROM events \
+             WHERE aggregate_id = $1 AND event_type = 'MessageQueued' ORDER BY sequence",
+        )
+        .bind(id.to_string())
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+        let expected = if *id == raced { before + 2 } else { before + 1 };
+        assert_eq!(
+            queued,
+            vec![expected],
+            "{id}: queued once, after the other writer"
+        );
+        assert_eq!(last(*id).await, expected);
+    }
+}
+
+/// In a batch, a command the aggregate rejects is reported as rejected and the others land.
+#[tokio::test]
+async fn a_rejected_command_in_a_batch_does_not_hold_back_the_others() {
+    let pool = migrated_pool().await;
+    let store = PgStore::new(pool.clone());
+    let service = ServiceRef {
+        id: ServiceId::from_uuid(uuid::Uuid::now_v7()),
+        channel: Channel::Email,
+        provider: Provider::Sendgrid,
+        username: "news@example.com".into(),
+        name: None,
+    };
+    let mut commands = Vec::new();
+    for i in 0..4 {
+        let id = MessageId::from_uuid(uuid::Uuid::now_v7());
+        let input = MessageInput {
+            to: vec![Profile::new(format!("p{i}@example.com"), None)],
+            subject: Some("s".into()),
+            text: Some("t".into()),
+            ..Default::default()
+        };
+        let compose = MessageCommand::Compose(Compose {
+            id,
+            message: build_message(&service, input).unwrap(),
+            dispatch: Dispatch::Draft,
+            now: Utc::now(),
+        });
+        store.execute(id, compose).await.unwrap();
+        commands.push((id, MessageCommand::Cancel { now: Utc::now() }));
+    }
+    // A draft cannot start a send attempt: refused.
+    commands[1].1 = MessageCommand::StartSendAttempt { now: Utc::now() };
+    // Never composed: unknown.
+    let unknown = MessageId::from_uuid(uuid::Uuid::now_v7());
+    commands.push((unknown, MessageCommand::Cancel { now: Utc::now() }));
+    let ids: Vec<MessageId> = commands.iter().map(|(id, _)| *id).collect();
+
+    let results = store.execute_each(commands).await;
+    let rejected: Vec<bool> = results
+        .iter()
+        .map(|r| matches!(r, Err(messaging::store::CommandError::Rejected(_))))
+        .collect();
+    assert_eq!(
+        rejected,
+        vec![false, true, false, false, true],
+        "{results:?}"
+    );
+    for (n, id) in ids.iter().enumerate() {
+        let message = store.load_message(*id).await.unwrap();
+        match n {
+            4 => assert!(message.is_none()),
+            1 => assert_eq!(message.unwrap().state(), Some(MessageState::Draft)),
+            _ => assert_eq!(
+                message.unwrap().state(),
+                Some(MessageState::Cancelled),
+                "message {n}"
+            ),
+        }
+        let cancels: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM events WHERE aggregate_id = $1 AND event_type = 'MessageCancelled'",
+        )
+        .bind(id.to_string())
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        assert_eq!(cancels, i64::from(n != 1 && n != 4), "message {n}");
+    }
+}

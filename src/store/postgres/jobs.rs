@@ -34,30 +34,49 @@ pub(super) async fn lease_due_schedules(
         .collect())
 }
 
-pub(super) async fn finish_schedule(
+/// The firings' message ids and `publish_at`s, as two arrays for `unnest`.
+fn columns(fired: &[ScheduledSend]) -> (Vec<uuid::Uuid>, Vec<DateTime<Utc>>) {
+    fired
+        .iter()
+        .map(|f| (f.message_id.as_uuid(), f.publish_at))
+        .unzip()
+}
+
+pub(super) async fn finish_schedules(
     pool: &PgPool,
-    message_id: MessageId,
-    publish_at: DateTime<Utc>,
+    fired: &[ScheduledSend],
 ) -> Result<(), StoreError> {
-    sqlx::query("DELETE FROM scheduled_sends WHERE message_id = $1 AND publish_at = $2")
-        .bind(message_id.as_uuid())
-        .bind(publish_at)
-        .execute(pool)
-        .await?;
+    if fired.is_empty() {
+        return Ok(());
+    }
+    let (ids, times) = columns(fired);
+    sqlx::query(
+        "DELETE FROM scheduled_sends s \
+         USING unnest($1::uuid[], $2::timestamptz[]) AS f(message_id, publish_at) \
+         WHERE s.message_id = f.message_id AND s.publish_at = f.publish_at",
+    )
+    .bind(&ids)
+    .bind(&times)
+    .execute(pool)
+    .await?;
     Ok(())
 }
 
-pub(super) async fn release_schedule(
+pub(super) async fn release_schedules(
     pool: &PgPool,
-    message_id: MessageId,
-    publish_at: DateTime<Utc>,
+    fired: &[ScheduledSend],
 ) -> Result<(), StoreError> {
+    if fired.is_empty() {
+        return Ok(());
+    }
+    let (ids, times) = columns(fired);
     sqlx::query(
-        "UPDATE scheduled_sends SET locked_until = NULL \
-         WHERE message_id = $1 AND publish_at = $2",
+        "UPDATE scheduled_sends s SET locked_until = NULL \
+         FROM unnest($1::uuid[], $2::timestamptz[]) AS f(message_id, publish_at) \
+         WHERE s.message_id = f.message_id AND s.publish_at = f.publish_at",
     )
-    .bind(message_id.as_uuid())
-    .bind(publish_at)
+    .bind(&ids)
+    .bind(&times)
     .execute(pool)
     .await?;
     Ok(())

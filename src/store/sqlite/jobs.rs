@@ -37,31 +37,38 @@ pub(super) async fn lease_due_schedules(
         .collect())
 }
 
-pub(super) async fn finish_schedule(
+pub(super) async fn finish_schedules(
     pools: &SqlitePools,
-    message_id: MessageId,
-    publish_at: DateTime<Utc>,
+    fired: &[ScheduledSend],
 ) -> Result<(), StoreError> {
-    sqlx::query("DELETE FROM scheduled_sends WHERE message_id = ?1 AND publish_at = ?2")
-        .bind(message_id.as_uuid())
-        .bind(publish_at)
-        .execute(&pools.write)
-        .await?;
+    let mut tx = pools.write.begin().await?;
+    for f in fired {
+        sqlx::query("DELETE FROM scheduled_sends WHERE message_id = ?1 AND publish_at = ?2")
+            .bind(f.message_id.as_uuid())
+            .bind(f.publish_at)
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await?;
     Ok(())
 }
 
-pub(super) async fn release_schedule(
+pub(super) async fn release_schedules(
     pools: &SqlitePools,
-    message_id: MessageId,
-    publish_at: DateTime<Utc>,
+    fired: &[ScheduledSend],
 ) -> Result<(), StoreError> {
-    sqlx::query(
-        "UPDATE scheduled_sends SET locked_until = NULL WHERE message_id = ?1 AND publish_at = ?2",
-    )
-    .bind(message_id.as_uuid())
-    .bind(publish_at)
-    .execute(&pools.write)
-    .await?;
+    let mut tx = pools.write.begin().await?;
+    for f in fired {
+        sqlx::query(
+            "UPDATE scheduled_sends SET locked_until = NULL \
+             WHERE message_id = ?1 AND publish_at = ?2",
+        )
+        .bind(f.message_id.as_uuid())
+        .bind(f.publish_at)
+        .execute(&mut *tx)
+        .await?;
+    }
+    tx.commit().await?;
     Ok(())
 }
 

@@ -553,20 +553,12 @@ impl Store for SqliteStore {
         jobs::lease_due_schedules(&self.pools, limit).await
     }
 
-    async fn finish_schedule(
-        &self,
-        message_id: MessageId,
-        publish_at: DateTime<Utc>,
-    ) -> Result<(), StoreError> {
-        jobs::finish_schedule(&self.pools, message_id, publish_at).await
+    async fn finish_schedules(&self, fired: &[ScheduledSend]) -> Result<(), StoreError> {
+        jobs::finish_schedules(&self.pools, fired).await
     }
 
-    async fn release_schedule(
-        &self,
-        message_id: MessageId,
-        publish_at: DateTime<Utc>,
-    ) -> Result<(), StoreError> {
-        jobs::release_schedule(&self.pools, message_id, publish_at).await
+    async fn release_schedules(&self, fired: &[ScheduledSend]) -> Result<(), StoreError> {
+        jobs::release_schedules(&self.pools, fired).await
     }
 
     async fn next_schedule_due(&self) -> Result<Option<DateTime<Utc>>, StoreError> {

@@ -1,0 +1,161 @@
+//! Many commands, one per message, in three statements: read every message's events at once,
+//! decide each in Rust with the aggregate's own `decide`, append every new event in one
+//! multi-row INSERT. This is the path of the process managers' bulk work (the scheduler fires
+//! hundreds of messages a round): one command at a time through cqrs-es costs a read and a
+//! transaction of its own per message.
+//!
+//! The INSERT is one statement, so it is atomic: when another writer appended to one of the
+//! messages since it was read, the primary key rejects the whole statement, nothing is
+//! written, and every command falls back to [`commands::execute`](super::super::commands),
+//! which retries conflicts one message at a time. The rows are the ones postgres-es writes
+//! (event type and version from `DomainEvent`, serde JSON payload, empty metadata).
+
+use super::super::commands::{execute, MessageCqrs};
+use crate::metrics::{command_name, Metrics};
+use crate::store::CommandError;
+use cqrs_es::DomainEvent;
+use messaging_domain::{Message, MessageCommand, MessageEvent, MessageId};
+use messaging_projections::event::EVENT_COLUMNS;
+use messaging_projections::StoredEvent;
+use postgres_es::PostgresEventRepository;
+use sqlx::PgPool;
+use std::collections::{HashMap, HashSet};
+
+/// PostgreSQL's `unique_violation`.
+const UNIQUE_VIOLATION: &str = "23505";
+
+/// One result per command, in order. Commands on the same message twice run one by one.
+pub(super) async fn execute_each(
+    pool: &PgPool,
+    cqrs: &MessageCqrs<PostgresEventRepository>,
+    metrics: Option<&Metrics>,
+    commands: Vec<(MessageId, MessageCommand)>,
+) -> Vec<Result<(), CommandError>> {
+    let distinct: HashSet<MessageId> = commands.iter().map(|(id, _)| *id).collect();
+    if commands.len() < 2 || distinct.len() < commands.len() {
+        return one_by_one(cqrs, metrics, commands).await;
+    }
+    match decide_and_append(pool, &commands).await {
+        Ok((results, appended)) => {
+            if let Some(metrics) = metrics {
+                metrics.events_appended(appended.iter());
+                for ((_, command), result) in commands.iter().zip(&results) {
+                    metrics.command(command_name(command), result);
+                }
+            }
+            results
+        }
+        Err(Fallback::Conflict) => one_by_one(cqrs, metrics, commands).await,
+        Err(Fallback::Store(error)) => {
+            let results: Vec<_> = commands
+                .iter()
+                .map(|_| Err(CommandError::Store(error.clone())))
+                .collect();
+            if let Some(metrics) = metrics {
+                for ((_, command), result) in commands.iter().zip(&results) {
+                    metrics.command(command_name(command), result);
+                }
+            }
+            results
+        }
+    }
+}
+
+async fn one_by_one(
+    cqrs: &MessageCqrs<PostgresEventRepository>,
+    metrics: Option<&Metrics>,
+    commands: Vec<(MessageId, MessageCommand)>,
+) -> Vec<Result<(), CommandError>> {
+    let mut results = Vec::with_capacity(commands.len());
+    for (id, command) in commands {
+        results.push(execute(cqrs, metrics, id, command).await);
+    }
+    results
+}
+
+enum Fallback {
+    /// Another writer appended to one of the messages: nothing was written.
+    Conflict,
+    /// The database failed: nothing was written.
+    Store(String),
+}
+
+impl From<sqlx::Error> for Fallback {
+    fn from(e: sqlx::Error) -> Self {
+        match &e {
+            sqlx::Error::Database(db) if db.code().as_deref() == Some(UNIQUE_VIOLATION) => {
+                Fallback::Conflict
+            }
+            _ => Fallback::Store(e.to_string()),
+        }
+    }
+}
+
+/// The results, and the events appended.
+async fn decide_and_append(
+    pool: &PgPool,
+    commands: &[(MessageId, MessageCommand)],
+) -> Result<(Vec<Result<(), CommandError>>, Vec<MessageEvent>), Fallback> {
+    let ids: Vec<String> = commands.iter().map(|(id, _)| id.to_string()).collect();
+    let sql = format!(
+        "SELECT {EVENT_COLUMNS} FROM events \
+         WHERE aggregate_type = $1 AND aggregate_id = ANY($2) ORDER BY aggregate_id, sequence"
+    );
+    let stored: Vec<StoredEvent> = sqlx::query_as(&sql)
+        .bind(Message::TYPE_NAME)
+        .bind(&ids)
+        .fetch_all(pool)
+        .await?;
+    // Each message folded, with its last sequence.
+    let mut messages: HashMap<String, (Message, i64)> = HashMap::with_capacity(ids.len());
+    for event in stored {
+        let decoded = event
+            .message_event()
+            .map_err(|e| Fallback::Store(e.to_string()))?;
+        let (message, last) = messages.entry(event.aggregate_id).or_default();
+        message.apply_event(decoded);
+        *last = event.sequence;
+    }
+    let mut results = Vec::with_capacity(commands.len());
+    let mut appended = Vec::new();
+    let (mut agg_ids, mut sequences, mut types, mut versions, mut payloads) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for (aggregate_id, (_, command)) in ids.into_iter().zip(commands) {
+        let (message, last) = messages.remove(&aggregate_id).unwrap_or_default();
+        match message.decide(command.clone()) {
+            Ok(events) => {
+                for (n, event) in events.into_iter().enumerate() {
+                    agg_ids.push(aggregate_id.clone());
+                    sequences.push(last + 1 + n as i64);
+                    types.push(event.event_type());
+                    versions.push(event.event_version());
+                    payloads.push(
+                        serde_json::to_string(&event)
+                            .map_err(|e| Fallback::Store(format!("serialising an event: {e}")))?,
+                    );
+                    appended.push(event);
+                }
+                results.push(Ok(()));
+            }
+            Err(e) => results.push(Err(CommandError::Rejected(e))),
+        }
+    }
+    if !agg_ids.is_empty() {
+        sqlx::query(
+            "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, \
+                                 event_version, payload, metadata) \
+             SELECT $1, a, s, t, v, p::json, '{}'::json \
+             FROM unnest($2::text[], $3::bigint[], $4::text[], $5::text[], $6::text[]) \
+                  AS u(a, s, t, v, p)",
+        )
+        .bind(Message::TYPE_NAME)
+        .bind(&agg_ids)
+        .bind(&sequences)
+        .bind(&types)
+        .bind(&versions)
+        .bind(&payloads)
+        .execute(pool)
+        .await?;
+    }
+    Ok((results, appended))
+}

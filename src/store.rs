@@ -8,6 +8,7 @@ use messaging_domain::Message;
 use messaging_domain::{Channel, MessageCommand, MessageError, MessageId, Provider, ServiceId};
 use messaging_projections::{FeedItem, HistoryItem};
 use serde::Serialize;
+use std::collections::HashMap;
 use std::time::Duration;
 
 mod commands;
@@ -282,6 +283,20 @@ pub trait Store: Send + Sync + 'static {
     /// The message folded from the log, without building its history (for the workers);
     /// `None` if there is no such message.
     async fn load_message(&self, id: MessageId) -> Result<Option<Message>, StoreError>;
+    /// [`Store::load_message`] for several messages, in as few round trips as the backend
+    /// allows; a message that does not exist is absent from the map.
+    async fn load_messages(
+        &self,
+        ids: &[MessageId],
+    ) -> Result<HashMap<MessageId, Message>, StoreError> {
+        let mut messages = HashMap::with_capacity(ids.len());
+        for id in ids {
+            if let Some(message) = self.load_message(*id).await? {
+                messages.insert(*id, message);
+            }
+        }
+        Ok(messages)
+    }
     /// The message folded from the log, with its history; `None` if there is no such message.
     async fn message(
         &self,

@@ -136,23 +136,139 @@ impl Sender {
     }
 
     /// Claims one round of due jobs and sends them; returns what happened to each.
+    ///
+    /// The common case (a pending message with no attempt open) goes in bulk: the round's
+    /// messages are read in one query, their attempts started as one batch of commands, the
+    /// provider calls made concurrently, and the outcomes recorded as one batch. Anything
+    /// else (an attempt to recover, a message the provider already reported on, a job with
+    /// nothing left to send) takes the one-job path.
     pub async fn run_once(&self) -> Result<Vec<JobOutcome>, StoreError> {
         let jobs = self.claim(self.config.concurrency as i64 * 4).await?;
-        Ok(futures::stream::iter(jobs)
-            .map(|job| async move {
-                let id = job.message_id;
-                match self.process(id, job.service_id).await {
-                    Ok(outcome) => outcome,
-                    Err(error) => {
-                        // The lease expires and the job is recovered: nothing is lost.
-                        tracing::error!(message_id = %id, %error, "send job failed; it will be recovered");
-                        JobOutcome::Skipped
-                    }
+        if jobs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<MessageId> = jobs.iter().map(|job| job.message_id).collect();
+        let messages = self.store.load_messages(&ids).await?;
+        let (mut plain, mut other) = (Vec::new(), Vec::new());
+        for job in jobs {
+            match messages.get(&job.message_id).and_then(|m| m.data()) {
+                Some(d) if ready_to_send(d) => plain.push((job, d)),
+                _ => other.push(job),
+            }
+        }
+        let mut outcomes: Vec<JobOutcome> = futures::stream::iter(other)
+            .map(|job| self.process_logged(job))
+            .buffer_unordered(self.config.concurrency)
+            .collect()
+            .await;
+        outcomes.extend(self.send_batch(plain).await);
+        Ok(outcomes)
+    }
+
+    /// One job on its own; an error is logged and the job left to be recovered.
+    async fn process_logged(&self, job: SendJob) -> JobOutcome {
+        let id = job.message_id;
+        match self.process(id, job.service_id).await {
+            Ok(outcome) => outcome,
+            Err(error) => {
+                // The lease expires and the job is recovered: nothing is lost.
+                tracing::error!(message_id = %id, %error, "send job failed; it will be recovered");
+                JobOutcome::Skipped
+            }
+        }
+    }
+
+    /// Jobs whose messages are ready to send: start every attempt in one batch, call the
+    /// providers, record every outcome in one batch.
+    async fn send_batch(&self, jobs: Vec<(SendJob, &MessageData)>) -> Vec<JobOutcome> {
+        let mut outcomes = Vec::with_capacity(jobs.len());
+        for (job, _) in &jobs {
+            self.limiter
+                .acquire(
+                    job.service_id,
+                    self.config.per_service_rate,
+                    self.config.per_service_burst,
+                )
+                .await;
+        }
+        // The fence: only one worker can start each attempt.
+        let now = Utc::now();
+        let starts = jobs
+            .iter()
+            .map(|(job, _)| (job.message_id, MessageCommand::StartSendAttempt { now }))
+            .collect();
+        let started = self.store.execute_each(starts).await;
+        let mut to_send = Vec::with_capacity(jobs.len());
+        for ((job, d), result) in jobs.into_iter().zip(started) {
+            match result {
+                Ok(()) => to_send.push((job, d)),
+                Err(CommandError::Rejected(MessageError::InvalidTransition { .. })) => {
+                    outcomes.push(JobOutcome::Skipped)
                 }
+                Err(error) => {
+                    tracing::error!(message_id = %job.message_id, %error, "send job failed; it will be recovered");
+                    outcomes.push(JobOutcome::Skipped);
+                }
+            }
+        }
+        // Each service's account read once for the round.
+        let mut accounts: HashMap<ServiceId, Result<Account, String>> = HashMap::new();
+        for (job, _) in &to_send {
+            if !accounts.contains_key(&job.service_id) {
+                let account = self.account(job.service_id).await;
+                accounts.insert(job.service_id, account);
+            }
+        }
+        // Owned inputs, so each call's future borrows nothing but the sender.
+        let calls: Vec<_> = to_send
+            .into_iter()
+            .map(|(job, d)| {
+                let account = accounts
+                    .get(&job.service_id)
+                    .cloned()
+                    .unwrap_or_else(|| Err(format!("service {} was not read", job.service_id)));
+                let recorded = (job.message_id, d.channel, d.provider, d.attempts + 1);
+                (recorded, account, outgoing(d))
+            })
+            .collect();
+        let results: Vec<_> = futures::stream::iter(calls)
+            .map(|(recorded, account, outgoing)| async move {
+                let result = match account {
+                    Ok(account) => {
+                        let provider = self.providers.for_provider(account.provider);
+                        provider.send(&account, &outgoing).await
+                    }
+                    Err(reason) => Err(SendError::Permanent { reason }),
+                };
+                (recorded, result)
             })
             .buffer_unordered(self.config.concurrency)
             .collect()
-            .await)
+            .await;
+        let mut commands = Vec::with_capacity(results.len());
+        let mut recorded = Vec::with_capacity(results.len());
+        for ((id, channel, provider, attempt), result) in results {
+            let (command, outcome) = self.outcome(id, channel, attempt, result);
+            commands.push((id, command));
+            recorded.push((id, provider, outcome));
+        }
+        let results = self.store.execute_each(commands).await;
+        for ((id, provider, outcome), result) in recorded.into_iter().zip(results) {
+            match result {
+                Ok(()) => {
+                    if let Some(metrics) = &self.metrics {
+                        metrics.send(provider.as_str(), outcome);
+                    }
+                    outcomes.push(outcome);
+                }
+                Err(error) => {
+                    // The attempt stays open: when the lease expires the job is recovered.
+                    tracing::error!(message_id = %id, %error, "could not record a send outcome; it will be recovered");
+                    outcomes.push(JobOutcome::Skipped);
+                }
+            }
+        }
+        outcomes
     }
 
     /// The earliest time a job becomes claimable.
@@ -251,8 +367,25 @@ impl Sender {
         attempt: u32,
         result: Result<crate::providers::Accepted, SendError>,
     ) -> Result<JobOutcome, CommandError> {
+        let (command, outcome) = self.outcome(id, channel, attempt, result);
+        self.execute(id, command).await?;
+        if let Some(metrics) = &self.metrics {
+            metrics.send(provider.as_str(), outcome);
+        }
+        Ok(outcome)
+    }
+
+    /// The command that records a provider's answer to one attempt (logged here), and the
+    /// job's outcome once it is recorded.
+    fn outcome(
+        &self,
+        id: MessageId,
+        channel: Channel,
+        attempt: u32,
+        result: Result<crate::providers::Accepted, SendError>,
+    ) -> (MessageCommand, JobOutcome) {
         let now = Utc::now();
-        let (command, outcome) = match result {
+        match result {
             Ok(accepted) => {
                 tracing::info!(message_id = %id, %channel, attempt, provider_message_id = accepted.provider_message_id.as_deref().unwrap_or(""), "sent");
                 (
@@ -310,12 +443,7 @@ impl Sender {
                     JobOutcome::Unknown,
                 )
             }
-        };
-        self.execute(id, command).await?;
-        if let Some(metrics) = &self.metrics {
-            metrics.send(provider.as_str(), outcome);
         }
-        Ok(outcome)
     }
 
     /// The provider already reported on the message (a webhook said delivered, opened, ...)
@@ -378,6 +506,16 @@ impl Sender {
             }
         }
     }
+}
+
+/// A message the sender may start an attempt on without looking further: pending, no attempt
+/// open, no unknown outcome, not sent, nothing reported by the provider.
+fn ready_to_send(d: &MessageData) -> bool {
+    d.lifecycle == MessageState::Pending
+        && !d.attempt_in_progress
+        && !d.outcome_unknown
+        && d.sent_at.is_none()
+        && d.reported.is_none()
 }
 
 fn outgoing(d: &MessageData) -> OutgoingMessage {

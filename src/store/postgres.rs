@@ -26,6 +26,7 @@ use messaging_projections::{FeedItem, HistoryItem};
 use postgres_es::PostgresEventRepository;
 use sqlx::migrate::Migrator;
 use sqlx::PgPool;
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -133,6 +134,22 @@ impl Store for PgStore {
         let mut conn = self.pool.acquire().await?;
         let message = messaging_projections::load_message(&mut conn, &id.to_string(), None).await?;
         Ok(message.data().is_some().then_some(message))
+    }
+
+    async fn load_messages(
+        &self,
+        ids: &[MessageId],
+    ) -> Result<HashMap<MessageId, Message>, StoreError> {
+        let keys: Vec<String> = ids.iter().map(MessageId::to_string).collect();
+        let mut folded = batch::load_many(&self.pool, &keys).await?;
+        Ok(ids
+            .iter()
+            .zip(&keys)
+            .filter_map(|(id, key)| {
+                let (message, _) = folded.remove(key)?;
+                message.data().is_some().then_some((*id, message))
+            })
+            .collect())
     }
 
     async fn message(

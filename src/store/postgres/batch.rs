@@ -12,7 +12,7 @@
 
 use super::super::commands::{execute, MessageCqrs};
 use crate::metrics::{command_name, Metrics};
-use crate::store::CommandError;
+use crate::store::{CommandError, StoreError};
 use cqrs_es::DomainEvent;
 use messaging_domain::{Message, MessageCommand, MessageEvent, MessageId};
 use messaging_projections::event::EVENT_COLUMNS;
@@ -91,31 +91,39 @@ impl From<sqlx::Error> for Fallback {
     }
 }
 
-/// The results, and the events appended.
-async fn decide_and_append(
+/// Each message that has events, folded, with its last sequence: one query for them all.
+pub(super) async fn load_many(
     pool: &PgPool,
-    commands: &[(MessageId, MessageCommand)],
-) -> Result<(Vec<Result<(), CommandError>>, Vec<MessageEvent>), Fallback> {
-    let ids: Vec<String> = commands.iter().map(|(id, _)| id.to_string()).collect();
+    ids: &[String],
+) -> Result<HashMap<String, (Message, i64)>, StoreError> {
     let sql = format!(
         "SELECT {EVENT_COLUMNS} FROM events \
          WHERE aggregate_type = $1 AND aggregate_id = ANY($2) ORDER BY aggregate_id, sequence"
     );
     let stored: Vec<StoredEvent> = sqlx::query_as(&sql)
         .bind(Message::TYPE_NAME)
-        .bind(&ids)
+        .bind(ids)
         .fetch_all(pool)
         .await?;
-    // Each message folded, with its last sequence.
     let mut messages: HashMap<String, (Message, i64)> = HashMap::with_capacity(ids.len());
     for event in stored {
-        let decoded = event
-            .message_event()
-            .map_err(|e| Fallback::Store(e.to_string()))?;
+        let decoded = event.message_event()?;
         let (message, last) = messages.entry(event.aggregate_id).or_default();
         message.apply_event(decoded);
         *last = event.sequence;
     }
+    Ok(messages)
+}
+
+/// The results, and the events appended.
+async fn decide_and_append(
+    pool: &PgPool,
+    commands: &[(MessageId, MessageCommand)],
+) -> Result<(Vec<Result<(), CommandError>>, Vec<MessageEvent>), Fallback> {
+    let ids: Vec<String> = commands.iter().map(|(id, _)| id.to_string()).collect();
+    let mut messages = load_many(pool, &ids)
+        .await
+        .map_err(|e| Fallback::Store(e.to_string()))?;
     let mut results = Vec::with_capacity(commands.len());
     let mut appended = Vec::new();
     let (mut agg_ids, mut sequences, mut types, mut versions, mut payloads) =

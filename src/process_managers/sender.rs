@@ -214,9 +214,9 @@ impl Sender {
         // Each service's account read once for the round.
         let mut accounts: HashMap<ServiceId, Result<Account, String>> = HashMap::new();
         for (job, _) in &to_send {
-            if !accounts.contains_key(&job.service_id) {
-                let account = self.account(job.service_id).await;
-                accounts.insert(job.service_id, account);
+            if let std::collections::hash_map::Entry::Vacant(entry) = accounts.entry(job.service_id)
+            {
+                entry.insert(self.account(job.service_id).await);
             }
         }
         // Owned inputs, so each call's future borrows nothing but the sender.

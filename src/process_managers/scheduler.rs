@@ -30,10 +30,14 @@ impl Scheduler {
         }
     }
 
-    /// Queues every message due now; returns how many were queued.
-    pub async fn fire_due(&self) -> Result<usize, StoreError> {
+    /// Queues every message due now, round after round, until none is left or `shutdown`
+    /// turns true; returns how many were queued.
+    pub async fn fire_due(&self, shutdown: &watch::Receiver<bool>) -> Result<usize, StoreError> {
         let mut fired = 0;
         loop {
+            if *shutdown.borrow() {
+                return Ok(fired);
+            }
             // Leased in one short step, then fired with no transaction open: an open
             // transaction older than the events the firings append would hold back every log
             // reader until it ended.
@@ -102,7 +106,7 @@ impl Scheduler {
                 return;
             }
             wake.borrow_and_update();
-            if let Err(error) = self.fire_due().await {
+            if let Err(error) = self.fire_due(&shutdown).await {
                 tracing::error!(%error, "scheduler round failed");
             }
             let sleep = match self.next_due().await {

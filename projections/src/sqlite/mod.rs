@@ -208,7 +208,11 @@ impl Subscription {
     pub async fn run(self, wake: watch::Receiver<u64>, shutdown: watch::Receiver<bool>) {
         let name = self.name();
         let poll_interval = self.poll_interval;
-        run_until_shutdown(name, poll_interval, wake, shutdown, || self.run_batch()).await
+        let batch_size = self.batch_size;
+        run_until_shutdown(name, batch_size, poll_interval, wake, shutdown, || {
+            self.run_batch()
+        })
+        .await
     }
 }
 

@@ -361,9 +361,9 @@ pub trait Store: Send + Sync + 'static {
     /// `publish_at` is still the firing's, so the next round fires it again; a row rescheduled
     /// since is left alone. Nothing to release is no error.
     async fn release_schedules(&self, fired: &[ScheduledSend]) -> Result<(), StoreError>;
-    /// The earliest time a row can be leased: the minimum over all rows of the later of
-    /// `publish_at` and `locked_until` (`publish_at` when unleased); may be in the past.
-    /// `None` when there are no rows.
+    /// The earliest time a row can be leased: the earliest `publish_at` of the rows not
+    /// leased (or whose lease has expired) or the earliest expiry of a lease still held,
+    /// whichever is sooner; may be in the past. `None` when there are no rows.
     async fn next_schedule_due(&self) -> Result<Option<DateTime<Utc>>, StoreError>;
 
     // ---- Sender ----
@@ -385,9 +385,9 @@ pub trait Store: Send + Sync + 'static {
         per_service: i64,
         lease: Duration,
     ) -> Result<Vec<SendJob>, StoreError>;
-    /// The earliest time a job can be claimed: the minimum over all jobs of the later of
-    /// `due_at` and `locked_until` (`due_at` when unleased); may be in the past. `None` when
-    /// there are no jobs.
+    /// The earliest time a job can be claimed: the earliest `due_at` of the jobs not leased
+    /// (or whose lease has expired) or the earliest expiry of a lease still held, whichever
+    /// is sooner; may be in the past. `None` when there are no jobs.
     async fn next_send_job_due(&self) -> Result<Option<DateTime<Utc>>, StoreError>;
     /// Deletes the message's job whoever holds its lease (the message has nothing left to
     /// send). No job is no error.

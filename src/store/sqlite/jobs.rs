@@ -76,8 +76,12 @@ pub(super) async fn next_schedule_due(
     pools: &SqlitePools,
 ) -> Result<Option<DateTime<Utc>>, StoreError> {
     let next: Option<String> = sqlx::query_scalar(
-        "SELECT min(max(publish_at, coalesce(locked_until, publish_at))) FROM scheduled_sends",
+        "SELECT min(t) FROM ( \
+           SELECT publish_at AS t FROM scheduled_sends WHERE locked_until IS NULL OR locked_until < ?1 \
+           UNION ALL \
+           SELECT locked_until FROM scheduled_sends WHERE locked_until >= ?1)",
     )
+    .bind(Utc::now())
     .fetch_one(&pools.read)
     .await?;
     next.as_deref().map(super::parse_time).transpose()
@@ -120,8 +124,12 @@ pub(super) async fn next_send_job_due(
     pools: &SqlitePools,
 ) -> Result<Option<DateTime<Utc>>, StoreError> {
     let next: Option<String> = sqlx::query_scalar(
-        "SELECT min(max(due_at, coalesce(locked_until, due_at))) FROM send_jobs",
+        "SELECT min(t) FROM ( \
+           SELECT due_at AS t FROM send_jobs WHERE locked_until IS NULL OR locked_until < ?1 \
+           UNION ALL \
+           SELECT locked_until FROM send_jobs WHERE locked_until >= ?1)",
     )
+    .bind(Utc::now())
     .fetch_one(&pools.read)
     .await?;
     next.as_deref().map(super::parse_time).transpose()

@@ -137,11 +137,15 @@ impl Sender {
 
     /// Claims one round of due jobs and sends them; returns what happened to each.
     ///
-    /// The common case (a pending message with no attempt open) goes in bulk: the round's
+    /// The common case (a pending email with no attempt open) goes in bulk: the round's
     /// messages are read in one query, their attempts started as one batch of commands, the
     /// provider calls made concurrently, and the outcomes recorded as one batch. Anything
     /// else (an attempt to recover, a message the provider already reported on, a job with
-    /// nothing left to send) takes the one-job path.
+    /// nothing left to send) takes the one-job path, and so do posts: in bulk, a crash
+    /// between the round's starts and its calls would leave attempts open that recovery must
+    /// record as unknown outcomes (a post is never retried blindly), posts that were never
+    /// made among them. An email's open attempt is retried on recovery, its stable
+    /// Message-ID making a duplicate detectable, so only emails share a round's window.
     pub async fn run_once(&self) -> Result<Vec<JobOutcome>, StoreError> {
         let jobs = self.claim(self.config.concurrency as i64 * 4).await?;
         if jobs.is_empty() {
@@ -152,7 +156,7 @@ impl Sender {
         let (mut plain, mut other) = (Vec::new(), Vec::new());
         for job in jobs {
             match messages.get(&job.message_id).and_then(|m| m.data()) {
-                Some(d) if ready_to_send(d) => plain.push((job, d)),
+                Some(d) if d.channel == Channel::Email && ready_to_send(d) => plain.push((job, d)),
                 _ => other.push(job),
             }
         }

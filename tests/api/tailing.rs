@@ -489,6 +489,32 @@ impl Projection<Postgres> for Slow {
     }
 }
 
+/// Composes email `i` from one SendGrid account through `PgStore::execute`.
+async fn composed(store: &PgStore, i: usize, dispatch: Dispatch) -> MessageId {
+    let service = ServiceRef {
+        id: ServiceId::from_uuid(uuid::Uuid::nil()),
+        channel: Channel::Email,
+        provider: Provider::Sendgrid,
+        username: "news@example.com".into(),
+        name: None,
+    };
+    let id = MessageId::from_uuid(uuid::Uuid::now_v7());
+    let input = MessageInput {
+        to: vec![Profile::new(format!("p{i}@example.com"), None)],
+        subject: Some("s".into()),
+        text: Some("t".into()),
+        ..Default::default()
+    };
+    let compose = MessageCommand::Compose(Compose {
+        id,
+        message: build_message(&service, input).unwrap(),
+        dispatch,
+        now: Utc::now(),
+    });
+    store.execute(id, compose).await.unwrap();
+    id
+}
+
 /// The batch command path reads every message, then appends in one statement: a writer that
 /// appends to one of the messages in between makes the statement fail on the primary key. The
 /// batch must then write nothing of its own and run each command again on its own.
@@ -496,31 +522,10 @@ impl Projection<Postgres> for Slow {
 async fn a_batch_of_commands_that_loses_a_race_falls_back_and_loses_nothing() {
     let pool = migrated_pool().await;
     let store = PgStore::new(pool.clone());
-    let service = ServiceRef {
-        id: ServiceId::from_uuid(uuid::Uuid::now_v7()),
-        channel: Channel::Email,
-        provider: Provider::Sendgrid,
-        username: "news@example.com".into(),
-        name: None,
-    };
     let publish_at = Utc::now() + chrono::Duration::hours(1);
     let mut ids = Vec::new();
     for i in 0..5 {
-        let id = MessageId::from_uuid(uuid::Uuid::now_v7());
-        let input = MessageInput {
-            to: vec![Profile::new(format!("p{i}@example.com"), None)],
-            subject: Some("s".into()),
-            text: Some("t".into()),
-            ..Default::default()
-        };
-        let compose = MessageCommand::Compose(Compose {
-            id,
-            message: build_message(&service, input).unwrap(),
-            dispatch: Dispatch::At(publish_at),
-            now: Utc::now(),
-        });
-        store.execute(id, compose).await.unwrap();
-        ids.push(id);
+        ids.push(composed(&store, i, Dispatch::At(publish_at)).await);
     }
     let last = |id: MessageId| {
         let pool = pool.clone();
@@ -610,29 +615,9 @@ async fn a_batch_of_commands_that_loses_a_race_falls_back_and_loses_nothing() {
 async fn a_rejected_command_in_a_batch_does_not_hold_back_the_others() {
     let pool = migrated_pool().await;
     let store = PgStore::new(pool.clone());
-    let service = ServiceRef {
-        id: ServiceId::from_uuid(uuid::Uuid::now_v7()),
-        channel: Channel::Email,
-        provider: Provider::Sendgrid,
-        username: "news@example.com".into(),
-        name: None,
-    };
     let mut commands = Vec::new();
     for i in 0..4 {
-        let id = MessageId::from_uuid(uuid::Uuid::now_v7());
-        let input = MessageInput {
-            to: vec![Profile::new(format!("p{i}@example.com"), None)],
-            subject: Some("s".into()),
-            text: Some("t".into()),
-            ..Default::default()
-        };
-        let compose = MessageCommand::Compose(Compose {
-            id,
-            message: build_message(&service, input).unwrap(),
-            dispatch: Dispatch::Draft,
-            now: Utc::now(),
-        });
-        store.execute(id, compose).await.unwrap();
+        let id = composed(&store, i, Dispatch::Draft).await;
         commands.push((id, MessageCommand::Cancel { now: Utc::now() }));
     }
     // A draft cannot start a send attempt: refused.

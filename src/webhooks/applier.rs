@@ -33,6 +33,19 @@ pub struct Applier {
     store: Arc<dyn Store>,
 }
 
+/// How a command's result settles the facts it recorded.
+fn classify(result: Result<(), CommandError>) -> Applied {
+    match result {
+        Ok(()) => Applied::Done,
+        Err(CommandError::Rejected(MessageError::NotFound)) => Applied::Wait,
+        Err(CommandError::Rejected(e @ MessageError::InvalidTransition { .. })) => {
+            Applied::WaitForChange(e.to_string())
+        }
+        Err(CommandError::Rejected(e)) => Applied::Unmatched(e.to_string()),
+        Err(e) => Applied::Retry(e.to_string()),
+    }
+}
+
 fn text(v: &Value, key: &str) -> Option<String> {
     v.get(key).and_then(Value::as_str).map(str::to_string)
 }
@@ -90,66 +103,64 @@ impl Applier {
         Ok(settled)
     }
 
-    /// Applies facts in order. Consecutive facts about one message go in one batch command:
-    /// one load of the message and one append, however many facts (a thousand opens, say).
+    /// Applies facts in order. Each message's facts go in one batch command (one load of
+    /// the message and one append, however many facts: a thousand opens, say), and every
+    /// message's command of the round in one `execute_each` (one read and one append for the
+    /// round, where the backend allows).
     async fn apply_all<'a>(&self, pending: &'a [PendingFact]) -> Vec<(&'a PendingFact, Applied)> {
-        // Each message's facts together, still in the provider's time order.
+        // Each message's facts together, still in the provider's time order (a stable sort).
         let mut pending: Vec<&PendingFact> = pending.iter().collect();
         pending.sort_by_key(|p| p.message_id);
         let mut outcomes = Vec::with_capacity(pending.len());
-        let mut run: Vec<(&PendingFact, MessageCommand)> = Vec::new();
+        let mut runs: Vec<(MessageId, Vec<(&PendingFact, MessageCommand)>)> = Vec::new();
         for p in pending {
-            if run
-                .first()
-                .is_some_and(|(first, _)| first.message_id != p.message_id)
-            {
-                outcomes.extend(self.flush(std::mem::take(&mut run)).await);
-            }
-            match self.command_for(p).await {
-                Ok(command) => run.push((p, command)),
-                Err(outcome) => outcomes.push((p, outcome)),
-            }
-        }
-        outcomes.extend(self.flush(run).await);
-        outcomes
-    }
-
-    /// Executes a run of commands on one message: together when they all apply, one by one
-    /// when one of them is refused, so a bad fact never costs the others.
-    async fn flush<'a>(
-        &self,
-        run: Vec<(&'a PendingFact, MessageCommand)>,
-    ) -> Vec<(&'a PendingFact, Applied)> {
-        let Some(message_id) = run.first().and_then(|(p, _)| p.message_id) else {
-            return Vec::new();
-        };
-        if run.len() > 1 {
-            let batch = MessageCommand::Batch(run.iter().map(|(_, c)| c.clone()).collect());
-            match self.execute(message_id, batch).await {
-                // One of them is refused: find which, one by one.
-                Applied::Unmatched(_) | Applied::WaitForChange(_) => {}
-                outcome => {
-                    return run.into_iter().map(|(p, _)| (p, outcome.clone())).collect();
+            let command = match self.command_for(p).await {
+                Ok(command) => command,
+                Err(outcome) => {
+                    outcomes.push((p, outcome));
+                    continue;
                 }
+            };
+            let Some(message_id) = p.message_id else {
+                outcomes.push((
+                    p,
+                    Applied::Unmatched("the payload names no message of ours".into()),
+                ));
+                continue;
+            };
+            match runs.last_mut() {
+                Some((id, run)) if *id == message_id => run.push((p, command)),
+                _ => runs.push((message_id, vec![(p, command)])),
             }
         }
-        let mut outcomes = Vec::with_capacity(run.len());
-        for (p, command) in run {
-            outcomes.push((p, self.execute(message_id, command).await));
+        let commands = runs
+            .iter()
+            .map(|(id, run)| {
+                let command = match run.as_slice() {
+                    [(_, only)] => only.clone(),
+                    _ => MessageCommand::Batch(run.iter().map(|(_, c)| c.clone()).collect()),
+                };
+                (*id, command)
+            })
+            .collect();
+        let results = self.store.execute_each(commands).await;
+        for ((message_id, run), result) in runs.into_iter().zip(results) {
+            match classify(result) {
+                // One of several is refused: find which, one by one, so a bad fact never
+                // costs the others.
+                Applied::Unmatched(_) | Applied::WaitForChange(_) if run.len() > 1 => {
+                    for (p, command) in run {
+                        outcomes.push((p, self.execute(message_id, command).await));
+                    }
+                }
+                outcome => outcomes.extend(run.into_iter().map(|(p, _)| (p, outcome.clone()))),
+            }
         }
         outcomes
     }
 
     async fn execute(&self, message_id: MessageId, command: MessageCommand) -> Applied {
-        match self.store.execute(message_id, command).await {
-            Ok(()) => Applied::Done,
-            Err(CommandError::Rejected(MessageError::NotFound)) => Applied::Wait,
-            Err(CommandError::Rejected(e @ MessageError::InvalidTransition { .. })) => {
-                Applied::WaitForChange(e.to_string())
-            }
-            Err(CommandError::Rejected(e)) => Applied::Unmatched(e.to_string()),
-            Err(e) => Applied::Retry(e.to_string()),
-        }
+        classify(self.store.execute(message_id, command).await)
     }
 
     /// The command that records this fact (for a reply, after receiving the inbound message).

@@ -21,7 +21,7 @@ use crate::store::{CommandError, SendJob, Store, StoreError};
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use messaging_domain::{
-    Channel, MessageCommand, MessageData, MessageError, MessageId, MessageState, Provider,
+    Channel, Message, MessageCommand, MessageData, MessageError, MessageId, MessageState, Provider,
     ServiceId,
 };
 use std::collections::HashMap;
@@ -161,7 +161,7 @@ impl Sender {
             }
         }
         let mut outcomes: Vec<JobOutcome> = futures::stream::iter(other)
-            .map(|job| self.process_logged(job))
+            .map(|job| self.process_logged(job, messages.get(&job.message_id)))
             .buffer_unordered(self.config.concurrency)
             .collect()
             .await;
@@ -170,9 +170,9 @@ impl Sender {
     }
 
     /// One job on its own; an error is logged and the job left to be recovered.
-    async fn process_logged(&self, job: SendJob) -> JobOutcome {
+    async fn process_logged(&self, job: SendJob, message: Option<&Message>) -> JobOutcome {
         let id = job.message_id;
-        match self.process(id, job.service_id).await {
+        match self.process(id, job.service_id, message).await {
             Ok(outcome) => outcome,
             Err(error) => {
                 // The lease expires and the job is recovered: nothing is lost.
@@ -284,20 +284,14 @@ impl Sender {
         self.store.execute(id, command).await
     }
 
+    /// One job, its message as the round read it (`None`: no such message).
     async fn process(
         &self,
         id: MessageId,
         service_id: ServiceId,
+        message: Option<&Message>,
     ) -> Result<JobOutcome, CommandError> {
-        let Some(message) = self
-            .store
-            .load_message(id)
-            .await
-            .map_err(|e| CommandError::Store(e.to_string()))?
-        else {
-            return Ok(JobOutcome::Skipped);
-        };
-        let Some(d) = message.data() else {
+        let Some(d) = message.and_then(Message::data) else {
             return Ok(JobOutcome::Skipped);
         };
         if d.reported.is_some() && d.sent_at.is_none() {

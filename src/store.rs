@@ -262,6 +262,25 @@ impl From<ProblemRow> for Problematic {
     }
 }
 
+/// [`Store::load_message`] for each message, one at a time; one that cannot be read is logged
+/// and left out.
+pub(crate) async fn load_each<S: Store + ?Sized>(
+    store: &S,
+    ids: &[MessageId],
+) -> HashMap<MessageId, Message> {
+    let mut messages = HashMap::with_capacity(ids.len());
+    for id in ids {
+        match store.load_message(*id).await {
+            Ok(Some(message)) => {
+                messages.insert(*id, message);
+            }
+            Ok(None) => {}
+            Err(error) => tracing::error!(message_id = %id, %error, "cannot read the message"),
+        }
+    }
+    messages
+}
+
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// Runs a command on a message, retrying optimistic-concurrency conflicts.
@@ -284,18 +303,13 @@ pub trait Store: Send + Sync + 'static {
     /// `None` if there is no such message.
     async fn load_message(&self, id: MessageId) -> Result<Option<Message>, StoreError>;
     /// [`Store::load_message`] for several messages, in as few round trips as the backend
-    /// allows; a message that does not exist is absent from the map.
+    /// allows; a message that does not exist is absent from the map (so is one whose events
+    /// cannot be read, logged, when the others can).
     async fn load_messages(
         &self,
         ids: &[MessageId],
     ) -> Result<HashMap<MessageId, Message>, StoreError> {
-        let mut messages = HashMap::with_capacity(ids.len());
-        for id in ids {
-            if let Some(message) = self.load_message(*id).await? {
-                messages.insert(*id, message);
-            }
-        }
-        Ok(messages)
+        Ok(load_each(self, ids).await)
     }
     /// The message folded from the log, with its history; `None` if there is no such message.
     async fn message(

@@ -141,7 +141,15 @@ impl Store for PgStore {
         ids: &[MessageId],
     ) -> Result<HashMap<MessageId, Message>, StoreError> {
         let keys: Vec<String> = ids.iter().map(MessageId::to_string).collect();
-        let mut folded = batch::load_many(&self.pool, &keys).await?;
+        let mut folded = match batch::load_many(&self.pool, &keys).await {
+            Ok(folded) => folded,
+            // One message that cannot be read must not hide the others: one at a time, the
+            // unreadable ones left out (logged).
+            Err(error) => {
+                tracing::warn!(%error, "reading messages together failed; reading them one by one");
+                return Ok(crate::store::load_each(self, ids).await);
+            }
+        };
         Ok(ids
             .iter()
             .zip(&keys)

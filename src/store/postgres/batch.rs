@@ -7,7 +7,10 @@
 //! The INSERT is one statement, so it is atomic: when another writer appended to one of the
 //! messages since it was read, the primary key rejects the whole statement, nothing is
 //! written, and every command falls back to [`commands::execute`](super::super::commands),
-//! which retries conflicts one message at a time. The rows are the ones postgres-es writes
+//! which retries conflicts one message at a time. Any other failure (a message whose events
+//! cannot be read, a deadlock, the database) falls back the same way, so it fails only the
+//! commands it concerns. Rows go in in (message, sequence) order, so two batches over the
+//! same messages take their key locks in the same order. The rows are the ones postgres-es writes
 //! (event type and version from `DomainEvent`, serde JSON payload, empty metadata).
 
 use super::super::commands::{execute, MessageCqrs};
@@ -20,9 +23,6 @@ use messaging_projections::StoredEvent;
 use postgres_es::PostgresEventRepository;
 use sqlx::PgPool;
 use std::collections::{HashMap, HashSet};
-
-/// PostgreSQL's `unique_violation`.
-const UNIQUE_VIOLATION: &str = "23505";
 
 /// One result per command, in order. Commands on the same message twice run one by one.
 pub(super) async fn execute_each(
@@ -45,18 +45,12 @@ pub(super) async fn execute_each(
             }
             results
         }
-        Err(Fallback::Conflict) => one_by_one(cqrs, metrics, commands).await,
-        Err(Fallback::Store(error)) => {
-            let results: Vec<_> = commands
-                .iter()
-                .map(|_| Err(CommandError::Store(error.clone())))
-                .collect();
-            if let Some(metrics) = metrics {
-                for ((_, command), result) in commands.iter().zip(&results) {
-                    metrics.command(command_name(command), result);
-                }
-            }
-            results
+        // Nothing was written (the append is one statement): each command again on its own,
+        // so a conflict is retried where it happened and a message that cannot be read or
+        // written fails alone.
+        Err(reason) => {
+            tracing::debug!(%reason, commands = commands.len(), "batch append fell back to one command at a time");
+            one_by_one(cqrs, metrics, commands).await
         }
     }
 }
@@ -71,24 +65,6 @@ async fn one_by_one(
         results.push(execute(cqrs, metrics, id, command).await);
     }
     results
-}
-
-enum Fallback {
-    /// Another writer appended to one of the messages: nothing was written.
-    Conflict,
-    /// The database failed: nothing was written.
-    Store(String),
-}
-
-impl From<sqlx::Error> for Fallback {
-    fn from(e: sqlx::Error) -> Self {
-        match &e {
-            sqlx::Error::Database(db) if db.code().as_deref() == Some(UNIQUE_VIOLATION) => {
-                Fallback::Conflict
-            }
-            _ => Fallback::Store(e.to_string()),
-        }
-    }
 }
 
 /// Each message that has events, folded, with its last sequence: one query for them all.
@@ -119,11 +95,9 @@ pub(super) async fn load_many(
 async fn decide_and_append(
     pool: &PgPool,
     commands: &[(MessageId, MessageCommand)],
-) -> Result<(Vec<Result<(), CommandError>>, Vec<MessageEvent>), Fallback> {
+) -> Result<(Vec<Result<(), CommandError>>, Vec<MessageEvent>), String> {
     let ids: Vec<String> = commands.iter().map(|(id, _)| id.to_string()).collect();
-    let mut messages = load_many(pool, &ids)
-        .await
-        .map_err(|e| Fallback::Store(e.to_string()))?;
+    let mut messages = load_many(pool, &ids).await.map_err(|e| e.to_string())?;
     let mut results = Vec::with_capacity(commands.len());
     let mut appended = Vec::new();
     let (mut agg_ids, mut sequences, mut types, mut versions, mut payloads) =
@@ -139,7 +113,7 @@ async fn decide_and_append(
                     versions.push(event.event_version());
                     payloads.push(
                         serde_json::to_string(&event)
-                            .map_err(|e| Fallback::Store(format!("serialising an event: {e}")))?,
+                            .map_err(|e| format!("serialising an event: {e}"))?,
                     );
                     appended.push(event);
                 }
@@ -154,7 +128,8 @@ async fn decide_and_append(
                                  event_version, payload, metadata) \
              SELECT $1, a, s, t, v, p::json, '{}'::json \
              FROM unnest($2::text[], $3::bigint[], $4::text[], $5::text[], $6::text[]) \
-                  AS u(a, s, t, v, p)",
+                  AS u(a, s, t, v, p) \
+             ORDER BY a, s",
         )
         .bind(Message::TYPE_NAME)
         .bind(&agg_ids)
@@ -163,7 +138,8 @@ async fn decide_and_append(
         .bind(&versions)
         .bind(&payloads)
         .execute(pool)
-        .await?;
+        .await
+        .map_err(|e| e.to_string())?;
     }
     Ok((results, appended))
 }

@@ -85,9 +85,20 @@ impl Scheduler {
                     }
                 }
             }
-            // Only these firings' rows: a reschedule written meanwhile stays, unleased.
-            self.store.finish_schedules(&done).await?;
-            self.store.release_schedules(&retry).await?;
+            // Only these firings' rows: a reschedule written meanwhile stays, unleased. Both
+            // run whatever the other did: a failed finish must not keep the retries leased.
+            let finished = self.store.finish_schedules(&done).await;
+            let released = self.store.release_schedules(&retry).await;
+            finished?;
+            released?;
+            if done.is_empty() && !retry.is_empty() {
+                // Nothing of the round could be queued: the next round would lease the same
+                // rows at once. Report it, and let the caller pause.
+                return Err(StoreError(format!(
+                    "none of {} due messages could be queued",
+                    retry.len()
+                )));
+            }
             if (claimed as i64) < self.batch_size {
                 return Ok(fired);
             }
@@ -106,10 +117,15 @@ impl Scheduler {
                 return;
             }
             wake.borrow_and_update();
-            if let Err(error) = self.fire_due(&shutdown).await {
-                tracing::error!(%error, "scheduler round failed");
-            }
+            let failed = match self.fire_due(&shutdown).await {
+                Ok(_) => false,
+                Err(error) => {
+                    tracing::error!(%error, "scheduler round failed; pausing");
+                    true
+                }
+            };
             let sleep = match self.next_due().await {
+                Ok(_) if failed => Duration::from_secs(1),
                 Ok(Some(at)) => (at - Utc::now()).to_std().unwrap_or(Duration::ZERO),
                 Ok(None) => MAX_SLEEP,
                 Err(error) => {

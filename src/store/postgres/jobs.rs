@@ -105,7 +105,8 @@ pub(super) async fn claim_send_jobs(
     lease: Duration,
 ) -> Result<Vec<SendJob>, StoreError> {
     // The services with jobs, one index step each (a loose index scan); for each, its
-    // earliest due unleased jobs, at most `per_service`; of those, the `limit` earliest.
+    // earliest due unleased jobs, at most `per_service`; of those, the `limit` earliest; and
+    // only those locked (checked again once locked), so a claim locks what it leases.
     let jobs: Vec<(uuid::Uuid, uuid::Uuid)> = sqlx::query_as(
         "WITH RECURSIVE services AS ( \
            (SELECT service_id FROM send_jobs ORDER BY service_id LIMIT 1) \
@@ -113,17 +114,21 @@ pub(super) async fn claim_send_jobs(
            SELECT (SELECT j.service_id FROM send_jobs j WHERE j.service_id > s.service_id \
                    ORDER BY j.service_id LIMIT 1) \
            FROM services s WHERE s.service_id IS NOT NULL \
-         ), locked AS ( \
+         ), candidates AS ( \
            SELECT picked.message_id FROM services s \
            CROSS JOIN LATERAL ( \
              SELECT j.message_id, j.due_at FROM send_jobs j \
              WHERE j.service_id = s.service_id AND j.due_at <= now() \
                AND (j.locked_until IS NULL OR j.locked_until < now()) \
              ORDER BY j.due_at LIMIT $2 \
-             FOR UPDATE SKIP LOCKED \
            ) picked \
            WHERE s.service_id IS NOT NULL \
            ORDER BY picked.due_at LIMIT $1 \
+         ), locked AS ( \
+           SELECT message_id FROM send_jobs \
+           WHERE message_id = ANY(ARRAY(SELECT message_id FROM candidates)) \
+             AND due_at <= now() AND (locked_until IS NULL OR locked_until < now()) \
+           FOR UPDATE SKIP LOCKED \
          ) \
          UPDATE send_jobs j SET locked_until = now() + $3 * interval '1 millisecond', \
              claims = claims + 1 \

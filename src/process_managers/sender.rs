@@ -139,13 +139,13 @@ impl Sender {
     ///
     /// The common case (a pending email with no attempt open) goes in bulk: the round's
     /// messages are read in one query, their attempts started as one batch of commands, the
-    /// provider calls made concurrently, and the outcomes recorded as one batch. Anything
-    /// else (an attempt to recover, a message the provider already reported on, a job with
-    /// nothing left to send) takes the one-job path, and so do posts: in bulk, a crash
-    /// between the round's starts and its calls would leave attempts open that recovery must
-    /// record as unknown outcomes (a post is never retried blindly), posts that were never
-    /// made among them. An email's open attempt is retried on recovery, its stable
-    /// Message-ID making a duplicate detectable, so only emails share a round's window.
+    /// provider calls made concurrently, and the outcomes recorded in batches as calls
+    /// finish. Anything else (an attempt to recover, a message the provider already reported
+    /// on, a job with nothing left to send) takes the one-job path, and so do posts: in
+    /// bulk, a crash between the round's starts and its calls would leave attempts open that
+    /// recovery must record as unknown outcomes (a post is never retried blindly), posts that
+    /// were never made among them. An email's open attempt is retried on recovery, its
+    /// stable Message-ID making a duplicate detectable, so only emails share a round's window.
     pub async fn run_once(&self) -> Result<Vec<JobOutcome>, StoreError> {
         let jobs = self.claim(self.config.concurrency as i64 * 4).await?;
         if jobs.is_empty() {
@@ -235,7 +235,9 @@ impl Sender {
                 (recorded, account, outgoing(d))
             })
             .collect();
-        let results: Vec<_> = futures::stream::iter(calls)
+        // Outcomes recorded as calls finish, a few at a time: an email sent stays unrecorded
+        // (and would be sent again by a recovery) only while its wave is being recorded.
+        let mut waves = futures::stream::iter(calls)
             .map(|(recorded, account, outgoing)| async move {
                 let result = match account {
                     Ok(account) => {
@@ -247,30 +249,9 @@ impl Sender {
                 (recorded, result)
             })
             .buffer_unordered(self.config.concurrency)
-            .collect()
-            .await;
-        let mut commands = Vec::with_capacity(results.len());
-        let mut recorded = Vec::with_capacity(results.len());
-        for ((id, channel, provider, attempt), result) in results {
-            let (command, outcome) = self.outcome(id, channel, attempt, result);
-            commands.push((id, command));
-            recorded.push((id, provider, outcome));
-        }
-        let results = self.store.execute_each(commands).await;
-        for ((id, provider, outcome), result) in recorded.into_iter().zip(results) {
-            match result {
-                Ok(()) => {
-                    if let Some(metrics) = &self.metrics {
-                        metrics.send(provider.as_str(), outcome);
-                    }
-                    outcomes.push(outcome);
-                }
-                Err(error) => {
-                    // The attempt stays open: when the lease expires the job is recovered.
-                    tracing::error!(message_id = %id, %error, "could not record a send outcome; it will be recovered");
-                    outcomes.push(JobOutcome::Skipped);
-                }
-            }
+            .ready_chunks(self.config.concurrency);
+        while let Some(wave) = waves.next().await {
+            outcomes.extend(self.record_wave(wave).await);
         }
         outcomes
     }
@@ -337,6 +318,38 @@ impl Sender {
         };
         self.record(id, d.channel, d.provider, attempt, result)
             .await
+    }
+
+    /// Records a wave of provider answers as one batch of commands.
+    async fn record_wave(
+        &self,
+        results: Vec<(Attempted, Result<crate::providers::Accepted, SendError>)>,
+    ) -> Vec<JobOutcome> {
+        let mut outcomes = Vec::with_capacity(results.len());
+        let mut commands = Vec::with_capacity(results.len());
+        let mut recorded = Vec::with_capacity(results.len());
+        for ((id, channel, provider, attempt), result) in results {
+            let (command, outcome) = self.outcome(id, channel, attempt, result);
+            commands.push((id, command));
+            recorded.push((id, provider, outcome));
+        }
+        let results = self.store.execute_each(commands).await;
+        for ((id, provider, outcome), result) in recorded.into_iter().zip(results) {
+            match result {
+                Ok(()) => {
+                    if let Some(metrics) = &self.metrics {
+                        metrics.send(provider.as_str(), outcome);
+                    }
+                    outcomes.push(outcome);
+                }
+                Err(error) => {
+                    // The attempt stays open: when the lease expires the job is recovered.
+                    tracing::error!(message_id = %id, %error, "could not record a send outcome; it will be recovered");
+                    outcomes.push(JobOutcome::Skipped);
+                }
+            }
+        }
+        outcomes
     }
 
     async fn account(&self, service_id: ServiceId) -> Result<Account, String> {
@@ -505,6 +518,9 @@ impl Sender {
         }
     }
 }
+
+/// An attempt made in a bulk round: the message, its channel and provider, the attempt number.
+type Attempted = (MessageId, Channel, Provider, u32);
 
 /// A message the sender may start an attempt on without looking further: pending, no attempt
 /// open, no unknown outcome, not sent, nothing reported by the provider.

@@ -191,15 +191,20 @@ impl Projection<Postgres> for CrashAfter {
     }
 }
 
-async fn write_history(pool: &PgPool) {
-    let store = PgStore::new(pool.clone());
-    let service = ServiceRef {
-        id: ServiceId::from_uuid(uuid::Uuid::now_v7()),
+/// The account the tests below write from (no `services` row is needed below the API).
+fn sendgrid_account() -> ServiceRef {
+    ServiceRef {
+        id: ServiceId::from_uuid(uuid::Uuid::nil()),
         channel: Channel::Email,
         provider: Provider::Sendgrid,
         username: "news@example.com".into(),
         name: None,
-    };
+    }
+}
+
+async fn write_history(pool: &PgPool) {
+    let store = PgStore::new(pool.clone());
+    let service = sendgrid_account();
     for i in 0..30u32 {
         let id = MessageId::from_uuid(uuid::Uuid::now_v7());
         let input = MessageInput {
@@ -491,13 +496,7 @@ impl Projection<Postgres> for Slow {
 
 /// Composes email `i` from one SendGrid account through `PgStore::execute`.
 async fn composed(store: &PgStore, i: usize, dispatch: Dispatch) -> MessageId {
-    let service = ServiceRef {
-        id: ServiceId::from_uuid(uuid::Uuid::nil()),
-        channel: Channel::Email,
-        provider: Provider::Sendgrid,
-        username: "news@example.com".into(),
-        name: None,
-    };
+    let service = sendgrid_account();
     let id = MessageId::from_uuid(uuid::Uuid::now_v7());
     let input = MessageInput {
         to: vec![Profile::new(format!("p{i}@example.com"), None)],

@@ -191,43 +191,48 @@ impl Projection<Postgres> for CrashAfter {
     }
 }
 
-/// The account the tests below write from (no `services` row is needed below the API).
-fn sendgrid_account() -> ServiceRef {
-    ServiceRef {
+/// Composes email `i` from one SendGrid account through `PgStore::execute`.
+async fn composed(store: &PgStore, i: usize, dispatch: Dispatch) -> MessageId {
+    // No `services` row is needed below the API.
+    let service = ServiceRef {
         id: ServiceId::from_uuid(uuid::Uuid::nil()),
         channel: Channel::Email,
         provider: Provider::Sendgrid,
         username: "news@example.com".into(),
         name: None,
-    }
+    };
+    let id = MessageId::from_uuid(uuid::Uuid::now_v7());
+    let input = MessageInput {
+        to: vec![Profile::new(format!("p{i}@example.com"), None)],
+        subject: Some("s".into()),
+        text: Some("t".into()),
+        ..Default::default()
+    };
+    let compose = MessageCommand::Compose(Compose {
+        id,
+        message: build_message(&service, input).unwrap(),
+        dispatch,
+        now: Utc::now(),
+    });
+    store.execute(id, compose).await.unwrap();
+    id
 }
 
 async fn write_history(pool: &PgPool) {
     let store = PgStore::new(pool.clone());
-    let service = sendgrid_account();
     for i in 0..30u32 {
-        let id = MessageId::from_uuid(uuid::Uuid::now_v7());
-        let input = MessageInput {
-            to: vec![Profile::new(format!("p{i}@example.com"), None)],
-            subject: Some("s".into()),
-            text: Some("t".into()),
-            ..Default::default()
+        let dispatch = if i % 4 == 0 {
+            Dispatch::Draft
+        } else {
+            Dispatch::Now
         };
+        let id = composed(&store, i as usize, dispatch).await;
         let now = Utc::now();
         let fact = |n: u32| Fact {
             fact_id: format!("{i}-{n}"),
             occurred_at: now,
         };
-        let mut commands = vec![MessageCommand::Compose(Compose {
-            id,
-            message: build_message(&service, input).unwrap(),
-            dispatch: if i % 4 == 0 {
-                Dispatch::Draft
-            } else {
-                Dispatch::Now
-            },
-            now,
-        })];
+        let mut commands = Vec::new();
         if i % 4 != 0 {
             commands.push(MessageCommand::StartSendAttempt { now });
             commands.push(MessageCommand::RecordSent {
@@ -492,26 +497,6 @@ impl Projection<Postgres> for Slow {
     async fn reset(&self, conn: &mut PgConnection) -> Result<(), ProjectionError> {
         self.0.reset(conn).await
     }
-}
-
-/// Composes email `i` from one SendGrid account through `PgStore::execute`.
-async fn composed(store: &PgStore, i: usize, dispatch: Dispatch) -> MessageId {
-    let service = sendgrid_account();
-    let id = MessageId::from_uuid(uuid::Uuid::now_v7());
-    let input = MessageInput {
-        to: vec![Profile::new(format!("p{i}@example.com"), None)],
-        subject: Some("s".into()),
-        text: Some("t".into()),
-        ..Default::default()
-    };
-    let compose = MessageCommand::Compose(Compose {
-        id,
-        message: build_message(&service, input).unwrap(),
-        dispatch,
-        now: Utc::now(),
-    });
-    store.execute(id, compose).await.unwrap();
-    id
 }
 
 /// The batch command path reads every message, then appends in one statement: a writer that

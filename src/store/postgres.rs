@@ -8,7 +8,7 @@ mod jobs;
 pub mod notify;
 mod push;
 
-use super::commands::{execute, MessageCqrs};
+use super::commands::MessageCqrs;
 use super::{
     CommandError, FactSettlement, Gauges, IdempotencyClaim, ListFilter, NewSubscription,
     PendingFact, PushDue, PushSubscription, ScheduledSend, SendJob, Service, ServiceRow,
@@ -110,8 +110,19 @@ impl PgStore {
 
 #[async_trait]
 impl Store for PgStore {
+    /// One command as a batch of one: a read (none for a Compose) and one INSERT, where the
+    /// cqrs-es path takes a read and BEGIN, one INSERT per event, COMMIT. Any failure of that
+    /// append (a conflict, the database) falls back to cqrs-es with its conflict retries.
     async fn execute(&self, id: MessageId, command: MessageCommand) -> Result<(), CommandError> {
-        let result = execute(&self.cqrs, self.metrics.as_deref(), id, command).await;
+        let result = batch::execute_each(
+            &self.pool,
+            &self.cqrs,
+            self.metrics.as_deref(),
+            vec![(id, command)],
+        )
+        .await
+        .pop()
+        .unwrap_or_else(|| Err(CommandError::Store("a command had no result".into())));
         if result.is_ok() {
             self.committed.notify_one();
         }

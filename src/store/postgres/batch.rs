@@ -32,7 +32,7 @@ pub(super) async fn execute_each(
     commands: Vec<(MessageId, MessageCommand)>,
 ) -> Vec<Result<(), CommandError>> {
     let distinct: HashSet<MessageId> = commands.iter().map(|(id, _)| *id).collect();
-    if commands.len() < 2 || distinct.len() < commands.len() {
+    if distinct.len() < commands.len() {
         return one_by_one(cqrs, metrics, commands).await;
     }
     match decide_and_append(pool, &commands).await {
@@ -91,13 +91,34 @@ pub(super) async fn load_many(
     Ok(messages)
 }
 
+/// Whether `command` is decided without reading the message: a Compose succeeds only on a
+/// message with no events, and its id is new (a UUIDv7 made for it, or an idempotent retry's).
+/// Its events go in from sequence 1; if the message exists after all, the primary key rejects
+/// them and the fallback reads and decides (`AlreadyExists`). Inbound `Receive` is not
+/// included: its id comes from the provider's message id and duplicates are common.
+fn creates(command: &MessageCommand) -> bool {
+    matches!(command, MessageCommand::Compose(_))
+}
+
 /// The results, and the events appended.
 async fn decide_and_append(
     pool: &PgPool,
     commands: &[(MessageId, MessageCommand)],
 ) -> Result<(Vec<Result<(), CommandError>>, Vec<MessageEvent>), String> {
     let ids: Vec<String> = commands.iter().map(|(id, _)| id.to_string()).collect();
-    let mut messages = load_many(pool, &ids).await.map_err(|e| e.to_string())?;
+    let existing: Vec<String> = ids
+        .iter()
+        .zip(commands)
+        .filter(|(_, (_, command))| !creates(command))
+        .map(|(id, _)| id.clone())
+        .collect();
+    let mut messages = if existing.is_empty() {
+        HashMap::new()
+    } else {
+        load_many(pool, &existing)
+            .await
+            .map_err(|e| e.to_string())?
+    };
     let mut results = Vec::with_capacity(commands.len());
     let mut appended = Vec::new();
     let (mut agg_ids, mut sequences, mut types, mut versions, mut payloads) =

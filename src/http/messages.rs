@@ -10,8 +10,8 @@ use axum::routing::{get, post};
 use axum::Router;
 use chrono::{DateTime, Utc};
 use messaging_domain::{
-    build_message, Channel, Compose, Direction, Dispatch, MessageCommand, MessageError, MessageId,
-    MessageInput, MessageState, Profile, ServiceRef,
+    build_message, Channel, Compose, Direction, Dispatch, Message, MessageCommand, MessageError,
+    MessageId, MessageInput, MessageState, Profile, ServiceRef,
 };
 use messaging_projections::MessageView;
 use serde::Deserialize;
@@ -182,16 +182,32 @@ async fn compose_for(
         dispatch,
         now,
     });
-    match state.store.execute(id, command).await {
-        Ok(()) => {}
+    let view = match state.store.execute(id, command.clone()).await {
+        // The aggregate is pure and a Compose succeeds only on a new message: its events are
+        // the ones decided here, so the message as composed needs no read back.
+        Ok(()) => composed_view(command)?,
         // A retry under the same key raced the first request, or repeats it: same message.
         Err(crate::store::CommandError::Rejected(MessageError::AlreadyExists))
-            if idempotency_key.is_some() => {}
+            if idempotency_key.is_some() =>
+        {
+            message_view(state, id).await?.0
+        }
         Err(e) => return Err(e.into()),
-    }
+    };
     tracing::info!(message_id = %id, service_id = %service.id, "message composed");
-    let (view, _) = message_view(state, id).await?;
     Ok((StatusCode::CREATED, ApiJson(view)))
+}
+
+/// The view of the message a Compose command creates, as its events leave it.
+fn composed_view(command: MessageCommand) -> Result<Value, ApiError> {
+    let mut message = Message::default();
+    for event in message.decide(command)? {
+        message.apply_event(event);
+    }
+    let data = message
+        .data()
+        .ok_or_else(|| ApiError::internal("a composed message has no data"))?;
+    serde_json::to_value(MessageView::from(data)).map_err(ApiError::internal)
 }
 
 #[derive(Deserialize)]

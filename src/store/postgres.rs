@@ -44,7 +44,15 @@ pub struct PgStore {
     metrics: Option<Arc<Metrics>>,
     /// Wakes the task that tells every instance's readers that events were committed.
     committed: Arc<tokio::sync::Notify>,
+    /// Services already read. A service never changes once created (there is no update or
+    /// delete), so every instance can keep what it read: this saves a query per composed
+    /// message. Only found services are kept (one created on another instance is read on first
+    /// use); if services ever become mutable, this cache must go.
+    services: std::sync::RwLock<HashMap<ServiceId, Service>>,
 }
+
+/// How many services [`PgStore`] keeps; past that it starts again from empty.
+const SERVICES_KEPT: usize = 10_000;
 
 /// Sends NOTIFY `events` after commits, at most once per few milliseconds however many
 /// commands commit: readers in every instance (this one included, through its listener) wake
@@ -91,6 +99,7 @@ impl PgStore {
             pool,
             cqrs,
             metrics: None,
+            services: std::sync::RwLock::default(),
         }
     }
 
@@ -202,13 +211,23 @@ impl Store for PgStore {
     }
 
     async fn service(&self, id: ServiceId) -> Result<Option<Service>, StoreError> {
+        if let Some(known) = self.services.read().ok().and_then(|s| s.get(&id).cloned()) {
+            return Ok(Some(known));
+        }
         let row: Option<ServiceRow> = sqlx::query_as(
             "SELECT id, channel, provider, name, username, created_at FROM services WHERE id = $1",
         )
         .bind(id.as_uuid())
         .fetch_optional(&self.pool)
         .await?;
-        row.map(Service::try_from).transpose()
+        let service = row.map(Service::try_from).transpose()?;
+        if let (Some(service), Ok(mut kept)) = (&service, self.services.write()) {
+            if kept.len() >= SERVICES_KEPT {
+                kept.clear();
+            }
+            kept.insert(id, service.clone());
+        }
+        Ok(service)
     }
 
     async fn service_credentials(

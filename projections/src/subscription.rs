@@ -86,7 +86,17 @@ pub enum BatchOutcome {
 
 /// Takes the subscription's advisory lock for the rest of the transaction, if no one holds it.
 /// The key is derived by the server, so it is the same in every process on that server.
-const TRY_LOCK: &str = "SELECT pg_try_advisory_xact_lock(hashtext('subscription:' || $1))";
+/// Also commits the batch without waiting for its WAL flush (see [`ASYNC_COMMIT`]).
+const TRY_LOCK: &str = "SELECT pg_try_advisory_xact_lock(hashtext('subscription:' || $1)) \
+                        FROM (SELECT set_config('synchronous_commit', 'off', true)) AS async_commit";
+/// A projection's batch commits without waiting for the disk: its rows and its checkpoint are
+/// one transaction, so a crash that loses the last batches loses both, and they are handled
+/// again from the log (which every command appends with a full flush). Any later synchronous
+/// commit (a command, a send attempt) flushes the WAL before it, batches included, so nothing
+/// done on the strength of a projected row (a send job claimed, a schedule fired) can outlive
+/// the row. Readers stop waiting for an fsync per batch, and commands share the disk with
+/// fewer flushes.
+const ASYNC_COMMIT: &str = "SET synchronous_commit = off";
 /// The same lock for a whole session (a rebuild's), waiting for a running batch to finish.
 /// Session and transaction-level advisory locks on one key conflict with each other.
 const SESSION_LOCK: &str = "SELECT pg_advisory_lock(hashtext('subscription:' || $1))";
@@ -252,6 +262,7 @@ impl Subscription {
             .bind(self.name())
             .execute(&mut writer)
             .await?;
+        sqlx::query(ASYNC_COMMIT).execute(&mut writer).await?;
         let mut tx = writer.begin().await?;
         self.projection.reset(&mut tx).await?;
         sqlx::query(

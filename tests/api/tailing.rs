@@ -642,3 +642,67 @@ async fn a_rejected_command_in_a_batch_does_not_hold_back_the_others() {
         assert_eq!(cancels, i64::from(n != 1 && n != 4), "message {n}");
     }
 }
+
+/// Records the `synchronous_commit` its batches run under.
+struct CommitMode(Arc<std::sync::Mutex<Vec<String>>>);
+
+#[async_trait]
+impl Projection<Postgres> for CommitMode {
+    fn name(&self) -> &'static str {
+        "commit_mode"
+    }
+    async fn handle_batch(
+        &self,
+        conn: &mut PgConnection,
+        _events: &[StoredEvent],
+    ) -> Result<(), ProjectionError> {
+        let mode: String = sqlx::query_scalar("SHOW synchronous_commit")
+            .fetch_one(&mut *conn)
+            .await?;
+        self.0.lock().unwrap().push(mode);
+        Ok(())
+    }
+    async fn reset(&self, _conn: &mut PgConnection) -> Result<(), ProjectionError> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn projection_batches_commit_asynchronously_and_leave_commands_synchronous() {
+    let url = fresh_postgres_database().await;
+    // One connection: the batches and the command below share it.
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&url)
+        .await
+        .unwrap();
+    messaging::startup::migrate(&pool).await.unwrap();
+    let modes = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sub = Subscription::new(pool.clone(), Arc::new(CommitMode(modes.clone())));
+    sub.ensure_checkpoint().await.unwrap();
+    let mut conn = pool.acquire().await.unwrap();
+    insert_probe(&mut conn, "a", 1).await;
+    drop(conn);
+
+    assert!(matches!(
+        sub.run_batch().await.unwrap(),
+        BatchOutcome::Handled(1)
+    ));
+    sub.rebuild().await.unwrap();
+    assert_eq!(*modes.lock().unwrap(), ["off", "off"]);
+
+    // The setting was the batch's own: the pooled connection appends commands with a flush.
+    let after: String = sqlx::query_scalar("SHOW synchronous_commit")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(after, "on");
+    // And what the batch projected was committed: the checkpoint moved past the event.
+    let handled: i64 = sqlx::query_scalar(
+        "SELECT events_handled FROM subscription_checkpoints WHERE name = 'commit_mode'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(handled, 1);
+}

@@ -107,6 +107,11 @@ pub(super) async fn claim_send_jobs(
     // The services with jobs, one index step each (a loose index scan); for each, its
     // earliest due unleased jobs, at most `per_service`; of those, the `limit` earliest; and
     // only those locked (checked again once locked), so a claim locks what it leases.
+    // A lease also moves the job's due time to the lease's end, when it may be claimed again
+    // (a sender that died mid-send): leased jobs then lie past `now()` in the
+    // `(service_id, due_at)` index, and the next claim's range stops before them instead of
+    // stepping over every job still being sent (an outcome deletes the job or sets its retry
+    // time).
     let jobs: Vec<(uuid::Uuid, uuid::Uuid)> = sqlx::query_as(
         "WITH RECURSIVE services AS ( \
            (SELECT service_id FROM send_jobs ORDER BY service_id LIMIT 1) \
@@ -131,7 +136,7 @@ pub(super) async fn claim_send_jobs(
            FOR UPDATE SKIP LOCKED \
          ) \
          UPDATE send_jobs j SET locked_until = now() + $3 * interval '1 millisecond', \
-             claims = claims + 1 \
+             due_at = now() + $3 * interval '1 millisecond', claims = claims + 1 \
          WHERE j.message_id = ANY(ARRAY(SELECT message_id FROM locked)) \
          RETURNING j.message_id, j.service_id",
     )

@@ -95,7 +95,8 @@ pub(super) async fn claim_send_jobs(
 ) -> Result<Vec<SendJob>, StoreError> {
     let now = Utc::now();
     let jobs: Vec<(uuid::Uuid, uuid::Uuid)> = sqlx::query_as(
-        "UPDATE send_jobs SET locked_until = ?2, claims = claims + 1 \
+        // The lease's end is also the job's due time, as on PostgreSQL.
+        "UPDATE send_jobs SET locked_until = ?2, due_at = ?2, claims = claims + 1 \
          WHERE message_id IN ( \
            SELECT message_id FROM ( \
              SELECT message_id, \

@@ -3,12 +3,12 @@
 
 mod batch;
 mod gauges;
+mod group;
 mod inbox;
 mod jobs;
 pub mod notify;
 mod push;
 
-use super::commands::MessageCqrs;
 use super::{
     CommandError, FactSettlement, Gauges, IdempotencyClaim, ListFilter, NewSubscription,
     PendingFact, PushDue, PushSubscription, ScheduledSend, SendJob, Service, ServiceRow,
@@ -40,8 +40,10 @@ pub static MIGRATOR: Migrator = sqlx::migrate!("./migrations/postgres");
 
 pub struct PgStore {
     pool: PgPool,
-    cqrs: MessageCqrs<PostgresEventRepository>,
-    metrics: Option<Arc<Metrics>>,
+    /// The command side: the pool, cqrs-es (event-store mode) and the metrics.
+    writer: Arc<group::Shared>,
+    /// Client commands appended in groups, started on the first command.
+    group: std::sync::OnceLock<group::Group>,
     /// Wakes the task that tells every instance's readers that events were committed.
     committed: Arc<tokio::sync::Notify>,
     /// Services already read. A service never changes once created (there is no update or
@@ -87,18 +89,30 @@ fn spawn_commit_notifier(pool: PgPool) -> Arc<tokio::sync::Notify> {
     committed
 }
 
+/// The command side over `pool`. Event-store mode only: the snapshot and aggregate-store modes
+/// of cqrs-es 0.5.0 apply each event twice. No cqrs-es queries but the metrics' event
+/// counter: projections are durable subscriptions.
+fn writer(pool: &PgPool, metrics: Option<Arc<Metrics>>) -> Arc<group::Shared> {
+    let repo = PostgresEventRepository::new(pool.clone());
+    let cqrs = CqrsFramework::new(PersistedEventStore::new_event_store(repo), vec![], ());
+    let cqrs = match &metrics {
+        Some(metrics) => cqrs.append_query(metrics.event_counter()),
+        None => cqrs,
+    };
+    Arc::new(group::Shared {
+        pool: pool.clone(),
+        cqrs,
+        metrics,
+    })
+}
+
 impl PgStore {
     pub fn new(pool: PgPool) -> Self {
-        // Event-store mode only: the snapshot and aggregate-store modes of cqrs-es 0.5.0 apply
-        // each event twice. No cqrs-es queries but the metrics' event counter: projections are
-        // durable subscriptions.
-        let repo = PostgresEventRepository::new(pool.clone());
-        let cqrs = CqrsFramework::new(PersistedEventStore::new_event_store(repo), vec![], ());
         Self {
             committed: spawn_commit_notifier(pool.clone()),
+            writer: writer(&pool, None),
+            group: std::sync::OnceLock::new(),
             pool,
-            cqrs,
-            metrics: None,
             services: std::sync::RwLock::default(),
         }
     }
@@ -106,8 +120,8 @@ impl PgStore {
     /// Counts commands by type and outcome, and the events they append.
     pub fn with_metrics(self, metrics: Arc<Metrics>) -> Self {
         Self {
-            cqrs: self.cqrs.append_query(metrics.event_counter()),
-            metrics: Some(metrics),
+            writer: writer(&self.pool, Some(metrics)),
+            group: std::sync::OnceLock::new(),
             ..self
         }
     }
@@ -119,19 +133,16 @@ impl PgStore {
 
 #[async_trait]
 impl Store for PgStore {
-    /// One command as a batch of one: a read (none for a Compose) and one INSERT, where the
-    /// cqrs-es path takes a read and BEGIN, one INSERT per event, COMMIT. Any failure of that
-    /// append (a conflict, the database) falls back to cqrs-es with its conflict retries.
+    /// Appended with the commands other callers send meanwhile (see [`group`]): a read (none
+    /// for a Compose) and one INSERT for the whole group, where the cqrs-es path takes a read
+    /// and BEGIN, one INSERT per event, COMMIT for each command. Any failure of that append (a
+    /// conflict, the database) falls back to cqrs-es with its conflict retries.
     async fn execute(&self, id: MessageId, command: MessageCommand) -> Result<(), CommandError> {
-        let result = batch::execute_each(
-            &self.pool,
-            &self.cqrs,
-            self.metrics.as_deref(),
-            vec![(id, command)],
-        )
-        .await
-        .pop()
-        .unwrap_or_else(|| Err(CommandError::Store("a command had no result".into())));
+        let result = self
+            .group
+            .get_or_init(|| group::Group::start(self.writer.clone()))
+            .execute(id, command)
+            .await;
         if result.is_ok() {
             self.committed.notify_one();
         }
@@ -142,8 +153,14 @@ impl Store for PgStore {
         &self,
         commands: Vec<(MessageId, MessageCommand)>,
     ) -> Vec<Result<(), CommandError>> {
-        let results =
-            batch::execute_each(&self.pool, &self.cqrs, self.metrics.as_deref(), commands).await;
+        let writer = &self.writer;
+        let results = batch::execute_each(
+            &self.pool,
+            &writer.cqrs,
+            writer.metrics.as_deref(),
+            commands,
+        )
+        .await;
         if results.iter().any(Result::is_ok) {
             self.committed.notify_one();
         }

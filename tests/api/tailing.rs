@@ -193,6 +193,13 @@ impl Projection<Postgres> for CrashAfter {
 
 /// Composes email `i` from one SendGrid account through `PgStore::execute`.
 async fn composed(store: &PgStore, i: usize, dispatch: Dispatch) -> MessageId {
+    let (id, compose) = compose_command(i, dispatch);
+    store.execute(id, compose).await.unwrap();
+    id
+}
+
+/// A Compose command for a new email to `p{i}@example.com`, and the new message's id.
+fn compose_command(i: usize, dispatch: Dispatch) -> (MessageId, MessageCommand) {
     // No `services` row is needed below the API.
     let service = ServiceRef {
         id: ServiceId::from_uuid(uuid::Uuid::nil()),
@@ -214,8 +221,7 @@ async fn composed(store: &PgStore, i: usize, dispatch: Dispatch) -> MessageId {
         dispatch,
         now: Utc::now(),
     });
-    store.execute(id, compose).await.unwrap();
-    id
+    (id, compose)
 }
 
 async fn write_history(pool: &PgPool) {
@@ -705,4 +711,107 @@ async fn projection_batches_commit_asynchronously_and_leave_commands_synchronous
     .await
     .unwrap();
     assert_eq!(handled, 1);
+}
+
+/// Client commands sent at once are appended in groups (one INSERT and one commit for several),
+/// and each caller still gets its own command's answer: composes land, a compose on an id that
+/// exists, a refused command and an unknown message are refused alone, and two cancels of one
+/// message sent at once go in different groups (one cancellation recorded, both satisfied).
+#[tokio::test]
+async fn commands_sent_at_once_are_appended_together_and_each_gets_its_own_answer() {
+    use messaging::store::CommandError;
+    let pool = migrated_pool().await;
+    let store = Arc::new(PgStore::new(pool.clone()));
+    let mut drafts = Vec::new();
+    for i in 0..4 {
+        drafts.push(composed(&store, 100 + i, Dispatch::Draft).await);
+    }
+
+    // (command, whether it must be refused)
+    let mut commands = Vec::new();
+    let mut new_ids = Vec::new();
+    for i in 0..48 {
+        let (id, compose) = compose_command(i, Dispatch::Now);
+        new_ids.push(id);
+        commands.push((id, compose, false));
+    }
+    for draft in &drafts[..3] {
+        for _ in 0..2 {
+            commands.push((*draft, MessageCommand::Cancel { now: Utc::now() }, false));
+        }
+    }
+    let (_, mut again) = compose_command(200, Dispatch::Now);
+    if let MessageCommand::Compose(c) = &mut again {
+        c.id = drafts[3];
+    }
+    commands.push((drafts[3], again, true));
+    commands.push((
+        drafts[3],
+        MessageCommand::StartSendAttempt { now: Utc::now() },
+        true,
+    ));
+    let unknown = MessageId::from_uuid(uuid::Uuid::now_v7());
+    commands.push((unknown, MessageCommand::Cancel { now: Utc::now() }, true));
+
+    let tasks: Vec<_> = commands
+        .into_iter()
+        .map(|(id, command, refused)| {
+            let store = store.clone();
+            let name = format!("{command:?}").chars().take(40).collect::<String>();
+            tokio::spawn(async move { (id, name, refused, store.execute(id, command).await) })
+        })
+        .collect();
+    for task in tasks {
+        let (id, name, refused, result) = task.await.unwrap();
+        if refused {
+            assert!(
+                matches!(result, Err(CommandError::Rejected(_))),
+                "{name} on {id}: {result:?}"
+            );
+        } else {
+            assert!(result.is_ok(), "{name} on {id}: {result:?}");
+        }
+    }
+
+    for id in &new_ids {
+        let message = store.load_message(*id).await.unwrap().expect("composed");
+        assert_eq!(message.state(), Some(MessageState::Pending));
+    }
+    let count = |sql: &'static str| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(sql)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
+    };
+    for (n, draft) in drafts.iter().enumerate() {
+        let message = store.load_message(*draft).await.unwrap().unwrap();
+        let expected = if n < 3 {
+            MessageState::Cancelled
+        } else {
+            MessageState::Draft
+        };
+        assert_eq!(message.state(), Some(expected), "draft {n}");
+    }
+    assert_eq!(
+        count("SELECT count(*) FROM events WHERE event_type = 'MessageCancelled'").await,
+        3
+    );
+    // The drafts' 4 events, and a MessageComposed and a MessageQueued per new message.
+    assert_eq!(count("SELECT count(*) FROM events").await, 4 + 3 + 2 * 48);
+    assert_eq!(
+        count("SELECT count(*) FROM events WHERE event_type = 'MessageComposed'").await,
+        4 + 48
+    );
+    // Grouped: the 48 composes went in in fewer transactions than there were composes.
+    let transactions = count(
+        "SELECT count(DISTINCT transaction_id) FROM events WHERE event_type = 'MessageQueued'",
+    )
+    .await;
+    assert!(
+        transactions < 48,
+        "{transactions} transactions for 48 composes"
+    );
 }

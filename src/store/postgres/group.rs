@@ -1,0 +1,125 @@
+//! Group commit for client commands: commands that arrive while others are being appended are
+//! appended together, as one [`batch::execute_each`] (one read of the messages that need it,
+//! one INSERT, one commit), instead of one statement and one WAL flush each.
+//!
+//! Nothing waits to fill a group: a few writers take commands from one queue; a writer that
+//! finds the queue empty appends its one command at once, and under load each takes whatever
+//! queued up while the others were busy (at most [`MOST`]). A group never holds two commands
+//! on one message (the second waits for the next group), so each command is decided against
+//! the message as the commands before it left it. Every caller gets its own command's result:
+//! a rejected command fails alone, and any failure of the group's append falls back to one
+//! command at a time (see [`batch`]).
+
+use super::batch;
+use crate::metrics::Metrics;
+use crate::store::commands::MessageCqrs;
+use crate::store::CommandError;
+use messaging_domain::{MessageCommand, MessageId};
+use postgres_es::PostgresEventRepository;
+use sqlx::PgPool;
+use std::collections::HashSet;
+use std::sync::Arc;
+use tokio::sync::{mpsc, oneshot, Mutex};
+
+/// Groups appended at the same time: a writer reads the next group while others commit.
+const WRITERS: usize = 2;
+/// The most commands in one group.
+const MOST: usize = 256;
+/// Commands waiting for a writer before callers wait to queue theirs.
+const QUEUED: usize = 4096;
+
+/// What the writers need: the pool, and cqrs-es for the fallback.
+pub(super) struct Shared {
+    pub pool: PgPool,
+    pub cqrs: MessageCqrs<PostgresEventRepository>,
+    pub metrics: Option<Arc<Metrics>>,
+}
+
+type Answer = oneshot::Sender<Result<(), CommandError>>;
+type Queued = (MessageId, MessageCommand, Answer);
+
+/// The queue's sending end. The writers stop once it is dropped (with the store).
+pub(super) struct Group {
+    queue: mpsc::Sender<Queued>,
+}
+
+impl Group {
+    /// Starts the writers (on the current Tokio runtime).
+    pub fn start(shared: Arc<Shared>) -> Self {
+        let (queue, receiver) = mpsc::channel(QUEUED);
+        let receiver = Arc::new(Mutex::new(receiver));
+        for _ in 0..WRITERS {
+            tokio::spawn(write(shared.clone(), receiver.clone()));
+        }
+        Self { queue }
+    }
+
+    pub async fn execute(
+        &self,
+        id: MessageId,
+        command: MessageCommand,
+    ) -> Result<(), CommandError> {
+        let (answer, answered) = oneshot::channel();
+        self.queue
+            .send((id, command, answer))
+            .await
+            .map_err(|_| CommandError::Store("the command writers have stopped".into()))?;
+        answered.await.map_err(|_| {
+            CommandError::Store("the command writers stopped before answering".into())
+        })?
+    }
+}
+
+/// One writer: takes a group from the queue, appends it, answers each caller.
+async fn write(shared: Arc<Shared>, receiver: Arc<Mutex<mpsc::Receiver<Queued>>>) {
+    // A command on a message already in the group: the first of this writer's next group.
+    let mut held: Option<Queued> = None;
+    loop {
+        let mut group = Vec::new();
+        let queue = match held.take() {
+            // Never wait for the queue with a command in hand: another writer may be waiting
+            // on an empty queue while holding it. Take what is queued only if it is free.
+            Some(first) => {
+                group.push(first);
+                receiver.try_lock().ok()
+            }
+            None => {
+                let mut queue = receiver.lock().await;
+                match queue.recv().await {
+                    Some(first) => group.push(first),
+                    None => return,
+                }
+                Some(queue)
+            }
+        };
+        if let Some(mut queue) = queue {
+            let mut ids: HashSet<MessageId> = group.iter().map(|(id, _, _)| *id).collect();
+            while group.len() < MOST {
+                let Ok(next) = queue.try_recv() else {
+                    break;
+                };
+                if ids.insert(next.0) {
+                    group.push(next);
+                } else {
+                    held = Some(next);
+                    break;
+                }
+            }
+        }
+        let (commands, answers): (Vec<_>, Vec<_>) = group
+            .into_iter()
+            .map(|(id, command, answer)| ((id, command), answer))
+            .unzip();
+        let results = batch::execute_each(
+            &shared.pool,
+            &shared.cqrs,
+            shared.metrics.as_deref(),
+            commands,
+        )
+        .await;
+        // A caller that went away no longer wants its answer.
+        for (answer, result) in answers.into_iter().zip(results) {
+            let _ = answer.send(result);
+        }
+    }
+}

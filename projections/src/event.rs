@@ -44,6 +44,22 @@ pub const EVENT_COLUMNS: &str = "global_position, transaction_id::text AS transa
      aggregate_type, aggregate_id, sequence, event_type, event_version, payload::text AS payload, \
      recorded_at";
 
+/// Every event of the messages in `$2` (a text array; `$1` is the aggregate type), in
+/// (message, sequence) order: one primary-key lookup per message, whatever the statistics say.
+/// Written as `aggregate_id = ANY($2)`, a plan made while the table's statistics were missing
+/// or stale (a fresh or fast-growing log: no ANALYZE has run yet) used the key's first column
+/// alone and filtered every message's events: 16-28 ms a call at 100k events. The lateral
+/// subquery (kept apart by `OFFSET 0`) can only be a lookup of the whole key per message.
+pub fn events_of_messages_sql() -> String {
+    format!(
+        "SELECT e.* FROM (SELECT DISTINCT unnest($2::text[]) AS id) AS wanted \
+         CROSS JOIN LATERAL ( \
+           SELECT {EVENT_COLUMNS} FROM events \
+           WHERE aggregate_type = $1 AND aggregate_id = wanted.id OFFSET 0) AS e \
+         ORDER BY e.aggregate_id, e.sequence"
+    )
+}
+
 impl StoredEvent {
     /// The Message event inside. Version 1 is the only version so far; an upcaster goes here
     /// when a payload changes.
@@ -156,11 +172,7 @@ pub async fn load_messages_before(
         .map(|(id, sequence)| (id.as_str(), *sequence))
         .collect();
     let ids: Vec<&str> = before.keys().copied().collect();
-    let sql = format!(
-        "SELECT {EVENT_COLUMNS} FROM events \
-         WHERE aggregate_type = $1 AND aggregate_id = ANY($2) ORDER BY aggregate_id, sequence"
-    );
-    let events: Vec<StoredEvent> = sqlx::query_as(&sql)
+    let events: Vec<StoredEvent> = sqlx::query_as(&events_of_messages_sql())
         .bind(Message::TYPE_NAME)
         .bind(&ids)
         .fetch_all(conn)

@@ -18,7 +18,7 @@ use crate::metrics::{command_name, Metrics};
 use crate::store::{CommandError, StoreError};
 use cqrs_es::DomainEvent;
 use messaging_domain::{Message, MessageCommand, MessageEvent, MessageId};
-use messaging_projections::event::EVENT_COLUMNS;
+use messaging_projections::event::events_of_messages_sql;
 use messaging_projections::StoredEvent;
 use postgres_es::PostgresEventRepository;
 use sqlx::PgPool;
@@ -72,11 +72,7 @@ pub(super) async fn load_many(
     pool: &PgPool,
     ids: &[String],
 ) -> Result<HashMap<String, (Message, i64)>, StoreError> {
-    let sql = format!(
-        "SELECT {EVENT_COLUMNS} FROM events \
-         WHERE aggregate_type = $1 AND aggregate_id = ANY($2) ORDER BY aggregate_id, sequence"
-    );
-    let stored: Vec<StoredEvent> = sqlx::query_as(&sql)
+    let stored: Vec<StoredEvent> = sqlx::query_as(&events_of_messages_sql())
         .bind(Message::TYPE_NAME)
         .bind(ids)
         .fetch_all(pool)

@@ -1,16 +1,20 @@
-//! Many commands, one per message, in three statements: read every message's events at once,
-//! decide each in Rust with the aggregate's own `decide`, append every new event in one
-//! multi-row INSERT. This is the path of the process managers' bulk work (the scheduler fires
-//! hundreds of messages a round): one command at a time through cqrs-es costs a read and a
-//! transaction of its own per message.
+//! Commands, one per message, in at most two statements: read the messages' events at once
+//! (a Compose reads nothing: it succeeds only on a new message), decide each in Rust with the
+//! aggregate's own `decide`, append every new event in one multi-row INSERT. Every PostgreSQL
+//! command goes this way: a client's alone or in a group (see [`super::group`]), a worker's
+//! round (the scheduler fires hundreds of messages at once). Through cqrs-es each command
+//! costs a read and a transaction of its own (BEGIN, one INSERT per event, COMMIT).
 //!
-//! The INSERT is one statement, so it is atomic: when another writer appended to one of the
-//! messages since it was read, the primary key rejects the whole statement, nothing is
-//! written, and every command falls back to [`commands::execute`](super::super::commands),
-//! which retries conflicts one message at a time. Any other failure (a message whose events
-//! cannot be read, a deadlock, the database) falls back the same way, so it fails only the
-//! commands it concerns. Rows go in in (message, sequence) order, so two batches over the
-//! same messages take their key locks in the same order. The rows are the ones postgres-es writes
+//! The INSERT is one statement, so it is atomic. When the server refuses it (another writer
+//! appended to one of the messages since it was read, or a Compose's id exists: the primary key
+//! rejects the whole statement; a deadlock; any error the server reports), nothing was
+//! written: the batch is decided once more from a fresh read of every message, then, if that
+//! fails too, each command falls back to [`commands::execute`](super::super::commands), which
+//! retries conflicts one message at a time, so a failure fails only the commands it concerns.
+//! When the statement's fate is unknown (the connection broke once it was sent), nothing is
+//! run again: every command of the batch reports the store error, as a lost commit does on
+//! the cqrs-es path. Rows go in in (message, sequence) order, so two batches over the same
+//! messages take their key locks in the same order. The rows are the ones postgres-es writes
 //! (event type and version from `DomainEvent`, serde JSON payload, empty metadata).
 
 use super::super::commands::{execute, MessageCqrs};
@@ -35,7 +39,14 @@ pub(super) async fn execute_each(
     if distinct.len() < commands.len() {
         return one_by_one(cqrs, metrics, commands).await;
     }
-    match decide_and_append(pool, &commands).await {
+    let mut outcome = decide_and_append(pool, &commands, Read::Needed).await;
+    if let Err(Failed::NothingWritten(reason)) = &outcome {
+        // A Compose whose id exists, or a writer that appended in between: read every
+        // message afresh and decide again, once.
+        tracing::debug!(%reason, commands = commands.len(), "batch append decided again");
+        outcome = decide_and_append(pool, &commands, Read::All).await;
+    }
+    match outcome {
         Ok((results, appended)) => {
             if let Some(metrics) = metrics {
                 metrics.events_appended(appended.iter());
@@ -45,14 +56,56 @@ pub(super) async fn execute_each(
             }
             results
         }
-        // Nothing was written (the append is one statement): each command again on its own,
-        // so a conflict is retried where it happened and a message that cannot be read or
-        // written fails alone.
-        Err(reason) => {
+        // Each command again on its own, so a conflict is retried where it happened and a
+        // message that cannot be read or written fails alone.
+        Err(Failed::NothingWritten(reason)) => {
             tracing::debug!(%reason, commands = commands.len(), "batch append fell back to one command at a time");
             one_by_one(cqrs, metrics, commands).await
         }
+        Err(Failed::Unknown(reason)) => {
+            tracing::error!(%reason, commands = commands.len(), "batch append's outcome is unknown");
+            let results: Vec<Result<(), CommandError>> = commands
+                .iter()
+                .map(|_| Err(CommandError::Store(reason.clone())))
+                .collect();
+            if let Some(metrics) = metrics {
+                for ((_, command), result) in commands.iter().zip(&results) {
+                    metrics.command(command_name(command), result);
+                }
+            }
+            results
+        }
     }
+}
+
+/// Why a batch was not appended.
+enum Failed {
+    /// The server refused the statement, or it was never sent: running it again is safe.
+    NothingWritten(String),
+    /// The connection failed once the INSERT was sent: it may have been committed.
+    Unknown(String),
+}
+
+impl Failed {
+    fn of_insert(error: sqlx::Error) -> Self {
+        match error {
+            // The server answered with an error: the statement (its own transaction) did not
+            // commit. A pool that gave no connection never sent it.
+            sqlx::Error::Database(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed => {
+                Self::NothingWritten(error.to_string())
+            }
+            _ => Self::Unknown(error.to_string()),
+        }
+    }
+}
+
+/// Which messages a batch reads before deciding.
+#[derive(Clone, Copy, PartialEq)]
+enum Read {
+    /// All but those of Compose commands.
+    Needed,
+    /// Every one.
+    All,
 }
 
 async fn one_by_one(
@@ -100,12 +153,13 @@ fn creates(command: &MessageCommand) -> bool {
 async fn decide_and_append(
     pool: &PgPool,
     commands: &[(MessageId, MessageCommand)],
-) -> Result<(Vec<Result<(), CommandError>>, Vec<MessageEvent>), String> {
+    read: Read,
+) -> Result<(Vec<Result<(), CommandError>>, Vec<MessageEvent>), Failed> {
     let ids: Vec<String> = commands.iter().map(|(id, _)| id.to_string()).collect();
     let existing: Vec<String> = ids
         .iter()
         .zip(commands)
-        .filter(|(_, (_, command))| !creates(command))
+        .filter(|(_, (_, command))| read == Read::All || !creates(command))
         .map(|(id, _)| id.clone())
         .collect();
     let mut messages = if existing.is_empty() {
@@ -113,7 +167,7 @@ async fn decide_and_append(
     } else {
         load_many(pool, &existing)
             .await
-            .map_err(|e| e.to_string())?
+            .map_err(|e| Failed::NothingWritten(e.to_string()))?
     };
     let mut results = Vec::with_capacity(commands.len());
     let mut appended = Vec::new();
@@ -128,10 +182,9 @@ async fn decide_and_append(
                     sequences.push(last + 1 + n as i64);
                     types.push(event.event_type());
                     versions.push(event.event_version());
-                    payloads.push(
-                        serde_json::to_string(&event)
-                            .map_err(|e| format!("serialising an event: {e}"))?,
-                    );
+                    payloads.push(serde_json::to_string(&event).map_err(|e| {
+                        Failed::NothingWritten(format!("serialising an event: {e}"))
+                    })?);
                     appended.push(event);
                 }
                 results.push(Ok(()));
@@ -156,7 +209,7 @@ async fn decide_and_append(
         .bind(&payloads)
         .execute(pool)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(Failed::of_insert)?;
     }
     Ok((results, appended))
 }

@@ -2,7 +2,7 @@
 //! appended together, as one [`batch::execute_each`] (one read of the messages that need it,
 //! one INSERT, one commit), instead of one statement and one WAL flush each.
 //!
-//! Nothing waits to fill a group: a few writers take commands from one queue; a writer that
+//! Nothing waits to fill a group: two writers take commands from one queue; a writer that
 //! finds the queue empty appends its one command at once, and under load each takes whatever
 //! queued up while the others were busy (at most [`MOST`]). A group never holds two commands
 //! on one message (the second waits for the next group), so each command is decided against
@@ -49,7 +49,19 @@ impl Group {
         let (queue, receiver) = mpsc::channel(QUEUED);
         let receiver = Arc::new(Mutex::new(receiver));
         for _ in 0..WRITERS {
-            tokio::spawn(write(shared.clone(), receiver.clone()));
+            let (shared, receiver) = (shared.clone(), receiver.clone());
+            tokio::spawn(async move {
+                // A writer that panicked (a bug) is started again: its group's callers got an
+                // error, the others must not lose a writer.
+                loop {
+                    match tokio::spawn(write(shared.clone(), receiver.clone())).await {
+                        Err(error) if error.is_panic() => {
+                            tracing::error!(%error, "a command writer panicked; starting another")
+                        }
+                        _ => return,
+                    }
+                }
+            });
         }
         Self { queue }
     }

@@ -184,7 +184,8 @@ pub struct Gauges {
     /// Per projection (subscription checkpoint), by name in name order: events in the log
     /// after its checkpoint.
     pub projection_lag: Vec<(String, i64)>,
-    /// Send jobs with `due_at` <= now, leased or not.
+    /// Send jobs with `due_at` <= now: waiting to be claimed, or with a lease that ran out
+    /// (a claim moves `due_at` to the lease's end).
     pub send_jobs_due: i64,
     /// All send jobs.
     pub send_jobs: i64,
@@ -390,7 +391,8 @@ pub trait Store: Send + Sync + 'static {
     /// Claims due jobs (`due_at` <= now, and `locked_until` NULL or < now), at most
     /// `per_service` of each service (that service's earliest `due_at` first) and at most
     /// `limit` in all (which services fill `limit` is unspecified), in one atomic step: each
-    /// claimed job gets `locked_until` = now + `lease` and `claims` + 1. A job another instance
+    /// claimed job gets `locked_until` and `due_at` = now + `lease` (its due time is the lease's
+    /// end, when it may be claimed again) and `claims` + 1. A job another instance
     /// is claiming at that moment is skipped, not waited for, and one leased meanwhile is not
     /// claimed. Returns each claimed job's message and service.
     async fn claim_send_jobs(

@@ -46,36 +46,30 @@ pub(super) async fn execute_each(
         tracing::debug!(%reason, commands = commands.len(), "batch append decided again");
         outcome = decide_and_append(pool, &commands, Read::All).await;
     }
-    match outcome {
-        Ok((results, appended)) => {
-            if let Some(metrics) = metrics {
-                metrics.events_appended(appended.iter());
-                for ((_, command), result) in commands.iter().zip(&results) {
-                    metrics.command(command_name(command), result);
-                }
-            }
-            results
-        }
+    let (results, appended) = match outcome {
+        Ok(appended) => appended,
         // Each command again on its own, so a conflict is retried where it happened and a
         // message that cannot be read or written fails alone.
         Err(Failed::NothingWritten(reason)) => {
             tracing::debug!(%reason, commands = commands.len(), "batch append fell back to one command at a time");
-            one_by_one(cqrs, metrics, commands).await
+            return one_by_one(cqrs, metrics, commands).await;
         }
         Err(Failed::Unknown(reason)) => {
             tracing::error!(%reason, commands = commands.len(), "batch append's outcome is unknown");
-            let results: Vec<Result<(), CommandError>> = commands
+            let failed = commands
                 .iter()
                 .map(|_| Err(CommandError::Store(reason.clone())))
                 .collect();
-            if let Some(metrics) = metrics {
-                for ((_, command), result) in commands.iter().zip(&results) {
-                    metrics.command(command_name(command), result);
-                }
-            }
-            results
+            (failed, Vec::new())
+        }
+    };
+    if let Some(metrics) = metrics {
+        metrics.events_appended(appended.iter());
+        for ((_, command), result) in commands.iter().zip(&results) {
+            metrics.command(command_name(command), result);
         }
     }
+    results
 }
 
 /// Why a batch was not appended.

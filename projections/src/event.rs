@@ -44,21 +44,25 @@ pub const EVENT_COLUMNS: &str = "global_position, transaction_id::text AS transa
      aggregate_type, aggregate_id, sequence, event_type, event_version, payload::text AS payload, \
      recorded_at";
 
-/// Every event of the messages in `$2` (a text array; `$1` is the aggregate type), in
-/// (message, sequence) order: one primary-key lookup per message, whatever the statistics say.
-/// Written as `aggregate_id = ANY($2)`, a plan made while the table's statistics were missing
-/// or stale (a fresh or fast-growing log: no ANALYZE has run yet) used the key's first column
-/// alone and filtered every message's events: 16-28 ms a call at 100k events. The lateral
-/// subquery (kept apart by `OFFSET 0`) can only be a lookup of the whole key per message.
-pub fn events_of_messages_sql() -> String {
+/// The events of the messages in `$2` (a text array; `$1` is the aggregate type) whose
+/// sequence is below the same position of `$3` (a bigint array; `i64::MAX` for all of them), in
+/// (message, sequence) order: one primary-key range per message, whatever the statistics say.
+/// As a join with the wanted pairs, or as `aggregate_id = ANY($2)`, a plan made while the
+/// table's statistics were missing or stale (a fresh or fast-growing log: no ANALYZE has run
+/// yet) used the key's first column alone and filtered every message's events: 16-28 ms a
+/// call at 100k events. The lateral subquery (kept apart by `OFFSET 0`) can only be a lookup
+/// of the whole key per message.
+pub static EVENTS_OF_MESSAGES: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     format!(
-        "SELECT e.* FROM (SELECT DISTINCT unnest($2::text[]) AS id) AS wanted \
+        "SELECT e.* FROM (SELECT DISTINCT * FROM unnest($2::text[], $3::bigint[])) \
+           AS wanted(id, before) \
          CROSS JOIN LATERAL ( \
            SELECT {EVENT_COLUMNS} FROM events \
-           WHERE aggregate_type = $1 AND aggregate_id = wanted.id OFFSET 0) AS e \
+           WHERE aggregate_type = $1 AND aggregate_id = wanted.id \
+             AND sequence < wanted.before OFFSET 0) AS e \
          ORDER BY e.aggregate_id, e.sequence"
     )
-}
+});
 
 impl StoredEvent {
     /// The Message event inside. Version 1 is the only version so far; an upcaster goes here
@@ -161,22 +165,13 @@ pub async fn load_messages_before(
     if !any_before {
         return Ok(messages);
     }
-    // Only messages with events before their wanted one; each read by its key range (see
-    // `events_of_messages_sql` for why not a join or `= ANY`).
+    // Only messages with events before their wanted one.
     let (ids, before): (Vec<&str>, Vec<i64>) = wanted
         .iter()
         .filter(|(_, sequence)| *sequence > 1)
         .map(|(id, sequence)| (id.as_str(), *sequence))
         .unzip();
-    let sql = format!(
-        "SELECT e.* FROM unnest($2::text[], $3::bigint[]) AS wanted(id, before) \
-         CROSS JOIN LATERAL ( \
-           SELECT {EVENT_COLUMNS} FROM events \
-           WHERE aggregate_type = $1 AND aggregate_id = wanted.id \
-             AND sequence < wanted.before OFFSET 0) AS e \
-         ORDER BY e.aggregate_id, e.sequence"
-    );
-    let earlier: Vec<StoredEvent> = sqlx::query_as(&sql)
+    let earlier: Vec<StoredEvent> = sqlx::query_as(&EVENTS_OF_MESSAGES)
         .bind(Message::TYPE_NAME)
         .bind(&ids)
         .bind(&before)

@@ -153,14 +153,7 @@ impl Store for PgStore {
         &self,
         commands: Vec<(MessageId, MessageCommand)>,
     ) -> Vec<Result<(), CommandError>> {
-        let writer = &self.writer;
-        let results = batch::execute_each(
-            &self.pool,
-            &writer.cqrs,
-            writer.metrics.as_deref(),
-            commands,
-        )
-        .await;
+        let results = batch::execute_each(&self.writer, commands).await;
         if results.iter().any(Result::is_ok) {
             self.committed.notify_one();
         }

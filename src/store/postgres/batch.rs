@@ -18,11 +18,12 @@
 //! (event type and version from `DomainEvent`, serde JSON payload, empty metadata).
 
 use super::super::commands::{execute, MessageCqrs};
+use super::group::Shared;
 use crate::metrics::{command_name, Metrics};
 use crate::store::{CommandError, StoreError};
 use cqrs_es::DomainEvent;
 use messaging_domain::{Message, MessageCommand, MessageEvent, MessageId};
-use messaging_projections::event::events_of_messages_sql;
+use messaging_projections::event::EVENTS_OF_MESSAGES;
 use messaging_projections::StoredEvent;
 use postgres_es::PostgresEventRepository;
 use sqlx::PgPool;
@@ -30,11 +31,10 @@ use std::collections::{HashMap, HashSet};
 
 /// One result per command, in order. Commands on the same message twice run one by one.
 pub(super) async fn execute_each(
-    pool: &PgPool,
-    cqrs: &MessageCqrs<PostgresEventRepository>,
-    metrics: Option<&Metrics>,
+    writer: &Shared,
     commands: Vec<(MessageId, MessageCommand)>,
 ) -> Vec<Result<(), CommandError>> {
+    let (pool, cqrs, metrics) = (&writer.pool, &writer.cqrs, writer.metrics.as_deref());
     let distinct: HashSet<MessageId> = commands.iter().map(|(id, _)| *id).collect();
     if distinct.len() < commands.len() {
         return one_by_one(cqrs, metrics, commands).await;
@@ -119,9 +119,11 @@ pub(super) async fn load_many(
     pool: &PgPool,
     ids: &[String],
 ) -> Result<HashMap<String, (Message, i64)>, StoreError> {
-    let stored: Vec<StoredEvent> = sqlx::query_as(&events_of_messages_sql())
+    let all = vec![i64::MAX; ids.len()];
+    let stored: Vec<StoredEvent> = sqlx::query_as(&EVENTS_OF_MESSAGES)
         .bind(Message::TYPE_NAME)
         .bind(ids)
+        .bind(&all)
         .fetch_all(pool)
         .await?;
     let mut messages: HashMap<String, (Message, i64)> = HashMap::with_capacity(ids.len());

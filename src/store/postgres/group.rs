@@ -122,13 +122,7 @@ async fn write(shared: Arc<Shared>, receiver: Arc<Mutex<mpsc::Receiver<Queued>>>
             .into_iter()
             .map(|(id, command, answer)| ((id, command), answer))
             .unzip();
-        let results = batch::execute_each(
-            &shared.pool,
-            &shared.cqrs,
-            shared.metrics.as_deref(),
-            commands,
-        )
-        .await;
+        let results = batch::execute_each(&shared, commands).await;
         // A caller that went away no longer wants its answer.
         for (answer, result) in answers.into_iter().zip(results) {
             let _ = answer.send(result);

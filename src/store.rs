@@ -158,7 +158,8 @@ pub enum FactSettlement {
     /// reason.
     Retry(String),
     /// Its message is unknown, or cannot take it yet: stays `pending` and waiting until the
-    /// message is listed with a newer sequence than now; with the reason, if any.
+    /// message is listed with a newer sequence than when the fact was leased; with the
+    /// reason, if any.
     Wait(Option<String>),
 }
 
@@ -434,14 +435,17 @@ pub trait Store: Send + Sync + 'static {
     /// `pending`, unleased (`locked_until` NULL or < now), and either not `waiting` or waiting
     /// on a message now in the message list with `last_sequence` > `waiting_after` (NULL
     /// counts as 0), choosing the earliest by (`occurred_at`, `id`), in one atomic step; a
-    /// fact another applier is leasing at that moment is skipped, not waited for. Returns the
-    /// leased facts in no particular order.
+    /// fact another applier is leasing at that moment is skipped, not waited for. Each leased
+    /// row's `waiting_after` becomes its message's `last_sequence` in the message list now
+    /// (NULL when not listed): the state the applier's decision is at least as new as.
+    /// Returns the leased facts in no particular order.
     async fn lease_webhook_facts(&self) -> Result<Vec<PendingFact>, StoreError>;
     /// Settles leased facts, each by its `PendingFact::id`, atomically (all or none): sets
     /// its status, `waiting` and `reason` as [`FactSettlement`] says, clears its lease, sets
-    /// `applied_at` to now when applied (NULL otherwise), and `waiting_after` to its message's
-    /// current `last_sequence` in the message list when waiting (NULL otherwise, or when the
-    /// message is not listed). Ids with no row are ignored.
+    /// `applied_at` to now when applied (NULL otherwise), and keeps `waiting_after` (the
+    /// sequence listed when it was leased) when waiting, NULL otherwise: a message that
+    /// changed while the applier decided has a newer sequence listed, so the fact is leased
+    /// again rather than waiting for a change already made. Ids with no row are ignored.
     async fn settle_webhook_facts(
         &self,
         settled: &[(i64, FactSettlement)],

@@ -98,7 +98,8 @@ impl Applier {
             settlements.push((fact.id, settlement));
         }
         // One step for the whole round. A fact waiting on a known message waits for it to
-        // change past its current sequence.
+        // change past the sequence listed when it was leased (not when settled: it may have
+        // changed while this round decided).
         self.store.settle_webhook_facts(&settlements).await?;
         Ok(settled)
     }

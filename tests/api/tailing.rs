@@ -813,3 +813,84 @@ async fn commands_sent_at_once_are_appended_together_and_each_gets_its_own_answe
         "{transactions} transactions for 48 composes"
     );
 }
+
+/// A fact the applier could not apply yet (an open for a message whose send is not recorded)
+/// while the message changed under it (the sender recorded the send, the list caught up)
+/// is tried again, not left waiting for a change that was already made.
+#[tokio::test]
+async fn a_fact_refused_while_its_message_changed_is_tried_again() {
+    use messaging::store::FactSettlement;
+    use messaging::webhooks::applier::Applier;
+    use messaging::webhooks::inbox::{FactKind, InboxFact};
+
+    let pool = migrated_pool().await;
+    let store = Arc::new(PgStore::new(pool.clone()));
+    let list = Subscription::new(pool.clone(), Arc::new(MessageList));
+    let id = composed(&store, 0, Dispatch::Now).await;
+    list.catch_up().await.unwrap();
+    let now = Utc::now();
+    store
+        .record_webhook_facts(&[InboxFact {
+            provider: "sendgrid",
+            event_id: "open-1".into(),
+            message_id: Some(id.as_uuid()),
+            kind: FactKind::Open,
+            occurred_at: now,
+            payload: serde_json::json!({"event": "open"}),
+            problem: None,
+        }])
+        .await
+        .unwrap();
+
+    // The applier's round, taken apart: lease, decide, and (later) settle.
+    let leased = store.lease_webhook_facts().await.unwrap();
+    assert_eq!(leased.len(), 1);
+    let refused = store
+        .execute(
+            id,
+            MessageCommand::RecordOpen {
+                fact: Fact {
+                    fact_id: "open-1".into(),
+                    occurred_at: now,
+                },
+                machine_open: false,
+            },
+        )
+        .await;
+    assert!(
+        matches!(
+            refused,
+            Err(messaging::store::CommandError::Rejected(
+                MessageError::InvalidTransition { .. }
+            ))
+        ),
+        "{refused:?}"
+    );
+    // Meanwhile the sender records the send, and the list shows it.
+    for command in [
+        MessageCommand::StartSendAttempt { now },
+        MessageCommand::RecordSent {
+            provider_message_id: Some("sg-1".into()),
+            at: now,
+        },
+    ] {
+        store.execute(id, command).await.unwrap();
+    }
+    list.catch_up().await.unwrap();
+    store
+        .settle_webhook_facts(&[(leased[0].id, FactSettlement::Wait(None))])
+        .await
+        .unwrap();
+
+    // Nothing else will happen to the message: the fact must be applied now.
+    let applied = Applier::new(store.clone()).run_once().await.unwrap();
+    assert_eq!(applied, 1, "the waiting open was not tried again");
+    let opens: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM events WHERE aggregate_id = $1 AND event_type = 'OpenRecorded'",
+    )
+    .bind(id.to_string())
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(opens, 1);
+}

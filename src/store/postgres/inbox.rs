@@ -83,7 +83,9 @@ pub(super) async fn lease(pool: &PgPool) -> Result<Vec<PendingFact>, StoreError>
     // One short statement: the facts are applied with no transaction open, since the commands
     // append events and an open transaction older than them would hold back every log reader.
     let rows: Vec<PendingRow> = sqlx::query_as(
-        "UPDATE webhook_inbox w SET locked_until = now() + interval '60 seconds' \
+        "UPDATE webhook_inbox w SET locked_until = now() + interval '60 seconds', \
+           waiting_after = (SELECT last_sequence FROM message_list m \
+               WHERE m.message_id = w.message_id) \
          FROM (SELECT id FROM webhook_inbox c \
                WHERE c.status = 'pending' \
                  AND (c.locked_until IS NULL OR c.locked_until < now()) \
@@ -129,14 +131,14 @@ pub(super) async fn settle(
         waits.push(waiting);
         reasons.push(reason);
     }
-    // One statement for the whole round. A fact waiting on a known message waits for it to
-    // change past its current sequence.
+    // One statement for the whole round. A waiting fact keeps the sequence its lease saw:
+    // the message may have changed while the applier decided, and a fact waiting for a change
+    // already made would wait for ever.
     sqlx::query(
         "UPDATE webhook_inbox w SET status = u.status, waiting = u.waiting, reason = u.reason, \
            locked_until = NULL, \
            applied_at = CASE WHEN u.status = 'applied' THEN now() END, \
-           waiting_after = CASE WHEN u.waiting THEN (SELECT last_sequence FROM message_list m \
-               WHERE m.message_id = w.message_id) END \
+           waiting_after = CASE WHEN u.waiting THEN w.waiting_after END \
          FROM unnest($1::bigint[], $2::text[], $3::bool[], $4::text[]) \
            AS u(id, status, waiting, reason) \
          WHERE w.id = u.id",

@@ -76,7 +76,9 @@ struct PendingRow {
 pub(super) async fn lease(pools: &SqlitePools) -> Result<Vec<PendingFact>, StoreError> {
     let now = Utc::now();
     let rows: Vec<PendingRow> = sqlx::query_as(
-        "UPDATE webhook_inbox SET locked_until = ?2 \
+        "UPDATE webhook_inbox SET locked_until = ?2, \
+           waiting_after = (SELECT last_sequence FROM message_list m \
+               WHERE m.message_id = webhook_inbox.message_id) \
          WHERE id IN (SELECT c.id FROM webhook_inbox c \
                WHERE c.status = 'pending' \
                  AND (c.locked_until IS NULL OR c.locked_until < ?1) \
@@ -123,8 +125,7 @@ pub(super) async fn settle(
             "UPDATE webhook_inbox SET status = ?2, waiting = ?3, reason = ?4, \
                locked_until = NULL, \
                applied_at = CASE WHEN ?2 = 'applied' THEN ?5 END, \
-               waiting_after = CASE WHEN ?3 THEN (SELECT last_sequence FROM message_list m \
-                   WHERE m.message_id = webhook_inbox.message_id) END \
+               waiting_after = CASE WHEN ?3 THEN waiting_after END \
              WHERE id = ?1",
         )
         .bind(id)

@@ -11,8 +11,47 @@ use messaging_domain::Message;
 use serde::Serialize;
 use sqlx::{PgConnection, Postgres};
 use std::collections::HashMap;
+use std::sync::Mutex;
 
-pub struct StateChangeFeed;
+/// The feed's projection. It remembers the folds of the messages it has just handled, so the
+/// next batch that continues them reads nothing back from the log.
+#[derive(Default)]
+pub struct StateChangeFeed {
+    folds: Mutex<Folds>,
+}
+
+/// Messages folded through a known sequence, by id. The log never changes, so the fold of a
+/// message's events through sequence `s` stays right whichever instance or rebuild comes
+/// next; it is used only for a batch whose first event of that message is `s + 1` (another
+/// instance may have handled the events between), and otherwise read from the log again.
+/// Bounded: two generations of at most [`FOLDS`] messages; the older is dropped when the
+/// newer fills.
+#[derive(Default)]
+pub(crate) struct Folds {
+    current: HashMap<String, (i64, Message)>,
+    previous: HashMap<String, (i64, Message)>,
+}
+
+/// Messages per generation of [`Folds`]: a few seconds of sending at full speed, a few MB.
+const FOLDS: usize = 4096;
+
+impl Folds {
+    fn take(&mut self, id: &str, through: i64) -> Option<Message> {
+        let current = self.current.remove(id);
+        let previous = self.previous.remove(id);
+        match current.or(previous) {
+            Some((sequence, message)) if sequence == through => Some(message),
+            _ => None,
+        }
+    }
+
+    fn put(&mut self, id: String, through: i64, message: Message) {
+        if self.current.len() >= FOLDS {
+            self.previous = std::mem::take(&mut self.current);
+        }
+        self.current.insert(id, (through, message));
+    }
+}
 
 /// A batch's new items, column by column, for one multi-row insert.
 #[derive(Default)]
@@ -44,6 +83,54 @@ pub struct FeedItem {
 
 impl StateChangeFeed {
     pub const NAME: &'static str = "state_changes";
+
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn folds(&self) -> std::sync::MutexGuard<'_, Folds> {
+        // A panic while the lock was held leaves at worst a fold that is not used again.
+        self.folds.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Each message of the batch (in `first_seen`'s shape) whose state before the batch is
+    /// remembered, and the ones to read from the log.
+    pub(crate) fn remembered(
+        &self,
+        wanted: Vec<(String, i64)>,
+    ) -> (HashMap<String, Message>, Vec<(String, i64)>) {
+        let mut folds = self.folds();
+        let mut found = HashMap::with_capacity(wanted.len());
+        let mut missing = Vec::new();
+        for (id, sequence) in wanted {
+            let known = if sequence == 1 {
+                Some(Message::default())
+            } else {
+                folds.take(&id, sequence - 1)
+            };
+            match known {
+                Some(message) => {
+                    found.insert(id, message);
+                }
+                None => missing.push((id, sequence)),
+            }
+        }
+        (found, missing)
+    }
+
+    /// Remembers the batch's messages as its events left them.
+    pub(crate) fn remember(&self, events: &[&StoredEvent], messages: HashMap<String, Message>) {
+        let mut through: HashMap<&str, i64> = HashMap::with_capacity(messages.len());
+        for event in events {
+            through.insert(event.aggregate_id.as_str(), event.sequence);
+        }
+        let mut folds = self.folds();
+        for (id, message) in messages {
+            if let Some(sequence) = through.get(id.as_str()).copied() {
+                folds.put(id, sequence, message);
+            }
+        }
+    }
 }
 
 /// One new feed item, before it is numbered.
@@ -127,10 +214,14 @@ impl Projection<Postgres> for StateChangeFeed {
         events: &[StoredEvent],
     ) -> Result<(), ProjectionError> {
         let events = message_events(events);
-        // Each message's state before its first event in this batch, in one query.
-        let mut messages = load_messages_before(&mut *conn, &first_seen(&events)).await?;
+        // Each message's state before its first event in this batch: remembered from the
+        // batch before, or read in one query.
+        let (mut messages, missing) = self.remembered(first_seen(&events));
+        messages.extend(load_messages_before(&mut *conn, &missing).await?);
+        let new = new_items(&events, &mut messages)?;
+        self.remember(&events, messages);
         let mut items = Items::default();
-        for item in new_items(&events, &mut messages)? {
+        for item in new {
             items.message_id.push(item.message_id);
             items.channel.push(item.channel);
             items.service_id.push(item.service_id);

@@ -29,7 +29,7 @@ pub use view::{HistoryItem, MessageView};
 pub fn all() -> Vec<std::sync::Arc<dyn Projection<sqlx::Postgres>>> {
     vec![
         std::sync::Arc::new(MessageList),
-        std::sync::Arc::new(StateChangeFeed),
+        std::sync::Arc::new(StateChangeFeed::new()),
         std::sync::Arc::new(DeliveryJobs),
     ]
 }

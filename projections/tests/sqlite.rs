@@ -810,7 +810,7 @@ async fn handling_batches_again_changes_nothing_where_postgresql_guarantees_it()
     .execute(&db.pool)
     .await
     .unwrap();
-    let feed = SqliteSubscription::new(db.pool.clone(), Arc::new(StateChangeFeed));
+    let feed = SqliteSubscription::new(db.pool.clone(), Arc::new(StateChangeFeed::new()));
     let error = feed.run_batch().await.unwrap_err();
     assert!(error.to_string().contains("UNIQUE"), "{error}");
     assert_eq!(raw_tables(&db.pool).await, before);

@@ -291,7 +291,7 @@ async fn a_subscription_killed_mid_batch_ends_identical_to_a_rebuild_from_zero()
     let pool = migrated_pool().await;
     write_history(&pool).await;
     let projections: [Arc<dyn Projection<Postgres>>; 2] =
-        [Arc::new(MessageList), Arc::new(StateChangeFeed)];
+        [Arc::new(MessageList), Arc::new(StateChangeFeed::new())];
 
     for (k, projection) in projections.iter().enumerate() {
         // Crash twice in the middle of batches...
@@ -374,7 +374,7 @@ async fn a_rebuild_under_load_with_another_reader_running_ends_as_a_quiet_one() 
     let pool = migrated_pool().await;
     write_history(&pool).await;
     let projections: [Arc<dyn Projection<Postgres>>; 2] =
-        [Arc::new(MessageList), Arc::new(StateChangeFeed)];
+        [Arc::new(MessageList), Arc::new(StateChangeFeed::new())];
     let (wake_tx, wake) = tokio::sync::watch::channel(0u64);
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
     let mut others = Vec::new();
@@ -439,7 +439,7 @@ async fn a_rebuild_dropped_half_way_releases_the_subscription() {
     for _ in 0..4 {
         write_history(&pool).await;
     }
-    let slow = Arc::new(Slow(Arc::new(StateChangeFeed)));
+    let slow = Arc::new(Slow(Arc::new(StateChangeFeed::new())));
     let rebuild = {
         let pool = pool.clone();
         tokio::spawn(async move {
@@ -465,7 +465,7 @@ async fn a_rebuild_dropped_half_way_releases_the_subscription() {
         .fetch_one(&pool)
         .await
         .unwrap();
-    let sub = Subscription::new(pool.clone(), Arc::new(StateChangeFeed));
+    let sub = Subscription::new(pool.clone(), Arc::new(StateChangeFeed::new()));
     let finished = tokio::time::timeout(Duration::from_secs(20), sub.catch_up())
         .await
         .expect("the subscription is not left locked")
@@ -477,7 +477,7 @@ async fn a_rebuild_dropped_half_way_releases_the_subscription() {
         .unwrap();
     assert!(partial > 0 && partial < total, "{partial} of {total}");
     let resumed = snapshot(&pool).await;
-    Subscription::new(pool.clone(), Arc::new(StateChangeFeed))
+    Subscription::new(pool.clone(), Arc::new(StateChangeFeed::new()))
         .rebuild()
         .await
         .unwrap();
@@ -893,4 +893,65 @@ async fn a_fact_refused_while_its_message_changed_is_tried_again() {
     .await
     .unwrap();
     assert_eq!(opens, 1);
+}
+
+/// Two instances' feed projectors take turns, one event each, so each sees every other event
+/// of a message: what one remembers of a message is out of date by the time it sees the
+/// message again, and must be read again. The feed ends as a fresh projector rebuilds it.
+#[tokio::test]
+async fn feed_projectors_taking_turns_number_the_same_items_as_a_rebuild() {
+    let pool = migrated_pool().await;
+    let store = PgStore::new(pool.clone());
+    let turns = [
+        Subscription::new(pool.clone(), Arc::new(StateChangeFeed::new())).with_batch_size(1),
+        Subscription::new(pool.clone(), Arc::new(StateChangeFeed::new())).with_batch_size(1),
+    ];
+    turns[0].ensure_checkpoint().await.unwrap();
+    let mut turn = 0;
+    let now = Utc::now();
+    for i in 0..6 {
+        let (id, compose) = compose_command(i, Dispatch::Draft);
+        let commands = [
+            compose,
+            MessageCommand::Schedule {
+                publish_at: now + chrono::Duration::days(1),
+                now,
+            },
+            MessageCommand::Send {
+                now,
+                expected_publish_at: None,
+            },
+            MessageCommand::StartSendAttempt { now },
+            MessageCommand::RecordSendFailure {
+                reason: "busy".into(),
+                retry_at: Some(now),
+                at: now,
+            },
+            MessageCommand::StartSendAttempt { now },
+            MessageCommand::RecordSent {
+                provider_message_id: Some(format!("sg-{i}")),
+                at: now,
+            },
+        ];
+        for command in commands {
+            store.execute(id, command).await.unwrap();
+            // Behind: another test's transaction, older than the event, is still open.
+            loop {
+                match turns[turn % 2].run_batch().await.unwrap() {
+                    BatchOutcome::Handled(1) => break,
+                    BatchOutcome::Behind => tokio::time::sleep(Duration::from_millis(5)).await,
+                    other => panic!("{other:?}"),
+                }
+            }
+            turn += 1;
+        }
+    }
+    let (_, taking_turns) = snapshot(&pool).await;
+    assert!(taking_turns.len() >= 6 * 4, "{}", taking_turns.len());
+    Subscription::new(pool.clone(), Arc::new(StateChangeFeed::new()))
+        .rebuild()
+        .await
+        .unwrap();
+    let (_, rebuilt) = snapshot(&pool).await;
+    assert_eq!(taking_turns, rebuilt);
 }

@@ -25,8 +25,10 @@ impl Projection<Sqlite> for StateChangeFeed {
         events: &[StoredEvent],
     ) -> Result<(), ProjectionError> {
         let events = message_events(events);
-        let mut messages = load_messages_before(&mut *conn, &first_seen(&events)).await?;
+        let (mut messages, missing) = self.remembered(first_seen(&events));
+        messages.extend(load_messages_before(&mut *conn, &missing).await?);
         let items = new_items(&events, &mut messages)?;
+        self.remember(&events, messages);
         if items.is_empty() {
             return Ok(());
         }

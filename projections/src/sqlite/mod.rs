@@ -60,7 +60,7 @@ pub async fn begin_immediate(
 pub fn all() -> Vec<Arc<dyn Projection<Sqlite>>> {
     vec![
         Arc::new(MessageList),
-        Arc::new(StateChangeFeed),
+        Arc::new(StateChangeFeed::new()),
         Arc::new(DeliveryJobs),
     ]
 }

@@ -49,7 +49,7 @@ pub async fn run(bench: &mut Bench) -> Result<Vec<Figure>> {
         reference,
     )];
     let projections: [Arc<dyn messaging_projections::Projection<sqlx::Postgres>>; 2] =
-        [Arc::new(MessageList), Arc::new(StateChangeFeed)];
+        [Arc::new(MessageList), Arc::new(StateChangeFeed::new())];
     for projection in projections {
         let name = projection.name();
         let started = Instant::now();

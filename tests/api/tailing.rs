@@ -955,3 +955,154 @@ async fn feed_projectors_taking_turns_number_the_same_items_as_a_rebuild() {
     let (_, rebuilt) = snapshot(&pool).await;
     assert_eq!(taking_turns, rebuilt);
 }
+
+/// A TCP proxy to PostgreSQL that cuts one connection off mid-statement. The first statement
+/// whose text contains `trigger` is prepared as usual (sqlx sends the text, waits for the
+/// description, then binds and executes by name); the chunk after it (the execution) still
+/// goes to the server, which runs and commits it, but the client is disconnected before any
+/// answer comes back. Later connections pass untouched.
+struct CuttingProxy {
+    port: u16,
+    cuts: Arc<AtomicUsize>,
+}
+
+impl CuttingProxy {
+    async fn start(server: std::net::SocketAddr, trigger: &'static [u8]) -> Self {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let cuts = Arc::new(AtomicUsize::new(0));
+        let armed = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let counted = cuts.clone();
+        tokio::spawn(async move {
+            loop {
+                let (client, _) = listener.accept().await.unwrap();
+                let upstream = tokio::net::TcpStream::connect(server).await.unwrap();
+                let (mut from_client, mut to_client) = client.into_split();
+                let (mut from_server, mut to_server) = upstream.into_split();
+                let cut = Arc::new(tokio::sync::Notify::new());
+                let (armed, counted, cut_down) = (armed.clone(), counted.clone(), cut.clone());
+                // Server to client, until the cut.
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        tokio::select! {
+                            read = from_server.read(&mut buf) => match read {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => {
+                                    if to_client.write_all(&buf[..n]).await.is_err() {
+                                        return;
+                                    }
+                                }
+                            },
+                            _ = cut_down.notified() => return,
+                        }
+                    }
+                });
+                // Client to server; the trigger's chunk is forwarded after the cut is made.
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    let mut prepared = false;
+                    loop {
+                        let n = match from_client.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => n,
+                        };
+                        let hit = prepared;
+                        if hit {
+                            cut.notify_one();
+                            counted.fetch_add(1, Ordering::SeqCst);
+                        }
+                        if armed.load(Ordering::SeqCst)
+                            && buf[..n].windows(trigger.len()).any(|w| w == trigger)
+                        {
+                            armed.store(false, Ordering::SeqCst);
+                            prepared = true;
+                        }
+                        if to_server.write_all(&buf[..n]).await.is_err() {
+                            return;
+                        }
+                        if hit {
+                            // Let the server run what it was sent, then hang up on it too.
+                            tokio::time::sleep(Duration::from_millis(500)).await;
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        Self { port, cuts }
+    }
+}
+
+/// An append whose connection breaks once the INSERT was sent may have been committed: its
+/// commands report a store error and are not run again (a second run could record a fact
+/// twice or refuse a command that in fact succeeded). Here the server did commit it: the
+/// message is in the log once, and the caller, asking again, is told it exists.
+#[tokio::test]
+async fn an_append_cut_off_once_sent_is_reported_as_unknown_and_not_run_again() {
+    use messaging::store::CommandError;
+    use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgSslMode};
+    use std::str::FromStr;
+
+    let url = fresh_postgres_database().await;
+    let direct = PgPool::connect(&url).await.unwrap();
+    messaging::startup::migrate(&direct).await.unwrap();
+    let options = PgConnectOptions::from_str(&url).unwrap();
+    let server = tokio::net::lookup_host((options.get_host(), options.get_port()))
+        .await
+        .unwrap()
+        .next()
+        .unwrap();
+    let proxy = CuttingProxy::start(server, b"INSERT INTO events").await;
+    // Plain text, so the proxy sees the statement; one connection, so the INSERT's text is
+    // sent (a statement is prepared once per connection).
+    let proxied = PgPoolOptions::new()
+        .max_connections(1)
+        .connect_with(
+            options
+                .host("127.0.0.1")
+                .port(proxy.port)
+                .ssl_mode(PgSslMode::Disable),
+        )
+        .await
+        .unwrap();
+    let store = PgStore::new(proxied);
+
+    let (id, compose) = compose_command(0, Dispatch::Now);
+    let result = store.execute(id, compose.clone()).await;
+    assert_eq!(
+        proxy.cuts.load(Ordering::SeqCst),
+        1,
+        "the INSERT was not cut"
+    );
+    assert!(
+        matches!(result, Err(CommandError::Store(_))),
+        "an append of unknown outcome must say so: {result:?}"
+    );
+    // The server runs what it received on its own time (slowly, under a loaded test run).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let events = loop {
+        let events: Vec<String> = sqlx::query_scalar(
+            "SELECT event_type FROM events WHERE aggregate_id = $1 ORDER BY sequence",
+        )
+        .bind(id.to_string())
+        .fetch_all(&direct)
+        .await
+        .unwrap();
+        if !events.is_empty() || tokio::time::Instant::now() > deadline {
+            break events;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(events, ["MessageComposed", "MessageQueued"]);
+    // The store works on (a new connection), and the caller learns what happened by asking.
+    let again = store.execute(id, compose).await;
+    assert!(
+        matches!(
+            again,
+            Err(CommandError::Rejected(MessageError::AlreadyExists))
+        ),
+        "{again:?}"
+    );
+}

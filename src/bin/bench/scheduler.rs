@@ -8,7 +8,7 @@
 //! everything is the real path: the `delivery` subscription writes `scheduled_sends`, the
 //! scheduler fires, the sender sends.
 
-use crate::common::{backlog, create_service, insert_messages, settle, Bench, Figure};
+use crate::common::{create_service, insert_messages, settle, Bench, Figure};
 use anyhow::{anyhow, Context, Result};
 use chrono::Utc;
 use messaging_domain::Dispatch;
@@ -63,15 +63,18 @@ pub async fn run(bench: &mut Bench) -> Result<Vec<Figure>> {
     };
     // Then until every due row has fired.
     let cap = Duration::from_secs_f64(opens + spread + bench.size(10.0, 180.0));
+    // The watcher's own queries stay cheap (EXISTS, by index): it polls while the service is
+    // measured, and a count over the table every 100 ms took 9-17 ms of PostgreSQL's time.
     loop {
-        let left: i64 =
-            sqlx::query_scalar("SELECT count(*) FROM scheduled_sends WHERE publish_at <= $1")
-                .bind(window_end)
-                .fetch_one(&bench.pool)
-                .await?;
+        let left: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM scheduled_sends WHERE publish_at <= $1)",
+        )
+        .bind(window_end)
+        .fetch_one(&bench.pool)
+        .await?;
         let delivery_lag =
             messaging_projections::subscription::lag(&bench.pool, "delivery").await?;
-        if (Utc::now() > window_end && left == 0 && delivery_lag == 0) || started.elapsed() > cap {
+        if (Utc::now() > window_end && !left && delivery_lag == 0) || started.elapsed() > cap {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -80,7 +83,7 @@ pub async fn run(bench: &mut Bench) -> Result<Vec<Figure>> {
     // Give the sender time to start the sends (sandbox: local files), within a bound.
     let send_cap = Duration::from_secs(bench.size(5, 180));
     let send_started = Instant::now();
-    while send_started.elapsed() < send_cap && backlog(&bench.pool).await?.1 > 0 {
+    while send_started.elapsed() < send_cap && jobs_left(&bench.pool).await? {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
@@ -292,4 +295,13 @@ pub async fn run_spread(bench: &mut Bench) -> Result<Vec<Figure>> {
         }
     }
     Ok(figures)
+}
+
+/// Whether any send job is left (one index step; `backlog` counts every one).
+async fn jobs_left(pool: &sqlx::PgPool) -> Result<bool> {
+    Ok(
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM send_jobs)")
+            .fetch_one(pool)
+            .await?,
+    )
 }

@@ -284,6 +284,10 @@ impl Application {
                         subscription.run(wakeups.events.clone(), shutdown_rx.clone()),
                     ));
                 }
+                workers.push(tokio::spawn(crate::store::postgres::maintenance::run(
+                    pool.clone(),
+                    shutdown_rx.clone(),
+                )));
                 let store = PgStore::new(pool).with_metrics(metrics.clone());
                 (Arc::new(store), wakeups, None)
             }

@@ -415,8 +415,8 @@ pub trait Store: Send + Sync + 'static {
     // the provider, unique by (`provider`, `event_id`). A row's `status` is `pending` (to
     // apply), `applied`, `unmatched` (never applies) or `malformed` (unreadable); a pending
     // row may be `waiting` for its message to be listed (or to change past `waiting_after`,
-    // the message's `last_sequence` when it last waited) and may be leased (`locked_until`)
-    // by an applier. "Now" is the store's clock. Any number of appliers may run at once.
+    // the message's `last_sequence` listed when it was last leased) and may be leased
+    // (`locked_until`) by an applier. "Now" is the store's clock. Any number of appliers may run at once.
 
     /// Records a batch atomically (all or none): each new fact becomes a row with the status
     /// and reason [`InboxFact::stored_status`] gives it, received now; a fact whose
@@ -436,8 +436,9 @@ pub trait Store: Send + Sync + 'static {
     /// on a message now in the message list with `last_sequence` > `waiting_after` (NULL
     /// counts as 0), choosing the earliest by (`occurred_at`, `id`), in one atomic step; a
     /// fact another applier is leasing at that moment is skipped, not waited for. Each leased
-    /// row's `waiting_after` becomes its message's `last_sequence` in the message list now
-    /// (NULL when not listed): the state the applier's decision is at least as new as.
+    /// row stops `waiting` (a lease that runs out unsettled leaves it leasable), and its
+    /// `waiting_after` becomes its message's `last_sequence` in the message list now (NULL
+    /// when not listed): the state the applier's decision is at least as new as.
     /// Returns the leased facts in no particular order.
     async fn lease_webhook_facts(&self) -> Result<Vec<PendingFact>, StoreError>;
     /// Settles leased facts, each by its `PendingFact::id`, atomically (all or none): sets

@@ -24,19 +24,44 @@ pub struct StateChangeFeed {
 /// message's events through sequence `s` stays right whichever instance or rebuild comes
 /// next; it is used only for a batch whose first event of that message is `s + 1` (another
 /// instance may have handled the events between), and otherwise read from the log again.
-/// Bounded: two generations of at most [`FOLDS`] messages; the older is dropped when the
-/// newer fills.
+/// Bounded: two generations of at most [`FOLDS`] messages and about [`FOLD_BYTES`] each; the
+/// older is dropped when the newer fills.
 #[derive(Default)]
 pub(crate) struct Folds {
     current: HashMap<String, (i64, Message)>,
     previous: HashMap<String, (i64, Message)>,
+    /// What the current generation's folds weigh, as [`weight`] counts (not lowered when
+    /// one is taken back out: a generation may end a little early).
+    current_bytes: usize,
 }
 
 /// Messages per generation of [`Folds`]. A message's events reach the feed within tens of
 /// milliseconds of each other while it is sent (compose, attempt, outcome), a few hundred
-/// messages at full speed; a generation costs about half a MB. (8192 in all cost 7 MB of live
-/// heap, which the bench's memory figure showed.)
+/// messages at full speed. (8192 in all held 7 MB of live heap with the bench's small
+/// emails, which its memory figure showed.)
 const FOLDS: usize = 512;
+
+/// Bytes per generation of [`Folds`], so that large messages (a body may be a megabyte) keep
+/// fewer folds, not more memory; a fold heavier than this alone is not kept.
+const FOLD_BYTES: usize = 2 << 20;
+
+/// Roughly the memory a fold holds: its texts, recipients and remembered fact ids.
+fn weight(message: &Message) -> usize {
+    let Some(d) = message.data() else {
+        return 64;
+    };
+    let text = |s: &Option<String>| s.as_ref().map_or(0, String::len);
+    512 + text(&d.subject)
+        + text(&d.text)
+        + text(&d.html)
+        + text(&d.link)
+        + text(&d.last_error)
+        + d.to
+            .iter()
+            .map(|p| 64 + p.username.len() + text(&p.name))
+            .sum::<usize>()
+        + d.seen_facts.iter().map(|f| 48 + f.len()).sum::<usize>()
+}
 
 impl Folds {
     fn take(&mut self, id: &str, through: i64) -> Option<Message> {
@@ -49,9 +74,15 @@ impl Folds {
     }
 
     fn put(&mut self, id: String, through: i64, message: Message) {
-        if self.current.len() >= FOLDS {
-            self.previous = std::mem::take(&mut self.current);
+        let weight = weight(&message);
+        if weight > FOLD_BYTES {
+            return;
         }
+        if self.current.len() >= FOLDS || self.current_bytes + weight > FOLD_BYTES {
+            self.previous = std::mem::take(&mut self.current);
+            self.current_bytes = 0;
+        }
+        self.current_bytes += weight;
         self.current.insert(id, (through, message));
     }
 }
@@ -274,5 +305,81 @@ impl Projection<Postgres> for StateChangeFeed {
         // behind it cost more than the rest of a rebuild).
         sqlx::query("TRUNCATE state_changes").execute(conn).await?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use messaging_domain::{
+        build_message, Channel, Compose, Dispatch, MessageCommand, MessageId, MessageInput,
+        Profile, Provider, ServiceId, ServiceRef,
+    };
+
+    /// A composed email whose text is `size` bytes.
+    fn email(size: usize) -> Message {
+        let service = ServiceRef {
+            id: ServiceId::from_uuid(uuid::Uuid::nil()),
+            channel: Channel::Email,
+            provider: Provider::Sendgrid,
+            username: "news@example.com".into(),
+            name: None,
+        };
+        let input = MessageInput {
+            to: vec![Profile::new("a@example.com".to_string(), None)],
+            subject: Some("s".into()),
+            text: Some("x".repeat(size)),
+            ..Default::default()
+        };
+        let compose = MessageCommand::Compose(Compose {
+            id: MessageId::from_uuid(uuid::Uuid::now_v7()),
+            message: build_message(&service, input).expect("a valid email"),
+            dispatch: Dispatch::Draft,
+            now: Utc::now(),
+        });
+        let mut message = Message::default();
+        for event in message.decide(compose).expect("composed") {
+            message.apply_event(event);
+        }
+        message
+    }
+
+    fn held(folds: &Folds) -> (usize, usize) {
+        let all = folds.current.values().chain(folds.previous.values());
+        let weights: Vec<usize> = all.map(|(_, m)| weight(m)).collect();
+        (weights.len(), weights.iter().sum())
+    }
+
+    #[test]
+    fn large_messages_keep_fewer_folds_not_more_memory() {
+        let mut folds = Folds::default();
+        for i in 0..100 {
+            folds.put(format!("m{i}"), 1, email(200 << 10));
+        }
+        let (count, bytes) = held(&folds);
+        assert!(bytes <= 2 * FOLD_BYTES, "{bytes} bytes in {count} folds");
+        assert!(count >= 10, "{count}");
+        // Heavier than a generation alone: not kept.
+        folds.put("huge".into(), 1, email(FOLD_BYTES));
+        assert!(folds.take("huge", 1).is_none());
+        // Small ones: at most two generations of FOLDS.
+        for i in 0..10 * FOLDS {
+            folds.put(format!("s{i}"), 1, email(10));
+        }
+        assert!(held(&folds).0 <= 2 * FOLDS);
+    }
+
+    #[test]
+    fn a_fold_is_used_only_where_the_batch_continues_it() {
+        let mut folds = Folds::default();
+        folds.put("m".into(), 3, email(10));
+        assert!(
+            folds.take("m", 2).is_none(),
+            "folded through 3, asked for 2"
+        );
+        // A miss drops it: the batch reads the message from the log and remembers that.
+        assert!(folds.take("m", 3).is_none());
+        folds.put("m".into(), 3, email(10));
+        assert!(folds.take("m", 3).is_some());
     }
 }

@@ -6,6 +6,7 @@ mod gauges;
 mod group;
 mod inbox;
 mod jobs;
+pub mod maintenance;
 pub mod notify;
 mod push;
 

@@ -1106,3 +1106,103 @@ async fn an_append_cut_off_once_sent_is_reported_as_unknown_and_not_run_again() 
         "{again:?}"
     );
 }
+
+/// A waiting fact woken by its message's change, whose applier dies before settling it, is
+/// leased again once the lease runs out: the message need not change once more.
+#[tokio::test]
+async fn a_woken_fact_whose_applier_died_is_leased_again() {
+    use messaging::store::FactSettlement;
+    use messaging::webhooks::inbox::{FactKind, InboxFact};
+
+    let pool = migrated_pool().await;
+    let store = PgStore::new(pool.clone());
+    let list = Subscription::new(pool.clone(), Arc::new(MessageList));
+    let id = composed(&store, 0, Dispatch::Now).await;
+    list.catch_up().await.unwrap();
+    let now = Utc::now();
+    store
+        .record_webhook_facts(&[InboxFact {
+            provider: "sendgrid",
+            event_id: "open-1".into(),
+            message_id: Some(id.as_uuid()),
+            kind: FactKind::Open,
+            occurred_at: now,
+            payload: serde_json::json!({"event": "open"}),
+            problem: None,
+        }])
+        .await
+        .unwrap();
+    // Tried before the message was sent: it waits.
+    let first = store.lease_webhook_facts().await.unwrap();
+    assert_eq!(first.len(), 1);
+    store
+        .settle_webhook_facts(&[(first[0].id, FactSettlement::Wait(None))])
+        .await
+        .unwrap();
+    assert!(store.lease_webhook_facts().await.unwrap().is_empty());
+    // The message is sent: the fact is woken and leased, and its applier dies with it.
+    for command in [
+        MessageCommand::StartSendAttempt { now },
+        MessageCommand::RecordSent {
+            provider_message_id: Some("sg-1".into()),
+            at: now,
+        },
+    ] {
+        store.execute(id, command).await.unwrap();
+    }
+    list.catch_up().await.unwrap();
+    assert_eq!(store.lease_webhook_facts().await.unwrap().len(), 1);
+    // Its lease runs out (as 60 s would).
+    sqlx::query("UPDATE webhook_inbox SET locked_until = now() - interval '1 second'")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let again = store.lease_webhook_facts().await.unwrap();
+    assert_eq!(again.len(), 1, "the woken fact was left waiting");
+}
+
+/// The work queues are vacuumed (and analyzed) by the service once enough dead row versions
+/// pile up: every sent job leaves several, and claims step over them until they are cleared.
+#[tokio::test]
+async fn a_queue_full_of_dead_rows_is_vacuumed_and_analyzed() {
+    use messaging::store::postgres::maintenance::vacuum_queues;
+    let pool = migrated_pool().await;
+    // Where the server runs autovacuum, it must not clear them first.
+    sqlx::query("ALTER TABLE send_jobs SET (autovacuum_enabled = false)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    // Nothing dead yet: nothing to do.
+    assert!(vacuum_queues(&pool).await.unwrap().is_empty());
+    let counted = || async {
+        sqlx::query_scalar::<_, f32>("SELECT reltuples FROM pg_class WHERE relname = 'send_jobs'")
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+    };
+    assert_eq!(counted().await, -1.0, "never vacuumed nor analyzed yet");
+    sqlx::query(
+        "INSERT INTO send_jobs (message_id, service_id, channel, provider, due_at) \
+         SELECT gen_random_uuid(), gen_random_uuid(), 'email', 'sandbox', now() \
+         FROM generate_series(1, 25000)",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    sqlx::query("DELETE FROM send_jobs")
+        .execute(&pool)
+        .await
+        .unwrap();
+    // The server's statistics arrive within a second or so of the commit.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let vacuumed = loop {
+        let vacuumed = vacuum_queues(&pool).await.unwrap();
+        if !vacuumed.is_empty() || tokio::time::Instant::now() > deadline {
+            break vacuumed;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(vacuumed, ["send_jobs"]);
+    // VACUUM (ANALYZE) counted the table's rows: none left.
+    assert_eq!(counted().await, 0.0);
+}

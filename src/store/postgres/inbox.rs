@@ -82,9 +82,11 @@ struct PendingRow {
 pub(super) async fn lease(pool: &PgPool) -> Result<Vec<PendingFact>, StoreError> {
     // One short statement: the facts are applied with no transaction open, since the commands
     // append events and an open transaction older than them would hold back every log reader.
+    // A leased fact is no longer waiting (if its lease runs out unsettled, it is leased again
+    // as any other), and keeps the sequence listed now for a `Wait` settlement.
     let rows: Vec<PendingRow> = sqlx::query_as(
         "UPDATE webhook_inbox w SET locked_until = now() + interval '60 seconds', \
-           waiting_after = (SELECT last_sequence FROM message_list m \
+           waiting = false, waiting_after = (SELECT last_sequence FROM message_list m \
                WHERE m.message_id = w.message_id) \
          FROM (SELECT id FROM webhook_inbox c \
                WHERE c.status = 'pending' \

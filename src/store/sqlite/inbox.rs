@@ -77,7 +77,7 @@ pub(super) async fn lease(pools: &SqlitePools) -> Result<Vec<PendingFact>, Store
     let now = Utc::now();
     let rows: Vec<PendingRow> = sqlx::query_as(
         "UPDATE webhook_inbox SET locked_until = ?2, \
-           waiting_after = (SELECT last_sequence FROM message_list m \
+           waiting = 0, waiting_after = (SELECT last_sequence FROM message_list m \
                WHERE m.message_id = webhook_inbox.message_id) \
          WHERE id IN (SELECT c.id FROM webhook_inbox c \
                WHERE c.status = 'pending' \

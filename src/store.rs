@@ -145,6 +145,26 @@ pub struct PendingFact {
     pub kind: FactKind,
     pub occurred_at: DateTime<Utc>,
     pub payload: serde_json::Value,
+    /// The end of this lease (`locked_until` as leased): settling needs it, so that an
+    /// applier whose lease ran out cannot settle a fact another applier has leased since.
+    pub leased_until: DateTime<Utc>,
+}
+
+impl PendingFact {
+    /// What settles this fact.
+    pub fn lease(&self) -> FactLease {
+        FactLease {
+            id: self.id,
+            until: self.leased_until,
+        }
+    }
+}
+
+/// One lease of one inbox fact: its row and the lease's end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FactLease {
+    pub id: i64,
+    pub until: DateTime<Utc>,
 }
 
 /// How the applier settled one leased fact.
@@ -441,15 +461,17 @@ pub trait Store: Send + Sync + 'static {
     /// when not listed): the state the applier's decision is at least as new as.
     /// Returns the leased facts in no particular order.
     async fn lease_webhook_facts(&self) -> Result<Vec<PendingFact>, StoreError>;
-    /// Settles leased facts, each by its `PendingFact::id`, atomically (all or none): sets
+    /// Settles leased facts, each by its [`FactLease`] (a row whose `locked_until` is no
+    /// longer the lease's end was leased again since, and is left to its new lessee; so is a
+    /// missing row), atomically (all or none): sets
     /// its status, `waiting` and `reason` as [`FactSettlement`] says, clears its lease, sets
     /// `applied_at` to now when applied (NULL otherwise), and keeps `waiting_after` (the
     /// sequence listed when it was leased) when waiting, NULL otherwise: a message that
     /// changed while the applier decided has a newer sequence listed, so the fact is leased
-    /// again rather than waiting for a change already made. Ids with no row are ignored.
+    /// again rather than waiting for a change already made.
     async fn settle_webhook_facts(
         &self,
-        settled: &[(i64, FactSettlement)],
+        settled: &[(FactLease, FactSettlement)],
     ) -> Result<(), StoreError>;
     /// Webhook input that names no message of ours or could not be read (`unmatched` or
     /// `malformed`), newest (highest id) first: up to `limit` rows, only ids below `before`

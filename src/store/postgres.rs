@@ -454,7 +454,7 @@ impl Store for PgStore {
 
     async fn settle_webhook_facts(
         &self,
-        settled: &[(i64, FactSettlement)],
+        settled: &[(crate::store::FactLease, FactSettlement)],
     ) -> Result<(), StoreError> {
         inbox::settle(&self.pool, settled).await
     }

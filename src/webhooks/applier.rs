@@ -95,7 +95,7 @@ impl Applier {
             ) {
                 settled += 1;
             }
-            settlements.push((fact.id, settlement));
+            settlements.push((fact.lease(), settlement));
         }
         // One step for the whole round. A fact waiting on a known message waits for it to
         // change past the sequence listed when it was leased (not when settled: it may have

@@ -878,7 +878,7 @@ async fn a_fact_refused_while_its_message_changed_is_tried_again() {
     }
     list.catch_up().await.unwrap();
     store
-        .settle_webhook_facts(&[(leased[0].id, FactSettlement::Wait(None))])
+        .settle_webhook_facts(&[(leased[0].lease(), FactSettlement::Wait(None))])
         .await
         .unwrap();
 
@@ -1108,9 +1108,10 @@ async fn an_append_cut_off_once_sent_is_reported_as_unknown_and_not_run_again() 
 }
 
 /// A waiting fact woken by its message's change, whose applier dies before settling it, is
-/// leased again once the lease runs out: the message need not change once more.
+/// leased again once the lease runs out: the message need not change once more. An applier
+/// whose lease ran out cannot settle the fact once another has leased it.
 #[tokio::test]
-async fn a_woken_fact_whose_applier_died_is_leased_again() {
+async fn a_woken_fact_whose_applier_died_is_leased_again_and_a_late_settlement_is_ignored() {
     use messaging::store::FactSettlement;
     use messaging::webhooks::inbox::{FactKind, InboxFact};
 
@@ -1136,7 +1137,7 @@ async fn a_woken_fact_whose_applier_died_is_leased_again() {
     let first = store.lease_webhook_facts().await.unwrap();
     assert_eq!(first.len(), 1);
     store
-        .settle_webhook_facts(&[(first[0].id, FactSettlement::Wait(None))])
+        .settle_webhook_facts(&[(first[0].lease(), FactSettlement::Wait(None))])
         .await
         .unwrap();
     assert!(store.lease_webhook_facts().await.unwrap().is_empty());
@@ -1151,7 +1152,8 @@ async fn a_woken_fact_whose_applier_died_is_leased_again() {
         store.execute(id, command).await.unwrap();
     }
     list.catch_up().await.unwrap();
-    assert_eq!(store.lease_webhook_facts().await.unwrap().len(), 1);
+    let woken = store.lease_webhook_facts().await.unwrap();
+    assert_eq!(woken.len(), 1);
     // Its lease runs out (as 60 s would).
     sqlx::query("UPDATE webhook_inbox SET locked_until = now() - interval '1 second'")
         .execute(&pool)
@@ -1159,6 +1161,31 @@ async fn a_woken_fact_whose_applier_died_is_leased_again() {
         .unwrap();
     let again = store.lease_webhook_facts().await.unwrap();
     assert_eq!(again.len(), 1, "the woken fact was left waiting");
+
+    // The first applier was only slow: its late settlement, on the state it saw, is ignored
+    // (the fact is the second applier's now), and the second one's counts.
+    store
+        .settle_webhook_facts(&[(woken[0].lease(), FactSettlement::Wait(None))])
+        .await
+        .unwrap();
+    let (status, waiting, locked_until): (String, bool, Option<chrono::DateTime<Utc>>) =
+        sqlx::query_as("SELECT status, waiting, locked_until FROM webhook_inbox")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        (status.as_str(), waiting, locked_until),
+        ("pending", false, Some(again[0].leased_until))
+    );
+    store
+        .settle_webhook_facts(&[(again[0].lease(), FactSettlement::Applied)])
+        .await
+        .unwrap();
+    let status: String = sqlx::query_scalar("SELECT status FROM webhook_inbox")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(status, "applied");
 }
 
 /// The work queues are vacuumed (and analyzed) by the service once enough dead row versions

@@ -1,7 +1,7 @@
 //! The webhook inbox: facts recorded before the provider is answered, leased and settled by
 //! the applier with `FOR UPDATE SKIP LOCKED`, and the lookups the webhooks need.
 
-use crate::store::{FactSettlement, PendingFact, StoreError};
+use crate::store::{FactLease, FactSettlement, PendingFact, StoreError};
 use crate::webhooks::inbox::{FactKind, InboxFact, Problematic};
 use chrono::{DateTime, Utc};
 use messaging_domain::{Channel, MessageId};
@@ -77,6 +77,7 @@ struct PendingRow {
     kind: String,
     occurred_at: DateTime<Utc>,
     payload: Value,
+    locked_until: DateTime<Utc>,
 }
 
 pub(super) async fn lease(pool: &PgPool) -> Result<Vec<PendingFact>, StoreError> {
@@ -96,7 +97,8 @@ pub(super) async fn lease(pool: &PgPool) -> Result<Vec<PendingFact>, StoreError>
                       AND m.last_sequence > COALESCE(c.waiting_after, 0))) \
                ORDER BY c.occurred_at, c.id LIMIT 500 FOR UPDATE SKIP LOCKED) due \
          WHERE w.id = due.id \
-         RETURNING w.id, w.event_id, w.message_id, w.kind, w.occurred_at, w.payload",
+         RETURNING w.id, w.event_id, w.message_id, w.kind, w.occurred_at, w.payload, \
+                   w.locked_until",
     )
     .fetch_all(pool)
     .await?;
@@ -109,26 +111,29 @@ pub(super) async fn lease(pool: &PgPool) -> Result<Vec<PendingFact>, StoreError>
             kind: FactKind::parse(&r.kind),
             occurred_at: r.occurred_at,
             payload: r.payload,
+            leased_until: r.locked_until,
         })
         .collect())
 }
 
 pub(super) async fn settle(
     pool: &PgPool,
-    settled: &[(i64, FactSettlement)],
+    settled: &[(FactLease, FactSettlement)],
 ) -> Result<(), StoreError> {
     if settled.is_empty() {
         return Ok(());
     }
     let (mut ids, mut statuses, mut waits, mut reasons) = (vec![], vec![], vec![], vec![]);
-    for (id, settlement) in settled {
+    let mut leases = Vec::with_capacity(settled.len());
+    for (lease, settlement) in settled {
         let (status, waiting, reason) = match settlement {
             FactSettlement::Applied => ("applied", false, None),
             FactSettlement::Unmatched(reason) => ("unmatched", false, Some(reason.clone())),
             FactSettlement::Retry(reason) => ("pending", false, Some(reason.clone())),
             FactSettlement::Wait(reason) => ("pending", true, reason.clone()),
         };
-        ids.push(*id);
+        ids.push(lease.id);
+        leases.push(lease.until);
         statuses.push(status);
         waits.push(waiting);
         reasons.push(reason);
@@ -141,14 +146,15 @@ pub(super) async fn settle(
            locked_until = NULL, \
            applied_at = CASE WHEN u.status = 'applied' THEN now() END, \
            waiting_after = CASE WHEN u.waiting THEN w.waiting_after END \
-         FROM unnest($1::bigint[], $2::text[], $3::bool[], $4::text[]) \
-           AS u(id, status, waiting, reason) \
-         WHERE w.id = u.id",
+         FROM unnest($1::bigint[], $2::text[], $3::bool[], $4::text[], $5::timestamptz[]) \
+           AS u(id, status, waiting, reason, leased_until) \
+         WHERE w.id = u.id AND w.locked_until = u.leased_until",
     )
     .bind(&ids)
     .bind(&statuses)
     .bind(&waits)
     .bind(&reasons)
+    .bind(&leases)
     .execute(pool)
     .await?;
     Ok(())

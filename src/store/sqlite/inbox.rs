@@ -1,7 +1,7 @@
 //! The webhook inbox on SQLite.
 
 use super::{later, SqlitePools};
-use crate::store::{FactSettlement, PendingFact, StoreError};
+use crate::store::{FactLease, FactSettlement, PendingFact, StoreError};
 use crate::webhooks::inbox::{FactKind, InboxFact};
 use chrono::{DateTime, Utc};
 use messaging_domain::{Channel, MessageId};
@@ -75,6 +75,7 @@ struct PendingRow {
 
 pub(super) async fn lease(pools: &SqlitePools) -> Result<Vec<PendingFact>, StoreError> {
     let now = Utc::now();
+    let until = later(now, LEASE);
     let rows: Vec<PendingRow> = sqlx::query_as(
         "UPDATE webhook_inbox SET locked_until = ?2, \
            waiting = 0, waiting_after = (SELECT last_sequence FROM message_list m \
@@ -89,7 +90,7 @@ pub(super) async fn lease(pools: &SqlitePools) -> Result<Vec<PendingFact>, Store
          RETURNING id, event_id, message_id, kind, occurred_at, payload",
     )
     .bind(now)
-    .bind(later(now, LEASE))
+    .bind(until)
     .fetch_all(&pools.write)
     .await?;
     Ok(rows
@@ -101,20 +102,21 @@ pub(super) async fn lease(pools: &SqlitePools) -> Result<Vec<PendingFact>, Store
             kind: FactKind::parse(&r.kind),
             occurred_at: r.occurred_at,
             payload: r.payload.0,
+            leased_until: until,
         })
         .collect())
 }
 
 pub(super) async fn settle(
     pools: &SqlitePools,
-    settled: &[(i64, FactSettlement)],
+    settled: &[(FactLease, FactSettlement)],
 ) -> Result<(), StoreError> {
     if settled.is_empty() {
         return Ok(());
     }
     let now = Utc::now();
     let mut tx = begin_immediate(&pools.write).await?;
-    for (id, settlement) in settled {
+    for (lease, settlement) in settled {
         let (status, waiting, reason) = match settlement {
             FactSettlement::Applied => ("applied", false, None),
             FactSettlement::Unmatched(reason) => ("unmatched", false, Some(reason.as_str())),
@@ -126,13 +128,14 @@ pub(super) async fn settle(
                locked_until = NULL, \
                applied_at = CASE WHEN ?2 = 'applied' THEN ?5 END, \
                waiting_after = CASE WHEN ?3 THEN waiting_after END \
-             WHERE id = ?1",
+             WHERE id = ?1 AND locked_until = ?6",
         )
-        .bind(id)
+        .bind(lease.id)
         .bind(status)
         .bind(waiting)
         .bind(reason)
         .bind(now)
+        .bind(lease.until)
         .execute(&mut *tx)
         .await?;
     }

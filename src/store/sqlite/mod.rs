@@ -602,7 +602,7 @@ impl Store for SqliteStore {
 
     async fn settle_webhook_facts(
         &self,
-        settled: &[(i64, FactSettlement)],
+        settled: &[(crate::store::FactLease, FactSettlement)],
     ) -> Result<(), StoreError> {
         inbox::settle(&self.pools, settled).await
     }

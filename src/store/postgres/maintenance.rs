@@ -15,39 +15,58 @@ use tokio::sync::watch;
 /// The tables watched.
 const QUEUES: [&str; 2] = ["send_jobs", "scheduled_sends"];
 
-/// Dead row versions above which a table is vacuumed, when they also outnumber half the live
-/// rows (a big backlog is not vacuumed again for each few thousand sends).
+/// Dead row versions, more than the last vacuum left, above which a table is vacuumed, when
+/// they also outnumber half the live rows (a big backlog is not vacuumed again for each few
+/// thousand sends).
 const DEAD: i64 = 20_000;
 
 /// How often the counts are read (PostgreSQL's statistics, no table is scanned).
 const EVERY: Duration = Duration::from_secs(2);
 
-/// Vacuums (and analyzes) each queue whose dead row versions passed the threshold; returns the
-/// tables vacuumed. One instance at a time per table: an advisory lock taken without waiting
-/// (a VACUUM of a table would wait for another's to end).
-pub async fn vacuum_queues(pool: &PgPool) -> Result<Vec<&'static str>, sqlx::Error> {
-    let mut vacuumed = Vec::new();
-    for table in QUEUES {
-        let counts: Option<(i64, i64)> = sqlx::query_as(
-            "SELECT n_live_tup, n_dead_tup FROM pg_stat_user_tables \
-             WHERE relid = to_regclass($1)",
-        )
-        .bind(table)
-        .fetch_optional(pool)
-        .await?;
-        let Some((live, dead)) = counts else {
-            continue;
+/// The upkeep's memory between rounds: the dead row versions each table still had right after
+/// its last vacuum. Versions an older transaction can still see (a rebuild streaming the log,
+/// a session idle in a transaction) survive a VACUUM; without this, every round would vacuum
+/// the table again for nothing while they last.
+#[derive(Default)]
+pub struct QueueUpkeep {
+    left_after_vacuum: std::collections::HashMap<&'static str, i64>,
+}
+
+impl QueueUpkeep {
+    /// Vacuums (and analyzes) each queue whose dead row versions grew past the threshold
+    /// since its last vacuum; returns the tables vacuumed. One instance at a time per table:
+    /// an advisory lock taken without waiting (a VACUUM of a table would wait for another's
+    /// to end). A table that fails is logged and the next one still looked at.
+    pub async fn round(&mut self, pool: &PgPool) -> Vec<&'static str> {
+        let mut vacuumed = Vec::new();
+        for table in QUEUES {
+            match self.table(pool, table).await {
+                Ok(true) => vacuumed.push(table),
+                Ok(false) => {}
+                Err(error) => {
+                    tracing::warn!(table, %error, "vacuuming a work queue failed; trying again later")
+                }
+            }
+        }
+        vacuumed
+    }
+
+    async fn table(&mut self, pool: &PgPool, table: &'static str) -> Result<bool, sqlx::Error> {
+        let Some((live, dead)) = counts(pool, table).await? else {
+            return Ok(false);
         };
-        if dead < DEAD || dead < live / 2 {
-            continue;
+        let left = self.left_after_vacuum.get(table).copied().unwrap_or(0);
+        if dead - left < DEAD || dead < live / 2 {
+            return Ok(false);
         }
         let mut conn = pool.acquire().await?;
+        let key = format!("messaging vacuum {table}");
         let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtext($1))")
-            .bind(format!("messaging vacuum {table}"))
+            .bind(&key)
             .fetch_one(&mut *conn)
             .await?;
         if !locked {
-            continue;
+            return Ok(false);
         }
         // Not in a transaction block: one statement without parameters (the simple protocol).
         let statement = match table {
@@ -56,25 +75,36 @@ pub async fn vacuum_queues(pool: &PgPool) -> Result<Vec<&'static str>, sqlx::Err
         };
         let vacuum = sqlx::Executor::execute(&mut *conn, statement).await;
         sqlx::query("SELECT pg_advisory_unlock(hashtext($1))")
-            .bind(format!("messaging vacuum {table}"))
+            .bind(&key)
             .execute(&mut *conn)
             .await?;
         vacuum?;
-        tracing::info!(table, dead, live, "vacuumed a work queue");
-        vacuumed.push(table);
+        // VACUUM reports what it could not remove when it ends.
+        let left = counts(pool, table).await?.map_or(0, |(_, dead)| dead);
+        self.left_after_vacuum.insert(table, left);
+        tracing::info!(table, dead, live, left, "vacuumed a work queue");
+        Ok(true)
     }
-    Ok(vacuumed)
 }
 
-/// Runs [`vacuum_queues`] every few seconds until `shutdown`.
+/// A table's live and dead row versions, from the server's statistics.
+async fn counts(pool: &PgPool, table: &str) -> Result<Option<(i64, i64)>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT n_live_tup, n_dead_tup FROM pg_stat_user_tables WHERE relid = to_regclass($1)",
+    )
+    .bind(table)
+    .fetch_optional(pool)
+    .await
+}
+
+/// Runs a [`QueueUpkeep`] round every few seconds until `shutdown`.
 pub async fn run(pool: PgPool, mut shutdown: watch::Receiver<bool>) {
+    let mut upkeep = QueueUpkeep::default();
     loop {
         if *shutdown.borrow() {
             return;
         }
-        if let Err(error) = vacuum_queues(&pool).await {
-            tracing::warn!(%error, "vacuuming the work queues failed; trying again later");
-        }
+        upkeep.round(&pool).await;
         tokio::select! {
             _ = tokio::time::sleep(EVERY) => {}
             _ = shutdown.changed() => {}

@@ -814,16 +814,13 @@ async fn commands_sent_at_once_are_appended_together_and_each_gets_its_own_answe
     );
 }
 
-/// A fact the applier could not apply yet (an open for a message whose send is not recorded)
-/// while the message changed under it (the sender recorded the send, the list caught up)
-/// is tried again, not left waiting for a change that was already made.
-#[tokio::test]
-async fn a_fact_refused_while_its_message_changed_is_tried_again() {
-    use messaging::store::FactSettlement;
-    use messaging::webhooks::applier::Applier;
+/// A message queued to send now and listed, with an open recorded for it (`open-1`) before
+/// its send is: what a provider's early webhook leaves. The store, the list's subscription,
+/// the message and the time used.
+async fn queued_with_an_early_open(
+    pool: &PgPool,
+) -> (Arc<PgStore>, Subscription, MessageId, chrono::DateTime<Utc>) {
     use messaging::webhooks::inbox::{FactKind, InboxFact};
-
-    let pool = migrated_pool().await;
     let store = Arc::new(PgStore::new(pool.clone()));
     let list = Subscription::new(pool.clone(), Arc::new(MessageList));
     let id = composed(&store, 0, Dispatch::Now).await;
@@ -841,6 +838,38 @@ async fn a_fact_refused_while_its_message_changed_is_tried_again() {
         }])
         .await
         .unwrap();
+    (store, list, id, now)
+}
+
+/// Records the message's send as the sender does, and lets the list show it.
+async fn record_sent(
+    store: &PgStore,
+    list: &Subscription,
+    id: MessageId,
+    now: chrono::DateTime<Utc>,
+) {
+    for command in [
+        MessageCommand::StartSendAttempt { now },
+        MessageCommand::RecordSent {
+            provider_message_id: Some("sg-1".into()),
+            at: now,
+        },
+    ] {
+        store.execute(id, command).await.unwrap();
+    }
+    list.catch_up().await.unwrap();
+}
+
+/// A fact the applier could not apply yet (an open for a message whose send is not recorded)
+/// while the message changed under it (the sender recorded the send, the list caught up)
+/// is tried again, not left waiting for a change that was already made.
+#[tokio::test]
+async fn a_fact_refused_while_its_message_changed_is_tried_again() {
+    use messaging::store::FactSettlement;
+    use messaging::webhooks::applier::Applier;
+
+    let pool = migrated_pool().await;
+    let (store, list, id, now) = queued_with_an_early_open(&pool).await;
 
     // The applier's round, taken apart: lease, decide, and (later) settle.
     let leased = store.lease_webhook_facts().await.unwrap();
@@ -867,16 +896,7 @@ async fn a_fact_refused_while_its_message_changed_is_tried_again() {
         "{refused:?}"
     );
     // Meanwhile the sender records the send, and the list shows it.
-    for command in [
-        MessageCommand::StartSendAttempt { now },
-        MessageCommand::RecordSent {
-            provider_message_id: Some("sg-1".into()),
-            at: now,
-        },
-    ] {
-        store.execute(id, command).await.unwrap();
-    }
-    list.catch_up().await.unwrap();
+    record_sent(&store, &list, id, now).await;
     store
         .settle_webhook_facts(&[(leased[0].lease(), FactSettlement::Wait(None))])
         .await
@@ -1113,26 +1133,9 @@ async fn an_append_cut_off_once_sent_is_reported_as_unknown_and_not_run_again() 
 #[tokio::test]
 async fn a_woken_fact_whose_applier_died_is_leased_again_and_a_late_settlement_is_ignored() {
     use messaging::store::FactSettlement;
-    use messaging::webhooks::inbox::{FactKind, InboxFact};
 
     let pool = migrated_pool().await;
-    let store = PgStore::new(pool.clone());
-    let list = Subscription::new(pool.clone(), Arc::new(MessageList));
-    let id = composed(&store, 0, Dispatch::Now).await;
-    list.catch_up().await.unwrap();
-    let now = Utc::now();
-    store
-        .record_webhook_facts(&[InboxFact {
-            provider: "sendgrid",
-            event_id: "open-1".into(),
-            message_id: Some(id.as_uuid()),
-            kind: FactKind::Open,
-            occurred_at: now,
-            payload: serde_json::json!({"event": "open"}),
-            problem: None,
-        }])
-        .await
-        .unwrap();
+    let (store, list, id, now) = queued_with_an_early_open(&pool).await;
     // Tried before the message was sent: it waits.
     let first = store.lease_webhook_facts().await.unwrap();
     assert_eq!(first.len(), 1);
@@ -1142,16 +1145,7 @@ async fn a_woken_fact_whose_applier_died_is_leased_again_and_a_late_settlement_i
         .unwrap();
     assert!(store.lease_webhook_facts().await.unwrap().is_empty());
     // The message is sent: the fact is woken and leased, and its applier dies with it.
-    for command in [
-        MessageCommand::StartSendAttempt { now },
-        MessageCommand::RecordSent {
-            provider_message_id: Some("sg-1".into()),
-            at: now,
-        },
-    ] {
-        store.execute(id, command).await.unwrap();
-    }
-    list.catch_up().await.unwrap();
+    record_sent(&store, &list, id, now).await;
     let woken = store.lease_webhook_facts().await.unwrap();
     assert_eq!(woken.len(), 1);
     // Its lease runs out (as 60 s would).

@@ -128,7 +128,8 @@ impl StateChangeFeed {
     }
 
     /// Each message of the batch (in `first_seen`'s shape) whose state before the batch is
-    /// remembered, and the ones to read from the log.
+    /// remembered, and the ones to load (`load_messages_before`, which reads nothing for a
+    /// message the batch starts).
     pub(crate) fn remembered(
         &self,
         wanted: Vec<(String, i64)>,
@@ -137,12 +138,7 @@ impl StateChangeFeed {
         let mut found = HashMap::with_capacity(wanted.len());
         let mut missing = Vec::new();
         for (id, sequence) in wanted {
-            let known = if sequence == 1 {
-                Some(Message::default())
-            } else {
-                folds.take(&id, sequence - 1)
-            };
-            match known {
+            match folds.take(&id, sequence - 1) {
                 Some(message) => {
                     found.insert(id, message);
                 }

@@ -56,6 +56,16 @@ struct Cli {
     /// different commits, or one the machine is not saturated by.
     #[arg(long)]
     lag_rate: Option<f64>,
+    /// `commands` at these client counts only (comma-separated; 1, 8 and 32 unless given),
+    /// for a profile of one of them. The lag load's peak still comes from the counts run.
+    #[arg(long, value_delimiter = ',', default_values_t = [1usize, 8, 32])]
+    clients: Vec<usize>,
+    /// The directory the sandbox provider's outbox (a file per email sent) is made in.
+    /// `/dev/shm` (memory) where it exists, else the temporary directory: on this machine's
+    /// disk each new file cost an ext4 inode search that took a third of the cores in
+    /// "send now", a cost of the stand-in provider and not of the service.
+    #[arg(long)]
+    outbox_in: Option<PathBuf>,
     /// Leave the bench's database in place afterwards (its name is printed), to look into a
     /// figure with EXPLAIN or psql.
     #[arg(long)]
@@ -145,7 +155,16 @@ async fn run(cli: Cli) -> Result<()> {
         .execute(&mut admin)
         .await
         .context("creating the bench database")?;
-    let sandbox_dir = std::env::temp_dir().join(&name);
+    let outbox_in = cli.outbox_in.clone().unwrap_or_else(|| {
+        let shm = PathBuf::from("/dev/shm");
+        if shm.is_dir() {
+            shm
+        } else {
+            std::env::temp_dir()
+        }
+    });
+    let sandbox_dir = outbox_in.join(&name);
+    eprintln!("bench: sandbox outbox {}", sandbox_dir.display());
     let outcome = run_in(&cli, &with_database(&server, &name)?, sandbox_dir.clone()).await;
     // Always clean up, whatever happened (`scheduler-memory` drops its own database, unless it
     // failed half-way).
@@ -231,6 +250,7 @@ async fn run_in(cli: &Cli, url: &str, sandbox_dir: PathBuf) -> Result<(Vec<Figur
         signing_secret: SIGNING_SECRET,
         peak_command_rate: None,
         lag_rate: cli.lag_rate,
+        clients: cli.clients.clone(),
         service_env,
     };
     let mut figures = Vec::new();

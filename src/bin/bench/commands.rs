@@ -35,7 +35,7 @@ pub async fn run(bench: &mut Bench) -> Result<Vec<Figure>> {
     let far = || Utc::now() + chrono::Duration::days(365);
     let mut figures = Vec::new();
     let mut peak: f64 = 0.0;
-    for clients in [1usize, 8, 32] {
+    for clients in bench.clients.clone() {
         settle(&bench.pool, settle_cap).await?;
         let pool = bench.pool.clone();
         let payload = payload.clone();
@@ -70,6 +70,7 @@ pub async fn run(bench: &mut Bench) -> Result<Vec<Figure>> {
             ("send now (sender running)", false),
         ] {
             settle(&bench.pool, settle_cap).await?;
+            eprintln!("bench: commands: in-process, {label}, {clients} clients");
             let (store, service) = (bench.store.clone(), bench.service.clone());
             let in_process = closed_loop(clients, duration, move || {
                 let (store, service) = (store.clone(), service.clone());
@@ -104,6 +105,7 @@ pub async fn run(bench: &mut Bench) -> Result<Vec<Figure>> {
             figures.push(figure);
 
             settle(&bench.pool, settle_cap).await?;
+            eprintln!("bench: commands: HTTP, {label}, {clients} clients");
             let (http, url, key, service) = (
                 bench.http.clone(),
                 format!("{}/v1/messages", bench.base),

@@ -132,6 +132,8 @@ pub struct Bench {
     pub peak_command_rate: Option<f64>,
     /// `--lag-rate`: the load for `lag`, instead of half the peak.
     pub lag_rate: Option<f64>,
+    /// `--clients`: the client counts `commands` runs.
+    pub clients: Vec<usize>,
     /// The in-process service's settings as environment variables (`DATABASE_URL`,
     /// `MESSAGING_*`), for a service started as a separate process.
     pub service_env: Vec<(&'static str, String)>,

@@ -17,6 +17,7 @@ use crate::webhooks::{
     self, applier::Applier, verify::SendgridVerifier, WebhookSecrets, WebhookState,
 };
 use anyhow::Context;
+use axum::serve::ListenerExt;
 use messaging_projections::{SqliteSubscription, Subscription};
 use sqlx::migrate::MigrateDatabase;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
@@ -379,7 +380,14 @@ impl Application {
     ) -> anyhow::Result<()> {
         let addr = self.local_addr()?;
         tracing::info!(%addr, "listening");
-        axum::serve(self.listener, self.router)
+        // Answers go out as soon as they are written: with Nagle's algorithm a response could
+        // wait for the client's acknowledgement of the previous one on a kept-alive connection.
+        let listener = self.listener.tap_io(|tcp| {
+            if let Err(error) = tcp.set_nodelay(true) {
+                tracing::warn!(%error, "cannot set TCP_NODELAY on a connection");
+            }
+        });
+        axum::serve(listener, self.router)
             .with_graceful_shutdown(stop)
             .await
             .context("HTTP server failed")?;

@@ -12,6 +12,7 @@
 pub mod delivery;
 pub mod event;
 pub mod feed;
+pub mod kept;
 pub mod message_list;
 pub mod sqlite;
 pub mod subscription;
@@ -20,6 +21,7 @@ pub mod view;
 pub use delivery::DeliveryJobs;
 pub use event::{load_message, StoredEvent};
 pub use feed::{FeedItem, StateChangeFeed};
+pub use kept::KeptConnection;
 pub use message_list::MessageList;
 pub use sqlite::Subscription as SqliteSubscription;
 pub use subscription::{BatchOutcome, Projection, ProjectionError, Subscription};

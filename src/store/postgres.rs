@@ -154,7 +154,14 @@ impl Store for PgStore {
         &self,
         commands: Vec<(MessageId, MessageCommand)>,
     ) -> Vec<Result<(), CommandError>> {
-        let results = batch::execute_each(&self.writer, commands).await;
+        let results = match self.pool.acquire().await {
+            Ok(mut conn) => batch::execute_each(&self.writer, &mut conn, commands).await,
+            // Nothing was sent: every command fails alone, as each would on its own.
+            Err(error) => commands
+                .iter()
+                .map(|_| Err(CommandError::Store(error.to_string())))
+                .collect(),
+        };
         if results.iter().any(Result::is_ok) {
             self.committed.notify_one();
         }
@@ -172,7 +179,10 @@ impl Store for PgStore {
         ids: &[MessageId],
     ) -> Result<HashMap<MessageId, Message>, StoreError> {
         let keys: Vec<String> = ids.iter().map(MessageId::to_string).collect();
-        let mut folded = match batch::load_many(&self.pool, &keys).await {
+        let mut conn = self.pool.acquire().await?;
+        let loaded = batch::load_many(&mut conn, &keys).await;
+        drop(conn);
+        let mut folded = match loaded {
             Ok(folded) => folded,
             // One message that cannot be read must not hide the others: one at a time, the
             // unreadable ones left out (logged).

@@ -505,6 +505,85 @@ impl Projection<Postgres> for Slow {
     }
 }
 
+/// Client commands are appended on connections the writers keep between groups. When those
+/// connections are gone without a word (a network cut, a server that hung up), a command after
+/// a pause still succeeds: a writer checks a connection that has been idle before it sends an
+/// INSERT on it (an INSERT sent on a dead connection has an unknown outcome and is reported as
+/// a store error) and opens a new one.
+#[tokio::test]
+async fn commands_after_every_connection_was_cut_succeed() {
+    use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+    use std::str::FromStr;
+
+    let url = fresh_postgres_database().await;
+    let direct = PgPool::connect(&url).await.unwrap();
+    messaging::startup::migrate(&direct).await.unwrap();
+    let options = PgConnectOptions::from_str(&url).unwrap();
+    let server = tokio::net::lookup_host((options.get_host(), options.get_port()))
+        .await
+        .unwrap()
+        .next()
+        .unwrap();
+    let proxy = HangUpProxy::start(server).await;
+    let proxied = PgPoolOptions::new()
+        .max_connections(4)
+        .connect_with(options.host("127.0.0.1").port(proxy.port))
+        .await
+        .unwrap();
+    let store = PgStore::new(proxied);
+    let later = || Dispatch::At(Utc::now() + chrono::Duration::hours(1));
+    let first = composed(&store, 0, later()).await;
+    proxy.hang_up();
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let second = composed(&store, 1, later()).await;
+    let third = composed(&store, 2, later()).await;
+    for id in [first, second, third] {
+        let composed: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM events WHERE aggregate_id = $1 AND event_type = 'MessageComposed'",
+        )
+        .bind(id.to_string())
+        .fetch_one(&direct)
+        .await
+        .unwrap();
+        assert_eq!(composed, 1, "message {id}");
+    }
+}
+
+/// A TCP proxy to PostgreSQL that can close every connection it carries at once, without a
+/// word to either side; connections made afterwards are carried as usual.
+struct HangUpProxy {
+    port: u16,
+    hang_up: tokio::sync::watch::Sender<u64>,
+}
+
+impl HangUpProxy {
+    async fn start(server: std::net::SocketAddr) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (hang_up, hung_up) = tokio::sync::watch::channel(0u64);
+        tokio::spawn(async move {
+            loop {
+                let (mut client, _) = listener.accept().await.unwrap();
+                let mut upstream = tokio::net::TcpStream::connect(server).await.unwrap();
+                let mut hung_up = hung_up.clone();
+                hung_up.borrow_and_update();
+                tokio::spawn(async move {
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {}
+                        _ = hung_up.changed() => {}
+                    }
+                    // Both sockets dropped here: closed with nothing more sent.
+                });
+            }
+        });
+        Self { port, hang_up }
+    }
+
+    fn hang_up(&self) {
+        self.hang_up.send_modify(|n| *n += 1);
+    }
+}
+
 /// The batch command path reads every message, then appends in one statement: a writer that
 /// appends to one of the messages in between makes the statement fail on the primary key. The
 /// batch must then write nothing of its own and run each command again on its own.

@@ -26,25 +26,29 @@ use messaging_domain::{Message, MessageCommand, MessageEvent, MessageId};
 use messaging_projections::event::EVENTS_OF_MESSAGES;
 use messaging_projections::StoredEvent;
 use postgres_es::PostgresEventRepository;
-use sqlx::PgPool;
+use sqlx::PgConnection;
 use std::collections::{HashMap, HashSet};
 
 /// One result per command, in order. Commands on the same message twice run one by one.
+///
+/// The read and the INSERT run on `conn` (one connection for both: sqlx checks a pooled
+/// connection with a round trip when it is taken and again when it is given back).
 pub(super) async fn execute_each(
     writer: &Shared,
+    conn: &mut PgConnection,
     commands: Vec<(MessageId, MessageCommand)>,
 ) -> Vec<Result<(), CommandError>> {
-    let (pool, cqrs, metrics) = (&writer.pool, &writer.cqrs, writer.metrics.as_deref());
+    let (cqrs, metrics) = (&writer.cqrs, writer.metrics.as_deref());
     let distinct: HashSet<MessageId> = commands.iter().map(|(id, _)| *id).collect();
     if distinct.len() < commands.len() {
         return one_by_one(cqrs, metrics, commands).await;
     }
-    let mut outcome = decide_and_append(pool, &commands, Read::Needed).await;
+    let mut outcome = decide_and_append(&mut *conn, &commands, Read::Needed).await;
     if let Err(Failed::NothingWritten(reason)) = &outcome {
         // A Compose whose id exists, or a writer that appended in between: read every
         // message afresh and decide again, once.
         tracing::debug!(%reason, commands = commands.len(), "batch append decided again");
-        outcome = decide_and_append(pool, &commands, Read::All).await;
+        outcome = decide_and_append(&mut *conn, &commands, Read::All).await;
     }
     let (results, appended) = match outcome {
         Ok(appended) => appended,
@@ -116,7 +120,7 @@ async fn one_by_one(
 
 /// Each message that has events, folded, with its last sequence: one query for them all.
 pub(super) async fn load_many(
-    pool: &PgPool,
+    conn: &mut PgConnection,
     ids: &[String],
 ) -> Result<HashMap<String, (Message, i64)>, StoreError> {
     let all = vec![i64::MAX; ids.len()];
@@ -124,7 +128,7 @@ pub(super) async fn load_many(
         .bind(Message::TYPE_NAME)
         .bind(ids)
         .bind(&all)
-        .fetch_all(pool)
+        .fetch_all(conn)
         .await?;
     let mut messages: HashMap<String, (Message, i64)> = HashMap::with_capacity(ids.len());
     for event in stored {
@@ -147,7 +151,7 @@ fn creates(command: &MessageCommand) -> bool {
 
 /// The results, and the events appended.
 async fn decide_and_append(
-    pool: &PgPool,
+    conn: &mut PgConnection,
     commands: &[(MessageId, MessageCommand)],
     read: Read,
 ) -> Result<(Vec<Result<(), CommandError>>, Vec<MessageEvent>), Failed> {
@@ -161,7 +165,7 @@ async fn decide_and_append(
     let mut messages = if existing.is_empty() {
         HashMap::new()
     } else {
-        load_many(pool, &existing)
+        load_many(&mut *conn, &existing)
             .await
             .map_err(|e| Failed::NothingWritten(e.to_string()))?
     };
@@ -203,7 +207,7 @@ async fn decide_and_append(
         .bind(&types)
         .bind(&versions)
         .bind(&payloads)
-        .execute(pool)
+        .execute(conn)
         .await
         .map_err(Failed::of_insert)?;
     }

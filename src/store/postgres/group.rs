@@ -9,12 +9,17 @@
 //! the message as the commands before it left it. Every caller gets its own command's result:
 //! a rejected command fails alone, and any failure of the group's append falls back to one
 //! command at a time (see [`batch`]).
+//!
+//! Each writer appends on a connection of its own, outside the pool
+//! ([`KeptConnection`]: no check round trips around each group's INSERT), opened again after
+//! any store error (the old one may be what failed).
 
 use super::batch;
 use crate::metrics::Metrics;
 use crate::store::commands::MessageCqrs;
 use crate::store::CommandError;
 use messaging_domain::{MessageCommand, MessageId};
+use messaging_projections::KeptConnection;
 use postgres_es::PostgresEventRepository;
 use sqlx::PgPool;
 use std::collections::HashSet;
@@ -27,7 +32,6 @@ const WRITERS: usize = 2;
 const MOST: usize = 256;
 /// Commands waiting for a writer before callers wait to queue theirs.
 const QUEUED: usize = 4096;
-
 /// What the writers need: the pool, and cqrs-es for the fallback.
 pub(super) struct Shared {
     pub pool: PgPool,
@@ -84,6 +88,16 @@ impl Group {
 
 /// One writer: takes a group from the queue, appends it, answers each caller.
 async fn write(shared: Arc<Shared>, receiver: Arc<Mutex<mpsc::Receiver<Queued>>>) {
+    let mut own = KeptConnection::new();
+    write_groups(&shared, &receiver, &mut own).await;
+    own.close().await;
+}
+
+async fn write_groups(
+    shared: &Shared,
+    receiver: &Mutex<mpsc::Receiver<Queued>>,
+    own: &mut KeptConnection,
+) {
     // A command on a message already in the group: the first of this writer's next group.
     let mut held: Option<Queued> = None;
     loop {
@@ -122,7 +136,27 @@ async fn write(shared: Arc<Shared>, receiver: Arc<Mutex<mpsc::Receiver<Queued>>>
             .into_iter()
             .map(|(id, command, answer)| ((id, command), answer))
             .unzip();
-        let results = batch::execute_each(&shared, commands).await;
+        let results = match own.ready(&shared.pool).await {
+            Ok(conn) => batch::execute_each(shared, conn, commands).await,
+            // Nothing was sent: the pool's connections may still serve (the fallback).
+            Err(error) => {
+                tracing::warn!(%error, "a command writer cannot connect; using the pool");
+                match shared.pool.acquire().await {
+                    Ok(mut conn) => batch::execute_each(shared, &mut conn, commands).await,
+                    Err(error) => commands
+                        .iter()
+                        .map(|_| Err(CommandError::Store(error.to_string())))
+                        .collect(),
+                }
+            }
+        };
+        if results
+            .iter()
+            .any(|r| matches!(r, Err(CommandError::Store(_))))
+        {
+            // The connection may be what failed: the next group opens a new one.
+            own.discard();
+        }
         // A caller that went away no longer wants its answer.
         for (answer, result) in answers.into_iter().zip(results) {
             let _ = answer.send(result);

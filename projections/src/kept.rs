@@ -1,0 +1,68 @@
+//! A connection one long-running worker keeps between its statements, outside the pool.
+//!
+//! sqlx checks a pooled connection with a round trip when it is taken (`test_before_acquire`)
+//! and again, unconditionally, when it is given back: two round trips around each use. A worker
+//! that runs one statement or one short transaction at a time, all day (a command writer, a
+//! subscription reader), pays them on every use. A kept connection is checked only when it has
+//! been idle for [`CHECK_AFTER`] (as connection pools such as HikariCP do), since the server
+//! may have closed it meanwhile, and a statement sent on a dead connection fails; a write sent
+//! so has an unknown outcome, where a failed check only costs a new connection. After any error
+//! the worker [`discard`](KeptConnection::discard)s it: the next use opens a new one.
+
+use sqlx::{Connection, PgConnection, PgPool};
+use std::time::{Duration, Instant};
+
+/// A kept connection idle for this long is checked (one round trip) before its next use.
+pub const CHECK_AFTER: Duration = Duration::from_secs(1);
+
+/// See the module's documentation. Opened with the pool's options (its session settings) when
+/// first needed.
+pub struct KeptConnection {
+    conn: Option<PgConnection>,
+    used: Instant,
+}
+
+impl Default for KeptConnection {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl KeptConnection {
+    pub fn new() -> Self {
+        Self {
+            conn: None,
+            used: Instant::now(),
+        }
+    }
+
+    /// The connection, checked first if it has been idle, or a new one.
+    pub async fn ready(&mut self, pool: &PgPool) -> Result<&mut PgConnection, sqlx::Error> {
+        let idle = self.used.elapsed() >= CHECK_AFTER;
+        self.used = Instant::now();
+        let mut kept = self.conn.take();
+        if let (true, Some(conn)) = (idle, kept.as_mut()) {
+            if conn.ping().await.is_err() {
+                kept = None;
+            }
+        }
+        let conn = match kept {
+            Some(conn) => conn,
+            None => PgConnection::connect_with(&pool.connect_options()).await?,
+        };
+        Ok(self.conn.insert(conn))
+    }
+
+    /// Forgets the connection (closing its socket): after an error it may be broken, or in
+    /// the middle of something.
+    pub fn discard(&mut self) {
+        self.conn = None;
+    }
+
+    /// Ends the session politely, when the worker stops.
+    pub async fn close(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            let _ = conn.close().await;
+        }
+    }
+}

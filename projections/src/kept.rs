@@ -1,13 +1,23 @@
 //! A connection one long-running worker keeps between its statements, outside the pool.
 //!
 //! sqlx checks a pooled connection with a round trip when it is taken (`test_before_acquire`)
-//! and again, unconditionally, when it is given back: two round trips around each use. A worker
-//! that runs one statement or one short transaction at a time, all day (a command writer, a
-//! subscription reader), pays them on every use. A kept connection is checked only when it has
-//! been idle for [`CHECK_AFTER`] (as connection pools such as HikariCP do), since the server
+//! and again, unconditionally, when it is given back: two round trips around each use, which
+//! a worker running one statement at a time all day (a command writer) pays on every one. A
+//! kept connection is checked only when it has been idle for [`CHECK_AFTER`] (as connection
+//! pools such as HikariCP do), since the server
 //! may have closed it meanwhile, and a statement sent on a dead connection fails; a write sent
 //! so has an unknown outcome, where a failed check only costs a new connection. After any error
 //! the worker [`discard`](KeptConnection::discard)s it: the next use opens a new one.
+//!
+//! Its statements are planned for their values each time (`plan_cache_mode =
+//! force_custom_plan`). A prepared statement's generic plan is made once, at its sixth run, and
+//! kept for the session's life unless the table's statistics change; with autovacuum off (as on
+//! the machine the benchmarks run on) they never do. Measured with subscription readers on kept
+//! connections: the message list's read of a batch's rows kept the plan it got when the table
+//! was nearly empty, a sequential scan, and took 1.0–1.5 s a batch once the table had grown
+//! (the list fell 14–20 s behind in the bench's `lag` after `commands`; 54–64 ms p50 on pooled
+//! connections or with custom plans). Pooled connections are replaced after 30 minutes; a kept
+//! one is not.
 
 use sqlx::{Connection, PgConnection, PgPool};
 use std::time::{Duration, Instant};
@@ -48,7 +58,15 @@ impl KeptConnection {
         }
         let conn = match kept {
             Some(conn) => conn,
-            None => PgConnection::connect_with(&pool.connect_options()).await?,
+            None => {
+                // Planned for their values: see the module's documentation.
+                let options = pool
+                    .connect_options()
+                    .as_ref()
+                    .clone()
+                    .options([("plan_cache_mode", "force_custom_plan")]);
+                PgConnection::connect_with(&options).await?
+            }
         };
         Ok(self.conn.insert(conn))
     }

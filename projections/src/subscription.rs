@@ -32,7 +32,6 @@
 //! returned: anything the batch itself wrote to the log would lie after its new checkpoint.
 
 use crate::event::{StoredEvent, EVENT_COLUMNS};
-use crate::kept::KeptConnection;
 use async_trait::async_trait;
 use futures_util::TryStreamExt;
 use sqlx::{Connection, PgConnection, PgPool, Postgres};
@@ -350,34 +349,14 @@ impl Subscription {
     /// Runs until `shutdown` turns true: woken by `wake` (NOTIFY on new events), with a
     /// polling fallback. Errors are logged and retried with backoff; the reader never dies on
     /// one bad batch.
-    ///
-    /// Its batches run on a connection it keeps ([`KeptConnection`]), not one taken from the
-    /// pool for each: a batch is ten round trips, and the pool's checks were two more.
     pub async fn run(self, wake: watch::Receiver<u64>, shutdown: watch::Receiver<bool>) {
         let name = self.name();
         let poll_interval = self.poll_interval;
         let batch_size = self.batch_size;
-        let kept = tokio::sync::Mutex::new(KeptConnection::new());
-        run_until_shutdown(name, batch_size, poll_interval, wake, shutdown, || async {
-            self.run_batch_kept(&mut *kept.lock().await).await
+        run_until_shutdown(name, batch_size, poll_interval, wake, shutdown, || {
+            self.run_batch()
         })
-        .await;
-        kept.lock().await.close().await;
-    }
-
-    /// [`Self::run_batch`] on a kept connection, forgotten after an error.
-    async fn run_batch_kept(
-        &self,
-        kept: &mut KeptConnection,
-    ) -> Result<BatchOutcome, ProjectionError> {
-        let conn = kept.ready(&self.pool).await?;
-        let outcome = self.batch_on(conn).await;
-        match outcome {
-            Ok(BatchOutcome::Handled(_)) => conn.shrink_buffers(),
-            Ok(_) => {}
-            Err(_) => kept.discard(),
-        }
-        outcome
+        .await
     }
 }
 

@@ -49,9 +49,9 @@ struct Cli {
     /// Smaller sizes, for a smoke run (a few minutes).
     #[arg(long)]
     quick: bool,
-    /// Run one scenario only.
-    #[arg(long, value_enum)]
-    only: Option<Scenario>,
+    /// Run these scenarios only (comma-separated), in the usual order.
+    #[arg(long, value_enum, value_delimiter = ',')]
+    only: Vec<Scenario>,
     /// `lag` at this load (messages/s) instead of half the peak: the same load for runs on
     /// different commits, or one the machine is not saturated by.
     #[arg(long)]
@@ -255,7 +255,7 @@ async fn run_in(cli: &Cli, url: &str, sandbox_dir: PathBuf) -> Result<(Vec<Figur
     };
     let mut figures = Vec::new();
     let mut errors = Vec::new();
-    let selected = |s: Scenario| cli.only.is_none_or(|o| o == s);
+    let selected = |s: Scenario| cli.only.is_empty() || cli.only.contains(&s);
     for scenario in [
         Scenario::Commands,
         Scenario::Webhooks,

@@ -549,6 +549,25 @@ async fn commands_after_every_connection_was_cut_succeed() {
     }
 }
 
+/// A kept connection plans each statement for its values: a generic plan made while a table
+/// was nearly empty would otherwise stay for the connection's life (see `KeptConnection`).
+#[tokio::test]
+async fn a_kept_connection_plans_each_statement_for_its_values() {
+    let pool = migrated_pool().await;
+    let mut kept = messaging_projections::KeptConnection::new();
+    let mode: String = sqlx::query_scalar("SHOW plan_cache_mode")
+        .fetch_one(kept.ready(&pool).await.unwrap())
+        .await
+        .unwrap();
+    assert_eq!(mode, "force_custom_plan");
+    let pooled: String = sqlx::query_scalar("SHOW plan_cache_mode")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(pooled, "auto", "only kept connections are set so");
+    kept.close().await;
+}
+
 /// A TCP proxy to PostgreSQL that can close every connection it carries at once, without a
 /// word to either side; connections made afterwards are carried as usual.
 struct HangUpProxy {

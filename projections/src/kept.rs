@@ -46,13 +46,16 @@ impl KeptConnection {
         }
     }
 
-    /// The connection, checked first if it has been idle, or a new one.
+    /// The connection, checked first if it has been idle, or a new one. The check and the
+    /// connect are bounded by the pool's acquire timeout, as a pooled connection's are (a
+    /// server that stopped answering would otherwise hold the worker until TCP gives up).
     pub async fn ready(&mut self, pool: &PgPool) -> Result<&mut PgConnection, sqlx::Error> {
+        let limit = pool.options().get_acquire_timeout();
         let idle = self.used.elapsed() >= CHECK_AFTER;
         self.used = Instant::now();
         let mut kept = self.conn.take();
         if let (true, Some(conn)) = (idle, kept.as_mut()) {
-            if conn.ping().await.is_err() {
+            if !matches!(tokio::time::timeout(limit, conn.ping()).await, Ok(Ok(()))) {
                 kept = None;
             }
         }
@@ -65,7 +68,9 @@ impl KeptConnection {
                     .as_ref()
                     .clone()
                     .options([("plan_cache_mode", "force_custom_plan")]);
-                PgConnection::connect_with(&options).await?
+                tokio::time::timeout(limit, PgConnection::connect_with(&options))
+                    .await
+                    .map_err(|_| sqlx::Error::PoolTimedOut)??
             }
         };
         Ok(self.conn.insert(conn))

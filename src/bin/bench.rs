@@ -235,8 +235,11 @@ async fn run_in(cli: &Cli, url: &str, sandbox_dir: PathBuf) -> Result<(Vec<Figur
         let _ = stopped.await;
     }));
 
-    // The bench's own pool, with the service's session settings; room for 32 clients.
-    let pool = startup::connect(&Secret::new(url), 34).await?;
+    // The bench's own pool, with the service's session settings; room for every client (the
+    // commands reference holds a connection per client).
+    let most_clients = cli.clients.iter().copied().max().unwrap_or(0);
+    let connections = u32::try_from(most_clients + 2).unwrap_or(u32::MAX).max(34);
+    let pool = startup::connect(&Secret::new(url), connections).await?;
     let http = reqwest::Client::new();
     let service = common::create_service(&http, &base, API_KEY, "news@example.com").await?;
     let mut bench = Bench {

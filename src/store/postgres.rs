@@ -154,14 +154,8 @@ impl Store for PgStore {
         &self,
         commands: Vec<(MessageId, MessageCommand)>,
     ) -> Vec<Result<(), CommandError>> {
-        let results = match self.pool.acquire().await {
-            Ok(mut conn) => batch::execute_each(&self.writer, &mut conn, commands).await,
-            // Nothing was sent: every command fails alone, as each would on its own.
-            Err(error) => commands
-                .iter()
-                .map(|_| Err(CommandError::Store(error.to_string())))
-                .collect(),
-        };
+        let (results, _) =
+            batch::execute_each(&self.writer, batch::On::Pool(&self.pool), commands).await;
         if results.iter().any(Result::is_ok) {
             self.committed.notify_one();
         }

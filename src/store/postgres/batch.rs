@@ -26,37 +26,57 @@ use messaging_domain::{Message, MessageCommand, MessageEvent, MessageId};
 use messaging_projections::event::EVENTS_OF_MESSAGES;
 use messaging_projections::StoredEvent;
 use postgres_es::PostgresEventRepository;
-use sqlx::PgConnection;
+use sqlx::postgres::{PgDatabaseError, PgSeverity};
+use sqlx::{PgConnection, PgPool};
 use std::collections::{HashMap, HashSet};
 
-/// One result per command, in order. Commands on the same message twice run one by one.
-///
-/// The read and the INSERT run on `conn` (one connection for both: sqlx checks a pooled
+/// Where a batch's read and INSERT run (one connection for both: sqlx checks a pooled
 /// connection with a round trip when it is taken and again when it is given back).
+pub(super) enum On<'a> {
+    /// A connection the caller keeps (a command writer's).
+    Kept(&'a mut PgConnection),
+    /// One taken from the pool, given back before any fallback (which takes its own).
+    Pool(&'a PgPool),
+}
+
+/// One result per command, in order, and whether the connection itself failed (anything but
+/// an error the server reported for the statement alone): a kept one must then be replaced.
+/// Commands on the same message twice run one by one.
 pub(super) async fn execute_each(
     writer: &Shared,
-    conn: &mut PgConnection,
+    on: On<'_>,
     commands: Vec<(MessageId, MessageCommand)>,
-) -> Vec<Result<(), CommandError>> {
+) -> (Vec<Result<(), CommandError>>, bool) {
     let (cqrs, metrics) = (&writer.cqrs, writer.metrics.as_deref());
     let distinct: HashSet<MessageId> = commands.iter().map(|(id, _)| *id).collect();
     if distinct.len() < commands.len() {
-        return one_by_one(cqrs, metrics, commands).await;
+        return (one_by_one(cqrs, metrics, commands).await, false);
     }
-    let mut outcome = decide_and_append(&mut *conn, &commands, Read::Needed).await;
-    if let Err(Failed::NothingWritten(reason)) = &outcome {
-        // A Compose whose id exists, or a writer that appended in between: read every
-        // message afresh and decide again, once.
-        tracing::debug!(%reason, commands = commands.len(), "batch append decided again");
-        outcome = decide_and_append(&mut *conn, &commands, Read::All).await;
-    }
+    let outcome = match on {
+        On::Kept(conn) => attempt(conn, &commands).await,
+        On::Pool(pool) => match pool.acquire().await {
+            Ok(mut conn) => attempt(&mut conn, &commands).await,
+            Err(error) => Err(Failed::NothingWritten {
+                reason: error.to_string(),
+                connection_ok: true,
+            }),
+        },
+    };
+    let connection_failed = matches!(
+        outcome,
+        Err(Failed::Unknown(_))
+            | Err(Failed::NothingWritten {
+                connection_ok: false,
+                ..
+            })
+    );
     let (results, appended) = match outcome {
         Ok(appended) => appended,
         // Each command again on its own, so a conflict is retried where it happened and a
         // message that cannot be read or written fails alone.
-        Err(Failed::NothingWritten(reason)) => {
+        Err(Failed::NothingWritten { reason, .. }) => {
             tracing::debug!(%reason, commands = commands.len(), "batch append fell back to one command at a time");
-            return one_by_one(cqrs, metrics, commands).await;
+            return (one_by_one(cqrs, metrics, commands).await, connection_failed);
         }
         Err(Failed::Unknown(reason)) => {
             tracing::error!(%reason, commands = commands.len(), "batch append's outcome is unknown");
@@ -73,26 +93,55 @@ pub(super) async fn execute_each(
             metrics.command(command_name(command), result);
         }
     }
-    results
+    (results, connection_failed)
 }
+
+/// The batch on one connection; after a refusal on a connection still fine (a Compose whose
+/// id exists, or a writer that appended in between), read every message afresh and decide
+/// again, once.
+async fn attempt(conn: &mut PgConnection, commands: &[(MessageId, MessageCommand)]) -> Appended {
+    let outcome = decide_and_append(&mut *conn, commands, Read::Needed).await;
+    if let Err(Failed::NothingWritten {
+        reason,
+        connection_ok: true,
+    }) = &outcome
+    {
+        tracing::debug!(%reason, commands = commands.len(), "batch append decided again");
+        return decide_and_append(conn, commands, Read::All).await;
+    }
+    outcome
+}
+
+/// The results, and the events appended.
+type Appended = Result<(Vec<Result<(), CommandError>>, Vec<MessageEvent>), Failed>;
 
 /// Why a batch was not appended.
 enum Failed {
     /// The server refused the statement, or it was never sent: running it again is safe.
-    NothingWritten(String),
+    /// `connection_ok` is false when the connection may be broken (not to be used again).
+    NothingWritten { reason: String, connection_ok: bool },
     /// The connection failed once the INSERT was sent: it may have been committed.
     Unknown(String),
 }
 
 impl Failed {
     fn of_insert(error: sqlx::Error) -> Self {
-        match error {
-            // The server answered with an error: the statement (its own transaction) did not
-            // commit. A pool that gave no connection never sent it.
-            sqlx::Error::Database(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed => {
-                Self::NothingWritten(error.to_string())
+        let refused = match &error {
+            // The server answered with an ERROR: the statement (its own transaction) did not
+            // commit, and the session goes on. A FATAL or PANIC ends the session, and may come
+            // after the commit (a server shutting down): unknown.
+            sqlx::Error::Database(e) => e
+                .try_downcast_ref::<PgDatabaseError>()
+                .is_some_and(|e| matches!(e.severity(), PgSeverity::Error)),
+            _ => false,
+        };
+        if refused {
+            Self::NothingWritten {
+                reason: error.to_string(),
+                connection_ok: true,
             }
-            _ => Self::Unknown(error.to_string()),
+        } else {
+            Self::Unknown(error.to_string())
         }
     }
 }
@@ -149,12 +198,11 @@ fn creates(command: &MessageCommand) -> bool {
     matches!(command, MessageCommand::Compose(_))
 }
 
-/// The results, and the events appended.
 async fn decide_and_append(
     conn: &mut PgConnection,
     commands: &[(MessageId, MessageCommand)],
     read: Read,
-) -> Result<(Vec<Result<(), CommandError>>, Vec<MessageEvent>), Failed> {
+) -> Appended {
     let ids: Vec<String> = commands.iter().map(|(id, _)| id.to_string()).collect();
     let existing: Vec<String> = ids
         .iter()
@@ -165,9 +213,13 @@ async fn decide_and_append(
     let mut messages = if existing.is_empty() {
         HashMap::new()
     } else {
+        // Nothing written; the connection may be what failed.
         load_many(&mut *conn, &existing)
             .await
-            .map_err(|e| Failed::NothingWritten(e.to_string()))?
+            .map_err(|e| Failed::NothingWritten {
+                reason: e.to_string(),
+                connection_ok: false,
+            })?
     };
     let mut results = Vec::with_capacity(commands.len());
     let mut appended = Vec::new();
@@ -183,7 +235,10 @@ async fn decide_and_append(
                     types.push(event.event_type());
                     versions.push(event.event_version());
                     payloads.push(serde_json::to_string(&event).map_err(|e| {
-                        Failed::NothingWritten(format!("serialising an event: {e}"))
+                        Failed::NothingWritten {
+                            reason: format!("serialising an event: {e}"),
+                            connection_ok: true,
+                        }
                     })?);
                     appended.push(event);
                 }

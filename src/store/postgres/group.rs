@@ -12,7 +12,8 @@
 //!
 //! Each writer appends on a connection of its own, outside the pool
 //! ([`KeptConnection`]: no check round trips around each group's INSERT), opened again after
-//! any store error (the old one may be what failed).
+//! any failure of the connection itself (anything but an error the server reported for the
+//! statement alone).
 
 use super::batch;
 use crate::metrics::Metrics;
@@ -137,26 +138,23 @@ async fn write_groups(
             .map(|(id, command, answer)| ((id, command), answer))
             .unzip();
         let results = match own.ready(&shared.pool).await {
-            Ok(conn) => batch::execute_each(shared, conn, commands).await,
-            // Nothing was sent: the pool's connections may still serve (the fallback).
+            Ok(conn) => {
+                let (results, connection_failed) =
+                    batch::execute_each(shared, batch::On::Kept(conn), commands).await;
+                if connection_failed {
+                    // The next group opens a new one.
+                    own.discard();
+                }
+                results
+            }
+            // Nothing was sent: the pool's connections may still serve.
             Err(error) => {
                 tracing::warn!(%error, "a command writer cannot connect; using the pool");
-                match shared.pool.acquire().await {
-                    Ok(mut conn) => batch::execute_each(shared, &mut conn, commands).await,
-                    Err(error) => commands
-                        .iter()
-                        .map(|_| Err(CommandError::Store(error.to_string())))
-                        .collect(),
-                }
+                batch::execute_each(shared, batch::On::Pool(&shared.pool), commands)
+                    .await
+                    .0
             }
         };
-        if results
-            .iter()
-            .any(|r| matches!(r, Err(CommandError::Store(_))))
-        {
-            // The connection may be what failed: the next group opens a new one.
-            own.discard();
-        }
         // A caller that went away no longer wants its answer.
         for (answer, result) in answers.into_iter().zip(results) {
             let _ = answer.send(result);

@@ -512,18 +512,9 @@ impl Projection<Postgres> for Slow {
 /// a store error) and opens a new one.
 #[tokio::test]
 async fn commands_after_every_connection_was_cut_succeed() {
-    use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-    use std::str::FromStr;
+    use sqlx::postgres::PgPoolOptions;
 
-    let url = fresh_postgres_database().await;
-    let direct = PgPool::connect(&url).await.unwrap();
-    messaging::startup::migrate(&direct).await.unwrap();
-    let options = PgConnectOptions::from_str(&url).unwrap();
-    let server = tokio::net::lookup_host((options.get_host(), options.get_port()))
-        .await
-        .unwrap()
-        .next()
-        .unwrap();
+    let (direct, options, server) = behind_a_proxy().await;
     let proxy = HangUpProxy::start(server).await;
     let proxied = PgPoolOptions::new()
         .max_connections(4)
@@ -566,6 +557,27 @@ async fn a_kept_connection_plans_each_statement_for_its_values() {
         .unwrap();
     assert_eq!(pooled, "auto", "only kept connections are set so");
     kept.close().await;
+}
+
+/// A fresh migrated database for a test that reaches it through a proxy: a direct pool for
+/// checks, the options to connect with (to point at the proxy), and the server's address.
+async fn behind_a_proxy() -> (
+    PgPool,
+    sqlx::postgres::PgConnectOptions,
+    std::net::SocketAddr,
+) {
+    use std::str::FromStr;
+
+    let url = fresh_postgres_database().await;
+    let direct = PgPool::connect(&url).await.unwrap();
+    messaging::startup::migrate(&direct).await.unwrap();
+    let options = sqlx::postgres::PgConnectOptions::from_str(&url).unwrap();
+    let server = tokio::net::lookup_host((options.get_host(), options.get_port()))
+        .await
+        .unwrap()
+        .next()
+        .unwrap();
+    (direct, options, server)
 }
 
 /// A TCP proxy to PostgreSQL that can close every connection it carries at once, without a
@@ -1160,18 +1172,9 @@ impl CuttingProxy {
 #[tokio::test]
 async fn an_append_cut_off_once_sent_is_reported_as_unknown_and_not_run_again() {
     use messaging::store::CommandError;
-    use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgSslMode};
-    use std::str::FromStr;
+    use sqlx::postgres::{PgPoolOptions, PgSslMode};
 
-    let url = fresh_postgres_database().await;
-    let direct = PgPool::connect(&url).await.unwrap();
-    messaging::startup::migrate(&direct).await.unwrap();
-    let options = PgConnectOptions::from_str(&url).unwrap();
-    let server = tokio::net::lookup_host((options.get_host(), options.get_port()))
-        .await
-        .unwrap()
-        .next()
-        .unwrap();
+    let (direct, options, server) = behind_a_proxy().await;
     let proxy = CuttingProxy::start(server, b"INSERT INTO events").await;
     // Plain text, so the proxy sees the statement; one connection, so the INSERT's text is
     // sent (a statement is prepared once per connection).

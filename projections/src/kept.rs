@@ -4,10 +4,11 @@
 //! and again, unconditionally, when it is given back: two round trips around each use, which
 //! a worker running one statement at a time all day (a command writer) pays on every one. A
 //! kept connection is checked only when it has been idle for [`CHECK_AFTER`] (as connection
-//! pools such as HikariCP do), since the server
-//! may have closed it meanwhile, and a statement sent on a dead connection fails; a write sent
-//! so has an unknown outcome, where a failed check only costs a new connection. After any error
-//! the worker [`discard`](KeptConnection::discard)s it: the next use opens a new one.
+//! pools such as HikariCP do), since the server may have closed it meanwhile, and a statement
+//! sent on a dead connection fails; a write sent so has an unknown outcome, where a failed
+//! check only costs a new connection. When the connection itself fails (anything but an error
+//! the server reports for one statement) the worker [`discard`](KeptConnection::discard)s it:
+//! the next use opens a new one.
 //!
 //! Its statements are planned for their values each time (`plan_cache_mode =
 //! force_custom_plan`). A prepared statement's generic plan is made once, at its sixth run, and
@@ -76,7 +77,7 @@ impl KeptConnection {
         Ok(self.conn.insert(conn))
     }
 
-    /// Forgets the connection (closing its socket): after an error it may be broken, or in
+    /// Forgets the connection (closing its socket): after a failure it may be broken, or in
     /// the middle of something.
     pub fn discard(&mut self) {
         self.conn = None;

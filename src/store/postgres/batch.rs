@@ -62,14 +62,7 @@ pub(super) async fn execute_each(
             }),
         },
     };
-    let connection_failed = matches!(
-        outcome,
-        Err(Failed::Unknown(_))
-            | Err(Failed::NothingWritten {
-                connection_ok: false,
-                ..
-            })
-    );
+    let connection_failed = outcome.as_ref().err().is_some_and(Failed::broke_connection);
     let (results, appended) = match outcome {
         Ok(appended) => appended,
         // Each command again on its own, so a conflict is retried where it happened and a
@@ -101,15 +94,13 @@ pub(super) async fn execute_each(
 /// again, once.
 async fn attempt(conn: &mut PgConnection, commands: &[(MessageId, MessageCommand)]) -> Appended {
     let outcome = decide_and_append(&mut *conn, commands, Read::Needed).await;
-    if let Err(Failed::NothingWritten {
-        reason,
-        connection_ok: true,
-    }) = &outcome
-    {
-        tracing::debug!(%reason, commands = commands.len(), "batch append decided again");
-        return decide_and_append(conn, commands, Read::All).await;
+    match &outcome {
+        Err(failed @ Failed::NothingWritten { reason, .. }) if !failed.broke_connection() => {
+            tracing::debug!(%reason, commands = commands.len(), "batch append decided again");
+            decide_and_append(conn, commands, Read::All).await
+        }
+        _ => outcome,
     }
-    outcome
 }
 
 /// The results, and the events appended.
@@ -125,6 +116,14 @@ enum Failed {
 }
 
 impl Failed {
+    /// Whether the connection may be broken (a kept one is then replaced).
+    fn broke_connection(&self) -> bool {
+        match self {
+            Self::NothingWritten { connection_ok, .. } => !connection_ok,
+            Self::Unknown(_) => true,
+        }
+    }
+
     fn of_insert(error: sqlx::Error) -> Self {
         let refused = match &error {
             // The server answered with an ERROR: the statement (its own transaction) did not

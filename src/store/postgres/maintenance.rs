@@ -12,8 +12,12 @@ use sqlx::PgPool;
 use std::time::Duration;
 use tokio::sync::watch;
 
-/// The tables watched.
-const QUEUES: [&str; 2] = ["send_jobs", "scheduled_sends"];
+/// The tables watched, each with its vacuum (a statement without parameters: VACUUM cannot
+/// run in a transaction block, so it goes by the simple protocol, its table named in it).
+const QUEUES: [(&str, &str); 2] = [
+    ("send_jobs", "VACUUM (ANALYZE) send_jobs"),
+    ("scheduled_sends", "VACUUM (ANALYZE) scheduled_sends"),
+];
 
 /// Dead row versions, more than the last vacuum left, above which a table is vacuumed, when
 /// they also outnumber half the live rows (a big backlog is not vacuumed again for each few
@@ -39,8 +43,8 @@ impl QueueUpkeep {
     /// to end). A table that fails is logged and the next one still looked at.
     pub async fn round(&mut self, pool: &PgPool) -> Vec<&'static str> {
         let mut vacuumed = Vec::new();
-        for table in QUEUES {
-            match self.table(pool, table).await {
+        for (table, vacuum) in QUEUES {
+            match self.table(pool, table, vacuum).await {
                 Ok(true) => vacuumed.push(table),
                 Ok(false) => {}
                 Err(error) => {
@@ -51,7 +55,12 @@ impl QueueUpkeep {
         vacuumed
     }
 
-    async fn table(&mut self, pool: &PgPool, table: &'static str) -> Result<bool, sqlx::Error> {
+    async fn table(
+        &mut self,
+        pool: &PgPool,
+        table: &'static str,
+        vacuum: &'static str,
+    ) -> Result<bool, sqlx::Error> {
         let Some((live, dead)) = counts(pool, table).await? else {
             return Ok(false);
         };
@@ -68,17 +77,12 @@ impl QueueUpkeep {
         if !locked {
             return Ok(false);
         }
-        // Not in a transaction block: one statement without parameters (the simple protocol).
-        let statement = match table {
-            "send_jobs" => "VACUUM (ANALYZE) send_jobs",
-            _ => "VACUUM (ANALYZE) scheduled_sends",
-        };
-        let vacuum = sqlx::Executor::execute(&mut *conn, statement).await;
+        let vacuumed = sqlx::Executor::execute(&mut *conn, vacuum).await;
         sqlx::query("SELECT pg_advisory_unlock(hashtext($1))")
             .bind(&key)
             .execute(&mut *conn)
             .await?;
-        vacuum?;
+        vacuumed?;
         // VACUUM reports what it could not remove when it ends.
         let left = counts(pool, table).await?.map_or(0, |(_, dead)| dead);
         self.left_after_vacuum.insert(table, left);

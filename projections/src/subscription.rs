@@ -32,6 +32,7 @@
 //! returned: anything the batch itself wrote to the log would lie after its new checkpoint.
 
 use crate::event::{StoredEvent, EVENT_COLUMNS};
+use crate::kept::KeptConnection;
 use async_trait::async_trait;
 use futures_util::TryStreamExt;
 use sqlx::{Connection, PgConnection, PgPool, Postgres};
@@ -349,14 +350,36 @@ impl Subscription {
     /// Runs until `shutdown` turns true: woken by `wake` (NOTIFY on new events), with a
     /// polling fallback. Errors are logged and retried with backoff; the reader never dies on
     /// one bad batch.
+    ///
+    /// Its batches run on a connection it keeps ([`KeptConnection`]), not one taken from the
+    /// pool for each: a batch is seven statements, and the pool's checks were two more round
+    /// trips. (Tried once before with generic plans, which froze the message list's read of a
+    /// batch's rows as a sequential scan; a kept connection plans each statement for its values.)
     pub async fn run(self, wake: watch::Receiver<u64>, shutdown: watch::Receiver<bool>) {
         let name = self.name();
         let poll_interval = self.poll_interval;
         let batch_size = self.batch_size;
-        run_until_shutdown(name, batch_size, poll_interval, wake, shutdown, || {
-            self.run_batch()
+        let kept = tokio::sync::Mutex::new(KeptConnection::new());
+        run_until_shutdown(name, batch_size, poll_interval, wake, shutdown, || async {
+            self.run_batch_kept(&mut *kept.lock().await).await
         })
-        .await
+        .await;
+        kept.lock().await.close().await;
+    }
+
+    /// [`Self::run_batch`] on a kept connection, forgotten after an error.
+    async fn run_batch_kept(
+        &self,
+        kept: &mut KeptConnection,
+    ) -> Result<BatchOutcome, ProjectionError> {
+        let conn = kept.ready(&self.pool).await?;
+        let outcome = self.batch_on(conn).await;
+        match outcome {
+            Ok(BatchOutcome::Handled(_)) => conn.shrink_buffers(),
+            Ok(_) => {}
+            Err(_) => kept.discard(),
+        }
+        outcome
     }
 }
 

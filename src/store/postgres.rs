@@ -23,7 +23,7 @@ use cqrs_es::persist::PersistedEventStore;
 use cqrs_es::CqrsFramework;
 use messaging_domain::{Channel, Message, MessageCommand, MessageData, MessageId, ServiceId};
 use messaging_projections::event::message_events;
-use messaging_projections::{FeedItem, HistoryItem};
+use messaging_projections::{FeedItem, HistoryItem, KeptConnection};
 use postgres_es::PostgresEventRepository;
 use sqlx::migrate::Migrator;
 use sqlx::PgPool;
@@ -57,6 +57,12 @@ pub struct PgStore {
 /// How many services [`PgStore`] keeps; past that it starts again from empty.
 const SERVICES_KEPT: usize = 10_000;
 
+/// The commit notifier's pause after each NOTIFY. Under a steady load readers do not wait for
+/// wake-ups (after a batch that was not full they read again after
+/// [`GATHER`](messaging_projections::subscription::GATHER), 10 ms); a wake-up matters to a reader
+/// that found nothing, and reaches it at most this much later than the commit.
+const NOTIFY_AT_MOST_EVERY: Duration = Duration::from_millis(5);
+
 /// Sends NOTIFY `events` after commits, at most once per few milliseconds however many
 /// commands commit: readers in every instance (this one included, through its listener) wake
 /// without a NOTIFY inside each appending transaction.
@@ -65,9 +71,13 @@ fn spawn_commit_notifier(pool: PgPool) -> Arc<tokio::sync::Notify> {
     let weak = Arc::downgrade(&committed);
     if let Ok(runtime) = tokio::runtime::Handle::try_current() {
         runtime.spawn(async move {
+            // Its own connection, kept: through the pool each NOTIFY cost three round trips
+            // (the pool checks a connection when it is taken and when it is given back).
+            let mut own = KeptConnection::new();
             loop {
                 // Ends once the store is gone.
                 let Some(committed) = weak.upgrade() else {
+                    own.close().await;
                     return;
                 };
                 let woken =
@@ -76,14 +86,19 @@ fn spawn_commit_notifier(pool: PgPool) -> Arc<tokio::sync::Notify> {
                 if woken.is_err() {
                     continue;
                 }
-                if let Err(error) = sqlx::query("SELECT pg_notify('events', '')")
-                    .execute(&pool)
-                    .await
-                {
-                    // Readers poll as well: a lost wake-up only delays them.
+                // Readers poll as well: a lost wake-up only delays them.
+                let sent = match own.ready(&pool).await {
+                    Ok(conn) => sqlx::query("SELECT pg_notify('events', '')")
+                        .execute(conn)
+                        .await
+                        .map(drop),
+                    Err(error) => Err(error),
+                };
+                if let Err(error) = sent {
+                    own.discard();
                     tracing::debug!(%error, "could not notify readers");
                 }
-                tokio::time::sleep(Duration::from_millis(2)).await;
+                tokio::time::sleep(NOTIFY_AT_MOST_EVERY).await;
             }
         });
     }

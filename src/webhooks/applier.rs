@@ -60,6 +60,10 @@ fn inbound_id(event_id: &str, at: DateTime<Utc>) -> MessageId {
     MessageId::from_uuid(uuid::Builder::from_unix_timestamp_millis(millis, &random).into_uuid())
 }
 
+/// The applier runs a round for new events at most this often (waiting facts are applied this
+/// much later at most, after their message appears or changes).
+const EVENTS_AT_MOST_EVERY: Duration = Duration::from_millis(100);
+
 impl Applier {
     pub fn new(store: Arc<dyn Store>) -> Self {
         Self { store }
@@ -305,7 +309,17 @@ impl Applier {
             }
             tokio::select! {
                 Ok(()) = inbox.changed() => {}
-                Ok(()) = events.changed() => {}
+                // New events concern only facts that wait for their message, a rare case:
+                // under a steady load they come every few milliseconds, and a round each time
+                // was a lease statement (and the pool's two checks) for nothing. New inbox
+                // rows still wake the applier at once.
+                Ok(()) = events.changed() => {
+                    tokio::select! {
+                        Ok(()) = inbox.changed() => {}
+                        _ = tokio::time::sleep(EVENTS_AT_MOST_EVERY) => {}
+                        _ = shutdown.changed() => {}
+                    }
+                }
                 _ = tokio::time::sleep(Duration::from_secs(2)) => {}
                 _ = shutdown.changed() => {}
             }

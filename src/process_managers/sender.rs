@@ -235,24 +235,48 @@ impl Sender {
                 (recorded, account, outgoing(d))
             })
             .collect();
-        // Outcomes recorded as calls finish, a few at a time: an email sent stays unrecorded
-        // (and would be sent again by a recovery) only while its wave is being recorded.
-        let mut waves = futures::stream::iter(calls)
-            .map(|(recorded, account, outgoing)| async move {
-                let result = match account {
-                    Ok(account) => {
-                        let provider = self.providers.for_provider(account.provider);
-                        provider.send(&account, &outgoing).await
-                    }
-                    Err(reason) => Err(SendError::Permanent { reason }),
-                };
-                (recorded, result)
-            })
-            .buffer_unordered(self.config.concurrency)
-            .ready_chunks(self.config.concurrency);
-        while let Some(wave) = waves.next().await {
-            outcomes.extend(self.record_wave(wave).await);
-        }
+        // Outcomes recorded as calls finish: each wave is every answer that came while the
+        // previous wave was being recorded, so an email sent stays unrecorded (and would be
+        // sent again by a recovery) only for about two waves' time. The calls go on while a
+        // wave is recorded (both halves are polled together); when the calls were a stream
+        // read between waves, a wave's recording held back the next calls, and a round of 64
+        // took about eight waves, a commit each.
+        let (answered, mut answers) = tokio::sync::mpsc::unbounded_channel();
+        let calling = async move {
+            futures::stream::iter(calls)
+                .map(|(recorded, account, outgoing)| async move {
+                    let result = match account {
+                        Ok(account) => {
+                            let provider = self.providers.for_provider(account.provider);
+                            provider.send(&account, &outgoing).await
+                        }
+                        Err(reason) => Err(SendError::Permanent { reason }),
+                    };
+                    (recorded, result)
+                })
+                .buffer_unordered(self.config.concurrency)
+                .for_each(|answer| {
+                    // The receiver lives until every answer is recorded.
+                    let _ = answered.send(answer);
+                    std::future::ready(())
+                })
+                .await;
+            // Ends the recording once the last wave is in.
+            drop(answered);
+        };
+        let recording = async {
+            let mut recorded = Vec::new();
+            while let Some(first) = answers.recv().await {
+                let mut wave = vec![first];
+                while let Ok(next) = answers.try_recv() {
+                    wave.push(next);
+                }
+                recorded.extend(self.record_wave(wave).await);
+            }
+            recorded
+        };
+        let ((), recorded) = tokio::join!(calling, recording);
+        outcomes.extend(recorded);
         outcomes
     }
 

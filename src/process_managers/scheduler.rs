@@ -122,14 +122,20 @@ impl Scheduler {
             // projection writes): most are due later, so look before leasing. A lease that
             // finds nothing is a write statement; under a steady load of scheduled messages
             // this was two statements per wake-up instead of one.
-            let later = if woken {
+            // (An error reading it: lease anyway, as a timed wake-up does.)
+            let nothing_due = if woken {
                 let now = Utc::now();
-                self.next_due().await.ok().flatten().filter(|at| *at > now)
+                match self.next_due().await {
+                    Ok(Some(at)) if at > now => Some((at - now).to_std().unwrap_or(Duration::ZERO)),
+                    // Nothing scheduled at all (cancelled since the NOTIFY, say).
+                    Ok(None) => Some(MAX_SLEEP),
+                    _ => None,
+                }
             } else {
                 None
             };
-            let sleep = match later {
-                Some(at) => (at - Utc::now()).to_std().unwrap_or(Duration::ZERO),
+            let sleep = match nothing_due {
+                Some(sleep) => sleep,
                 None => self.fire_and_look_ahead(&shutdown).await,
             }
             .min(MAX_SLEEP);

@@ -183,7 +183,7 @@ impl Sender {
     }
 
     /// Jobs whose messages are ready to send: start every attempt in one batch, call the
-    /// providers, record every outcome in one batch.
+    /// providers, record the outcomes in waves as the calls finish (one batch each).
     async fn send_batch(&self, jobs: Vec<(SendJob, &MessageData)>) -> Vec<JobOutcome> {
         let mut outcomes = Vec::with_capacity(jobs.len());
         for (job, _) in &jobs {

@@ -133,6 +133,18 @@ pub async fn run(bench: &mut Bench) -> Result<Vec<Figure>> {
                     .note("2 events per compose; the sender sends them (sandbox) during the run");
             }
             figures.push(figure);
+            if !scheduled {
+                figures.push(
+                    until_sent(
+                        format!("in-process compose, send now, {clients} clients: until all sent"),
+                        &in_process,
+                        bench,
+                        settle_cap,
+                        reference_rate,
+                    )
+                    .await?,
+                );
+            }
 
             settle(&bench.pool, settle_cap).await?;
             eprintln!("bench: commands: HTTP, {label}, {clients} clients");
@@ -175,10 +187,56 @@ pub async fn run(bench: &mut Bench) -> Result<Vec<Figure>> {
                 figure = figure.note("the sender sends them (sandbox) during the run");
             }
             figures.push(errors_note(figure, &over_http));
+            if !scheduled {
+                figures.push(
+                    until_sent(
+                        format!("HTTP compose, send now, {clients} clients: until all sent"),
+                        &over_http,
+                        bench,
+                        settle_cap,
+                        reference_rate,
+                    )
+                    .await?,
+                );
+            }
         }
     }
     bench.peak_command_rate = Some(peak);
     Ok(figures)
+}
+
+/// "Send now" end to end: the loop's messages over its time plus the time until every one was
+/// sent and every subscription had read it. The loop's own rate counts composes only: a sender
+/// that falls behind during the loop (and sends after it) leaves the composes more of the cores,
+/// and one that keeps up takes them; this figure counts both halves of the work.
+async fn until_sent(
+    name: String,
+    result: &LoopResult,
+    bench: &Bench,
+    cap: Duration,
+    reference_rate: f64,
+) -> Result<Figure> {
+    let (after, events, jobs) = settle(&bench.pool, cap).await?;
+    let total = result.elapsed + after;
+    let mut figure = Figure::versus(
+        SCENARIO,
+        name,
+        "msg/s",
+        result.ok as f64 / total.as_secs_f64(),
+        reference_rate,
+        "INSERT 1 event row, same clients",
+        None,
+    )
+    .note(format!(
+        "{} composed in {:.1?}; every one sent and projected {:.1?} later",
+        result.ok, result.elapsed, after
+    ));
+    if events > 0 || jobs > 0 {
+        figure = figure.note(format!(
+            "NOT settled after {cap:?}: {jobs} send jobs open, {events} events unread; the rate is an upper bound"
+        ));
+    }
+    Ok(figure)
 }
 
 /// Failed calls (a shared server can run out of connections) are not counted, only reported;

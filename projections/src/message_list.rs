@@ -137,7 +137,6 @@ impl Rows {
     }
 }
 
-/// The rows of these messages, in one query.
 /// The batch's messages that have events before it: those whose first event in the batch is
 /// not their first (sequence 1). A message the batch starts has no row yet: its row and the
 /// checkpoint past its first event are committed together, and only a reset (which empties

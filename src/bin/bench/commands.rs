@@ -228,7 +228,7 @@ async fn until_sent(
         None,
     )
     .note(format!(
-        "{} composed in {:.1?}; every one sent and projected {:.1?} later",
+        "{} composed in {:.1?}; every one sent and projected {:.1?} later (looked at every 50 ms)",
         result.ok, result.elapsed, after
     ));
     if events > 0 || jobs > 0 {

@@ -16,6 +16,15 @@ use tokio::sync::watch;
 /// The longest the scheduler sleeps without looking again (a safety net for lost wake-ups).
 const MAX_SLEEP: Duration = Duration::from_secs(5);
 
+/// How long to sleep for the schedule's next due time: until it (now if it is past), at most
+/// [`MAX_SLEEP`], and that when nothing is scheduled.
+fn until(next: Option<DateTime<Utc>>) -> Duration {
+    next.map_or(MAX_SLEEP, |at| {
+        (at - Utc::now()).to_std().unwrap_or(Duration::ZERO)
+    })
+    .min(MAX_SLEEP)
+}
+
 #[derive(Clone)]
 pub struct Scheduler {
     store: Arc<dyn Store>,
@@ -122,13 +131,11 @@ impl Scheduler {
             // projection writes): most are due later, so look before leasing. A lease that
             // finds nothing is a write statement; under a steady load of scheduled messages
             // this was two statements per wake-up instead of one.
-            // (An error reading it: lease anyway, as a timed wake-up does.)
+            // Nothing scheduled at all (cancelled since the NOTIFY, say) is nothing due either;
+            // an error reading it leases anyway, as a timed wake-up does.
             let nothing_due = if woken {
-                let now = Utc::now();
                 match self.next_due().await {
-                    Ok(Some(at)) if at > now => Some((at - now).to_std().unwrap_or(Duration::ZERO)),
-                    // Nothing scheduled at all (cancelled since the NOTIFY, say).
-                    Ok(None) => Some(MAX_SLEEP),
+                    Ok(next) if next.is_none_or(|at| at > Utc::now()) => Some(until(next)),
                     _ => None,
                 }
             } else {
@@ -137,8 +144,7 @@ impl Scheduler {
             let sleep = match nothing_due {
                 Some(sleep) => sleep,
                 None => self.fire_and_look_ahead(&shutdown).await,
-            }
-            .min(MAX_SLEEP);
+            };
             woken = tokio::select! {
                 Ok(()) = wake.changed() => true,
                 _ = tokio::time::sleep(sleep) => false,
@@ -158,8 +164,7 @@ impl Scheduler {
         };
         match self.next_due().await {
             Ok(_) if failed => Duration::from_secs(1),
-            Ok(Some(at)) => (at - Utc::now()).to_std().unwrap_or(Duration::ZERO),
-            Ok(None) => MAX_SLEEP,
+            Ok(next) => until(next),
             Err(error) => {
                 tracing::error!(%error, "scheduler cannot read the schedule");
                 Duration::from_secs(1)

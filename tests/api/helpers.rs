@@ -309,3 +309,13 @@ pub fn assert_error(status: StatusCode, body: &Value, expected: StatusCode, code
 pub fn tomorrow() -> Value {
     json!({"publish_at": (chrono::Utc::now() + chrono::Duration::days(1)).to_rfc3339()})
 }
+
+/// How many events of `event_type` the message `id` has in the log.
+pub async fn events_of_type(pool: &PgPool, id: &str, event_type: &str) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM events WHERE aggregate_id = $1 AND event_type = $2")
+        .bind(id)
+        .bind(event_type)
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}

@@ -529,13 +529,7 @@ async fn commands_after_every_connection_was_cut_succeed() {
     let second = composed(&store, 1, later()).await;
     let third = composed(&store, 2, later()).await;
     for id in [first, second, third] {
-        let composed: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM events WHERE aggregate_id = $1 AND event_type = 'MessageComposed'",
-        )
-        .bind(id.to_string())
-        .fetch_one(&direct)
-        .await
-        .unwrap();
+        let composed = events_of_type(&direct, &id.to_string(), "MessageComposed").await;
         assert_eq!(composed, 1, "message {id}");
     }
 }
@@ -748,13 +742,7 @@ async fn a_rejected_command_in_a_batch_does_not_hold_back_the_others() {
                 "message {n}"
             ),
         }
-        let cancels: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM events WHERE aggregate_id = $1 AND event_type = 'MessageCancelled'",
-        )
-        .bind(id.to_string())
-        .fetch_one(&pool)
-        .await
-        .unwrap();
+        let cancels = events_of_type(&pool, &id.to_string(), "MessageCancelled").await;
         assert_eq!(cancels, i64::from(n != 1 && n != 4), "message {n}");
     }
 }
@@ -1015,13 +1003,7 @@ async fn a_fact_refused_while_its_message_changed_is_tried_again() {
     // Nothing else will happen to the message: the fact must be applied now.
     let applied = Applier::new(store.clone()).run_once().await.unwrap();
     assert_eq!(applied, 1, "the waiting open was not tried again");
-    let opens: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM events WHERE aggregate_id = $1 AND event_type = 'OpenRecorded'",
-    )
-    .bind(id.to_string())
-    .fetch_one(&pool)
-    .await
-    .unwrap();
+    let opens = events_of_type(&pool, &id.to_string(), "OpenRecorded").await;
     assert_eq!(opens, 1);
 }
 

@@ -251,7 +251,7 @@ async fn run_in(cli: &Cli, url: &str, sandbox_dir: PathBuf) -> Result<(Vec<Figur
         quick: cli.quick,
         service,
         signing_secret: SIGNING_SECRET,
-        peak_command_rate: None,
+        peak_send_rate: None,
         lag_rate: cli.lag_rate,
         clients: cli.clients.clone(),
         service_env,

@@ -128,8 +128,9 @@ pub struct Bench {
     pub service: ServiceRef,
     /// The scalar the SendGrid public key configured in the app was derived from.
     pub signing_secret: [u8; 32],
-    /// The best in-process compose+send rate measured by `commands`, for `lag`.
-    pub peak_command_rate: Option<f64>,
+    /// The best in-process "send now" rate `commands` measured until every message was sent
+    /// and projected (what the whole pipeline sustains), for `lag`.
+    pub peak_send_rate: Option<f64>,
     /// `--lag-rate`: the load for `lag`, instead of half the peak.
     pub lag_rate: Option<f64>,
     /// `--clients`: the client counts `commands` runs.

@@ -1,8 +1,9 @@
-//! Scenario `lag`: at a steady, open-loop load of half the peak in-process command rate, the
-//! time from a compose's commit (its `execute` returned) until the message list shows it and
-//! until the state-change feed has it, measured by a poller on its own connection.
+//! Scenario `lag`: at a steady, open-loop load of half the peak in-process "send now" rate
+//! (counted until every message was sent: the rate the whole pipeline sustains), the time from a
+//! compose's commit (its `execute` returned) until the message list shows it and until the
+//! state-change feed has it, measured by a poller on its own connection.
 
-use crate::common::{closed_loop, execute_compose, quantile, settle, Bench, Figure};
+use crate::common::{backlog, closed_loop, execute_compose, quantile, settle, Bench, Figure};
 use anyhow::{Context, Result};
 use messaging_domain::Dispatch;
 use sqlx::{Connection, PgConnection};
@@ -17,13 +18,18 @@ const POLL: Duration = Duration::from_millis(2);
 
 pub async fn run(bench: &mut Bench) -> Result<Vec<Figure>> {
     settle(&bench.pool, Duration::from_secs(bench.size(10, 60))).await?;
-    let (rate, load) = match (bench.lag_rate, bench.peak_command_rate) {
+    let settle_cap = Duration::from_secs(bench.size(10, 60));
+    let (rate, load) = match (bench.lag_rate, bench.peak_send_rate) {
         (Some(rate), _) if rate > 0.0 => (rate, "set by --lag-rate".to_string()),
-        (_, Some(peak)) if peak > 0.0 => (peak / 2.0, format!("half of peak {peak:.0}")),
-        // Run alone (`--only lag`): measure the peak briefly.
+        (_, Some(peak)) if peak > 0.0 => (
+            peak / 2.0,
+            format!("half of the peak {peak:.0} msg/s sent, from `commands`"),
+        ),
+        // Run alone (`--only lag`): measure the peak briefly, as `commands` counts it: the
+        // messages over the time until every one was sent and projected.
         _ => {
             let (store, service) = (bench.store.clone(), bench.service.clone());
-            let r = closed_loop(8, Duration::from_secs(1), move || {
+            let r = closed_loop(8, Duration::from_secs(bench.size(1, 2)), move || {
                 let (store, service) = (store.clone(), service.clone());
                 async move {
                     execute_compose(&store, &service, Dispatch::Now)
@@ -32,9 +38,12 @@ pub async fn run(bench: &mut Bench) -> Result<Vec<Figure>> {
                 }
             })
             .await;
-            settle(&bench.pool, Duration::from_secs(bench.size(10, 60))).await?;
-            let peak = r.rate();
-            (peak / 2.0, format!("half of peak {peak:.0}"))
+            let (after, _, _) = settle(&bench.pool, settle_cap).await?;
+            let peak = r.ok as f64 / (r.elapsed + after).as_secs_f64();
+            (
+                peak / 2.0,
+                format!("half of the peak {peak:.0} msg/s sent, 8 clients until all sent"),
+            )
         }
     };
     let rate = rate.max(1.0);
@@ -96,6 +105,7 @@ pub async fn run(bench: &mut Bench) -> Result<Vec<Figure>> {
     let (mut list_lags, mut feed_lags) = (Vec::with_capacity(total), Vec::with_capacity(total));
     let mut deadline = None;
     let mut cpu_busy = None;
+    let mut left_at_end = None;
     loop {
         // Read before draining: everything sent before the generator ended is drained below.
         let finished = generator.is_finished();
@@ -116,6 +126,7 @@ pub async fn run(bench: &mut Bench) -> Result<Vec<Figure>> {
             deadline = Some(Instant::now() + Duration::from_secs(30));
             cpu_busy =
                 busy_share(cpu_at_start, cpu_times()).zip(own_share(cpu_at_start, cpu_times()));
+            left_at_end = Some((Instant::now(), backlog(&bench.pool).await?));
         }
         if finished && list_pending.is_empty() && feed_pending.is_empty() {
             break;
@@ -130,6 +141,9 @@ pub async fn run(bench: &mut Bench) -> Result<Vec<Figure>> {
     }
     let (elapsed, failures) = generator.await.context("the load generator")?;
     drop(rx);
+    // Steady means the sender kept up: what was open when the load ended is the last moments'
+    // work, not a backlog that grew all along.
+    let (_, unread, unsent) = settle(&bench.pool, settle_cap).await?;
     let achieved = list_lags.len().max(feed_lags.len()) as f64 / elapsed.as_secs_f64();
     list_lags.sort_by(f64::total_cmp);
     feed_lags.sort_by(f64::total_cmp);
@@ -154,6 +168,23 @@ pub async fn run(bench: &mut Bench) -> Result<Vec<Figure>> {
         achieved,
     )
     .note(load_note)];
+    if let Some((ended, (events, jobs))) = left_at_end {
+        let mut open = Figure::info(SCENARIO, "send jobs open when the load ended", "jobs", jobs as f64)
+            .note(format!(
+                "{events} events not yet read by every subscription then; all sent and projected {:.1?} after the load ended",
+                ended.elapsed()
+            ));
+        // More than a second of the load still to send: the sender fell behind all along.
+        if jobs as f64 > rate {
+            open = open.note("MORE than a second of the load: the sender did not keep up, the load was not steady");
+        }
+        if unread > 0 || unsent > 0 {
+            open = open.note(format!(
+                "NOT settled after {settle_cap:?}: {unsent} send jobs open, {unread} events unread"
+            ));
+        }
+        figures.push(open);
+    }
     for (what, lags, missing) in [
         ("message list", &list_lags, list_pending.len()),
         ("state-change feed", &feed_lags, feed_pending.len()),

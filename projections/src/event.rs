@@ -50,9 +50,9 @@ pub const EVENT_COLUMNS: &str = "global_position, transaction_id::text AS transa
 /// As a join with the wanted pairs, or as `aggregate_id = ANY($2)`, a plan made while the
 /// table's statistics were missing or stale (a fresh or fast-growing log: no ANALYZE has run
 /// yet) used the key's first column alone and filtered every message's events: 16-28 ms a
-/// call at 100k events. The lateral subquery (kept apart by `OFFSET 0`) can only be a lookup
-/// of the whole key per message.
-pub static EVENTS_OF_MESSAGES: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+/// call at 100k events. The lateral subquery (kept apart by `OFFSET 0`) is a lookup of the
+/// whole key per message. Run it through [`events_of_messages`].
+static EVENTS_OF_MESSAGES: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     format!(
         "SELECT e.* FROM (SELECT DISTINCT * FROM unnest($2::text[], $3::bigint[])) \
            AS wanted(id, before) \
@@ -63,6 +63,26 @@ pub static EVENTS_OF_MESSAGES: std::sync::LazyLock<String> = std::sync::LazyLock
          ORDER BY e.aggregate_id, e.sequence"
     )
 });
+
+/// [`EVENTS_OF_MESSAGES`] for `ids`, each below its position of `before`. Unprepared: planned
+/// with its values at every call, on any connection. As a prepared statement on a connection
+/// that keeps generic plans (a command writer's: see [`KeptConnection`](crate::KeptConnection))
+/// its plan would be the one made at its sixth run, and made while the log was nearly empty
+/// it may scan the whole table for every message, for the connection's life.
+pub async fn events_of_messages<S: AsRef<str> + Sync>(
+    conn: &mut PgConnection,
+    ids: &[S],
+    before: &[i64],
+) -> Result<Vec<StoredEvent>, sqlx::Error> {
+    let ids: Vec<&str> = ids.iter().map(AsRef::as_ref).collect();
+    sqlx::query_as(&EVENTS_OF_MESSAGES)
+        .persistent(false)
+        .bind(Message::TYPE_NAME)
+        .bind(&ids)
+        .bind(before)
+        .fetch_all(conn)
+        .await
+}
 
 impl StoredEvent {
     /// The Message event inside. Version 1 is the only version so far; an upcaster goes here
@@ -171,12 +191,7 @@ pub async fn load_messages_before(
         .filter(|(_, sequence)| *sequence > 1)
         .map(|(id, sequence)| (id.as_str(), *sequence))
         .unzip();
-    let earlier: Vec<StoredEvent> = sqlx::query_as(&EVENTS_OF_MESSAGES)
-        .bind(Message::TYPE_NAME)
-        .bind(&ids)
-        .bind(&before)
-        .fetch_all(conn)
-        .await?;
+    let earlier = events_of_messages(conn, &ids, &before).await?;
     fold_into(&mut messages, earlier)?;
     Ok(messages)
 }

@@ -10,15 +10,23 @@
 //! the server reports for one statement) the worker [`discard`](KeptConnection::discard)s it:
 //! the next use opens a new one.
 //!
-//! Its statements are planned for their values each time (`plan_cache_mode =
-//! force_custom_plan`). A prepared statement's generic plan is made once, at its sixth run, and
-//! kept for the session's life unless the table's statistics change; with autovacuum off (as on
-//! the machine the benchmarks run on) they never do. Measured with subscription readers on kept
-//! connections: the message list's read of a batch's rows kept the plan it got when the table
-//! was nearly empty, a sequential scan, and took 1.0–1.5 s a batch once the table had grown
-//! (the list fell 14–20 s behind in the bench's `lag` after `commands`; 54–64 ms p50 on pooled
-//! connections or with custom plans). Pooled connections are replaced after 30 minutes; a kept
-//! one is not.
+//! By default ([`KeptConnection::new`]) its statements are planned for their values each time
+//! (`plan_cache_mode = force_custom_plan`). A prepared statement's generic plan is made once,
+//! at its sixth run, and kept for the session's life unless the table's statistics change;
+//! with autovacuum off (as on the machine the benchmarks run on) they never do. Measured with
+//! subscription readers on kept connections: the message list's read of a batch's rows kept
+//! the plan it got when the table was nearly empty, a sequential scan, and took 1.0–1.5 s a
+//! batch once the table had grown (the list fell 14–20 s behind in the bench's `lag` after
+//! `commands`; 54–64 ms p50 on pooled connections or with custom plans). Pooled connections are
+//! replaced after 30 minutes; a kept one is not.
+//!
+//! A worker whose every statement is known, and none of whose prepared statements has a plan
+//! that depends on how much a table holds, keeps its plans instead
+//! ([`KeptConnection::keeping_plans`]): the command writers, whose INSERT of a group's events
+//! was planned afresh for every group (a third of its time on the server, and at one client
+//! most of PostgreSQL's planning), and the commit notifier. A read whose plan does depend on
+//! it goes unprepared there, planned with its values each time (as
+//! [`events_of_messages`](crate::event::events_of_messages) does).
 
 use sqlx::{Connection, PgConnection, PgPool};
 use std::time::{Duration, Instant};
@@ -31,6 +39,8 @@ pub const CHECK_AFTER: Duration = Duration::from_secs(1);
 pub struct KeptConnection {
     conn: Option<PgConnection>,
     used: Instant,
+    /// `force_custom_plan` when true (the default), PostgreSQL's `auto` when false.
+    custom_plans: bool,
 }
 
 impl Default for KeptConnection {
@@ -40,10 +50,22 @@ impl Default for KeptConnection {
 }
 
 impl KeptConnection {
+    /// Every statement planned for its values (see the module's documentation).
     pub fn new() -> Self {
         Self {
             conn: None,
             used: Instant::now(),
+            custom_plans: true,
+        }
+    }
+
+    /// Prepared statements keep their generic plans, as PostgreSQL chooses by default: only
+    /// for workers that prepare no statement whose plan depends on a table's size (see the
+    /// module's documentation).
+    pub fn keeping_plans() -> Self {
+        Self {
+            custom_plans: false,
+            ..Self::new()
         }
     }
 
@@ -63,12 +85,17 @@ impl KeptConnection {
         let conn = match kept {
             Some(conn) => conn,
             None => {
-                // Planned for their values: see the module's documentation.
+                // See the module's documentation.
+                let mode = if self.custom_plans {
+                    "force_custom_plan"
+                } else {
+                    "auto"
+                };
                 let options = pool
                     .connect_options()
                     .as_ref()
                     .clone()
-                    .options([("plan_cache_mode", "force_custom_plan")]);
+                    .options([("plan_cache_mode", mode)]);
                 tokio::time::timeout(limit, PgConnection::connect_with(&options))
                     .await
                     .map_err(|_| sqlx::Error::PoolTimedOut)??

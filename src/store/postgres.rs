@@ -73,8 +73,9 @@ fn spawn_commit_notifier(pool: PgPool) -> Arc<tokio::sync::Notify> {
     if let Ok(runtime) = tokio::runtime::Handle::try_current() {
         runtime.spawn(async move {
             // Its own connection, kept: through the pool each NOTIFY cost three round trips
-            // (the pool checks a connection when it is taken and when it is given back).
-            let mut own = KeptConnection::new();
+            // (the pool checks a connection when it is taken and when it is given back). Its
+            // one statement touches no table: it keeps its plan.
+            let mut own = KeptConnection::keeping_plans();
             loop {
                 // Ends once the store is gone.
                 let Some(committed) = weak.upgrade() else {

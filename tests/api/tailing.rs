@@ -551,6 +551,54 @@ async fn a_kept_connection_plans_each_statement_for_its_values() {
         .unwrap();
     assert_eq!(pooled, "auto", "only kept connections are set so");
     kept.close().await;
+    let mut keeping = messaging_projections::KeptConnection::keeping_plans();
+    let mode: String = sqlx::query_scalar("SHOW plan_cache_mode")
+        .fetch_one(keeping.ready(&pool).await.unwrap())
+        .await
+        .unwrap();
+    assert_eq!(
+        mode, "auto",
+        "a command writer's connection keeps its plans"
+    );
+    keeping.close().await;
+}
+
+/// On a connection that keeps its plans (a command writer's), the read of messages' events is
+/// never a prepared statement: its generic plan, made at the sixth run while the log was nearly
+/// empty, could scan the whole log for each message for the connection's life.
+#[tokio::test]
+async fn the_read_of_messages_events_is_planned_at_every_call() {
+    let pool = migrated_pool().await;
+    let mut kept = messaging_projections::KeptConnection::keeping_plans();
+    let conn = kept.ready(&pool).await.unwrap();
+    let ids = [uuid::Uuid::now_v7().to_string()];
+    for _ in 0..8 {
+        let events = messaging_projections::event::events_of_messages(conn, &ids, &[i64::MAX])
+            .await
+            .unwrap();
+        assert!(events.is_empty());
+        // A statement prepared as sqlx prepares them, to show the view lists those.
+        sqlx::query("SELECT count(*) FROM events WHERE aggregate_id = $1")
+            .bind(&ids[0])
+            .execute(&mut *conn)
+            .await
+            .unwrap();
+    }
+    let prepared: Vec<String> = sqlx::query_scalar("SELECT statement FROM pg_prepared_statements")
+        .fetch_all(&mut *conn)
+        .await
+        .unwrap();
+    assert!(
+        prepared
+            .iter()
+            .any(|s| s.contains("WHERE aggregate_id = $1")),
+        "prepared statements are listed: {prepared:?}"
+    );
+    assert!(
+        !prepared.iter().any(|s| s.contains("CROSS JOIN LATERAL")),
+        "the read of messages' events was prepared: {prepared:?}"
+    );
+    kept.close().await;
 }
 
 /// A fresh migrated database for a test that reaches it through a proxy: a direct pool for

@@ -23,8 +23,7 @@ use crate::metrics::{command_name, Metrics};
 use crate::store::{CommandError, StoreError};
 use cqrs_es::DomainEvent;
 use messaging_domain::{Message, MessageCommand, MessageEvent, MessageId};
-use messaging_projections::event::EVENTS_OF_MESSAGES;
-use messaging_projections::StoredEvent;
+use messaging_projections::event::events_of_messages;
 use postgres_es::PostgresEventRepository;
 use sqlx::postgres::{PgDatabaseError, PgSeverity};
 use sqlx::{PgConnection, PgPool};
@@ -172,12 +171,7 @@ pub(super) async fn load_many(
     ids: &[String],
 ) -> Result<HashMap<String, (Message, i64)>, StoreError> {
     let all = vec![i64::MAX; ids.len()];
-    let stored: Vec<StoredEvent> = sqlx::query_as(&EVENTS_OF_MESSAGES)
-        .bind(Message::TYPE_NAME)
-        .bind(ids)
-        .bind(&all)
-        .fetch_all(conn)
-        .await?;
+    let stored = events_of_messages(conn, ids, &all).await?;
     let mut messages: HashMap<String, (Message, i64)> = HashMap::with_capacity(ids.len());
     for event in stored {
         let decoded = event.message_event()?;

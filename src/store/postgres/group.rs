@@ -11,9 +11,9 @@
 //! command at a time (see [`batch`]).
 //!
 //! Each writer appends on a connection of its own, outside the pool
-//! ([`KeptConnection`]: no check round trips around each group's INSERT), opened again after
-//! any failure of the connection itself (anything but an error the server reported for the
-//! statement alone).
+//! ([`KeptConnection`]: no check round trips around each group's INSERT, whose plan is made
+//! once), opened again after any failure of the connection itself (anything but an error the
+//! server reported for the statement alone).
 
 use super::batch;
 use crate::metrics::Metrics;
@@ -89,7 +89,9 @@ impl Group {
 
 /// One writer: takes a group from the queue, appends it, answers each caller.
 async fn write(shared: Arc<Shared>, receiver: Arc<Mutex<mpsc::Receiver<Queued>>>) {
-    let mut own = KeptConnection::new();
+    // Its statements are the group's INSERT (a plan that holds whatever the tables hold) and
+    // the unprepared read of the messages: it keeps its plans.
+    let mut own = KeptConnection::keeping_plans();
     write_groups(&shared, &receiver, &mut own).await;
     own.close().await;
 }

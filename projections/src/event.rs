@@ -65,10 +65,11 @@ static EVENTS_OF_MESSAGES: std::sync::LazyLock<String> = std::sync::LazyLock::ne
 });
 
 /// [`EVENTS_OF_MESSAGES`] for `ids`, each below its position of `before`. Unprepared: planned
-/// with its values at every call, on any connection. As a prepared statement on a connection
-/// that keeps generic plans (a command writer's: see [`KeptConnection`](crate::KeptConnection))
-/// its plan would be the one made at its sixth run, and made while the log was nearly empty
-/// it may scan the whole table for every message, for the connection's life.
+/// with its values at every call, on any connection (sqlx then needs a second round trip, to
+/// describe it). As a prepared statement on a connection that keeps generic plans (a command
+/// writer's: see [`KeptConnection`](crate::KeptConnection)) its plan would be the one made at
+/// its sixth run, and made while the log was nearly empty it may scan the whole table for
+/// every message, for the connection's life.
 pub async fn events_of_messages<S: AsRef<str> + Sync>(
     conn: &mut PgConnection,
     ids: &[S],
@@ -191,7 +192,14 @@ pub async fn load_messages_before(
         .filter(|(_, sequence)| *sequence > 1)
         .map(|(id, sequence)| (id.as_str(), *sequence))
         .unzip();
-    let earlier = events_of_messages(conn, &ids, &before).await?;
+    // Prepared: the readers that run it plan every statement for its values (`KeptConnection`),
+    // and unprepared it would cost a second round trip.
+    let earlier: Vec<StoredEvent> = sqlx::query_as(&EVENTS_OF_MESSAGES)
+        .bind(Message::TYPE_NAME)
+        .bind(&ids)
+        .bind(&before)
+        .fetch_all(conn)
+        .await?;
     fold_into(&mut messages, earlier)?;
     Ok(messages)
 }

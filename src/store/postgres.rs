@@ -59,7 +59,7 @@ const SERVICES_KEPT: usize = 10_000;
 
 /// The commit notifier's pause after each NOTIFY. Under a steady load readers do not wait for
 /// wake-ups (after a batch that was not full they read again after
-/// [`GATHER`](messaging_projections::subscription::GATHER), 10 ms); a wake-up matters to a reader
+/// [`GATHER`](messaging_projections::subscription::GATHER), 25 ms); a wake-up matters to a reader
 /// that found nothing, and reaches it about this much later than the commit at most (plus the
 /// NOTIFY's round trip, or a reconnect when the notifier's connection was lost).
 const NOTIFY_AT_MOST_EVERY: Duration = Duration::from_millis(5);

@@ -24,7 +24,7 @@
 //! that depends on how much a table holds, keeps its plans instead
 //! ([`KeptConnection::keeping_plans`]): the command writers, whose INSERT of a group's events
 //! was planned afresh for every group (a third of its time on the server, and at one client
-//! most of PostgreSQL's planning), and the commit notifier. A read whose plan does depend on
+//! half of PostgreSQL's planning), and the commit notifier. A read whose plan does depend on
 //! it goes unprepared there, planned with its values each time (as
 //! [`events_of_messages`](crate::event::events_of_messages) does).
 

@@ -204,12 +204,21 @@ impl Plan {
 
 impl DeliveryJobs {
     pub const NAME: &'static str = "delivery";
+    /// Its reader's pause after a batch that was not full: a queued message waits for this
+    /// projection's batch to become a send job, so it gathers for less than the read models
+    /// (measured: the spread scheduler's publish_at → provider call p50 / p99 was 8.8 / 11.9 ms
+    /// with every reader at 10 ms, 21.6 / 37.1 ms at 25 ms).
+    pub const GATHER: std::time::Duration = std::time::Duration::from_millis(10);
 }
 
 #[async_trait]
 impl Projection<Postgres> for DeliveryJobs {
     fn name(&self) -> &'static str {
         Self::NAME
+    }
+
+    fn gather(&self) -> std::time::Duration {
+        Self::GATHER
     }
 
     /// The batch's changes, folded per message ([`Plan`]), in at most seven statements.

@@ -70,6 +70,12 @@ pub trait Projection<DB: sqlx::Database>: Send + Sync + 'static {
 
     /// Empties the read model, for a rebuild from position zero.
     async fn reset(&self, conn: &mut DB::Connection) -> Result<(), ProjectionError>;
+
+    /// How long its reader lets new events gather after a batch that was not full
+    /// ([`GATHER`] unless the projection says otherwise).
+    fn gather(&self) -> Duration {
+        GATHER
+    }
 }
 
 /// What one call of [`Subscription::run_batch`] found.
@@ -359,8 +365,14 @@ impl Subscription {
         let name = self.name();
         let poll_interval = self.poll_interval;
         let batch_size = self.batch_size;
+        let gather = self.projection.gather();
         let kept = tokio::sync::Mutex::new(KeptConnection::new());
-        run_until_shutdown(name, batch_size, poll_interval, wake, shutdown, || async {
+        let pace = Pace {
+            batch_size,
+            poll_interval,
+            gather,
+        };
+        run_until_shutdown(name, pace, wake, shutdown, || async {
             self.run_batch_kept(&mut *kept.lock().await).await
         })
         .await;
@@ -412,13 +424,20 @@ where
 /// spell is read at once; only a steady stream waits for it.
 pub const GATHER: Duration = Duration::from_millis(25);
 
+/// How a reader paces its batches.
+pub(crate) struct Pace {
+    pub batch_size: i64,
+    pub poll_interval: Duration,
+    /// See [`Projection::gather`].
+    pub gather: Duration,
+}
+
 /// A reader's loop, whatever the backend: a batch after each wake-up or poll interval, the
-/// next one at once while batches come back full, after [`GATHER`] when one was not,
-/// backoff after errors.
+/// next one at once while batches come back full, after the projection's gather pause
+/// ([`GATHER`] by default) when one was not, backoff after errors.
 pub(crate) async fn run_until_shutdown<F, Fut>(
     name: &'static str,
-    batch_size: i64,
-    poll_interval: Duration,
+    pace: Pace,
     mut wake: watch::Receiver<u64>,
     mut shutdown: watch::Receiver<bool>,
     mut run_batch: F,
@@ -433,7 +452,7 @@ pub(crate) async fn run_until_shutdown<F, Fut>(
         }
         wake.borrow_and_update();
         let pause = match run_batch().await {
-            Ok(BatchOutcome::Handled(n)) if n as i64 >= batch_size => {
+            Ok(BatchOutcome::Handled(n)) if n as i64 >= pace.batch_size => {
                 failures = 0;
                 continue;
             }
@@ -441,7 +460,7 @@ pub(crate) async fn run_until_shutdown<F, Fut>(
                 failures = 0;
                 // Not a wake-up: only the pause (or shutdown) ends it.
                 tokio::select! {
-                    _ = tokio::time::sleep(GATHER) => {}
+                    _ = tokio::time::sleep(pace.gather) => {}
                     _ = shutdown.changed() => {}
                 }
                 continue;
@@ -449,7 +468,7 @@ pub(crate) async fn run_until_shutdown<F, Fut>(
             Ok(BatchOutcome::Behind) => Duration::from_millis(5),
             Ok(BatchOutcome::Idle | BatchOutcome::Locked) => {
                 failures = 0;
-                poll_interval
+                pace.poll_interval
             }
             Err(error) => {
                 failures = failures.saturating_add(1);

@@ -15,6 +15,10 @@ impl Projection<Sqlite> for DeliveryJobs {
         Self::NAME
     }
 
+    fn gather(&self) -> std::time::Duration {
+        Self::GATHER
+    }
+
     async fn handle_batch(
         &self,
         conn: &mut SqliteConnection,

@@ -21,7 +21,7 @@ pub mod message_list;
 pub use event::{load_message, load_messages_before, message_events, EVENT_COLUMNS};
 
 use crate::event::StoredEvent;
-use crate::subscription::{catch_up_with, run_until_shutdown};
+use crate::subscription::{catch_up_with, run_until_shutdown, Pace};
 use crate::{
     BatchOutcome, DeliveryJobs, MessageList, Projection, ProjectionError, StateChangeFeed,
 };
@@ -208,11 +208,12 @@ impl Subscription {
     pub async fn run(self, wake: watch::Receiver<u64>, shutdown: watch::Receiver<bool>) {
         let name = self.name();
         let poll_interval = self.poll_interval;
-        let batch_size = self.batch_size;
-        run_until_shutdown(name, batch_size, poll_interval, wake, shutdown, || {
-            self.run_batch()
-        })
-        .await
+        let pace = Pace {
+            batch_size: self.batch_size,
+            poll_interval,
+            gather: self.projection.gather(),
+        };
+        run_until_shutdown(name, pace, wake, shutdown, || self.run_batch()).await
     }
 }
 

@@ -421,7 +421,8 @@ where
 /// cores under load. Measured with the bench (`--only commands,lag --clients 1,8`, three runs
 /// each, alternated): in-process composes at 1 client 2079 → 2611 msg/s on average, at 8
 /// clients 4435 → 5171, lag p99 (list / feed) 34 / 28 → 52 / 43 ms. A wake-up after an idle
-/// spell is read at once; only a steady stream waits for it.
+/// spell is read at once; only a steady stream waits for it. The default of
+/// [`Projection::gather`]: a projection on the sending path (delivery) gathers for less.
 pub const GATHER: Duration = Duration::from_millis(25);
 
 /// How a reader paces its batches.

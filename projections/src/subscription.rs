@@ -363,15 +363,12 @@ impl Subscription {
     /// batch's rows as a sequential scan; a kept connection plans each statement for its values.)
     pub async fn run(self, wake: watch::Receiver<u64>, shutdown: watch::Receiver<bool>) {
         let name = self.name();
-        let poll_interval = self.poll_interval;
-        let batch_size = self.batch_size;
-        let gather = self.projection.gather();
-        let kept = tokio::sync::Mutex::new(KeptConnection::new());
         let pace = Pace {
-            batch_size,
-            poll_interval,
-            gather,
+            batch_size: self.batch_size,
+            poll_interval: self.poll_interval,
+            gather: self.projection.gather(),
         };
+        let kept = tokio::sync::Mutex::new(KeptConnection::new());
         run_until_shutdown(name, pace, wake, shutdown, || async {
             self.run_batch_kept(&mut *kept.lock().await).await
         })

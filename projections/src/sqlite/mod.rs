@@ -207,10 +207,9 @@ impl Subscription {
     /// reader never dies on one bad batch.
     pub async fn run(self, wake: watch::Receiver<u64>, shutdown: watch::Receiver<bool>) {
         let name = self.name();
-        let poll_interval = self.poll_interval;
         let pace = Pace {
             batch_size: self.batch_size,
-            poll_interval,
+            poll_interval: self.poll_interval,
             gather: self.projection.gather(),
         };
         run_until_shutdown(name, pace, wake, shutdown, || self.run_batch()).await

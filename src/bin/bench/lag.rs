@@ -17,8 +17,8 @@ const SCENARIO: &str = "lag";
 const POLL: Duration = Duration::from_millis(2);
 
 pub async fn run(bench: &mut Bench) -> Result<Vec<Figure>> {
-    settle(&bench.pool, Duration::from_secs(bench.size(10, 60))).await?;
     let settle_cap = Duration::from_secs(bench.size(10, 60));
+    settle(&bench.pool, settle_cap).await?;
     let (rate, load) = match (bench.lag_rate, bench.peak_send_rate) {
         (Some(rate), _) if rate > 0.0 => (rate, "set by --lag-rate".to_string()),
         (_, Some(peak)) if peak > 0.0 => (

@@ -3,11 +3,13 @@
 //! row at the same concurrency.
 
 use crate::common::{
-    closed_loop, compose, compose_body, execute_compose, settle, Bench, Figure, LoopResult,
+    closed_loop, compose, compose_body, execute_compose, insert_messages, settle, Bench, Figure,
+    LoopResult,
 };
 use anyhow::{anyhow, Context, Result};
 use chrono::Utc;
-use messaging_domain::{Dispatch, Message};
+use messaging::store::Store;
+use messaging_domain::{Dispatch, Message, MessageCommand, MessageId};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -37,6 +39,7 @@ pub async fn run(bench: &mut Bench) -> Result<Vec<Figure>> {
     let mut figures = Vec::new();
     let mut peak: f64 = 0.0;
     for clients in bench.clients.clone() {
+        let mut compose_rate = 0.0;
         // Through the pool, as an application inserts: sqlx checks a connection with a round
         // trip when it is taken and again when it is given back.
         settle(&bench.pool, settle_cap).await?;
@@ -129,6 +132,9 @@ pub async fn run(bench: &mut Bench) -> Result<Vec<Figure>> {
                 figure = figure
                     .note("2 events per compose; the sender sends them (sandbox) during the run");
             }
+            if scheduled {
+                compose_rate = in_process.rate();
+            }
             figures.push(figure);
             if !scheduled {
                 let (sent, settled) = until_sent(
@@ -202,8 +208,103 @@ pub async fn run(bench: &mut Bench) -> Result<Vec<Figure>> {
                 );
             }
         }
+        figures.extend(
+            existing_messages(
+                bench,
+                clients,
+                duration,
+                compose_rate,
+                settle_cap,
+                (reference_rate, &reference_name),
+            )
+            .await?,
+        );
     }
     bench.peak_send_rate = Some(peak);
+    Ok(figures)
+}
+
+/// A command on a message that exists (every command but Compose: a send, a cancel, a
+/// provider's delivery report): the message's events are read, the command decided against
+/// them, its events appended. Drafts are written beforehand (not timed), as many as twice the
+/// composes the same clients managed, and each is scheduled a year ahead: the command alone,
+/// with nothing for the sender to do.
+async fn existing_messages(
+    bench: &Bench,
+    clients: usize,
+    duration: Duration,
+    compose_rate: f64,
+    settle_cap: Duration,
+    reference: (f64, &str),
+) -> Result<Vec<Figure>> {
+    let drafts = (compose_rate * duration.as_secs_f64() * 2.0).ceil() as usize + 1000;
+    let far = || Utc::now() + chrono::Duration::days(365);
+    let mut figures = Vec::new();
+    for over_http in [false, true] {
+        let ids = insert_messages(&bench.pool, &bench.service, drafts, |_| Dispatch::Draft).await?;
+        settle(&bench.pool, settle_cap).await?;
+        let how = if over_http { "HTTP" } else { "in-process" };
+        eprintln!("bench: commands: {how}, schedule a draft, {clients} clients ({drafts} drafts)");
+        let ids = Arc::new(std::sync::Mutex::new(ids));
+        let next = move || -> Result<MessageId> {
+            ids.lock()
+                .map_err(|_| anyhow!("a client panicked"))?
+                .pop()
+                .ok_or_else(|| anyhow!("no draft left: the bench wrote too few"))
+        };
+        let result = if over_http {
+            let (http, base, key) = (
+                bench.http.clone(),
+                bench.base.clone(),
+                bench.api_key.clone(),
+            );
+            closed_loop(clients, duration, move || {
+                let (http, base, key, id) = (http.clone(), base.clone(), key.clone(), next());
+                async move {
+                    let url = format!("{base}/v1/messages/{}/schedule", id?);
+                    let body = serde_json::json!({ "publish_at": far() });
+                    let response = http.post(&url).bearer_auth(key).json(&body).send().await?;
+                    let status = response.status();
+                    let answer = response.bytes().await?;
+                    if status.as_u16() != 200 {
+                        return Err(anyhow!(
+                            "POST {url}: {status}: {}",
+                            String::from_utf8_lossy(&answer)
+                        ));
+                    }
+                    Ok(())
+                }
+            })
+            .await
+        } else {
+            let store = bench.store.clone();
+            closed_loop(clients, duration, move || {
+                let (store, id) = (store.clone(), next());
+                async move {
+                    let command = MessageCommand::Schedule {
+                        publish_at: far(),
+                        now: Utc::now(),
+                    };
+                    store
+                        .execute(id?, command)
+                        .await
+                        .map_err(|e| anyhow!("schedule: {e}"))
+                }
+            })
+            .await
+        };
+        let figure = Figure::versus(
+            SCENARIO,
+            format!("{how} schedule a draft (read, decide, append), {clients} clients"),
+            "msg/s",
+            result.rate(),
+            reference.0,
+            reference.1,
+            Some(0.5),
+        )
+        .note("the path of every command but Compose: the message's events read first");
+        figures.push(errors_note(figure, &result));
+    }
     Ok(figures)
 }
 

@@ -64,25 +64,38 @@ static EVENTS_OF_MESSAGES: std::sync::LazyLock<String> = std::sync::LazyLock::ne
     )
 });
 
-/// [`EVENTS_OF_MESSAGES`] for `ids`, each below its position of `before`. Unprepared: planned
-/// with its values at every call, on any connection (sqlx then needs a second round trip, to
-/// describe it). As a prepared statement on a connection that keeps generic plans (a command
-/// writer's: see [`KeptConnection`](crate::KeptConnection)) its plan would be the one made at
-/// its sixth run, and made while the log was nearly empty it may scan the whole table for
-/// every message, for the connection's life.
+/// [`EVENTS_OF_MESSAGES`] for `ids`, each below its position of `before`.
+///
+/// `Sent::Prepared` only on a connection that disables sequential scans
+/// ([`KeptConnection::keeping_plans`](crate::KeptConnection::keeping_plans), a command
+/// writer's): elsewhere a generic plan made after the log was vacuumed while empty scans the
+/// whole table for every message, and PostgreSQL keeps it (31 ms a call at 200k events, for
+/// as long as the connection lives). `Sent::Unprepared` plans it with its values at every
+/// call, on any connection, at the cost of a second round trip (sqlx describes it first).
 pub async fn events_of_messages<S: AsRef<str> + Sync>(
     conn: &mut PgConnection,
     ids: &[S],
     before: &[i64],
+    sent: Sent,
 ) -> Result<Vec<StoredEvent>, sqlx::Error> {
     let ids: Vec<&str> = ids.iter().map(AsRef::as_ref).collect();
     sqlx::query_as(&EVENTS_OF_MESSAGES)
-        .persistent(false)
+        .persistent(sent == Sent::Prepared)
         .bind(Message::TYPE_NAME)
         .bind(&ids)
         .bind(before)
         .fetch_all(conn)
         .await
+}
+
+/// How a statement whose plan could depend on a table's statistics is sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sent {
+    /// Prepared once per connection (one round trip a call): on connections that cannot keep
+    /// a plan that scans a table.
+    Prepared,
+    /// Planned with its values at every call (two round trips a call).
+    Unprepared,
 }
 
 impl StoredEvent {

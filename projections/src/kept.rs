@@ -20,13 +20,18 @@
 //! `commands`; 54–64 ms p50 on pooled connections or with custom plans). Pooled connections are
 //! replaced after 30 minutes; a kept one is not.
 //!
-//! A worker whose every statement is known, and none of whose prepared statements has a plan
-//! that depends on how much a table holds, keeps its plans instead
-//! ([`KeptConnection::keeping_plans`]): the command writers, whose INSERT of a group's events
-//! was planned afresh for every group (a third of its time on the server, and at one client
-//! half of PostgreSQL's planning), and the commit notifier. A read whose plan does depend on
-//! it goes unprepared there, planned with its values each time (as
-//! [`events_of_messages`](crate::event::events_of_messages) does).
+//! A worker whose every statement is known, and every one of whose reads goes through an
+//! index, keeps its plans instead ([`KeptConnection::keeping_plans`]): the command writers,
+//! whose INSERT of a group's events was planned afresh for every group (a third of its time on
+//! the server, and at one client half of PostgreSQL's planning), and the commit notifier.
+//! Sequential scans are disabled there (`enable_seqscan = off`), so that no plan it keeps can
+//! be one: the writers' read of messages' events
+//! ([`events_of_messages`](crate::event::events_of_messages)), planned generically after the
+//! log had been vacuumed while empty, was a scan of the whole log for every message (31 ms a
+//! call at 200k events, for the connection's life); with scans disabled it is the primary key's
+//! lookup however the statistics stand. (Sent unprepared instead, the read cost sqlx a second
+//! round trip to describe it at every command: a quarter of the rate of commands on existing
+//! messages at one client.)
 
 use sqlx::{Connection, PgConnection, PgPool};
 use std::time::{Duration, Instant};
@@ -39,7 +44,8 @@ pub const CHECK_AFTER: Duration = Duration::from_secs(1);
 pub struct KeptConnection {
     conn: Option<PgConnection>,
     used: Instant,
-    /// `force_custom_plan` when true (the default), PostgreSQL's `auto` when false.
+    /// `force_custom_plan` when true (the default); PostgreSQL's `auto`, with sequential scans
+    /// disabled, when false.
     custom_plans: bool,
 }
 
@@ -59,9 +65,9 @@ impl KeptConnection {
         }
     }
 
-    /// Prepared statements keep their generic plans, as PostgreSQL chooses by default: only
-    /// for workers that prepare no statement whose plan depends on a table's size (see the
-    /// module's documentation).
+    /// Prepared statements keep their generic plans, as PostgreSQL chooses by default, and
+    /// no plan scans a table: only for workers whose every read has an index to go through
+    /// (see the module's documentation).
     pub fn keeping_plans() -> Self {
         Self {
             custom_plans: false,
@@ -86,16 +92,16 @@ impl KeptConnection {
             Some(conn) => conn,
             None => {
                 // See the module's documentation.
-                let mode = if self.custom_plans {
-                    "force_custom_plan"
+                let settings: &[(&str, &str)] = if self.custom_plans {
+                    &[("plan_cache_mode", "force_custom_plan")]
                 } else {
-                    "auto"
+                    &[("plan_cache_mode", "auto"), ("enable_seqscan", "off")]
                 };
                 let options = pool
                     .connect_options()
                     .as_ref()
                     .clone()
-                    .options([("plan_cache_mode", mode)]);
+                    .options(settings.iter().copied());
                 tokio::time::timeout(limit, PgConnection::connect_with(&options))
                     .await
                     .map_err(|_| sqlx::Error::PoolTimedOut)??

@@ -22,7 +22,7 @@ use chrono::{DateTime, Utc};
 use cqrs_es::persist::PersistedEventStore;
 use cqrs_es::CqrsFramework;
 use messaging_domain::{Channel, Message, MessageCommand, MessageData, MessageId, ServiceId};
-use messaging_projections::event::message_events;
+use messaging_projections::event::{message_events, Sent};
 use messaging_projections::{FeedItem, HistoryItem, KeptConnection};
 use postgres_es::PostgresEventRepository;
 use sqlx::migrate::Migrator;
@@ -191,7 +191,7 @@ impl Store for PgStore {
     ) -> Result<HashMap<MessageId, Message>, StoreError> {
         let keys: Vec<String> = ids.iter().map(MessageId::to_string).collect();
         let mut conn = self.pool.acquire().await?;
-        let loaded = batch::load_many(&mut conn, &keys).await;
+        let loaded = batch::load_many(&mut conn, &keys, Sent::Unprepared).await;
         drop(conn);
         let mut folded = match loaded {
             Ok(folded) => folded,

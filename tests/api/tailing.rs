@@ -563,41 +563,94 @@ async fn a_kept_connection_plans_each_statement_for_its_values() {
     keeping.close().await;
 }
 
-/// On a connection that keeps its plans (a command writer's), the read of messages' events is
-/// never a prepared statement: its generic plan, made at the sixth run while the log was nearly
-/// empty, could scan the whole log for each message for the connection's life.
+/// The writers' read of messages' events is prepared (one round trip) on the connections that
+/// keep their plans, and never becomes a scan of the log there: after the log was vacuumed
+/// while empty, PostgreSQL's generic plan for it is a sequential scan, kept once chosen (shown
+/// here on a connection with the server's defaults); a writer's connection disables scans, so
+/// its plan stays the primary key's lookup as the log grows. Elsewhere the read is unprepared.
 #[tokio::test]
-async fn the_read_of_messages_events_is_planned_at_every_call() {
+async fn the_writers_read_of_messages_events_never_scans_the_log() {
+    use messaging_projections::event::{events_of_messages, Sent};
+    use sqlx::{Connection, Row};
+
     let pool = migrated_pool().await;
-    let mut kept = messaging_projections::KeptConnection::keeping_plans();
-    let conn = kept.ready(&pool).await.unwrap();
-    let ids = [uuid::Uuid::now_v7().to_string()];
-    for _ in 0..8 {
-        let events = messaging_projections::event::events_of_messages(conn, &ids, &[i64::MAX])
-            .await
-            .unwrap();
-        assert!(events.is_empty());
-        // A statement prepared as sqlx prepares them, to show the view lists those.
-        sqlx::query("SELECT count(*) FROM events WHERE aggregate_id = $1")
-            .bind(&ids[0])
-            .execute(&mut *conn)
-            .await
-            .unwrap();
-    }
-    let prepared: Vec<String> = sqlx::query_scalar("SELECT statement FROM pg_prepared_statements")
-        .fetch_all(&mut *conn)
+    sqlx::query("VACUUM ANALYZE events")
+        .execute(&pool)
         .await
         .unwrap();
+    let mut kept = messaging_projections::KeptConnection::keeping_plans();
+    let writer = kept.ready(&pool).await.unwrap();
+    let mut plain = PgConnection::connect_with(&pool.connect_options())
+        .await
+        .unwrap();
+    let mut unprepared = pool.acquire().await.unwrap();
+    let ids = [uuid::Uuid::now_v7().to_string()];
+    for _ in 0..8 {
+        for (conn, sent) in [
+            (&mut *writer, Sent::Prepared),
+            (&mut plain, Sent::Prepared),
+            (&mut unprepared, Sent::Unprepared),
+        ] {
+            let events = events_of_messages(conn, &ids, &[i64::MAX], sent)
+                .await
+                .unwrap();
+            assert!(events.is_empty());
+        }
+    }
+    sqlx::query(
+        "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, \
+                             payload, metadata) \
+         SELECT 'Message', g::text, 1, 'MessageComposed', '1', '{}', '{}' \
+         FROM generate_series(1, 20000) AS g",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+
+    async fn plan(conn: &mut PgConnection) -> Option<String> {
+        let name: Option<String> = sqlx::query_scalar(
+            "SELECT name FROM pg_prepared_statements WHERE statement LIKE '%CROSS JOIN LATERAL%' \
+             AND statement NOT LIKE '%pg_prepared_statements%'",
+        )
+        .fetch_optional(&mut *conn)
+        .await
+        .unwrap();
+        let explain = format!(
+            "EXPLAIN EXECUTE {}('Message', ARRAY['17'], ARRAY[9223372036854775807]::bigint[])",
+            name?
+        );
+        let lines = sqlx::raw_sql(&explain).fetch_all(&mut *conn).await.unwrap();
+        Some(
+            lines
+                .iter()
+                .map(|l| l.get::<String, _>(0))
+                .collect::<Vec<_>>()
+                .join("\n"),
+        )
+    }
+    let shown = plan(&mut plain)
+        .await
+        .expect("prepared on the plain connection");
     assert!(
-        prepared
-            .iter()
-            .any(|s| s.contains("WHERE aggregate_id = $1")),
-        "prepared statements are listed: {prepared:?}"
+        shown.contains("Seq Scan on events"),
+        "the hazard this guards against did not arise:\n{shown}"
     );
+    let kept_plan = plan(writer)
+        .await
+        .expect("prepared on the writer's connection");
     assert!(
-        !prepared.iter().any(|s| s.contains("CROSS JOIN LATERAL")),
-        "the read of messages' events was prepared: {prepared:?}"
+        kept_plan.contains("Index Scan using events_pkey") && !kept_plan.contains("Seq Scan"),
+        "a writer's read scans the log:\n{kept_plan}"
     );
+    assert_eq!(
+        plan(&mut unprepared).await,
+        None,
+        "the pooled read was prepared"
+    );
+    let found = events_of_messages(writer, &["17"], &[i64::MAX], Sent::Prepared)
+        .await
+        .unwrap();
+    assert_eq!(found.len(), 1);
     kept.close().await;
 }
 

@@ -23,7 +23,7 @@ use crate::metrics::{command_name, Metrics};
 use crate::store::{CommandError, StoreError};
 use cqrs_es::DomainEvent;
 use messaging_domain::{Message, MessageCommand, MessageEvent, MessageId};
-use messaging_projections::event::events_of_messages;
+use messaging_projections::event::{events_of_messages, Sent};
 use postgres_es::PostgresEventRepository;
 use sqlx::postgres::{PgDatabaseError, PgSeverity};
 use sqlx::{PgConnection, PgPool};
@@ -52,9 +52,9 @@ pub(super) async fn execute_each(
         return (one_by_one(cqrs, metrics, commands).await, false);
     }
     let outcome = match on {
-        On::Kept(conn) => attempt(conn, &commands).await,
+        On::Kept(conn) => attempt(conn, &commands, Sent::Prepared).await,
         On::Pool(pool) => match pool.acquire().await {
-            Ok(mut conn) => attempt(&mut conn, &commands).await,
+            Ok(mut conn) => attempt(&mut conn, &commands, Sent::Unprepared).await,
             Err(error) => Err(Failed::NothingWritten {
                 reason: error.to_string(),
                 connection_ok: true,
@@ -91,12 +91,16 @@ pub(super) async fn execute_each(
 /// The batch on one connection; after a refusal on a connection still fine (a Compose whose
 /// id exists, or a writer that appended in between), read every message afresh and decide
 /// again, once.
-async fn attempt(conn: &mut PgConnection, commands: &[(MessageId, MessageCommand)]) -> Appended {
-    let outcome = decide_and_append(&mut *conn, commands, Read::Needed).await;
+async fn attempt(
+    conn: &mut PgConnection,
+    commands: &[(MessageId, MessageCommand)],
+    sent: Sent,
+) -> Appended {
+    let outcome = decide_and_append(&mut *conn, commands, Read::Needed, sent).await;
     match &outcome {
         Err(failed @ Failed::NothingWritten { reason, .. }) if !failed.broke_connection() => {
             tracing::debug!(%reason, commands = commands.len(), "batch append decided again");
-            decide_and_append(conn, commands, Read::All).await
+            decide_and_append(conn, commands, Read::All, sent).await
         }
         _ => outcome,
     }
@@ -165,13 +169,15 @@ async fn one_by_one(
     results
 }
 
-/// Each message that has events, folded, with its last sequence: one query for them all.
+/// Each message that has events, folded, with its last sequence: one query for them all
+/// (prepared only on a command writer's connection: see [`Sent`]).
 pub(super) async fn load_many(
     conn: &mut PgConnection,
     ids: &[String],
+    sent: Sent,
 ) -> Result<HashMap<String, (Message, i64)>, StoreError> {
     let all = vec![i64::MAX; ids.len()];
-    let stored = events_of_messages(conn, ids, &all).await?;
+    let stored = events_of_messages(conn, ids, &all, sent).await?;
     let mut messages: HashMap<String, (Message, i64)> = HashMap::with_capacity(ids.len());
     for event in stored {
         let decoded = event.message_event()?;
@@ -195,6 +201,7 @@ async fn decide_and_append(
     conn: &mut PgConnection,
     commands: &[(MessageId, MessageCommand)],
     read: Read,
+    sent: Sent,
 ) -> Appended {
     let ids: Vec<String> = commands.iter().map(|(id, _)| id.to_string()).collect();
     let existing: Vec<String> = ids
@@ -207,7 +214,7 @@ async fn decide_and_append(
         HashMap::new()
     } else {
         // Nothing written; the connection may be what failed.
-        load_many(&mut *conn, &existing)
+        load_many(&mut *conn, &existing, sent)
             .await
             .map_err(|e| Failed::NothingWritten {
                 reason: e.to_string(),

@@ -11,8 +11,8 @@
 //! command at a time (see [`batch`]).
 //!
 //! Each writer appends on a connection of its own, outside the pool
-//! ([`KeptConnection`]: no check round trips around each group's INSERT, whose plan is made
-//! once), opened again after any failure of the connection itself (anything but an error the
+//! ([`KeptConnection`]: no check round trips around each group's INSERT and read, whose plans
+//! are made once), opened again after any failure of the connection itself (anything but an error the
 //! server reported for the statement alone).
 
 use super::batch;
@@ -90,7 +90,7 @@ impl Group {
 /// One writer: takes a group from the queue, appends it, answers each caller.
 async fn write(shared: Arc<Shared>, receiver: Arc<Mutex<mpsc::Receiver<Queued>>>) {
     // Its statements are the group's INSERT (a plan that holds whatever the tables hold) and
-    // the unprepared read of the messages: it keeps its plans.
+    // the read of the messages, by primary key: it keeps its plans, and scans no table.
     let mut own = KeptConnection::keeping_plans();
     write_groups(&shared, &receiver, &mut own).await;
     own.close().await;

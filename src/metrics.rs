@@ -83,9 +83,9 @@ impl Metrics {
     }
 
     /// One `Store::execute` call, after its conflict retries.
-    pub fn command(&self, command: &'static str, result: &Result<(), CommandError>) {
+    pub fn command<T>(&self, command: &'static str, result: &Result<T, CommandError>) {
         let outcome = match result {
-            Ok(()) => "ok",
+            Ok(_) => "ok",
             Err(CommandError::Rejected(_)) => "rejected",
             Err(CommandError::Busy) => "busy",
             Err(CommandError::Store(_)) => "error",

@@ -321,6 +321,20 @@ pub trait Store: Send + Sync + 'static {
         }
         results
     }
+    /// [`Store::execute`], then the message as the command left it, for a response that shows
+    /// it: a backend that decided the command against the message returns that fold and its
+    /// new events (no second read); this default reads the message back.
+    async fn execute_and_load(
+        &self,
+        id: MessageId,
+        command: MessageCommand,
+    ) -> Result<Message, CommandError> {
+        self.execute(id, command).await?;
+        self.load_message(id)
+            .await
+            .map_err(|e| CommandError::Store(e.to_string()))?
+            .ok_or_else(|| CommandError::Store(format!("message {id} vanished after a command")))
+    }
     /// The message folded from the log, without building its history (for the workers);
     /// `None` if there is no such message.
     async fn load_message(&self, id: MessageId) -> Result<Option<Message>, StoreError>;

@@ -80,12 +80,16 @@ async fn message_view(state: &AppState, id: MessageId) -> Result<(Value, Value),
         .message(id)
         .await?
         .ok_or_else(|| ApiError::from(MessageError::NotFound))?;
+    let history = serde_json::to_value(history).map_err(ApiError::internal)?;
+    Ok((view_of(id, &message)?, history))
+}
+
+/// The API's view of a message.
+fn view_of(id: MessageId, message: &Message) -> Result<Value, ApiError> {
     let data = message
         .data()
         .ok_or_else(|| ApiError::internal(format!("message {id} has no first event")))?;
-    let view = serde_json::to_value(MessageView::from(data)).map_err(ApiError::internal)?;
-    let history = serde_json::to_value(history).map_err(ApiError::internal)?;
-    Ok((view, history))
+    serde_json::to_value(MessageView::from(data)).map_err(ApiError::internal)
 }
 
 async fn compose(
@@ -270,9 +274,10 @@ async fn run(
 ) -> Result<ApiJson<Value>, ApiError> {
     let id = parse_message_id(id)?;
     let action = command.action();
-    state.store.execute(id, command).await?;
+    // The message as this command left it: on PostgreSQL the writer's own fold, not a read.
+    let message = state.store.execute_and_load(id, command).await?;
     tracing::info!(message_id = %id, action, "message command");
-    Ok(ApiJson(message_view(state, id).await?.0))
+    Ok(ApiJson(view_of(id, &message)?))
 }
 
 async fn schedule(

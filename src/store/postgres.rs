@@ -147,15 +147,13 @@ impl PgStore {
     pub fn pool(&self) -> &PgPool {
         &self.pool
     }
-}
 
-#[async_trait]
-impl Store for PgStore {
-    /// Appended with the commands other callers send meanwhile (see [`group`]): a read (none
-    /// for a Compose) and one INSERT for the whole group, where the cqrs-es path takes a read
-    /// and BEGIN, one INSERT per event, COMMIT for each command. Any failure of that append (a
-    /// conflict, the database) falls back to cqrs-es with its conflict retries.
-    async fn execute(&self, id: MessageId, command: MessageCommand) -> Result<(), CommandError> {
+    /// A client's command through the group writers; the commit notifier learns of it.
+    async fn execute_grouped(
+        &self,
+        id: MessageId,
+        command: MessageCommand,
+    ) -> Result<Option<Message>, CommandError> {
         let result = self
             .group
             .get_or_init(|| group::Group::start(self.writer.clone()))
@@ -165,6 +163,35 @@ impl Store for PgStore {
             self.committed.notify_one();
         }
         result
+    }
+}
+
+#[async_trait]
+impl Store for PgStore {
+    /// Appended with the commands other callers send meanwhile (see [`group`]): a read (none
+    /// for a Compose) and one INSERT for the whole group, where the cqrs-es path takes a read
+    /// and BEGIN, one INSERT per event, COMMIT for each command. Any failure of that append (a
+    /// conflict, the database) falls back to cqrs-es with its conflict retries.
+    async fn execute(&self, id: MessageId, command: MessageCommand) -> Result<(), CommandError> {
+        self.execute_grouped(id, command).await.map(|_| ())
+    }
+
+    /// The writer's own fold of the message (no second read), unless cqrs-es ran the command.
+    async fn execute_and_load(
+        &self,
+        id: MessageId,
+        command: MessageCommand,
+    ) -> Result<Message, CommandError> {
+        match self.execute_grouped(id, command).await? {
+            Some(message) => Ok(message),
+            None => self
+                .load_message(id)
+                .await
+                .map_err(|e| CommandError::Store(e.to_string()))?
+                .ok_or_else(|| {
+                    CommandError::Store(format!("message {id} vanished after a command"))
+                }),
+        }
     }
 
     async fn execute_each(
@@ -176,7 +203,7 @@ impl Store for PgStore {
         if results.iter().any(Result::is_ok) {
             self.committed.notify_one();
         }
-        results
+        results.into_iter().map(|r| r.map(|_| ())).collect()
     }
 
     async fn load_message(&self, id: MessageId) -> Result<Option<Message>, StoreError> {

@@ -76,6 +76,65 @@ async fn compose_schedule_send_and_cancel_move_the_message_through_its_states() 
     app.wait_listed(&id, "cancelled").await;
 }
 
+/// A command's answer is the message as that command left it (the writer's own fold of its
+/// events, not a read afterwards): the same view a GET shows when nothing came after, and,
+/// for concurrent reschedules of one message, each its own `publish_at`.
+#[tokio::test]
+async fn a_commands_answer_is_the_message_as_the_command_left_it() {
+    let app = TestApp::spawn().await;
+    let service = app.email_service().await;
+    let draft = app
+        .compose_email(&service, "alice@example.com", json!({}))
+        .await;
+    let id = draft["id"].as_str().unwrap().to_string();
+    let without_history = |mut detail: serde_json::Value| {
+        detail.as_object_mut().unwrap().remove("history");
+        detail
+    };
+
+    let at = (Utc::now() + Duration::hours(1)).to_rfc3339();
+    let (status, scheduled) = app
+        .post(
+            &format!("/v1/messages/{id}/schedule"),
+            json!({"publish_at": at}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{scheduled}");
+    let (_, detail) = app.get(&format!("/v1/messages/{id}")).await;
+    assert_eq!(scheduled, without_history(detail));
+
+    let times: Vec<String> = (1..=12)
+        .map(|h| (Utc::now() + Duration::hours(h)).to_rfc3339())
+        .collect();
+    let path = format!("/v1/messages/{id}/schedule");
+    let answers = futures::future::join_all(
+        times
+            .iter()
+            .map(|at| app.post(&path, json!({"publish_at": at}))),
+    )
+    .await;
+    for (at, (status, answer)) in times.iter().zip(&answers) {
+        assert_eq!(*status, StatusCode::OK, "{answer}");
+        assert_eq!(answer["state"], "scheduled");
+        let shown: chrono::DateTime<Utc> = answer["publish_at"].as_str().unwrap().parse().unwrap();
+        let asked: chrono::DateTime<Utc> = at.parse().unwrap();
+        // Times are kept to the microsecond.
+        assert_eq!(
+            shown.timestamp_micros(),
+            asked.timestamp_micros(),
+            "an answer showed another command's schedule: {answer}"
+        );
+    }
+
+    let (status, cancelled) = app
+        .post(&format!("/v1/messages/{id}/cancel"), json!({}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{cancelled}");
+    let (_, detail) = app.get(&format!("/v1/messages/{id}")).await;
+    assert_eq!(detail["history"].as_array().unwrap().len(), 15);
+    assert_eq!(cancelled, without_history(detail));
+}
+
 #[tokio::test]
 async fn compose_with_publish_at_schedules_and_with_send_queues() {
     let app = TestApp::spawn().await;

@@ -38,6 +38,10 @@ pub(super) enum On<'a> {
     Pool(&'a PgPool),
 }
 
+/// A command's result: the message as the command left it when it was decided here (the fold
+/// it was decided against, with its new events), `None` when cqrs-es ran it (the fallback).
+pub(super) type Outcome = Result<Option<Message>, CommandError>;
+
 /// One result per command, in order, and whether the connection itself failed (anything but
 /// an error the server reported for the statement alone): a kept one must then be replaced.
 /// Commands on the same message twice run one by one.
@@ -45,7 +49,7 @@ pub(super) async fn execute_each(
     writer: &Shared,
     on: On<'_>,
     commands: Vec<(MessageId, MessageCommand)>,
-) -> (Vec<Result<(), CommandError>>, bool) {
+) -> (Vec<Outcome>, bool) {
     let (cqrs, metrics) = (&writer.cqrs, writer.metrics.as_deref());
     let distinct: HashSet<MessageId> = commands.iter().map(|(id, _)| *id).collect();
     if distinct.len() < commands.len() {
@@ -107,7 +111,7 @@ async fn attempt(
 }
 
 /// The results, and the events appended.
-type Appended = Result<(Vec<Result<(), CommandError>>, Vec<MessageEvent>), Failed>;
+type Appended = Result<(Vec<Outcome>, Vec<MessageEvent>), Failed>;
 
 /// Why a batch was not appended.
 enum Failed {
@@ -161,10 +165,10 @@ async fn one_by_one(
     cqrs: &MessageCqrs<PostgresEventRepository>,
     metrics: Option<&Metrics>,
     commands: Vec<(MessageId, MessageCommand)>,
-) -> Vec<Result<(), CommandError>> {
+) -> Vec<Outcome> {
     let mut results = Vec::with_capacity(commands.len());
     for (id, command) in commands {
-        results.push(execute(cqrs, metrics, id, command).await);
+        results.push(execute(cqrs, metrics, id, command).await.map(|()| None));
     }
     results
 }
@@ -226,7 +230,7 @@ async fn decide_and_append(
     let (mut agg_ids, mut sequences, mut types, mut versions, mut payloads) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for (aggregate_id, (_, command)) in ids.into_iter().zip(commands) {
-        let (message, last) = messages.remove(&aggregate_id).unwrap_or_default();
+        let (mut message, last) = messages.remove(&aggregate_id).unwrap_or_default();
         match message.decide(command.clone()) {
             Ok(events) => {
                 for (n, event) in events.into_iter().enumerate() {
@@ -240,9 +244,10 @@ async fn decide_and_append(
                             connection_ok: true,
                         }
                     })?);
+                    message.apply_event(event.clone());
                     appended.push(event);
                 }
-                results.push(Ok(()));
+                results.push(Ok(Some(message)));
             }
             Err(e) => results.push(Err(CommandError::Rejected(e))),
         }

@@ -19,7 +19,7 @@ use super::batch;
 use crate::metrics::Metrics;
 use crate::store::commands::MessageCqrs;
 use crate::store::CommandError;
-use messaging_domain::{MessageCommand, MessageId};
+use messaging_domain::{Message, MessageCommand, MessageId};
 use messaging_projections::KeptConnection;
 use postgres_es::PostgresEventRepository;
 use sqlx::PgPool;
@@ -40,7 +40,7 @@ pub(super) struct Shared {
     pub metrics: Option<Arc<Metrics>>,
 }
 
-type Answer = oneshot::Sender<Result<(), CommandError>>;
+type Answer = oneshot::Sender<batch::Outcome>;
 type Queued = (MessageId, MessageCommand, Answer);
 
 /// The queue's sending end. The writers stop once it is dropped (with the store).
@@ -71,11 +71,13 @@ impl Group {
         Self { queue }
     }
 
+    /// The command's result, with the message as it left it when the writer decided it
+    /// (see [`batch::Outcome`]).
     pub async fn execute(
         &self,
         id: MessageId,
         command: MessageCommand,
-    ) -> Result<(), CommandError> {
+    ) -> Result<Option<Message>, CommandError> {
         let (answer, answered) = oneshot::channel();
         self.queue
             .send((id, command, answer))

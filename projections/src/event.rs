@@ -66,7 +66,8 @@ static EVENTS_OF_MESSAGES: std::sync::LazyLock<String> = std::sync::LazyLock::ne
 
 /// [`EVENTS_OF_MESSAGES`] for `ids`, each below its position of `before`.
 ///
-/// `Sent::Prepared` only on a connection that disables sequential scans
+/// `Sent::Prepared` only on a connection that forces custom plans (a reader's
+/// [`KeptConnection::new`](crate::KeptConnection::new)) or disables sequential scans
 /// ([`KeptConnection::keeping_plans`](crate::KeptConnection::keeping_plans), a command
 /// writer's): elsewhere a generic plan made after the log was vacuumed while empty scans the
 /// whole table for every message, and PostgreSQL keeps it (31 ms a call at 200k events, for

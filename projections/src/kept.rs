@@ -24,8 +24,9 @@
 //! index, keeps its plans instead ([`KeptConnection::keeping_plans`]): the command writers,
 //! whose INSERT of a group's events was planned afresh for every group (a third of its time on
 //! the server, and at one client half of PostgreSQL's planning), and the commit notifier.
-//! Sequential scans are disabled there (`enable_seqscan = off`), so that no plan it keeps can
-//! be one: the writers' read of messages' events
+//! Sequential scans are disabled there (`enable_seqscan = off`: a scan becomes the planner's
+//! last resort, taken only where no index serves, which none of these statements needs): the
+//! writers' read of messages' events
 //! ([`events_of_messages`](crate::event::events_of_messages)), planned generically after the
 //! log had been vacuumed while empty, was a scan of the whole log for every message (31 ms a
 //! call at 200k events, for the connection's life); with scans disabled it is the primary key's

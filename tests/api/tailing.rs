@@ -639,7 +639,7 @@ async fn the_writers_read_of_messages_events_never_scans_the_log() {
         .await
         .expect("prepared on the writer's connection");
     assert!(
-        kept_plan.contains("Index Scan using events_pkey") && !kept_plan.contains("Seq Scan"),
+        kept_plan.contains("events_pkey") && !kept_plan.contains("Seq Scan"),
         "a writer's read scans the log:\n{kept_plan}"
     );
     assert_eq!(

@@ -2,18 +2,20 @@
 //! appended together, as one [`batch::execute_each`] (one read of the messages that need it,
 //! one INSERT, one commit), instead of one statement and one WAL flush each.
 //!
-//! Nothing waits to fill a group: two writers take commands from one queue; a writer that
-//! finds the queue empty appends its one command at once, and under load each takes whatever
-//! queued up while the others were busy (at most [`MOST`]). A group never holds two commands
-//! on one message (the second waits for the next group), so each command is decided against
-//! the message as the commands before it left it. Every caller gets its own command's result:
+//! Nothing waits to fill a group: each of two writers takes commands from its own queue; a
+//! writer that finds its queue empty appends its one command at once, and under load it takes
+//! whatever queued up while it was busy (at most [`MOST`]). A message's commands always go to
+//! the same writer (by its id), in the order they came: the two writers never race on one
+//! message, so a command is decided against the message as the commands before it left it,
+//! and its caller gets that fold back (not a read that a later command could overtake). A
+//! group never holds two commands on one message (the second waits for the next group). Every caller gets its own command's result:
 //! a rejected command fails alone, and any failure of the group's append falls back to one
 //! command at a time (see [`batch`]).
 //!
 //! Each writer appends on a connection of its own, outside the pool
 //! ([`KeptConnection`]: no check round trips around each group's INSERT and read, whose plans
-//! are made once), opened again after any failure of the connection itself (anything but an error the
-//! server reported for the statement alone).
+//! are made once), opened again after any failure of the connection itself (anything but an
+//! error the server reported for the statement alone).
 
 use super::batch;
 use crate::metrics::Metrics;
@@ -43,18 +45,21 @@ pub(super) struct Shared {
 type Answer = oneshot::Sender<batch::Outcome>;
 type Queued = (MessageId, MessageCommand, Answer);
 
-/// The queue's sending end. The writers stop once it is dropped (with the store).
+/// The writers' queues' sending ends. The writers stop once they are dropped (with the store).
 pub(super) struct Group {
-    queue: mpsc::Sender<Queued>,
+    queues: Vec<mpsc::Sender<Queued>>,
 }
 
 impl Group {
     /// Starts the writers (on the current Tokio runtime).
     pub fn start(shared: Arc<Shared>) -> Self {
-        let (queue, receiver) = mpsc::channel(QUEUED);
-        let receiver = Arc::new(Mutex::new(receiver));
+        let mut queues = Vec::with_capacity(WRITERS);
         for _ in 0..WRITERS {
-            let (shared, receiver) = (shared.clone(), receiver.clone());
+            let (queue, receiver) = mpsc::channel(QUEUED / WRITERS);
+            queues.push(queue);
+            // Behind a lock only so that a writer started again after a panic takes it over.
+            let receiver = Arc::new(Mutex::new(receiver));
+            let shared = shared.clone();
             tokio::spawn(async move {
                 // A writer that panicked (a bug) is started again: its group's callers got an
                 // error, the others must not lose a writer.
@@ -68,7 +73,7 @@ impl Group {
                 }
             });
         }
-        Self { queue }
+        Self { queues }
     }
 
     /// The command's result, with the message as it left it when the writer decided it
@@ -79,7 +84,9 @@ impl Group {
         command: MessageCommand,
     ) -> Result<Option<Message>, CommandError> {
         let (answer, answered) = oneshot::channel();
-        self.queue
+        // A UUID's last bits are random (a UUIDv7's too): the writers share the messages evenly.
+        let writer = (id.as_uuid().as_u128() % self.queues.len() as u128) as usize;
+        self.queues[writer]
             .send((id, command, answer))
             .await
             .map_err(|_| CommandError::Store("the command writers have stopped".into()))?;
@@ -92,7 +99,7 @@ impl Group {
 /// One writer: takes a group from the queue, appends it, answers each caller.
 async fn write(shared: Arc<Shared>, receiver: Arc<Mutex<mpsc::Receiver<Queued>>>) {
     // Its statements are the group's INSERT (a plan that holds whatever the tables hold) and
-    // the read of the messages, by primary key: it keeps its plans, and scans no table.
+    // the read of the messages, by primary key: it keeps its plans, with scans disabled.
     let mut own = KeptConnection::keeping_plans();
     write_groups(&shared, &receiver, &mut own).await;
     own.close().await;
@@ -107,23 +114,16 @@ async fn write_groups(
     let mut held: Option<Queued> = None;
     loop {
         let mut group = Vec::new();
-        let queue = match held.take() {
-            // Never wait for the queue with a command in hand: another writer may be waiting
-            // on an empty queue while holding it. Take what is queued only if it is free.
-            Some(first) => {
-                group.push(first);
-                receiver.try_lock().ok()
-            }
-            None => {
-                let mut queue = receiver.lock().await;
-                match queue.recv().await {
+        {
+            // This writer's own queue: the lock is never contended.
+            let mut queue = receiver.lock().await;
+            match held.take() {
+                Some(first) => group.push(first),
+                None => match queue.recv().await {
                     Some(first) => group.push(first),
                     None => return,
-                }
-                Some(queue)
+                },
             }
-        };
-        if let Some(mut queue) = queue {
             let mut ids: HashSet<MessageId> = group.iter().map(|(id, _, _)| *id).collect();
             while group.len() < MOST {
                 let Ok(next) = queue.try_recv() else {

@@ -8,9 +8,9 @@
 //! the same writer (by its id), in the order they came: the two writers never race on one
 //! message, so a command is decided against the message as the commands before it left it,
 //! and its caller gets that fold back (not a read that a later command could overtake). A
-//! group never holds two commands on one message (the second waits for the next group). Every caller gets its own command's result:
-//! a rejected command fails alone, and any failure of the group's append falls back to one
-//! command at a time (see [`batch`]).
+//! group never holds two commands on one message (the second waits for the next group).
+//! Every caller gets its own command's result: a rejected command fails alone, and any
+//! failure of the group's append falls back to one command at a time (see [`batch`]).
 //!
 //! Each writer appends on a connection of its own, outside the pool
 //! ([`KeptConnection`]: no check round trips around each group's INSERT and read, whose plans

@@ -303,6 +303,19 @@ pub(crate) async fn load_each<S: Store + ?Sized>(
     messages
 }
 
+/// A message just commanded, read back (for [`Store::execute_and_load`] where no fold is at
+/// hand).
+pub(crate) async fn load_after_command<S: Store + ?Sized>(
+    store: &S,
+    id: MessageId,
+) -> Result<Message, CommandError> {
+    store
+        .load_message(id)
+        .await
+        .map_err(|e| CommandError::Store(e.to_string()))?
+        .ok_or_else(|| CommandError::Store(format!("message {id} vanished after a command")))
+}
+
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// Runs a command on a message, retrying optimistic-concurrency conflicts.
@@ -330,10 +343,7 @@ pub trait Store: Send + Sync + 'static {
         command: MessageCommand,
     ) -> Result<Message, CommandError> {
         self.execute(id, command).await?;
-        self.load_message(id)
-            .await
-            .map_err(|e| CommandError::Store(e.to_string()))?
-            .ok_or_else(|| CommandError::Store(format!("message {id} vanished after a command")))
+        load_after_command(self, id).await
     }
     /// The message folded from the log, without building its history (for the workers);
     /// `None` if there is no such message.

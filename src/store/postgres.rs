@@ -184,13 +184,7 @@ impl Store for PgStore {
     ) -> Result<Message, CommandError> {
         match self.execute_grouped(id, command).await? {
             Some(message) => Ok(message),
-            None => self
-                .load_message(id)
-                .await
-                .map_err(|e| CommandError::Store(e.to_string()))?
-                .ok_or_else(|| {
-                    CommandError::Store(format!("message {id} vanished after a command"))
-                }),
+            None => crate::store::load_after_command(self, id).await,
         }
     }
 

@@ -149,11 +149,7 @@ impl PgStore {
     }
 
     /// A client's command through the group writers; the commit notifier learns of it.
-    async fn execute_grouped(
-        &self,
-        id: MessageId,
-        command: MessageCommand,
-    ) -> Result<Option<Message>, CommandError> {
+    async fn execute_grouped(&self, id: MessageId, command: MessageCommand) -> batch::Outcome {
         let result = self
             .group
             .get_or_init(|| group::Group::start(self.writer.clone()))
@@ -183,7 +179,7 @@ impl Store for PgStore {
         command: MessageCommand,
     ) -> Result<Message, CommandError> {
         match self.execute_grouped(id, command).await? {
-            Some(message) => Ok(message),
+            Some(decided) => Ok(decided.message()),
             None => crate::store::load_after_command(self, id).await,
         }
     }

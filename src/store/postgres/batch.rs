@@ -38,9 +38,26 @@ pub(super) enum On<'a> {
     Pool(&'a PgPool),
 }
 
-/// A command's result: the message as the command left it when it was decided here (the fold
-/// it was decided against, with its new events), `None` when cqrs-es ran it (the fallback).
-pub(super) type Outcome = Result<Option<Message>, CommandError>;
+/// A command's result: what it was decided against and appended when it was decided here,
+/// `None` when cqrs-es ran it (the fallback).
+pub(super) type Outcome = Result<Option<Decided>, CommandError>;
+
+/// A command decided here: the message's fold it was decided against, and its new events.
+pub(super) struct Decided {
+    before: Message,
+    events: Vec<MessageEvent>,
+}
+
+impl Decided {
+    /// The message as the command left it (folded only for a caller that wants it).
+    pub(super) fn message(self) -> Message {
+        let mut message = self.before;
+        for event in self.events {
+            message.apply_event(event);
+        }
+        message
+    }
+}
 
 /// One result per command, in order, and whether the connection itself failed (anything but
 /// an error the server reported for the statement alone): a kept one must then be replaced.
@@ -66,8 +83,8 @@ pub(super) async fn execute_each(
         },
     };
     let connection_failed = outcome.as_ref().err().is_some_and(Failed::broke_connection);
-    let (results, appended) = match outcome {
-        Ok(appended) => appended,
+    let results = match outcome {
+        Ok(results) => results,
         // Each command again on its own, so a conflict is retried where it happened and a
         // message that cannot be read or written fails alone.
         Err(Failed::NothingWritten { reason, .. }) => {
@@ -76,15 +93,15 @@ pub(super) async fn execute_each(
         }
         Err(Failed::Unknown(reason)) => {
             tracing::error!(%reason, commands = commands.len(), "batch append's outcome is unknown");
-            let failed = commands
+            commands
                 .iter()
                 .map(|_| Err(CommandError::Store(reason.clone())))
-                .collect();
-            (failed, Vec::new())
+                .collect()
         }
     };
     if let Some(metrics) = metrics {
-        metrics.events_appended(appended.iter());
+        let decided = results.iter().filter_map(|r| r.as_ref().ok()?.as_ref());
+        metrics.events_appended(decided.flat_map(|d| d.events.iter()));
         for ((_, command), result) in commands.iter().zip(&results) {
             metrics.command(command_name(command), result);
         }
@@ -110,8 +127,8 @@ async fn attempt(
     }
 }
 
-/// The results, and the events appended.
-type Appended = Result<(Vec<Outcome>, Vec<MessageEvent>), Failed>;
+/// One result per command, in order.
+type Appended = Result<Vec<Outcome>, Failed>;
 
 /// Why a batch was not appended.
 enum Failed {
@@ -226,28 +243,28 @@ async fn decide_and_append(
             })?
     };
     let mut results = Vec::with_capacity(commands.len());
-    let mut appended = Vec::new();
     let (mut agg_ids, mut sequences, mut types, mut versions, mut payloads) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for (aggregate_id, (_, command)) in ids.into_iter().zip(commands) {
-        let (mut message, last) = messages.remove(&aggregate_id).unwrap_or_default();
+        let (message, last) = messages.remove(&aggregate_id).unwrap_or_default();
         match message.decide(command.clone()) {
             Ok(events) => {
-                for (n, event) in events.into_iter().enumerate() {
+                for (n, event) in events.iter().enumerate() {
                     agg_ids.push(aggregate_id.clone());
                     sequences.push(last + 1 + n as i64);
                     types.push(event.event_type());
                     versions.push(event.event_version());
-                    payloads.push(serde_json::to_string(&event).map_err(|e| {
+                    payloads.push(serde_json::to_string(event).map_err(|e| {
                         Failed::NothingWritten {
                             reason: format!("serialising an event: {e}"),
                             connection_ok: true,
                         }
                     })?);
-                    message.apply_event(event.clone());
-                    appended.push(event);
                 }
-                results.push(Ok(Some(message)));
+                results.push(Ok(Some(Decided {
+                    before: message,
+                    events,
+                })));
             }
             Err(e) => results.push(Err(CommandError::Rejected(e))),
         }
@@ -271,5 +288,5 @@ async fn decide_and_append(
         .await
         .map_err(Failed::of_insert)?;
     }
-    Ok((results, appended))
+    Ok(results)
 }

@@ -21,7 +21,7 @@ use super::batch;
 use crate::metrics::Metrics;
 use crate::store::commands::MessageCqrs;
 use crate::store::CommandError;
-use messaging_domain::{Message, MessageCommand, MessageId};
+use messaging_domain::{MessageCommand, MessageId};
 use messaging_projections::KeptConnection;
 use postgres_es::PostgresEventRepository;
 use sqlx::PgPool;
@@ -76,13 +76,9 @@ impl Group {
         Self { queues }
     }
 
-    /// The command's result, with the message as it left it when the writer decided it
-    /// (see [`batch::Outcome`]).
-    pub async fn execute(
-        &self,
-        id: MessageId,
-        command: MessageCommand,
-    ) -> Result<Option<Message>, CommandError> {
+    /// The command's result, with the fold it was decided against and its new events when
+    /// the writer decided it (see [`batch::Outcome`]).
+    pub async fn execute(&self, id: MessageId, command: MessageCommand) -> batch::Outcome {
         let (answer, answered) = oneshot::channel();
         // A UUID's last bits are random (a UUIDv7's too): the writers share the messages evenly.
         let writer = (id.as_uuid().as_u128() % self.queues.len() as u128) as usize;

@@ -30,7 +30,7 @@ pub use view::{HistoryItem, MessageView};
 /// Every projection this service runs on PostgreSQL, by name ([`sqlite::all`] for SQLite).
 pub fn all() -> Vec<std::sync::Arc<dyn Projection<sqlx::Postgres>>> {
     vec![
-        std::sync::Arc::new(MessageList),
+        std::sync::Arc::new(MessageList::default()),
         std::sync::Arc::new(StateChangeFeed::new()),
         std::sync::Arc::new(DeliveryJobs),
     ]

@@ -10,8 +10,16 @@ use async_trait::async_trait;
 use messaging_domain::{Message, MessageData};
 use sqlx::{PgConnection, Postgres};
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 
-pub struct MessageList;
+#[derive(Default)]
+pub struct MessageList {
+    /// Set after a batch's INSERT of the rows it starts met a row already there (see
+    /// [`continued`]: it cannot, unless the checkpoint was moved back by hand without emptying
+    /// the table). From then on this instance upserts every row, so the retried batch and all
+    /// later ones overwrite instead of failing again.
+    upsert_all: AtomicBool,
+}
 
 impl MessageList {
     pub const NAME: &'static str = "message_list";
@@ -22,6 +30,8 @@ struct Row {
     message: Message,
     last_sequence: i64,
     changed: bool,
+    /// Read from the table (the batch updates it) rather than started empty (it inserts it).
+    stored: bool,
 }
 
 /// The rows a batch touches, loaded once and written once per batch.
@@ -40,6 +50,8 @@ pub(crate) struct ListRow {
     pub message: String,
     pub last_sequence: i64,
     pub provider_message_id: Option<String>,
+    /// Whether the table holds the row already (see `Row::stored`).
+    pub stored: bool,
 }
 
 impl Rows {
@@ -61,6 +73,7 @@ impl Rows {
                         message: Message::default(),
                         last_sequence: 0,
                         changed: false,
+                        stored: false,
                     };
                     (*id, row)
                 })
@@ -83,6 +96,7 @@ impl Rows {
                 message: Message::from(data),
                 last_sequence,
                 changed: false,
+                stored: true,
             },
         );
         Ok(())
@@ -131,6 +145,7 @@ impl Rows {
                     .map_err(|e| ProjectionError::Other(e.to_string()))?,
                 last_sequence: row.last_sequence,
                 provider_message_id: d.provider_message_id.clone(),
+                stored: row.stored,
             });
         }
         Ok(changed)
@@ -178,53 +193,93 @@ async fn load(
     Ok(rows)
 }
 
-/// Writes the changed rows in one multi-row upsert.
-async fn store(conn: &mut PgConnection, rows: &Rows) -> Result<(), ProjectionError> {
-    let mut c = Columns::default();
+/// Writes the changed rows: those the batch starts in one multi-row INSERT, those it continues
+/// in one multi-row UPDATE, or (`upsert_all`) every one in one upsert. An upsert of a row that
+/// is not there yet costs PostgreSQL a speculative insertion (a check of the unique index, a
+/// token, a second pass over the tuple); a plain INSERT does not: measured on a rebuild of 100k
+/// events (`bench --only rebuild`, alternated), 83.9 / 83.2 / 87.6k → 93.6 / 93.4 / 90.8k
+/// events/s.
+async fn store(conn: &mut PgConnection, rows: &Rows, upsert_all: bool) -> Result<(), StoreError> {
+    let (mut started, mut continued) = (Columns::default(), Columns::default());
     for row in rows.changed()? {
-        c.id.push(row.id);
-        c.service_id.push(row.service_id);
-        c.channel.push(row.channel);
-        c.direction.push(row.direction);
-        c.state.push(row.state);
-        // Arrays of arrays do not unnest into rows: each row's profiles travel as one text.
-        c.profiles.push(row.profiles.join(PROFILE_SEPARATOR));
-        c.message.push(row.message);
-        c.last_sequence.push(row.last_sequence);
-        c.provider_message_id.push(row.provider_message_id);
+        if row.stored && !upsert_all {
+            continued.push(row);
+        } else {
+            started.push(row);
+        }
     }
-    if c.id.is_empty() {
-        return Ok(());
+    if !started.id.is_empty() {
+        let sql: &str = if upsert_all { &UPSERT } else { &INSERT };
+        started
+            .bind_all(sqlx::query(sql))
+            .execute(&mut *conn)
+            .await
+            .map_err(|e| match e {
+                sqlx::Error::Database(db) if db.is_unique_violation() && !upsert_all => {
+                    StoreError::Present(db.to_string())
+                }
+                e => StoreError::Projection(e.into()),
+            })?;
     }
-    sqlx::query(
+    if !continued.id.is_empty() {
+        continued
+            .bind_all(sqlx::query(&UPDATE))
+            .execute(&mut *conn)
+            .await
+            .map_err(|e| StoreError::Projection(e.into()))?;
+    }
+    Ok(())
+}
+
+/// Why [`store`] failed.
+enum StoreError {
+    /// A row the batch starts was in the table already.
+    Present(String),
+    Projection(ProjectionError),
+}
+
+impl From<ProjectionError> for StoreError {
+    fn from(e: ProjectionError) -> Self {
+        Self::Projection(e)
+    }
+}
+
+/// The rows' columns as arrays, one row per position: `$1`..`$9`, and `$10` the profiles'
+/// separator.
+const ROWS: &str = "unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], \
+                    $6::text[], $7::text[], $8::bigint[], $9::text[]) \
+           AS r(id, service_id, channel, direction, state, profiles, message, last_sequence, \
+                provider_message_id)";
+
+static INSERT: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
         "INSERT INTO message_list \
            (message_id, service_id, channel, direction, state, profiles, message, \
             last_sequence, provider_message_id) \
          SELECT id, service_id, channel, direction, state, string_to_array(profiles, $10), \
                 message::json, last_sequence, provider_message_id \
-         FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::text[], \
-                     $7::text[], $8::bigint[], $9::text[]) \
-           AS r(id, service_id, channel, direction, state, profiles, message, last_sequence, \
-                provider_message_id) \
-         ON CONFLICT (message_id) DO UPDATE SET state = EXCLUDED.state, \
+         FROM {ROWS}"
+    )
+});
+
+static UPSERT: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "{} ON CONFLICT (message_id) DO UPDATE SET state = EXCLUDED.state, \
            profiles = EXCLUDED.profiles, message = EXCLUDED.message, \
            last_sequence = EXCLUDED.last_sequence, \
            provider_message_id = EXCLUDED.provider_message_id",
+        *INSERT
     )
-    .bind(&c.id)
-    .bind(&c.service_id)
-    .bind(&c.channel)
-    .bind(&c.direction)
-    .bind(&c.state)
-    .bind(&c.profiles)
-    .bind(&c.message)
-    .bind(&c.last_sequence)
-    .bind(&c.provider_message_id)
-    .bind(PROFILE_SEPARATOR)
-    .execute(&mut *conn)
-    .await?;
-    Ok(())
-}
+});
+
+static UPDATE: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "UPDATE message_list SET state = r.state, \
+           profiles = string_to_array(r.profiles, $10), message = r.message::json, \
+           last_sequence = r.last_sequence, provider_message_id = r.provider_message_id \
+         FROM {ROWS} WHERE message_list.message_id = r.id"
+    )
+});
 
 /// Cannot appear in a username (a control character).
 const PROFILE_SEPARATOR: &str = "\u{1f}";
@@ -242,6 +297,39 @@ struct Columns {
     provider_message_id: Vec<Option<String>>,
 }
 
+impl Columns {
+    fn push(&mut self, row: ListRow) {
+        self.id.push(row.id);
+        self.service_id.push(row.service_id);
+        self.channel.push(row.channel);
+        self.direction.push(row.direction);
+        self.state.push(row.state);
+        // Arrays of arrays do not unnest into rows: each row's profiles travel as one text.
+        self.profiles.push(row.profiles.join(PROFILE_SEPARATOR));
+        self.message.push(row.message);
+        self.last_sequence.push(row.last_sequence);
+        self.provider_message_id.push(row.provider_message_id);
+    }
+
+    /// Binds `$1`..`$10` of [`ROWS`].
+    fn bind_all<'q>(
+        &'q self,
+        query: sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments>,
+    ) -> sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments> {
+        query
+            .bind(&self.id)
+            .bind(&self.service_id)
+            .bind(&self.channel)
+            .bind(&self.direction)
+            .bind(&self.state)
+            .bind(&self.profiles)
+            .bind(&self.message)
+            .bind(&self.last_sequence)
+            .bind(&self.provider_message_id)
+            .bind(PROFILE_SEPARATOR)
+    }
+}
+
 #[async_trait]
 impl Projection<Postgres> for MessageList {
     fn name(&self) -> &'static str {
@@ -257,7 +345,18 @@ impl Projection<Postgres> for MessageList {
     ) -> Result<(), ProjectionError> {
         let mut rows = load(&mut *conn, &Rows::ids(events)?, &continued(events)?).await?;
         rows.apply(events)?;
-        store(conn, &rows).await
+        let upsert_all = self.upsert_all.load(Ordering::Relaxed);
+        match store(conn, &rows, upsert_all).await {
+            Ok(()) => Ok(()),
+            Err(StoreError::Projection(e)) => Err(e),
+            Err(StoreError::Present(error)) => {
+                self.upsert_all.store(true, Ordering::Relaxed);
+                Err(ProjectionError::Other(format!(
+                    "a message this batch starts is in the list already ({error}); \
+                     the batch is retried with every row upserted"
+                )))
+            }
+        }
     }
 
     async fn reset(&self, conn: &mut PgConnection) -> Result<(), ProjectionError> {

@@ -776,7 +776,7 @@ async fn handling_batches_again_changes_nothing_where_postgresql_guarantees_it()
     // The message list is guarded by each row's last sequence: any batch, again, is a no-op.
     // The delivery rows, replayed in order from zero, end where they were.
     for projection in [
-        Arc::new(MessageList) as Arc<dyn Projection<Sqlite>>,
+        Arc::new(MessageList::default()) as Arc<dyn Projection<Sqlite>>,
         Arc::new(DeliveryJobs),
     ] {
         let name = projection.name();
@@ -911,7 +911,7 @@ async fn a_failing_batch_rolls_back_both_the_model_and_the_checkpoint() {
     .execute(&db.pool)
     .await
     .unwrap();
-    let list = SqliteSubscription::new(db.pool.clone(), Arc::new(MessageList));
+    let list = SqliteSubscription::new(db.pool.clone(), Arc::new(MessageList::default()));
     let error = list.run_batch().await.unwrap_err();
     assert!(
         matches!(error, ProjectionError::UnknownVersion { .. }),
@@ -945,7 +945,8 @@ async fn a_reader_cancelled_anywhere_never_leaves_the_write_lock_held() {
     let log = history(11);
     append_sqlite(&pool, &log.events).await;
     for i in 0..300 {
-        let sub = SqliteSubscription::new(pool.clone(), Arc::new(MessageList)).with_batch_size(2);
+        let sub = SqliteSubscription::new(pool.clone(), Arc::new(MessageList::default()))
+            .with_batch_size(2);
         let running = tokio::spawn(async move { sub.run_batch().await });
         // Cancelled after a varying number of steps: before, within and after the begin.
         for _ in 0..i % 40 {
@@ -997,7 +998,7 @@ async fn a_running_reader_wakes_on_its_channel_and_stops_on_shutdown() {
     let (wake_tx, wake) = tokio::sync::watch::channel(0u64);
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
     let reader = tokio::spawn(
-        SqliteSubscription::new(db.pool.clone(), Arc::new(MessageList))
+        SqliteSubscription::new(db.pool.clone(), Arc::new(MessageList::default()))
             // Only the wake-up channel can start a second batch within the test's time.
             .with_poll_interval(std::time::Duration::from_secs(600))
             .on_commit(Arc::new(move || notify.notify_one()))

@@ -290,8 +290,10 @@ async fn snapshot(
 async fn a_subscription_killed_mid_batch_ends_identical_to_a_rebuild_from_zero() {
     let pool = migrated_pool().await;
     write_history(&pool).await;
-    let projections: [Arc<dyn Projection<Postgres>>; 2] =
-        [Arc::new(MessageList), Arc::new(StateChangeFeed::new())];
+    let projections: [Arc<dyn Projection<Postgres>>; 2] = [
+        Arc::new(MessageList::default()),
+        Arc::new(StateChangeFeed::new()),
+    ];
 
     for (k, projection) in projections.iter().enumerate() {
         // Crash twice in the middle of batches...
@@ -339,6 +341,36 @@ async fn a_subscription_killed_mid_batch_ends_identical_to_a_rebuild_from_zero()
     assert_eq!(resumed, rebuilt);
 }
 
+/// The list INSERTs the rows a batch starts, without an upsert's check: a message's row and
+/// the checkpoint past its first event are committed together. A checkpoint moved back by hand
+/// over rows left in place breaks that; the batch then fails once, rolled back whole, and is
+/// retried with every row upserted, which leaves the list as it was.
+#[tokio::test]
+async fn a_list_checkpoint_moved_back_over_its_rows_costs_one_failed_batch() {
+    let pool = migrated_pool().await;
+    write_history(&pool).await;
+    let list = Subscription::new(pool.clone(), Arc::new(MessageList::default()));
+    list.catch_up().await.unwrap();
+    let (before, _) = snapshot(&pool).await;
+    assert_eq!(before.len(), 30);
+    let moved_back = "UPDATE subscription_checkpoints SET last_transaction_id = '0', \
+                      last_global_position = 0 WHERE name = 'message_list'";
+    sqlx::query(moved_back).execute(&pool).await.unwrap();
+
+    let error = list.run_batch().await.unwrap_err();
+    assert!(error.to_string().contains("in the list already"), "{error}");
+    let position: i64 = sqlx::query_scalar(
+        "SELECT last_global_position FROM subscription_checkpoints WHERE name = 'message_list'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(position, 0, "the failed batch moved the checkpoint");
+
+    assert!(list.catch_up().await.unwrap() > 0);
+    assert_eq!(snapshot(&pool).await.0, before);
+}
+
 /// Transaction ids are numbers: the reader orders by the `xid8` column, not by the text it
 /// selects it as (text order puts transaction 10 before 9, and a batch that ended on 10 would
 /// have checkpointed past 9's events for good).
@@ -373,8 +405,10 @@ async fn events_are_read_in_transaction_id_order_across_a_digit_boundary() {
 async fn a_rebuild_under_load_with_another_reader_running_ends_as_a_quiet_one() {
     let pool = migrated_pool().await;
     write_history(&pool).await;
-    let projections: [Arc<dyn Projection<Postgres>>; 2] =
-        [Arc::new(MessageList), Arc::new(StateChangeFeed::new())];
+    let projections: [Arc<dyn Projection<Postgres>>; 2] = [
+        Arc::new(MessageList::default()),
+        Arc::new(StateChangeFeed::new()),
+    ];
     let (wake_tx, wake) = tokio::sync::watch::channel(0u64);
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
     let mut others = Vec::new();
@@ -1021,7 +1055,7 @@ async fn queued_with_an_early_open(
 ) -> (Arc<PgStore>, Subscription, MessageId, chrono::DateTime<Utc>) {
     use messaging::webhooks::inbox::{FactKind, InboxFact};
     let store = Arc::new(PgStore::new(pool.clone()));
-    let list = Subscription::new(pool.clone(), Arc::new(MessageList));
+    let list = Subscription::new(pool.clone(), Arc::new(MessageList::default()));
     let id = composed(&store, 0, Dispatch::Now).await;
     list.catch_up().await.unwrap();
     let now = Utc::now();

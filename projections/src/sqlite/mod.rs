@@ -59,7 +59,7 @@ pub async fn begin_immediate(
 /// PostgreSQL.
 pub fn all() -> Vec<Arc<dyn Projection<Sqlite>>> {
     vec![
-        Arc::new(MessageList),
+        Arc::new(MessageList::default()),
         Arc::new(StateChangeFeed::new()),
         Arc::new(DeliveryJobs),
     ]

@@ -48,8 +48,10 @@ pub async fn run(bench: &mut Bench) -> Result<Vec<Figure>> {
         "events/s",
         reference,
     )];
-    let projections: [Arc<dyn messaging_projections::Projection<sqlx::Postgres>>; 2] =
-        [Arc::new(MessageList), Arc::new(StateChangeFeed::new())];
+    let projections: [Arc<dyn messaging_projections::Projection<sqlx::Postgres>>; 2] = [
+        Arc::new(MessageList::default()),
+        Arc::new(StateChangeFeed::new()),
+    ];
     for projection in projections {
         let name = projection.name();
         let started = Instant::now();

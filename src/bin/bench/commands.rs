@@ -43,6 +43,7 @@ pub async fn run(bench: &mut Bench) -> Result<Vec<Figure>> {
         // Through the pool, as an application inserts: sqlx checks a connection with a round
         // trip when it is taken and again when it is given back.
         settle(&bench.pool, settle_cap).await?;
+        eprintln!("bench: commands: reference through the pool, {clients} clients");
         let pool = bench.pool.clone();
         let payload_ = payload.clone();
         let pooled = closed_loop(clients, duration, move || {
@@ -62,6 +63,7 @@ pub async fn run(bench: &mut Bench) -> Result<Vec<Figure>> {
         // Each client on a connection of its own, held for the whole run: the INSERT and
         // nothing else, the reference the service is measured against.
         settle(&bench.pool, settle_cap).await?;
+        eprintln!("bench: commands: reference, {clients} clients");
         let mut held = Vec::with_capacity(clients);
         for _ in 0..clients {
             held.push(bench.pool.acquire().await?);
@@ -241,6 +243,10 @@ async fn existing_messages(
     let far = || Utc::now() + chrono::Duration::days(365);
     let mut figures = Vec::new();
     for over_http in [false, true] {
+        // The previous phase's work (its subscriptions) finishes before the drafts are written,
+        // so that a phase's CPU can be told from the writing (`scripts/cpu-per-phase`).
+        settle(&bench.pool, settle_cap).await?;
+        eprintln!("bench: commands: writing {drafts} drafts");
         let ids = insert_messages(&bench.pool, &bench.service, drafts, |_| Dispatch::Draft).await?;
         settle(&bench.pool, settle_cap).await?;
         let how = if over_http { "HTTP" } else { "in-process" };

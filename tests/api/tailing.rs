@@ -351,7 +351,16 @@ async fn a_list_checkpoint_moved_back_over_its_rows_costs_one_failed_batch() {
     write_history(&pool).await;
     let list = Subscription::new(pool.clone(), Arc::new(MessageList::default()));
     list.catch_up().await.unwrap();
-    let (before, _) = snapshot(&pool).await;
+    // Every column, the copies the list filters on included.
+    let rows = || async {
+        sqlx::query_scalar::<_, String>(
+            "SELECT row_to_json(m)::text FROM message_list m ORDER BY message_id",
+        )
+        .fetch_all(&pool)
+        .await
+        .unwrap()
+    };
+    let before = rows().await;
     assert_eq!(before.len(), 30);
     let moved_back = "UPDATE subscription_checkpoints SET last_transaction_id = '0', \
                       last_global_position = 0 WHERE name = 'message_list'";
@@ -368,7 +377,7 @@ async fn a_list_checkpoint_moved_back_over_its_rows_costs_one_failed_batch() {
     assert_eq!(position, 0, "the failed batch moved the checkpoint");
 
     assert!(list.catch_up().await.unwrap() > 0);
-    assert_eq!(snapshot(&pool).await.0, before);
+    assert_eq!(rows().await, before);
 }
 
 /// Transaction ids are numbers: the reader orders by the `xid8` column, not by the text it

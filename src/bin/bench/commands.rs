@@ -222,6 +222,9 @@ pub async fn run(bench: &mut Bench) -> Result<Vec<Figure>> {
             .await?,
         );
     }
+    // The last phase's work too, before the next scenario (or `scripts/cpu-per-phase`'s last
+    // window) begins.
+    settle(&bench.pool, settle_cap).await?;
     bench.peak_send_rate = Some(peak);
     Ok(figures)
 }

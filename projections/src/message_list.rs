@@ -235,11 +235,11 @@ async fn store(conn: &mut PgConnection, rows: &Rows, upsert_all: bool) -> Result
             .map_err(|e| StoreError::Projection(e.into()))?
             .rows_affected();
         // Each was read in this transaction, under the subscription's lock: all are there.
-        if updated != continued.id.len() as u64 {
+        let expected = continued.id.len() as u64;
+        if updated != expected {
             return Err(StoreError::Projection(ProjectionError::Other(format!(
-                "{} of the {} list rows this batch continues were not there to update",
-                continued.id.len() as u64 - updated.min(continued.id.len() as u64),
-                continued.id.len()
+                "{} of the {expected} list rows this batch continues were not there to update",
+                expected.saturating_sub(updated)
             ))));
         }
     }

@@ -130,15 +130,14 @@ fn request_hash(headers: &HeaderMap, text: impl FnOnce() -> String) -> String {
 }
 
 /// What to do once composed: `publish_at` schedules, `send` queues now, neither keeps a draft.
+/// A `publish_at` in the past is refused by the Compose itself (422), not here: a retry under
+/// an `Idempotency-Key` must still find its message once that time has passed.
 fn dispatch(publish_at: Option<DateTime<Utc>>, send: bool) -> Result<Dispatch, ApiError> {
     match (publish_at, send) {
         (Some(_), true) => Err(ApiError::field(
             "publish_at",
             "give either publish_at (send later) or send: true (send now), not both",
         )),
-        (Some(at), false) if at <= Utc::now() => {
-            Err(ApiError::field("publish_at", "must be in the future"))
-        }
         (Some(at), false) => Ok(Dispatch::At(at)),
         (None, true) => Ok(Dispatch::Now),
         (None, false) => Ok(Dispatch::Draft),
@@ -180,7 +179,17 @@ async fn compose_for(
             IdempotencyClaim::Existing {
                 id: existing,
                 request_hash: hash,
-            } if hash == request_hash => id = existing,
+            } if hash == request_hash => {
+                // A retry: the message the key made, as it stands now. Looked up before any
+                // Compose, whose checks depend on the time (its `publish_at` may have passed
+                // since) and which on PostgreSQL decides without reading the message first.
+                if let Some((message, _)) = state.store.message(existing).await? {
+                    let view = view_of(existing, &message)?;
+                    return Ok((StatusCode::CREATED, ApiJson(view)));
+                }
+                // The first request claimed the key but composed nothing: compose it now.
+                id = existing
+            }
             IdempotencyClaim::Existing { .. } => {
                 return Err(ApiError::new(
                     StatusCode::UNPROCESSABLE_ENTITY,

@@ -467,6 +467,53 @@ async fn concurrent_composes_with_one_idempotency_key_create_one_message() {
 }
 
 #[tokio::test]
+async fn a_retry_under_its_idempotency_key_finds_its_message_after_publish_at_has_passed() {
+    let app = TestApp::spawn().await;
+    let service = app.email_service().await;
+    let soon = (Utc::now() + Duration::milliseconds(400)).to_rfc3339();
+    let body = json!({"service_id": service, "to": [{"username": "a@example.com"}],
+                      "subject": "Soon", "text": "in a moment", "publish_at": soon});
+    let compose = || {
+        app.client
+            .post(app.url("/v1/messages"))
+            .bearer_auth(API_KEY)
+            .header("Idempotency-Key", "order-43")
+            .json(&body)
+            .send()
+    };
+    let (status, first) = read(compose().await.unwrap()).await;
+    assert_eq!(status, StatusCode::CREATED, "{first}");
+    // The client never saw that answer and retries once publish_at has passed.
+    tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+    let (status, retried) = read(compose().await.unwrap()).await;
+    assert_eq!(status, StatusCode::CREATED, "{retried}");
+    assert_eq!(retried["id"], first["id"]);
+    let events: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM events WHERE event_type IN ('MessageComposed', 'MessageScheduled')",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(events, 2, "composed and scheduled once");
+
+    // Without the key, a publish_at in the past is still refused, naming the field.
+    let (status, error) = app.post("/v1/messages", body.clone()).await;
+    assert_error(
+        status,
+        &error,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid_field",
+    );
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("publish_at"),
+        "{error}"
+    );
+}
+
+#[tokio::test]
 async fn nothing_is_lost_across_a_restart() {
     let app = TestApp::spawn().await;
     let service = app.email_service().await;

@@ -5,6 +5,11 @@
 //! (connection refused, TLS failure, timeout, 4yz, a dropped connection) is Transient. A
 //! connection lost after DATA may leave a delivered copy behind; for email that is acceptable
 //! because our stable Message-ID lets a duplicate be recognised.
+//!
+//! lettre's `timeout` bounds only the TCP connect on its tokio transport: its reads, writes and
+//! the TLS handshake wait forever, so a server that accepts and then never greets (or stops
+//! answering after DATA) would hold the sender's round, and every message behind it, for good.
+//! The whole conversation is therefore bounded here too ([`CONVERSATION`] times the timeout).
 
 use super::{email, wrong_credentials, Accepted, Account, Credentials, MessageProvider};
 use super::{OutgoingMessage, SendError, SmtpTls};
@@ -17,6 +22,10 @@ use std::time::Duration;
 pub struct SmtpClient {
     timeout: Duration,
 }
+
+/// The whole SMTP conversation (connect, greeting, TLS, login, envelope, data) may take this
+/// many times the provider timeout, which lettre applies to the connect alone.
+const CONVERSATION: u32 = 3;
 
 impl SmtpClient {
     pub fn new(timeout: Duration) -> Self {
@@ -102,7 +111,20 @@ impl MessageProvider for SmtpClient {
             _ => None,
         };
         let transport = self.transport(host, *port, login, *tls)?;
-        match transport.send(email).await {
+        let whole = self.timeout.saturating_mul(CONVERSATION);
+        let sent = match tokio::time::timeout(whole, transport.send(email)).await {
+            Ok(sent) => sent.map_err(|e| classify(&e)),
+            // Transient, as lettre's own timeouts are: an email sent twice is recognisable
+            // by its Message-ID.
+            Err(_) => Err(SendError::Transient {
+                reason: format!(
+                    "smtp: timed out: no complete answer from the server within {} s",
+                    whole.as_secs_f64()
+                ),
+                retry_after: None,
+            }),
+        };
+        match sent {
             Ok(response) => {
                 tracing::info!(
                     message_id = %message.message_id,
@@ -114,7 +136,6 @@ impl MessageProvider for SmtpClient {
                 })
             }
             Err(error) => {
-                let error = classify(&error);
                 // lettre never echoes the password; redact anyway, cheaply, in case a
                 // server's reply quotes what it was given.
                 let error = match password {

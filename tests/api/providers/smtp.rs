@@ -139,6 +139,44 @@ fn header_value(message: &str, name: &str) -> Option<String> {
 }
 
 #[tokio::test]
+async fn an_smtp_server_that_never_answers_times_out_as_transient() {
+    // Accepts connections and never says a word (no greeting), holding them open.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let held = Arc::new(Mutex::new(Vec::new()));
+    let keep = held.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            keep.lock().unwrap().push(stream);
+        }
+    });
+    let config = ProviderConfig {
+        timeout: Duration::from_millis(300),
+        ..ProviderConfig::default()
+    };
+    let (providers, account, message) = (providers(&config), smtp_account(port, false), email());
+    let started = std::time::Instant::now();
+    let sending = providers
+        .for_provider(Provider::Smtp)
+        .send(&account, &message);
+    // Without a bound of its own the call would wait forever; 10 s is the test's patience.
+    let result = tokio::time::timeout(Duration::from_secs(10), sending)
+        .await
+        .expect("the SMTP call ends by itself");
+    match result {
+        Err(SendError::Transient { reason, .. }) => {
+            assert!(reason.contains("timed out"), "{reason}")
+        }
+        other => panic!("expected a transient timeout, got {other:?}"),
+    }
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "three timeouts' worth"
+    );
+    assert_eq!(held.lock().unwrap().len(), 1, "it did connect");
+}
+
+#[tokio::test]
 async fn smtp_delivers_a_threaded_multipart_email_with_our_message_id() {
     let (port, inbox) = start_server(true, None).await;
     let mut message = email();

@@ -124,7 +124,14 @@ impl MessageProvider for FacebookClient {
                 .and_then(graph_error);
             let throttled = parsed.as_ref().is_some_and(|e| e.throttled);
             let reason = parsed.and_then(|e| e.message);
-            let error = http::status_error("facebook", status, &headers, reason, SystemTime::now());
+            let error = http::status_error(
+                "facebook",
+                status,
+                &headers,
+                reason,
+                SystemTime::now(),
+                AfterSend::Ambiguous,
+            );
             Err(match error {
                 SendError::Permanent { reason } if throttled => SendError::Transient {
                     reason,

@@ -103,22 +103,33 @@ pub(super) fn transport_error(
 
 /// Classifies an HTTP error status. `reason` is what the provider's error body says (already
 /// extracted), `headers` carry rate-limit hints.
+///
+/// 429 and 503 say the request was not taken (rate limited, unavailable): safe to retry for
+/// every provider. Any other 5xx (500, a gateway's 502 or 504) may come after the provider's
+/// back end acted on it, the post created and only the answer lost: a retry is acceptable
+/// where duplicates are detectable (`AfterSend::Retry`, email) and Ambiguous for posts.
 pub(super) fn status_error(
     provider: &str,
     status: StatusCode,
     headers: &HeaderMap,
     reason: Option<String>,
     now: SystemTime,
+    after: AfterSend,
 ) -> SendError {
     let reason = match reason {
         Some(r) => format!("{provider}: {status}: {}", truncate(&r)),
         None => format!("{provider}: {status}"),
     };
-    // 429 and 5xx: the provider answered without acting on the request.
-    if status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() {
+    let not_taken =
+        status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::SERVICE_UNAVAILABLE;
+    if not_taken || (status.is_server_error() && after == AfterSend::Retry) {
         SendError::Transient {
             reason,
             retry_after: retry_after(headers, now),
+        }
+    } else if status.is_server_error() {
+        SendError::Ambiguous {
+            reason: format!("{reason}; the request may have been processed"),
         }
     } else {
         SendError::Permanent { reason }
@@ -270,17 +281,38 @@ mod tests {
     fn statuses_are_classified() {
         let none = HeaderMap::new();
         let now = at(0);
-        assert!(matches!(
-            status_error("p", StatusCode::SERVICE_UNAVAILABLE, &none, None, now),
-            SendError::Transient { .. }
-        ));
+        for after in [AfterSend::Retry, AfterSend::Ambiguous] {
+            assert!(matches!(
+                status_error(
+                    "p",
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &none,
+                    None,
+                    now,
+                    after
+                ),
+                SendError::Transient { .. }
+            ));
+        }
+        // Past a gateway's 500, 502 or 504 a post may exist: not retried blindly.
+        for status in [500, 502, 504].map(|s| StatusCode::from_u16(s).unwrap()) {
+            assert!(matches!(
+                status_error("p", status, &none, None, now, AfterSend::Retry),
+                SendError::Transient { .. }
+            ));
+            assert!(matches!(
+                status_error("p", status, &none, None, now, AfterSend::Ambiguous),
+                SendError::Ambiguous { .. }
+            ));
+        }
         assert_eq!(
             status_error(
                 "p",
                 StatusCode::TOO_MANY_REQUESTS,
                 &headers(&[("retry-after", "7")]),
                 None,
-                now
+                now,
+                AfterSend::Ambiguous
             ),
             SendError::Transient {
                 reason: "p: 429 Too Many Requests".into(),
@@ -293,7 +325,8 @@ mod tests {
                 StatusCode::BAD_REQUEST,
                 &none,
                 Some("bad from".into()),
-                now
+                now,
+                AfterSend::Ambiguous
             ),
             SendError::Permanent {
                 reason: "p: 400 Bad Request: bad from".into()

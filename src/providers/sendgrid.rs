@@ -135,6 +135,7 @@ impl MessageProvider for SendgridClient {
                 &headers,
                 reason,
                 SystemTime::now(),
+                AfterSend::Retry,
             ))
         }
         .await;

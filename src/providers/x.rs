@@ -166,6 +166,7 @@ impl MessageProvider for XClient {
                 &headers,
                 reason,
                 SystemTime::now(),
+                AfterSend::Ambiguous,
             ))
         }
         .await;

@@ -72,20 +72,27 @@ struct RateLimiter {
 impl RateLimiter {
     async fn acquire(&self, service: ServiceId, rate: f64, burst: f64) {
         loop {
-            let wait = {
-                let mut buckets = self.buckets.lock().await;
-                let now = tokio::time::Instant::now();
-                let (tokens, last) = buckets.entry(service).or_insert((burst, now));
-                *tokens = (*tokens + now.duration_since(*last).as_secs_f64() * rate).min(burst);
-                *last = now;
-                if *tokens >= 1.0 {
-                    *tokens -= 1.0;
-                    return;
-                }
-                Duration::from_secs_f64((1.0 - *tokens) / rate.max(f64::MIN_POSITIVE))
-            };
-            tokio::time::sleep(wait).await;
+            match self.try_acquire(service, rate, burst).await {
+                Ok(()) => return,
+                Err(wait) => tokio::time::sleep(wait).await,
+            }
         }
+    }
+
+    /// Takes a token if one is there now; otherwise says how long until one is.
+    async fn try_acquire(&self, service: ServiceId, rate: f64, burst: f64) -> Result<(), Duration> {
+        let mut buckets = self.buckets.lock().await;
+        let now = tokio::time::Instant::now();
+        let (tokens, last) = buckets.entry(service).or_insert((burst, now));
+        *tokens = (*tokens + now.duration_since(*last).as_secs_f64() * rate).min(burst);
+        *last = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            return Ok(());
+        }
+        Err(Duration::from_secs_f64(
+            (1.0 - *tokens) / rate.max(f64::MIN_POSITIVE),
+        ))
     }
 }
 
@@ -156,16 +163,35 @@ impl Sender {
         let (mut plain, mut other) = (Vec::new(), Vec::new());
         for job in jobs {
             match messages.get(&job.message_id).and_then(|m| m.data()) {
-                Some(d) if d.channel == Channel::Email && ready_to_send(d) => plain.push((job, d)),
+                // In bulk only with its service's token in hand: the bulk path calls every
+                // provider at once, so a job that must wait for its turn waits on the one-job
+                // path, which takes the token just before it starts the attempt and calls
+                // (the calls stay paced, and the message can be cancelled while it waits).
+                Some(d) if d.channel == Channel::Email && ready_to_send(d) => {
+                    let paced = self
+                        .limiter
+                        .try_acquire(
+                            job.service_id,
+                            self.config.per_service_rate,
+                            self.config.per_service_burst,
+                        )
+                        .await;
+                    match paced {
+                        Ok(()) => plain.push((job, d)),
+                        Err(_) => other.push(job),
+                    }
+                }
                 _ => other.push(job),
             }
         }
-        let mut outcomes: Vec<JobOutcome> = futures::stream::iter(other)
+        // The bulk first: its tokens were taken just now.
+        let mut outcomes = self.send_batch(plain).await;
+        let one_by_one: Vec<JobOutcome> = futures::stream::iter(other)
             .map(|job| self.process_logged(job, messages.get(&job.message_id)))
             .buffer_unordered(self.config.concurrency)
             .collect()
             .await;
-        outcomes.extend(self.send_batch(plain).await);
+        outcomes.extend(one_by_one);
         Ok(outcomes)
     }
 
@@ -182,19 +208,11 @@ impl Sender {
         }
     }
 
-    /// Jobs whose messages are ready to send: start every attempt in one batch, call the
-    /// providers, record the outcomes in waves as the calls finish (one batch each).
+    /// Jobs whose messages are ready to send, each with its service's token taken: start
+    /// every attempt in one batch, call the providers, record the outcomes in waves as the
+    /// calls finish (one batch each).
     async fn send_batch(&self, jobs: Vec<(SendJob, &MessageData)>) -> Vec<JobOutcome> {
         let mut outcomes = Vec::with_capacity(jobs.len());
-        for (job, _) in &jobs {
-            self.limiter
-                .acquire(
-                    job.service_id,
-                    self.config.per_service_rate,
-                    self.config.per_service_burst,
-                )
-                .await;
-        }
         // The fence: only one worker can start each attempt.
         let now = Utc::now();
         let starts = jobs
@@ -216,7 +234,7 @@ impl Sender {
             }
         }
         // Each service's account read once for the round.
-        let mut accounts: HashMap<ServiceId, Result<Account, String>> = HashMap::new();
+        let mut accounts: HashMap<ServiceId, Result<Account, SendError>> = HashMap::new();
         for (job, _) in &to_send {
             if let std::collections::hash_map::Entry::Vacant(entry) = accounts.entry(job.service_id)
             {
@@ -227,10 +245,12 @@ impl Sender {
         let calls: Vec<_> = to_send
             .into_iter()
             .map(|(job, d)| {
-                let account = accounts
-                    .get(&job.service_id)
-                    .cloned()
-                    .unwrap_or_else(|| Err(format!("service {} was not read", job.service_id)));
+                let account = accounts.get(&job.service_id).cloned().unwrap_or_else(|| {
+                    Err(SendError::Transient {
+                        reason: format!("service {} was not read", job.service_id),
+                        retry_after: None,
+                    })
+                });
                 let recorded = (job.message_id, d.channel, d.provider, d.attempts + 1);
                 (recorded, account, outgoing(d))
             })
@@ -250,7 +270,7 @@ impl Sender {
                             let provider = self.providers.for_provider(account.provider);
                             provider.send(&account, &outgoing).await
                         }
-                        Err(reason) => Err(SendError::Permanent { reason }),
+                        Err(error) => Err(error),
                     };
                     (recorded, result)
                 })
@@ -338,7 +358,7 @@ impl Sender {
                 let provider = self.providers.for_provider(account.provider);
                 provider.send(&account, &outgoing).await
             }
-            Err(reason) => Err(SendError::Permanent { reason }),
+            Err(error) => Err(error),
         };
         self.record(id, d.channel, d.provider, attempt, result)
             .await
@@ -376,15 +396,26 @@ impl Sender {
         outcomes
     }
 
-    async fn account(&self, service_id: ServiceId) -> Result<Account, String> {
+    /// The service's account. A database error is transient (the attempt is retried like a
+    /// provider that could not be reached); a service gone or credentials that cannot be used
+    /// fail the message, since no retry fixes them.
+    async fn account(&self, service_id: ServiceId) -> Result<Account, SendError> {
         let (service, credentials) = self
             .store
             .service_credentials(service_id)
             .await
-            .map_err(|e| format!("cannot read service {service_id}: {e}"))?
-            .ok_or_else(|| format!("service {service_id} no longer exists"))?;
-        let credentials = parse_credentials(service.provider, &credentials)
-            .map_err(|e| format!("service {service_id} has unusable credentials: {e}"))?;
+            .map_err(|e| SendError::Transient {
+                reason: format!("cannot read service {service_id}: {e}"),
+                retry_after: None,
+            })?
+            .ok_or_else(|| SendError::Permanent {
+                reason: format!("service {service_id} no longer exists"),
+            })?;
+        let credentials = parse_credentials(service.provider, &credentials).map_err(|e| {
+            SendError::Permanent {
+                reason: format!("service {service_id} has unusable credentials: {e}"),
+            }
+        })?;
         Ok(Account {
             service_id,
             provider: service.provider,

@@ -620,3 +620,83 @@ async fn one_busy_account_does_not_starve_another() {
     );
     assert!(left > 0, "the busy account's queue was not empty yet");
 }
+
+/// Stamps the time of each call it answers (202).
+struct Stamped(std::sync::Arc<std::sync::Mutex<Vec<std::time::Instant>>>);
+
+impl wiremock::Respond for Stamped {
+    fn respond(&self, _: &wiremock::Request) -> ResponseTemplate {
+        self.0.lock().unwrap().push(std::time::Instant::now());
+        ResponseTemplate::new(202)
+    }
+}
+
+#[tokio::test]
+async fn a_services_send_rate_paces_the_provider_calls_themselves() {
+    let sendgrid = MockServer::start().await;
+    let stamps = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    Mock::given(method("POST"))
+        .and(path("/v3/mail/send"))
+        .respond_with(Stamped(stamps.clone()))
+        .mount(&sendgrid)
+        .await;
+    // 10 a second, a burst of 20.
+    let app = TestApp::spawn_with(&[
+        ("MESSAGING_SENDGRID_BASE_URL", sendgrid.uri()),
+        ("MESSAGING_SEND_RATE_PER_SERVICE", "10".into()),
+    ])
+    .await;
+    let service = app.email_service().await;
+    let service_ref = messaging_domain::ServiceRef {
+        id: service.parse().unwrap(),
+        channel: messaging_domain::Channel::Email,
+        provider: messaging_domain::Provider::Sendgrid,
+        username: "news@example.com".into(),
+        name: None,
+    };
+    let commands: Vec<_> = (0..50)
+        .map(|i| {
+            let id = messaging_domain::MessageId::from_uuid(uuid::Uuid::now_v7());
+            let input = messaging_domain::MessageInput {
+                to: vec![messaging_domain::Profile::new(
+                    format!("p{i}@example.com"),
+                    None,
+                )],
+                subject: Some("Paced".into()),
+                text: Some("Hello".into()),
+                ..Default::default()
+            };
+            let compose = messaging_domain::Compose {
+                id,
+                message: messaging_domain::build_message(&service_ref, input).unwrap(),
+                dispatch: messaging_domain::Dispatch::Now,
+                now: Utc::now(),
+            };
+            (id, messaging_domain::MessageCommand::Compose(compose))
+        })
+        .collect();
+    // All queued at once, so one round claims them together.
+    for result in app.store.execute_each(commands).await {
+        result.unwrap();
+    }
+    let deadline = Utc::now() + Duration::seconds(30);
+    while stamps.lock().unwrap().len() < 50 {
+        assert!(Utc::now() < deadline, "not all 50 were sent");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let stamps = stamps.lock().unwrap().clone();
+    // Any one second holds at most the burst and a second's tokens (and one for the edge):
+    // calls made all at once after their tokens were taken one by one would not.
+    for (i, start) in stamps.iter().enumerate() {
+        let within = stamps[i..]
+            .iter()
+            .filter(|t| t.duration_since(*start) < std::time::Duration::from_secs(1))
+            .count();
+        assert!(within <= 31, "{within} calls within a second of call {i}");
+    }
+    let spread = stamps[49].duration_since(stamps[0]);
+    assert!(
+        spread >= std::time::Duration::from_millis(2500),
+        "50 calls at 10 a second after a burst of 20 took only {spread:?}"
+    );
+}

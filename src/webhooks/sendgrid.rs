@@ -141,11 +141,7 @@ pub async fn inbound(
         }
     }
     let mut fields = std::collections::HashMap::new();
-    while let Some(field) = form
-        .next_field()
-        .await
-        .map_err(|e| WebhookError::Malformed(format!("multipart: {e}")))?
-    {
+    while let Some(field) = form.next_field().await.map_err(multipart_error)? {
         let Some(name) = field.name().map(str::to_string) else {
             continue;
         };
@@ -153,15 +149,25 @@ pub async fn inbound(
         if field.file_name().is_some() {
             continue;
         }
-        let value = field
-            .text()
-            .await
-            .map_err(|e| WebhookError::Malformed(format!("multipart field {name}: {e}")))?;
+        let value = field.text().await.map_err(multipart_error)?;
         fields.insert(name, value);
     }
-    let fact = parse_inbound(&fields, Utc::now());
+    let answered = answered_message(state.store.as_ref(), fields.get("headers")).await?;
+    let fact = parse_inbound(&fields, Utc::now(), answered);
     tracing::info!(matched = fact.problem.is_none(), "inbound email received");
     super::recorded(state.store.as_ref(), std::slice::from_ref(&fact)).await
+}
+
+/// A form that could not be read: too large (413, with the limit), or not a form (400).
+fn multipart_error(e: axum::extract::multipart::MultipartError) -> WebhookError {
+    if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        WebhookError::TooLarge(format!(
+            "the form is larger than {} MB",
+            super::INBOUND_BODY_LIMIT >> 20
+        ))
+    } else {
+        WebhookError::Malformed(format!("multipart: {}", e.body_text()))
+    }
 }
 
 /// The header `name` from a raw header block, continuation lines unfolded.
@@ -178,18 +184,51 @@ fn header_value(headers: &str, name: &str) -> Option<String> {
     })
 }
 
-/// Our Message-IDs are `<{message id}@{domain}>`: the first one in the reply's `In-Reply-To`
-/// or `References` that names a message id is the message answered.
-fn answered_message(headers: &str) -> Option<uuid::Uuid> {
-    ["In-Reply-To", "References"]
-        .into_iter()
-        .filter_map(|h| header_value(headers, h))
-        .flat_map(|v| {
-            v.split(['<', '>', ' ', ','])
-                .filter_map(|id| id.split_once('@').map(|(local, _)| local.to_string()))
-                .collect::<Vec<_>>()
-        })
-        .find_map(|local| uuid::Uuid::parse_str(&local).ok())
+/// The Message-IDs a reply's `In-Reply-To` and `References` name that could be ours, in that
+/// order (the direct parent first, then the thread from its newest): ours are
+/// `<{message id}@{domain}>` with a time-ordered (version 7) UUID. Mail clients make
+/// Message-IDs of random (version 4) UUIDs too, so a candidate is only that.
+fn candidate_messages(headers: &str) -> Vec<uuid::Uuid> {
+    let ids = |h: &str| -> Vec<uuid::Uuid> {
+        header_value(headers, h)
+            .unwrap_or_default()
+            .split(['<', '>', ' ', ',', '\t'])
+            .filter_map(|id| id.split_once('@'))
+            .filter_map(|(local, _)| uuid::Uuid::parse_str(local).ok())
+            .filter(|id| id.get_version_num() == 7)
+            .collect()
+    };
+    let mut candidates = ids("In-Reply-To");
+    candidates.extend(ids("References").into_iter().rev());
+    let mut seen = std::collections::HashSet::new();
+    candidates.retain(|id| seen.insert(*id));
+    candidates
+}
+
+/// The email of ours the reply answers: the first candidate (see [`candidate_messages`]) that
+/// is an outbound email in the log. The log, not the message list: a message is in the log
+/// from its Compose on, before any reply can name it. A reply in a thread that others joined
+/// names their Message-IDs too, often first.
+async fn answered_message(
+    store: &dyn crate::store::Store,
+    headers: Option<&String>,
+) -> Result<Option<uuid::Uuid>, WebhookError> {
+    for candidate in candidate_messages(headers.map(String::as_str).unwrap_or_default()) {
+        let message = store
+            .message(messaging_domain::MessageId::from_uuid(candidate))
+            .await?;
+        let ours = message
+            .as_ref()
+            .and_then(|(m, _)| m.data())
+            .is_some_and(|d| {
+                d.channel == messaging_domain::Channel::Email
+                    && d.direction == messaging_domain::Direction::Outbound
+            });
+        if ours {
+            return Ok(Some(candidate));
+        }
+    }
+    Ok(None)
 }
 
 /// `Name <address>` or a bare address.
@@ -206,9 +245,12 @@ fn parse_from(from: &str) -> (String, Option<String>) {
     }
 }
 
+/// The fact an inbound email is recorded as; `answered` is our message it replies to, if any
+/// (see [`answered_message`]).
 pub fn parse_inbound(
     fields: &std::collections::HashMap<String, String>,
     received_at: DateTime<Utc>,
+    answered: Option<uuid::Uuid>,
 ) -> InboxFact {
     let headers = fields
         .get("headers")
@@ -227,7 +269,7 @@ pub fn parse_inbound(
             body_fingerprint(format!("{headers}\n{from_username}\n{text}").as_bytes())
         )
     });
-    let message_id = answered_message(headers);
+    let message_id = answered;
     InboxFact {
         provider: "sendgrid_inbound",
         event_id,
@@ -264,7 +306,25 @@ mod tests {
     }
 
     #[test]
-    fn a_reply_is_matched_by_in_reply_to_or_references() {
+    fn candidates_are_time_ordered_ids_parent_first_then_the_thread_newest_first() {
+        let ours = "0193b6c2-8f1e-7c3a-9d41-5a6e2f0b7c11";
+        let older = "0193b6c2-0000-7c3a-9d41-5a6e2f0b7c11";
+        // A mail client's Message-ID: a random (version 4) UUID.
+        let theirs = "5f0c6a52-9d2b-4e61-a3c7-0d8b7e9f1a24";
+        let headers = format!(
+            "Message-ID: <reply-1@mail.example.net>\r\nIn-Reply-To: <{theirs}@her.org>\r\n\
+             References: <{older}@example.com> <other@x.org>\r\n <{ours}@example.com>\r\n\t<{theirs}@her.org>\r\n\
+             Subject: Re: Hello"
+        );
+        let found: Vec<String> = candidate_messages(&headers)
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(found, vec![ours.to_string(), older.to_string()]);
+    }
+
+    #[test]
+    fn a_reply_is_recorded_on_the_message_it_answers() {
         let id = "0193b6c2-8f1e-7c3a-9d41-5a6e2f0b7c11";
         let mut fields = std::collections::HashMap::new();
         fields.insert(
@@ -276,7 +336,7 @@ mod tests {
             "Alice Doe <alice@example.com>".to_string(),
         );
         fields.insert("text".to_string(), "Thanks!".to_string());
-        let fact = parse_inbound(&fields, Utc::now());
+        let fact = parse_inbound(&fields, Utc::now(), Some(id.parse().unwrap()));
         assert_eq!(fact.message_id.map(|u| u.to_string()).as_deref(), Some(id));
         assert_eq!(fact.event_id, "<reply-1@mail.example.net>");
         assert_eq!(fact.payload["from_username"], "alice@example.com");

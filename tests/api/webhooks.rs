@@ -529,6 +529,27 @@ async fn facebook_challenge_is_answered_and_a_comment_on_our_post_is_a_reply() {
             .is_some_and(|m| m["text"] == "Love this post!")
     })
     .await;
+
+    // The page answering on its own post comes back too: not a reply.
+    let mut own: Value = serde_json::from_slice(&delivery).unwrap();
+    let value = &mut own["entry"][0]["changes"][0]["value"];
+    value["from"] = json!({"id": "104857600123456", "name": "Acme"});
+    value["comment_id"] = json!("998877665544332_111222333444999");
+    let own = serde_json::to_vec(&own).unwrap();
+    let r = app
+        .client
+        .post(app.url("/webhooks/facebook"))
+        .header(
+            "X-Hub-Signature-256",
+            format!("sha256={}", hmac_hex(FB_SECRET, &own)),
+        )
+        .body(own)
+        .send()
+        .await
+        .unwrap();
+    let (status, body) = read(r).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["received"], 0, "{body}");
 }
 
 #[tokio::test]
@@ -536,12 +557,19 @@ async fn an_inbound_email_reply_is_matched_by_its_headers() {
     let app = webhook_app().await;
     let original = uuid::Uuid::now_v7().to_string();
     sent_message(&app, &original, Channel::Email, "sg-1").await;
+    // Bob answers Carol, who had answered our email: the direct parent is hers (a time-ordered
+    // id of no message of ours), a mail client's random id is in the thread too, and ours is
+    // further back in References.
+    let carol = uuid::Uuid::now_v7();
+    let client = "5f0c6a52-9d2b-4e61-a3c7-0d8b7e9f1a24";
     let form = reqwest::multipart::Form::new()
         .text(
             "headers",
             format!(
                 "Received: from mx.example.net\r\nMessage-ID: <CAF-reply-1@mail.example.net>\r\n\
-                 In-Reply-To: <{original}@example.com>\r\nSubject: Re: Hello\r\n"
+                 In-Reply-To: <{carol}@her.example.org>\r\n\
+                 References: <{original}@example.com> <{client}@mail.example.net>\r\n\
+                 \t<{carol}@her.example.org>\r\nSubject: Re: Hello\r\n"
             ),
         )
         .text("from", "Alice Doe <alice@example.com>")
@@ -580,4 +608,59 @@ async fn an_inbound_email_reply_is_matched_by_its_headers() {
             })
     })
     .await;
+}
+
+#[tokio::test]
+async fn an_inbound_email_with_large_attachments_is_taken_and_an_oversized_one_gets_413() {
+    let app = webhook_app().await;
+    let original = uuid::Uuid::now_v7().to_string();
+    sent_message(&app, &original, Channel::Email, "sg-2").await;
+    let form = |attachment: usize| {
+        let file = reqwest::multipart::Part::bytes(vec![b'x'; attachment])
+            .file_name("report.pdf")
+            .mime_str("application/pdf")
+            .unwrap();
+        reqwest::multipart::Form::new()
+            .text(
+                "headers",
+                format!(
+                    "Message-ID: <big-reply@mail.example.net>\r\n\
+                     In-Reply-To: <{original}@example.com>\r\n"
+                ),
+            )
+            .text("from", "Alice Doe <alice@example.com>")
+            .text("subject", "Re: Hello")
+            .text("text", "The report is attached.")
+            .part("attachment1", file)
+    };
+    let post = |form| {
+        app.client
+            .post(app.url("/webhooks/sendgrid/inbound"))
+            .multipart(form)
+            .send()
+    };
+    // SendGrid takes emails of up to 30 MB: a 12 MB attachment is an ordinary reply.
+    let (status, body) = read(post(form(12 << 20)).await.unwrap()).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["new"], 1);
+    eventually(|| async {
+        let (_, m) = app.get(&format!("/v1/messages/{original}")).await;
+        m["state"] == "replied"
+    })
+    .await;
+    // Past the limit: 413, saying what the limit is.
+    let (status, error) = read(post(form(40 << 20)).await.unwrap()).await;
+    assert_error(
+        status,
+        &error,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "payload_too_large",
+    );
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("32 MB"),
+        "{error}"
+    );
 }

@@ -232,6 +232,15 @@ fn webhook_secrets(config: &Config) -> anyhow::Result<WebhookSecrets> {
         .map_err(|e| {
             anyhow::anyhow!("configuration: MESSAGING_SENDGRID_WEBHOOK_PUBLIC_KEY: {e}")
         })?;
+    if w.sendgrid_inbound_token.is_none() {
+        // Inbound Parse is signed by nothing: without the token, anyone who can reach the
+        // endpoint can record a reply. Kept open (the contract's inbound webhook needs no
+        // secret), but said once at start-up.
+        tracing::warn!(
+            "MESSAGING_SENDGRID_INBOUND_TOKEN is not set: /webhooks/sendgrid/inbound accepts \
+             any caller; set it and add ?token=... to the URL SendGrid posts to"
+        );
+    }
     Ok(WebhookSecrets {
         sendgrid_verifier,
         sendgrid_inbound_token: w.sendgrid_inbound_token.clone(),

@@ -18,7 +18,9 @@ use axum::{Json, Router};
 use serde_json::json;
 use std::sync::Arc;
 
-/// What the webhooks verify with. `None` means not configured: that webhook refuses everything.
+/// What the webhooks verify with. `None` means not configured: that webhook refuses everything,
+/// except Inbound Parse, which SendGrid does not sign: without its token it accepts any caller
+/// (a warning at start-up says so).
 #[derive(Default)]
 pub struct WebhookSecrets {
     pub sendgrid_verifier: Option<verify::SendgridVerifier>,
@@ -45,6 +47,8 @@ pub enum WebhookError {
     BadSignature,
     #[error("{0}")]
     Malformed(String),
+    #[error("{0}")]
+    TooLarge(String),
     #[error(transparent)]
     Database(#[from] StoreError),
 }
@@ -57,6 +61,7 @@ impl IntoResponse for WebhookError {
                 (StatusCode::UNAUTHORIZED, "bad_signature")
             }
             WebhookError::Malformed(_) => (StatusCode::BAD_REQUEST, "malformed"),
+            WebhookError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
             WebhookError::Database(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal_error"),
         };
         let message = match &self {
@@ -99,10 +104,17 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 /// A SendGrid batch of a thousand events is about half a megabyte; leave room.
 const WEBHOOK_BODY_LIMIT: usize = 8 * 1024 * 1024;
 
+/// Inbound Parse posts a whole email, attachments included, and SendGrid takes emails of up
+/// to 30 MB: room for that and the form's encoding. Attachments are read past, not kept.
+pub const INBOUND_BODY_LIMIT: usize = 32 * 1024 * 1024;
+
 pub fn router(state: WebhookState) -> Router {
     Router::new()
         .route("/webhooks/sendgrid/events", post(sendgrid::events))
-        .route("/webhooks/sendgrid/inbound", post(sendgrid::inbound))
+        .route(
+            "/webhooks/sendgrid/inbound",
+            post(sendgrid::inbound).layer(DefaultBodyLimit::max(INBOUND_BODY_LIMIT)),
+        )
         .route(
             "/webhooks/twitter",
             get(social::x_crc).post(social::x_events),

@@ -224,19 +224,34 @@ pub async fn facebook_events(
 
 async fn facebook_facts(store: &dyn Store, delivery: &Value) -> Result<Vec<InboxFact>, StoreError> {
     let mut facts = Vec::new();
-    let changes = delivery
+    // Each change with the id of the page it happened on (the entry's `id`).
+    let mut changes: Vec<(Option<&str>, &Value)> = Vec::new();
+    for entry in delivery
         .get("entry")
         .and_then(Value::as_array)
         .into_iter()
         .flatten()
-        .flat_map(|e| {
-            e.get("changes")
-                .and_then(Value::as_array)
-                .into_iter()
-                .flatten()
-        });
-    for change in changes {
+    {
+        let page = entry.get("id").and_then(Value::as_str);
+        for change in entry
+            .get("changes")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            changes.push((page, change));
+        }
+    }
+    for (page, change) in changes {
         let value = change.get("value").cloned().unwrap_or(Value::Null);
+        // The page answering on its own post comes back too: not a reply to record.
+        let author = value
+            .get("from")
+            .and_then(|f| f.get("id"))
+            .and_then(Value::as_str);
+        if page.is_some() && author == page {
+            continue;
+        }
         let s = |k: &str| value.get(k).and_then(Value::as_str);
         let is_new_comment = change.get("field").and_then(Value::as_str) == Some("feed")
             && s("item") == Some("comment")

@@ -144,6 +144,8 @@ pub struct PendingFact {
     /// The stored kind, parsed (a kind this build does not know is `Other`).
     pub kind: FactKind,
     pub occurred_at: DateTime<Utc>,
+    /// When the webhook delivered it.
+    pub received_at: DateTime<Utc>,
     pub payload: serde_json::Value,
     /// The end of this lease (`locked_until` as leased): settling needs it, so that an
     /// applier whose lease ran out cannot settle a fact another applier has leased since.
@@ -476,15 +478,21 @@ pub trait Store: Send + Sync + 'static {
         provider_message_id: &str,
     ) -> Result<Option<MessageId>, StoreError>;
     /// Leases, for 60 seconds (`locked_until` = now + 60 s), up to 500 facts that are
-    /// `pending`, unleased (`locked_until` NULL or < now), and either not `waiting` or waiting
+    /// `pending`, unleased (`locked_until` NULL or < now), and either not `waiting`, or waiting
     /// on a message now in the message list with `last_sequence` > `waiting_after` (NULL
-    /// counts as 0), choosing the earliest by (`occurred_at`, `id`), in one atomic step; a
+    /// counts as 0), or (a reply that names no message, only the post it answers) waiting with
+    /// no `message_id` and either received before `gave_up_before` or answering a post now in
+    /// the message list (an outbound row whose `provider_message_id` is the payload's
+    /// `answered_post`); choosing the earliest by (`occurred_at`, `id`), in one atomic step; a
     /// fact another applier is leasing at that moment is skipped, not waited for. Each leased
     /// row stops `waiting` (a lease that runs out unsettled leaves it leasable), and its
     /// `waiting_after` becomes its message's `last_sequence` in the message list now (NULL
     /// when not listed): the state the applier's decision is at least as new as.
     /// Returns the leased facts in no particular order.
-    async fn lease_webhook_facts(&self) -> Result<Vec<PendingFact>, StoreError>;
+    async fn lease_webhook_facts(
+        &self,
+        gave_up_before: DateTime<Utc>,
+    ) -> Result<Vec<PendingFact>, StoreError>;
     /// Settles leased facts, each by its [`FactLease`] (a row whose `locked_until` is no
     /// longer the lease's end was leased again since, and is left to its new lessee; so is a
     /// missing row), atomically (all or none): sets

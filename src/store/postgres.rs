@@ -486,8 +486,11 @@ impl Store for PgStore {
         inbox::outbound_message_id(&self.pool, channel, provider_message_id).await
     }
 
-    async fn lease_webhook_facts(&self) -> Result<Vec<PendingFact>, StoreError> {
-        inbox::lease(&self.pool).await
+    async fn lease_webhook_facts(
+        &self,
+        gave_up_before: DateTime<Utc>,
+    ) -> Result<Vec<PendingFact>, StoreError> {
+        inbox::lease(&self.pool, gave_up_before).await
     }
 
     async fn settle_webhook_facts(

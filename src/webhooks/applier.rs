@@ -1,12 +1,16 @@
 //! The applier: records each pending inbox fact on its message, in the provider's time order.
-//! A fact for a message not known yet waits, and is applied once the message is listed.
+//! A fact for a message not known yet waits, and is applied once the message is listed. A reply
+//! to a post that was not listed yet when it came (X and Facebook name the post, not our
+//! message) waits for a post of ours with that provider id to be listed, for at most
+//! [`WAIT_FOR_POST`]: the list may be behind, or being rebuilt.
 //! Facts are claimed with `FOR UPDATE SKIP LOCKED`, so any number of instances can run.
 
 use super::inbox::FactKind;
 use crate::store::{CommandError, FactSettlement, PendingFact, Store, StoreError};
 use chrono::{DateTime, Utc};
 use messaging_domain::{
-    DeliveryOutcome, Fact, MessageCommand, MessageError, MessageId, Profile, Receive, ServiceRef,
+    Channel, DeliveryOutcome, Fact, MessageCommand, MessageError, MessageId, Profile, Receive,
+    ServiceRef,
 };
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -60,6 +64,10 @@ fn inbound_id(event_id: &str, at: DateTime<Utc>) -> MessageId {
     MessageId::from_uuid(uuid::Builder::from_unix_timestamp_millis(millis, &random).into_uuid())
 }
 
+/// How long a reply waits for the post it answers to be listed before it is kept as unmatched
+/// (a reply to a post that is not ours, or not sent through this service, waits this long).
+pub const WAIT_FOR_POST: Duration = Duration::from_secs(3600);
+
 /// The applier runs a round for new events at most this often (waiting facts are applied this
 /// much later at most, after their message appears or changes).
 const EVENTS_AT_MOST_EVERY: Duration = Duration::from_millis(100);
@@ -75,13 +83,28 @@ impl Applier {
         // append events, and an open transaction older than them would hold back every log
         // reader until it ended. A crashed applier's lease expires and the facts are retried
         // (applying a fact twice changes nothing: its id is remembered).
-        let mut pending = self.store.lease_webhook_facts().await?;
-        if pending.is_empty() {
+        let gave_up_before =
+            Utc::now() - chrono::Duration::from_std(WAIT_FOR_POST).unwrap_or(chrono::Duration::MAX);
+        let leased = self.store.lease_webhook_facts(gave_up_before).await?;
+        if leased.is_empty() {
             return Ok(0);
         }
-        pending.sort_by_key(|p| (p.occurred_at, p.id));
         let mut settled = 0;
-        let mut settlements = Vec::with_capacity(pending.len());
+        let mut settlements = Vec::with_capacity(leased.len());
+        // Replies that name only the post they answer: their message, if it is listed now.
+        let mut pending = Vec::with_capacity(leased.len());
+        for mut fact in leased {
+            match self.find_post(&mut fact, gave_up_before).await {
+                None => pending.push(fact),
+                Some(settlement) => {
+                    if matches!(settlement, FactSettlement::Unmatched(_)) {
+                        settled += 1;
+                    }
+                    settlements.push((fact.lease(), settlement));
+                }
+            }
+        }
+        pending.sort_by_key(|p| (p.occurred_at, p.id));
         for (fact, outcome) in self.apply_all(&pending).await {
             let settlement = match outcome {
                 Applied::Done => FactSettlement::Applied,
@@ -106,6 +129,40 @@ impl Applier {
         // changed while this round decided).
         self.store.settle_webhook_facts(&settlements).await?;
         Ok(settled)
+    }
+
+    /// For a reply recorded with the post it answers but no message (the post was not listed
+    /// when it came): sets its message if a post of ours with that id is listed now, or says
+    /// how it settles (waiting, or unmatched once it has waited [`WAIT_FOR_POST`]). `None`
+    /// when the fact is ready to apply.
+    async fn find_post(
+        &self,
+        fact: &mut PendingFact,
+        gave_up_before: DateTime<Utc>,
+    ) -> Option<FactSettlement> {
+        if fact.message_id.is_some() || fact.kind != FactKind::Reply {
+            return None;
+        }
+        let post = text(&fact.payload, "answered_post")?;
+        let channel = fact
+            .payload
+            .get("channel")
+            .and_then(Value::as_str)
+            .and_then(Channel::parse)?;
+        match self.store.outbound_message_id(channel, &post).await {
+            Ok(Some(id)) => {
+                fact.message_id = Some(id);
+                None
+            }
+            Ok(None) if fact.received_at < gave_up_before => {
+                Some(FactSettlement::Unmatched(format!(
+                    "no post of ours has {channel} id {post} (waited {} minutes for it)",
+                    WAIT_FOR_POST.as_secs() / 60
+                )))
+            }
+            Ok(None) => Some(FactSettlement::Wait(None)),
+            Err(e) => Some(FactSettlement::Retry(e.to_string())),
+        }
     }
 
     /// Applies facts in order. Each message's facts go in one batch command (one load of

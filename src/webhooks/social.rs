@@ -50,6 +50,10 @@ async fn our_post(
     Ok(id.map(|id| id.as_uuid()))
 }
 
+/// A reply. `payload` names the post it answers (`answered_post`, on `channel`) when it
+/// answers one: if that post is not ours as far as the message list knows yet, the fact waits
+/// for it (the applier's `find_post`), since the list may be behind the log. A reply that
+/// answers no post is unmatched at once.
 fn reply_fact(
     provider: &'static str,
     event_id: String,
@@ -57,6 +61,7 @@ fn reply_fact(
     occurred_at: DateTime<Utc>,
     payload: Value,
 ) -> InboxFact {
+    let answers_a_post = payload.get("answered_post").is_some_and(Value::is_string);
     InboxFact {
         provider,
         event_id,
@@ -64,7 +69,7 @@ fn reply_fact(
         kind: FactKind::Reply,
         occurred_at,
         payload,
-        problem: message_id.is_none().then_some(Problem::Unmatched),
+        problem: (message_id.is_none() && !answers_a_post).then_some(Problem::Unmatched),
     }
 }
 
@@ -172,6 +177,8 @@ async fn x_facts(store: &dyn Store, delivery: &Value) -> Result<Vec<InboxFact>, 
                 "text": s("text"),
                 "provider_message_id": id,
                 "in_reply_to": s("in_reply_to_status_id_str"),
+                "answered_post": s("in_reply_to_status_id_str"),
+                "channel": Channel::Twitter.as_str(),
             }),
         ));
     }
@@ -291,6 +298,8 @@ async fn facebook_facts(store: &dyn Store, delivery: &Value) -> Result<Vec<Inbox
                 "text": s("message"),
                 "provider_message_id": comment_id,
                 "post_id": s("post_id"),
+                "answered_post": s("post_id"),
+                "channel": Channel::Facebook.as_str(),
             }),
         ));
     }

@@ -1114,7 +1114,10 @@ async fn a_fact_refused_while_its_message_changed_is_tried_again() {
     let (store, list, id, now) = queued_with_an_early_open(&pool).await;
 
     // The applier's round, taken apart: lease, decide, and (later) settle.
-    let leased = store.lease_webhook_facts().await.unwrap();
+    let leased = store
+        .lease_webhook_facts(Utc::now() - chrono::Duration::hours(1))
+        .await
+        .unwrap();
     assert_eq!(leased.len(), 1);
     let refused = store
         .execute(
@@ -1364,23 +1367,36 @@ async fn a_woken_fact_whose_applier_died_is_leased_again_and_a_late_settlement_i
     let pool = migrated_pool().await;
     let (store, list, id, now) = queued_with_an_early_open(&pool).await;
     // Tried before the message was sent: it waits.
-    let first = store.lease_webhook_facts().await.unwrap();
+    let first = store
+        .lease_webhook_facts(Utc::now() - chrono::Duration::hours(1))
+        .await
+        .unwrap();
     assert_eq!(first.len(), 1);
     store
         .settle_webhook_facts(&[(first[0].lease(), FactSettlement::Wait(None))])
         .await
         .unwrap();
-    assert!(store.lease_webhook_facts().await.unwrap().is_empty());
+    assert!(store
+        .lease_webhook_facts(Utc::now() - chrono::Duration::hours(1))
+        .await
+        .unwrap()
+        .is_empty());
     // The message is sent: the fact is woken and leased, and its applier dies with it.
     record_sent(&store, &list, id, now).await;
-    let woken = store.lease_webhook_facts().await.unwrap();
+    let woken = store
+        .lease_webhook_facts(Utc::now() - chrono::Duration::hours(1))
+        .await
+        .unwrap();
     assert_eq!(woken.len(), 1);
     // Its lease runs out (as 60 s would).
     sqlx::query("UPDATE webhook_inbox SET locked_until = now() - interval '1 second'")
         .execute(&pool)
         .await
         .unwrap();
-    let again = store.lease_webhook_facts().await.unwrap();
+    let again = store
+        .lease_webhook_facts(Utc::now() - chrono::Duration::hours(1))
+        .await
+        .unwrap();
     assert_eq!(again.len(), 1, "the woken fact was left waiting");
 
     // The first applier was only slow: its late settlement, on the state it saw, is ignored

@@ -664,3 +664,71 @@ async fn an_inbound_email_with_large_attachments_is_taken_and_an_oversized_one_g
         "{error}"
     );
 }
+
+/// Posts the X reply fixture, signed; returns the response body.
+async fn post_x_reply(app: &TestApp) -> Value {
+    let delivery = fixture("x-account-activity-reply.json");
+    let r = app
+        .client
+        .post(app.url("/webhooks/twitter"))
+        .header(
+            "x-twitter-webhooks-signature",
+            format!("sha256={}", hmac_base64(X_SECRET, &delivery)),
+        )
+        .body(delivery)
+        .send()
+        .await
+        .unwrap();
+    let (status, body) = read(r).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    body
+}
+
+#[tokio::test]
+async fn an_x_reply_that_comes_before_its_post_is_listed_waits_for_it() {
+    let app = webhook_app().await;
+    // No post of ours with that id is listed yet (the list is behind, or being rebuilt).
+    assert_eq!(post_x_reply(&app).await["new"], 1);
+    let (_, problems) = app.get("/v1/webhooks/unmatched").await;
+    assert_eq!(problems["items"], json!([]), "waiting, not unmatched");
+
+    let original = uuid::Uuid::now_v7().to_string();
+    sent_message(&app, &original, Channel::Twitter, "1861234567890123456").await;
+    eventually(|| async {
+        let (_, m) = app.get(&format!("/v1/messages/{original}")).await;
+        m["state"] == "replied" && m["replies"] == 1
+    })
+    .await;
+    let (_, problems) = app.get("/v1/webhooks/unmatched").await;
+    assert_eq!(problems["items"], json!([]));
+}
+
+#[tokio::test]
+async fn a_reply_to_a_post_that_is_never_listed_is_kept_as_unmatched_once_it_has_waited() {
+    let app = webhook_app().await;
+    assert_eq!(post_x_reply(&app).await["new"], 1);
+    // As if it had come more than an hour ago.
+    sqlx::query(
+        "UPDATE webhook_inbox SET received_at = '2000-01-01T00:00:00.000+00:00' \
+         WHERE event_id = 'tweet:1861234567890123457'",
+    )
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    // The applier looks again within its polling interval.
+    eventually(|| async {
+        let (_, problems) = app.get("/v1/webhooks/unmatched").await;
+        problems["items"]
+            .as_array()
+            .unwrap()
+            .first()
+            .is_some_and(|i| {
+                i["status"] == "unmatched"
+                    && i["reason"]
+                        .as_str()
+                        .unwrap()
+                        .contains("no post of ours has twitter id 1861234567890123456")
+            })
+    })
+    .await;
+}

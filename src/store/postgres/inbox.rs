@@ -76,11 +76,15 @@ struct PendingRow {
     message_id: Option<uuid::Uuid>,
     kind: String,
     occurred_at: DateTime<Utc>,
+    received_at: DateTime<Utc>,
     payload: Value,
     locked_until: DateTime<Utc>,
 }
 
-pub(super) async fn lease(pool: &PgPool) -> Result<Vec<PendingFact>, StoreError> {
+pub(super) async fn lease(
+    pool: &PgPool,
+    gave_up_before: DateTime<Utc>,
+) -> Result<Vec<PendingFact>, StoreError> {
     // One short statement: the facts are applied with no transaction open, since the commands
     // append events and an open transaction older than them would hold back every log reader.
     // A leased fact is no longer waiting (if its lease runs out unsettled, it is leased again
@@ -94,12 +98,17 @@ pub(super) async fn lease(pool: &PgPool) -> Result<Vec<PendingFact>, StoreError>
                  AND (c.locked_until IS NULL OR c.locked_until < now()) \
                  AND (NOT c.waiting OR EXISTS \
                    (SELECT 1 FROM message_list m WHERE m.message_id = c.message_id \
-                      AND m.last_sequence > COALESCE(c.waiting_after, 0))) \
+                      AND m.last_sequence > COALESCE(c.waiting_after, 0)) \
+                   OR (c.message_id IS NULL AND (c.received_at < $1 OR EXISTS \
+                     (SELECT 1 FROM message_list m \
+                      WHERE m.provider_message_id = c.payload->>'answered_post' \
+                        AND m.direction = 'outbound')))) \
                ORDER BY c.occurred_at, c.id LIMIT 500 FOR UPDATE SKIP LOCKED) due \
          WHERE w.id = due.id \
-         RETURNING w.id, w.event_id, w.message_id, w.kind, w.occurred_at, w.payload, \
-                   w.locked_until",
+         RETURNING w.id, w.event_id, w.message_id, w.kind, w.occurred_at, w.received_at, \
+                   w.payload, w.locked_until",
     )
+    .bind(gave_up_before)
     .fetch_all(pool)
     .await?;
     Ok(rows
@@ -110,6 +119,7 @@ pub(super) async fn lease(pool: &PgPool) -> Result<Vec<PendingFact>, StoreError>
             message_id: r.message_id.map(MessageId::from_uuid),
             kind: FactKind::parse(&r.kind),
             occurred_at: r.occurred_at,
+            received_at: r.received_at,
             payload: r.payload,
             leased_until: r.locked_until,
         })

@@ -70,10 +70,14 @@ struct PendingRow {
     message_id: Option<uuid::Uuid>,
     kind: String,
     occurred_at: DateTime<Utc>,
+    received_at: DateTime<Utc>,
     payload: Json<Value>,
 }
 
-pub(super) async fn lease(pools: &SqlitePools) -> Result<Vec<PendingFact>, StoreError> {
+pub(super) async fn lease(
+    pools: &SqlitePools,
+    gave_up_before: DateTime<Utc>,
+) -> Result<Vec<PendingFact>, StoreError> {
     let now = Utc::now();
     let until = later(now, LEASE);
     let rows: Vec<PendingRow> = sqlx::query_as(
@@ -85,12 +89,17 @@ pub(super) async fn lease(pools: &SqlitePools) -> Result<Vec<PendingFact>, Store
                  AND (c.locked_until IS NULL OR c.locked_until < ?1) \
                  AND (NOT c.waiting OR EXISTS \
                    (SELECT 1 FROM message_list m WHERE m.message_id = c.message_id \
-                      AND m.last_sequence > COALESCE(c.waiting_after, 0))) \
+                      AND m.last_sequence > COALESCE(c.waiting_after, 0)) \
+                   OR (c.message_id IS NULL AND (c.received_at < ?3 OR EXISTS \
+                     (SELECT 1 FROM message_list m \
+                      WHERE m.provider_message_id = json_extract(c.payload, '$.answered_post') \
+                        AND m.direction = 'outbound')))) \
                ORDER BY c.occurred_at, c.id LIMIT 500) \
-         RETURNING id, event_id, message_id, kind, occurred_at, payload",
+         RETURNING id, event_id, message_id, kind, occurred_at, received_at, payload",
     )
     .bind(now)
     .bind(until)
+    .bind(gave_up_before)
     .fetch_all(&pools.write)
     .await?;
     Ok(rows
@@ -101,6 +110,7 @@ pub(super) async fn lease(pools: &SqlitePools) -> Result<Vec<PendingFact>, Store
             message_id: r.message_id.map(MessageId::from_uuid),
             kind: FactKind::parse(&r.kind),
             occurred_at: r.occurred_at,
+            received_at: r.received_at,
             payload: r.payload.0,
             leased_until: until,
         })

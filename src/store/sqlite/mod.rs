@@ -596,8 +596,11 @@ impl Store for SqliteStore {
         inbox::outbound_message_id(&self.pools, channel, provider_message_id).await
     }
 
-    async fn lease_webhook_facts(&self) -> Result<Vec<PendingFact>, StoreError> {
-        inbox::lease(&self.pools).await
+    async fn lease_webhook_facts(
+        &self,
+        gave_up_before: DateTime<Utc>,
+    ) -> Result<Vec<PendingFact>, StoreError> {
+        inbox::lease(&self.pools, gave_up_before).await
     }
 
     async fn settle_webhook_facts(

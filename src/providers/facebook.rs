@@ -1,5 +1,7 @@
 //! Facebook Graph API: `POST {base}/{version}/{page-id}/feed` with `message` and/or `link`,
-//! answered `200` with `{"id": "<page>_<post>"}`.
+//! answered `200` with `{"id": "<page>_<post>"}`. A reply (`in_reply_to`: a post or comment
+//! id) is a comment on it: `POST {base}/{version}/{object-id}/comments` with `message` (a
+//! comment has no `link` field; the link goes at the end of the text), answered with its id.
 //!
 //! Graph takes its parameters, `access_token` included, from a form-encoded POST body as
 //! readily as from the query string (its own SDKs post them so). The token goes in the body:
@@ -43,6 +45,9 @@ impl FacebookClient {
 
 /// The form fields of a page post, without the token.
 pub fn feed_fields(message: &OutgoingMessage) -> Result<Vec<(&'static str, String)>, SendError> {
+    if message.in_reply_to.is_some() {
+        return comment_fields(message);
+    }
     let mut fields = Vec::new();
     if let Some(text) = &message.text {
         fields.push(("message", text.clone()));
@@ -56,6 +61,30 @@ pub fn feed_fields(message: &OutgoingMessage) -> Result<Vec<(&'static str, Strin
         });
     }
     Ok(fields)
+}
+
+/// The form fields of a comment (a reply), without the token: the text, the link after it.
+fn comment_fields(message: &OutgoingMessage) -> Result<Vec<(&'static str, String)>, SendError> {
+    let text = [message.text.as_deref(), message.link.as_deref()]
+        .into_iter()
+        .flatten()
+        .filter(|s| !s.trim().is_empty())
+        .collect::<Vec<_>>()
+        .join("\n\n");
+    if text.is_empty() {
+        return Err(SendError::Permanent {
+            reason: "a Facebook comment needs text or a link".into(),
+        });
+    }
+    Ok(vec![("message", text)])
+}
+
+/// Where a message goes: the page's feed, or the comments of the object it answers.
+fn edge<'a>(account: &'a Account, message: &'a OutgoingMessage) -> [&'a str; 2] {
+    match &message.in_reply_to {
+        Some(object) => [object.as_str(), "comments"],
+        None => [account.username.as_str(), "feed"],
+    }
 }
 
 /// Graph's error body: `{"error": {"message", "type", "code", "is_transient", ...}}`.
@@ -93,7 +122,8 @@ impl MessageProvider for FacebookClient {
         let result = async {
             let mut form = feed_fields(message)?;
             form.push(("access_token", page_access_token.expose().to_string()));
-            let url = http::endpoint(&self.base_url, &[&self.version, &account.username, "feed"]);
+            let [object, edge] = edge(account, message);
+            let url = http::endpoint(&self.base_url, &[&self.version, object, edge]);
             let response = self
                 .http
                 .post(url)

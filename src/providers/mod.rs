@@ -17,7 +17,8 @@ pub struct OutgoingMessage {
     pub text: Option<String>,
     pub html: Option<String>,
     pub link: Option<String>,
-    /// X: the post id answered; email: the Message-ID answered.
+    /// X: the post id answered; Facebook: the post or comment commented on; email: the
+    /// Message-ID answered.
     pub in_reply_to: Option<String>,
 }
 

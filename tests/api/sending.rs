@@ -389,6 +389,50 @@ async fn a_facebook_post_goes_to_the_page_feed_and_records_the_post_id() {
 }
 
 #[tokio::test]
+async fn a_facebook_reply_is_a_comment_on_the_object_it_answers_not_a_new_post() {
+    let facebook = MockServer::start().await;
+    let app = TestApp::spawn_with(&[("MESSAGING_FACEBOOK_BASE_URL", facebook.uri())]).await;
+    let service = app
+        .create_service("facebook", "facebook", "104857600123456")
+        .await;
+    let answered = "104857600123456_998877665544332";
+    Mock::given(method("POST"))
+        .and(path(format!("/v21.0/{answered}/comments")))
+        .respond_with(
+            ResponseTemplate::new(200).set_body_json(json!({"id": "998877665544332_4242"})),
+        )
+        .expect(1)
+        .mount(&facebook)
+        .await;
+    let (status, reply) = app
+        .post(
+            "/v1/messages",
+            json!({"service_id": service, "text": "Thanks for asking!",
+                   "link": "https://example.com/faq", "in_reply_to": answered, "send": true}),
+        )
+        .await;
+    assert_eq!(status, reqwest::StatusCode::CREATED, "{reply}");
+    let id = reply["id"].as_str().unwrap();
+    let m = wait_message(&app, id, |m| m["state"] == "sent").await;
+    assert_eq!(m["provider_message_id"], "998877665544332_4242");
+    // Only the comment: nothing went to the page's feed.
+    let requests = facebook.received_requests().await.unwrap();
+    assert_eq!(requests.len(), 1);
+    let form: HashMap<String, String> = url::form_urlencoded::parse(&requests[0].body)
+        .into_owned()
+        .collect();
+    assert_eq!(
+        form.get("message").map(String::as_str),
+        Some("Thanks for asking!\n\nhttps://example.com/faq")
+    );
+    assert_eq!(form.get("link"), None);
+    assert_eq!(
+        form.get("access_token").map(String::as_str),
+        Some("fb-secret-token")
+    );
+}
+
+#[tokio::test]
 async fn a_scheduled_email_is_sent_at_its_time_and_a_cancelled_one_never() {
     let (app, sendgrid, service) = sendgrid_app().await;
     let publish_at = Utc::now() + Duration::seconds(2);

@@ -151,11 +151,18 @@ impl EmailBuilder {
                 "an email needs at least one recipient address",
             ));
         }
-        let mut to = Vec::with_capacity(input.to.len());
+        // Each address once (the first spelling and name kept): SendGrid refuses a
+        // personalization that repeats an address, and no recipient wants two copies.
+        let mut to: Vec<Profile> = Vec::with_capacity(input.to.len());
         for (i, p) in input.to.into_iter().enumerate() {
             let address = EmailAddress::parse(&p.username)
                 .map_err(|m| FieldError::new(format!("to[{i}].username"), m))?;
-            to.push(Profile::new(address.as_str(), p.name));
+            let repeated = to
+                .iter()
+                .any(|seen| seen.username.eq_ignore_ascii_case(address.as_str()));
+            if !repeated {
+                to.push(Profile::new(address.as_str(), p.name));
+            }
         }
         let subject = non_blank(input.subject)
             .ok_or_else(|| FieldError::new("subject", "an email needs a subject"))?;

@@ -100,6 +100,31 @@ fn invalid(action: &'static str, state: MessageState) -> MessageError {
 }
 
 #[test]
+fn an_email_names_each_recipient_once() {
+    let input = MessageInput {
+        to: vec![
+            Profile::new("alice@example.com", Some("Alice".into())),
+            Profile::new("bob@example.com", None),
+            Profile::new("Alice@Example.com", Some("Alice again".into())),
+        ],
+        ..email_input()
+    };
+    let message = build_message(&service(Channel::Email), input).expect("valid message");
+    let to: Vec<(&str, Option<&str>)> = message
+        .to()
+        .iter()
+        .map(|p| (p.username.as_str(), p.name.as_deref()))
+        .collect();
+    assert_eq!(
+        to,
+        vec![
+            ("alice@example.com", Some("Alice")),
+            ("bob@example.com", None)
+        ]
+    );
+}
+
+#[test]
 fn compose_without_dispatch_makes_a_draft() {
     let m = given(vec![compose(Channel::Email, Dispatch::Draft)]);
     assert_eq!(m.state(), Some(MessageState::Draft));

@@ -1,8 +1,8 @@
 //! The state-change feed for Automation: pull with a cursor, long-polled with `wait`.
 
 use super::error::ApiError;
-use super::{ApiJson, AppState};
-use axum::extract::{Query, State};
+use super::{ApiJson, ApiQuery, AppState};
+use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::routing::get;
@@ -31,15 +31,20 @@ struct StreamQuery {
 async fn stream(
     State(state): State<AppState>,
     headers: HeaderMap,
-    Query(q): Query<StreamQuery>,
+    ApiQuery(q): ApiQuery<StreamQuery>,
 ) -> Result<Sse<impl Stream<Item = Result<Event, std::convert::Infallible>>>, ApiError> {
     let last_event_id = headers
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
+    // The error names whichever the value came from.
+    let (given, field) = match last_event_id.as_deref() {
+        Some(id) => (Some(id), "Last-Event-ID"),
+        None => (q.after.as_deref(), "after"),
+    };
     let after = number(
-        last_event_id.as_deref().or(q.after.as_deref()),
-        "Last-Event-ID",
+        given,
+        field,
         0i64,
         |n| *n >= 0,
         "must be a feed position (0 or more)",
@@ -108,7 +113,7 @@ fn number<T: std::str::FromStr>(
 
 async fn state_changes(
     State(state): State<AppState>,
-    Query(q): Query<FeedQuery>,
+    ApiQuery(q): ApiQuery<FeedQuery>,
 ) -> Result<ApiJson<Value>, ApiError> {
     let after = number(
         q.after.as_deref(),

@@ -2,9 +2,9 @@
 
 use super::error::ApiError;
 use super::services::parse_service_id;
-use super::{ApiJson, AppState};
+use super::{ApiJson, ApiPath, ApiQuery, AppState};
 use crate::store::{IdempotencyClaim, ListFilter, Service};
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{get, post};
 use axum::Router;
@@ -248,7 +248,7 @@ struct ShareRequest {
 /// scheduled.
 async fn share(
     State(state): State<AppState>,
-    Path(service_id): Path<String>,
+    ApiPath(service_id): ApiPath<String>,
     headers: HeaderMap,
     ApiJson(body): ApiJson<Value>,
 ) -> Result<(StatusCode, ApiJson<Value>), ApiError> {
@@ -291,7 +291,7 @@ async fn run(
 
 async fn schedule(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     ApiJson(body): ApiJson<ScheduleRequest>,
 ) -> Result<ApiJson<Value>, ApiError> {
     let command = MessageCommand::Schedule {
@@ -303,7 +303,7 @@ async fn schedule(
 
 async fn send(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<ApiJson<Value>, ApiError> {
     let command = MessageCommand::Send {
         now: Utc::now(),
@@ -314,7 +314,7 @@ async fn send(
 
 async fn cancel(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<ApiJson<Value>, ApiError> {
     run(&state, &id, MessageCommand::Cancel { now: Utc::now() }).await
 }
@@ -330,7 +330,7 @@ struct ResolveRequest {
 /// it again.
 async fn resolve(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     ApiJson(body): ApiJson<ResolveRequest>,
 ) -> Result<ApiJson<Value>, ApiError> {
     let command = MessageCommand::ResolveSendOutcome {
@@ -343,7 +343,7 @@ async fn resolve(
 
 async fn show(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<ApiJson<Value>, ApiError> {
     let (mut view, history) = message_view(&state, parse_message_id(&id)?).await?;
     if let Some(obj) = view.as_object_mut() {
@@ -368,7 +368,7 @@ const MAX_PAGE: i64 = 500;
 
 async fn list(
     State(state): State<AppState>,
-    Query(q): Query<ListQuery>,
+    ApiQuery(q): ApiQuery<ListQuery>,
 ) -> Result<ApiJson<Value>, ApiError> {
     let limit = match q.limit.as_deref() {
         None => DEFAULT_PAGE,

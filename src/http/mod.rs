@@ -12,7 +12,7 @@ mod subscriptions;
 mod webhooks;
 
 use crate::store::Store;
-use axum::extract::{DefaultBodyLimit, FromRequest, Request, State};
+use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Request, State};
 use axum::http::header::AUTHORIZATION;
 use axum::middleware::{self, Next};
 use axum::response::Response;
@@ -37,6 +37,16 @@ pub struct AppState {
 #[from_request(via(axum::Json), rejection(ApiError))]
 pub struct ApiJson<T>(pub T);
 
+/// A query string with our error shape when it cannot be read (a repeated parameter, say).
+#[derive(FromRequestParts)]
+#[from_request(via(axum::extract::Query), rejection(ApiError))]
+pub struct ApiQuery<T>(pub T);
+
+/// Path parameters with our error shape when they cannot be read (not UTF-8, say).
+#[derive(FromRequestParts)]
+#[from_request(via(axum::extract::Path), rejection(ApiError))]
+pub struct ApiPath<T>(pub T);
+
 impl<T: serde::Serialize> axum::response::IntoResponse for ApiJson<T> {
     fn into_response(self) -> Response {
         axum::Json(self.0).into_response()
@@ -52,12 +62,14 @@ async fn require_api_key(
     request: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
+    // The scheme is case-insensitive (RFC 9110, section 11.1): `bearer` is `Bearer`.
     let presented = request
         .headers()
         .get(AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(|k| digest(k.trim()));
+        .and_then(|v| v.trim_start().split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, k)| digest(k.trim()));
     match presented {
         Some(d) if state.api_key_digests.contains(&d) => Ok(next.run(request).await),
         _ => Err(ApiError::unauthorized()),
@@ -68,6 +80,14 @@ async fn not_found() -> ApiError {
     ApiError::not_found("no such route; see /v1/openapi.json")
 }
 
+async fn method_not_allowed(method: axum::http::Method) -> ApiError {
+    ApiError::new(
+        axum::http::StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!("this route does not take {method}; see /v1/openapi.json"),
+    )
+}
+
 pub fn router(state: AppState, max_body_bytes: usize) -> Router {
     let v1 = Router::new()
         .merge(services::router())
@@ -76,7 +96,11 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
         .merge(webhooks::router())
         .merge(subscriptions::router())
         .merge(openapi::router())
-        .route_layer(middleware::from_fn_with_state(
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        // A layer, not a route layer: every `/v1/*` request needs a key, an unknown route's
+        // and a wrong method's too (a caller without one learns nothing of what exists).
+        .layer(middleware::from_fn_with_state(
             state.clone(),
             require_api_key,
         ));
@@ -85,6 +109,7 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
         .merge(health::router())
         .merge(observability::router())
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .with_state(state)
 }

@@ -1,9 +1,9 @@
 //! Services: the connected accounts messages are sent from. Credentials are write-only.
 
 use super::error::ApiError;
-use super::{ApiJson, AppState};
+use super::{ApiJson, ApiPath, AppState};
 use crate::store::Service;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
 use axum::Router;
@@ -103,7 +103,7 @@ async fn list(State(state): State<AppState>) -> Result<ApiJson<Value>, ApiError>
 
 async fn show(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<ApiJson<Value>, ApiError> {
     let id = parse_service_id(&id)?;
     let service = state

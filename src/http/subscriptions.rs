@@ -2,9 +2,9 @@
 //! its own cursor. The secret is write-only.
 
 use super::error::ApiError;
-use super::{ApiJson, AppState};
+use super::{ApiJson, ApiPath, AppState};
 use crate::store::NewSubscription;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
 use axum::Router;
@@ -94,7 +94,7 @@ fn parse_id(raw: &str) -> Result<uuid::Uuid, ApiError> {
 
 async fn show(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<ApiJson<Value>, ApiError> {
     let id = parse_id(&id)?;
     let subscription = state
@@ -113,7 +113,7 @@ async fn list(State(state): State<AppState>) -> Result<ApiJson<Value>, ApiError>
 
 async fn delete(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<StatusCode, ApiError> {
     let id = parse_id(&id)?;
     if state.store.delete_subscription(id).await? {

@@ -1,8 +1,8 @@
 //! Inspection of webhook input we could not use: it is kept, never dropped.
 
 use super::error::ApiError;
-use super::{ApiJson, AppState};
-use axum::extract::{Query, State};
+use super::{ApiJson, ApiQuery, AppState};
+use axum::extract::State;
 use axum::routing::get;
 use axum::Router;
 use serde::Deserialize;
@@ -22,7 +22,7 @@ struct UnmatchedQuery {
 /// not be read, newest first, with the reason and the payload as received.
 async fn unmatched(
     State(state): State<AppState>,
-    Query(q): Query<UnmatchedQuery>,
+    ApiQuery(q): ApiQuery<UnmatchedQuery>,
 ) -> Result<ApiJson<Value>, ApiError> {
     let limit = match q.limit.as_deref() {
         None => 100,

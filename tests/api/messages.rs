@@ -405,6 +405,73 @@ async fn malformed_unknown_and_oversized_requests_get_clear_errors() {
 }
 
 #[tokio::test]
+async fn every_v1_answer_has_the_error_shape_and_needs_a_key() {
+    let app = TestApp::spawn().await;
+    // An unknown route and a wrong method need a key first, like every /v1 call.
+    for (method, path) in [("GET", "/v1/nothing-here"), ("PUT", "/v1/messages")] {
+        let r = app
+            .client
+            .request(method.parse().unwrap(), app.url(path))
+            .send()
+            .await
+            .unwrap();
+        let (status, body) = read(r).await;
+        assert_error(status, &body, StatusCode::UNAUTHORIZED, "unauthorized");
+    }
+    let r = app
+        .client
+        .put(app.url("/v1/messages"))
+        .bearer_auth(API_KEY)
+        .send()
+        .await
+        .unwrap();
+    let (status, body) = read(r).await;
+    assert_error(
+        status,
+        &body,
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+    );
+    // The scheme is case-insensitive.
+    let r = app
+        .client
+        .get(app.url("/v1/messages"))
+        .header("Authorization", format!("bearer {API_KEY}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    // A repeated query parameter is an invalid field, in our shape.
+    for path in [
+        "/v1/messages?state=sent&state=draft",
+        "/v1/state-changes?limit=1&limit=2",
+    ] {
+        let (status, body) = app.get(path).await;
+        assert_error(
+            status,
+            &body,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_field",
+        );
+    }
+    // A bad resume position names the parameter it came from.
+    let (status, body) = app.get("/v1/state-changes/stream?after=abc").await;
+    assert_error(
+        status,
+        &body,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid_field",
+    );
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("after:"),
+        "{body}"
+    );
+}
+
+#[tokio::test]
 async fn concurrent_composes_with_one_idempotency_key_create_one_message() {
     let app = TestApp::spawn().await;
     let service = app.email_service().await;

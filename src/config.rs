@@ -1,6 +1,7 @@
 //! Configuration from the environment (see `CONTRACT.md`, "The program"). Bad configuration
 //! stops start-up with one line naming the setting; secrets never print.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -248,16 +249,96 @@ impl Config {
         })
     }
 
+    /// The environment, over the TOML file `MESSAGING_CONFIG` names if it names one.
     pub fn from_env() -> Result<Self, ConfigError> {
-        Self::from_lookup(|k| std::env::var(k).ok())
+        Self::from_env_and_file(|k| std::env::var(k).ok())
     }
 
     /// For `migrate` and `projections rebuild`, which serve no API and need no keys.
     pub fn from_env_for_tools() -> Result<Self, ConfigError> {
-        Self::from_lookup(|k| match k {
+        Self::from_env_and_file(|k| match k {
             "MESSAGING_API_KEYS" => Some(std::env::var(k).unwrap_or_else(|_| "unused".into())),
             _ => std::env::var(k).ok(),
         })
+    }
+
+    /// `env` first, then the file `MESSAGING_CONFIG` (read from `env`) names, if any.
+    fn from_env_and_file(env: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let Some(path) = env("MESSAGING_CONFIG").filter(|p| !p.trim().is_empty()) else {
+            return Self::from_lookup(env);
+        };
+        let text = std::fs::read_to_string(&path).map_err(|e| ConfigError {
+            setting: "MESSAGING_CONFIG",
+            message: format!("cannot read `{path}`: {e}"),
+        })?;
+        Self::from_lookup_and_toml(env, &text, &path)
+    }
+
+    /// `lookup` over the settings of a TOML document (`path` names it in errors). Its keys
+    /// are the settings' environment names, or the same in lower case without `MESSAGING_`
+    /// (`listen`, `api_keys`, `database_url`, `sendgrid_base_url`, ...); values are strings,
+    /// numbers, booleans, or arrays of strings (comma-joined: `api_keys = ["a", "b"]`). A key
+    /// that names no setting is an error, so a typo is not silently ignored.
+    pub fn from_lookup_and_toml(
+        lookup: impl Fn(&str) -> Option<String>,
+        toml_text: &str,
+        path: &str,
+    ) -> Result<Self, ConfigError> {
+        let file_error = |message: String| ConfigError {
+            setting: "MESSAGING_CONFIG",
+            message: format!("`{path}`: {message}"),
+        };
+        let table: toml::Table = toml_text
+            .parse()
+            .map_err(|e: toml::de::Error| file_error(e.message().to_string()))?;
+        let mut settings = HashMap::new();
+        for (key, value) in table {
+            let name = setting_name(&key);
+            let value = match value {
+                toml::Value::String(s) => s,
+                toml::Value::Integer(n) => n.to_string(),
+                toml::Value::Float(f) => f.to_string(),
+                toml::Value::Boolean(b) => b.to_string(),
+                toml::Value::Array(items) => items
+                    .iter()
+                    .map(|v| v.as_str().map(str::to_string))
+                    .collect::<Option<Vec<_>>>()
+                    .ok_or_else(|| file_error(format!("`{key}`: a list must hold strings")))?
+                    .join(","),
+                _ => return Err(file_error(format!("`{key}`: not a string, number or list"))),
+            };
+            settings.insert(name, (key, value));
+        }
+        // Which settings exist is what the configuration asks for.
+        let asked = std::cell::RefCell::new(std::collections::HashSet::new());
+        let config = Self::from_lookup(|name| {
+            asked.borrow_mut().insert(name.to_string());
+            lookup(name).or_else(|| settings.get(name).map(|(_, v)| v.clone()))
+        })?;
+        let asked = asked.into_inner();
+        let mut unknown: Vec<&str> = settings
+            .iter()
+            .filter(|(name, _)| !asked.contains(*name))
+            .map(|(_, (key, _))| key.as_str())
+            .collect();
+        unknown.sort_unstable();
+        if let Some(first) = unknown.first() {
+            return Err(file_error(format!(
+                "`{first}` is not a setting (see the README's Configuration)"
+            )));
+        }
+        Ok(config)
+    }
+}
+
+/// A file key's environment name: `listen` → `MESSAGING_LISTEN`, `database_url` →
+/// `DATABASE_URL`; an environment name stays as it is.
+fn setting_name(key: &str) -> String {
+    let upper = key.to_ascii_uppercase();
+    if upper == "DATABASE_URL" || upper.starts_with("MESSAGING_") {
+        upper
+    } else {
+        format!("MESSAGING_{upper}")
     }
 }
 
@@ -312,6 +393,47 @@ mod tests {
         ] {
             assert_eq!(parse(bad).unwrap_err().setting, "DATABASE_URL", "{bad}");
         }
+    }
+
+    #[test]
+    fn a_toml_file_configures_and_the_environment_wins() {
+        let file = r#"
+            listen = "0.0.0.0:9000"
+            api_keys = ["key-one", "key-two"]
+            database_url = "postgres://db.internal/messaging"
+            MESSAGING_SEND_RATE_PER_SERVICE = 5
+            provider_timeout_ms = 2500
+        "#;
+        let env = |k: &str| (k == "MESSAGING_LISTEN").then(|| "127.0.0.1:7000".to_string());
+        let config = Config::from_lookup_and_toml(env, file, "m.toml").unwrap();
+        assert_eq!(config.listen.to_string(), "127.0.0.1:7000");
+        assert_eq!(config.api_keys.len(), 2);
+        assert_eq!(config.api_keys[1].expose(), "key-two");
+        assert!(matches!(config.database, Database::Postgres(_)));
+        assert_eq!(config.sender.per_service_rate, 5.0);
+        assert_eq!(config.providers.timeout_ms, 2500);
+    }
+
+    #[test]
+    fn a_bad_toml_file_names_the_setting_and_the_key() {
+        let none = |_: &str| None;
+        for (file, says) in [
+            ("listen = ", "m.toml"),
+            ("lisen = \"0.0.0.0:1\"", "`lisen` is not a setting"),
+            ("[listen]\nport = 1", "`listen`: not a string"),
+            ("api_keys = [1, 2]", "a list must hold strings"),
+        ] {
+            let err = Config::from_lookup_and_toml(none, file, "m.toml")
+                .map(|_| ())
+                .unwrap_err();
+            assert_eq!(err.setting, "MESSAGING_CONFIG", "{file}");
+            assert!(err.message.contains(says), "{file}: {}", err.message);
+        }
+        // A value the file gives is checked like the environment's, naming its setting.
+        let err = Config::from_lookup_and_toml(none, "listen = \"nowhere\"", "m.toml")
+            .map(|_| ())
+            .unwrap_err();
+        assert_eq!(err.setting, "MESSAGING_LISTEN");
     }
 
     #[test]

@@ -150,3 +150,76 @@ async fn a_second_process_on_the_same_sqlite_file_stops_at_start_up_and_says_why
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[tokio::test]
+async fn a_toml_file_named_by_messaging_config_configures_the_service() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let file = dir.path().join("messaging.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "listen = \"127.0.0.1:{port}\"\napi_keys = [\"file-key\"]\ndata_dir = \"{}\"\n",
+            dir.path().join("data").display()
+        ),
+    )
+    .unwrap();
+    /// Stops the service however the test ends.
+    struct Running(std::process::Child);
+    impl Drop for Running {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let child = Running(
+        Command::new(env!("CARGO_BIN_EXE_messaging"))
+            .arg("serve")
+            .env_clear()
+            .env("MESSAGING_CONFIG", &file)
+            .env("RUST_LOG", "warn")
+            .spawn()
+            .unwrap(),
+    );
+    let client = reqwest::Client::new();
+    let url = format!("http://127.0.0.1:{port}/v1/messages");
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+    let status = loop {
+        match client.get(&url).bearer_auth("file-key").send().await {
+            Ok(r) => break r.status(),
+            Err(_) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await
+            }
+            Err(e) => panic!("the service never listened on the file's address: {e}"),
+        }
+    };
+    assert_eq!(
+        status,
+        reqwest::StatusCode::OK,
+        "the file's key is accepted"
+    );
+    let r = client.get(&url).bearer_auth("other").send().await.unwrap();
+    assert_eq!(r.status(), reqwest::StatusCode::UNAUTHORIZED);
+    assert!(dir.path().join("data").join("messaging.db").exists());
+    drop(child);
+
+    // A key that names no setting stops start-up with one line saying which.
+    std::fs::write(&file, "lisen = \"127.0.0.1:1\"\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_messaging"))
+        .arg("serve")
+        .env_clear()
+        .env("MESSAGING_CONFIG", &file)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("MESSAGING_CONFIG") && stderr.contains("`lisen` is not a setting"),
+        "{stderr}"
+    );
+}

@@ -132,6 +132,8 @@ pub struct ScheduledSend {
 pub struct SendJob {
     pub message_id: MessageId,
     pub service_id: ServiceId,
+    /// The end of this claim's lease (`locked_until` as claimed).
+    pub leased_until: DateTime<Utc>,
 }
 
 /// A pending webhook inbox fact the applier leased.
@@ -452,9 +454,11 @@ pub trait Store: Send + Sync + 'static {
     /// (or whose lease has expired) or the earliest expiry of a lease still held, whichever
     /// is sooner; may be in the past. `None` when there are no jobs.
     async fn next_send_job_due(&self) -> Result<Option<DateTime<Utc>>, StoreError>;
-    /// Deletes the message's job whoever holds its lease (the message has nothing left to
-    /// send). No job is no error.
-    async fn delete_send_job(&self, message_id: MessageId) -> Result<(), StoreError>;
+    /// Deletes the job as `job` claimed it (the message had nothing left to send when the
+    /// claim read it): only while `locked_until` is still that claim's lease, so a job the
+    /// message queued again since (which clears the lease) or another claim is kept. No job
+    /// is no error.
+    async fn delete_send_job(&self, job: &SendJob) -> Result<(), StoreError>;
 
     // ---- Webhook inbox ----
     // `webhook_inbox` holds every fact a provider webhook told us, recorded before we answer

@@ -198,7 +198,7 @@ impl Sender {
     /// One job on its own; an error is logged and the job left to be recovered.
     async fn process_logged(&self, job: SendJob, message: Option<&Message>) -> JobOutcome {
         let id = job.message_id;
-        match self.process(id, job.service_id, message).await {
+        match self.process(&job, message).await {
             Ok(outcome) => outcome,
             Err(error) => {
                 // The lease expires and the job is recovered: nothing is lost.
@@ -312,10 +312,10 @@ impl Sender {
     /// One job, its message as the round read it (`None`: no such message).
     async fn process(
         &self,
-        id: MessageId,
-        service_id: ServiceId,
+        job: &SendJob,
         message: Option<&Message>,
     ) -> Result<JobOutcome, CommandError> {
+        let (id, service_id) = (job.message_id, job.service_id);
         let Some(d) = message.and_then(Message::data) else {
             return Ok(JobOutcome::Skipped);
         };
@@ -326,9 +326,11 @@ impl Sender {
             return self.recover(id, d).await;
         }
         if d.lifecycle != MessageState::Pending || d.outcome_unknown || d.sent_at.is_some() {
-            // Nothing left to send (the projection removes such jobs; this one raced it).
+            // Nothing left to send (the projection removes such jobs; this one raced it). The
+            // round's read may be seconds old by now: the job is deleted only as this claim
+            // holds it, not if the message was queued again since.
             self.store
-                .delete_send_job(id)
+                .delete_send_job(job)
                 .await
                 .map_err(|e| CommandError::Store(e.to_string()))?;
             return Ok(JobOutcome::Skipped);

@@ -470,8 +470,8 @@ impl Store for PgStore {
         jobs::next_send_job_due(&self.pool).await
     }
 
-    async fn delete_send_job(&self, message_id: MessageId) -> Result<(), StoreError> {
-        jobs::delete_send_job(&self.pool, message_id).await
+    async fn delete_send_job(&self, job: &SendJob) -> Result<(), StoreError> {
+        jobs::delete_send_job(&self.pool, job).await
     }
 
     async fn record_webhook_facts(&self, facts: &[InboxFact]) -> Result<u64, StoreError> {

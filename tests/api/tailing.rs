@@ -1488,3 +1488,46 @@ async fn a_queue_full_of_dead_rows_is_vacuumed_and_analyzed() {
     );
     sqlx::query("COMMIT").execute(&mut *reader).await.unwrap();
 }
+
+#[tokio::test]
+async fn a_claims_late_delete_keeps_a_job_its_message_queued_again() {
+    let pool = migrated_pool().await;
+    let store = PgStore::new(pool.clone());
+    let (message, service) = (uuid::Uuid::now_v7(), uuid::Uuid::now_v7());
+    sqlx::query(
+        "INSERT INTO send_jobs (message_id, service_id, channel, provider, due_at) \
+         VALUES ($1, $2, 'email', 'sendgrid', now())",
+    )
+    .bind(message)
+    .bind(service)
+    .execute(&pool)
+    .await
+    .unwrap();
+    let jobs = |pool: PgPool| async move {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM send_jobs")
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+    };
+    let claimed = store
+        .claim_send_jobs(10, 10, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 1);
+    // Meanwhile the message was queued again: the delivery projection makes its job due
+    // and clears the lease, as a MessageQueued does.
+    sqlx::query("UPDATE send_jobs SET due_at = now(), locked_until = NULL")
+        .execute(&pool)
+        .await
+        .unwrap();
+    // The claim's delete, decided on what it read before, leaves that job alone.
+    store.delete_send_job(&claimed[0]).await.unwrap();
+    assert_eq!(jobs(pool.clone()).await, 1);
+    // A claim deletes what it holds.
+    let again = store
+        .claim_send_jobs(10, 10, Duration::from_secs(60))
+        .await
+        .unwrap();
+    store.delete_send_job(&again[0]).await.unwrap();
+    assert_eq!(jobs(pool.clone()).await, 0);
+}

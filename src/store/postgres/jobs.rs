@@ -112,7 +112,7 @@ pub(super) async fn claim_send_jobs(
     // `(service_id, due_at)` index, and the next claim's range stops before them instead of
     // stepping over every job still being sent (an outcome deletes the job or sets its retry
     // time).
-    let jobs: Vec<(uuid::Uuid, uuid::Uuid)> = sqlx::query_as(
+    let jobs: Vec<(uuid::Uuid, uuid::Uuid, DateTime<Utc>)> = sqlx::query_as(
         "WITH RECURSIVE services AS ( \
            (SELECT service_id FROM send_jobs ORDER BY service_id LIMIT 1) \
            UNION ALL \
@@ -138,7 +138,7 @@ pub(super) async fn claim_send_jobs(
          UPDATE send_jobs j SET locked_until = now() + $3 * interval '1 millisecond', \
              due_at = now() + $3 * interval '1 millisecond', claims = claims + 1 \
          WHERE j.message_id = ANY(ARRAY(SELECT message_id FROM locked)) \
-         RETURNING j.message_id, j.service_id",
+         RETURNING j.message_id, j.service_id, j.locked_until",
     )
     .bind(limit)
     .bind(per_service)
@@ -147,9 +147,10 @@ pub(super) async fn claim_send_jobs(
     .await?;
     Ok(jobs
         .into_iter()
-        .map(|(message_id, service_id)| SendJob {
+        .map(|(message_id, service_id, leased_until)| SendJob {
             message_id: MessageId::from_uuid(message_id),
             service_id: ServiceId::from_uuid(service_id),
+            leased_until,
         })
         .collect())
 }
@@ -165,12 +166,10 @@ pub(super) async fn next_send_job_due(pool: &PgPool) -> Result<Option<DateTime<U
     .await?)
 }
 
-pub(super) async fn delete_send_job(
-    pool: &PgPool,
-    message_id: MessageId,
-) -> Result<(), StoreError> {
-    sqlx::query("DELETE FROM send_jobs WHERE message_id = $1")
-        .bind(message_id.as_uuid())
+pub(super) async fn delete_send_job(pool: &PgPool, job: &SendJob) -> Result<(), StoreError> {
+    sqlx::query("DELETE FROM send_jobs WHERE message_id = $1 AND locked_until = $2")
+        .bind(job.message_id.as_uuid())
+        .bind(job.leased_until)
         .execute(pool)
         .await?;
     Ok(())

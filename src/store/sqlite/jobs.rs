@@ -94,6 +94,7 @@ pub(super) async fn claim_send_jobs(
     lease: Duration,
 ) -> Result<Vec<SendJob>, StoreError> {
     let now = Utc::now();
+    let until = later(now, lease);
     let jobs: Vec<(uuid::Uuid, uuid::Uuid)> = sqlx::query_as(
         // The lease's end is also the job's due time, as on PostgreSQL.
         "UPDATE send_jobs SET locked_until = ?2, due_at = ?2, claims = claims + 1 \
@@ -107,7 +108,7 @@ pub(super) async fn claim_send_jobs(
          RETURNING message_id, service_id",
     )
     .bind(now)
-    .bind(later(now, lease))
+    .bind(until)
     .bind(per_service)
     .bind(limit)
     .fetch_all(&pools.write)
@@ -117,6 +118,7 @@ pub(super) async fn claim_send_jobs(
         .map(|(message_id, service_id)| SendJob {
             message_id: MessageId::from_uuid(message_id),
             service_id: ServiceId::from_uuid(service_id),
+            leased_until: until,
         })
         .collect())
 }
@@ -136,12 +138,10 @@ pub(super) async fn next_send_job_due(
     next.as_deref().map(super::parse_time).transpose()
 }
 
-pub(super) async fn delete_send_job(
-    pools: &SqlitePools,
-    message_id: MessageId,
-) -> Result<(), StoreError> {
-    sqlx::query("DELETE FROM send_jobs WHERE message_id = ?1")
-        .bind(message_id.as_uuid())
+pub(super) async fn delete_send_job(pools: &SqlitePools, job: &SendJob) -> Result<(), StoreError> {
+    sqlx::query("DELETE FROM send_jobs WHERE message_id = ?1 AND locked_until = ?2")
+        .bind(job.message_id.as_uuid())
+        .bind(job.leased_until)
         .execute(&pools.write)
         .await?;
     Ok(())

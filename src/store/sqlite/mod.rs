@@ -578,8 +578,8 @@ impl Store for SqliteStore {
         jobs::next_send_job_due(&self.pools).await
     }
 
-    async fn delete_send_job(&self, message_id: MessageId) -> Result<(), StoreError> {
-        jobs::delete_send_job(&self.pools, message_id).await
+    async fn delete_send_job(&self, job: &SendJob) -> Result<(), StoreError> {
+        jobs::delete_send_job(&self.pools, job).await
     }
 
     async fn record_webhook_facts(&self, facts: &[InboxFact]) -> Result<u64, StoreError> {

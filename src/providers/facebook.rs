@@ -10,6 +10,10 @@
 //! A post is not idempotent, so an answer lost after sending is Ambiguous. Graph reports
 //! throttling as a 4xx with a rate-limit error code (4, 17, 32, 613) or `is_transient: true`
 //! rather than as a 429; those are Transient, since a throttled request was not acted on.
+//! They are retried when Graph says access comes back (`estimated_time_to_regain_access`, in
+//! minutes, in the `X-Business-Use-Case-Usage` header), else after a minute at least: a page's
+//! throttle lasts minutes, and the sender's default backoff would spend every attempt in half
+//! a minute.
 
 use super::http::{self, AfterSend};
 use super::{wrong_credentials, Accepted, Account, Credentials, MessageProvider};
@@ -22,6 +26,27 @@ use std::time::SystemTime;
 /// Graph error codes that mean "throttled: try later" (application, user, page and custom
 /// rate limits).
 const RATE_LIMIT_CODES: [i64; 4] = [4, 17, 32, 613];
+
+/// How long a throttled call waits when Graph gives no estimate.
+const THROTTLED_AT_LEAST: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Graph's estimate of when a throttled app or page may call again: the longest
+/// `estimated_time_to_regain_access` (minutes) in `X-Business-Use-Case-Usage`
+/// (`{"<business id>": [{"type": "pages", "call_count": .., "estimated_time_to_regain_access": 19}]}`).
+fn regain_access(headers: &reqwest::header::HeaderMap) -> Option<std::time::Duration> {
+    let usage: Value = headers
+        .get("x-business-use-case-usage")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| serde_json::from_str(v).ok())?;
+    let minutes = usage
+        .as_object()?
+        .values()
+        .filter_map(Value::as_array)
+        .flatten()
+        .filter_map(|u| u.get("estimated_time_to_regain_access")?.as_u64())
+        .max()?;
+    (minutes > 0).then(|| std::time::Duration::from_secs(minutes * 60))
+}
 
 pub struct FacebookClient {
     http: reqwest::Client,
@@ -165,7 +190,7 @@ impl MessageProvider for FacebookClient {
             Err(match error {
                 SendError::Permanent { reason } if throttled => SendError::Transient {
                     reason,
-                    retry_after: None,
+                    retry_after: Some(regain_access(&headers).unwrap_or(THROTTLED_AT_LEAST)),
                 },
                 other => other,
             })

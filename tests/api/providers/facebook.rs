@@ -109,27 +109,42 @@ async fn facebook_400_is_permanent_with_the_error_message() {
 }
 
 #[tokio::test]
-async fn facebook_rate_limit_code_is_transient() {
-    let server = MockServer::start().await;
-    Mock::given(method("POST"))
-        .and(path("/v21.0/546349135390552/feed"))
-        .respond_with(ResponseTemplate::new(400).set_body_json(json!({"error": {
-            "message": "(#32) Page request limit reached",
-            "type": "OAuthException",
-            "code": 32
-        }})))
-        .expect(1)
-        .mount(&server)
-        .await;
-    let error = providers(&config(&server.uri()))
-        .for_provider(Provider::Facebook)
-        .send(
-            &facebook_account(),
-            &post(Channel::Facebook, Some("hi"), None),
-        )
-        .await
-        .unwrap_err();
-    assert!(matches!(error, SendError::Transient { .. }), "{error:?}");
+async fn facebook_rate_limit_code_is_transient_and_waits_as_graph_says() {
+    let throttled = json!({"error": {
+        "message": "(#32) Page request limit reached",
+        "type": "OAuthException",
+        "code": 32
+    }});
+    let usage = r#"{"546349135390552": [{"type": "pages", "call_count": 100, "total_cputime": 12, "total_time": 14, "estimated_time_to_regain_access": 19}]}"#;
+    for (header, waits) in [
+        (Some(usage), Duration::from_secs(19 * 60)),
+        // No estimate: a minute at least, not the sender's seconds-long backoff.
+        (None, Duration::from_secs(60)),
+    ] {
+        let server = MockServer::start().await;
+        let mut answer = ResponseTemplate::new(400).set_body_json(throttled.clone());
+        if let Some(usage) = header {
+            answer = answer.insert_header("X-Business-Use-Case-Usage", usage);
+        }
+        Mock::given(method("POST"))
+            .and(path("/v21.0/546349135390552/feed"))
+            .respond_with(answer)
+            .expect(1)
+            .mount(&server)
+            .await;
+        let error = providers(&config(&server.uri()))
+            .for_provider(Provider::Facebook)
+            .send(
+                &facebook_account(),
+                &post(Channel::Facebook, Some("hi"), None),
+            )
+            .await
+            .unwrap_err();
+        match error {
+            SendError::Transient { retry_after, .. } => assert_eq!(retry_after, Some(waits)),
+            other => panic!("expected transient, got {other:?}"),
+        }
+    }
 }
 
 #[tokio::test]

@@ -140,7 +140,7 @@ pub async fn inbound(
             return Err(WebhookError::BadSignature);
         }
     }
-    let mut fields = std::collections::HashMap::new();
+    let mut raw = std::collections::HashMap::new();
     while let Some(field) = form.next_field().await.map_err(multipart_error)? {
         let Some(name) = field.name().map(str::to_string) else {
             continue;
@@ -149,13 +149,36 @@ pub async fn inbound(
         if field.file_name().is_some() {
             continue;
         }
-        let value = field.text().await.map_err(multipart_error)?;
-        fields.insert(name, value);
+        let value = field.bytes().await.map_err(multipart_error)?;
+        raw.insert(name, value.to_vec());
     }
+    let fields = decode_fields(raw);
     let answered = answered_message(state.store.as_ref(), fields.get("headers")).await?;
     let fact = parse_inbound(&fields, Utc::now(), answered);
     tracing::info!(matched = fact.problem.is_none(), "inbound email received");
     super::recorded(state.store.as_ref(), std::slice::from_ref(&fact)).await
+}
+
+/// The form's fields as text, each in the charset SendGrid names for it in the `charsets`
+/// field (`{"text": "iso-8859-1", "subject": "UTF-8", ...}`: the email's own charsets, which
+/// SendGrid passes on unconverted); UTF-8 where it names none or one we do not know.
+pub fn decode_fields(
+    raw: std::collections::HashMap<String, Vec<u8>>,
+) -> std::collections::HashMap<String, String> {
+    let charsets: std::collections::HashMap<String, String> = raw
+        .get("charsets")
+        .and_then(|c| serde_json::from_slice(c).ok())
+        .unwrap_or_default();
+    raw.into_iter()
+        .map(|(name, bytes)| {
+            let encoding = charsets
+                .get(&name)
+                .and_then(|label| encoding_rs::Encoding::for_label(label.trim().as_bytes()))
+                .unwrap_or(encoding_rs::UTF_8);
+            let (text, _, _) = encoding.decode(&bytes);
+            (name, text.into_owned())
+        })
+        .collect()
 }
 
 /// A form that could not be read: too large (413, with the limit), or not a form (400).
@@ -321,6 +344,32 @@ mod tests {
             .map(ToString::to_string)
             .collect();
         assert_eq!(found, vec![ours.to_string(), older.to_string()]);
+    }
+
+    #[test]
+    fn each_field_is_read_in_the_charset_sendgrid_names_for_it() {
+        let raw = std::collections::HashMap::from([
+            (
+                "charsets".to_string(),
+                br#"{"text": "iso-8859-1", "subject": "UTF-8", "html": "x-unknown"}"#.to_vec(),
+            ),
+            (
+                "text".to_string(),
+                b"Merci, c'est parfait \xe0 caf\xe9".to_vec(),
+            ),
+            ("subject".to_string(), "Re: Caf\u{e9}".as_bytes().to_vec()),
+            (
+                "html".to_string(),
+                "<p>d\u{e9}j\u{e0}</p>".as_bytes().to_vec(),
+            ),
+            ("from".to_string(), b"Zo\xc3\xa9 <zoe@example.fr>".to_vec()),
+        ]);
+        let fields = decode_fields(raw);
+        assert_eq!(fields["text"], "Merci, c'est parfait \u{e0} caf\u{e9}");
+        assert_eq!(fields["subject"], "Re: Caf\u{e9}");
+        // An unknown label and no label are read as UTF-8.
+        assert_eq!(fields["html"], "<p>d\u{e9}j\u{e0}</p>");
+        assert_eq!(fields["from"], "Zo\u{e9} <zoe@example.fr>");
     }
 
     #[test]

@@ -196,6 +196,36 @@ async fn a_400_fails_at_once_with_the_providers_reason() {
 }
 
 #[tokio::test]
+async fn an_x_post_answered_by_a_gateways_502_is_an_unknown_outcome_not_a_retry() {
+    let x = MockServer::start().await;
+    let app = TestApp::spawn_with(&[("MESSAGING_X_BASE_URL", x.uri())]).await;
+    let service = app.create_service("twitter", "x", "ourbrand").await;
+    // The post may exist behind a gateway's 502: posting again could make it twice.
+    Mock::given(method("POST"))
+        .and(path("/2/tweets"))
+        .respond_with(ResponseTemplate::new(502).set_body_string("Bad Gateway"))
+        .expect(1)
+        .mount(&x)
+        .await;
+    let (_, post) = app
+        .post(
+            "/v1/messages",
+            json!({"service_id": service, "text": "Hello world", "send": true}),
+        )
+        .await;
+    let id = post["id"].as_str().unwrap();
+    let m = wait_message(&app, id, |m| m["send_outcome_unknown"] == true).await;
+    assert!(
+        m["last_error"].as_str().unwrap().contains("502"),
+        "the reason is shown: {m}"
+    );
+    // The sender's first backoff is 2 s: wait past it, no second post.
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    let (_, m) = app.get(&format!("/v1/messages/{id}")).await;
+    assert_eq!(history_of(&m, "SendAttemptStarted").len(), 1, "{m}");
+}
+
+#[tokio::test]
 async fn an_x_post_that_times_out_is_recorded_as_unknown_and_never_posted_again() {
     let x = MockServer::start().await;
     let app = TestApp::spawn_with(&[

@@ -267,6 +267,9 @@ pub struct Application {
     listener: TcpListener,
     router: axum::Router,
     shutdown: watch::Sender<bool>,
+    /// Turned true when the server stops taking requests: open streams and long polls end
+    /// then, so that the in-flight requests the server waits for can all finish.
+    draining: watch::Sender<bool>,
     workers: Vec<tokio::task::JoinHandle<()>>,
     store: Arc<dyn Store>,
     /// The SQLite file's lock, held until the process ends.
@@ -349,10 +352,12 @@ impl Application {
             secrets: webhook_secrets,
         };
         let state_store = store.clone();
+        let (draining, draining_rx) = watch::channel(false);
         let state = AppState {
             store,
             api_key_digests: Arc::new(api_keys.iter().map(|k| http::digest(k.expose())).collect()),
             feed_wake: wakeups.state_changes,
+            draining: draining_rx,
             metrics: metrics.clone(),
         };
         // Request ids, logs and metrics wrap every route, the webhooks' too: after the merge.
@@ -367,6 +372,7 @@ impl Application {
             listener,
             router,
             shutdown,
+            draining,
             workers,
             store: state_store,
             _lock: lock,
@@ -396,6 +402,13 @@ impl Application {
                 tracing::warn!(%error, "cannot set TCP_NODELAY on a connection");
             }
         });
+        // The server waits for every open request before it returns: a state-change stream
+        // never ends by itself and a long poll may wait a minute, so both are told to end.
+        let draining = self.draining;
+        let stop = async move {
+            stop.await;
+            let _ = draining.send(true);
+        };
         axum::serve(listener, self.router)
             .with_graceful_shutdown(stop)
             .await

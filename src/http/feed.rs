@@ -53,8 +53,13 @@ async fn stream(
     let start = (after, VecDeque::<FeedItem>::new(), state, wake);
     let events = futures::stream::unfold(
         start,
-        |(mut after, mut queue, state, mut wake)| async move {
+        |(mut after, mut queue, mut state, mut wake)| async move {
             loop {
+                // The server is stopping: the stream ends (the client reconnects elsewhere
+                // with Last-Event-ID and loses nothing).
+                if *state.draining.borrow() {
+                    return None;
+                }
                 if let Some(item) = queue.pop_front() {
                     after = item.position;
                     let event = Event::default()
@@ -68,8 +73,16 @@ async fn stream(
                 match state.store.state_changes(after, 500).await {
                     Ok(items) if !items.is_empty() => queue.extend(items),
                     Ok(_) => {
-                        if wake.changed().await.is_err() {
-                            tokio::time::sleep(Duration::from_millis(200)).await;
+                        // A wake-up, or a look anyway now and then: a notification missed
+                        // while the listener reconnected must not leave the stream silent.
+                        tokio::select! {
+                            changed = wake.changed() => {
+                                if changed.is_err() {
+                                    tokio::time::sleep(Duration::from_millis(200)).await;
+                                }
+                            }
+                            _ = tokio::time::sleep(STREAM_LOOKS_EVERY) => {}
+                            _ = state.draining.changed() => {}
                         }
                     }
                     Err(error) => {
@@ -92,6 +105,8 @@ struct FeedQuery {
 }
 
 const MAX_LIMIT: i64 = 1000;
+/// An idle stream reads the feed at least this often, woken or not.
+const STREAM_LOOKS_EVERY: Duration = Duration::from_secs(5);
 const MAX_WAIT_SECONDS: u64 = 60;
 
 fn number<T: std::str::FromStr>(
@@ -138,11 +153,14 @@ async fn state_changes(
     )?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(wait);
     let mut wake = state.feed_wake.clone();
+    let mut draining = state.draining.clone();
     loop {
         // Mark the wake-up seen before reading, so an item that lands after the read wakes us.
         wake.borrow_and_update();
         let items = state.store.state_changes(after, limit).await?;
-        if !items.is_empty() || tokio::time::Instant::now() >= deadline {
+        // A stopping server answers at once, with what there is.
+        let stopping = *draining.borrow();
+        if !items.is_empty() || stopping || tokio::time::Instant::now() >= deadline {
             let next = items.last().map(|i| i.position).unwrap_or(after);
             return Ok(ApiJson(json!({"items": items, "next": next})));
         }
@@ -154,6 +172,7 @@ async fn state_changes(
                 }
             }
             _ = tokio::time::sleep_until(deadline) => {}
+            _ = draining.changed() => {}
         }
     }
 }

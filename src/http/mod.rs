@@ -29,6 +29,9 @@ pub struct AppState {
     pub api_key_digests: Arc<Vec<[u8; 32]>>,
     /// Bumped whenever the feed projector commits new items (NOTIFY `state_changes`).
     pub feed_wake: watch::Receiver<u64>,
+    /// True once the server stops taking requests: streams and long polls end (see
+    /// `startup::Application::run`).
+    pub draining: watch::Receiver<bool>,
     pub metrics: Arc<crate::metrics::Metrics>,
 }
 

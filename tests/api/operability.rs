@@ -462,3 +462,35 @@ async fn every_log_line_of_a_request_carries_its_id_and_no_secret() {
         "a query token was logged"
     );
 }
+
+#[tokio::test]
+async fn stopping_ends_open_streams_and_long_polls_instead_of_waiting_for_them() {
+    let app = TestApp::spawn().await;
+    // An Automation client reading the stream, and one long-polling for a minute.
+    let stream = app
+        .client
+        .get(app.url("/v1/state-changes/stream"))
+        .bearer_auth(API_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stream.status(), StatusCode::OK);
+    let poll = tokio::spawn({
+        let client = app.client.clone();
+        let url = app.url("/v1/state-changes?wait=60");
+        async move { client.get(url).bearer_auth(API_KEY).send().await }
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    // The server waits for every open request before its workers stop: without an end
+    // of their own, these two would hold the shutdown for a minute and for ever.
+    tokio::time::timeout(std::time::Duration::from_secs(10), app.stop())
+        .await
+        .expect("stopped while a stream and a long poll were open");
+    // The long poll was answered (nothing new), not cut off.
+    let answered = poll.await.unwrap().unwrap();
+    assert_eq!(answered.status(), StatusCode::OK);
+    let body: Value = answered.json().await.unwrap();
+    assert_eq!(body["items"], json!([]));
+    // The stream ended as a stream ends, its body complete.
+    stream.text().await.expect("the stream ended cleanly");
+}

@@ -38,6 +38,9 @@ pub fn spawn_listener(pool: PgPool, mut shutdown: watch::Receiver<bool>) -> Wake
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 continue;
             }
+            // Listening (again): anything notified while no one listened was missed, so
+            // everyone re-reads now, as well as when the connection dropped.
+            senders.iter().for_each(bump);
             loop {
                 tokio::select! {
                     received = listener.try_recv() => match received {

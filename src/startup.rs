@@ -258,6 +258,9 @@ fn sender_config(config: &Config) -> SenderConfig {
         lease: Duration::from_millis(s.lease_ms),
         per_service_rate: s.per_service_rate,
         per_service_burst: (s.per_service_rate * 2.0).max(1.0),
+        call_outlived_after: crate::providers::longest_call(Duration::from_millis(
+            config.providers.timeout_ms,
+        )) + Duration::from_secs(5),
         ..SenderConfig::default()
     }
 }

@@ -63,6 +63,10 @@ pub struct MessageData {
     pub provider_message_id: Option<String>,
     pub attempts: u32,
     pub attempt_in_progress: bool,
+    /// When the last attempt started (while `attempt_in_progress`, when the open one did).
+    /// Absent from folds stored before it was kept.
+    #[serde(default)]
+    pub attempt_started_at: Option<DateTime<Utc>>,
     pub outcome_unknown: bool,
     pub last_error: Option<String>,
     pub opens: u32,
@@ -411,6 +415,7 @@ impl MessageData {
             provider_message_id: None,
             attempts: 0,
             attempt_in_progress: false,
+            attempt_started_at: None,
             outcome_unknown: false,
             last_error: None,
             opens: 0,
@@ -445,6 +450,7 @@ impl MessageData {
             provider_message_id: r.provider_message_id,
             attempts: 0,
             attempt_in_progress: false,
+            attempt_started_at: None,
             outcome_unknown: false,
             last_error: None,
             opens: 0,
@@ -531,6 +537,7 @@ impl MessageData {
             } => {
                 self.attempts = *attempt;
                 self.attempt_in_progress = true;
+                self.attempt_started_at = Some(*started_at);
                 self.touch(*started_at);
             }
             MessageEvent::MessageSent {

@@ -46,6 +46,9 @@ pub struct SenderConfig {
     /// Sends per second allowed for one service by one worker (a token bucket), and its burst.
     pub per_service_rate: f64,
     pub per_service_burst: f64,
+    /// No provider call runs longer than this: an attempt open for longer was abandoned (its
+    /// worker died) and may be recovered; a younger one may still be in a live call.
+    pub call_outlived_after: Duration,
 }
 
 impl Default for SenderConfig {
@@ -59,6 +62,7 @@ impl Default for SenderConfig {
             per_service_per_round: 50,
             per_service_rate: 20.0,
             per_service_burst: 40.0,
+            call_outlived_after: Duration::from_secs(35),
         }
     }
 }
@@ -323,6 +327,18 @@ impl Sender {
             return self.provider_has_it(id).await;
         }
         if d.attempt_in_progress {
+            // A job claimable while its attempt is open is normally one whose worker died
+            // (its lease ran out). But a lease can also be lost while the call is running (a
+            // rebuild of `delivery` re-creates every job unleased): recovering then would
+            // retry an email still being sent, or call a live post unknown. Only an attempt
+            // older than any call can be is recovered; a younger one is left to its lease.
+            let age = d
+                .attempt_started_at
+                .and_then(|at| (Utc::now() - at).to_std().ok())
+                .unwrap_or(Duration::MAX);
+            if age < self.config.call_outlived_after {
+                return Ok(JobOutcome::Skipped);
+            }
             return self.recover(id, d).await;
         }
         if d.lifecycle != MessageState::Pending || d.outcome_unknown || d.sent_at.is_some() {

@@ -157,6 +157,12 @@ impl Default for ProviderConfig {
     }
 }
 
+/// The longest a provider call can take with this timeout: an HTTP call is bounded by it, an
+/// SMTP conversation by three of it (`smtp::CONVERSATION`).
+pub fn longest_call(timeout: Duration) -> Duration {
+    timeout.saturating_mul(smtp::CONVERSATION)
+}
+
 /// The providers could not be set up (a bad base URL, or the TLS stack failed to load).
 #[derive(Debug, thiserror::Error)]
 pub enum ProvidersError {

@@ -25,7 +25,7 @@ pub struct SmtpClient {
 
 /// The whole SMTP conversation (connect, greeting, TLS, login, envelope, data) may take this
 /// many times the provider timeout, which lettre applies to the connect alone.
-const CONVERSATION: u32 = 3;
+pub(super) const CONVERSATION: u32 = 3;
 
 impl SmtpClient {
     pub fn new(timeout: Duration) -> Self {

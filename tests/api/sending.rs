@@ -774,3 +774,53 @@ async fn a_services_send_rate_paces_the_provider_calls_themselves() {
         "50 calls at 10 a second after a burst of 20 took only {spread:?}"
     );
 }
+
+#[tokio::test]
+async fn rebuilding_delivery_during_a_slow_send_does_not_send_the_email_twice() {
+    let sendgrid = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/v3/mail/send"))
+        .respond_with(ResponseTemplate::new(202).set_delay(std::time::Duration::from_secs(3)))
+        .mount(&sendgrid)
+        .await;
+    let overrides = [
+        ("MESSAGING_SENDGRID_BASE_URL", sendgrid.uri()),
+        ("MESSAGING_PROVIDER_TIMEOUT_MS", "5000".to_string()),
+    ];
+    let first = TestApp::start(fresh_postgres_database().await, &overrides).await;
+    let second = TestApp::start(first.database_url.clone(), &overrides).await;
+    let service = first.email_service().await;
+    let id = first
+        .compose_email(&service, "alice@example.com", json!({"send": true}))
+        .await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // One instance is in the provider call ...
+    wait_message(&first, &id, |m| {
+        !history_of(m, "SendAttemptStarted").is_empty()
+    })
+    .await;
+    // ... when an operator rebuilds the job table: every job comes back unleased and due.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_messaging"))
+        .args(["projections", "rebuild", "delivery"])
+        .env_clear()
+        .env("DATABASE_URL", &first.database_url)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let m = wait_message(&second, &id, |m| m["state"] == "sent").await;
+    // Long enough for a wrong recovery (a retry 2 s on, a 3 s call) to have shown.
+    tokio::time::sleep(std::time::Duration::from_secs(6)).await;
+    let (_, m) = second
+        .get(&format!("/v1/messages/{}", m["id"].as_str().unwrap()))
+        .await;
+    assert_eq!(history_of(&m, "SendAttemptStarted").len(), 1, "{m}");
+    assert!(history_of(&m, "SendAttemptFailed").is_empty(), "{m}");
+    assert_eq!(sendgrid.received_requests().await.unwrap().len(), 1);
+}

@@ -32,6 +32,10 @@ pub enum MessageError {
     },
     #[error("publish_at ({publish_at}) must be in the future")]
     ScheduleInPast { publish_at: DateTime<Utc> },
+    /// Times are RFC 3339 with four-digit years everywhere they are stored and compared
+    /// (the embedded store compares them as text, where `+10000-...` sorts before `2026-...`).
+    #[error("publish_at ({publish_at}) must be before the year 10000")]
+    ScheduleTooFar { publish_at: DateTime<Utc> },
     #[error("the message was rescheduled: it is no longer due at {expected}")]
     StaleSchedule { expected: DateTime<Utc> },
 }
@@ -152,9 +156,7 @@ impl Message {
                 if !changeable {
                     return Err(invalid());
                 }
-                if publish_at <= now {
-                    return Err(MessageError::ScheduleInPast { publish_at });
-                }
+                check_publish_at(publish_at, now)?;
                 Ok(vec![MessageEvent::MessageScheduled {
                     publish_at,
                     scheduled_at: now,
@@ -338,6 +340,18 @@ impl Message {
     }
 }
 
+/// A time to publish at: after `now`, and before the year 10000.
+fn check_publish_at(publish_at: DateTime<Utc>, now: DateTime<Utc>) -> Result<(), MessageError> {
+    use chrono::Datelike;
+    if publish_at <= now {
+        return Err(MessageError::ScheduleInPast { publish_at });
+    }
+    if publish_at.year() > 9999 {
+        return Err(MessageError::ScheduleTooFar { publish_at });
+    }
+    Ok(())
+}
+
 fn decide_compose(c: Compose) -> Result<Vec<MessageEvent>, MessageError> {
     let m = c.message;
     let service = m.service();
@@ -357,13 +371,13 @@ fn decide_compose(c: Compose) -> Result<Vec<MessageEvent>, MessageError> {
     })];
     match c.dispatch {
         Dispatch::Draft => {}
-        Dispatch::At(publish_at) if publish_at <= c.now => {
-            return Err(MessageError::ScheduleInPast { publish_at })
+        Dispatch::At(publish_at) => {
+            check_publish_at(publish_at, c.now)?;
+            events.push(MessageEvent::MessageScheduled {
+                publish_at: storage_precision(publish_at),
+                scheduled_at: c.now,
+            })
         }
-        Dispatch::At(publish_at) => events.push(MessageEvent::MessageScheduled {
-            publish_at: storage_precision(publish_at),
-            scheduled_at: c.now,
-        }),
         Dispatch::Now => events.push(MessageEvent::MessageQueued { queued_at: c.now }),
     }
     Ok(events)

@@ -153,6 +153,30 @@ fn compose_in_the_past_is_refused() {
 }
 
 #[test]
+fn a_publish_at_past_the_year_9999_is_refused() {
+    let far = Utc
+        .with_ymd_and_hms(10000, 1, 1, 0, 0, 0)
+        .single()
+        .expect("a valid time");
+    let err = when(
+        &Message::default(),
+        compose(Channel::Email, Dispatch::At(far)),
+    )
+    .unwrap_err();
+    assert_eq!(err, MessageError::ScheduleTooFar { publish_at: far });
+    let draft = given(vec![compose(Channel::Email, Dispatch::Draft)]);
+    let err = when(
+        &draft,
+        MessageCommand::Schedule {
+            publish_at: far,
+            now: t(1),
+        },
+    )
+    .unwrap_err();
+    assert_eq!(err, MessageError::ScheduleTooFar { publish_at: far });
+}
+
+#[test]
 fn compose_twice_is_refused() {
     let m = given(vec![compose(Channel::Email, Dispatch::Draft)]);
     assert_eq!(

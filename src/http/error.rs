@@ -100,6 +100,9 @@ impl From<MessageError> for ApiError {
             MessageError::ScheduleInPast { .. } => {
                 Self::field("publish_at", "must be in the future")
             }
+            MessageError::ScheduleTooFar { .. } => {
+                Self::field("publish_at", "must be before the year 10000")
+            }
         }
     }
 }

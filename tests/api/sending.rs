@@ -776,7 +776,7 @@ async fn a_services_send_rate_paces_the_provider_calls_themselves() {
 }
 
 #[tokio::test]
-async fn rebuilding_delivery_during_a_slow_send_does_not_send_the_email_twice() {
+async fn rebuilding_delivery_on_one_postgres_during_a_slow_send_never_sends_twice() {
     let sendgrid = MockServer::start().await;
     Mock::given(method("POST"))
         .and(path("/v3/mail/send"))

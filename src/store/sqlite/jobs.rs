@@ -96,15 +96,16 @@ pub(super) async fn claim_send_jobs(
     let now = Utc::now();
     let until = later(now, lease);
     let jobs: Vec<(uuid::Uuid, uuid::Uuid)> = sqlx::query_as(
-        // The lease's end is also the job's due time, as on PostgreSQL.
+        // The lease's end is also the job's due time, as on PostgreSQL. Of each service's
+        // earliest, the earliest due fill the round (not the lowest service ids' first).
         "UPDATE send_jobs SET locked_until = ?2, due_at = ?2, claims = claims + 1 \
          WHERE message_id IN ( \
            SELECT message_id FROM ( \
-             SELECT message_id, \
+             SELECT message_id, due_at, \
                     row_number() OVER (PARTITION BY service_id ORDER BY due_at) AS n \
              FROM send_jobs \
              WHERE due_at <= ?1 AND (locked_until IS NULL OR locked_until < ?1) \
-           ) WHERE n <= ?3 LIMIT ?4) \
+           ) WHERE n <= ?3 ORDER BY due_at LIMIT ?4) \
          RETURNING message_id, service_id",
     )
     .bind(now)

@@ -6,6 +6,11 @@
 //! back the log readers, which wait for every older transaction. A worker that dies mid-delivery
 //! leaves a lease that expires, and the batch is delivered again: at least once, and in the
 //! normal case exactly once.
+//!
+//! Each delivery runs on its own ([`Pusher::run`] keeps up to [`IN_FLIGHT`] at once and leases
+//! more as they finish), so a subscriber that answers slowly holds back only itself. Redirects
+//! are not followed (a subscriber's answer cannot send the signed batch elsewhere) and of an
+//! error answer only its first kilobyte is read.
 
 use crate::store::{PushDue, Store, StoreError};
 use crate::webhooks::verify::sign_push;
@@ -15,6 +20,13 @@ use serde_json::json;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+/// Deliveries one worker runs at once.
+pub const IN_FLIGHT: usize = 16;
+
+/// Of an error answer's body, what is read (and the first 200 characters kept as the reason).
+const ERROR_BODY_BYTES: usize = 1024;
 
 #[derive(Debug, Clone)]
 pub struct PushConfig {
@@ -45,7 +57,10 @@ pub struct Pusher {
 
 impl Pusher {
     pub fn new(store: Arc<dyn Store>, config: PushConfig) -> Result<Self, reqwest::Error> {
-        let http = reqwest::Client::builder().timeout(config.timeout).build()?;
+        let http = reqwest::Client::builder()
+            .timeout(config.timeout)
+            .redirect(reqwest::redirect::Policy::none())
+            .build()?;
         Ok(Self {
             store,
             http,
@@ -61,17 +76,6 @@ impl Pusher {
             .saturating_mul(2)
             .saturating_add(Duration::from_secs(5));
         self.store.lease_push_subscriptions(lease).await
-    }
-
-    /// One round: every due subscription gets its next batch. Returns how many were attempted.
-    pub async fn run_once(&self) -> Result<usize, StoreError> {
-        let due = self.lease().await?;
-        let attempted = due.len();
-        let results = futures::future::join_all(due.into_iter().map(|d| self.deliver(d))).await;
-        for r in results {
-            r?;
-        }
-        Ok(attempted)
     }
 
     async fn deliver(&self, sub: PushDue) -> Result<(), StoreError> {
@@ -111,15 +115,17 @@ impl Pusher {
             Ok(r) if r.status().is_success() => {
                 self.acknowledged(&sub, next_cursor, items.len()).await
             }
-            Ok(r) => {
+            Ok(mut r) => {
                 let status = r.status();
-                let text: String = r
-                    .text()
-                    .await
-                    .unwrap_or_default()
-                    .chars()
-                    .take(200)
-                    .collect();
+                let mut body = Vec::new();
+                while body.len() < ERROR_BODY_BYTES {
+                    match r.chunk().await {
+                        Ok(Some(chunk)) => body.extend_from_slice(&chunk),
+                        _ => break,
+                    }
+                }
+                body.truncate(ERROR_BODY_BYTES);
+                let text: String = String::from_utf8_lossy(&body).chars().take(200).collect();
                 self.failed(&sub, format!("HTTP {status}: {text}")).await
             }
             Err(e) => {
@@ -159,17 +165,35 @@ impl Pusher {
             .await
     }
 
-    /// Runs until `shutdown`: woken when the feed grows, and at the next retry time.
+    /// Runs until `shutdown` (then lets the deliveries in flight finish): woken when the feed
+    /// grows, when a delivery ends, and at the next retry time. Each delivery is a task of its
+    /// own; more are leased while fewer than [`IN_FLIGHT`] run.
     pub async fn run(self, mut wake: watch::Receiver<u64>, mut shutdown: watch::Receiver<bool>) {
+        let mut in_flight: JoinSet<Result<(), StoreError>> = JoinSet::new();
         loop {
             if *shutdown.borrow() {
+                while let Some(done) = in_flight.join_next().await {
+                    log_delivery(done);
+                }
                 return;
             }
             wake.borrow_and_update();
-            match self.run_once().await {
-                Ok(n) if n > 0 => continue,
-                Ok(_) => {}
-                Err(error) => tracing::error!(%error, "push round failed"),
+            let mut leased = 0;
+            if in_flight.len() < IN_FLIGHT {
+                match self.lease().await {
+                    Ok(due) => {
+                        leased = due.len();
+                        for sub in due {
+                            let pusher = self.clone();
+                            in_flight.spawn(async move { pusher.deliver(sub).await });
+                        }
+                    }
+                    Err(error) => tracing::error!(%error, "push round failed"),
+                }
+            }
+            // Subscriptions leased: look again at once for more (up to the limit).
+            if leased > 0 && in_flight.len() < IN_FLIGHT {
+                continue;
             }
             let next: Option<chrono::DateTime<Utc>> =
                 self.store.next_push_due().await.unwrap_or(None);
@@ -179,9 +203,19 @@ impl Pusher {
                 .clamp(Duration::from_millis(10), Duration::from_secs(5));
             tokio::select! {
                 Ok(()) = wake.changed() => {}
+                Some(done) = in_flight.join_next(), if !in_flight.is_empty() => log_delivery(done),
                 _ = tokio::time::sleep(sleep) => {}
                 _ = shutdown.changed() => {}
             }
         }
+    }
+}
+
+/// A delivery task's end: its store error (the lease expires and it is retried), or a panic.
+fn log_delivery(done: Result<Result<(), StoreError>, tokio::task::JoinError>) {
+    match done {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => tracing::error!(%error, "push delivery not recorded"),
+        Err(error) => tracing::error!(%error, "push delivery task failed"),
     }
 }

@@ -242,3 +242,80 @@ async fn invalid_subscriptions_are_422_and_unknown_ones_404() {
     let (_, list) = app.get("/v1/subscriptions").await;
     assert_eq!(list["items"].as_array().unwrap().len(), 0);
 }
+
+#[tokio::test]
+async fn a_slow_subscriber_holds_back_only_itself() {
+    let app = TestApp::spawn().await;
+    // Answers each delivery after 5 s: (calls, answered).
+    let slow_calls = Arc::new(Mutex::new((0usize, 0usize)));
+    let calls = slow_calls.clone();
+    let slow = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move || {
+            let calls = calls.clone();
+            async move {
+                calls.lock().unwrap().0 += 1;
+                tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+                calls.lock().unwrap().1 += 1;
+                AxumStatus::OK
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let slow_url = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, slow).await.unwrap() });
+    let (fast_url, fast) = subscriber(0).await;
+    for url in [&slow_url, &fast_url] {
+        let (status, sub) = app
+            .post("/v1/subscriptions", json!({"url": url, "secret": SECRET}))
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{sub}");
+    }
+    let service = app.email_service().await;
+    app.compose_email(&service, "a@example.com", json!({}))
+        .await;
+    eventually(|| async { slow_calls.lock().unwrap().0 == 1 && accepted_items(&fast).len() == 1 })
+        .await;
+    // While the slow one still holds its first batch, the fast one gets the next change.
+    app.compose_email(&service, "b@example.com", json!({}))
+        .await;
+    eventually(|| async { accepted_items(&fast).len() == 2 }).await;
+    assert_eq!(
+        slow_calls.lock().unwrap().1,
+        0,
+        "the fast subscriber waited for the slow one to answer"
+    );
+}
+
+#[tokio::test]
+async fn a_subscribers_redirect_is_not_followed() {
+    let app = TestApp::spawn().await;
+    // Where a redirect would send the signed batch: it must never be called.
+    let (elsewhere, reached) = subscriber(0).await;
+    let target = elsewhere.clone();
+    let redirecting = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move || {
+            let target = target.clone();
+            async move { (AxumStatus::TEMPORARY_REDIRECT, [("location", target)]) }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, redirecting).await.unwrap() });
+    let (_, sub) = app
+        .post("/v1/subscriptions", json!({"url": url, "secret": SECRET}))
+        .await;
+    let id = sub["id"].as_str().unwrap().to_string();
+    let service = app.email_service().await;
+    app.compose_email(&service, "a@example.com", json!({}))
+        .await;
+    eventually(|| async {
+        let (_, s) = app.get(&format!("/v1/subscriptions/{id}")).await;
+        s["last_error"]
+            .as_str()
+            .is_some_and(|e| e.starts_with("HTTP 307"))
+    })
+    .await;
+    assert_eq!(reached.lock().unwrap().0, 0, "the redirect was followed");
+}

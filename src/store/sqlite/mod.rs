@@ -246,9 +246,33 @@ pub struct SqliteStore {
     metrics: Option<Arc<Metrics>>,
     /// Rings this process's readers after a commit (there is no NOTIFY).
     bell: Bell,
+    /// Commands on one message take turns through its stripe, so that
+    /// [`Store::execute_and_load`] reads back the message as its own command left it, not
+    /// as a command that committed just after it did (cqrs-es returns no fold).
+    stripes: Vec<tokio::sync::Mutex<()>>,
 }
 
+/// Stripes of [`SqliteStore::stripes`]: commands on different messages rarely share one.
+const STRIPES: usize = 64;
+
 impl SqliteStore {
+    fn stripe(&self, id: MessageId) -> &tokio::sync::Mutex<()> {
+        let index = (id.as_uuid().as_u128() % STRIPES as u128) as usize;
+        &self.stripes[index]
+    }
+
+    async fn execute_in_turn(
+        &self,
+        id: MessageId,
+        command: MessageCommand,
+    ) -> Result<(), CommandError> {
+        let result = execute(&self.cqrs, self.metrics.as_deref(), id, command).await;
+        if result.is_ok() {
+            self.bell.events();
+        }
+        result
+    }
+
     pub fn new(pools: SqlitePools, bell: Bell) -> Self {
         let repo = SqliteEventRepository {
             write: pools.write.clone(),
@@ -258,6 +282,7 @@ impl SqliteStore {
         Self {
             pools,
             cqrs,
+            stripes: (0..STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
             metrics: None,
             bell,
         }
@@ -321,11 +346,20 @@ impl From<SubscriptionRow> for PushSubscription {
 #[async_trait]
 impl Store for SqliteStore {
     async fn execute(&self, id: MessageId, command: MessageCommand) -> Result<(), CommandError> {
-        let result = execute(&self.cqrs, self.metrics.as_deref(), id, command).await;
-        if result.is_ok() {
-            self.bell.events();
-        }
-        result
+        let _turn = self.stripe(id).lock().await;
+        self.execute_in_turn(id, command).await
+    }
+
+    async fn execute_and_load(
+        &self,
+        id: MessageId,
+        command: MessageCommand,
+    ) -> Result<Message, CommandError> {
+        // The read back is in the command's turn: no other command on this message lands
+        // between the two.
+        let _turn = self.stripe(id).lock().await;
+        self.execute_in_turn(id, command).await?;
+        crate::store::load_after_command(self, id).await
     }
 
     async fn load_message(&self, id: MessageId) -> Result<Option<Message>, StoreError> {

@@ -294,6 +294,15 @@ impl Config {
         let mut settings = HashMap::new();
         for (key, value) in table {
             let name = setting_name(&key);
+            // Logging starts before any file is read.
+            if matches!(
+                name.as_str(),
+                "MESSAGING_LOG_FORMAT" | "MESSAGING_RUST_LOG" | "RUST_LOG"
+            ) {
+                return Err(file_error(format!(
+                    "`{key}` is read from the environment only (logging starts before the file)"
+                )));
+            }
             let value = match value {
                 toml::Value::String(s) => s,
                 toml::Value::Integer(n) => n.to_string(),
@@ -422,6 +431,7 @@ mod tests {
             ("lisen = \"0.0.0.0:1\"", "`lisen` is not a setting"),
             ("[listen]\nport = 1", "`listen`: not a string"),
             ("api_keys = [1, 2]", "a list must hold strings"),
+            ("log_format = \"json\"", "from the environment only"),
         ] {
             let err = Config::from_lookup_and_toml(none, file, "m.toml")
                 .map(|_| ())

@@ -260,7 +260,9 @@ fn sender_config(config: &Config) -> SenderConfig {
         per_service_burst: (s.per_service_rate * 2.0).max(1.0),
         call_outlived_after: crate::providers::longest_call(Duration::from_millis(
             config.providers.timeout_ms,
-        )) + Duration::from_secs(5),
+        ))
+        .saturating_mul(crate::process_managers::sender::WAVES)
+            + Duration::from_secs(5),
         ..SenderConfig::default()
     }
 }

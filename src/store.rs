@@ -527,11 +527,15 @@ pub trait Store: Send + Sync + 'static {
     // transaction open, then acknowledges or fails it. "Now" is the store's clock. Any number
     // of instances may run at once: no subscription is leased by two at a time.
 
-    /// Leases up to 16 subscriptions that are due (`next_attempt_at` <= now) and behind,
+    /// Leases up to `limit` subscriptions that are due (`next_attempt_at` <= now) and behind,
     /// earliest `next_attempt_at` first, by setting `next_attempt_at` = now + `lease`, in one
     /// atomic step; a subscription another instance is leasing at that moment is skipped,
     /// not waited for. Returns what a delivery needs of each.
-    async fn lease_push_subscriptions(&self, lease: Duration) -> Result<Vec<PushDue>, StoreError>;
+    async fn lease_push_subscriptions(
+        &self,
+        lease: Duration,
+        limit: i64,
+    ) -> Result<Vec<PushDue>, StoreError>;
     /// Records an acknowledged delivery of `delivered` items (0 when the filters kept nothing
     /// in the window read): `cursor` = the greater of the stored cursor and `cursor`,
     /// `delivered` += `delivered`, `failures` = 0, `last_error` = NULL, `next_attempt_at` =

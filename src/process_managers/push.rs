@@ -68,14 +68,16 @@ impl Pusher {
         })
     }
 
-    /// Leases the subscriptions that have something to deliver and are due.
-    async fn lease(&self) -> Result<Vec<PushDue>, StoreError> {
+    /// Leases up to `limit` subscriptions that have something to deliver and are due.
+    async fn lease(&self, limit: usize) -> Result<Vec<PushDue>, StoreError> {
         let lease = self
             .config
             .timeout
             .saturating_mul(2)
             .saturating_add(Duration::from_secs(5));
-        self.store.lease_push_subscriptions(lease).await
+        self.store
+            .lease_push_subscriptions(lease, limit as i64)
+            .await
     }
 
     async fn deliver(&self, sub: PushDue) -> Result<(), StoreError> {
@@ -177,23 +179,26 @@ impl Pusher {
                 }
                 return;
             }
-            wake.borrow_and_update();
-            let mut leased = 0;
-            if in_flight.len() < IN_FLIGHT {
-                match self.lease().await {
-                    Ok(due) => {
-                        leased = due.len();
-                        for sub in due {
-                            let pusher = self.clone();
-                            in_flight.spawn(async move { pusher.deliver(sub).await });
-                        }
-                    }
-                    Err(error) => tracing::error!(%error, "push round failed"),
+            // Every slot taken: only a delivery's end (or shutdown) frees one.
+            if in_flight.len() >= IN_FLIGHT {
+                tokio::select! {
+                    Some(done) = in_flight.join_next() => log_delivery(done),
+                    _ = shutdown.changed() => {}
                 }
-            }
-            // Subscriptions leased: look again at once for more (up to the limit).
-            if leased > 0 && in_flight.len() < IN_FLIGHT {
                 continue;
+            }
+            wake.borrow_and_update();
+            match self.lease(IN_FLIGHT - in_flight.len()).await {
+                Ok(due) if !due.is_empty() => {
+                    for sub in due {
+                        let pusher = self.clone();
+                        in_flight.spawn(async move { pusher.deliver(sub).await });
+                    }
+                    // Look again at once for more, while slots are free.
+                    continue;
+                }
+                Ok(_) => {}
+                Err(error) => tracing::error!(%error, "push round failed"),
             }
             let next: Option<chrono::DateTime<Utc>> =
                 self.store.next_push_due().await.unwrap_or(None);

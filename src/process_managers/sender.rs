@@ -29,6 +29,10 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{watch, Mutex};
 
+/// A round claims this many times the sender's concurrency: its bulk calls go this many
+/// waves deep.
+pub const WAVES: u32 = 4;
+
 /// How the sender paces and retries.
 #[derive(Debug, Clone)]
 pub struct SenderConfig {
@@ -46,8 +50,10 @@ pub struct SenderConfig {
     /// Sends per second allowed for one service by one worker (a token bucket), and its burst.
     pub per_service_rate: f64,
     pub per_service_burst: f64,
-    /// No provider call runs longer than this: an attempt open for longer was abandoned (its
-    /// worker died) and may be recovered; a younger one may still be in a live call.
+    /// No attempt's provider call can still be running this long after the attempt started:
+    /// an attempt open for longer was abandoned (its worker died) and may be recovered; a
+    /// younger one may still be in a live call. A bulk round starts its attempts together and
+    /// makes the calls [`WAVES`] waves deep, so this is [`WAVES`] of the longest call, and some.
     pub call_outlived_after: Duration,
 }
 
@@ -62,7 +68,7 @@ impl Default for SenderConfig {
             per_service_per_round: 50,
             per_service_rate: 20.0,
             per_service_burst: 40.0,
-            call_outlived_after: Duration::from_secs(35),
+            call_outlived_after: Duration::from_secs(125),
         }
     }
 }
@@ -158,7 +164,9 @@ impl Sender {
     /// were never made among them. An email's open attempt is retried on recovery, its
     /// stable Message-ID making a duplicate detectable, so only emails share a round's window.
     pub async fn run_once(&self) -> Result<Vec<JobOutcome>, StoreError> {
-        let jobs = self.claim(self.config.concurrency as i64 * 4).await?;
+        let jobs = self
+            .claim(self.config.concurrency as i64 * i64::from(WAVES))
+            .await?;
         if jobs.is_empty() {
             return Ok(Vec::new());
         }
@@ -332,10 +340,12 @@ impl Sender {
             // rebuild of `delivery` re-creates every job unleased): recovering then would
             // retry an email still being sent, or call a live post unknown. Only an attempt
             // older than any call can be is recovered; a younger one is left to its lease.
-            let age = d
-                .attempt_started_at
-                .and_then(|at| (Utc::now() - at).to_std().ok())
-                .unwrap_or(Duration::MAX);
+            // A fold from before the start was kept: as old as can be. A start that looks
+            // later than now (another instance's clock ahead): just started.
+            let age = match d.attempt_started_at {
+                None => Duration::MAX,
+                Some(at) => (Utc::now() - at).to_std().unwrap_or(Duration::ZERO),
+            };
             if age < self.config.call_outlived_after {
                 return Ok(JobOutcome::Skipped);
             }

@@ -187,11 +187,15 @@ impl MessageProvider for FacebookClient {
                 SystemTime::now(),
                 AfterSend::Ambiguous,
             );
+            // Graph's own word that the request was throttled or may be retried comes
+            // before the status's class (a 500 with `is_transient` is not an unknown outcome).
             Err(match error {
-                SendError::Permanent { reason } if throttled => SendError::Transient {
-                    reason,
-                    retry_after: Some(regain_access(&headers).unwrap_or(THROTTLED_AT_LEAST)),
-                },
+                SendError::Permanent { reason } | SendError::Ambiguous { reason } if throttled => {
+                    SendError::Transient {
+                        reason,
+                        retry_after: Some(regain_access(&headers).unwrap_or(THROTTLED_AT_LEAST)),
+                    }
+                }
                 other => other,
             })
         }

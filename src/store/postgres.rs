@@ -508,8 +508,12 @@ impl Store for PgStore {
         inbox::problems(&self.pool, before, limit).await
     }
 
-    async fn lease_push_subscriptions(&self, lease: Duration) -> Result<Vec<PushDue>, StoreError> {
-        push::lease(&self.pool, lease).await
+    async fn lease_push_subscriptions(
+        &self,
+        lease: Duration,
+        limit: i64,
+    ) -> Result<Vec<PushDue>, StoreError> {
+        push::lease(&self.pool, lease, limit).await
     }
 
     async fn push_acknowledged(

@@ -225,8 +225,13 @@ fn candidate_messages(headers: &str) -> Vec<uuid::Uuid> {
     candidates.extend(ids("References").into_iter().rev());
     let mut seen = std::collections::HashSet::new();
     candidates.retain(|id| seen.insert(*id));
+    // Each is a lookup: a thread's newest few are where ours is, not a header of thousands.
+    candidates.truncate(MAX_CANDIDATES);
     candidates
 }
+
+/// The most Message-IDs of a reply's headers looked up (see [`candidate_messages`]).
+const MAX_CANDIDATES: usize = 20;
 
 /// The email of ours the reply answers: the first candidate (see [`candidate_messages`]) that
 /// is an outbound email in the log. The log, not the message list: a message is in the log

@@ -38,7 +38,8 @@ impl Instance {
             .env("MESSAGING_SENDGRID_WEBHOOK_PUBLIC_KEY", public_key)
             .env("MESSAGING_SEND_LEASE_MS", "2000")
             // A killed instance's open attempts are recovered once no call can still be
-            // running: three provider timeouts and 5 s (the stand-in answers at once).
+            // running (four waves of three provider timeouts, and 5 s): the stand-in answers
+            // at once, so a short timeout keeps that wait short.
             .env("MESSAGING_PROVIDER_TIMEOUT_MS", "1000")
             .env("MESSAGING_DATABASE_MAX_CONNECTIONS", "8")
             .env("MESSAGING_SEND_BACKOFF_MS", "200")

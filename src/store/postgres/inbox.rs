@@ -88,11 +88,21 @@ pub(super) async fn lease(
     // One short statement: the facts are applied with no transaction open, since the commands
     // append events and an open transaction older than them would hold back every log reader.
     // A leased fact is no longer waiting (if its lease runs out unsettled, it is leased again
-    // as any other), and keeps the sequence listed now for a `Wait` settlement.
+    // as any other), and keeps the sequence listed now for a `Wait` settlement. A reply that
+    // names only the post it answers takes the message of that post once it is listed, kept
+    // on the row: from then on it waits on its message like any other fact.
     let rows: Vec<PendingRow> = sqlx::query_as(
         "UPDATE webhook_inbox w SET locked_until = now() + interval '60 seconds', \
-           waiting = false, waiting_after = (SELECT last_sequence FROM message_list m \
-               WHERE m.message_id = w.message_id) \
+           waiting = false, \
+           message_id = COALESCE(w.message_id, (SELECT p.message_id FROM message_list p \
+               WHERE p.provider_message_id = w.payload->>'answered_post' \
+                 AND p.channel = w.payload->>'channel' AND p.direction = 'outbound' LIMIT 1)), \
+           waiting_after = (SELECT last_sequence FROM message_list m \
+               WHERE m.message_id = COALESCE(w.message_id, (SELECT p.message_id \
+                 FROM message_list p \
+                 WHERE p.provider_message_id = w.payload->>'answered_post' \
+                   AND p.channel = w.payload->>'channel' AND p.direction = 'outbound' \
+                 LIMIT 1))) \
          FROM (SELECT id FROM webhook_inbox c \
                WHERE c.status = 'pending' \
                  AND (c.locked_until IS NULL OR c.locked_until < now()) \
@@ -102,6 +112,7 @@ pub(super) async fn lease(
                    OR (c.message_id IS NULL AND (c.received_at < $1 OR EXISTS \
                      (SELECT 1 FROM message_list m \
                       WHERE m.provider_message_id = c.payload->>'answered_post' \
+                        AND m.channel = c.payload->>'channel' \
                         AND m.direction = 'outbound')))) \
                ORDER BY c.occurred_at, c.id LIMIT 500 FOR UPDATE SKIP LOCKED) due \
          WHERE w.id = due.id \

@@ -17,17 +17,22 @@ struct DueRow {
     failures: i32,
 }
 
-pub(super) async fn lease(pool: &PgPool, lease: Duration) -> Result<Vec<PushDue>, StoreError> {
+pub(super) async fn lease(
+    pool: &PgPool,
+    lease: Duration,
+    limit: i64,
+) -> Result<Vec<PushDue>, StoreError> {
     let rows: Vec<DueRow> = sqlx::query_as(
         "UPDATE subscriptions s SET next_attempt_at = now() + $1 * interval '1 millisecond' \
          FROM (SELECT id FROM subscriptions \
                WHERE next_attempt_at <= now() \
                  AND cursor < (SELECT COALESCE(MAX(position), 0) FROM state_changes) \
-               ORDER BY next_attempt_at LIMIT 16 FOR UPDATE SKIP LOCKED) due \
+               ORDER BY next_attempt_at LIMIT $2 FOR UPDATE SKIP LOCKED) due \
          WHERE s.id = due.id \
          RETURNING s.id, s.url, s.secret, s.states, s.channels, s.cursor, s.failures",
     )
     .bind(lease.as_millis() as f64)
+    .bind(limit)
     .fetch_all(pool)
     .await?;
     Ok(rows

@@ -82,8 +82,18 @@ pub(super) async fn lease(
     let until = later(now, LEASE);
     let rows: Vec<PendingRow> = sqlx::query_as(
         "UPDATE webhook_inbox SET locked_until = ?2, \
-           waiting = 0, waiting_after = (SELECT last_sequence FROM message_list m \
-               WHERE m.message_id = webhook_inbox.message_id) \
+           waiting = 0, \
+           message_id = COALESCE(webhook_inbox.message_id, (SELECT m.message_id \
+               FROM message_list m \
+               WHERE m.provider_message_id = json_extract(webhook_inbox.payload, '$.answered_post') \
+                 AND m.channel = json_extract(webhook_inbox.payload, '$.channel') \
+                 AND m.direction = 'outbound' LIMIT 1)), \
+           waiting_after = (SELECT last_sequence FROM message_list m \
+               WHERE m.message_id = COALESCE(webhook_inbox.message_id, (SELECT p.message_id \
+                 FROM message_list p \
+                 WHERE p.provider_message_id = json_extract(webhook_inbox.payload, '$.answered_post') \
+                   AND p.channel = json_extract(webhook_inbox.payload, '$.channel') \
+                   AND p.direction = 'outbound' LIMIT 1))) \
          WHERE id IN (SELECT c.id FROM webhook_inbox c \
                WHERE c.status = 'pending' \
                  AND (c.locked_until IS NULL OR c.locked_until < ?1) \
@@ -93,6 +103,7 @@ pub(super) async fn lease(
                    OR (c.message_id IS NULL AND (c.received_at < ?3 OR EXISTS \
                      (SELECT 1 FROM message_list m \
                       WHERE m.provider_message_id = json_extract(c.payload, '$.answered_post') \
+                        AND m.channel = json_extract(c.payload, '$.channel') \
                         AND m.direction = 'outbound')))) \
                ORDER BY c.occurred_at, c.id LIMIT 500) \
          RETURNING id, event_id, message_id, kind, occurred_at, received_at, payload",

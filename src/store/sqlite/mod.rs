@@ -644,8 +644,12 @@ impl Store for SqliteStore {
         inbox::settle(&self.pools, settled).await
     }
 
-    async fn lease_push_subscriptions(&self, lease: Duration) -> Result<Vec<PushDue>, StoreError> {
-        push::lease(&self.pools, lease).await
+    async fn lease_push_subscriptions(
+        &self,
+        lease: Duration,
+        limit: i64,
+    ) -> Result<Vec<PushDue>, StoreError> {
+        push::lease(&self.pools, lease, limit).await
     }
 
     async fn push_acknowledged(

@@ -20,6 +20,7 @@ struct DueRow {
 pub(super) async fn lease(
     pools: &SqlitePools,
     lease: Duration,
+    limit: i64,
 ) -> Result<Vec<PushDue>, StoreError> {
     let now = Utc::now();
     let rows: Vec<DueRow> = sqlx::query_as(
@@ -27,11 +28,12 @@ pub(super) async fn lease(
          WHERE id IN (SELECT id FROM subscriptions \
                WHERE next_attempt_at <= ?1 \
                  AND cursor < (SELECT COALESCE(MAX(position), 0) FROM state_changes) \
-               ORDER BY next_attempt_at LIMIT 16) \
+               ORDER BY next_attempt_at LIMIT ?3) \
          RETURNING id, url, secret, states, channels, cursor, failures",
     )
     .bind(now)
     .bind(later(now, lease))
+    .bind(limit)
     .fetch_all(&pools.write)
     .await?;
     Ok(rows

@@ -172,3 +172,38 @@ async fn facebook_timeout_after_sending_is_ambiguous() {
         .unwrap_err();
     assert!(matches!(error, SendError::Ambiguous { .. }), "{error:?}");
 }
+
+#[tokio::test]
+async fn facebook_500_that_says_it_is_transient_is_retried_and_a_bare_500_is_unknown() {
+    for (body, transient) in [
+        (
+            json!({"error": {"message": "An unexpected error has occurred. Please retry your request later.",
+                             "type": "OAuthException", "code": 2, "is_transient": true}}),
+            true,
+        ),
+        (
+            json!({"error": {"message": "Unknown error", "code": 1}}),
+            false,
+        ),
+    ] {
+        let server = MockServer::start().await;
+        Mock::given(method("POST"))
+            .and(path("/v21.0/546349135390552/feed"))
+            .respond_with(ResponseTemplate::new(500).set_body_json(body))
+            .expect(1)
+            .mount(&server)
+            .await;
+        let error = providers(&config(&server.uri()))
+            .for_provider(Provider::Facebook)
+            .send(
+                &facebook_account(),
+                &post(Channel::Facebook, Some("hi"), None),
+            )
+            .await
+            .unwrap_err();
+        match (transient, &error) {
+            (true, SendError::Transient { .. }) | (false, SendError::Ambiguous { .. }) => {}
+            _ => panic!("transient {transient}: got {error:?}"),
+        }
+    }
+}

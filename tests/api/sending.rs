@@ -802,13 +802,20 @@ async fn rebuilding_delivery_on_one_postgres_during_a_slow_send_never_sends_twic
     })
     .await;
     // ... when an operator rebuilds the job table: every job comes back unleased and due.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_messaging"))
-        .args(["projections", "rebuild", "delivery"])
-        .env_clear()
-        .env("DATABASE_URL", &first.database_url)
-        .env("RUST_LOG", "warn")
-        .output()
-        .unwrap();
+    // (Run off the test's runtime, which also runs both instances: the rebuild waits for
+    // their projection batches, which must keep going meanwhile.)
+    let url = first.database_url.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_messaging"))
+            .args(["projections", "rebuild", "delivery"])
+            .env_clear()
+            .env("DATABASE_URL", url)
+            .env("RUST_LOG", "warn")
+            .output()
+    })
+    .await
+    .unwrap()
+    .unwrap();
     assert!(
         out.status.success(),
         "{}",

@@ -282,30 +282,49 @@ pub struct Application {
 }
 
 impl Application {
-    /// Connects, migrates, starts the workers and binds the listener (port 0 picks a free one).
+    /// Connects, migrates, binds the listener (port 0 picks a free one), then starts the
+    /// workers. Everything that can fail is done before the first worker starts: a worker
+    /// started by a build that then failed would run on with no one to stop it.
     pub async fn build(config: &Config) -> anyhow::Result<Self> {
         // Settings that can be wrong are checked before anything starts.
         let webhook_secrets = Arc::new(webhook_secrets(config)?);
         let backend = Backend::open(config).await?;
         let api_keys = api_keys(config)?;
         tracing::info!(database = %config.database.describe(), "database ready");
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("cannot listen on MESSAGING_LISTEN={}", config.listen))?;
+        let providers = Providers::new(&provider_config(config))
+            .context("setting up the provider clients (check MESSAGING_*_BASE_URL)")?;
         let (shutdown, shutdown_rx) = watch::channel(false);
         let metrics = Arc::new(Metrics::new().context("setting up the metrics registry")?);
-        let mut workers = Vec::new();
+        // The projection readers, started below with the other workers.
+        let mut readers: Vec<(&'static str, WorkerStart)> = Vec::new();
         let (store, wakeups, lock): (Arc<dyn Store>, Wakeups, _) = match backend {
             Backend::Postgres(pool) => {
                 let wakeups = spawn_listener(pool.clone(), shutdown_rx.clone());
                 for projection in messaging_projections::all() {
                     let subscription = Subscription::new(pool.clone(), projection);
                     subscription.ensure_checkpoint().await?;
-                    workers.push(tokio::spawn(
-                        subscription.run(wakeups.events.clone(), shutdown_rx.clone()),
+                    let (wake, stop) = (wakeups.events.clone(), shutdown_rx.clone());
+                    let name = subscription.name();
+                    readers.push((
+                        name,
+                        Box::new(move || {
+                            Box::pin(subscription.clone().run(wake.clone(), stop.clone()))
+                        }),
                     ));
                 }
-                workers.push(tokio::spawn(crate::store::postgres::maintenance::run(
-                    pool.clone(),
-                    shutdown_rx.clone(),
-                )));
+                let (maintained, stop) = (pool.clone(), shutdown_rx.clone());
+                readers.push((
+                    "queue upkeep",
+                    Box::new(move || {
+                        Box::pin(crate::store::postgres::maintenance::run(
+                            maintained.clone(),
+                            stop.clone(),
+                        ))
+                    }),
+                ));
                 let store = PgStore::new(pool).with_metrics(metrics.clone());
                 (Arc::new(store), wakeups, None)
             }
@@ -316,31 +335,19 @@ impl Application {
                     let subscription = SqliteSubscription::new(pools.write.clone(), projection)
                         .on_commit(Arc::new(move || rings.read_models()));
                     subscription.ensure_checkpoint().await?;
-                    workers.push(tokio::spawn(
-                        subscription.run(wakeups.events.clone(), shutdown_rx.clone()),
+                    let (wake, stop) = (wakeups.events.clone(), shutdown_rx.clone());
+                    let name = subscription.name();
+                    readers.push((
+                        name,
+                        Box::new(move || {
+                            Box::pin(subscription.clone().run(wake.clone(), stop.clone()))
+                        }),
                     ));
                 }
                 let store = SqliteStore::new(pools, bell).with_metrics(metrics.clone());
                 (Arc::new(store), wakeups, Some(lock))
             }
         };
-        let scheduler = Scheduler::new(store.clone());
-        workers.push(tokio::spawn(
-            scheduler.run(wakeups.schedule.clone(), shutdown_rx.clone()),
-        ));
-        let providers = Providers::new(&provider_config(config))
-            .context("setting up the provider clients (check MESSAGING_*_BASE_URL)")?;
-        let sender = Sender::new(store.clone(), Arc::new(providers), sender_config(config))
-            .with_metrics(metrics.clone());
-        workers.push(tokio::spawn(
-            sender.run(wakeups.send_jobs.clone(), shutdown_rx.clone()),
-        ));
-        let applier = Applier::new(store.clone());
-        workers.push(tokio::spawn(applier.run(
-            wakeups.webhook_inbox.clone(),
-            wakeups.events.clone(),
-            shutdown_rx.clone(),
-        )));
         let pusher = Pusher::new(
             store.clone(),
             PushConfig {
@@ -349,9 +356,43 @@ impl Application {
             },
         )
         .context("setting up the push delivery client")?;
-        workers.push(tokio::spawn(
-            pusher.run(wakeups.state_changes.clone(), shutdown_rx.clone()),
+        // From here nothing fails: the workers start, each supervised.
+        let mut workers = Vec::new();
+        for (name, reader) in readers {
+            workers.push(supervised(name, shutdown_rx.clone(), move || reader()));
+        }
+        let scheduler = Scheduler::new(store.clone());
+        let (wake, stop) = (wakeups.schedule.clone(), shutdown_rx.clone());
+        workers.push(supervised("scheduler", shutdown_rx.clone(), move || {
+            Box::pin(scheduler.clone().run(wake.clone(), stop.clone()))
+        }));
+        let sender = Sender::new(store.clone(), Arc::new(providers), sender_config(config))
+            .with_metrics(metrics.clone());
+        let (wake, stop) = (wakeups.send_jobs.clone(), shutdown_rx.clone());
+        workers.push(supervised("sender", shutdown_rx.clone(), move || {
+            Box::pin(sender.clone().run(wake.clone(), stop.clone()))
+        }));
+        let applier = Applier::new(store.clone());
+        let (inbox, events, stop) = (
+            wakeups.webhook_inbox.clone(),
+            wakeups.events.clone(),
+            shutdown_rx.clone(),
+        );
+        workers.push(supervised(
+            "webhook applier",
+            shutdown_rx.clone(),
+            move || {
+                Box::pin(
+                    applier
+                        .clone()
+                        .run(inbox.clone(), events.clone(), stop.clone()),
+                )
+            },
         ));
+        let (wake, stop) = (wakeups.state_changes.clone(), shutdown_rx.clone());
+        workers.push(supervised("push", shutdown_rx.clone(), move || {
+            Box::pin(pusher.clone().run(wake.clone(), stop.clone()))
+        }));
         let webhook_state = WebhookState {
             store: store.clone(),
             secrets: webhook_secrets,
@@ -370,9 +411,6 @@ impl Application {
             http::router(state, config.max_body_bytes).merge(webhooks::router(webhook_state)),
             metrics,
         );
-        let listener = TcpListener::bind(config.listen)
-            .await
-            .with_context(|| format!("cannot listen on MESSAGING_LISTEN={}", config.listen))?;
         Ok(Self {
             listener,
             router,
@@ -414,16 +452,57 @@ impl Application {
             stop.await;
             let _ = draining.send(true);
         };
-        axum::serve(listener, self.router)
+        let served = axum::serve(listener, self.router)
             .with_graceful_shutdown(stop)
             .await
-            .context("HTTP server failed")?;
+            .context("HTTP server failed");
+        // Served or failed, the workers finish their rounds and stop.
         let _ = self.shutdown.send(true);
         for worker in self.workers {
             let _ = worker.await;
         }
-        Ok(())
+        served
     }
+}
+
+/// A worker's run, boxed so that the workers' different futures share one type.
+type WorkerFuture = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+/// Starts a worker's run (again, after a panic).
+type WorkerStart = Box<dyn Fn() -> WorkerFuture + Send + Sync>;
+
+/// Runs a worker until it returns (at shutdown). A panic is logged and the worker started
+/// again a second later: a bug hit in one round must not stop sending, scheduling or
+/// projecting for the rest of the process's life, with nothing but a line on stderr to say so.
+fn supervised<F>(
+    name: &'static str,
+    shutdown: watch::Receiver<bool>,
+    start: F,
+) -> tokio::task::JoinHandle<()>
+where
+    F: Fn() -> WorkerFuture + Send + 'static,
+{
+    tokio::spawn(async move {
+        loop {
+            match tokio::spawn(start()).await {
+                Ok(()) => return,
+                Err(error) if error.is_panic() => {
+                    let panic = error.into_panic();
+                    let why = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_default();
+                    tracing::error!(worker = name, panic = %why, "worker panicked; restarting it in 1 s");
+                    if *shutdown.borrow() {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                Err(_) => return,
+            }
+        }
+    })
 }
 
 /// SIGTERM or Ctrl-C: what `messaging serve` stops on (then finishes in-flight work).
@@ -447,4 +526,30 @@ pub async fn shutdown_signal() {
         _ = terminate => {},
     }
     tracing::info!("shutting down: finishing in-flight work");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[tokio::test]
+    async fn a_worker_that_panics_is_started_again_and_one_that_returns_is_not() {
+        let runs = Arc::new(AtomicUsize::new(0));
+        let counted = runs.clone();
+        let (_shutdown, stop) = watch::channel(false);
+        let worker = supervised("test", stop, move || {
+            let runs = counted.clone();
+            Box::pin(async move {
+                if runs.fetch_add(1, Ordering::SeqCst) == 0 {
+                    panic!("a bug in the first round");
+                }
+            })
+        });
+        tokio::time::timeout(Duration::from_secs(10), worker)
+            .await
+            .expect("the worker ended after its second run")
+            .expect("the supervisor itself did not fail");
+        assert_eq!(runs.load(Ordering::SeqCst), 2);
+    }
 }

@@ -100,9 +100,12 @@ impl RateLimiter {
             *tokens -= 1.0;
             return Ok(());
         }
-        Err(Duration::from_secs_f64(
-            (1.0 - *tokens) / rate.max(f64::MIN_POSITIVE),
-        ))
+        // At most a minute at a time (the caller looks again): a rate so small that the wait
+        // does not fit a Duration must not panic the sender.
+        let wait = (1.0 - *tokens) / rate.max(f64::MIN_POSITIVE);
+        Err(Duration::try_from_secs_f64(wait)
+            .unwrap_or(Duration::MAX)
+            .min(Duration::from_secs(60)))
     }
 }
 

@@ -103,6 +103,22 @@ fn non_blank(value: Option<String>) -> Option<String> {
     value.filter(|v| !v.trim().is_empty())
 }
 
+/// The id a message answers, if any: one token, no spaces or line breaks (for email it goes
+/// into the `In-Reply-To` and `References` headers, where a line break would start a header).
+fn reply_target(value: Option<String>) -> Result<Option<String>, FieldError> {
+    let Some(id) = non_blank(value) else {
+        return Ok(None);
+    };
+    let id = id.trim().to_string();
+    if id.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(FieldError::new(
+            "in_reply_to",
+            "must be one id, without spaces or line breaks",
+        ));
+    }
+    Ok(Some(id))
+}
+
 fn sender(service: &ServiceRef) -> Profile {
     Profile::new(service.username.clone(), service.name.clone())
 }
@@ -118,6 +134,18 @@ fn social_recipients(service: &ServiceRef, to: Vec<Profile>) -> Result<Vec<Profi
             ));
         }
     }
+    // An X handle is stored as the service's own is, without its `@`, so that the list's
+    // `profile` filter finds it however it was typed.
+    let to: Vec<Profile> = to
+        .into_iter()
+        .map(|p| match service.channel {
+            Channel::Twitter => {
+                let handle = p.username.trim();
+                Profile::new(handle.strip_prefix('@').unwrap_or(handle), p.name)
+            }
+            _ => p,
+        })
+        .collect();
     Ok(if to.is_empty() {
         vec![sender(service)]
     } else {
@@ -184,7 +212,7 @@ impl EmailBuilder {
             text,
             html,
             link,
-            in_reply_to: non_blank(input.in_reply_to),
+            in_reply_to: reply_target(input.in_reply_to)?,
         })
     }
 }
@@ -220,7 +248,7 @@ impl TwitterBuilder {
                 "contains characters X does not accept",
             ));
         }
-        let in_reply_to = non_blank(input.in_reply_to);
+        let in_reply_to = reply_target(input.in_reply_to)?;
         if let Some(id) = &in_reply_to {
             if !id.chars().all(|c| c.is_ascii_digit()) {
                 return Err(FieldError::new(
@@ -276,7 +304,7 @@ impl FacebookBuilder {
             text,
             html: None,
             link,
-            in_reply_to: non_blank(input.in_reply_to),
+            in_reply_to: reply_target(input.in_reply_to)?,
         })
     }
 }

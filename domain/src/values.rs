@@ -31,6 +31,13 @@ impl EmailAddress {
         if local.is_empty() || local.len() > 64 || local.contains('@') {
             return Err(format!("`{s}` has an invalid local part"));
         }
+        // Dots separate the local part's atoms: none first, last, or two in a row (quoted
+        // local parts, which would allow them, are not accepted at all).
+        if local.starts_with('.') || local.ends_with('.') || local.contains("..") {
+            return Err(format!(
+                "`{s}` has a dot at the start or end of its local part, or two in a row"
+            ));
+        }
         let labels: Vec<&str> = domain.split('.').collect();
         let label_ok = |l: &&str| {
             !l.is_empty()

@@ -125,6 +125,40 @@ fn an_email_names_each_recipient_once() {
 }
 
 #[test]
+fn addresses_with_misplaced_dots_and_reply_ids_with_line_breaks_are_refused() {
+    for bad in [".a@example.com", "a.@example.com", "a..b@example.com"] {
+        let input = MessageInput {
+            to: vec![Profile::new(bad, None)],
+            ..email_input()
+        };
+        let err = build_message(&service(Channel::Email), input).unwrap_err();
+        assert_eq!(err.field, "to[0].username", "{bad}");
+    }
+    let ok = MessageInput {
+        to: vec![Profile::new("first.last+news@example.com", None)],
+        ..email_input()
+    };
+    assert!(build_message(&service(Channel::Email), ok).is_ok());
+    let injected = MessageInput {
+        in_reply_to: Some("<a@example.com>\r\nBcc: someone@example.org".into()),
+        ..email_input()
+    };
+    let err = build_message(&service(Channel::Email), injected).unwrap_err();
+    assert_eq!(err.field, "in_reply_to");
+}
+
+#[test]
+fn an_x_recipient_is_kept_without_its_at_sign() {
+    let input = MessageInput {
+        to: vec![Profile::new("@Bob_Smith", None)],
+        text: Some("Hello".into()),
+        ..Default::default()
+    };
+    let message = build_message(&service(Channel::Twitter), input).expect("valid post");
+    assert_eq!(message.to()[0].username, "Bob_Smith");
+}
+
+#[test]
 fn compose_without_dispatch_makes_a_draft() {
     let m = given(vec![compose(Channel::Email, Dispatch::Draft)]);
     assert_eq!(m.state(), Some(MessageState::Draft));

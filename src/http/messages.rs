@@ -414,7 +414,11 @@ async fn list(
                     .ok_or_else(|| ApiError::field("direction", "must be outbound or inbound"))
             })
             .transpose()?,
-        profile: q.profile.filter(|p| !p.is_empty()),
+        // An X handle may be asked for with its `@`; it is stored without.
+        profile: q
+            .profile
+            .map(|p| p.trim().trim_start_matches('@').to_string())
+            .filter(|p| !p.is_empty()),
         before: q
             .cursor
             .as_deref()

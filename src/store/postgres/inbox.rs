@@ -93,17 +93,14 @@ pub(super) async fn lease(
     // on the row: from then on it waits on its message like any other fact.
     let rows: Vec<PendingRow> = sqlx::query_as(
         "UPDATE webhook_inbox w SET locked_until = now() + interval '60 seconds', \
-           waiting = false, \
-           message_id = COALESCE(w.message_id, (SELECT p.message_id FROM message_list p \
-               WHERE p.provider_message_id = w.payload->>'answered_post' \
-                 AND p.channel = w.payload->>'channel' AND p.direction = 'outbound' LIMIT 1)), \
+           waiting = false, message_id = due.message_id, \
            waiting_after = (SELECT last_sequence FROM message_list m \
-               WHERE m.message_id = COALESCE(w.message_id, (SELECT p.message_id \
-                 FROM message_list p \
-                 WHERE p.provider_message_id = w.payload->>'answered_post' \
-                   AND p.channel = w.payload->>'channel' AND p.direction = 'outbound' \
-                 LIMIT 1))) \
-         FROM (SELECT id FROM webhook_inbox c \
+               WHERE m.message_id = due.message_id) \
+         FROM (SELECT c.id, COALESCE(c.message_id, (SELECT p.message_id FROM message_list p \
+                 WHERE p.provider_message_id = c.payload->>'answered_post' \
+                   AND p.channel = c.payload->>'channel' AND p.direction = 'outbound' \
+                 LIMIT 1)) AS message_id \
+               FROM webhook_inbox c \
                WHERE c.status = 'pending' \
                  AND (c.locked_until IS NULL OR c.locked_until < now()) \
                  AND (NOT c.waiting OR EXISTS \

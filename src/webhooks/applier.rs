@@ -91,10 +91,10 @@ impl Applier {
         }
         let mut settled = 0;
         let mut settlements = Vec::with_capacity(leased.len());
-        // Replies that name only the post they answer: their message, if it is listed now.
+        // Replies that name only the post they answer, and whose post is not listed yet.
         let mut pending = Vec::with_capacity(leased.len());
-        for mut fact in leased {
-            match self.find_post(&mut fact, gave_up_before).await {
+        for fact in leased {
+            match Self::awaiting_post(&fact, gave_up_before) {
                 None => pending.push(fact),
                 Some(settlement) => {
                     if matches!(settlement, FactSettlement::Unmatched(_)) {
@@ -131,15 +131,12 @@ impl Applier {
         Ok(settled)
     }
 
-    /// For a reply recorded with the post it answers but no message (the post was not listed
-    /// when it came): sets its message if a post of ours with that id is listed now, or says
-    /// how it settles (waiting, or unmatched once it has waited [`WAIT_FOR_POST`]). `None`
-    /// when the fact is ready to apply.
-    async fn find_post(
-        &self,
-        fact: &mut PendingFact,
-        gave_up_before: DateTime<Utc>,
-    ) -> Option<FactSettlement> {
+    /// For a reply recorded with the post it answers but no message: the lease gives it the
+    /// post's message once the post is listed, so one still without a message was leased
+    /// because it has waited [`WAIT_FOR_POST`] (unmatched now), or just after the post was
+    /// listed elsewhere (waits: the next lease finds it). `None` when the fact is ready to
+    /// apply.
+    fn awaiting_post(fact: &PendingFact, gave_up_before: DateTime<Utc>) -> Option<FactSettlement> {
         if fact.message_id.is_some() || fact.kind != FactKind::Reply {
             return None;
         }
@@ -149,20 +146,14 @@ impl Applier {
             .get("channel")
             .and_then(Value::as_str)
             .and_then(Channel::parse)?;
-        match self.store.outbound_message_id(channel, &post).await {
-            Ok(Some(id)) => {
-                fact.message_id = Some(id);
-                None
-            }
-            Ok(None) if fact.received_at < gave_up_before => {
-                Some(FactSettlement::Unmatched(format!(
-                    "no post of ours has {channel} id {post} (waited {} minutes for it)",
-                    WAIT_FOR_POST.as_secs() / 60
-                )))
-            }
-            Ok(None) => Some(FactSettlement::Wait(None)),
-            Err(e) => Some(FactSettlement::Retry(e.to_string())),
-        }
+        Some(if fact.received_at < gave_up_before {
+            FactSettlement::Unmatched(format!(
+                "no post of ours has {channel} id {post} (waited {} minutes for it)",
+                WAIT_FOR_POST.as_secs() / 60
+            ))
+        } else {
+            FactSettlement::Wait(None)
+        })
     }
 
     /// Applies facts in order. Each message's facts go in one batch command (one load of

@@ -52,7 +52,7 @@ async fn our_post(
 
 /// A reply. `payload` names the post it answers (`answered_post`, on `channel`) when it
 /// answers one: if that post is not ours as far as the message list knows yet, the fact waits
-/// for it (the applier's `find_post`), since the list may be behind the log. A reply that
+/// for it (the inbox lease looks it up), since the list may be behind the log. A reply that
 /// answers no post is unmatched at once.
 fn reply_fact(
     provider: &'static str,

@@ -298,8 +298,8 @@ impl Application {
             .context("setting up the provider clients (check MESSAGING_*_BASE_URL)")?;
         let (shutdown, shutdown_rx) = watch::channel(false);
         let metrics = Arc::new(Metrics::new().context("setting up the metrics registry")?);
-        // The projection readers, started below with the other workers.
-        let mut readers: Vec<(&'static str, WorkerStart)> = Vec::new();
+        // The workers, started once nothing can fail any more.
+        let mut workers: Vec<(&'static str, WorkerStart)> = Vec::new();
         let (store, wakeups, lock): (Arc<dyn Store>, Wakeups, _) = match backend {
             Backend::Postgres(pool) => {
                 let wakeups = spawn_listener(pool.clone(), shutdown_rx.clone());
@@ -307,24 +307,14 @@ impl Application {
                     let subscription = Subscription::new(pool.clone(), projection);
                     subscription.ensure_checkpoint().await?;
                     let (wake, stop) = (wakeups.events.clone(), shutdown_rx.clone());
-                    let name = subscription.name();
-                    readers.push((
-                        name,
-                        Box::new(move || {
-                            Box::pin(subscription.clone().run(wake.clone(), stop.clone()))
-                        }),
-                    ));
+                    workers.push(worker(subscription.name(), move || {
+                        subscription.clone().run(wake.clone(), stop.clone())
+                    }));
                 }
                 let (maintained, stop) = (pool.clone(), shutdown_rx.clone());
-                readers.push((
-                    "queue upkeep",
-                    Box::new(move || {
-                        Box::pin(crate::store::postgres::maintenance::run(
-                            maintained.clone(),
-                            stop.clone(),
-                        ))
-                    }),
-                ));
+                workers.push(worker("queue upkeep", move || {
+                    crate::store::postgres::maintenance::run(maintained.clone(), stop.clone())
+                }));
                 let store = PgStore::new(pool).with_metrics(metrics.clone());
                 (Arc::new(store), wakeups, None)
             }
@@ -336,13 +326,9 @@ impl Application {
                         .on_commit(Arc::new(move || rings.read_models()));
                     subscription.ensure_checkpoint().await?;
                     let (wake, stop) = (wakeups.events.clone(), shutdown_rx.clone());
-                    let name = subscription.name();
-                    readers.push((
-                        name,
-                        Box::new(move || {
-                            Box::pin(subscription.clone().run(wake.clone(), stop.clone()))
-                        }),
-                    ));
+                    workers.push(worker(subscription.name(), move || {
+                        subscription.clone().run(wake.clone(), stop.clone())
+                    }));
                 }
                 let store = SqliteStore::new(pools, bell).with_metrics(metrics.clone());
                 (Arc::new(store), wakeups, Some(lock))
@@ -356,21 +342,16 @@ impl Application {
             },
         )
         .context("setting up the push delivery client")?;
-        // From here nothing fails: the workers start, each supervised.
-        let mut workers = Vec::new();
-        for (name, reader) in readers {
-            workers.push(supervised(name, shutdown_rx.clone(), move || reader()));
-        }
         let scheduler = Scheduler::new(store.clone());
         let (wake, stop) = (wakeups.schedule.clone(), shutdown_rx.clone());
-        workers.push(supervised("scheduler", shutdown_rx.clone(), move || {
-            Box::pin(scheduler.clone().run(wake.clone(), stop.clone()))
+        workers.push(worker("scheduler", move || {
+            scheduler.clone().run(wake.clone(), stop.clone())
         }));
         let sender = Sender::new(store.clone(), Arc::new(providers), sender_config(config))
             .with_metrics(metrics.clone());
         let (wake, stop) = (wakeups.send_jobs.clone(), shutdown_rx.clone());
-        workers.push(supervised("sender", shutdown_rx.clone(), move || {
-            Box::pin(sender.clone().run(wake.clone(), stop.clone()))
+        workers.push(worker("sender", move || {
+            sender.clone().run(wake.clone(), stop.clone())
         }));
         let applier = Applier::new(store.clone());
         let (inbox, events, stop) = (
@@ -378,21 +359,20 @@ impl Application {
             wakeups.events.clone(),
             shutdown_rx.clone(),
         );
-        workers.push(supervised(
-            "webhook applier",
-            shutdown_rx.clone(),
-            move || {
-                Box::pin(
-                    applier
-                        .clone()
-                        .run(inbox.clone(), events.clone(), stop.clone()),
-                )
-            },
-        ));
-        let (wake, stop) = (wakeups.state_changes.clone(), shutdown_rx.clone());
-        workers.push(supervised("push", shutdown_rx.clone(), move || {
-            Box::pin(pusher.clone().run(wake.clone(), stop.clone()))
+        workers.push(worker("webhook applier", move || {
+            applier
+                .clone()
+                .run(inbox.clone(), events.clone(), stop.clone())
         }));
+        let (wake, stop) = (wakeups.state_changes.clone(), shutdown_rx.clone());
+        workers.push(worker("push", move || {
+            pusher.clone().run(wake.clone(), stop.clone())
+        }));
+        // From here nothing fails: the workers start, each supervised.
+        let workers = workers
+            .into_iter()
+            .map(|(name, start)| supervised(name, shutdown_rx.clone(), start))
+            .collect();
         let webhook_state = WebhookState {
             store: store.clone(),
             secrets: webhook_secrets,
@@ -470,6 +450,15 @@ type WorkerFuture = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Sen
 
 /// Starts a worker's run (again, after a panic).
 type WorkerStart = Box<dyn Fn() -> WorkerFuture + Send + Sync>;
+
+/// A worker by name, with what starts its run.
+fn worker<F, Fut>(name: &'static str, start: F) -> (&'static str, WorkerStart)
+where
+    F: Fn() -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    (name, Box::new(move || Box::pin(start())))
+}
 
 /// Runs a worker until it returns (at shutdown). A panic is logged and the worker started
 /// again a second later: a bug hit in one round must not stop sending, scheduling or

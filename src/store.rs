@@ -427,7 +427,8 @@ pub trait Store: Send + Sync + 'static {
     async fn release_schedules(&self, fired: &[ScheduledSend]) -> Result<(), StoreError>;
     /// The earliest time a row can be leased: the earliest `publish_at` of the rows not
     /// leased (or whose lease has expired) or the earliest expiry of a lease still held,
-    /// whichever is sooner; may be in the past. `None` when there are no rows.
+    /// whichever is sooner; may be in the past. `None` when there are no rows. Told in this
+    /// process's clock (the store's "now" may differ from it): the caller sleeps until it.
     async fn next_schedule_due(&self) -> Result<Option<DateTime<Utc>>, StoreError>;
 
     // ---- Sender ----
@@ -452,7 +453,7 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Vec<SendJob>, StoreError>;
     /// The earliest time a job can be claimed: the earliest `due_at` of the jobs not leased
     /// (or whose lease has expired) or the earliest expiry of a lease still held, whichever
-    /// is sooner; may be in the past. `None` when there are no jobs.
+    /// is sooner; may be in the past. `None` when there are no jobs. In this process's clock.
     async fn next_send_job_due(&self) -> Result<Option<DateTime<Utc>>, StoreError>;
     /// Deletes the job as `job` claimed it (the message had nothing left to send when the
     /// claim read it): only while `locked_until` is still that claim's lease, so a job the
@@ -558,7 +559,7 @@ pub trait Store: Send + Sync + 'static {
         retry_in: Duration,
     ) -> Result<(), StoreError>;
     /// The earliest `next_attempt_at` among subscriptions that are behind (may be in the
-    /// past); `None` when none is behind.
+    /// past); `None` when none is behind. In this process's clock.
     async fn next_push_due(&self) -> Result<Option<DateTime<Utc>>, StoreError>;
 
     // ---- Gauges ----

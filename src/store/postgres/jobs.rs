@@ -88,12 +88,16 @@ pub(super) async fn release_schedules(
 pub(super) async fn next_schedule_due(pool: &PgPool) -> Result<Option<DateTime<Utc>>, StoreError> {
     Ok(sqlx::query_scalar(
         // The earliest unleased (or lease-expired) row's time, or the earliest lease
-        // expiry: two index steps, not an aggregate over every row.
+        // expiry: two index steps, not an aggregate over every row. Told in this process's
+        // clock: the caller sleeps until it by its own clock, and leases by the database's,
+        // so a skew between them made it wake early and spin (or sleep up to 5 s too long).
         "SELECT least( \
            (SELECT min(publish_at) FROM scheduled_sends \
             WHERE locked_until IS NULL OR locked_until < now()), \
-           (SELECT min(locked_until) FROM scheduled_sends WHERE locked_until >= now()))",
+           (SELECT min(locked_until) FROM scheduled_sends WHERE locked_until >= now())) \
+         + ($1::timestamptz - now())",
     )
+    .bind(Utc::now())
     .fetch_one(pool)
     .await?)
 }
@@ -157,11 +161,14 @@ pub(super) async fn claim_send_jobs(
 
 pub(super) async fn next_send_job_due(pool: &PgPool) -> Result<Option<DateTime<Utc>>, StoreError> {
     Ok(sqlx::query_scalar(
+        // Told in this process's clock (see `next_schedule_due`).
         "SELECT least( \
            (SELECT min(due_at) FROM send_jobs \
             WHERE locked_until IS NULL OR locked_until < now()), \
-           (SELECT min(locked_until) FROM send_jobs WHERE locked_until >= now()))",
+           (SELECT min(locked_until) FROM send_jobs WHERE locked_until >= now())) \
+         + ($1::timestamptz - now())",
     )
+    .bind(Utc::now())
     .fetch_one(pool)
     .await?)
 }

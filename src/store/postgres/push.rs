@@ -91,9 +91,11 @@ pub(super) async fn failed(
 
 pub(super) async fn next_due(pool: &PgPool) -> Result<Option<DateTime<Utc>>, StoreError> {
     Ok(sqlx::query_scalar(
-        "SELECT min(next_attempt_at) FROM subscriptions \
+        // Told in this process's clock (see `jobs::next_schedule_due`).
+        "SELECT min(next_attempt_at) + ($1::timestamptz - now()) FROM subscriptions \
          WHERE cursor < (SELECT COALESCE(MAX(position), 0) FROM state_changes)",
     )
+    .bind(Utc::now())
     .fetch_one(pool)
     .await?)
 }

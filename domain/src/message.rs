@@ -192,7 +192,7 @@ impl Message {
                 if d.lifecycle != MessageState::Pending
                     || d.attempt_in_progress
                     || d.outcome_unknown
-                    || d.reported.is_some()
+                    || d.provider_has_it()
                 {
                     return Err(invalid());
                 }
@@ -497,6 +497,13 @@ impl MessageData {
             });
         }
         Ok(())
+    }
+
+    /// The provider has reported something about the message (any fact: SendGrid's
+    /// `processed`, which changes no state, says as much as `delivered` that it has it), so
+    /// another attempt would send it twice.
+    pub fn provider_has_it(&self) -> bool {
+        !self.seen_facts.is_empty()
     }
 
     fn unseen(&self, fact: &Fact, event: impl FnOnce() -> MessageEvent) -> Vec<MessageEvent> {

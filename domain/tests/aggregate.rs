@@ -437,6 +437,30 @@ fn a_transient_failure_keeps_the_message_pending_for_a_retry() {
 }
 
 #[test]
+fn no_retry_once_the_provider_said_it_processed_the_email() {
+    // Our record of SendGrid's answer was lost (a timeout recorded as a transient failure),
+    // but its `processed` event came: it has the email, and a retry would send it twice.
+    let m = given(vec![
+        compose(Channel::Email, Dispatch::Now),
+        MessageCommand::StartSendAttempt { now: t(1) },
+        MessageCommand::RecordSendFailure {
+            reason: "timed out".into(),
+            retry_at: Some(t(10)),
+            at: t(2),
+        },
+        MessageCommand::RecordDelivery {
+            fact: fact("p1", 3),
+            outcome: DeliveryOutcome::Processed,
+        },
+    ]);
+    assert_eq!(
+        when(&m, MessageCommand::StartSendAttempt { now: t(10) }),
+        Err(invalid("start a send attempt", MessageState::Pending))
+    );
+    assert!(m.data().expect("exists").provider_has_it());
+}
+
+#[test]
 fn the_last_failure_fails_the_message_with_its_reason() {
     let m = given(vec![
         compose(Channel::Email, Dispatch::Now),

@@ -334,7 +334,7 @@ impl Sender {
         let Some(d) = message.and_then(Message::data) else {
             return Ok(JobOutcome::Skipped);
         };
-        if d.reported.is_some() && d.sent_at.is_none() {
+        if d.provider_has_it() && d.sent_at.is_none() {
             return self.provider_has_it(id).await;
         }
         if d.attempt_in_progress {
@@ -609,13 +609,13 @@ impl Sender {
 type Attempted = (MessageId, Channel, Provider, u32);
 
 /// A message the sender may start an attempt on without looking further: pending, no attempt
-/// open, no unknown outcome, not sent, nothing reported by the provider.
+/// open, no unknown outcome, not sent, no fact from the provider (not even `processed`).
 fn ready_to_send(d: &MessageData) -> bool {
     d.lifecycle == MessageState::Pending
         && !d.attempt_in_progress
         && !d.outcome_unknown
         && d.sent_at.is_none()
-        && d.reported.is_none()
+        && !d.provider_has_it()
 }
 
 fn outgoing(d: &MessageData) -> OutgoingMessage {

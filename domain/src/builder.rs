@@ -5,7 +5,7 @@
 use crate::channel::{Channel, Provider};
 use crate::ids::ServiceId;
 use crate::tweet_text;
-use crate::values::{EmailAddress, Profile};
+use crate::values::{one_line, x_handle, EmailAddress, Profile};
 use serde::{Deserialize, Serialize};
 
 /// A field that failed validation, and what to do about it.
@@ -126,32 +126,52 @@ fn sender(service: &ServiceRef) -> Profile {
 /// Social posts without recipients go to the service's own public profile: every message has
 /// at least one recipient, as in the original system.
 fn social_recipients(service: &ServiceRef, to: Vec<Profile>) -> Result<Vec<Profile>, FieldError> {
-    for (i, p) in to.iter().enumerate() {
-        if p.username.trim().is_empty() {
-            return Err(FieldError::new(
-                format!("to[{i}].username"),
-                "must not be empty",
-            ));
-        }
-    }
-    // An X handle is stored as the service's own is, without its `@`, so that the list's
-    // `profile` filter finds it however it was typed.
-    let to: Vec<Profile> = to
-        .into_iter()
-        .map(|p| match service.channel {
-            Channel::Twitter => {
-                let handle = p.username.trim();
-                Profile::new(handle.strip_prefix('@').unwrap_or(handle), p.name)
+    let mut checked = Vec::with_capacity(to.len());
+    for (i, p) in to.into_iter().enumerate() {
+        let field = || format!("to[{i}].username");
+        let username = match service.channel {
+            // Stored as the service's own handle is, without its `@`, so that the list's
+            // `profile` filter finds it however it was typed.
+            Channel::Twitter => x_handle(&p.username)
+                .map_err(|m| FieldError::new(field(), m))?
+                .to_string(),
+            _ => {
+                let id = p.username.trim();
+                if id.is_empty() {
+                    return Err(FieldError::new(field(), "must not be empty"));
+                }
+                if id.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                    return Err(FieldError::new(
+                        field(),
+                        "a Facebook id or username has no spaces or control characters",
+                    ));
+                }
+                id.to_string()
             }
-            _ => p,
-        })
-        .collect();
+        };
+        checked.push(Profile::new(username, checked_name(i, p.name)?));
+    }
+    let to = checked;
     Ok(if to.is_empty() {
         vec![sender(service)]
     } else {
         to
     })
 }
+
+/// A recipient's display name: one line (for email it goes into the `To` header).
+fn checked_name(i: usize, name: Option<String>) -> Result<Option<String>, FieldError> {
+    match name {
+        Some(n) if !one_line(&n) => Err(FieldError::new(
+            format!("to[{i}].name"),
+            "must be one line, without control characters",
+        )),
+        name => Ok(name),
+    }
+}
+
+/// The most recipients one email may have: SendGrid refuses a message with more.
+pub const MAX_EMAIL_RECIPIENTS: usize = 1000;
 
 fn check_link(link: &Option<String>) -> Result<(), FieldError> {
     if let Some(l) = link {
@@ -189,13 +209,26 @@ impl EmailBuilder {
                 .iter()
                 .any(|seen| seen.username.eq_ignore_ascii_case(address.as_str()));
             if !repeated {
-                to.push(Profile::new(address.as_str(), p.name));
+                to.push(Profile::new(address.as_str(), checked_name(i, p.name)?));
             }
+        }
+        if to.len() > MAX_EMAIL_RECIPIENTS {
+            return Err(FieldError::new(
+                "to",
+                format!(
+                    "an email has at most {MAX_EMAIL_RECIPIENTS} recipients ({} given): \
+                     send it as several messages",
+                    to.len()
+                ),
+            ));
         }
         let subject = non_blank(input.subject)
             .ok_or_else(|| FieldError::new("subject", "an email needs a subject"))?;
-        if subject.contains(['\r', '\n']) {
-            return Err(FieldError::new("subject", "must be a single line"));
+        if !one_line(&subject) {
+            return Err(FieldError::new(
+                "subject",
+                "must be a single line, without control characters",
+            ));
         }
         let text = non_blank(input.text);
         let html = non_blank(input.html);

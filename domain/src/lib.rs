@@ -21,4 +21,4 @@ pub use event::{DeliveryOutcome, MessageEvent};
 pub use ids::{MessageId, ServiceId};
 pub use message::{Message, MessageData, MessageError};
 pub use state::MessageState;
-pub use values::{EmailAddress, Profile};
+pub use values::{one_line, x_handle, EmailAddress, Profile};

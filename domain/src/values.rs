@@ -81,6 +81,28 @@ impl fmt::Display for EmailAddress {
     }
 }
 
+/// An X handle as X allows them: 1 to 15 letters, digits or underscores; the `@` it may be
+/// typed with is not part of it.
+pub fn x_handle(raw: &str) -> Result<&str, &'static str> {
+    let raw = raw.trim();
+    let handle = raw.strip_prefix('@').unwrap_or(raw);
+    let ok = (1..=15).contains(&handle.len())
+        && handle
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if ok {
+        Ok(handle)
+    } else {
+        Err("an X handle is 1 to 15 letters, digits or underscores")
+    }
+}
+
+/// Free text meant for one line (a name, a subject): no line breaks or other control
+/// characters (a tab aside). A NUL, which PostgreSQL's text cannot hold, is one of them.
+pub fn one_line(value: &str) -> bool {
+    !value.chars().any(|c| c.is_control() && c != '\t')
+}
+
 /// A profile: someone on a network, named by the network's username (an email address, an X
 /// handle, a Facebook id). The network is the message's channel.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]

@@ -159,6 +159,68 @@ fn an_x_recipient_is_kept_without_its_at_sign() {
 }
 
 #[test]
+fn recipients_and_subjects_with_control_characters_are_refused() {
+    // A NUL in a username stopped PostgreSQL's message list for good (its text cannot hold
+    // one); a line break in a name or subject would reach an email header.
+    let post = |to: Profile| MessageInput {
+        to: vec![to],
+        text: Some("Hello".into()),
+        ..Default::default()
+    };
+    for (channel, username) in [
+        (Channel::Twitter, "a\u{0}b"),
+        (Channel::Twitter, "@"),
+        (Channel::Twitter, "a\u{1f}b"),
+        (Channel::Twitter, "sixteen_letters_"),
+        (Channel::Twitter, "bob smith"),
+        (Channel::Facebook, "a\u{0}b"),
+        (Channel::Facebook, "page id"),
+    ] {
+        let err = build_message(&service(channel), post(Profile::new(username, None)))
+            .expect_err(username);
+        assert_eq!(err.field, "to[0].username", "{channel:?} {username:?}");
+    }
+    let named = Profile::new("bob", Some("Bob\r\nBcc: x@example.org".into()));
+    let err = build_message(&service(Channel::Twitter), post(named)).unwrap_err();
+    assert_eq!(err.field, "to[0].name");
+    let email = MessageInput {
+        to: vec![Profile::new("a@example.com", Some("A\u{0}".into()))],
+        ..email_input()
+    };
+    let err = build_message(&service(Channel::Email), email).unwrap_err();
+    assert_eq!(err.field, "to[0].name");
+    let subject = MessageInput {
+        subject: Some("Hi\u{0}there".into()),
+        ..email_input()
+    };
+    let err = build_message(&service(Channel::Email), subject).unwrap_err();
+    assert_eq!(err.field, "subject");
+    let fine = post(Profile::new("Bob_Smith", Some("Bob\tSmith".into())));
+    assert!(build_message(&service(Channel::Twitter), fine).is_ok());
+}
+
+#[test]
+fn an_email_has_at_most_a_thousand_recipients() {
+    let to = |n: usize| -> Vec<Profile> {
+        (0..n)
+            .map(|i| Profile::new(format!("r{i}@example.com"), None))
+            .collect()
+    };
+    let at_limit = MessageInput {
+        to: to(1000),
+        ..email_input()
+    };
+    assert!(build_message(&service(Channel::Email), at_limit).is_ok());
+    let over = MessageInput {
+        to: to(1001),
+        ..email_input()
+    };
+    let err = build_message(&service(Channel::Email), over).unwrap_err();
+    assert_eq!(err.field, "to");
+    assert!(err.message.contains("1001 given"), "{}", err.message);
+}
+
+#[test]
 fn compose_without_dispatch_makes_a_draft() {
     let m = given(vec![compose(Channel::Email, Dispatch::Draft)]);
     assert_eq!(m.state(), Some(MessageState::Draft));

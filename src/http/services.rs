@@ -8,7 +8,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
 use axum::Router;
-use messaging_domain::{Channel, EmailAddress, Provider, ServiceId};
+use messaging_domain::{one_line, x_handle, Channel, EmailAddress, Provider, ServiceId};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -79,6 +79,12 @@ async fn create(
     if name.is_empty() {
         return Err(ApiError::field("name", "must not be empty"));
     }
+    if !one_line(name) {
+        return Err(ApiError::field(
+            "name",
+            "must be one line, without control characters",
+        ));
+    }
     let username = check_username(channel, &body.username)?;
     let credentials = body.credentials.unwrap_or_else(|| json!({}));
     // The parser the sender uses, so that what is accepted here can send: one check, not
@@ -125,21 +131,9 @@ fn check_username(channel: Channel, raw: &str) -> Result<String, ApiError> {
         Channel::Email => EmailAddress::parse(raw)
             .map(|a| a.as_str().to_string())
             .map_err(|m| ApiError::field("username", m)),
-        Channel::Twitter => {
-            let handle = raw.strip_prefix('@').unwrap_or(raw);
-            let ok = (1..=15).contains(&handle.len())
-                && handle
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '_');
-            if ok {
-                Ok(handle.to_string())
-            } else {
-                Err(ApiError::field(
-                    "username",
-                    "an X handle is 1 to 15 letters, digits or underscores",
-                ))
-            }
-        }
+        Channel::Twitter => x_handle(raw)
+            .map(str::to_string)
+            .map_err(|m| ApiError::field("username", m)),
         Channel::Facebook => {
             if !raw.is_empty() && raw.chars().all(|c| c.is_ascii_digit()) {
                 Ok(raw.to_string())

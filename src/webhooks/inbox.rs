@@ -78,7 +78,28 @@ impl FactKind {
     }
 }
 
+/// What stands in for a NUL in a provider's text: PostgreSQL's `text` and `jsonb` cannot hold
+/// one, and a batch holding one was refused whole (answered 500, re-sent and refused again).
+const NUL_STANDIN: &str = "\u{fffd}";
+
 impl InboxFact {
+    /// The facts as they can be stored: every NUL in an id or the payload (a key or a string)
+    /// replaced by U+FFFD. Borrowed when there is none, as there nearly never is.
+    pub fn storable(facts: &[InboxFact]) -> std::borrow::Cow<'_, [InboxFact]> {
+        if !facts
+            .iter()
+            .any(|f| f.event_id.contains('\0') || has_nul(&f.payload))
+        {
+            return std::borrow::Cow::Borrowed(facts);
+        }
+        let mut facts = facts.to_vec();
+        for f in &mut facts {
+            f.event_id = f.event_id.replace('\0', NUL_STANDIN);
+            without_nul(&mut f.payload);
+        }
+        std::borrow::Cow::Owned(facts)
+    }
+
     /// The status and reason its inbox row is recorded with: `pending` when it has no
     /// problem, `unmatched` with why, or `malformed` with the parse error (if the payload
     /// carries one in `_error`).
@@ -94,6 +115,30 @@ impl InboxFact {
                     .map(str::to_string),
             ),
         }
+    }
+}
+
+fn has_nul(value: &Value) -> bool {
+    match value {
+        Value::String(s) => s.contains('\0'),
+        Value::Array(items) => items.iter().any(has_nul),
+        Value::Object(map) => map.iter().any(|(k, v)| k.contains('\0') || has_nul(v)),
+        _ => false,
+    }
+}
+
+fn without_nul(value: &mut Value) {
+    match value {
+        Value::String(s) => *s = s.replace('\0', NUL_STANDIN),
+        Value::Array(items) => items.iter_mut().for_each(without_nul),
+        Value::Object(map) => {
+            let entries = std::mem::take(map);
+            for (k, mut v) in entries {
+                without_nul(&mut v);
+                map.insert(k.replace('\0', NUL_STANDIN), v);
+            }
+        }
+        _ => {}
     }
 }
 

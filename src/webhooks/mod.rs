@@ -89,7 +89,9 @@ pub async fn recorded(
     store: &dyn Store,
     facts: &[inbox::InboxFact],
 ) -> Result<(StatusCode, Json<serde_json::Value>), WebhookError> {
-    let new = store.record_webhook_facts(facts).await?;
+    let new = store
+        .record_webhook_facts(&inbox::InboxFact::storable(facts))
+        .await?;
     Ok((
         StatusCode::OK,
         Json(json!({"received": facts.len(), "new": new})),

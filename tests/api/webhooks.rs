@@ -362,6 +362,62 @@ async fn unmatched_and_malformed_input_is_kept_and_never_fails_the_batch() {
 }
 
 #[tokio::test]
+async fn provider_text_with_nul_characters_is_recorded_not_refused() {
+    // PostgreSQL's jsonb and text cannot hold a NUL: a bounce reason or a reply with one made
+    // the whole delivery fail with 500, and the provider's re-sends failed the same way.
+    let app = webhook_app().await;
+    let id = uuid::Uuid::now_v7().to_string();
+    sent_message(&app, &id, Channel::Email, "sg-1").await;
+    let now = Utc::now().timestamp();
+    let batch = json!([
+        {"event": "open", "sg_event_id": "o-1", "timestamp": now, "message_id": id,
+         "useragent": "Mail\u{0}Client"},
+        {"event": "bounce", "sg_event_id": "b\u{0}1", "timestamp": now + 1, "message_id": id,
+         "reason": "550 no\u{0}such user", "type": "bounce"}
+    ]);
+    let (status, body) = post_sendgrid(&app, batch.to_string().as_bytes()).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["new"], 2, "{body}");
+    eventually(|| async {
+        let (_, m) = app.get(&format!("/v1/messages/{id}")).await;
+        m["state"] == "bounced" && m["opens"] == 1
+    })
+    .await;
+
+    let form = reqwest::multipart::Form::new()
+        .text(
+            "headers",
+            format!("Message-ID: <nul-1@mail.example.net>\r\nIn-Reply-To: <{id}@example.com>\r\n"),
+        )
+        .text("from", "Al\u{0}ice <ali\u{0}ce@example.com>")
+        .text("subject", "Re: Hello")
+        .text("text", "Thanks\u{0}!");
+    let r = app
+        .client
+        .post(app.url("/webhooks/sendgrid/inbound"))
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    eventually(|| async {
+        let (_, inbound) = app.get("/v1/messages?direction=inbound").await;
+        inbound["items"]
+            .as_array()
+            .unwrap()
+            .first()
+            .is_some_and(|m| m["text"] == "Thanks\u{fffd}!" && m["from"]["name"] == "Al\u{fffd}ice")
+    })
+    .await;
+    // The list kept up: a message composed after them is listed.
+    let service = app.email_service().await;
+    let next = app
+        .compose_email(&service, "bob@example.com", json!({}))
+        .await;
+    app.wait_listed(next["id"].as_str().unwrap(), "draft").await;
+}
+
+#[tokio::test]
 async fn a_batch_of_a_thousand_events_is_recorded_in_one_request() {
     let app = webhook_app().await;
     let id = uuid::Uuid::now_v7().to_string();

@@ -49,7 +49,10 @@ pub(crate) fn job_changes(
     }
     let id = event.message_uuid()?;
     let changes = match event.message_event()? {
-        MessageEvent::MessageScheduled { publish_at, .. } => vec![Schedule { publish_at }],
+        // A queued message may be scheduled later (no attempt started): it leaves the queue.
+        MessageEvent::MessageScheduled { publish_at, .. } => {
+            vec![Dequeue, Schedule { publish_at }]
+        }
         MessageEvent::MessageQueued { queued_at } => {
             vec![Unschedule, Enqueue { due_at: queued_at }]
         }

@@ -336,9 +336,19 @@ fn history(n: usize) -> Log {
                 Box::new(|now| MessageCommand::StartSendAttempt { now }),
                 sent(format!("p-{i}")),
             ],
-            // A draft scheduled later: still scheduled at the end.
+            // A draft, or a queued message, scheduled later: still scheduled at the end (and
+            // no longer queued).
             6 => vec![
-                compose(service, id, i, Dispatch::Draft),
+                compose(
+                    service,
+                    id,
+                    i,
+                    if (i / 11) % 2 == 0 {
+                        Dispatch::Draft
+                    } else {
+                        Dispatch::Now
+                    },
+                ),
                 Box::new(|now| MessageCommand::Schedule {
                     publish_at: now + Duration::minutes(45),
                     now,
@@ -470,6 +480,7 @@ fn expected(events: &[Appended]) -> Expected {
         match &e.event {
             MessageEvent::MessageScheduled { publish_at, .. } => {
                 scheduled.insert(id, *publish_at);
+                jobs.remove(&id);
             }
             MessageEvent::MessageQueued { queued_at } => {
                 scheduled.remove(&id);

@@ -207,7 +207,35 @@ pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
     MIGRATOR
         .run(pool)
         .await
-        .context("applying database migrations failed")
+        .context("applying database migrations failed")?;
+    log_is_behind_the_clusters_transactions(pool).await
+}
+
+/// Refuses a log whose events carry transaction ids this cluster has not reached: a log
+/// restored from a dump into another cluster, whose counter starts lower. Readers tail the log
+/// by transaction id, so every new event would sort before their checkpoints and never be
+/// read (nothing listed, nothing sent), silently.
+async fn log_is_behind_the_clusters_transactions(pool: &PgPool) -> anyhow::Result<()> {
+    let ahead: Option<String> = sqlx::query_scalar(
+        // The newest stored id (an index step) against the next id this cluster will assign
+        // (read from a snapshot, so that checking assigns none).
+        "SELECT newest::text FROM (SELECT transaction_id AS newest FROM events \
+           ORDER BY transaction_id DESC LIMIT 1) e \
+         WHERE newest >= pg_snapshot_xmax(pg_current_snapshot())",
+    )
+    .fetch_optional(pool)
+    .await
+    .context("cannot read the event log's newest transaction id")?;
+    match ahead {
+        None => Ok(()),
+        Some(newest) => anyhow::bail!(
+            "the event log holds transaction ids up to {newest}, ahead of this PostgreSQL \
+             cluster's (a restore into another cluster?): new events would never reach the \
+             read models. Stop PostgreSQL and advance its next transaction id past {newest} \
+             (pg_resetwal --epoch and --next-transaction-id: {newest} is epoch * 2^32 + id), \
+             then start again"
+        ),
+    }
 }
 
 fn provider_config(config: &Config) -> ProviderConfig {

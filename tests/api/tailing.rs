@@ -1531,3 +1531,30 @@ async fn a_claims_late_delete_keeps_a_job_its_message_queued_again() {
     store.delete_send_job(&again[0]).await.unwrap();
     assert_eq!(jobs(pool.clone()).await, 0);
 }
+
+#[tokio::test]
+async fn a_log_with_transaction_ids_ahead_of_the_cluster_is_refused_at_start_up() {
+    // As after a restore into another cluster: the stored ids are past the ones it assigns,
+    // so every new event would sort before the readers' checkpoints and never be read.
+    let pool = migrated_pool().await;
+    messaging::startup::migrate(&pool)
+        .await
+        .expect("an empty log starts");
+    sqlx::query(
+        "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, \
+         payload, metadata, transaction_id) \
+         VALUES ('Message', 'restored', 1, 'MessageCancelled', '1', '{}', '{}', \
+                 (pg_snapshot_xmax(pg_current_snapshot())::text::bigint + 1000000)::text::xid8)",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let error = messaging::startup::migrate(&pool)
+        .await
+        .expect_err("a log ahead of the cluster is refused");
+    let message = format!("{error:#}");
+    assert!(
+        message.contains("ahead of this PostgreSQL cluster's") && message.contains("pg_resetwal"),
+        "{message}"
+    );
+}

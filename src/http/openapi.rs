@@ -109,7 +109,7 @@ impl Operation {
         let mut operation = json!({
             "tags": [self.tag],
             "summary": self.summary,
-            "operationId": format!("{} {}", self.method, self.path),
+            "operationId": operation_id(self.method, self.path),
             "parameters": parameters,
             "responses": responses,
         });
@@ -129,6 +129,18 @@ impl Operation {
     }
 }
 
+/// An identifier client generators can use: `get_v1_messages_id` for `GET
+/// /v1/messages/{id}`.
+fn operation_id(method: &str, path: &str) -> String {
+    let words = path
+        .split(|c: char| !c.is_ascii_alphanumeric())
+        .filter(|w| !w.is_empty());
+    std::iter::once(method)
+        .chain(words)
+        .collect::<Vec<_>>()
+        .join("_")
+}
+
 fn path_params(path: &str) -> impl Iterator<Item = &str> {
     path.split('/')
         .filter_map(|s| s.strip_prefix('{').and_then(|s| s.strip_suffix('}')))
@@ -143,6 +155,7 @@ fn error_name(status: u16) -> &'static str {
         400 => "BadRequest",
         401 => "Unauthorized",
         404 => "NotFound",
+        405 => "MethodNotAllowed",
         409 => "Conflict",
         413 => "PayloadTooLarge",
         415 => "UnsupportedMediaType",
@@ -152,10 +165,11 @@ fn error_name(status: u16) -> &'static str {
     }
 }
 
-const ERRORS: [(u16, &str); 9] = [
+const ERRORS: [(u16, &str); 10] = [
     (400, "malformed JSON or request"),
     (401, "missing or unknown bearer key (or a bad provider signature on webhooks)"),
     (404, "no such id (or no such route)"),
+    (405, "the route exists but does not take this method (any route)"),
     (409, "not allowed in the message's current state"),
     (413, "the body is larger than this service accepts"),
     (415, "the body is not JSON (`Content-Type: application/json`)"),
@@ -293,11 +307,11 @@ pub fn operations() -> Vec<Operation> {
         op("post", "/webhooks/sendgrid/events", "webhooks", "SendGrid Event Webhook (ECDSA-signed)")
             .public()
             .ok(200, "recorded in the inbox", None)
-            .errors(&[400, 401, 503]),
+            .errors(&[400, 401, 413, 503]),
         op("post", "/webhooks/sendgrid/inbound", "webhooks", "SendGrid Inbound Parse (`?token=`)")
             .public()
             .ok(200, "recorded in the inbox", None)
-            .errors(&[400, 401, 503]),
+            .errors(&[400, 401, 413, 503]),
         op("get", "/webhooks/twitter", "webhooks", "X CRC challenge")
             .public()
             .ok(200, "the response token", None)
@@ -305,7 +319,7 @@ pub fn operations() -> Vec<Operation> {
         op("post", "/webhooks/twitter", "webhooks", "X account activity (signed)")
             .public()
             .ok(200, "recorded in the inbox", None)
-            .errors(&[400, 401, 503]),
+            .errors(&[400, 401, 413, 503]),
         op("get", "/webhooks/facebook", "webhooks", "Facebook `hub.challenge` verification")
             .public()
             .ok(200, "the challenge", None)
@@ -313,7 +327,7 @@ pub fn operations() -> Vec<Operation> {
         op("post", "/webhooks/facebook", "webhooks", "Facebook page feed changes (X-Hub-Signature-256)")
             .public()
             .ok(200, "recorded in the inbox", None)
-            .errors(&[400, 401, 503]),
+            .errors(&[400, 401, 413, 503]),
     ]
 }
 

@@ -285,6 +285,36 @@ async fn openapi_documents_every_route_and_every_documented_operation_is_routed(
     assert!(compose["responses"]["201"].is_object(), "{compose}");
     assert!(compose["responses"]["422"].is_object(), "{compose}");
 
+    // Operation ids are identifiers client generators can use, each once; every response an
+    // operation refers to is defined.
+    let mut ids = BTreeSet::new();
+    for methods in doc["paths"].as_object().expect("paths").values() {
+        for operation in methods.as_object().expect("methods").values() {
+            let id = operation["operationId"].as_str().expect("operationId");
+            assert!(
+                !id.is_empty() && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
+                "{id}"
+            );
+            assert!(ids.insert(id.to_string()), "{id} twice");
+            for response in operation["responses"]
+                .as_object()
+                .expect("responses")
+                .values()
+            {
+                if let Some(reference) = response["$ref"].as_str() {
+                    let name = reference.trim_start_matches("#/components/responses/");
+                    assert!(
+                        doc["components"]["responses"][name].is_object(),
+                        "{id}: {reference} is not defined"
+                    );
+                }
+            }
+        }
+    }
+    let inbound = &doc["paths"]["/webhooks/sendgrid/inbound"]["post"];
+    assert!(inbound["responses"]["413"].is_object(), "{inbound}");
+    assert!(doc["components"]["responses"]["MethodNotAllowed"].is_object());
+
     // Every route in the router is documented, and nothing else is.
     let in_source = routes_in_source();
     assert!(in_source.len() > 20, "the source parse found {in_source:?}");

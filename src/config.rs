@@ -186,6 +186,20 @@ impl Config {
                 }),
             }
         };
+        // A number of which 0 (or more than `max`) cannot work: a pool of no connections, a
+        // body limit that refuses every body, a timeout that fails every call.
+        let positive =
+            |setting: &'static str, default: u64, max: u64| -> Result<u64, ConfigError> {
+                let n = number(setting, default)?;
+                if (1..=max).contains(&n) {
+                    Ok(n)
+                } else {
+                    Err(ConfigError {
+                        setting,
+                        message: format!("`{n}` is out of range: between 1 and {max}"),
+                    })
+                }
+            };
         let url = |setting: &'static str, default: &str| -> Result<String, ConfigError> {
             let value = text(setting, default);
             if value.starts_with("http://") || value.starts_with("https://") {
@@ -202,7 +216,7 @@ impl Config {
             x_base_url: url("MESSAGING_X_BASE_URL", "https://api.x.com")?,
             facebook_base_url: url("MESSAGING_FACEBOOK_BASE_URL", "https://graph.facebook.com")?,
             facebook_graph_version: text("MESSAGING_FACEBOOK_GRAPH_VERSION", "v21.0"),
-            timeout_ms: number("MESSAGING_PROVIDER_TIMEOUT_MS", 10_000)?,
+            timeout_ms: positive("MESSAGING_PROVIDER_TIMEOUT_MS", 10_000, 3_600_000)?,
             sandbox_dir: lookup("MESSAGING_SANDBOX_DIR")
                 .unwrap_or_else(|| data_dir.join("outbox").to_string_lossy().into_owned()),
         };
@@ -218,9 +232,9 @@ impl Config {
                 })?,
         };
         let sender = SenderSettings {
-            max_attempts: number("MESSAGING_SEND_MAX_ATTEMPTS", 5)?.max(1) as u32,
+            max_attempts: positive("MESSAGING_SEND_MAX_ATTEMPTS", 5, 1_000)? as u32,
             base_backoff_ms: number("MESSAGING_SEND_BACKOFF_MS", 2_000)?,
-            lease_ms: number("MESSAGING_SEND_LEASE_MS", 120_000)?,
+            lease_ms: positive("MESSAGING_SEND_LEASE_MS", 120_000, 86_400_000)?,
             per_service_rate,
         };
         let secret = |setting: &str| {
@@ -240,8 +254,9 @@ impl Config {
             data_dir,
             listen,
             api_keys,
-            max_body_bytes: number("MESSAGING_MAX_BODY_BYTES", 1024 * 1024)? as usize,
-            database_max_connections: number("MESSAGING_DATABASE_MAX_CONNECTIONS", 20)? as u32,
+            max_body_bytes: positive("MESSAGING_MAX_BODY_BYTES", 1024 * 1024, 1 << 30)? as usize,
+            database_max_connections: positive("MESSAGING_DATABASE_MAX_CONNECTIONS", 20, 10_000)?
+                as u32,
             providers,
             sender,
             webhooks,
@@ -371,6 +386,30 @@ mod tests {
             .map(|_| ())
             .unwrap_err();
         assert_eq!(err.setting, "MESSAGING_API_KEYS");
+    }
+
+    #[test]
+    fn settings_that_cannot_work_at_zero_are_refused_by_name() {
+        for setting in [
+            "MESSAGING_MAX_BODY_BYTES",
+            "MESSAGING_DATABASE_MAX_CONNECTIONS",
+            "MESSAGING_PROVIDER_TIMEOUT_MS",
+            "MESSAGING_SEND_MAX_ATTEMPTS",
+            "MESSAGING_SEND_LEASE_MS",
+        ] {
+            for bad in ["0", "4294967297"] {
+                let err = Config::from_lookup(|k| (k == setting).then(|| bad.to_string()))
+                    .map(|_| ())
+                    .expect_err(setting);
+                assert_eq!(err.setting, setting);
+                assert!(err.message.contains("between 1 and"), "{}", err.message);
+            }
+        }
+        let config = Config::from_lookup(|k| {
+            (k == "MESSAGING_DATABASE_MAX_CONNECTIONS").then(|| "1".to_string())
+        })
+        .unwrap();
+        assert_eq!(config.database_max_connections, 1);
     }
 
     #[test]

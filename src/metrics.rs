@@ -18,6 +18,9 @@ use prometheus::{
 use std::sync::Arc;
 use std::time::Duration;
 
+/// How long a scrape waits for the gauges read from the database.
+const GAUGES_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// The metrics one running service keeps.
 pub struct Metrics {
     registry: Registry,
@@ -127,12 +130,19 @@ impl Metrics {
             "messaging_metrics_database_ok",
             "1 when the gauges read from the database at this scrape could be read",
         )?;
-        match database_gauges(store).await {
-            Ok(gauges) => {
+        // Bounded well inside a scrape's timeout (Prometheus: 10 s by default): a database
+        // that hangs, or a pool with no connection free, would otherwise cost the whole
+        // scrape, the counters with it.
+        match tokio::time::timeout(GAUGES_TIMEOUT, database_gauges(store)).await {
+            Ok(Ok(gauges)) => {
                 families.extend(gauges.gather());
                 database_ok.set(1);
             }
-            Err(error) => tracing::warn!(%error, "metrics: database gauges unavailable"),
+            Ok(Err(error)) => tracing::warn!(%error, "metrics: database gauges unavailable"),
+            Err(_) => tracing::warn!(
+                timeout = ?GAUGES_TIMEOUT,
+                "metrics: database gauges unavailable: no answer in time"
+            ),
         }
         let status = Registry::new();
         status.register(Box::new(database_ok))?;

@@ -110,7 +110,11 @@ fn spawn_commit_notifier(pool: PgPool) -> Arc<tokio::sync::Notify> {
 /// The command side over `pool`. Event-store mode only: the snapshot and aggregate-store modes
 /// of cqrs-es 0.5.0 apply each event twice. No cqrs-es queries but the metrics' event
 /// counter: projections are durable subscriptions.
-fn writer(pool: &PgPool, metrics: Option<Arc<Metrics>>) -> Arc<group::Shared> {
+fn writer(
+    pool: &PgPool,
+    metrics: Option<Arc<Metrics>>,
+    committed: Arc<tokio::sync::Notify>,
+) -> Arc<group::Shared> {
     let repo = PostgresEventRepository::new(pool.clone());
     let cqrs = CqrsFramework::new(PersistedEventStore::new_event_store(repo), vec![], ());
     let cqrs = match &metrics {
@@ -121,14 +125,16 @@ fn writer(pool: &PgPool, metrics: Option<Arc<Metrics>>) -> Arc<group::Shared> {
         pool: pool.clone(),
         cqrs,
         metrics,
+        committed,
     })
 }
 
 impl PgStore {
     pub fn new(pool: PgPool) -> Self {
+        let committed = spawn_commit_notifier(pool.clone());
         Self {
-            committed: spawn_commit_notifier(pool.clone()),
-            writer: writer(&pool, None),
+            writer: writer(&pool, None, committed.clone()),
+            committed,
             group: std::sync::OnceLock::new(),
             pool,
             services: std::sync::RwLock::default(),
@@ -138,7 +144,7 @@ impl PgStore {
     /// Counts commands by type and outcome, and the events they append.
     pub fn with_metrics(self, metrics: Arc<Metrics>) -> Self {
         Self {
-            writer: writer(&self.pool, Some(metrics)),
+            writer: writer(&self.pool, Some(metrics), self.committed.clone()),
             group: std::sync::OnceLock::new(),
             ..self
         }
@@ -148,17 +154,12 @@ impl PgStore {
         &self.pool
     }
 
-    /// A client's command through the group writers; the commit notifier learns of it.
+    /// A client's command through the group writers (which ring the commit notifier).
     async fn execute_grouped(&self, id: MessageId, command: MessageCommand) -> batch::Outcome {
-        let result = self
-            .group
+        self.group
             .get_or_init(|| group::Group::start(self.writer.clone()))
             .execute(id, command)
-            .await;
-        if result.is_ok() {
-            self.committed.notify_one();
-        }
-        result
+            .await
     }
 }
 
@@ -190,7 +191,7 @@ impl Store for PgStore {
     ) -> Vec<Result<(), CommandError>> {
         let (results, _) =
             batch::execute_each(&self.writer, batch::On::Pool(&self.pool), commands).await;
-        if results.iter().any(Result::is_ok) {
+        if results.iter().any(batch::may_have_appended) {
             self.committed.notify_one();
         }
         results.into_iter().map(|r| r.map(|_| ())).collect()

@@ -1558,3 +1558,33 @@ async fn a_log_with_transaction_ids_ahead_of_the_cluster_is_refused_at_start_up(
         "{message}"
     );
 }
+
+#[tokio::test]
+async fn a_command_whose_caller_went_away_still_wakes_every_reader() {
+    // The wake-up used to be rung by the caller once it had its answer: a client that went
+    // away while its command was appended left every instance's readers to their next poll.
+    let pool = migrated_pool().await;
+    let store = PgStore::new(pool.clone());
+    let mut listener = sqlx::postgres::PgListener::connect_with(&pool)
+        .await
+        .unwrap();
+    listener.listen("events").await.unwrap();
+    // Holds the writer's INSERT back until its caller is gone.
+    let mut blocker = pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE events IN EXCLUSIVE MODE")
+        .execute(&mut *blocker)
+        .await
+        .unwrap();
+    let (id, compose) = compose_command(0, Dispatch::Draft);
+    let gone = tokio::time::timeout(Duration::from_millis(300), store.execute(id, compose)).await;
+    assert!(gone.is_err(), "the caller must go away before the append");
+    blocker.commit().await.unwrap();
+    let notified = tokio::time::timeout(Duration::from_secs(10), listener.recv()).await;
+    assert!(notified.is_ok(), "no NOTIFY events after the append");
+    let appended: i64 = sqlx::query_scalar("SELECT count(*) FROM events WHERE aggregate_id = $1")
+        .bind(id.to_string())
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(appended, 1, "the command was appended all the same");
+}

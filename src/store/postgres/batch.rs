@@ -42,6 +42,12 @@ pub(super) enum On<'a> {
 /// `None` when cqrs-es ran it (the fallback).
 pub(super) type Outcome = Result<Option<Decided>, CommandError>;
 
+/// Whether the command may have appended events: it did, or its outcome is not known (the
+/// connection broke after the INSERT was sent). A wake-up too many costs one NOTIFY.
+pub(super) fn may_have_appended(outcome: &Outcome) -> bool {
+    !matches!(outcome, Err(CommandError::Rejected(_)))
+}
+
 /// A command decided here: the message's fold it was decided against, and its new events.
 pub(super) struct Decided {
     before: Message,

@@ -40,6 +40,10 @@ pub(super) struct Shared {
     pub pool: PgPool,
     pub cqrs: MessageCqrs<PostgresEventRepository>,
     pub metrics: Option<Arc<Metrics>>,
+    /// Wakes the commit notifier. Rung by the writer, not by the caller: a caller dropped
+    /// while its group commits (a client that went away) must not leave every instance's
+    /// readers to their next poll.
+    pub committed: Arc<tokio::sync::Notify>,
 }
 
 type Answer = oneshot::Sender<batch::Outcome>;
@@ -155,6 +159,9 @@ async fn write_groups(
                     .0
             }
         };
+        if results.iter().any(batch::may_have_appended) {
+            shared.committed.notify_one();
+        }
         // A caller that went away no longer wants its answer.
         for (answer, result) in answers.into_iter().zip(results) {
             let _ = answer.send(result);

@@ -109,6 +109,9 @@ impl SqlitePools {
 pub struct SqliteEventRepository {
     write: SqlitePool,
     read: SqlitePool,
+    /// Rung at each commit, here rather than by the caller: a caller dropped after the
+    /// commit (a client that went away) would leave the readers to their next poll.
+    bell: Bell,
 }
 
 const SELECT_EVENTS: &str = "SELECT aggregate_type, aggregate_id, sequence, event_type, \
@@ -209,7 +212,9 @@ impl PersistedEventRepository for SqliteEventRepository {
             .await
             .map_err(conflict)?;
         }
-        tx.commit().await.map_err(conflict)
+        tx.commit().await.map_err(conflict)?;
+        self.bell.events();
+        Ok(())
     }
 
     async fn stream_events<A: Aggregate>(
@@ -266,17 +271,14 @@ impl SqliteStore {
         id: MessageId,
         command: MessageCommand,
     ) -> Result<(), CommandError> {
-        let result = execute(&self.cqrs, self.metrics.as_deref(), id, command).await;
-        if result.is_ok() {
-            self.bell.events();
-        }
-        result
+        execute(&self.cqrs, self.metrics.as_deref(), id, command).await
     }
 
     pub fn new(pools: SqlitePools, bell: Bell) -> Self {
         let repo = SqliteEventRepository {
             write: pools.write.clone(),
             read: pools.read.clone(),
+            bell: bell.clone(),
         };
         let cqrs = CqrsFramework::new(PersistedEventStore::new_event_store(repo), vec![], ());
         Self {

@@ -1,18 +1,28 @@
-//! Fault tests: the real binary killed with SIGKILL while it sends and ingests, then restarted;
-//! two instances on one database with one killed mid-load. Nothing accepted is lost; a send is
-//! doubled only where the crash cut a provider call short, and then it shows in the history.
+//! Fault tests: the real binary killed with SIGKILL while composes, webhooks and provider calls
+//! are in flight, then restarted; two instances on one database with one killed mid-load.
+//!
+//! Clients and the provider behave as real ones do: a compose that got no answer is sent again
+//! with its `Idempotency-Key`, a webhook delivery that got no 2xx is delivered again, and the
+//! provider answers slowly enough that the kill cuts calls. Then: every compose made exactly
+//! one message, every provider fact is recorded once, every message is sent once, and a second
+//! provider call happens only for a call the kill cut, and the history says so.
 
 use crate::helpers::*;
+use futures::StreamExt;
 use messaging::webhooks::verify::sendgrid_test_signature;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
-use wiremock::matchers::{method, path};
+use wiremock::matchers::{header, method, path};
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
 const SCALAR: [u8; 32] = [5; 32];
+/// How long the stand-in SendGrid takes to answer: calls are in flight when the kill comes.
+const PROVIDER_DELAY: Duration = Duration::from_millis(400);
+/// Composes sent at once by the test's clients.
+const CLIENTS: usize = 8;
 
 struct Instance {
     child: Child,
@@ -38,8 +48,8 @@ impl Instance {
             .env("MESSAGING_SENDGRID_WEBHOOK_PUBLIC_KEY", public_key)
             .env("MESSAGING_SEND_LEASE_MS", "2000")
             // A killed instance's open attempts are recovered once no call can still be
-            // running (four waves of three provider timeouts, and 5 s): the stand-in answers
-            // at once, so a short timeout keeps that wait short.
+            // running (four waves of three provider timeouts, and 5 s): a short timeout keeps
+            // that wait short.
             .env("MESSAGING_PROVIDER_TIMEOUT_MS", "1000")
             .env("MESSAGING_DATABASE_MAX_CONNECTIONS", "8")
             .env("MESSAGING_SEND_BACKOFF_MS", "200")
@@ -82,39 +92,105 @@ impl Drop for Instance {
     }
 }
 
-async fn compose(client: &reqwest::Client, base: &str, service: &str, i: usize) -> Option<String> {
+/// Composes message `key` (its `Idempotency-Key` and its body depend on it alone); the id when
+/// the service answered 201, `None` when it gave no answer (the instance died).
+async fn compose(
+    client: &reqwest::Client,
+    base: &str,
+    service: &str,
+    key: usize,
+) -> Option<String> {
     let r = client
         .post(format!("{base}/v1/messages"))
         .bearer_auth(API_KEY)
+        .header("Idempotency-Key", format!("fault-{key}"))
         .json(
-            &json!({"service_id": service, "to": [{"username": format!("p{i}@example.com")}],
+            &json!({"service_id": service, "to": [{"username": format!("p{key}@example.com")}],
                       "subject": "Hi", "text": "Hello", "send": true}),
         )
         .send()
         .await
         .ok()?;
-    (r.status() == StatusCode::CREATED).then_some(())?;
+    // An answer is either success or a bug: only a missing answer may be retried.
+    assert_eq!(r.status(), StatusCode::CREATED, "compose {key}");
     let body: Value = r.json().await.ok()?;
-    body["id"].as_str().map(str::to_string)
+    Some(body["id"].as_str().expect("an id").to_string())
 }
 
-async fn post_opens(client: &reqwest::Client, base: &str, ids: &[String], batch: usize) -> bool {
+/// Composes every key on its instance, [`CLIENTS`] at a time; the answers by key.
+async fn compose_all(
+    client: reqwest::Client,
+    service: String,
+    keys: Vec<(usize, String)>,
+) -> BTreeMap<usize, Option<String>> {
+    futures::stream::iter(keys)
+        .map(|(key, base)| {
+            let (client, service) = (client.clone(), service.clone());
+            async move { (key, compose(&client, &base, &service, key).await) }
+        })
+        .buffer_unordered(CLIENTS)
+        .collect()
+        .await
+}
+
+/// Sends again, to `base`, every compose that got no answer; the id of every key.
+async fn retry_unanswered(
+    client: &reqwest::Client,
+    base: &str,
+    service: &str,
+    answers: BTreeMap<usize, Option<String>>,
+) -> BTreeMap<usize, String> {
+    let mut ids = BTreeMap::new();
+    for (key, answer) in answers {
+        let id = match answer {
+            Some(id) => id,
+            None => compose(client, base, service, key)
+                .await
+                .expect("the surviving instance answers"),
+        };
+        ids.insert(key, id);
+    }
+    ids
+}
+
+/// A SendGrid Event Webhook delivery: open events for `ids`, each its own `sg_event_id`.
+struct Delivery {
+    body: Vec<u8>,
+    opens: Vec<(String, String)>,
+}
+
+fn opens_delivery(ids: &[String], batch: usize) -> Delivery {
     let now = chrono::Utc::now().timestamp();
-    let events: Vec<Value> = ids
+    let opens: Vec<(String, String)> = ids
         .iter()
-        .map(|id| json!({"event": "open", "sg_event_id": format!("open-{batch}-{id}"), "timestamp": now, "message_id": id}))
+        .map(|id| (format!("open-{batch}-{id}"), id.clone()))
         .collect();
-    let body = serde_json::to_vec(&events).unwrap();
-    let timestamp = now.to_string();
-    let (_, signature) = sendgrid_test_signature(&SCALAR, &timestamp, &body).unwrap();
-    client
+    let events: Vec<Value> = opens
+        .iter()
+        .map(|(event_id, id)| json!({"event": "open", "sg_event_id": event_id, "timestamp": now, "message_id": id}))
+        .collect();
+    Delivery {
+        body: serde_json::to_vec(&events).unwrap(),
+        opens,
+    }
+}
+
+/// Whether the instance acknowledged the delivery (2xx); any other answer is a bug.
+async fn deliver(client: &reqwest::Client, base: &str, delivery: &Delivery) -> bool {
+    let timestamp = chrono::Utc::now().timestamp().to_string();
+    let (_, signature) = sendgrid_test_signature(&SCALAR, &timestamp, &delivery.body).unwrap();
+    let Ok(r) = client
         .post(format!("{base}/webhooks/sendgrid/events"))
         .header("X-Twilio-Email-Event-Webhook-Signature", signature)
         .header("X-Twilio-Email-Event-Webhook-Timestamp", timestamp)
-        .body(body)
+        .body(delivery.body.clone())
         .send()
         .await
-        .is_ok_and(|r| r.status().is_success())
+    else {
+        return false;
+    };
+    assert!(r.status().is_success(), "webhook answered {}", r.status());
+    true
 }
 
 async fn sendgrid_service(client: &reqwest::Client, base: &str) -> String {
@@ -134,16 +210,19 @@ async fn sendgrid_service(client: &reqwest::Client, base: &str) -> String {
         .to_string()
 }
 
+/// SendGrid's mail send, answering after [`PROVIDER_DELAY`]; only with the service's key.
 async fn sendgrid() -> MockServer {
     let server = MockServer::start().await;
     Mock::given(method("POST"))
         .and(path("/v3/mail/send"))
-        .respond_with(ResponseTemplate::new(202).set_delay(Duration::from_millis(30)))
+        .and(header("authorization", "Bearer SG.k"))
+        .respond_with(ResponseTemplate::new(202).set_delay(PROVIDER_DELAY))
         .mount(&server)
         .await;
     server
 }
 
+/// The calls the stand-in received (answered or not yet), by message id.
 async fn calls_per_message(server: &MockServer) -> HashMap<String, usize> {
     let mut calls = HashMap::new();
     for r in server.received_requests().await.unwrap() {
@@ -160,147 +239,262 @@ async fn calls_per_message(server: &MockServer) -> HashMap<String, usize> {
     calls
 }
 
-/// Waits until every accepted message is sent and every acknowledged open applied, then
-/// checks that nothing was lost or doubled beyond what a cut provider call explains.
-async fn check(pool: &sqlx::AnyPool, server: &MockServer, accepted: &[String], opens: &[String]) {
-    // Facts the killed instance had leased wait for their lease (60 s) to run out before
-    // another instance applies them: seen once in a full run, the check gave up at 60 s with
-    // ten facts pending that were applied a moment later.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
-    loop {
-        let sent: i64 = sqlx::query_scalar(
-            "SELECT count(DISTINCT aggregate_id) FROM events WHERE event_type = 'MessageSent'",
-        )
+async fn ids_with(pool: &sqlx::AnyPool, event_type: &str) -> Vec<String> {
+    sqlx::query_scalar("SELECT aggregate_id FROM events WHERE event_type = $1")
+        .bind(event_type)
+        .fetch_all(pool)
+        .await
+        .unwrap()
+}
+
+/// Messages whose provider call was received but whose outcome is not recorded: after a
+/// kill, the calls it cut.
+async fn unanswered_calls(pool: &sqlx::AnyPool, server: &MockServer) -> BTreeSet<String> {
+    let sent: BTreeSet<String> = ids_with(pool, "MessageSent").await.into_iter().collect();
+    calls_per_message(server)
+        .await
+        .into_keys()
+        .filter(|id| !sent.contains(id))
+        .collect()
+}
+
+async fn count_of(pool: &sqlx::AnyPool, id: &str, event_type: &str) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM events WHERE aggregate_id = $1 AND event_type = $2")
+        .bind(id)
+        .bind(event_type)
         .fetch_one(pool)
         .await
-        .unwrap();
+        .unwrap()
+}
+
+/// Attempts recovered after their instance died, for `id`.
+async fn recovered(pool: &sqlx::AnyPool, id: &str) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM events WHERE aggregate_id = $1 AND event_type = 'SendAttemptFailed' \
+         AND CAST(payload AS TEXT) LIKE '%sender stopped%'",
+    )
+    .bind(id)
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+/// Waits until every message is sent and every fact applied, then checks that each compose
+/// made one message, each is sent once, each acknowledged open is recorded once, and a second
+/// provider call went only to a message whose first call a kill cut (its history says so).
+async fn check(
+    pool: &sqlx::AnyPool,
+    servers: &[&MockServer],
+    ids: &BTreeMap<usize, String>,
+    opens: &BTreeMap<String, String>,
+) {
+    // Facts the killed instance had leased wait for their lease (60 s) to run out before
+    // another instance applies them (a run then takes about 62 s here).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let sent = ids_with(pool, "MessageSent").await.len();
         let pending: i64 =
             sqlx::query_scalar("SELECT count(*) FROM webhook_inbox WHERE status = 'pending'")
                 .fetch_one(pool)
                 .await
                 .unwrap();
-        if sent as usize >= accepted.len() && pending == 0 {
+        if sent >= ids.len() && pending == 0 {
             break;
         }
         assert!(
             tokio::time::Instant::now() < deadline,
             "{sent} of {} sent, {pending} facts pending",
-            accepted.len()
+            ids.len()
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    // Every accepted compose is in the log exactly once.
-    let composed: Vec<String> =
-        sqlx::query_scalar("SELECT aggregate_id FROM events WHERE event_type = 'MessageComposed'")
-            .fetch_all(pool)
-            .await
-            .unwrap();
-    for id in accepted {
-        assert_eq!(
-            composed.iter().filter(|c| *c == id).count(),
-            1,
-            "{id} composed once"
-        );
-    }
-    // Every send reached the provider; a second call only where a crash cut the first short,
-    // and the history says so.
-    let calls = calls_per_message(server).await;
-    for id in accepted {
-        let n = calls.get(id).copied().unwrap_or(0);
-        assert!(n >= 1, "{id} never reached the provider");
-        if n > 1 {
-            let recovered: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM events WHERE aggregate_id = $1 AND event_type = 'SendAttemptFailed' \
-                 AND CAST(payload AS TEXT) LIKE '%sender stopped%'",
-            )
-            .bind(id)
-            .fetch_one(pool)
-            .await
-            .unwrap();
-            assert!(
-                recovered >= 1,
-                "{id} sent {n} times without a recorded crash"
-            );
+    // One message per compose, retries included, and no other.
+    let messages: BTreeSet<&String> = ids.values().collect();
+    assert_eq!(messages.len(), ids.len(), "two composes made one message");
+    let mut composed = ids_with(pool, "MessageComposed").await;
+    composed.sort();
+    let mut expected: Vec<String> = messages.iter().map(|id| id.to_string()).collect();
+    expected.sort();
+    assert_eq!(composed, expected, "the log's messages are the composes'");
+
+    let mut calls: HashMap<String, usize> = HashMap::new();
+    for server in servers {
+        for (id, n) in calls_per_message(server).await {
+            *calls.entry(id).or_default() += n;
         }
     }
-    let doubled = calls.values().filter(|n| **n > 1).count();
-    assert!(
-        doubled <= 32,
-        "{doubled} doubled: more than the calls in flight at a kill"
-    );
-    // Every acknowledged webhook fact was recorded and applied.
-    for id in opens {
-        let opened: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM events WHERE aggregate_id = $1 AND event_type = 'OpenRecorded'",
-        )
-        .bind(id)
-        .fetch_one(pool)
-        .await
-        .unwrap();
-        assert!(opened >= 1, "the acknowledged open for {id} was lost");
+    for id in &expected {
+        assert_eq!(count_of(pool, id, "MessageSent").await, 1, "{id} sent once");
+        let n = calls.get(id).copied().unwrap_or(0);
+        assert!(n >= 1, "{id} never reached the provider");
+        let recovered = recovered(pool, id).await;
+        assert!(
+            n as i64 <= 1 + recovered,
+            "{id}: {n} provider calls, {recovered} cut by a kill"
+        );
+    }
+    // Each acknowledged open once: re-deliveries and the kill changed nothing.
+    let mut want: HashMap<&str, i64> = HashMap::new();
+    for id in opens.values() {
+        *want.entry(id.as_str()).or_default() += 1;
+    }
+    for (id, n) in want {
+        assert_eq!(
+            count_of(pool, id, "OpenRecorded").await,
+            n,
+            "opens recorded for {id}"
+        );
+    }
+}
+
+/// Waits (at most 20 s) until `ready` says the load is where the kill should cut it.
+async fn until<F, Fut>(what: &str, mut ready: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !ready().await {
+        assert!(tokio::time::Instant::now() < deadline, "never {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
 #[tokio::test]
 async fn killed_mid_load_and_restarted_loses_nothing_and_doubles_only_cut_calls() {
-    let server = sendgrid().await;
+    let server = std::sync::Arc::new(sendgrid().await);
     let url = fresh_database().await;
     let client = reqwest::Client::new();
     let first = Instance::start(&url, &server.uri()).await;
+    // After the start: on SQLite the service creates the file.
+    let pool = any_pool(&url).await;
     let service = sendgrid_service(&client, &first.base).await;
 
-    let mut accepted = Vec::new();
-    let mut acknowledged_opens = Vec::new();
-    for i in 0..120 {
-        if let Some(id) = compose(&client, &first.base, &service, i).await {
-            accepted.push(id);
-        }
-        if i % 20 == 19 {
-            // Providers report on what they received: opens for messages SendGrid has.
-            let received = calls_per_message(&server).await;
-            let batch: Vec<String> = accepted
-                .iter()
-                .filter(|id| received.contains_key(*id))
-                .rev()
-                .take(10)
-                .cloned()
-                .collect();
-            if post_opens(&client, &first.base, &batch, i).await {
-                acknowledged_opens.extend(batch);
+    // Composes, 8 at a time, while webhook deliveries report opens of what SendGrid has.
+    let keys = (0..240).map(|k| (k, first.base.clone())).collect();
+    let composing = tokio::spawn(compose_all(client.clone(), service.clone(), keys));
+    let (stop_posting, mut stopped) = tokio::sync::watch::channel(false);
+    let acknowledged_deliveries = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let posting = {
+        let (client, base, server) = (client.clone(), first.base.clone(), server.clone());
+        let counted = acknowledged_deliveries.clone();
+        tokio::spawn(async move {
+            let mut deliveries = Vec::new();
+            let mut batch = 0;
+            while !*stopped.borrow_and_update() {
+                let received = calls_per_message(&server).await;
+                let ids: Vec<String> = received.into_keys().take(10).collect();
+                if !ids.is_empty() {
+                    let delivery = opens_delivery(&ids, batch);
+                    let acknowledged = deliver(&client, &base, &delivery).await;
+                    if acknowledged {
+                        counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    }
+                    deliveries.push((delivery, acknowledged));
+                    batch += 1;
+                }
+                let _ = tokio::time::timeout(Duration::from_millis(50), stopped.changed()).await;
             }
-        }
-    }
+            deliveries
+        })
+    };
+    // Cut mid-load: composes answered and still coming, provider calls open.
+    let (p, s, d) = (&pool, server.as_ref(), &acknowledged_deliveries);
+    until("calls in flight after webhook deliveries", || async move {
+        d.load(std::sync::atomic::Ordering::SeqCst) >= 3 && unanswered_calls(p, s).await.len() >= 3
+    })
+    .await;
     first.kill();
+    let cut = unanswered_calls(&pool, &server).await;
+    assert!(!cut.is_empty(), "the kill cut no provider call");
+    stop_posting.send(true).unwrap();
+    let answers = composing.await.unwrap();
+    let deliveries = posting.await.unwrap();
+    let unanswered = answers.values().filter(|a| a.is_none()).count();
+    assert!(
+        unanswered > 0 && unanswered < answers.len(),
+        "the kill came mid-load: {unanswered} of {} composes unanswered",
+        answers.len()
+    );
 
+    // The restarted service takes the clients' and the provider's retries, and more load.
     let second = Instance::start(&url, &server.uri()).await;
-    for i in 120..160 {
-        if let Some(id) = compose(&client, &second.base, &service, i).await {
-            accepted.push(id);
+    let mut ids = retry_unanswered(&client, &second.base, &service, answers).await;
+    let mut opens = BTreeMap::new();
+    for (delivery, acknowledged) in &deliveries {
+        if !acknowledged {
+            assert!(deliver(&client, &second.base, delivery).await);
+        }
+        opens.extend(delivery.opens.iter().cloned());
+    }
+    assert!(!opens.is_empty(), "no webhook delivery was made");
+    let redelivered = deliveries.iter().filter(|(_, ack)| !ack).count();
+    eprintln!(
+        "at the kill: {} calls cut, {unanswered} of {} composes unanswered; \
+         {} webhook deliveries, {redelivered} delivered again",
+        cut.len(),
+        ids.len(),
+        deliveries.len()
+    );
+    let more = (240..280).map(|k| (k, second.base.clone())).collect();
+    for (key, id) in compose_all(client.clone(), service.clone(), more).await {
+        ids.insert(key, id.expect("the restarted instance answers"));
+    }
+    check(&pool, &[&server], &ids, &opens).await;
+    // Each cut call's message was sent once all the same: called again after its recovery,
+    // or recorded as sent without a second call because SendGrid had reported on it.
+    let reported: BTreeSet<&String> = opens.values().collect();
+    for id in &cut {
+        match calls_per_message(&server).await.get(id).copied() {
+            Some(2) => assert_eq!(recovered(&pool, id).await, 1, "{id} recovered once"),
+            Some(1) => assert!(reported.contains(id), "{id}: one call, yet sent"),
+            calls => panic!("{id}: {calls:?} calls"),
         }
     }
-    let pool = any_pool(&url).await;
-    check(&pool, &server, &accepted, &acknowledged_opens).await;
     drop(second);
 }
 
 #[tokio::test]
 async fn two_instances_on_one_postgres_with_one_killed_mid_load_send_everything() {
-    let server = sendgrid().await;
+    // Each instance its own stand-in: what the survivor sent of the killed one's work shows.
+    let (server_a, server_b) = (sendgrid().await, sendgrid().await);
     let url = fresh_postgres_database().await;
-    let client = reqwest::Client::new();
-    let a = Instance::start(&url, &server.uri()).await;
-    let b = Instance::start(&url, &server.uri()).await;
-    let service = sendgrid_service(&client, &a.base).await;
-    let mut accepted = Vec::new();
-    for i in 0..200 {
-        // Alternate: both instances take commands and both send.
-        let base = if i % 2 == 0 { &a.base } else { &b.base };
-        if let Some(id) = compose(&client, base, &service, i).await {
-            accepted.push(id);
-        }
-    }
-    a.kill();
     let pool = any_pool(&url).await;
-    check(&pool, &server, &accepted, &[]).await;
+    let client = reqwest::Client::new();
+    let a = Instance::start(&url, &server_a.uri()).await;
+    let b = Instance::start(&url, &server_b.uri()).await;
+    let service = sendgrid_service(&client, &a.base).await;
+    // Alternate: both instances take commands and both send.
+    let keys = (0..300)
+        .map(|k| (k, if k % 2 == 0 { &a.base } else { &b.base }.clone()))
+        .collect();
+    let composing = tokio::spawn(compose_all(client.clone(), service.clone(), keys));
+    let (p, s) = (&pool, &server_a);
+    until("calls in flight on the instance to kill", || async move {
+        unanswered_calls(p, s).await.len() >= 3
+    })
+    .await;
+    a.kill();
+    let cut = unanswered_calls(&pool, &server_a).await;
+    assert!(!cut.is_empty(), "the kill cut no provider call");
+    let answers = composing.await.unwrap();
+    assert!(
+        answers.values().any(Option::is_none),
+        "the kill came mid-load"
+    );
+    let unanswered = answers.values().filter(|a| a.is_none()).count();
+    eprintln!(
+        "at the kill: {} calls cut on A, {unanswered} of {} composes unanswered",
+        cut.len(),
+        answers.len()
+    );
+    let ids = retry_unanswered(&client, &b.base, &service, answers).await;
+    check(&pool, &[&server_a, &server_b], &ids, &BTreeMap::new()).await;
+    // The survivor finished the killed instance's cut calls (no fact said SendGrid had them).
+    let by_b = calls_per_message(&server_b).await;
+    for id in &cut {
+        assert!(by_b.contains_key(id), "{id}, cut on A, never sent by B");
+        assert_eq!(recovered(&pool, id).await, 1, "{id} recovered once");
+    }
     drop(b);
 }

@@ -219,6 +219,10 @@ async fn cancel_after_the_provider_call_started_is_409() {
     // A provider that takes its time: the call is in flight while the user cancels.
     let sendgrid = wiremock::MockServer::start().await;
     wiremock::Mock::given(wiremock::matchers::path("/v3/mail/send"))
+        .and(wiremock::matchers::header(
+            "authorization",
+            "Bearer SG.secret-value",
+        ))
         .respond_with(
             wiremock::ResponseTemplate::new(202).set_delay(std::time::Duration::from_millis(1200)),
         )
@@ -242,6 +246,9 @@ async fn cancel_after_the_provider_call_started_is_409() {
         .post(&format!("/v1/messages/{id}/cancel"), json!({}))
         .await;
     assert_error(status, &body, StatusCode::CONFLICT, "invalid_transition");
+    // Refused while the call was still in flight, not because it had already finished.
+    let (_, m) = app.get(&format!("/v1/messages/{id}")).await;
+    assert_eq!(m["state"], "pending", "{m}");
     eventually(|| async {
         let (_, m) = app.get(&format!("/v1/messages/{id}")).await;
         m["state"] == "sent"

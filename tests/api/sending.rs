@@ -5,7 +5,9 @@ use crate::helpers::*;
 use chrono::{DateTime, Duration, Utc};
 use serde_json::{json, Value};
 use std::collections::HashMap;
-use wiremock::matchers::{body_json, body_partial_json, header, method, path};
+use wiremock::matchers::{
+    body_json, body_partial_json, body_string_contains, header, method, path,
+};
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
 async fn wait_message(app: &TestApp, id: &str, done: impl Fn(&Value) -> bool) -> Value {
@@ -203,6 +205,7 @@ async fn an_x_post_answered_by_a_gateways_502_is_an_unknown_outcome_not_a_retry(
     // The post may exist behind a gateway's 502: posting again could make it twice.
     Mock::given(method("POST"))
         .and(path("/2/tweets"))
+        .and(header("authorization", "Bearer x-secret-token"))
         .respond_with(ResponseTemplate::new(502).set_body_string("Bad Gateway"))
         .expect(1)
         .mount(&x)
@@ -303,6 +306,7 @@ async fn an_unknown_outcome_settled_as_not_posted_is_sent_again() {
     let service = app.create_service("twitter", "x", "ourbrand").await;
     Mock::given(method("POST"))
         .and(path("/2/tweets"))
+        .and(header("authorization", "Bearer x-secret-token"))
         .respond_with(ResponseTemplate::new(201).set_delay(std::time::Duration::from_secs(2)))
         .up_to_n_times(1)
         .expect(1)
@@ -311,6 +315,7 @@ async fn an_unknown_outcome_settled_as_not_posted_is_sent_again() {
         .await;
     Mock::given(method("POST"))
         .and(path("/2/tweets"))
+        .and(header("authorization", "Bearer x-secret-token"))
         .and(body_json(json!({"text": "Second try"})))
         .respond_with(
             ResponseTemplate::new(201)
@@ -378,6 +383,7 @@ async fn a_facebook_post_goes_to_the_page_feed_and_records_the_post_id() {
         .await;
     Mock::given(method("POST"))
         .and(path("/v21.0/104857600123456/feed"))
+        .and(body_string_contains("access_token=fb-secret-token"))
         .respond_with(
             ResponseTemplate::new(200)
                 .set_body_json(json!({"id": "104857600123456_998877665544332"})),
@@ -428,6 +434,7 @@ async fn a_facebook_reply_is_a_comment_on_the_object_it_answers_not_a_new_post()
     let answered = "104857600123456_998877665544332";
     Mock::given(method("POST"))
         .and(path(format!("/v21.0/{answered}/comments")))
+        .and(body_string_contains("access_token=fb-secret-token"))
         .respond_with(
             ResponseTemplate::new(200).set_body_json(json!({"id": "998877665544332_4242"})),
         )
@@ -502,10 +509,11 @@ async fn a_scheduled_email_is_sent_at_its_time_and_a_cancelled_one_never() {
     let m = wait_message(&app, &sent, |m| m["state"] == "sent").await;
     let started = time(&history_of(&m, "SendAttemptStarted")[0]["occurred_at"]);
     assert!(started >= publish_at, "called the provider before its time");
-    // Generous bound: the precise lateness is a benchmark figure.
+    // Woken for its time, not found by the scheduler's 5 s safety-net look (the precise
+    // lateness is a benchmark figure, not a test's).
     assert!(
-        started - publish_at < Duration::milliseconds(1500),
-        "{} late",
+        started - publish_at < Duration::seconds(5),
+        "{} late: not woken for its time",
         started - publish_at
     );
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
@@ -519,6 +527,7 @@ async fn two_instances_on_one_postgres_send_each_of_thousands_of_queued_messages
     let sendgrid = MockServer::start().await;
     Mock::given(method("POST"))
         .and(path("/v3/mail/send"))
+        .and(header("authorization", "Bearer SG.secret-value"))
         .respond_with(ResponseTemplate::new(202))
         .mount(&sendgrid)
         .await;
@@ -623,6 +632,7 @@ async fn one_busy_account_does_not_starve_another() {
     let sendgrid = MockServer::start().await;
     Mock::given(method("POST"))
         .and(path("/v3/mail/send"))
+        .and(header("authorization", "Bearer SG.secret-value"))
         .respond_with(ResponseTemplate::new(202))
         .mount(&sendgrid)
         .await;
@@ -711,6 +721,7 @@ async fn a_services_send_rate_paces_the_provider_calls_themselves() {
     let stamps = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     Mock::given(method("POST"))
         .and(path("/v3/mail/send"))
+        .and(header("authorization", "Bearer SG.secret-value"))
         .respond_with(Stamped(stamps.clone()))
         .mount(&sendgrid)
         .await;
@@ -780,6 +791,7 @@ async fn rebuilding_delivery_on_one_postgres_during_a_slow_send_never_sends_twic
     let sendgrid = MockServer::start().await;
     Mock::given(method("POST"))
         .and(path("/v3/mail/send"))
+        .and(header("authorization", "Bearer SG.secret-value"))
         .respond_with(ResponseTemplate::new(202).set_delay(std::time::Duration::from_secs(3)))
         .mount(&sendgrid)
         .await;

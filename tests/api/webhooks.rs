@@ -745,6 +745,17 @@ async fn an_x_reply_that_comes_before_its_post_is_listed_waits_for_it() {
     let app = webhook_app().await;
     // No post of ours with that id is listed yet (the list is behind, or being rebuilt).
     assert_eq!(post_x_reply(&app).await["new"], 1);
+    // Once the applier has looked at it: waiting, not unmatched.
+    eventually(|| async {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM webhook_inbox WHERE status = 'pending' AND waiting",
+        )
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+        waiting == 1
+    })
+    .await;
     let (_, problems) = app.get("/v1/webhooks/unmatched").await;
     assert_eq!(problems["items"], json!([]), "waiting, not unmatched");
 

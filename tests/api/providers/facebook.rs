@@ -1,7 +1,7 @@
 //! Facebook Graph page posts.
 
 use super::*;
-use wiremock::matchers::{method, path, query_param_is_missing};
+use wiremock::matchers::{body_string_contains, method, path, query_param_is_missing};
 use wiremock::{Match, Mock, MockServer, Request, ResponseTemplate};
 
 fn facebook_account() -> Account {
@@ -82,6 +82,7 @@ async fn facebook_400_is_permanent_with_the_error_message() {
     let server = MockServer::start().await;
     Mock::given(method("POST"))
         .and(path("/v21.0/546349135390552/feed"))
+        .and(body_string_contains("access_token=EAAB-page-token"))
         .respond_with(ResponseTemplate::new(400).set_body_json(json!({"error": {
             "message": "(#200) The user hasn't authorized the application to perform this action",
             "type": "OAuthException",
@@ -128,6 +129,7 @@ async fn facebook_rate_limit_code_is_transient_and_waits_as_graph_says() {
         }
         Mock::given(method("POST"))
             .and(path("/v21.0/546349135390552/feed"))
+            .and(body_string_contains("access_token=EAAB-page-token"))
             .respond_with(answer)
             .expect(1)
             .mount(&server)
@@ -152,6 +154,7 @@ async fn facebook_timeout_after_sending_is_ambiguous() {
     let server = MockServer::start().await;
     Mock::given(method("POST"))
         .and(path("/v21.0/546349135390552/feed"))
+        .and(body_string_contains("access_token=EAAB-page-token"))
         .respond_with(
             ResponseTemplate::new(200)
                 .set_body_json(json!({"id": "1_2"}))
@@ -189,6 +192,7 @@ async fn facebook_500_that_says_it_is_transient_is_retried_and_a_bare_500_is_unk
         let server = MockServer::start().await;
         Mock::given(method("POST"))
             .and(path("/v21.0/546349135390552/feed"))
+            .and(body_string_contains("access_token=EAAB-page-token"))
             .respond_with(ResponseTemplate::new(500).set_body_json(body))
             .expect(1)
             .mount(&server)

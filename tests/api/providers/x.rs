@@ -179,6 +179,7 @@ async fn x_timeout_after_sending_is_ambiguous() {
     let server = MockServer::start().await;
     Mock::given(method("POST"))
         .and(path("/2/tweets"))
+        .and(header("authorization", "Bearer x-bearer-token"))
         .respond_with(x_created("1", "late").set_delay(Duration::from_secs(3)))
         .expect(1)
         .mount(&server)
@@ -205,6 +206,7 @@ async fn x_429_uses_the_rate_limit_reset_time() {
         .as_secs();
     Mock::given(method("POST"))
         .and(path("/2/tweets"))
+        .and(header("authorization", "Bearer x-bearer-token"))
         .respond_with(
             ResponseTemplate::new(429)
                 .insert_header("x-rate-limit-reset", (now + 600).to_string().as_str())
@@ -239,6 +241,7 @@ async fn x_403_is_permanent_with_the_detail() {
     let server = MockServer::start().await;
     Mock::given(method("POST"))
         .and(path("/2/tweets"))
+        .and(header("authorization", "Bearer x-bearer-token"))
         .respond_with(ResponseTemplate::new(403).set_body_json(json!({
             "title": "Forbidden",
             "detail": "You are not allowed to create a Tweet with duplicate content.",

@@ -341,6 +341,9 @@ fn print_table(figures: &[Figure], errors: &[String]) {
             println!("{:<10}   {note}", "");
         }
     }
+    for warning in common::unsettled() {
+        println!("WARNING {warning} (the figure measured next ran on that backlog)");
+    }
     for e in errors {
         println!("FAILED {e}");
     }
@@ -359,10 +362,31 @@ fn write_json(cli: &Cli, figures: &[Figure], errors: &[String], took: Duration) 
         .ok()
         .filter(|o| o.status.success())
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+    // Uncommitted changes make `commit` a different program: said, so runs compare honestly.
+    let dirty = std::process::Command::new("git")
+        .args(["status", "--porcelain", "--untracked-files=no"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| !o.stdout.is_empty());
+    let only: Vec<String> = cli
+        .only
+        .iter()
+        .filter_map(|s| s.to_possible_value().map(|v| v.get_name().to_string()))
+        .collect();
     let report = serde_json::json!({
         "at": now,
         "commit": commit,
+        "uncommitted_changes": dirty,
         "quick": cli.quick,
+        "options": {
+            "only": only,
+            "clients": cli.clients,
+            "lag_rate": cli.lag_rate,
+            "outbox_in": cli.outbox_in,
+        },
+        "unsettled": common::unsettled(),
         "cores": std::thread::available_parallelism().map(|n| n.get()).ok(),
         "seconds": took.as_secs_f64(),
         "figures": figures,
@@ -371,6 +395,9 @@ fn write_json(cli: &Cli, figures: &[Figure], errors: &[String], took: Duration) 
     let text = serde_json::to_string_pretty(&report)?;
     let path = dir.join(format!("{}.json", now.timestamp()));
     std::fs::write(&path, &text).with_context(|| format!("writing {}", path.display()))?;
-    std::fs::write(dir.join("latest.json"), &text).context("writing latest.json")?;
+    // A partial run (`--only`) would hide the last full one.
+    if cli.only.is_empty() {
+        std::fs::write(dir.join("latest.json"), &text).context("writing latest.json")?;
+    }
     Ok(path)
 }

@@ -3,8 +3,8 @@
 //! row at the same concurrency.
 
 use crate::common::{
-    closed_loop, compose, compose_body, execute_compose, insert_messages, settle, Bench, Figure,
-    LoopResult,
+    closed_loop, compose, compose_body, execute_compose, insert_messages, settle, settle_before,
+    Bench, Figure, LoopResult,
 };
 use anyhow::{anyhow, Context, Result};
 use chrono::Utc;
@@ -42,7 +42,7 @@ pub async fn run(bench: &mut Bench) -> Result<Vec<Figure>> {
         let mut compose_rate = 0.0;
         // Through the pool, as an application inserts: sqlx checks a connection with a round
         // trip when it is taken and again when it is given back.
-        settle(&bench.pool, settle_cap).await?;
+        let backlog = settle_before(&bench.pool, settle_cap).await?;
         eprintln!("bench: commands: reference through the pool, {clients} clients");
         let pool = bench.pool.clone();
         let payload_ = payload.clone();
@@ -54,57 +54,31 @@ pub async fn run(bench: &mut Bench) -> Result<Vec<Figure>> {
             }
         })
         .await;
-        figures.push(Figure::info(
-            SCENARIO,
-            format!("reference through the pool: single-row INSERT, {clients} clients"),
-            "rows/s",
-            pooled.rate(),
-        ));
-        // Each client on a connection of its own, held for the whole run: the INSERT and
-        // nothing else, the reference the service is measured against.
-        settle(&bench.pool, settle_cap).await?;
-        eprintln!("bench: commands: reference, {clients} clients");
-        let mut held = Vec::with_capacity(clients);
-        for _ in 0..clients {
-            held.push(bench.pool.acquire().await?);
-        }
-        let held = Arc::new(std::sync::Mutex::new(held));
-        let (held_, payload_) = (held.clone(), payload.clone());
-        let reference = closed_loop(clients, duration, move || {
-            let (held, payload) = (held_.clone(), payload_.clone());
-            async move {
-                let mut conn = held
-                    .lock()
-                    .map_err(|_| anyhow!("a client panicked"))?
-                    .pop()
-                    .ok_or_else(|| anyhow!("more clients than connections"))?;
-                let result = insert_reference_row(&mut conn, payload).await;
-                held.lock()
-                    .map_err(|_| anyhow!("a client panicked"))?
-                    .push(conn);
-                result
-            }
-        })
-        .await;
-        drop(held);
-        let reference_rate = reference.rate();
-        let reference_name = format!("INSERT 1 event row, {clients} clients");
         figures.push(
-            Figure::info(
-                SCENARIO,
-                format!("reference: single-row INSERT, {clients} clients"),
-                "rows/s",
-                reference_rate,
+            errors_note(
+                Figure::info(
+                    SCENARIO,
+                    format!("reference through the pool: single-row INSERT, {clients} clients"),
+                    "rows/s",
+                    pooled.rate(),
+                ),
+                &pooled,
             )
-            .note("each client on a connection of its own"),
+            .after_backlog(&backlog),
         );
+        // The reference the service is measured against, before its phases and again after
+        // them: the ratios are to the mean of the two (one measure taken before eight phases
+        // was up to a minute older than the last of them, and it moves).
+        let before = reference(bench, clients, duration, settle_cap, &payload).await?;
+        let reference_name = format!("INSERT 1 event row, {clients} clients");
+        let mut measured = Vec::new();
 
         // Scheduled a year ahead: the pure command cost (the sender has nothing to do).
         for (label, scheduled) in [
             ("scheduled (pure command)", true),
             ("send now (sender running)", false),
         ] {
-            settle(&bench.pool, settle_cap).await?;
+            let backlog = settle_before(&bench.pool, settle_cap).await?;
             eprintln!("bench: commands: in-process, {label}, {clients} clients");
             let (store, service) = (bench.store.clone(), bench.service.clone());
             let in_process = closed_loop(clients, duration, move || {
@@ -121,30 +95,34 @@ pub async fn run(bench: &mut Bench) -> Result<Vec<Figure>> {
                 }
             })
             .await;
+            // "Send now": the target is on the rate until every message is sent (below); the
+            // loop's own rate counts the composes alone.
             let mut figure = Figure::versus(
                 SCENARIO,
                 format!("in-process compose, {label}, {clients} clients"),
                 "msg/s",
                 in_process.rate(),
-                reference_rate,
+                before,
                 reference_name.clone(),
-                Some(0.5),
+                scheduled.then_some(0.5),
             );
             if !scheduled {
-                figure = figure
-                    .note("2 events per compose; the sender sends them (sandbox) during the run");
+                figure = figure.note(
+                    "composes only, 2 events each; the sender sends them (sandbox) meanwhile; \
+                     the target is on the rate until all are sent",
+                );
             }
             if scheduled {
                 compose_rate = in_process.rate();
             }
-            figures.push(figure);
+            measured.push(errors_note(figure, &in_process).after_backlog(&backlog));
             if !scheduled {
                 let (sent, settled) = until_sent(
                     format!("in-process compose, send now, {clients} clients: until all sent"),
                     &in_process,
                     bench,
                     settle_cap,
-                    reference_rate,
+                    before,
                 )
                 .await?;
                 // The lag load's peak: what the whole pipeline sustains, not the composes'
@@ -152,10 +130,10 @@ pub async fn run(bench: &mut Bench) -> Result<Vec<Figure>> {
                 if settled {
                     peak = peak.max(sent.value);
                 }
-                figures.push(sent);
+                measured.push(sent.after_backlog(&backlog));
             }
 
-            settle(&bench.pool, settle_cap).await?;
+            let backlog = settle_before(&bench.pool, settle_cap).await?;
             eprintln!("bench: commands: HTTP, {label}, {clients} clients");
             let (http, url, key, service) = (
                 bench.http.clone(),
@@ -188,45 +166,111 @@ pub async fn run(bench: &mut Bench) -> Result<Vec<Figure>> {
                 format!("HTTP compose, {label}, {clients} clients"),
                 "msg/s",
                 over_http.rate(),
-                reference_rate,
+                before,
                 reference_name.clone(),
-                Some(0.5),
+                scheduled.then_some(0.5),
             );
             if !scheduled {
-                figure = figure.note("the sender sends them (sandbox) during the run");
-            }
-            figures.push(errors_note(figure, &over_http));
-            if !scheduled {
-                figures.push(
-                    until_sent(
-                        format!("HTTP compose, send now, {clients} clients: until all sent"),
-                        &over_http,
-                        bench,
-                        settle_cap,
-                        reference_rate,
-                    )
-                    .await?
-                    .0,
+                figure = figure.note(
+                    "composes only; the sender sends them (sandbox) meanwhile; the target is \
+                     on the rate until all are sent",
                 );
             }
+            measured.push(errors_note(figure, &over_http).after_backlog(&backlog));
+            if !scheduled {
+                let (sent, _) = until_sent(
+                    format!("HTTP compose, send now, {clients} clients: until all sent"),
+                    &over_http,
+                    bench,
+                    settle_cap,
+                    before,
+                )
+                .await?;
+                measured.push(sent.after_backlog(&backlog));
+            }
         }
-        figures.extend(
+        measured.extend(
             existing_messages(
                 bench,
                 clients,
                 duration,
                 compose_rate,
                 settle_cap,
-                (reference_rate, &reference_name),
+                (before, &reference_name),
             )
             .await?,
         );
+        let after = reference(bench, clients, duration, settle_cap, &payload).await?;
+        let mean = (before + after) / 2.0;
+        let mut reference_figure = Figure::info(
+            SCENARIO,
+            format!("reference: single-row INSERT, {clients} clients"),
+            "rows/s",
+            mean,
+        )
+        .note(format!(
+            "each client on a connection of its own; the mean of {before:.0} before the \
+             service's phases and {after:.0} after them"
+        ));
+        if (after - before).abs() > 0.2 * mean {
+            reference_figure = reference_figure
+                .note("the two differ by more than 20 %: the machine's speed moved during the run");
+        }
+        figures.push(reference_figure);
+        figures.extend(measured.into_iter().map(|f| f.rebase(mean)));
     }
     // The last phase's work too, before the next scenario (or `scripts/cpu-per-phase`'s last
     // window) begins.
     settle(&bench.pool, settle_cap).await?;
     bench.peak_send_rate = Some(peak);
     Ok(figures)
+}
+
+/// The reference's rate: single-row INSERTs, each client on a connection of its own held for
+/// the whole run (the INSERT and nothing else). Any failed INSERT fails the run: a reference
+/// that counted only its successes would flatter every ratio.
+async fn reference(
+    bench: &Bench,
+    clients: usize,
+    duration: Duration,
+    settle_cap: Duration,
+    payload: &str,
+) -> Result<f64> {
+    if let Some(backlog) = settle_before(&bench.pool, settle_cap).await? {
+        eprintln!("bench: commands: the reference runs on a backlog: {backlog}");
+    }
+    eprintln!("bench: commands: reference, {clients} clients");
+    let mut held = Vec::with_capacity(clients);
+    for _ in 0..clients {
+        held.push(bench.pool.acquire().await?);
+    }
+    let held = Arc::new(std::sync::Mutex::new(held));
+    let (held_, payload_) = (held.clone(), payload.to_string());
+    let reference = closed_loop(clients, duration, move || {
+        let (held, payload) = (held_.clone(), payload_.clone());
+        async move {
+            let mut conn = held
+                .lock()
+                .map_err(|_| anyhow!("a client panicked"))?
+                .pop()
+                .ok_or_else(|| anyhow!("more clients than connections"))?;
+            let result = insert_reference_row(&mut conn, payload).await;
+            held.lock()
+                .map_err(|_| anyhow!("a client panicked"))?
+                .push(conn);
+            result
+        }
+    })
+    .await;
+    drop(held);
+    if reference.errors > 0 {
+        return Err(anyhow!(
+            "the reference's INSERTs failed {} times (first: {})",
+            reference.errors,
+            reference.first_error.as_deref().unwrap_or("?")
+        ));
+    }
+    Ok(reference.rate())
 }
 
 /// A command on a message that exists (every command but Compose: a send, a cancel, a
@@ -251,7 +295,7 @@ async fn existing_messages(
         settle(&bench.pool, settle_cap).await?;
         eprintln!("bench: commands: writing {drafts} drafts");
         let ids = insert_messages(&bench.pool, &bench.service, drafts, |_| Dispatch::Draft).await?;
-        settle(&bench.pool, settle_cap).await?;
+        let backlog = settle_before(&bench.pool, settle_cap).await?;
         let how = if over_http { "HTTP" } else { "in-process" };
         eprintln!("bench: commands: {how}, schedule a draft, {clients} clients ({drafts} drafts)");
         let ids = Arc::new(std::sync::Mutex::new(ids));
@@ -312,7 +356,7 @@ async fn existing_messages(
             Some(0.5),
         )
         .note("the path of every command but Compose: the message's events read first");
-        figures.push(errors_note(figure, &result));
+        figures.push(errors_note(figure, &result).after_backlog(&backlog));
     }
     Ok(figures)
 }
@@ -337,7 +381,7 @@ async fn until_sent(
         result.ok as f64 / total.as_secs_f64(),
         reference_rate,
         "INSERT 1 event row, same clients",
-        None,
+        Some(0.5),
     )
     .note(format!(
         "{} composed in {:.1?}; every one sent and projected {:.1?} later (looked at every 50 ms)",
@@ -345,9 +389,11 @@ async fn until_sent(
     ));
     let settled = events == 0 && jobs == 0;
     if !settled {
-        figure = figure.note(format!(
-            "NOT settled after {cap:?}: {jobs} send jobs open, {events} (event, subscription) pairs unread; the rate is an upper bound"
-        ));
+        figure = figure
+            .note(format!(
+                "NOT settled after {cap:?}: {jobs} send jobs open, {events} (event, subscription) pairs unread; the rate is an upper bound"
+            ))
+            .spoil();
     }
     Ok((figure, settled))
 }
@@ -365,7 +411,7 @@ fn errors_note(mut figure: Figure, result: &LoopResult) -> Figure {
             result.first_error.as_deref().unwrap_or("?")
         ));
         if share > 0.01 {
-            figure.met = Some(false);
+            figure = figure.spoil();
         }
     }
     figure

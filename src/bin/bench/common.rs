@@ -26,6 +26,12 @@ pub struct Figure {
     pub reference: Option<f64>,
     pub reference_name: Option<String>,
     pub ratio: Option<f64>,
+    /// The target of a figure compared with its reference: at least this ratio.
+    #[serde(skip)]
+    pub min_ratio: Option<f64>,
+    /// Its target counts as not met whatever the figure (errors, a backlog under it).
+    #[serde(skip)]
+    pub spoiled: bool,
     pub target: String,
     /// `None` when the figure has no target (context only).
     pub met: Option<bool>,
@@ -48,6 +54,8 @@ impl Figure {
             reference: None,
             reference_name: None,
             ratio: None,
+            min_ratio: None,
+            spoiled: false,
             target: String::new(),
             met: None,
             note: None,
@@ -73,6 +81,7 @@ impl Figure {
             reference: Some(reference),
             reference_name: Some(reference_name.into()),
             ratio: Some(ratio),
+            min_ratio,
             target: min_ratio
                 .map(|r| format!(">= {r}x ref"))
                 .unwrap_or_default(),
@@ -101,6 +110,43 @@ impl Figure {
         self.reference = Some(reference);
         self.reference_name = Some(name.into());
         self.ratio = (reference > 0.0).then(|| self.value / reference);
+        self
+    }
+
+    /// The same figure against another measure of its reference (the mean of the reference
+    /// measured before and after, say): ratio and verdict again.
+    pub fn rebase(mut self, reference: f64) -> Self {
+        if self.reference.is_none() {
+            return self;
+        }
+        let ratio = if reference > 0.0 {
+            self.value / reference
+        } else {
+            f64::NAN
+        };
+        self.reference = Some(reference);
+        self.ratio = Some(ratio);
+        self.met = self.min_ratio.map(|min| !self.spoiled && ratio >= min);
+        self
+    }
+
+    /// Its target counts as not met, whatever the figure.
+    pub fn spoil(mut self) -> Self {
+        self.spoiled = true;
+        if self.met.is_some() {
+            self.met = Some(false);
+        }
+        self
+    }
+
+    /// Measured on a backlog another phase left (its settling gave up): noted, and no target
+    /// counts as met.
+    pub fn after_backlog(mut self, backlog: &Option<String>) -> Self {
+        if let Some(backlog) = backlog {
+            self = self
+                .note(format!("NOT measured on a settled service: {backlog}"))
+                .spoil();
+        }
         self
     }
 
@@ -335,11 +381,37 @@ pub async fn settle(pool: &PgPool, cap: Duration) -> Result<(Duration, i64, i64)
     let started = Instant::now();
     loop {
         let (events, jobs) = backlog(pool).await?;
-        if (events == 0 && jobs == 0) || started.elapsed() >= cap {
+        if events == 0 && jobs == 0 {
+            return Ok((started.elapsed(), events, jobs));
+        }
+        if started.elapsed() >= cap {
+            let warning = format!(
+                "settling gave up after {cap:?}: {jobs} send jobs open, {events} (event, subscription) pairs unread"
+            );
+            eprintln!("bench: {warning}");
+            if let Ok(mut all) = UNSETTLED.lock() {
+                all.push(warning);
+            }
             return Ok((started.elapsed(), events, jobs));
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Every settling that gave up in this run: what came next was measured on a backlog.
+static UNSETTLED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+/// The warnings of [`settle`] so far, for the output.
+pub fn unsettled() -> Vec<String> {
+    UNSETTLED.lock().map(|w| w.clone()).unwrap_or_default()
+}
+
+/// Settles before a measurement; says what was left when settling gave up.
+pub async fn settle_before(pool: &PgPool, cap: Duration) -> Result<Option<String>> {
+    let (_, events, jobs) = settle(pool, cap).await?;
+    Ok((events > 0 || jobs > 0).then(|| {
+        format!("{jobs} send jobs open, {events} (event, subscription) pairs unread before it")
+    }))
 }
 
 /// Connects a sandbox email service through the API and returns it as commands carry it.

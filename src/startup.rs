@@ -216,11 +216,13 @@ pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
 /// by transaction id, so every new event would sort before their checkpoints and never be
 /// read (nothing listed, nothing sent), silently.
 async fn log_is_behind_the_clusters_transactions(pool: &PgPool) -> anyhow::Result<()> {
-    let ahead: Option<String> = sqlx::query_scalar(
+    let ahead: Option<(String, String)> = sqlx::query_as(
         // The newest stored id (an index step) against the next id this cluster will assign
-        // (read from a snapshot, so that checking assigns none).
-        "SELECT newest::text FROM (SELECT transaction_id AS newest FROM events \
-           ORDER BY transaction_id DESC LIMIT 1) e \
+        // (read from a snapshot, so that checking assigns none); an id is epoch * 2^32 + xid,
+        // so the epoch after the newest one's puts every new id above every stored one.
+        "SELECT newest::text, (div(newest::text::numeric, 4294967296) + 1)::text \
+         FROM (SELECT transaction_id AS newest FROM events \
+               ORDER BY transaction_id DESC LIMIT 1) e \
          WHERE newest >= pg_snapshot_xmax(pg_current_snapshot())",
     )
     .fetch_optional(pool)
@@ -228,12 +230,12 @@ async fn log_is_behind_the_clusters_transactions(pool: &PgPool) -> anyhow::Resul
     .context("cannot read the event log's newest transaction id")?;
     match ahead {
         None => Ok(()),
-        Some(newest) => anyhow::bail!(
+        Some((newest, epoch)) => anyhow::bail!(
             "the event log holds transaction ids up to {newest}, ahead of this PostgreSQL \
              cluster's (a restore into another cluster?): new events would never reach the \
-             read models. Stop PostgreSQL and advance its next transaction id past {newest} \
-             (pg_resetwal --epoch and --next-transaction-id: {newest} is epoch * 2^32 + id), \
-             then start again"
+             read models. Stop PostgreSQL, raise its transaction id epoch past the log's \
+             (pg_resetwal --epoch={epoch} on the stopped cluster's data directory), then start \
+             it and this service again"
         ),
     }
 }

@@ -342,7 +342,7 @@ fn print_table(figures: &[Figure], errors: &[String]) {
         }
     }
     for warning in common::unsettled() {
-        println!("WARNING {warning} (the figure measured next ran on that backlog)");
+        println!("WARNING {warning} (what was measured at that point ran on that backlog)");
     }
     for e in errors {
         println!("FAILED {e}");

@@ -46,6 +46,11 @@ async fn our_post(
     channel: Channel,
     provider_id: &str,
 ) -> Result<Option<uuid::Uuid>, StoreError> {
+    // No post of ours has such an id (theirs are digits and underscores), and the database's
+    // text could not even hold it for the lookup.
+    if provider_id.contains('\0') {
+        return Ok(None);
+    }
     let id = store.outbound_message_id(channel, provider_id).await?;
     Ok(id.map(|id| id.as_uuid()))
 }

@@ -117,6 +117,55 @@ async fn compose(
     Some(body["id"].as_str().expect("an id").to_string())
 }
 
+/// Composes keys 0, 1, 2, ... on the instances in turn, [`CLIENTS`] at a time, until `stop`
+/// turns true (so composes are in flight whenever the test kills one); the answers by key.
+async fn compose_until(
+    client: reqwest::Client,
+    service: String,
+    bases: Vec<String>,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> BTreeMap<usize, Option<String>> {
+    futures::stream::iter(0..)
+        .take_while(move |_| std::future::ready(!*stop.borrow()))
+        .map(|key| {
+            let (client, service) = (client.clone(), service.clone());
+            let base = bases[key % bases.len()].clone();
+            async move { (key, compose(&client, &base, &service, key).await) }
+        })
+        .buffer_unordered(CLIENTS)
+        .collect()
+        .await
+}
+
+/// The database URL an instance connects with, its connections named `name` on PostgreSQL.
+fn named(url: &str, name: &str) -> String {
+    if url.starts_with("postgres") {
+        let separator = if url.contains('?') { '&' } else { '?' };
+        format!("{url}{separator}application_name={name}")
+    } else {
+        url.to_string()
+    }
+}
+
+/// After a kill, until PostgreSQL has ended the dead instance's sessions: a COMMIT it had sent
+/// still completes, and what the test reads before that would miss it.
+async fn sessions_gone(pool: &sqlx::AnyPool, url: &str, name: &str) {
+    if !url.starts_with("postgres") {
+        return;
+    }
+    let p = pool;
+    until("the killed instance's sessions ended", || async move {
+        let left: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE application_name = $1")
+                .bind(name)
+                .fetch_one(p)
+                .await
+                .unwrap();
+        left == 0
+    })
+    .await;
+}
+
 /// Composes every key on its instance, [`CLIENTS`] at a time; the answers by key.
 async fn compose_all(
     client: reqwest::Client,
@@ -365,15 +414,19 @@ async fn killed_mid_load_and_restarted_loses_nothing_and_doubles_only_cut_calls(
     let server = std::sync::Arc::new(sendgrid().await);
     let url = fresh_database().await;
     let client = reqwest::Client::new();
-    let first = Instance::start(&url, &server.uri()).await;
+    let first = Instance::start(&named(&url, "fault-first"), &server.uri()).await;
     // After the start: on SQLite the service creates the file.
     let pool = any_pool(&url).await;
     let service = sendgrid_service(&client, &first.base).await;
 
     // Composes, 8 at a time, while webhook deliveries report opens of what SendGrid has.
-    let keys = (0..240).map(|k| (k, first.base.clone())).collect();
-    let composing = tokio::spawn(compose_all(client.clone(), service.clone(), keys));
-    let (stop_posting, mut stopped) = tokio::sync::watch::channel(false);
+    let (stop_load, mut stopped) = tokio::sync::watch::channel(false);
+    let composing = tokio::spawn(compose_until(
+        client.clone(),
+        service.clone(),
+        vec![first.base.clone()],
+        stop_load.subscribe(),
+    ));
     let acknowledged_deliveries = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let posting = {
         let (client, base, server) = (client.clone(), first.base.clone(), server.clone());
@@ -405,9 +458,10 @@ async fn killed_mid_load_and_restarted_loses_nothing_and_doubles_only_cut_calls(
     })
     .await;
     first.kill();
+    stop_load.send(true).unwrap();
+    sessions_gone(&pool, &url, "fault-first").await;
     let cut = unanswered_calls(&pool, &server).await;
     assert!(!cut.is_empty(), "the kill cut no provider call");
-    stop_posting.send(true).unwrap();
     let answers = composing.await.unwrap();
     let deliveries = posting.await.unwrap();
     let unanswered = answers.values().filter(|a| a.is_none()).count();
@@ -436,7 +490,10 @@ async fn killed_mid_load_and_restarted_loses_nothing_and_doubles_only_cut_calls(
         ids.len(),
         deliveries.len()
     );
-    let more = (240..280).map(|k| (k, second.base.clone())).collect();
+    let first_new = ids.keys().max().map_or(0, |k| k + 1);
+    let more = (first_new..first_new + 40)
+        .map(|k| (k, second.base.clone()))
+        .collect();
     for (key, id) in compose_all(client.clone(), service.clone(), more).await {
         ids.insert(key, id.expect("the restarted instance answers"));
     }
@@ -461,20 +518,27 @@ async fn two_instances_on_one_postgres_with_one_killed_mid_load_send_everything(
     let url = fresh_postgres_database().await;
     let pool = any_pool(&url).await;
     let client = reqwest::Client::new();
-    let a = Instance::start(&url, &server_a.uri()).await;
-    let b = Instance::start(&url, &server_b.uri()).await;
+    let a = Instance::start(&named(&url, "fault-a"), &server_a.uri()).await;
+    let b = Instance::start(&named(&url, "fault-b"), &server_b.uri()).await;
     let service = sendgrid_service(&client, &a.base).await;
     // Alternate: both instances take commands and both send.
-    let keys = (0..300)
-        .map(|k| (k, if k % 2 == 0 { &a.base } else { &b.base }.clone()))
-        .collect();
-    let composing = tokio::spawn(compose_all(client.clone(), service.clone(), keys));
+    let (stop_load, _) = tokio::sync::watch::channel(false);
+    let composing = tokio::spawn(compose_until(
+        client.clone(),
+        service.clone(),
+        vec![a.base.clone(), b.base.clone()],
+        stop_load.subscribe(),
+    ));
     let (p, s) = (&pool, &server_a);
     until("calls in flight on the instance to kill", || async move {
         unanswered_calls(p, s).await.len() >= 3
     })
     .await;
     a.kill();
+    // A little more load on the survivor, then the load stops.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stop_load.send(true).unwrap();
+    sessions_gone(&pool, &url, "fault-a").await;
     let cut = unanswered_calls(&pool, &server_a).await;
     assert!(!cut.is_empty(), "the kill cut no provider call");
     let answers = composing.await.unwrap();

@@ -47,10 +47,11 @@ async fn a_scheduled_message_is_queued_at_its_time_not_before() {
         at >= publish_at,
         "queued at {at}, before its time {publish_at}"
     );
-    // Woken for its time, not found by the scheduler's 5 s safety-net look (the precise
-    // lateness is a benchmark figure, not a test's).
+    // Woken for its time: a lost wake-up leaves it to the scheduler's safety-net look, up
+    // to 5 s after the one before, about 3 s late here (the precise lateness is a benchmark
+    // figure, not a test's: this bound is far from it).
     assert!(
-        at - publish_at < Duration::seconds(5),
+        at - publish_at < Duration::milliseconds(1500),
         "queued {} late: not woken for its time",
         at - publish_at
     );

@@ -509,10 +509,11 @@ async fn a_scheduled_email_is_sent_at_its_time_and_a_cancelled_one_never() {
     let m = wait_message(&app, &sent, |m| m["state"] == "sent").await;
     let started = time(&history_of(&m, "SendAttemptStarted")[0]["occurred_at"]);
     assert!(started >= publish_at, "called the provider before its time");
-    // Woken for its time, not found by the scheduler's 5 s safety-net look (the precise
-    // lateness is a benchmark figure, not a test's).
+    // Woken for its time: a lost wake-up leaves it to the scheduler's safety-net look, up
+    // to 5 s after the one before, about 3 s late here (the precise lateness is a benchmark
+    // figure, not a test's: this bound is far from it).
     assert!(
-        started - publish_at < Duration::seconds(5),
+        started - publish_at < Duration::milliseconds(1500),
         "{} late: not woken for its time",
         started - publish_at
     );

@@ -1554,7 +1554,8 @@ async fn a_log_with_transaction_ids_ahead_of_the_cluster_is_refused_at_start_up(
         .expect_err("a log ahead of the cluster is refused");
     let message = format!("{error:#}");
     assert!(
-        message.contains("ahead of this PostgreSQL cluster's") && message.contains("pg_resetwal"),
+        message.contains("ahead of this PostgreSQL cluster's")
+            && message.contains("pg_resetwal --epoch="),
         "{message}"
     );
 }

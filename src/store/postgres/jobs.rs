@@ -86,6 +86,9 @@ pub(super) async fn release_schedules(
 }
 
 pub(super) async fn next_schedule_due(pool: &PgPool) -> Result<Option<DateTime<Utc>>, StoreError> {
+    // The connection first: this process's "now" is taken as close as it can be to the
+    // database's, without the wait for a connection between them.
+    let mut conn = pool.acquire().await?;
     Ok(sqlx::query_scalar(
         // The earliest unleased (or lease-expired) row's time, or the earliest lease
         // expiry: two index steps, not an aggregate over every row. Told in this process's
@@ -98,7 +101,7 @@ pub(super) async fn next_schedule_due(pool: &PgPool) -> Result<Option<DateTime<U
          + ($1::timestamptz - now())",
     )
     .bind(Utc::now())
-    .fetch_one(pool)
+    .fetch_one(&mut *conn)
     .await?)
 }
 
@@ -160,6 +163,7 @@ pub(super) async fn claim_send_jobs(
 }
 
 pub(super) async fn next_send_job_due(pool: &PgPool) -> Result<Option<DateTime<Utc>>, StoreError> {
+    let mut conn = pool.acquire().await?;
     Ok(sqlx::query_scalar(
         // Told in this process's clock (see `next_schedule_due`).
         "SELECT least( \
@@ -169,7 +173,7 @@ pub(super) async fn next_send_job_due(pool: &PgPool) -> Result<Option<DateTime<U
          + ($1::timestamptz - now())",
     )
     .bind(Utc::now())
-    .fetch_one(pool)
+    .fetch_one(&mut *conn)
     .await?)
 }
 

@@ -90,12 +90,13 @@ pub(super) async fn failed(
 }
 
 pub(super) async fn next_due(pool: &PgPool) -> Result<Option<DateTime<Utc>>, StoreError> {
+    let mut conn = pool.acquire().await?;
     Ok(sqlx::query_scalar(
         // Told in this process's clock (see `jobs::next_schedule_due`).
         "SELECT min(next_attempt_at) + ($1::timestamptz - now()) FROM subscriptions \
          WHERE cursor < (SELECT COALESCE(MAX(position), 0) FROM state_changes)",
     )
     .bind(Utc::now())
-    .fetch_one(pool)
+    .fetch_one(&mut *conn)
     .await?)
 }

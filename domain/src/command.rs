@@ -82,10 +82,12 @@ pub enum MessageCommand {
         at: DateTime<Utc>,
     },
     /// A person (or a check against the provider) settles an unknown outcome: the post was
-    /// published (with its id when known), or it was not and may be sent again.
+    /// published (with its id when known), or it was not, and is sent again (`send_again`) or
+    /// given up (failed).
     ResolveSendOutcome {
         posted: bool,
         provider_message_id: Option<String>,
+        send_again: bool,
         at: DateTime<Utc>,
     },
     RecordDelivery {

@@ -251,6 +251,7 @@ impl Message {
             MessageCommand::ResolveSendOutcome {
                 posted,
                 provider_message_id,
+                send_again,
                 at,
             } => {
                 if !d.outcome_unknown {
@@ -261,8 +262,13 @@ impl Message {
                         provider_message_id,
                         sent_at: at,
                     }
-                } else {
+                } else if send_again {
                     MessageEvent::SendRetryRequested { requested_at: at }
+                } else {
+                    MessageEvent::MessageFailed {
+                        reason: "not posted, and not to be sent again (resolved by hand)".into(),
+                        failed_at: at,
+                    }
                 }])
             }
             MessageCommand::RecordDelivery { fact, outcome } => {
@@ -583,6 +589,8 @@ impl MessageData {
             }
             MessageEvent::MessageFailed { reason, failed_at } => {
                 self.lifecycle = MessageState::Failed;
+                // An unknown outcome given up is settled.
+                self.outcome_unknown = false;
                 self.last_error = Some(reason.clone());
                 self.touch(*failed_at);
             }

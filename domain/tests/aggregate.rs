@@ -865,6 +865,7 @@ fn an_unknown_outcome_resolved_as_posted_is_sent() {
     let c = MessageCommand::ResolveSendOutcome {
         posted: true,
         provider_message_id: Some("186".into()),
+        send_again: true,
         at: t(60),
     };
     let mut m = unknown_x_post();
@@ -882,6 +883,7 @@ fn an_unknown_outcome_resolved_as_not_posted_may_be_sent_again() {
     let c = MessageCommand::ResolveSendOutcome {
         posted: false,
         provider_message_id: None,
+        send_again: true,
         at: t(60),
     };
     let mut m = unknown_x_post();
@@ -896,10 +898,41 @@ fn an_unknown_outcome_resolved_as_not_posted_may_be_sent_again() {
 }
 
 #[test]
+fn an_unknown_outcome_resolved_as_not_posted_can_be_given_up() {
+    let give_up = MessageCommand::ResolveSendOutcome {
+        posted: false,
+        provider_message_id: None,
+        send_again: false,
+        at: t(60),
+    };
+    let mut m = unknown_x_post();
+    for e in when(&m, give_up.clone()).expect("ok") {
+        m.apply_event(e);
+    }
+    let d = m.data().expect("exists");
+    assert_eq!(d.state, MessageState::Failed);
+    assert!(!d.outcome_unknown);
+    assert!(d
+        .last_error
+        .as_deref()
+        .is_some_and(|e| e.contains("by hand")));
+    // Settled: neither sent again nor resolved again.
+    assert_eq!(
+        when(&m, MessageCommand::StartSendAttempt { now: t(61) }),
+        Err(invalid("start a send attempt", MessageState::Failed))
+    );
+    assert_eq!(
+        when(&m, give_up),
+        Err(invalid("resolve the send outcome of", MessageState::Failed))
+    );
+}
+
+#[test]
 fn resolving_an_outcome_that_is_not_unknown_is_refused() {
     let c = MessageCommand::ResolveSendOutcome {
         posted: true,
         provider_message_id: None,
+        send_again: true,
         at: t(60),
     };
     assert_eq!(

@@ -331,6 +331,7 @@ fn history(n: usize) -> Log {
                 Box::new(|now| MessageCommand::ResolveSendOutcome {
                     posted: false,
                     provider_message_id: None,
+                    send_again: true,
                     at: now,
                 }),
                 Box::new(|now| MessageCommand::StartSendAttempt { now }),
@@ -369,6 +370,7 @@ fn history(n: usize) -> Log {
                 Box::new(|now| MessageCommand::ResolveSendOutcome {
                     posted: false,
                     provider_message_id: None,
+                    send_again: true,
                     at: now,
                 }),
             ],

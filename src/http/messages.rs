@@ -324,10 +324,17 @@ struct ResolveRequest {
     /// Whether the post was published after all (check the account on X or Facebook).
     posted: bool,
     provider_message_id: Option<String>,
+    /// When not posted: send it again (the default), or give it up (`false`: failed).
+    #[serde(default = "send_again_by_default")]
+    send_again: bool,
+}
+
+fn send_again_by_default() -> bool {
+    true
 }
 
 /// Settles an unknown send outcome: `posted: true` records it as sent, `posted: false` sends
-/// it again.
+/// it again, or with `send_again: false` gives it up (failed).
 async fn resolve(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<String>,
@@ -336,6 +343,7 @@ async fn resolve(
     let command = MessageCommand::ResolveSendOutcome {
         posted: body.posted,
         provider_message_id: body.provider_message_id.filter(|p| !p.trim().is_empty()),
+        send_again: body.send_again,
         at: Utc::now(),
     };
     run(&state, &id, command).await

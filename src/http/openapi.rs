@@ -448,7 +448,9 @@ fn schemas() -> Value {
         "ScheduleRequest": {"type": "object", "required": ["publish_at"],
                             "properties": {"publish_at": datetime()}},
         "ResolveRequest": {"type": "object", "required": ["posted"], "properties": {
-            "posted": {"type": "boolean"}, "provider_message_id": string}},
+            "posted": {"type": "boolean"}, "provider_message_id": string,
+            "send_again": {"type": "boolean", "default": true,
+                           "description": "when not posted: send it again, or give it up (failed)"}}},
         "Service": {"type": "object", "properties": {
             "id": {"type": "string", "format": "uuid"},
             "channel": {"enum": ["email", "twitter", "facebook"]},

@@ -226,6 +226,22 @@ async fn an_x_post_answered_by_a_gateways_502_is_an_unknown_outcome_not_a_retry(
     tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
     let (_, m) = app.get(&format!("/v1/messages/{id}")).await;
     assert_eq!(history_of(&m, "SendAttemptStarted").len(), 1, "{m}");
+
+    // A person finds no post and gives it up: failed, with why, and never posted again.
+    let (status, m) = app
+        .post(
+            &format!("/v1/messages/{id}/resolve"),
+            json!({"posted": false, "send_again": false}),
+        )
+        .await;
+    assert_eq!(status, reqwest::StatusCode::OK, "{m}");
+    assert_eq!(m["state"], "failed");
+    assert_eq!(m["send_outcome_unknown"], false);
+    assert!(m["last_error"].as_str().unwrap().contains("by hand"), "{m}");
+    app.wait_listed(id, "failed").await;
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let (_, m) = app.get(&format!("/v1/messages/{id}")).await;
+    assert_eq!(history_of(&m, "SendAttemptStarted").len(), 1, "{m}");
 }
 
 #[tokio::test]

@@ -189,7 +189,11 @@ impl Message {
                 Ok(vec![MessageEvent::MessageCancelled { cancelled_at: now }])
             }
             MessageCommand::StartSendAttempt { now } => {
+                // Sent (its lifecycle stays pending: the provider's reports take over) is as
+                // final as a fact: a sender that read the message before another one sent it
+                // must not send it again.
                 if d.lifecycle != MessageState::Pending
+                    || d.sent_at.is_some()
                     || d.attempt_in_progress
                     || d.outcome_unknown
                     || d.provider_has_it()

@@ -499,6 +499,32 @@ fn a_transient_failure_keeps_the_message_pending_for_a_retry() {
 }
 
 #[test]
+fn no_attempt_starts_on_a_message_already_sent() {
+    // A sender that read the message before another instance sent it must not send it again.
+    assert_eq!(
+        when(
+            &sent_email(),
+            MessageCommand::StartSendAttempt { now: t(5) }
+        ),
+        Err(invalid("start a send attempt", MessageState::Sent))
+    );
+    let mut resolved = unknown_x_post();
+    let posted = MessageCommand::ResolveSendOutcome {
+        posted: true,
+        provider_message_id: Some("186".into()),
+        send_again: true,
+        at: t(60),
+    };
+    for e in when(&resolved, posted).expect("ok") {
+        resolved.apply_event(e);
+    }
+    assert_eq!(
+        when(&resolved, MessageCommand::StartSendAttempt { now: t(61) }),
+        Err(invalid("start a send attempt", MessageState::Sent))
+    );
+}
+
+#[test]
 fn no_retry_once_the_provider_said_it_processed_the_email() {
     // Our record of SendGrid's answer was lost (a timeout recorded as a transient failure),
     // but its `processed` event came: it has the email, and a retry would send it twice.

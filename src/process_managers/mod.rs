@@ -16,4 +16,10 @@ pub fn backoff(base: Duration, max: Duration, attempt: u32) -> Duration {
     base.saturating_mul(2u32.saturating_pow(attempt.saturating_sub(1)))
         .min(max)
         .mul_f64(rand::thread_rng().gen_range(0.75..=1.25))
+        .min(max)
 }
+
+/// The longest a provider's own word (`Retry-After`, a reset time, Graph's estimate) makes a
+/// send wait: a longer one is a provider's mistake, and past the year 262142 the arithmetic
+/// on it panicked.
+pub const LONGEST_PROVIDER_WAIT: Duration = Duration::from_secs(24 * 60 * 60);

@@ -228,6 +228,16 @@ impl Sender {
     /// calls finish (one batch each).
     async fn send_batch(&self, jobs: Vec<(SendJob, &MessageData)>) -> Vec<JobOutcome> {
         let mut outcomes = Vec::with_capacity(jobs.len());
+        // Each service's account read once for the round, before any attempt starts: the
+        // reads (a pool's wait each) would otherwise run on the time recovery allows a call
+        // (`call_outlived_after` counts from the attempt's start).
+        let mut accounts: HashMap<ServiceId, Result<Account, SendError>> = HashMap::new();
+        for (job, _) in &jobs {
+            if let std::collections::hash_map::Entry::Vacant(entry) = accounts.entry(job.service_id)
+            {
+                entry.insert(self.account(job.service_id).await);
+            }
+        }
         // The fence: only one worker can start each attempt.
         let now = Utc::now();
         let starts = jobs
@@ -246,14 +256,6 @@ impl Sender {
                     tracing::error!(message_id = %job.message_id, %error, "send job failed; it will be recovered");
                     outcomes.push(JobOutcome::Skipped);
                 }
-            }
-        }
-        // Each service's account read once for the round.
-        let mut accounts: HashMap<ServiceId, Result<Account, SendError>> = HashMap::new();
-        for (job, _) in &to_send {
-            if let std::collections::hash_map::Entry::Vacant(entry) = accounts.entry(job.service_id)
-            {
-                entry.insert(self.account(job.service_id).await);
             }
         }
         // Owned inputs, so each call's future borrows nothing but the sender.
@@ -499,8 +501,12 @@ impl Sender {
             }) if attempt < self.config.max_attempts => {
                 let wait =
                     super::backoff(self.config.base_backoff, self.config.max_backoff, attempt)
-                        .max(retry_after.unwrap_or_default());
-                let retry_at = now + chrono::Duration::from_std(wait).unwrap_or_default();
+                        .max(retry_after.unwrap_or_default())
+                        .min(super::LONGEST_PROVIDER_WAIT);
+                let retry_at = chrono::Duration::from_std(wait)
+                    .ok()
+                    .and_then(|wait| now.checked_add_signed(wait))
+                    .unwrap_or(now + chrono::Duration::days(1));
                 tracing::warn!(message_id = %id, attempt, %reason, retry_in_ms = wait.as_millis() as u64, "send failed; will retry");
                 (
                     MessageCommand::RecordSendFailure {

@@ -8,7 +8,7 @@
 //! URLs end up in access logs and proxies, bodies do not.
 //!
 //! A post is not idempotent, so an answer lost after sending is Ambiguous. Graph reports
-//! throttling as a 4xx with a rate-limit error code (4, 17, 32, 613) or `is_transient: true`
+//! throttling as a 4xx with a rate-limit error code (4, 17, 32, 613, 80000-80014) or `is_transient: true`
 //! rather than as a 429; those are Transient, since a throttled request was not acted on.
 //! They are retried when Graph says access comes back (`estimated_time_to_regain_access`, in
 //! minutes, in the `X-Business-Use-Case-Usage` header), else after a minute at least: a page's
@@ -24,8 +24,11 @@ use serde_json::Value;
 use std::time::SystemTime;
 
 /// Graph error codes that mean "throttled: try later" (application, user, page and custom
-/// rate limits).
-const RATE_LIMIT_CODES: [i64; 4] = [4, 17, 32, 613];
+/// rate limits; 80000-80014 are the business use case limits that come with
+/// `X-Business-Use-Case-Usage`).
+fn rate_limited(code: i64) -> bool {
+    [4, 17, 32, 613].contains(&code) || (80000..=80014).contains(&code)
+}
 
 /// How long a throttled call waits when Graph gives no estimate.
 const THROTTLED_AT_LEAST: std::time::Duration = std::time::Duration::from_secs(60);
@@ -45,7 +48,10 @@ fn regain_access(headers: &reqwest::header::HeaderMap) -> Option<std::time::Dura
         .flatten()
         .filter_map(|u| u.get("estimated_time_to_regain_access")?.as_u64())
         .max()?;
-    (minutes > 0).then(|| std::time::Duration::from_secs(minutes * 60))
+    (minutes > 0).then(|| {
+        std::time::Duration::from_secs(minutes.saturating_mul(60))
+            .min(crate::process_managers::LONGEST_PROVIDER_WAIT)
+    })
 }
 
 pub struct FacebookClient {
@@ -130,7 +136,7 @@ fn graph_error(body: &Value) -> Option<GraphError> {
             .get("message")
             .and_then(Value::as_str)
             .map(String::from),
-        throttled: is_transient || code.is_some_and(|c| RATE_LIMIT_CODES.contains(&c)),
+        throttled: is_transient || code.is_some_and(rate_limited),
     })
 }
 

@@ -146,17 +146,30 @@ pub(super) fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Durati
             .and_then(|v| v.to_str().ok())
             .map(str::trim)
     };
+    let longest = crate::process_managers::LONGEST_PROVIDER_WAIT;
     if let Some(value) = header(RETRY_AFTER.as_str()) {
         if let Ok(seconds) = value.parse::<u64>() {
-            return Some(Duration::from_secs(seconds));
+            return Some(Duration::from_secs(seconds).min(longest));
         }
         if let Ok(at) = httpdate::parse_http_date(value) {
-            return Some(at.duration_since(now).unwrap_or(Duration::ZERO));
+            return Some(
+                at.duration_since(now)
+                    .unwrap_or(Duration::ZERO)
+                    .min(longest),
+            );
         }
     }
-    let reset = header("x-rate-limit-reset")?.parse::<u64>().ok()?;
-    let at = SystemTime::UNIX_EPOCH + Duration::from_secs(reset);
-    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
+    // X's `x-rate-limit-reset`, SendGrid's `X-RateLimit-Reset`: the epoch second it resets.
+    let reset = header("x-rate-limit-reset")
+        .or_else(|| header("x-ratelimit-reset"))?
+        .parse::<u64>()
+        .ok()?;
+    let at = SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs(reset))?;
+    Some(
+        at.duration_since(now)
+            .unwrap_or(Duration::ZERO)
+            .min(longest),
+    )
 }
 
 /// Reads an error response's body as JSON and lets `extract` pick the provider's reason.
@@ -264,6 +277,25 @@ mod tests {
             retry_after(&h, at(1_700_000_000)),
             Some(Duration::from_secs(900))
         );
+    }
+
+    #[test]
+    fn sendgrids_reset_header_is_read_and_absurd_waits_are_capped() {
+        let h = headers(&[("x-ratelimit-reset", "1700000060")]);
+        assert_eq!(
+            retry_after(&h, at(1_700_000_000)),
+            Some(Duration::from_secs(60))
+        );
+        let day = crate::process_managers::LONGEST_PROVIDER_WAIT;
+        for h in [
+            headers(&[("retry-after", "99999999999999")]),
+            headers(&[("x-rate-limit-reset", "9000000000000000")]),
+        ] {
+            assert_eq!(retry_after(&h, at(1_700_000_000)), Some(day));
+        }
+        // Past what a clock can hold: ignored, not a panic.
+        let h = headers(&[("x-rate-limit-reset", "18446744073709551615")]);
+        assert_eq!(retry_after(&h, at(1_700_000_000)), None);
     }
 
     #[test]

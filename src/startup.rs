@@ -305,7 +305,9 @@ pub struct Application {
     /// Turned true when the server stops taking requests: open streams and long polls end
     /// then, so that the in-flight requests the server waits for can all finish.
     draining: watch::Sender<bool>,
-    workers: Vec<tokio::task::JoinHandle<()>>,
+    workers: Vec<(&'static str, tokio::task::JoinHandle<()>)>,
+    /// How long a stop waits for in-flight work (`MESSAGING_SHUTDOWN_GRACE_MS`).
+    grace: Duration,
     store: Arc<dyn Store>,
     /// The SQLite file's lock, held until the process ends.
     _lock: Option<std::fs::File>,
@@ -401,7 +403,7 @@ impl Application {
         // From here nothing fails: the workers start, each supervised.
         let workers = workers
             .into_iter()
-            .map(|(name, start)| supervised(name, shutdown_rx.clone(), start))
+            .map(|(name, start)| (name, supervised(name, shutdown_rx.clone(), start)))
             .collect();
         let webhook_state = WebhookState {
             store: store.clone(),
@@ -427,6 +429,7 @@ impl Application {
             shutdown,
             draining,
             workers,
+            grace: Duration::from_millis(config.shutdown_grace_ms),
             store: state_store,
             _lock: lock,
         })
@@ -441,7 +444,9 @@ impl Application {
         Ok(self.listener.local_addr()?)
     }
 
-    /// Serves until `stop` resolves, then lets in-flight requests and batches finish.
+    /// Serves until `stop` resolves, then lets in-flight requests and batches finish, for at
+    /// most the shutdown grace: past it, what is still running is left (and named in the log),
+    /// to be recovered as after a crash, rather than held until an orchestrator's SIGKILL.
     pub async fn run(
         self,
         stop: impl std::future::Future<Output = ()> + Send + 'static,
@@ -458,20 +463,58 @@ impl Application {
         // The server waits for every open request before it returns: a state-change stream
         // never ends by itself and a long poll may wait a minute, so both are told to end.
         let draining = self.draining;
+        let (stopping, stopped) = tokio::sync::oneshot::channel();
         let stop = async move {
             stop.await;
             let _ = draining.send(true);
+            let _ = stopping.send(tokio::time::Instant::now());
         };
-        let served = axum::serve(listener, self.router)
-            .with_graceful_shutdown(stop)
-            .await
-            .context("HTTP server failed");
-        // Served or failed, the workers finish their rounds and stop.
-        let _ = self.shutdown.send(true);
-        for worker in self.workers {
-            let _ = worker.await;
+        let (shutdown, workers, grace) = (self.shutdown, self.workers, self.grace);
+        let aborts: Vec<_> = workers.iter().map(|(_, w)| w.abort_handle()).collect();
+        let unfinished = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let remaining = unfinished.clone();
+        let finishing = async move {
+            let served = axum::serve(listener, self.router)
+                .with_graceful_shutdown(stop)
+                .await
+                .context("HTTP server failed");
+            // Served or failed, the workers finish their rounds and stop.
+            let _ = shutdown.send(true);
+            if let Ok(mut names) = remaining.lock() {
+                *names = workers.iter().map(|(name, _)| *name).collect();
+            }
+            for (name, worker) in workers {
+                let _ = worker.await;
+                if let Ok(mut names) = remaining.lock() {
+                    names.retain(|n| *n != name);
+                }
+            }
+            served
+        };
+        let deadline = async move {
+            match stopped.await {
+                Ok(at) => tokio::time::sleep_until(at + grace).await,
+                // The server failed before any stop: no deadline, the error ends the run.
+                Err(_) => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            served = finishing => served,
+            () = deadline => {
+                let names = unfinished.lock().map(|n| n.join(", ")).unwrap_or_default();
+                tracing::warn!(
+                    grace_ms = grace.as_millis() as u64,
+                    workers = %if names.is_empty() { "none (requests still open)".into() } else { names },
+                    "shutdown grace ran out: leaving what is still running to be recovered"
+                );
+                // Cut as a crash would cut them (each round is recoverable), not left running
+                // detached in a runtime that may live on.
+                for abort in aborts {
+                    abort.abort();
+                }
+                Ok(())
+            }
         }
-        served
     }
 }
 
@@ -503,7 +546,9 @@ where
 {
     tokio::spawn(async move {
         loop {
-            match tokio::spawn(start()).await {
+            // Aborting the supervisor (a shutdown past its grace) aborts the run with it.
+            let mut run = AbortOnDrop(tokio::spawn(start()));
+            match (&mut run.0).await {
                 Ok(()) => return,
                 Err(error) if error.is_panic() => {
                     let panic = error.into_panic();
@@ -522,6 +567,15 @@ where
             }
         }
     })
+}
+
+/// A task aborted when its handle is dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// SIGTERM or Ctrl-C: what `messaging serve` stops on (then finishes in-flight work).

@@ -860,3 +860,41 @@ async fn rebuilding_delivery_on_one_postgres_during_a_slow_send_never_sends_twic
     assert!(history_of(&m, "SendAttemptFailed").is_empty(), "{m}");
     assert_eq!(sendgrid.received_requests().await.unwrap().len(), 1);
 }
+
+#[tokio::test]
+async fn a_stop_waits_for_in_flight_work_no_longer_than_its_grace() {
+    // A provider call that would hold the sender's round (and so the stop) for a minute.
+    let sendgrid = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/v3/mail/send"))
+        .and(header("authorization", "Bearer SG.secret-value"))
+        .respond_with(ResponseTemplate::new(202).set_delay(std::time::Duration::from_secs(60)))
+        .mount(&sendgrid)
+        .await;
+    let app = TestApp::spawn_with(&[
+        ("MESSAGING_SENDGRID_BASE_URL", sendgrid.uri()),
+        ("MESSAGING_PROVIDER_TIMEOUT_MS", "120000".into()),
+        ("MESSAGING_SHUTDOWN_GRACE_MS", "500".into()),
+    ])
+    .await;
+    let service = app.email_service().await;
+    let id = app
+        .compose_email(&service, "a@example.com", json!({"send": true}))
+        .await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    eventually(|| async {
+        let (_, m) = app.get(&format!("/v1/messages/{id}")).await;
+        m["attempts"] == 1
+    })
+    .await;
+    assert_eq!(
+        sendgrid.received_requests().await.unwrap().len(),
+        1,
+        "in flight"
+    );
+    tokio::time::timeout(std::time::Duration::from_secs(20), app.stop())
+        .await
+        .expect("stopped once its grace ran out, not after the minute-long call");
+}

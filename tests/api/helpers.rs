@@ -244,6 +244,24 @@ impl TestApp {
         view
     }
 
+    /// An email composed with `send: true` through a new SendGrid service, once its provider
+    /// call has started (its first attempt is recorded); its id.
+    pub async fn email_in_flight(&self) -> String {
+        let service = self.email_service().await;
+        let id = self
+            .compose_email(&service, "a@example.com", json!({"send": true}))
+            .await["id"]
+            .as_str()
+            .expect("id")
+            .to_string();
+        eventually(|| async {
+            let (_, m) = self.get(&format!("/v1/messages/{id}")).await;
+            m["attempts"] == 1
+        })
+        .await;
+        id
+    }
+
     /// Waits until the message list shows `id` in `state`.
     pub async fn wait_listed(&self, id: &str, state: &str) {
         eventually(|| async {

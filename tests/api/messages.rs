@@ -230,18 +230,7 @@ async fn cancel_after_the_provider_call_started_is_409() {
         .mount(&sendgrid)
         .await;
     let app = TestApp::spawn_with(&[("MESSAGING_SENDGRID_BASE_URL", sendgrid.uri())]).await;
-    let service = app.email_service().await;
-    let id = app
-        .compose_email(&service, "a@example.com", json!({"send": true}))
-        .await["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    eventually(|| async {
-        let (_, m) = app.get(&format!("/v1/messages/{id}")).await;
-        m["attempts"] == 1
-    })
-    .await;
+    let id = app.email_in_flight().await;
     let (status, body) = app
         .post(&format!("/v1/messages/{id}/cancel"), json!({}))
         .await;

@@ -877,18 +877,7 @@ async fn a_stop_waits_for_in_flight_work_no_longer_than_its_grace() {
         ("MESSAGING_SHUTDOWN_GRACE_MS", "500".into()),
     ])
     .await;
-    let service = app.email_service().await;
-    let id = app
-        .compose_email(&service, "a@example.com", json!({"send": true}))
-        .await["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    eventually(|| async {
-        let (_, m) = app.get(&format!("/v1/messages/{id}")).await;
-        m["attempts"] == 1
-    })
-    .await;
+    app.email_in_flight().await;
     assert_eq!(
         sendgrid.received_requests().await.unwrap().len(),
         1,

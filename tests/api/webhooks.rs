@@ -150,6 +150,19 @@ async fn outcome(
     out
 }
 
+/// Waits until the applier has looked at the one fact `filter` selects and left it waiting.
+async fn waiting_facts(app: &TestApp, filter: &str) {
+    let query = format!("SELECT count(*) FROM webhook_inbox WHERE {filter} AND waiting");
+    eventually(|| async {
+        let waiting: i64 = sqlx::query_scalar(&query)
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+        waiting == 1
+    })
+    .await;
+}
+
 async fn settled(app: &TestApp) {
     eventually(|| async {
         let gauges = app.store.gauges().await.unwrap();
@@ -300,16 +313,7 @@ async fn an_event_that_arrives_before_its_message_is_applied_when_the_message_ap
                         "sg_event_id": "early-1", "message_id": id}]);
     let (status, _) = post_sendgrid(&app, batch.to_string().as_bytes()).await;
     assert_eq!(status, StatusCode::OK);
-    eventually(|| async {
-        let waiting: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM webhook_inbox WHERE event_id = 'early-1' AND waiting",
-        )
-        .fetch_one(&app.pool)
-        .await
-        .unwrap();
-        waiting == 1
-    })
-    .await;
+    waiting_facts(&app, "event_id = 'early-1'").await;
     sent_message(&app, &id, Channel::Email, "sg-late").await;
     eventually(|| async {
         let (_, m) = app.get(&format!("/v1/messages/{id}")).await;
@@ -746,16 +750,7 @@ async fn an_x_reply_that_comes_before_its_post_is_listed_waits_for_it() {
     // No post of ours with that id is listed yet (the list is behind, or being rebuilt).
     assert_eq!(post_x_reply(&app).await["new"], 1);
     // Once the applier has looked at it: waiting, not unmatched.
-    eventually(|| async {
-        let waiting: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM webhook_inbox WHERE status = 'pending' AND waiting",
-        )
-        .fetch_one(&app.pool)
-        .await
-        .unwrap();
-        waiting == 1
-    })
-    .await;
+    waiting_facts(&app, "status = 'pending'").await;
     let (_, problems) = app.get("/v1/webhooks/unmatched").await;
     assert_eq!(problems["items"], json!([]), "waiting, not unmatched");
 

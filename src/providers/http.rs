@@ -137,8 +137,12 @@ pub(super) fn status_error(
 }
 
 /// The provider's own hint of when to come back: `Retry-After` (delay-seconds or an HTTP date,
-/// RFC 9110 section 10.2.3), else X's `x-rate-limit-reset` (epoch seconds when the window
-/// resets). A time already past means "now" (zero).
+/// RFC 9110 section 10.2.3), else the latest of X's `x-rate-limit-reset` (epoch seconds when
+/// the 15-minute window resets) and the reset of each 24-hour cap X says is used up
+/// (`x-user-limit-24hour-remaining: 0`, `x-app-limit-24hour-remaining: 0`): an account at its
+/// daily post cap is refused until that cap's reset, whatever its 15-minute window says, and
+/// retrying at the window's reset only spends the message's attempts. A time already past
+/// means "now" (zero).
 pub(super) fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
     let header = |name: &str| {
         headers
@@ -159,12 +163,17 @@ pub(super) fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Durati
             );
         }
     }
+    let epoch_second = |name: &str| {
+        let reset = header(name)?.parse::<u64>().ok()?;
+        SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs(reset))
+    };
     // X's `x-rate-limit-reset`, SendGrid's `X-RateLimit-Reset`: the epoch second it resets.
-    let reset = header("x-rate-limit-reset")
-        .or_else(|| header("x-ratelimit-reset"))?
-        .parse::<u64>()
-        .ok()?;
-    let at = SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs(reset))?;
+    let window = epoch_second("x-rate-limit-reset").or_else(|| epoch_second("x-ratelimit-reset"));
+    let daily_caps = ["x-user-limit-24hour", "x-app-limit-24hour"]
+        .into_iter()
+        .filter(|cap| header(&format!("{cap}-remaining")) == Some("0"))
+        .filter_map(|cap| epoch_second(&format!("{cap}-reset")));
+    let at = window.into_iter().chain(daily_caps).max()?;
     Some(
         at.duration_since(now)
             .unwrap_or(Duration::ZERO)
@@ -296,6 +305,43 @@ mod tests {
         // Past what a clock can hold: ignored, not a panic.
         let h = headers(&[("x-rate-limit-reset", "18446744073709551615")]);
         assert_eq!(retry_after(&h, at(1_700_000_000)), None);
+    }
+
+    #[test]
+    fn a_used_up_daily_cap_waits_for_its_own_reset() {
+        // At X's 24-hour post cap the 15-minute window may still have room: its reset is not
+        // when the account can post again.
+        let h = headers(&[
+            ("x-rate-limit-reset", "1700000900"),
+            ("x-rate-limit-remaining", "299"),
+            ("x-user-limit-24hour-remaining", "0"),
+            ("x-user-limit-24hour-reset", "1700050000"),
+            ("x-app-limit-24hour-remaining", "1200"),
+            ("x-app-limit-24hour-reset", "1700070000"),
+        ]);
+        assert_eq!(
+            retry_after(&h, at(1_700_000_000)),
+            Some(Duration::from_secs(50_000))
+        );
+        // The app's cap used up, no window header at all.
+        let h = headers(&[
+            ("x-app-limit-24hour-remaining", "0"),
+            ("x-app-limit-24hour-reset", "1700003000"),
+        ]);
+        assert_eq!(
+            retry_after(&h, at(1_700_000_000)),
+            Some(Duration::from_secs(3000))
+        );
+        // A cap with posts left does not hold the retry back.
+        let h = headers(&[
+            ("x-rate-limit-reset", "1700000900"),
+            ("x-user-limit-24hour-remaining", "3"),
+            ("x-user-limit-24hour-reset", "1700050000"),
+        ]);
+        assert_eq!(
+            retry_after(&h, at(1_700_000_000)),
+            Some(Duration::from_secs(900))
+        );
     }
 
     #[test]

@@ -237,6 +237,52 @@ async fn x_429_uses_the_rate_limit_reset_time() {
 }
 
 #[tokio::test]
+async fn x_429_at_the_daily_post_cap_waits_for_the_caps_reset() {
+    // X's answer when the user's 24-hour post cap is used up: the 15-minute window still has
+    // room and resets soon, the cap resets in ten hours.
+    let server = MockServer::start().await;
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    Mock::given(method("POST"))
+        .and(path("/2/tweets"))
+        .and(header("authorization", "Bearer x-bearer-token"))
+        .respond_with(
+            ResponseTemplate::new(429)
+                .insert_header("x-rate-limit-limit", "100")
+                .insert_header("x-rate-limit-remaining", "99")
+                .insert_header("x-rate-limit-reset", (now + 900).to_string().as_str())
+                .insert_header("x-user-limit-24hour-limit", "17")
+                .insert_header("x-user-limit-24hour-remaining", "0")
+                .insert_header("x-user-limit-24hour-reset", (now + 36_000).to_string().as_str())
+                .set_body_json(json!({"title": "Too Many Requests", "detail": "Too Many Requests", "type": "about:blank", "status": 429})),
+        )
+        .expect(1)
+        .mount(&server)
+        .await;
+    let error = providers(&config(&server.uri()))
+        .for_provider(Provider::X)
+        .send(
+            &x_bearer_account(),
+            &post(Channel::Twitter, Some("hi"), None),
+        )
+        .await
+        .unwrap_err();
+    let SendError::Transient {
+        retry_after: Some(wait),
+        ..
+    } = error
+    else {
+        panic!("expected transient with a delay, got {error:?}");
+    };
+    assert!(
+        wait <= Duration::from_secs(36_000) && wait >= Duration::from_secs(35_990),
+        "{wait:?}"
+    );
+}
+
+#[tokio::test]
 async fn x_403_is_permanent_with_the_detail() {
     let server = MockServer::start().await;
     Mock::given(method("POST"))

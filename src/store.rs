@@ -201,6 +201,9 @@ pub struct PushDue {
     pub cursor: i64,
     /// Failed deliveries since the last acknowledged one.
     pub failures: i32,
+    /// The lease's end, as stored (its `next_attempt_at`): the lease's token. The delivery's
+    /// acknowledgement or failure is recorded only while the subscription still holds it.
+    pub leased_until: DateTime<Utc>,
 }
 
 /// Lag and queue depths, read when `/metrics` is scraped.
@@ -540,24 +543,28 @@ pub trait Store: Send + Sync + 'static {
     /// Records an acknowledged delivery of `delivered` items (0 when the filters kept nothing
     /// in the window read): `cursor` = the greater of the stored cursor and `cursor`,
     /// `delivered` += `delivered`, `failures` = 0, `last_error` = NULL, `next_attempt_at` =
-    /// now (due again at once), and `last_attempt_at` = now only if `delivered` > 0. No
-    /// subscription with that id (deleted meanwhile) is no error.
+    /// now (due again at once), and `last_attempt_at` = now only if `delivered` > 0, all only
+    /// while the subscription's `next_attempt_at` is still `leased.leased_until` (the lease is
+    /// still this delivery's). Returns whether it was: `false` when the lease ran out and
+    /// another delivery took the subscription (that one is delivering the batch again, and
+    /// its own answer will be recorded), or the subscription was deleted meanwhile.
     async fn push_acknowledged(
         &self,
-        id: uuid::Uuid,
+        leased: &PushDue,
         cursor: i64,
         delivered: i64,
-    ) -> Result<(), StoreError>;
+    ) -> Result<bool, StoreError>;
     /// Records a failed delivery: `failures` = `failures` (the caller's new count),
     /// `last_error` = `reason`, `last_attempt_at` = now, `next_attempt_at` = now + `retry_in`;
-    /// the cursor stays. No subscription with that id is no error.
+    /// the cursor stays. Only while the lease is still `leased`'s, as for `push_acknowledged`;
+    /// returns whether it was.
     async fn push_failed(
         &self,
-        id: uuid::Uuid,
+        leased: &PushDue,
         failures: i32,
         reason: &str,
         retry_in: Duration,
-    ) -> Result<(), StoreError>;
+    ) -> Result<bool, StoreError>;
     /// The earliest `next_attempt_at` among subscriptions that are behind (may be in the
     /// past); `None` when none is behind. In this process's clock.
     async fn next_push_due(&self) -> Result<Option<DateTime<Utc>>, StoreError>;

@@ -7,6 +7,13 @@
 //! leaves a lease that expires, and the batch is delivered again: at least once, and in the
 //! normal case exactly once.
 //!
+//! A lease that runs out hands the subscription to the next delivery, so one that is late
+//! (its feed read or its acknowledgement waited for a connection) must not act on it any more:
+//! no call starts once too little of the lease is left to finish it, and an answer is recorded
+//! only while the lease is still the delivery's (its end is the token). Otherwise a late
+//! acknowledgement would free the subscription under the next delivery, and a batch could
+//! arrive after a newer one.
+//!
 //! Each delivery runs on its own ([`Pusher::run`] keeps up to [`IN_FLIGHT`] at once and leases
 //! more as they finish), so a subscriber that answers slowly holds back only itself. Redirects
 //! are not followed (a subscriber's answer cannot send the signed batch elsewhere) and of an
@@ -21,6 +28,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
+use tokio::time::Instant;
 
 /// Deliveries one worker runs at once.
 pub const IN_FLIGHT: usize = 16;
@@ -68,19 +76,28 @@ impl Pusher {
         })
     }
 
-    /// Leases up to `limit` subscriptions that have something to deliver and are due.
-    async fn lease(&self, limit: usize) -> Result<Vec<PushDue>, StoreError> {
-        let lease = self
-            .config
+    /// How long a lease lasts: a delivery's call and the reads and writes around it.
+    fn lease_length(&self) -> Duration {
+        self.config
             .timeout
             .saturating_mul(2)
-            .saturating_add(Duration::from_secs(5));
-        self.store
-            .lease_push_subscriptions(lease, limit as i64)
-            .await
+            .saturating_add(Duration::from_secs(5))
     }
 
-    async fn deliver(&self, sub: PushDue) -> Result<(), StoreError> {
+    /// Leases up to `limit` subscriptions that have something to deliver and are due, each
+    /// with the instant its lease is over at the latest, in this process's clock (measured from
+    /// before the lease was asked for, so never later than the store's).
+    async fn lease(&self, limit: usize) -> Result<Vec<(PushDue, Instant)>, StoreError> {
+        let lease = self.lease_length();
+        let asked = Instant::now();
+        let due = self
+            .store
+            .lease_push_subscriptions(lease, limit as i64)
+            .await?;
+        Ok(due.into_iter().map(|sub| (sub, asked + lease)).collect())
+    }
+
+    async fn deliver(&self, sub: PushDue, lease_ends: Instant) -> Result<(), StoreError> {
         // Scan ahead; the filters keep some. The cursor also moves past items they drop.
         let window: Vec<FeedItem> = self
             .store
@@ -101,6 +118,11 @@ impl Pusher {
         };
         if items.is_empty() {
             return self.acknowledged(&sub, next_cursor, 0).await;
+        }
+        // The call may take `timeout`; a second to spare for recording its answer.
+        if Instant::now() + self.config.timeout + Duration::from_secs(1) > lease_ends {
+            tracing::warn!(subscription_id = %sub.id, "push lease too near its end to call; left to the next delivery");
+            return Ok(());
         }
         let body =
             json!({"subscription_id": sub.id, "items": items, "next": next_cursor}).to_string();
@@ -149,9 +171,14 @@ impl Pusher {
         cursor: i64,
         delivered: usize,
     ) -> Result<(), StoreError> {
-        self.store
-            .push_acknowledged(sub.id, cursor, delivered as i64)
-            .await
+        let held = self
+            .store
+            .push_acknowledged(sub, cursor, delivered as i64)
+            .await?;
+        if !held {
+            lease_lost(sub, "acknowledged");
+        }
+        Ok(())
     }
 
     async fn failed(&self, sub: &PushDue, reason: String) -> Result<(), StoreError> {
@@ -162,9 +189,14 @@ impl Pusher {
             u32::try_from(failures).unwrap_or(u32::MAX),
         );
         tracing::warn!(subscription_id = %sub.id, failures, %reason, retry_in_ms = backoff.as_millis() as u64, "push delivery failed");
-        self.store
-            .push_failed(sub.id, failures, &reason, backoff)
-            .await
+        let held = self
+            .store
+            .push_failed(sub, failures, &reason, backoff)
+            .await?;
+        if !held {
+            lease_lost(sub, "failed");
+        }
+        Ok(())
     }
 
     /// Runs until `shutdown` (then lets the deliveries in flight finish): woken when the feed
@@ -190,9 +222,9 @@ impl Pusher {
             wake.borrow_and_update();
             match self.lease(IN_FLIGHT - in_flight.len()).await {
                 Ok(due) if !due.is_empty() => {
-                    for sub in due {
+                    for (sub, lease_ends) in due {
                         let pusher = self.clone();
-                        in_flight.spawn(async move { pusher.deliver(sub).await });
+                        in_flight.spawn(async move { pusher.deliver(sub, lease_ends).await });
                     }
                     // Look again at once for more, while slots are free.
                     continue;
@@ -214,6 +246,12 @@ impl Pusher {
             }
         }
     }
+}
+
+/// A delivery's answer came after its lease was taken by another delivery (or the
+/// subscription was deleted): not recorded, the other delivery's answer will be.
+fn lease_lost(sub: &PushDue, outcome: &str) {
+    tracing::info!(subscription_id = %sub.id, outcome, "push lease ran out before the delivery's answer was recorded; not recorded");
 }
 
 /// A delivery task's end: its store error (the lease expires and it is retried), or a panic.

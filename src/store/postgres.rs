@@ -519,21 +519,21 @@ impl Store for PgStore {
 
     async fn push_acknowledged(
         &self,
-        id: uuid::Uuid,
+        leased: &PushDue,
         cursor: i64,
         delivered: i64,
-    ) -> Result<(), StoreError> {
-        push::acknowledged(&self.pool, id, cursor, delivered).await
+    ) -> Result<bool, StoreError> {
+        push::acknowledged(&self.pool, leased, cursor, delivered).await
     }
 
     async fn push_failed(
         &self,
-        id: uuid::Uuid,
+        leased: &PushDue,
         failures: i32,
         reason: &str,
         retry_in: Duration,
-    ) -> Result<(), StoreError> {
-        push::failed(&self.pool, id, failures, reason, retry_in).await
+    ) -> Result<bool, StoreError> {
+        push::failed(&self.pool, leased, failures, reason, retry_in).await
     }
 
     async fn next_push_due(&self) -> Result<Option<DateTime<Utc>>, StoreError> {

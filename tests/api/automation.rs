@@ -319,3 +319,85 @@ async fn a_subscribers_redirect_is_not_followed() {
     .await;
     assert_eq!(reached.lock().unwrap().0, 0, "the redirect was followed");
 }
+
+#[tokio::test]
+async fn a_delivery_whose_lease_ran_out_records_nothing() {
+    // A subscription behind the feed whose subscriber refuses everything, then no pusher at
+    // all: the service is stopped and its store driven by hand, as two deliveries would.
+    let app = TestApp::spawn_with(&[("MESSAGING_PUSH_BACKOFF_MS", "1".into())]).await;
+    let (url, seen) = subscriber(usize::MAX).await;
+    let (status, sub) = app
+        .post("/v1/subscriptions", json!({"url": url, "secret": SECRET}))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{sub}");
+    let id: uuid::Uuid = sub["id"].as_str().unwrap().parse().unwrap();
+    let service = app.email_service().await;
+    app.compose_email(&service, "a@example.com", json!({}))
+        .await;
+    eventually(|| async { seen.lock().unwrap().0 >= 1 }).await;
+    let database_url = app.stop().await;
+    let store = store_only(&database_url).await;
+    let end = store
+        .state_changes(0, 1000)
+        .await
+        .unwrap()
+        .last()
+        .unwrap()
+        .position;
+
+    let lease = std::time::Duration::from_millis(300);
+    let mut first = Vec::new();
+    while first.is_empty() {
+        // The refused deliveries' backoff (a millisecond or so) may not be over yet.
+        first = store.lease_push_subscriptions(lease, 10).await.unwrap();
+    }
+    let first = first.pop().unwrap();
+    assert_eq!(first.id, id);
+    assert!(
+        store
+            .lease_push_subscriptions(lease, 10)
+            .await
+            .unwrap()
+            .is_empty(),
+        "leased twice at once"
+    );
+    tokio::time::sleep(lease * 2).await;
+    // The first delivery is late: its lease ran out and a second delivery took the subscription.
+    let second = store
+        .lease_push_subscriptions(std::time::Duration::from_secs(60), 10)
+        .await
+        .unwrap()
+        .pop()
+        .expect("the lease ran out: the subscription is due again");
+    assert_ne!(first.leased_until, second.leased_until);
+
+    // The late delivery's answers are not recorded: neither frees the subscription under the
+    // second delivery, nor moves its cursor, nor counts a failure.
+    assert!(!store.push_acknowledged(&first, end, 1).await.unwrap());
+    assert!(!store
+        .push_failed(&first, 99, "late", std::time::Duration::ZERO)
+        .await
+        .unwrap());
+    let now = store.subscription(id).await.unwrap().unwrap();
+    assert_eq!(now.cursor, 0);
+    assert_ne!(now.failures, 99);
+    assert_ne!(now.last_error.as_deref(), Some("late"));
+    assert!(
+        now.next_attempt_at > chrono::Utc::now() + chrono::Duration::seconds(30),
+        "the second delivery's lease was cut short: {:?}",
+        now.next_attempt_at
+    );
+    assert!(
+        store
+            .lease_push_subscriptions(lease, 10)
+            .await
+            .unwrap()
+            .is_empty(),
+        "leased while the second delivery holds it"
+    );
+
+    // The second delivery's answer is.
+    assert!(store.push_acknowledged(&second, end, 1).await.unwrap());
+    let now = store.subscription(id).await.unwrap().unwrap();
+    assert_eq!((now.cursor, now.failures, now.last_error), (end, 0, None));
+}

@@ -277,6 +277,25 @@ impl TestApp {
 }
 
 /// A small pool on either backend, for a test's own queries.
+/// The store alone on a database, with no worker running (no scheduler, sender or pusher):
+/// for driving the store's contract by hand. The service on that database must be stopped
+/// first (SQLite serves one process).
+pub async fn store_only(database_url: &str) -> Arc<dyn Store> {
+    use messaging::startup::Backend;
+    match Backend::open(&test_config(database_url, &[]))
+        .await
+        .expect("the database opens")
+    {
+        Backend::Postgres(pool) => Arc::new(messaging::store::postgres::PgStore::new(pool)),
+        Backend::Sqlite { pools, lock } => {
+            // The lock file is held as long as this test runs.
+            std::mem::forget(lock);
+            let (bell, _) = messaging::notify::in_process();
+            Arc::new(messaging::store::sqlite::SqliteStore::new(pools, bell))
+        }
+    }
+}
+
 pub async fn any_pool(database_url: &str) -> AnyPool {
     static DRIVERS: std::sync::Once = std::sync::Once::new();
     DRIVERS.call_once(sqlx::any::install_default_drivers);

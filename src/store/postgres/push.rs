@@ -15,6 +15,7 @@ struct DueRow {
     channels: Option<Vec<String>>,
     cursor: i64,
     failures: i32,
+    next_attempt_at: DateTime<Utc>,
 }
 
 pub(super) async fn lease(
@@ -29,7 +30,8 @@ pub(super) async fn lease(
                  AND cursor < (SELECT COALESCE(MAX(position), 0) FROM state_changes) \
                ORDER BY next_attempt_at LIMIT $2 FOR UPDATE SKIP LOCKED) due \
          WHERE s.id = due.id \
-         RETURNING s.id, s.url, s.secret, s.states, s.channels, s.cursor, s.failures",
+         RETURNING s.id, s.url, s.secret, s.states, s.channels, s.cursor, s.failures, \
+                   s.next_attempt_at",
     )
     .bind(lease.as_millis() as f64)
     .bind(limit)
@@ -45,48 +47,54 @@ pub(super) async fn lease(
             channels: r.channels,
             cursor: r.cursor,
             failures: r.failures,
+            leased_until: r.next_attempt_at,
         })
         .collect())
 }
 
+// Both record only while the lease is still the delivery's: `next_attempt_at` is the token
+// the lease returned (a timestamptz round-trips exactly).
 pub(super) async fn acknowledged(
     pool: &PgPool,
-    id: uuid::Uuid,
+    leased: &PushDue,
     cursor: i64,
     delivered: i64,
-) -> Result<(), StoreError> {
-    sqlx::query(
+) -> Result<bool, StoreError> {
+    let done = sqlx::query(
         "UPDATE subscriptions SET cursor = GREATEST(cursor, $2), delivered = delivered + $3, \
          failures = 0, last_error = NULL, next_attempt_at = now(), \
          last_attempt_at = CASE WHEN $3 > 0 THEN now() ELSE last_attempt_at END \
-         WHERE id = $1",
+         WHERE id = $1 AND next_attempt_at = $4",
     )
-    .bind(id)
+    .bind(leased.id)
     .bind(cursor)
     .bind(delivered)
+    .bind(leased.leased_until)
     .execute(pool)
     .await?;
-    Ok(())
+    Ok(done.rows_affected() == 1)
 }
 
 pub(super) async fn failed(
     pool: &PgPool,
-    id: uuid::Uuid,
+    leased: &PushDue,
     failures: i32,
     reason: &str,
     retry_in: Duration,
-) -> Result<(), StoreError> {
-    sqlx::query(
+) -> Result<bool, StoreError> {
+    let done = sqlx::query(
         "UPDATE subscriptions SET failures = $2, last_error = $3, last_attempt_at = now(), \
-         next_attempt_at = now() + $4 * interval '1 millisecond' WHERE id = $1",
+         next_attempt_at = now() + $4 * interval '1 millisecond' \
+         WHERE id = $1 AND next_attempt_at = $5",
     )
-    .bind(id)
+    .bind(leased.id)
     .bind(failures)
     .bind(reason)
     .bind(retry_in.as_millis() as f64)
+    .bind(leased.leased_until)
     .execute(pool)
     .await?;
-    Ok(())
+    Ok(done.rows_affected() == 1)
 }
 
 pub(super) async fn next_due(pool: &PgPool) -> Result<Option<DateTime<Utc>>, StoreError> {

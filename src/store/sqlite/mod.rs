@@ -656,21 +656,21 @@ impl Store for SqliteStore {
 
     async fn push_acknowledged(
         &self,
-        id: uuid::Uuid,
+        leased: &PushDue,
         cursor: i64,
         delivered: i64,
-    ) -> Result<(), StoreError> {
-        push::acknowledged(&self.pools, id, cursor, delivered).await
+    ) -> Result<bool, StoreError> {
+        push::acknowledged(&self.pools, leased, cursor, delivered).await
     }
 
     async fn push_failed(
         &self,
-        id: uuid::Uuid,
+        leased: &PushDue,
         failures: i32,
         reason: &str,
         retry_in: Duration,
-    ) -> Result<(), StoreError> {
-        push::failed(&self.pools, id, failures, reason, retry_in).await
+    ) -> Result<bool, StoreError> {
+        push::failed(&self.pools, leased, failures, reason, retry_in).await
     }
 
     async fn next_push_due(&self) -> Result<Option<DateTime<Utc>>, StoreError> {

@@ -23,6 +23,7 @@ pub(super) async fn lease(
     limit: i64,
 ) -> Result<Vec<PushDue>, StoreError> {
     let now = Utc::now();
+    let until = later(now, lease);
     let rows: Vec<DueRow> = sqlx::query_as(
         "UPDATE subscriptions SET next_attempt_at = ?2 \
          WHERE id IN (SELECT id FROM subscriptions \
@@ -32,7 +33,7 @@ pub(super) async fn lease(
          RETURNING id, url, secret, states, channels, cursor, failures",
     )
     .bind(now)
-    .bind(later(now, lease))
+    .bind(until)
     .bind(limit)
     .fetch_all(&pools.write)
     .await?;
@@ -46,51 +47,56 @@ pub(super) async fn lease(
             channels: r.channels.map(|Json(c)| c),
             cursor: r.cursor,
             failures: r.failures,
+            // Stored as the text of this very value, compared as that text below.
+            leased_until: until,
         })
         .collect())
 }
 
+// Both record only while the lease is still the delivery's (see `lease`).
 pub(super) async fn acknowledged(
     pools: &SqlitePools,
-    id: uuid::Uuid,
+    leased: &PushDue,
     cursor: i64,
     delivered: i64,
-) -> Result<(), StoreError> {
-    sqlx::query(
+) -> Result<bool, StoreError> {
+    let done = sqlx::query(
         "UPDATE subscriptions SET cursor = MAX(cursor, ?2), delivered = delivered + ?3, \
          failures = 0, last_error = NULL, next_attempt_at = ?4, \
          last_attempt_at = CASE WHEN ?3 > 0 THEN ?4 ELSE last_attempt_at END \
-         WHERE id = ?1",
+         WHERE id = ?1 AND next_attempt_at = ?5",
     )
-    .bind(id)
+    .bind(leased.id)
     .bind(cursor)
     .bind(delivered)
     .bind(Utc::now())
+    .bind(leased.leased_until)
     .execute(&pools.write)
     .await?;
-    Ok(())
+    Ok(done.rows_affected() == 1)
 }
 
 pub(super) async fn failed(
     pools: &SqlitePools,
-    id: uuid::Uuid,
+    leased: &PushDue,
     failures: i32,
     reason: &str,
     retry_in: Duration,
-) -> Result<(), StoreError> {
+) -> Result<bool, StoreError> {
     let now = Utc::now();
-    sqlx::query(
+    let done = sqlx::query(
         "UPDATE subscriptions SET failures = ?2, last_error = ?3, last_attempt_at = ?4, \
-         next_attempt_at = ?5 WHERE id = ?1",
+         next_attempt_at = ?5 WHERE id = ?1 AND next_attempt_at = ?6",
     )
-    .bind(id)
+    .bind(leased.id)
     .bind(failures)
     .bind(reason)
     .bind(now)
     .bind(later(now, retry_in))
+    .bind(leased.leased_until)
     .execute(&pools.write)
     .await?;
-    Ok(())
+    Ok(done.rows_affected() == 1)
 }
 
 pub(super) async fn next_due(pools: &SqlitePools) -> Result<Option<DateTime<Utc>>, StoreError> {

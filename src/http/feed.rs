@@ -33,10 +33,18 @@ async fn stream(
     headers: HeaderMap,
     ApiQuery(q): ApiQuery<StreamQuery>,
 ) -> Result<Sse<impl Stream<Item = Result<Event, std::convert::Infallible>>>, ApiError> {
-    let last_event_id = headers
-        .get("last-event-id")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string);
+    // An empty Last-Event-ID is no event id (the SSE standard's reset); one that is not text
+    // is refused rather than ignored, which would replay the feed from `after` or its start.
+    let last_event_id = match headers.get("last-event-id").map(|v| v.to_str()) {
+        None => None,
+        Some(Err(_)) => {
+            return Err(ApiError::field(
+                "Last-Event-ID",
+                "must be a feed position (0 or more)",
+            ))
+        }
+        Some(Ok(id)) => Some(id.trim().to_string()).filter(|id| !id.is_empty()),
+    };
     // The error names whichever the value came from.
     let (given, field) = match last_event_id.as_deref() {
         Some(id) => (Some(id), "Last-Event-ID"),

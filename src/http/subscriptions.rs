@@ -36,9 +36,14 @@ async fn create(
     ApiJson(body): ApiJson<CreateSubscription>,
 ) -> Result<(StatusCode, ApiJson<Value>), ApiError> {
     let url = body.url.trim();
-    let url_ok = (url.starts_with("https://") || url.starts_with("http://"))
-        && url.len() > "https://".len()
-        && !url.contains(char::is_whitespace);
+    // Parsed as the pusher's client will parse it at every delivery: a URL it cannot call
+    // (a port past 65535, an unclosed IPv6 bracket, no host) would fail every delivery with
+    // nothing to say why.
+    let url_ok = !url.contains(char::is_whitespace)
+        && reqwest::Url::parse(url).is_ok_and(|parsed| {
+            matches!(parsed.scheme(), "http" | "https")
+                && parsed.host_str().is_some_and(|host| !host.is_empty())
+        });
     if !url_ok {
         return Err(ApiError::field(
             "url",

@@ -84,6 +84,44 @@ async fn the_stream_sends_each_change_and_resumes_from_last_event_id() {
         rest.iter().map(|e| e.0).collect::<Vec<_>>(),
         [5, 6, 7, 8, 9, 10]
     );
+    // An empty Last-Event-ID is no id: `after` holds.
+    let r = app
+        .client
+        .get(app.url("/v1/state-changes/stream?after=8"))
+        .bearer_auth(API_KEY)
+        .header("Last-Event-ID", "")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let tail = read_events(r, 2).await;
+    assert_eq!(tail.iter().map(|e| e.0).collect::<Vec<_>>(), [9, 10]);
+    // One that is not text is refused, not read as "from the start".
+    let r = app
+        .client
+        .get(app.url("/v1/state-changes/stream?after=8"))
+        .bearer_auth(API_KEY)
+        .header(
+            "Last-Event-ID",
+            reqwest::header::HeaderValue::from_bytes(b"\xff4").unwrap(),
+        )
+        .send()
+        .await
+        .unwrap();
+    let (status, error) = read(r).await;
+    assert_error(
+        status,
+        &error,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid_field",
+    );
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("Last-Event-ID"),
+        "{error}"
+    );
     let r = app
         .client
         .get(app.url("/v1/state-changes/stream"))
@@ -206,6 +244,13 @@ async fn invalid_subscriptions_are_422_and_unknown_ones_404() {
     let app = TestApp::spawn().await;
     for (body, field) in [
         (json!({"url": "ftp://x", "secret": SECRET}), "url"),
+        // URLs no delivery could call.
+        (
+            json!({"url": "http://example.com:99999/h", "secret": SECRET}),
+            "url",
+        ),
+        (json!({"url": "http://[::1/h", "secret": SECRET}), "url"),
+        (json!({"url": "http://:80/h", "secret": SECRET}), "url"),
         (
             json!({"url": "https://example.com/h", "secret": "short"}),
             "secret",

@@ -78,6 +78,17 @@ async fn create(
             "must be a feed position (0 or more)",
         ));
     }
+    // A cursor past the feed's end would deliver nothing until the feed grew past it, and
+    // every change up to there would be skipped: refused (it is within the feed when some
+    // item is at or after it).
+    if let Some(after) = body.after.filter(|a| *a > 0) {
+        if state.store.state_changes(after - 1, 1).await?.is_empty() {
+            return Err(ApiError::field(
+                "after",
+                "is past the end of the feed: use a position the feed has served (`next` of GET /v1/state-changes), or leave it out to start at the end",
+            ));
+        }
+    }
     let subscription = state
         .store
         .create_subscription(&NewSubscription {

@@ -212,6 +212,28 @@ async fn a_subscriber_that_fails_for_a_while_then_recovers_receives_everything_i
     .await;
     let (_, s) = app.get(&format!("/v1/subscriptions/{id}")).await;
     assert_eq!(s["delivered"], 10);
+
+    // Another may start at the feed's end (10), not past it.
+    let (status, at_end) = app
+        .post(
+            "/v1/subscriptions",
+            json!({"url": url, "secret": SECRET, "after": 10}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{at_end}");
+    assert_eq!(at_end["cursor"], 10);
+    let (status, error) = app
+        .post(
+            "/v1/subscriptions",
+            json!({"url": url, "secret": SECRET, "after": 11}),
+        )
+        .await;
+    assert_error(
+        status,
+        &error,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid_field",
+    );
 }
 
 #[tokio::test]
@@ -265,6 +287,11 @@ async fn invalid_subscriptions_are_422_and_unknown_ones_404() {
         ),
         (
             json!({"url": "https://example.com/h", "secret": SECRET, "after": -1}),
+            "after",
+        ),
+        // The feed is empty: nothing is at position 1 yet.
+        (
+            json!({"url": "https://example.com/h", "secret": SECRET, "after": 1}),
             "after",
         ),
     ] {

@@ -76,7 +76,9 @@ pub struct MessageData {
     pub opens: u32,
     pub clicks: u32,
     pub replies: u32,
-    /// Provider event ids already recorded: a duplicate changes nothing.
+    /// Provider event ids already recorded: a duplicate changes nothing. The aggregate's
+    /// own (its commands decide by it); the message list stores its folds without them.
+    #[serde(default)]
     pub seen_facts: BTreeSet<String>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,

@@ -141,8 +141,7 @@ impl Rows {
                 direction: d.direction.as_str(),
                 state: d.state.as_str(),
                 profiles,
-                message: serde_json::to_string(d)
-                    .map_err(|e| ProjectionError::Other(e.to_string()))?,
+                message: stored_fold(d)?,
                 last_sequence: row.last_sequence,
                 provider_message_id: d.provider_message_id.clone(),
                 stored: row.stored,
@@ -150,6 +149,24 @@ impl Rows {
         }
         Ok(changed)
     }
+}
+
+/// A row's `message`: the fold without the provider event ids it has seen. Those only serve
+/// the aggregate's duplicate check (the log holds each fact once, and the view shows none of
+/// them), and an email to a thousand recipients collects thousands (each delivery, open and
+/// click), which every batch touching the message rewrote and every list page parsed.
+fn stored_fold(d: &MessageData) -> Result<String, ProjectionError> {
+    let without;
+    let stored = if d.seen_facts.is_empty() {
+        d
+    } else {
+        without = MessageData {
+            seen_facts: Default::default(),
+            ..d.clone()
+        };
+        &without
+    };
+    serde_json::to_string(stored).map_err(|e| ProjectionError::Other(e.to_string()))
 }
 
 /// The batch's messages that have events before it: those whose first event in the batch is

@@ -239,6 +239,20 @@ async fn the_fixture_batch_posted_three_times_shuffled_ends_as_posting_it_once_i
         processed, 2,
         "processed and delivered are both in the history"
     );
+    // The list's rows keep the messages' folds without the provider's event ids (only the
+    // aggregate's duplicate check needs them): a row does not grow with every open and click.
+    let rows: Vec<String> = sqlx::query_scalar("SELECT CAST(message AS TEXT) FROM message_list")
+        .fetch_all(&thrice.pool)
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), ids.len());
+    for event in &events {
+        let fact = event["sg_event_id"].as_str().unwrap();
+        assert!(
+            rows.iter().all(|row| !row.contains(fact)),
+            "{fact} is stored in the list"
+        );
+    }
 }
 
 #[tokio::test]

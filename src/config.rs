@@ -51,6 +51,8 @@ pub struct Config {
     pub webhooks: WebhookSettings,
     /// Backoff before a failed push delivery is retried (doubles, ±25 % jitter, ≤ 5 min).
     pub push_backoff_ms: u64,
+    /// How long a push delivery waits for the subscriber's answer.
+    pub push_timeout_ms: u64,
     /// How long a stop waits for in-flight requests and worker rounds before it gives up on
     /// them (what they left is recovered, as after a crash).
     pub shutdown_grace_ms: u64,
@@ -264,6 +266,7 @@ impl Config {
             sender,
             webhooks,
             push_backoff_ms: number("MESSAGING_PUSH_BACKOFF_MS", 1_000)?,
+            push_timeout_ms: positive("MESSAGING_PUSH_TIMEOUT_MS", 10_000, 3_600_000)?,
             shutdown_grace_ms: positive("MESSAGING_SHUTDOWN_GRACE_MS", 25_000, 86_400_000)?,
         })
     }

@@ -370,6 +370,7 @@ impl Application {
             store.clone(),
             PushConfig {
                 base_backoff: Duration::from_millis(config.push_backoff_ms),
+                timeout: Duration::from_millis(config.push_timeout_ms),
                 ..PushConfig::default()
             },
         )

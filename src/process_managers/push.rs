@@ -24,6 +24,7 @@ use crate::webhooks::verify::sign_push;
 use chrono::Utc;
 use messaging_projections::FeedItem;
 use serde_json::json;
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
@@ -41,7 +42,10 @@ pub struct PushConfig {
     pub timeout: Duration,
     pub base_backoff: Duration,
     pub max_backoff: Duration,
-    /// Items in one delivery.
+    /// Items in one delivery at most. A subscription's batches are halved after each failed
+    /// delivery (down to 1) and doubled after each acknowledged one: a subscriber that cannot
+    /// take a whole batch within the timeout still gets everything, in smaller ones, and a
+    /// batch of one shows which item it refuses.
     pub batch_size: usize,
 }
 
@@ -61,6 +65,9 @@ pub struct Pusher {
     store: Arc<dyn Store>,
     http: reqwest::Client,
     config: PushConfig,
+    /// Subscriptions whose batches are smaller than `batch_size` now, with their size (this
+    /// process's memory: another instance, or a restart, starts again at `batch_size`).
+    smaller: Arc<std::sync::Mutex<HashMap<uuid::Uuid, usize>>>,
 }
 
 impl Pusher {
@@ -73,7 +80,33 @@ impl Pusher {
             store,
             http,
             config,
+            smaller: Arc::default(),
         })
+    }
+
+    fn batch_size(&self, id: uuid::Uuid) -> usize {
+        self.smaller
+            .lock()
+            .ok()
+            .and_then(|sizes| sizes.get(&id).copied())
+            .unwrap_or(self.config.batch_size)
+    }
+
+    /// After a delivery of `size` items: twice as many next time once acknowledged, half as
+    /// many once failed.
+    fn resize(&self, id: uuid::Uuid, size: usize, acknowledged: bool) {
+        let next = if acknowledged {
+            size.saturating_mul(2)
+        } else {
+            (size / 2).max(1)
+        };
+        if let Ok(mut sizes) = self.smaller.lock() {
+            if next >= self.config.batch_size {
+                sizes.remove(&id);
+            } else {
+                sizes.insert(id, next);
+            }
+        }
     }
 
     /// How long a lease lasts: a delivery's call and the reads and writes around it.
@@ -103,17 +136,14 @@ impl Pusher {
             .store
             .state_changes(sub.cursor, (self.config.batch_size * 10) as i64)
             .await?;
+        let batch_size = self.batch_size(sub.id);
         let keep = |i: &FeedItem| {
             sub.states.as_ref().is_none_or(|s| s.contains(&i.state))
                 && sub.channels.as_ref().is_none_or(|c| c.contains(&i.channel))
         };
-        let items: Vec<&FeedItem> = window
-            .iter()
-            .filter(|i| keep(i))
-            .take(self.config.batch_size)
-            .collect();
+        let items: Vec<&FeedItem> = window.iter().filter(|i| keep(i)).take(batch_size).collect();
         let next_cursor = match items.last() {
-            Some(last) if items.len() == self.config.batch_size => last.position,
+            Some(last) if items.len() == batch_size => last.position,
             _ => window.last().map(|i| i.position).unwrap_or(sub.cursor),
         };
         if items.is_empty() {
@@ -135,6 +165,8 @@ impl Pusher {
             .body(body)
             .send()
             .await;
+        let acknowledged = matches!(&result, Ok(r) if r.status().is_success());
+        self.resize(sub.id, batch_size, acknowledged);
         match result {
             Ok(r) if r.status().is_success() => {
                 self.acknowledged(&sub, next_cursor, items.len()).await

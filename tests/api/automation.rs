@@ -473,3 +473,62 @@ async fn a_delivery_whose_lease_ran_out_records_nothing() {
     let now = store.subscription(id).await.unwrap().unwrap();
     assert_eq!((now.cursor, now.failures, now.last_error), (end, 0, None));
 }
+
+#[tokio::test]
+async fn a_subscriber_that_cannot_take_a_whole_batch_gets_smaller_ones() {
+    // Refuses any batch of more than two items (as one that times out on large batches
+    // would), takes smaller ones.
+    let app = TestApp::spawn_with(&[("MESSAGING_PUSH_BACKOFF_MS", "10".into())]).await;
+    let taken: Arc<Mutex<Vec<Value>>> = Arc::default();
+    let sizes: Arc<Mutex<Vec<usize>>> = Arc::default();
+    let (t, s) = (taken.clone(), sizes.clone());
+    let picky = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |body: axum::body::Bytes| {
+            let (taken, sizes) = (t.clone(), s.clone());
+            async move {
+                let batch: Value = serde_json::from_slice(&body).unwrap();
+                let items = batch["items"].as_array().unwrap().clone();
+                sizes.lock().unwrap().push(items.len());
+                if items.len() > 2 {
+                    return AxumStatus::PAYLOAD_TOO_LARGE;
+                }
+                taken.lock().unwrap().extend(items);
+                AxumStatus::OK
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, picky).await.unwrap() });
+    ten_changes(&app).await;
+    let (status, sub) = app
+        .post(
+            "/v1/subscriptions",
+            json!({"url": url, "secret": SECRET, "after": 0}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{sub}");
+
+    eventually(|| async { taken.lock().unwrap().len() >= 10 }).await;
+    let positions: Vec<i64> = taken
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|i| i["position"].as_i64().unwrap())
+        .collect();
+    assert_eq!(
+        positions,
+        (1..=10).collect::<Vec<_>>(),
+        "each once, in order"
+    );
+    let sizes = sizes.lock().unwrap().clone();
+    // The whole backlog (10), refused; 50 items at most, all 10 again, refused; 25, refused;
+    // 12, refused; 6, refused; 3, refused; then 1 taken, 2 taken, 4 refused, 2 taken, ...
+    assert_eq!(
+        sizes[..8],
+        [10, 10, 10, 10, 6, 3, 1, 2],
+        "halved after each refusal, doubled after each success: {sizes:?}"
+    );
+    assert!(sizes.len() < 20, "{sizes:?}");
+}

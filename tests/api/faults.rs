@@ -2,8 +2,9 @@
 //! are in flight, then restarted; two instances on one database with one killed mid-load.
 //!
 //! Clients and the provider behave as real ones do: a compose that got no answer is sent again
-//! with its `Idempotency-Key`, a webhook delivery that got no 2xx is delivered again, and the
-//! provider answers slowly enough that the kill cuts calls. Then: every compose made exactly
+//! with its `Idempotency-Key`, a webhook delivery that got no 2xx is delivered again (one of
+//! them is certainly cut: half its body sent when the kill comes), and the provider answers
+//! slowly enough that the kill cuts calls. Then: every compose made exactly
 //! one message, every provider fact is recorded once, every message is sent once, and a second
 //! provider call happens only for a call the kill cut, and the history says so.
 
@@ -242,6 +243,30 @@ async fn deliver(client: &reqwest::Client, base: &str, delivery: &Delivery) -> b
     true
 }
 
+/// Starts `delivery` over a socket of its own and stops halfway through its body: a webhook
+/// certainly in flight when the kill comes (the other deliveries are only likely to be).
+async fn half_delivered(base: &str, delivery: &Delivery) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let address = base.trim_start_matches("http://");
+    let timestamp = chrono::Utc::now().timestamp().to_string();
+    let (_, signature) = sendgrid_test_signature(&SCALAR, &timestamp, &delivery.body).unwrap();
+    let mut socket = tokio::net::TcpStream::connect(address).await.unwrap();
+    let head = format!(
+        "POST /webhooks/sendgrid/events HTTP/1.1\r\nHost: {address}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\
+         X-Twilio-Email-Event-Webhook-Signature: {signature}\r\n\
+         X-Twilio-Email-Event-Webhook-Timestamp: {timestamp}\r\n\r\n",
+        delivery.body.len()
+    );
+    socket.write_all(head.as_bytes()).await.unwrap();
+    socket
+        .write_all(&delivery.body[..delivery.body.len() / 2])
+        .await
+        .unwrap();
+    socket.flush().await.unwrap();
+    socket
+}
+
 async fn sendgrid_service(client: &reqwest::Client, base: &str) -> String {
     let r = client
         .post(format!("{base}/v1/services"))
@@ -457,13 +482,28 @@ async fn killed_mid_load_and_restarted_loses_nothing_and_doubles_only_cut_calls(
         d.load(std::sync::atomic::Ordering::SeqCst) >= 3 && unanswered_calls(p, s).await.len() >= 3
     })
     .await;
+    let reported: Vec<String> = calls_per_message(&server).await.into_keys().collect();
+    let cut_delivery = opens_delivery(&reported, usize::MAX);
+    let mut cut_socket = half_delivered(&first.base, &cut_delivery).await;
+    // The test's tasks share one thread: the load runs again before the kill (while the
+    // lines above ran, no compose was sent and their answers waited, unread).
+    tokio::time::sleep(Duration::from_millis(100)).await;
     first.kill();
     stop_load.send(true).unwrap();
     sessions_gone(&pool, &url, "fault-first").await;
     let cut = unanswered_calls(&pool, &server).await;
     assert!(!cut.is_empty(), "the kill cut no provider call");
     let answers = composing.await.unwrap();
-    let deliveries = posting.await.unwrap();
+    let mut deliveries = posting.await.unwrap();
+    // The half-sent delivery got no answer: SendGrid delivers it again, like any other.
+    let mut answer = Vec::new();
+    let _ = tokio::io::AsyncReadExt::read_to_end(&mut cut_socket, &mut answer).await;
+    assert!(
+        answer.is_empty(),
+        "a half-sent delivery was answered: {}",
+        String::from_utf8_lossy(&answer)
+    );
+    deliveries.push((cut_delivery, false));
     let unanswered = answers.values().filter(|a| a.is_none()).count();
     assert!(
         unanswered > 0 && unanswered < answers.len(),

@@ -208,7 +208,7 @@ impl Pusher {
             .push_acknowledged(sub, cursor, delivered as i64)
             .await?;
         if !held {
-            lease_lost(sub, "acknowledged");
+            self.lease_lost(sub, "acknowledged");
         }
         Ok(())
     }
@@ -226,9 +226,19 @@ impl Pusher {
             .push_failed(sub, failures, &reason, backoff)
             .await?;
         if !held {
-            lease_lost(sub, "failed");
+            self.lease_lost(sub, "failed");
         }
         Ok(())
+    }
+
+    /// A delivery's answer came after its lease was taken by another delivery (or the
+    /// subscription was deleted): not recorded, the other delivery's answer will be.
+    fn lease_lost(&self, sub: &PushDue, outcome: &str) {
+        // Whoever holds it now sizes its batches (and a deleted one leaves no entry behind).
+        if let Ok(mut sizes) = self.smaller.lock() {
+            sizes.remove(&sub.id);
+        }
+        tracing::info!(subscription_id = %sub.id, outcome, "push lease ran out before the delivery's answer was recorded; not recorded");
     }
 
     /// Runs until `shutdown` (then lets the deliveries in flight finish): woken when the feed
@@ -278,12 +288,6 @@ impl Pusher {
             }
         }
     }
-}
-
-/// A delivery's answer came after its lease was taken by another delivery (or the
-/// subscription was deleted): not recorded, the other delivery's answer will be.
-fn lease_lost(sub: &PushDue, outcome: &str) {
-    tracing::info!(subscription_id = %sub.id, outcome, "push lease ran out before the delivery's answer was recorded; not recorded");
 }
 
 /// A delivery task's end: its store error (the lease expires and it is retried), or a panic.

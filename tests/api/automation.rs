@@ -419,8 +419,11 @@ async fn a_delivery_whose_lease_ran_out_records_nothing() {
 
     let lease = std::time::Duration::from_millis(300);
     let mut first = Vec::new();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
     while first.is_empty() {
-        // The refused deliveries' backoff (a millisecond or so) may not be over yet.
+        // The refused deliveries' backoff (doubling from a millisecond) may not be over yet.
+        assert!(tokio::time::Instant::now() < deadline, "never due");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         first = store.lease_push_subscriptions(lease, 10).await.unwrap();
     }
     let first = first.pop().unwrap();
@@ -502,6 +505,13 @@ async fn a_subscriber_that_cannot_take_a_whole_batch_gets_smaller_ones() {
     let url = format!("http://{}/hook", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, picky).await.unwrap() });
     ten_changes(&app).await;
+    // The whole backlog in the feed before the subscription starts (it is projected after
+    // the commands are answered).
+    eventually(|| async {
+        let (_, feed) = app.get("/v1/state-changes?after=0").await;
+        feed["next"] == 10
+    })
+    .await;
     let (status, sub) = app
         .post(
             "/v1/subscriptions",

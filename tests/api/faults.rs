@@ -3,8 +3,9 @@
 //!
 //! Clients and the provider behave as real ones do: a compose that got no answer is sent again
 //! with its `Idempotency-Key`, a webhook delivery that got no 2xx is delivered again (one of
-//! them is certainly cut: half its body sent when the kill comes), and the provider answers
-//! slowly enough that the kill cuts calls. Then: every compose made exactly
+//! them is certainly cut mid-request: half its body sent when the kill comes; the others may
+//! be cut anywhere, their recording included), and the provider answers slowly enough that
+//! the kill cuts calls. Then: every compose made exactly
 //! one message, every provider fact is recorded once, every message is sent once, and a second
 //! provider call happens only for a call the kill cut, and the history says so.
 
@@ -244,7 +245,8 @@ async fn deliver(client: &reqwest::Client, base: &str, delivery: &Delivery) -> b
 }
 
 /// Starts `delivery` over a socket of its own and stops halfway through its body: a webhook
-/// certainly in flight when the kill comes (the other deliveries are only likely to be).
+/// certainly cut by the kill (before its handler runs: the handler takes whole bodies; the
+/// deliveries posted during the load may be cut later, while they are recorded).
 async fn half_delivered(base: &str, delivery: &Delivery) -> tokio::net::TcpStream {
     use tokio::io::AsyncWriteExt;
     let address = base.trim_start_matches("http://");

@@ -276,7 +276,6 @@ impl TestApp {
     }
 }
 
-/// A small pool on either backend, for a test's own queries.
 /// The store alone on a database, with no worker running (no scheduler, sender or pusher):
 /// for driving the store's contract by hand. The service on that database must be stopped
 /// first (SQLite serves one process).
@@ -296,6 +295,7 @@ pub async fn store_only(database_url: &str) -> Arc<dyn Store> {
     }
 }
 
+/// A small pool on either backend, for a test's own queries.
 pub async fn any_pool(database_url: &str) -> AnyPool {
     static DRIVERS: std::sync::Once = std::sync::Once::new();
     DRIVERS.call_once(sqlx::any::install_default_drivers);

@@ -16,6 +16,8 @@ use reqwest::StatusCode;
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 use wiremock::matchers::{header, method, path};
 use wiremock::{Mock, MockServer, ResponseTemplate};
@@ -121,18 +123,27 @@ async fn compose(
 
 /// Composes keys 0, 1, 2, ... on the instances in turn, [`CLIENTS`] at a time, until `stop`
 /// turns true (so composes are in flight whenever the test kills one); the answers by key.
+/// `unanswered` counts those that got no answer, as they come.
 async fn compose_until(
     client: reqwest::Client,
     service: String,
     bases: Vec<String>,
     stop: tokio::sync::watch::Receiver<bool>,
+    unanswered: Arc<AtomicUsize>,
 ) -> BTreeMap<usize, Option<String>> {
     futures::stream::iter(0..)
         .take_while(move |_| std::future::ready(!*stop.borrow()))
         .map(|key| {
             let (client, service) = (client.clone(), service.clone());
             let base = bases[key % bases.len()].clone();
-            async move { (key, compose(&client, &base, &service, key).await) }
+            let unanswered = unanswered.clone();
+            async move {
+                let answer = compose(&client, &base, &service, key).await;
+                if answer.is_none() {
+                    unanswered.fetch_add(1, Ordering::SeqCst);
+                }
+                (key, answer)
+            }
         })
         .buffer_unordered(CLIENTS)
         .collect()
@@ -436,7 +447,7 @@ where
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_mid_load_and_restarted_loses_nothing_and_doubles_only_cut_calls() {
     let server = std::sync::Arc::new(sendgrid().await);
     let url = fresh_database().await;
@@ -448,11 +459,13 @@ async fn killed_mid_load_and_restarted_loses_nothing_and_doubles_only_cut_calls(
 
     // Composes, 8 at a time, while webhook deliveries report opens of what SendGrid has.
     let (stop_load, mut stopped) = tokio::sync::watch::channel(false);
+    let unanswered_composes: Arc<AtomicUsize> = Arc::default();
     let composing = tokio::spawn(compose_until(
         client.clone(),
         service.clone(),
         vec![first.base.clone()],
         stop_load.subscribe(),
+        unanswered_composes.clone(),
     ));
     let acknowledged_deliveries = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let posting = {
@@ -487,10 +500,17 @@ async fn killed_mid_load_and_restarted_loses_nothing_and_doubles_only_cut_calls(
     let reported: Vec<String> = calls_per_message(&server).await.into_keys().collect();
     let cut_delivery = opens_delivery(&reported, usize::MAX);
     let mut cut_socket = half_delivered(&first.base, &cut_delivery).await;
-    // The test's tasks share one thread: the load runs again before the kill (while the
-    // lines above ran, no compose was sent and their answers waited, unread).
+    // The load runs on while the lines above did (the clients on their own threads), and
+    // after the kill until a compose got no answer: one the kill cut, or one the dead
+    // instance refused. (On one thread, with the clients behind a busy machine, every compose
+    // in flight at the kill could have been answered already and none sent after it.)
     tokio::time::sleep(Duration::from_millis(100)).await;
     first.kill();
+    let unanswered_so_far = unanswered_composes.as_ref();
+    until("a compose without an answer", || async move {
+        unanswered_so_far.load(Ordering::SeqCst) > 0
+    })
+    .await;
     stop_load.send(true).unwrap();
     sessions_gone(&pool, &url, "fault-first").await;
     let cut = unanswered_calls(&pool, &server).await;
@@ -509,7 +529,7 @@ async fn killed_mid_load_and_restarted_loses_nothing_and_doubles_only_cut_calls(
     let unanswered = answers.values().filter(|a| a.is_none()).count();
     assert!(
         unanswered > 0 && unanswered < answers.len(),
-        "the kill came mid-load: {unanswered} of {} composes unanswered",
+        "the kill came mid-load: {unanswered} of {} composes unanswered (cut or refused)",
         answers.len()
     );
 
@@ -570,6 +590,7 @@ async fn two_instances_on_one_postgres_with_one_killed_mid_load_send_everything(
         service.clone(),
         vec![a.base.clone(), b.base.clone()],
         stop_load.subscribe(),
+        Arc::default(),
     ));
     let (p, s) = (&pool, &server_a);
     until("calls in flight on the instance to kill", || async move {

@@ -92,6 +92,7 @@ impl Metrics {
             Err(CommandError::Rejected(_)) => "rejected",
             Err(CommandError::Busy) => "busy",
             Err(CommandError::Store(_)) => "error",
+            Err(CommandError::Unavailable(_)) => "unavailable",
         };
         self.commands.with_label_values(&[command, outcome]).inc();
     }

@@ -25,21 +25,59 @@ pub enum CommandError {
     Busy,
     #[error("store: {0}")]
     Store(String),
+    /// The database could not be reached in time (no connection free, or none could be
+    /// made): nothing was written, and the same command may simply be sent again.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("store: {0}")]
-pub struct StoreError(pub String);
+#[error("store: {message}")]
+pub struct StoreError {
+    pub message: String,
+    /// See [`CommandError::Unavailable`]: the caller may try again.
+    pub unavailable: bool,
+}
+
+impl StoreError {
+    pub fn new(message: impl Into<String>) -> Self {
+        StoreError {
+            message: message.into(),
+            unavailable: false,
+        }
+    }
+}
+
+/// Whether an error, or one it was caused by, says no connection to the database could be
+/// had: every connection busy past the pool's wait (`PoolTimedOut`) or the pool closed (the
+/// service stopping). Nothing was sent to the database then. Not a refused or failed
+/// statement, nor a connection lost mid-statement (whose outcome may be unknown).
+pub fn unavailable(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(e);
+    while let Some(e) = cause {
+        if let Some(e) = e.downcast_ref::<sqlx::Error>() {
+            return matches!(e, sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed);
+        }
+        cause = e.source();
+    }
+    false
+}
 
 impl From<sqlx::Error> for StoreError {
     fn from(e: sqlx::Error) -> Self {
-        StoreError(e.to_string())
+        StoreError {
+            unavailable: unavailable(&e),
+            message: e.to_string(),
+        }
     }
 }
 
 impl From<messaging_projections::ProjectionError> for StoreError {
     fn from(e: messaging_projections::ProjectionError) -> Self {
-        StoreError(e.to_string())
+        StoreError {
+            unavailable: unavailable(&e),
+            message: e.to_string(),
+        }
     }
 }
 
@@ -248,10 +286,12 @@ impl TryFrom<ServiceRow> for Service {
     fn try_from(r: ServiceRow) -> Result<Self, Self::Error> {
         Ok(Service {
             id: ServiceId::from_uuid(r.id),
-            channel: Channel::parse(&r.channel)
-                .ok_or_else(|| StoreError(format!("service {}: channel {}", r.id, r.channel)))?,
-            provider: Provider::parse(&r.provider)
-                .ok_or_else(|| StoreError(format!("service {}: provider {}", r.id, r.provider)))?,
+            channel: Channel::parse(&r.channel).ok_or_else(|| {
+                StoreError::new(format!("service {}: channel {}", r.id, r.channel))
+            })?,
+            provider: Provider::parse(&r.provider).ok_or_else(|| {
+                StoreError::new(format!("service {}: provider {}", r.id, r.provider))
+            })?,
             name: r.name,
             username: r.username,
             created_at: r.created_at,
@@ -610,7 +650,7 @@ where
             .fetch_one(db)
             .await?;
     if applied.unwrap_or(0) < latest {
-        return Err(StoreError(format!(
+        return Err(StoreError::new(format!(
             "migrations pending: database at {}, binary expects {latest}",
             applied.unwrap_or(0)
         )));

@@ -44,6 +44,17 @@ impl ApiError {
         )
     }
 
+    /// The database could not be reached in time (every connection busy, or none could be
+    /// made): 503 with `Retry-After`, nothing was done, the same request may be sent again.
+    pub fn unavailable(cause: impl std::fmt::Display) -> Self {
+        tracing::warn!(error = %cause, "request refused: the database is unavailable");
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "the database is busy or unreachable; nothing was done, try again shortly",
+        )
+    }
+
     /// A server-side failure: the cause goes to the log, the client gets an opaque message.
     pub fn internal(cause: impl std::fmt::Display) -> Self {
         tracing::error!(error = %cause, "request failed");
@@ -114,13 +125,18 @@ impl From<CommandError> for ApiError {
             // Not the client's fault: say when to retry.
             CommandError::Busy => Self::new(StatusCode::SERVICE_UNAVAILABLE, "busy", e.to_string()),
             CommandError::Store(cause) => Self::internal(cause),
+            CommandError::Unavailable(cause) => Self::unavailable(cause),
         }
     }
 }
 
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
-        Self::internal(e)
+        if e.unavailable {
+            Self::unavailable(e)
+        } else {
+            Self::internal(e)
+        }
     }
 }
 
@@ -168,4 +184,24 @@ pub fn too_large() -> ApiError {
         "payload_too_large",
         "the request body is larger than this service accepts",
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_connection_in_time_is_503_with_retry_after_and_other_store_errors_500() {
+        let response = ApiError::from(StoreError::from(sqlx::Error::PoolTimedOut)).into_response();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(response.headers()[header::RETRY_AFTER], "1");
+
+        let command = CommandError::Unavailable("pool timed out".into());
+        let response = ApiError::from(command).into_response();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+
+        let response = ApiError::from(StoreError::from(sqlx::Error::RowNotFound)).into_response();
+        assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        assert!(response.headers().get(header::RETRY_AFTER).is_none());
+    }
 }

@@ -167,14 +167,27 @@ fn error_name(status: u16) -> &'static str {
 
 const ERRORS: [(u16, &str); 10] = [
     (400, "malformed JSON or request"),
-    (401, "missing or unknown bearer key (or a bad provider signature on webhooks)"),
+    (
+        401,
+        "missing or unknown bearer key (or a bad provider signature on webhooks)",
+    ),
     (404, "no such id (or no such route)"),
-    (405, "the route exists but does not take this method (any route)"),
+    (
+        405,
+        "the route exists but does not take this method (any route)",
+    ),
     (409, "not allowed in the message's current state"),
     (413, "the body is larger than this service accepts"),
-    (415, "the body is not JSON (`Content-Type: application/json`)"),
+    (
+        415,
+        "the body is not JSON (`Content-Type: application/json`)",
+    ),
     (422, "an invalid field; the message names it"),
-    (503, "the message is being changed concurrently, or a webhook is not configured; see Retry-After"),
+    (
+        503,
+        "the message is being changed concurrently, no database connection came free in time \
+         (any route that reads or writes), or a webhook is not configured; see Retry-After",
+    ),
     (500, "opaque server error; the cause is logged"),
 ];
 

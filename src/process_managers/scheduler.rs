@@ -103,7 +103,7 @@ impl Scheduler {
             if done.is_empty() && !retry.is_empty() {
                 // Nothing of the round could be queued: the next round would lease the same
                 // rows at once. Report it, and let the caller pause.
-                return Err(StoreError(format!(
+                return Err(StoreError::new(format!(
                     "none of {} due messages could be queued",
                     retry.len()
                 )));

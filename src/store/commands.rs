@@ -47,8 +47,48 @@ async fn execute_with_retries<R: PersistedEventRepository>(
                 let jitter = rand::thread_rng().gen_range(1..=5 * u64::from(attempt));
                 tokio::time::sleep(Duration::from_millis(jitter)).await;
             }
-            Err(e) => return Err(CommandError::Store(e.to_string())),
+            Err(e) => return Err(store_failure(e)),
         }
     }
     Err(CommandError::Busy)
+}
+
+/// A command cqrs-es could not run for a reason of the store's: unavailable when the database
+/// could not be reached in time (see [`crate::store::unavailable`]), else a store error.
+fn store_failure(e: AggregateError<messaging_domain::MessageError>) -> CommandError {
+    let cause = match &e {
+        AggregateError::DatabaseConnectionError(cause)
+        | AggregateError::DeserializationError(cause)
+        | AggregateError::UnexpectedError(cause) => Some(cause),
+        _ => None,
+    };
+    if cause.is_some_and(|c| crate::store::unavailable(c.as_ref())) {
+        CommandError::Unavailable(e.to_string())
+    } else {
+        CommandError::Store(e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_command_that_found_no_connection_in_time_is_unavailable_not_failed() {
+        let timed_out =
+            AggregateError::DatabaseConnectionError(Box::new(sqlx::Error::PoolTimedOut));
+        assert!(matches!(
+            store_failure(timed_out),
+            CommandError::Unavailable(_)
+        ));
+        // postgres-es reports other sqlx errors as unexpected: still unavailable when the
+        // cause is the pool's.
+        let closed = AggregateError::UnexpectedError(Box::new(sqlx::Error::PoolClosed));
+        assert!(matches!(
+            store_failure(closed),
+            CommandError::Unavailable(_)
+        ));
+        let refused = AggregateError::UnexpectedError(Box::new(sqlx::Error::RowNotFound));
+        assert!(matches!(store_failure(refused), CommandError::Store(_)));
+    }
 }

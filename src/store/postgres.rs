@@ -361,7 +361,7 @@ impl Store for PgStore {
             .map(|(json,)| {
                 serde_json::from_str::<MessageData>(&json)
                     .map(Message::from)
-                    .map_err(|e| StoreError(format!("message_list row: {e}")))
+                    .map_err(|e| StoreError::new(format!("message_list row: {e}")))
             })
             .collect()
     }
@@ -398,7 +398,7 @@ impl Store for PgStore {
         .await?;
         self.subscription(id)
             .await?
-            .ok_or_else(|| StoreError(format!("subscription {id} vanished")))
+            .ok_or_else(|| StoreError::new(format!("subscription {id} vanished")))
     }
 
     async fn subscription(&self, id: uuid::Uuid) -> Result<Option<PushSubscription>, StoreError> {
@@ -434,7 +434,7 @@ impl Store for PgStore {
                 .fetch_one(&self.pool)
                 .await?;
         if applied.unwrap_or(0) < latest {
-            return Err(StoreError(format!(
+            return Err(StoreError::new(format!(
                 "migrations pending: database at {}, binary expects {latest}",
                 applied.unwrap_or(0)
             )));

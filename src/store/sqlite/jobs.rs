@@ -72,18 +72,31 @@ pub(super) async fn release_schedules(
     Ok(())
 }
 
+/// When the scheduler should look again: the earliest unleased (or lease-expired) row's time,
+/// or the earliest lease's expiry. Two index walks that stop at their first row (the time's
+/// index, and the partial index of the few leased rows), not a scan of every scheduled
+/// message. (The aggregate `min` skips a side that found nothing; the two-argument one would
+/// answer NULL.)
+pub(super) const NEXT_SCHEDULE_DUE: &str = "SELECT min(t) FROM ( \
+       SELECT (SELECT publish_at FROM scheduled_sends \
+               WHERE locked_until IS NULL OR locked_until < ?1 \
+               ORDER BY publish_at LIMIT 1) AS t \
+       UNION ALL \
+       SELECT (SELECT locked_until FROM scheduled_sends WHERE locked_until >= ?1 \
+               ORDER BY locked_until LIMIT 1))";
+
+/// When the sender should look again. A claim moves a job's due time to its lease's end (and
+/// an outcome clears the lease), so the earliest due time is already the answer, leased or
+/// not: one step of the due-time index.
+pub(super) const NEXT_SEND_JOB_DUE: &str = "SELECT min(due_at) FROM send_jobs";
+
 pub(super) async fn next_schedule_due(
     pools: &SqlitePools,
 ) -> Result<Option<DateTime<Utc>>, StoreError> {
-    let next: Option<String> = sqlx::query_scalar(
-        "SELECT min(t) FROM ( \
-           SELECT publish_at AS t FROM scheduled_sends WHERE locked_until IS NULL OR locked_until < ?1 \
-           UNION ALL \
-           SELECT locked_until FROM scheduled_sends WHERE locked_until >= ?1)",
-    )
-    .bind(Utc::now())
-    .fetch_one(&pools.read)
-    .await?;
+    let next: Option<String> = sqlx::query_scalar(NEXT_SCHEDULE_DUE)
+        .bind(Utc::now())
+        .fetch_one(&pools.read)
+        .await?;
     next.as_deref().map(super::parse_time).transpose()
 }
 
@@ -127,15 +140,9 @@ pub(super) async fn claim_send_jobs(
 pub(super) async fn next_send_job_due(
     pools: &SqlitePools,
 ) -> Result<Option<DateTime<Utc>>, StoreError> {
-    let next: Option<String> = sqlx::query_scalar(
-        "SELECT min(t) FROM ( \
-           SELECT due_at AS t FROM send_jobs WHERE locked_until IS NULL OR locked_until < ?1 \
-           UNION ALL \
-           SELECT locked_until FROM send_jobs WHERE locked_until >= ?1)",
-    )
-    .bind(Utc::now())
-    .fetch_one(&pools.read)
-    .await?;
+    let next: Option<String> = sqlx::query_scalar(NEXT_SEND_JOB_DUE)
+        .fetch_one(&pools.read)
+        .await?;
     next.as_deref().map(super::parse_time).transpose()
 }
 

@@ -40,6 +40,38 @@ mod inbox;
 mod jobs;
 mod push;
 
+/// The message list's query with only the filters given: each combination is a statement of
+/// its own, which SQLite plans with the index it can use (`(?1 IS NULL OR service_id = ?1)`
+/// for every filter was planned as a scan of the whole list, whatever was given).
+fn list_query<'a>(select: &str, f: &'a ListFilter) -> sqlx::QueryBuilder<'a, sqlx::Sqlite> {
+    let mut q = sqlx::QueryBuilder::new(select);
+    q.push(" FROM message_list WHERE 1 = 1");
+    if let Some(service) = f.service_id {
+        q.push(" AND service_id = ").push_bind(service.as_uuid());
+    }
+    if let Some(channel) = f.channel {
+        q.push(" AND channel = ").push_bind(channel.as_str());
+    }
+    if let Some(state) = f.state.as_deref() {
+        q.push(" AND state = ").push_bind(state);
+    }
+    if let Some(direction) = f.direction.as_deref() {
+        q.push(" AND direction = ").push_bind(direction);
+    }
+    if let Some(profile) = f.profile.as_deref() {
+        // The projection stores usernames lower-cased by the same function.
+        q.push(" AND EXISTS (SELECT 1 FROM json_each(profiles) WHERE value = ")
+            .push_bind(profile.to_lowercase())
+            .push(")");
+    }
+    if let Some(before) = f.before {
+        q.push(" AND message_id < ").push_bind(before.as_uuid());
+    }
+    q.push(" ORDER BY message_id DESC LIMIT ")
+        .push_bind(f.limit);
+    q
+}
+
 pub static MIGRATOR: Migrator = sqlx::migrate!("./migrations/sqlite");
 
 /// `now` + `by`, for leases and retry times (written from Rust so that every stored time has
@@ -59,7 +91,7 @@ fn later(now: DateTime<Utc>, by: Duration) -> DateTime<Utc> {
 fn parse_time(text: &str) -> Result<DateTime<Utc>, StoreError> {
     DateTime::parse_from_rfc3339(text)
         .map(|t| t.with_timezone(&Utc))
-        .map_err(|e| StoreError(format!("stored time `{text}`: {e}")))
+        .map_err(|e| StoreError::new(format!("stored time `{text}`: {e}")))
 }
 
 /// The two pools over one file: every write through `write` (one connection), reads through
@@ -469,26 +501,10 @@ impl Store for SqliteStore {
     }
 
     async fn list_messages(&self, f: &ListFilter) -> Result<Vec<Message>, StoreError> {
-        let rows: Vec<(Json<MessageData>,)> = sqlx::query_as(
-            "SELECT message FROM message_list \
-             WHERE (?1 IS NULL OR service_id = ?1) \
-               AND (?2 IS NULL OR channel = ?2) \
-               AND (?3 IS NULL OR state = ?3) \
-               AND (?4 IS NULL OR direction = ?4) \
-               AND (?5 IS NULL OR EXISTS (SELECT 1 FROM json_each(profiles) WHERE value = ?5)) \
-               AND (?6 IS NULL OR message_id < ?6) \
-             ORDER BY message_id DESC LIMIT ?7",
-        )
-        .bind(f.service_id.map(|s| s.as_uuid()))
-        .bind(f.channel.map(|c| c.as_str()))
-        .bind(f.state.as_deref())
-        .bind(f.direction.as_deref())
-        // The projection stores usernames lower-cased by the same function.
-        .bind(f.profile.as_deref().map(str::to_lowercase))
-        .bind(f.before.map(|m| m.as_uuid()))
-        .bind(f.limit)
-        .fetch_all(&self.pools.read)
-        .await?;
+        let rows: Vec<(Json<MessageData>,)> = list_query("SELECT message", f)
+            .build_query_as()
+            .fetch_all(&self.pools.read)
+            .await?;
         Ok(rows
             .into_iter()
             .map(|(Json(data),)| Message::from(data))
@@ -679,5 +695,152 @@ impl Store for SqliteStore {
 
     async fn gauges(&self) -> Result<Gauges, StoreError> {
         gauges::read(&self.pools).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn migrated() -> SqlitePool {
+        let pool = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect("sqlite::memory:")
+            .await
+            .expect("in-memory SQLite");
+        MIGRATOR.run(&pool).await.expect("migrations");
+        pool
+    }
+
+    /// SQLite's plan, one line per step: `SCAN t` reads the whole table, `SEARCH t USING
+    /// INDEX i (...)` a range of an index, `USE TEMP B-TREE FOR ORDER BY` sorts what it read.
+    async fn plan_of(mut q: sqlx::QueryBuilder<'_, sqlx::Sqlite>, pool: &SqlitePool) -> String {
+        let rows: Vec<(i64, i64, i64, String)> = q
+            .build_query_as()
+            .fetch_all(pool)
+            .await
+            .expect("EXPLAIN QUERY PLAN");
+        rows.into_iter().map(|r| r.3).collect::<Vec<_>>().join("\n")
+    }
+
+    fn filter() -> ListFilter {
+        ListFilter {
+            service_id: None,
+            channel: None,
+            state: None,
+            direction: None,
+            profile: None,
+            before: None,
+            limit: 50,
+        }
+    }
+
+    #[tokio::test]
+    async fn the_list_is_read_through_the_index_its_filter_has() {
+        let pool = migrated().await;
+        let explain = "EXPLAIN QUERY PLAN SELECT message";
+
+        let state = ListFilter {
+            state: Some("failed".into()),
+            before: Some(MessageId::from_uuid(uuid::Uuid::now_v7())),
+            ..filter()
+        };
+        let plan = plan_of(list_query(explain, &state), &pool).await;
+        assert!(
+            plan.contains("SEARCH message_list USING INDEX message_list_state (state=?"),
+            "{plan}"
+        );
+
+        let service = ListFilter {
+            service_id: Some(ServiceId::from_uuid(uuid::Uuid::now_v7())),
+            ..filter()
+        };
+        let plan = plan_of(list_query(explain, &service), &pool).await;
+        assert!(
+            plan.contains("SEARCH message_list USING INDEX message_list_service (service_id=?"),
+            "{plan}"
+        );
+
+        // No filter, or one without an index of its own: the newest first along the key,
+        // stopping at the page's end, never a sort of the whole list.
+        for f in [
+            filter(),
+            ListFilter {
+                channel: Some(Channel::Email),
+                profile: Some("Ann".into()),
+                ..filter()
+            },
+        ] {
+            let plan = plan_of(list_query(explain, &f), &pool).await;
+            assert!(!plan.contains("TEMP B-TREE"), "{plan}");
+        }
+    }
+
+    #[tokio::test]
+    async fn the_next_due_times_are_read_through_indexes() {
+        let pool = migrated().await;
+        for sql in [jobs::NEXT_SCHEDULE_DUE, jobs::NEXT_SEND_JOB_DUE] {
+            let explain = format!("EXPLAIN QUERY PLAN {sql}");
+            let rows: Vec<(i64, i64, i64, String)> = sqlx::query_as(&explain)
+                .bind(Utc::now())
+                .fetch_all(&pool)
+                .await
+                .expect("EXPLAIN QUERY PLAN");
+            let tables: Vec<&String> = rows
+                .iter()
+                .map(|r| &r.3)
+                .filter(|d| d.contains("scheduled_sends") || d.contains("send_jobs"))
+                .collect();
+            assert!(!tables.is_empty(), "{rows:?}");
+            for step in tables {
+                assert!(step.contains(" INDEX "), "{sql}: {step}");
+                assert!(!step.contains("TEMP B-TREE"), "{sql}: {step}");
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn the_next_schedule_due_is_the_earliest_free_time_or_lease_expiry() {
+        let pool = migrated().await;
+        let now = Utc::now();
+        let at = |minutes: i64| now + chrono::Duration::minutes(minutes);
+        let next = |pool: SqlitePool| async move {
+            let t: Option<String> = sqlx::query_scalar(jobs::NEXT_SCHEDULE_DUE)
+                .bind(Utc::now())
+                .fetch_one(&pool)
+                .await
+                .expect("next due");
+            t.as_deref().map(parse_time).transpose().expect("a time")
+        };
+        let insert = |publish_at: DateTime<Utc>, locked_until: Option<DateTime<Utc>>| {
+            sqlx::query(
+                "INSERT INTO scheduled_sends (message_id, publish_at, locked_until) \
+                 VALUES (?1, ?2, ?3)",
+            )
+            .bind(MessageId::from_uuid(uuid::Uuid::now_v7()).as_uuid())
+            .bind(publish_at)
+            .bind(locked_until)
+        };
+        assert_eq!(next(pool.clone()).await, None);
+
+        // Only a leased row: the lease's end (the two-argument min() would say NULL).
+        insert(at(-5), Some(at(20)))
+            .execute(&pool)
+            .await
+            .expect("insert");
+        assert_eq!(next(pool.clone()).await, Some(at(20)));
+
+        // A free row later than that lease's end, then one earlier.
+        insert(at(30), None).execute(&pool).await.expect("insert");
+        assert_eq!(next(pool.clone()).await, Some(at(20)));
+        insert(at(10), None).execute(&pool).await.expect("insert");
+        assert_eq!(next(pool.clone()).await, Some(at(10)));
+
+        // A row whose lease ran out counts by its own time (due already).
+        insert(at(-60), Some(at(-1)))
+            .execute(&pool)
+            .await
+            .expect("insert");
+        assert_eq!(next(pool.clone()).await, Some(at(-60)));
     }
 }

@@ -188,6 +188,32 @@ async fn the_feed_has_one_item_per_state_change_with_growing_positions() {
 }
 
 #[tokio::test]
+async fn every_change_is_recorded_no_earlier_than_it_occurred() {
+    let app = TestApp::spawn().await;
+    let service = app.email_service().await;
+    for n in 0..30 {
+        app.compose_email(&service, &format!("r{n}@example.com"), tomorrow())
+            .await;
+    }
+    eventually(|| async {
+        let (_, feed) = app.get("/v1/state-changes?limit=500").await;
+        feed["items"].as_array().unwrap().len() == 60
+    })
+    .await;
+    let (_, feed) = app.get("/v1/state-changes?limit=500").await;
+    let items = feed["items"].as_array().unwrap();
+    let time = |item: &serde_json::Value, field: &str| {
+        chrono::DateTime::parse_from_rfc3339(item[field].as_str().unwrap()).unwrap()
+    };
+    for item in items {
+        assert!(
+            time(item, "recorded_at") >= time(item, "occurred_at"),
+            "recorded before it occurred: {item}"
+        );
+    }
+}
+
+#[tokio::test]
 async fn a_long_poll_returns_as_soon_as_a_change_lands() {
     let app = TestApp::spawn().await;
     let service = app.email_service().await;

@@ -228,10 +228,15 @@ impl PersistedEventRepository for SqliteEventRepository {
             _ => PersistenceError::ConnectionError(Box::new(e)),
         };
         let mut tx = begin_immediate(&self.write).await.map_err(conflict)?;
+        // The time of recording to the microsecond, as PostgreSQL's `now()` has it, taken once
+        // the write lock is held: the column's default (`strftime`) has milliseconds, which put
+        // an event recorded in the millisecond it occurred before its occurrence.
+        let recorded_at = Utc::now();
         for event in events {
             sqlx::query(
                 "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, \
-                 event_version, payload, metadata) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                 event_version, payload, metadata, recorded_at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
             )
             .bind(&event.aggregate_type)
             .bind(&event.aggregate_id)
@@ -240,6 +245,7 @@ impl PersistedEventRepository for SqliteEventRepository {
             .bind(&event.event_version)
             .bind(Json(&event.payload))
             .bind(Json(&event.metadata))
+            .bind(recorded_at)
             .execute(&mut *tx)
             .await
             .map_err(conflict)?;

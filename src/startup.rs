@@ -64,6 +64,15 @@ impl Backend {
                     .run(&pools.write)
                     .await
                     .context("applying database migrations failed")?;
+                let released = crate::store::sqlite::release_leases_of_the_dead(&pools)
+                    .await
+                    .context("releasing the leases of the process that held the file before")?;
+                if released > 0 {
+                    tracing::info!(
+                        released,
+                        "took over the leases of the process that held the file before"
+                    );
+                }
                 Ok(Self::Sqlite { pools, lock })
             }
         }

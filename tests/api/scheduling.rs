@@ -207,3 +207,49 @@ async fn messages_due_at_the_same_moment_are_each_queued_once() {
         .unwrap();
     assert_eq!(rows, 1, "only the moved message is still scheduled");
 }
+
+/// SQLite serves one process, so a lease found in the file at start-up is a dead process's:
+/// a schedule it had leased fires at its time, not when that lease would have run out.
+/// (Always on SQLite, whatever the suite's backend: on PostgreSQL another instance may hold it.)
+#[tokio::test]
+async fn on_sqlite_a_restart_takes_over_the_schedules_a_dead_process_had_leased() {
+    let dir = tempfile::tempdir().expect("a directory");
+    let url = format!("sqlite://{}", dir.path().join("messaging.db").display());
+    let app = TestApp::spawn_on(url.clone()).await;
+    let service = app.email_service().await;
+    let publish_at = Utc::now() + Duration::seconds(2);
+    let id = app
+        .compose_email(
+            &service,
+            "a@example.com",
+            json!({"publish_at": publish_at.to_rfc3339()}),
+        )
+        .await["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    let url = app.stop().await;
+
+    // As a process that fired the schedule's round and died before recording it leaves the
+    // row: leased (here for an hour, the longest a lease could be).
+    let pool = sqlx::SqlitePool::connect(&url)
+        .await
+        .expect("the file opens");
+    let leased = sqlx::query("UPDATE scheduled_sends SET locked_until = ?1")
+        .bind(Utc::now() + Duration::hours(1))
+        .execute(&pool)
+        .await
+        .expect("lease")
+        .rows_affected();
+    assert_eq!(leased, 1);
+    pool.close().await;
+    tokio::time::sleep((publish_at - Utc::now()).to_std().unwrap_or_default()).await;
+
+    let app = TestApp::spawn_on(url).await;
+    let queued = feed_item(&app, &id, "pending").await;
+    let at: DateTime<Utc> = queued["occurred_at"].as_str().unwrap().parse().unwrap();
+    assert!(
+        at >= publish_at,
+        "queued at {at}, before its time {publish_at}"
+    );
+}

@@ -40,6 +40,44 @@ mod inbox;
 mod jobs;
 mod push;
 
+/// Ends every lease in the file: called at start-up, once this process holds the file's lock,
+/// so every lease found was taken by a process that is gone (one process per file). Its
+/// fired schedules, claimed send jobs and leased webhook facts are then taken up at once
+/// instead of when their leases run out (up to 30 s for a schedule). A send job whose
+/// attempt had started is still recovered only once no call can be running (the sender's
+/// `call_outlived_after`). Push deliveries are left: their lease is their next attempt's
+/// time, not told apart from a retry's back-off. Returns how many rows were released.
+pub async fn release_leases_of_the_dead(pools: &SqlitePools) -> Result<u64, StoreError> {
+    let now = Utc::now();
+    let mut tx = begin_immediate(&pools.write).await?;
+    let mut released = 0;
+    released += sqlx::query(
+        "UPDATE scheduled_sends SET locked_until = NULL WHERE locked_until IS NOT NULL",
+    )
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    // A claim moved the job's due time to its lease's end: due now instead.
+    released += sqlx::query(
+        "UPDATE send_jobs SET locked_until = NULL, \
+                due_at = CASE WHEN due_at > ?1 THEN ?1 ELSE due_at END \
+         WHERE locked_until IS NOT NULL",
+    )
+    .bind(now)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    released += sqlx::query(
+        "UPDATE webhook_inbox SET locked_until = NULL \
+         WHERE locked_until IS NOT NULL AND status = 'pending'",
+    )
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    tx.commit().await?;
+    Ok(released)
+}
+
 /// The message list's query with only the filters given: each combination is a statement of
 /// its own, which SQLite plans with the index it can use (`(?1 IS NULL OR service_id = ?1)`
 /// for every filter was planned as a scan of the whole list, whatever was given).
@@ -803,6 +841,67 @@ mod tests {
                 assert!(!step.contains("TEMP B-TREE"), "{sql}: {step}");
             }
         }
+    }
+
+    #[tokio::test]
+    async fn start_up_ends_every_lease_a_dead_process_left() {
+        let dir = tempfile::tempdir().expect("a directory");
+        let pools = SqlitePools::open(&dir.path().join("m.db"), 2)
+            .await
+            .expect("open");
+        MIGRATOR.run(&pools.write).await.expect("migrations");
+        let now = Utc::now();
+        let hour = now + chrono::Duration::hours(1);
+        let id = || uuid::Uuid::now_v7();
+        sqlx::query(
+            "INSERT INTO scheduled_sends (message_id, publish_at, locked_until) \
+             VALUES (?1, ?2, ?3)",
+        )
+        .bind(id())
+        .bind(now)
+        .bind(hour)
+        .execute(&pools.write)
+        .await
+        .expect("schedule");
+        // A claimed job: its due time is its lease's end.
+        sqlx::query(
+            "INSERT INTO send_jobs (message_id, service_id, channel, provider, due_at, \
+                                    locked_until) VALUES (?1, ?2, 'email', 'smtp', ?3, ?3)",
+        )
+        .bind(id())
+        .bind(id())
+        .bind(hour)
+        .execute(&pools.write)
+        .await
+        .expect("job");
+        sqlx::query(
+            "INSERT INTO webhook_inbox (provider, event_id, kind, occurred_at, payload, \
+                                        locked_until) VALUES ('sendgrid', 'e1', 'delivered', ?1, '{}', ?2)",
+        )
+        .bind(now)
+        .bind(hour)
+        .execute(&pools.write)
+        .await
+        .expect("fact");
+
+        assert_eq!(
+            release_leases_of_the_dead(&pools).await.expect("release"),
+            3
+        );
+        let leased: i64 = sqlx::query_scalar(
+            "SELECT (SELECT count(*) FROM scheduled_sends WHERE locked_until IS NOT NULL) \
+                  + (SELECT count(*) FROM send_jobs WHERE locked_until IS NOT NULL) \
+                  + (SELECT count(*) FROM webhook_inbox WHERE locked_until IS NOT NULL)",
+        )
+        .fetch_one(&pools.read)
+        .await
+        .expect("count");
+        assert_eq!(leased, 0);
+        let due: DateTime<Utc> = sqlx::query_scalar("SELECT due_at FROM send_jobs")
+            .fetch_one(&pools.read)
+            .await
+            .expect("due");
+        assert!(due <= Utc::now(), "the job is due now, not at {due}");
     }
 
     #[tokio::test]

@@ -27,7 +27,7 @@ pub struct StateChangeFeed {
 /// Bounded: two generations of at most [`FOLDS`] messages and about [`FOLD_BYTES`] each; the
 /// older is dropped when the newer fills.
 #[derive(Default)]
-pub(crate) struct Folds {
+pub struct Folds {
     current: HashMap<String, (i64, Message)>,
     previous: HashMap<String, (i64, Message)>,
     /// What the current generation's folds weigh, as [`weight`] counts (not lowered when
@@ -64,7 +64,9 @@ fn weight(message: &Message) -> usize {
 }
 
 impl Folds {
-    fn take(&mut self, id: &str, through: i64) -> Option<Message> {
+    /// The fold of `id` through exactly `through`, taken out (one through another sequence
+    /// is dropped).
+    pub fn take(&mut self, id: &str, through: i64) -> Option<Message> {
         let current = self.current.remove(id);
         let previous = self.previous.remove(id);
         match current.or(previous) {
@@ -73,7 +75,15 @@ impl Folds {
         }
     }
 
-    fn put(&mut self, id: String, through: i64, message: Message) {
+    /// Whatever fold of `id` is kept, with the sequence it runs through, taken out.
+    pub fn take_latest(&mut self, id: &str) -> Option<(i64, Message)> {
+        let current = self.current.remove(id);
+        let previous = self.previous.remove(id);
+        current.or(previous)
+    }
+
+    /// Keeps the fold of `id` through `through` (replacing any other of it).
+    pub fn put(&mut self, id: String, through: i64, message: Message) {
         let weight = weight(&message);
         if weight > FOLD_BYTES {
             return;

@@ -20,7 +20,7 @@ pub mod view;
 
 pub use delivery::DeliveryJobs;
 pub use event::{load_message, StoredEvent};
-pub use feed::{FeedItem, StateChangeFeed};
+pub use feed::{FeedItem, Folds, StateChangeFeed};
 pub use kept::KeptConnection;
 pub use message_list::MessageList;
 pub use sqlite::Subscription as SqliteSubscription;

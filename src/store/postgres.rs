@@ -126,6 +126,7 @@ fn writer(
         cqrs,
         metrics,
         committed,
+        folds: Default::default(),
     })
 }
 
@@ -212,7 +213,12 @@ impl Store for PgStore {
         let loaded = batch::load_many(&mut conn, &keys, Sent::Unprepared).await;
         drop(conn);
         let mut folded = match loaded {
-            Ok(folded) => folded,
+            Ok(folded) => {
+                // Kept for the commands the caller is about to run on them (the sender's
+                // starts): they then read nothing (see `batch::execute_each`).
+                self.writer.remember(&folded);
+                folded
+            }
             // One message that cannot be read must not hide the others: one at a time, the
             // unreadable ones left out (logged).
             Err(error) => {

@@ -1589,3 +1589,87 @@ async fn a_command_whose_caller_went_away_still_wakes_every_reader() {
         .unwrap();
     assert_eq!(appended, 1, "the command was appended all the same");
 }
+
+/// A worker's batches decide against the folds the store kept (the sender's round as it read
+/// it, then the folds its starts left) without reading the messages again: a fold another
+/// instance has since made stale must never decide. Store `b` stands for another instance on
+/// the same log.
+#[tokio::test]
+async fn a_fold_kept_by_one_instance_never_decides_over_another_instances_append() {
+    let pool = migrated_pool().await;
+    let (a, b) = (PgStore::new(pool.clone()), PgStore::new(pool.clone()));
+    let now = Utc::now;
+    let queued = |i: usize| {
+        let a = &a;
+        async move {
+            let id = composed(a, i, Dispatch::Now).await;
+            // As the sender reads its round: `a` keeps these folds.
+            let read = a.load_messages(&[id]).await.unwrap();
+            assert!(!read[&id].data().unwrap().attempt_in_progress);
+            id
+        }
+    };
+    let start = || MessageCommand::StartSendAttempt { now: now() };
+    let sent = || MessageCommand::RecordSent {
+        provider_message_id: Some("p".into()),
+        at: now(),
+    };
+    let types = |id: MessageId| {
+        let pool = pool.clone();
+        async move {
+            let rows: Vec<(i64, String)> = sqlx::query_as(
+                "SELECT sequence, event_type FROM events WHERE aggregate_id = $1 \
+                 ORDER BY sequence",
+            )
+            .bind(id.to_string())
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+            // No gap: each command appended right after the event its fold ended with.
+            let sequences: Vec<i64> = rows.iter().map(|r| r.0).collect();
+            assert_eq!(sequences, (1..=rows.len() as i64).collect::<Vec<_>>());
+            rows.into_iter().map(|r| r.1).collect::<Vec<_>>()
+        }
+    };
+
+    // Cancelled elsewhere after `a` read it: `a`'s start is refused, nothing appended.
+    let cancelled = queued(0).await;
+    b.execute(cancelled, MessageCommand::Cancel { now: now() })
+        .await
+        .unwrap();
+    // Untouched elsewhere: started and recorded from the kept folds.
+    let plain = queued(1).await;
+    // Its outcome recorded elsewhere after `a` started it: `a`'s outcome adds nothing.
+    let raced = queued(2).await;
+
+    let started = a
+        .execute_each(vec![(cancelled, start()), (plain, start()), (raced, start())])
+        .await;
+    assert!(
+        matches!(
+            started[0],
+            Err(messaging::store::CommandError::Rejected(
+                MessageError::InvalidTransition { .. }
+            ))
+        ),
+        "{:?}",
+        started[0]
+    );
+    assert!(started[1].is_ok() && started[2].is_ok(), "{started:?}");
+    b.execute(raced, sent()).await.unwrap();
+    let recorded = a.execute_each(vec![(plain, sent()), (raced, sent())]).await;
+    assert!(recorded.iter().all(Result::is_ok), "{recorded:?}");
+
+    assert_eq!(
+        types(cancelled).await,
+        ["MessageComposed", "MessageQueued", "MessageCancelled"]
+    );
+    let through_sent = [
+        "MessageComposed",
+        "MessageQueued",
+        "SendAttemptStarted",
+        "MessageSent",
+    ];
+    assert_eq!(types(plain).await, through_sent);
+    assert_eq!(types(raced).await, through_sent);
+}

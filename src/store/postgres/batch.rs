@@ -11,6 +11,13 @@
 //! written: the batch is decided once more from a fresh read of every message, then, if that
 //! fails too, each command falls back to [`commands::execute`](super::super::commands), which
 //! retries conflicts one message at a time, so a failure fails only the commands it concerns.
+//! The sender's batches read nothing first: the folds of a round's messages, as it read them,
+//! are kept for its batch of starts, and the folds the starts leave for its outcomes (see
+//! [`Shared::remember`]). A kept fold that went stale (another instance, or cqrs-es's
+//! fallback, appended since) makes the INSERT collide on the log's key at the sequence after
+//! it: nothing is written and the batch is decided again from a fresh read, as for any
+//! conflict. A fold is kept only once its INSERT succeeded, so it never runs ahead of the log.
+//!
 //! When the statement's fate is unknown (the connection broke once it was sent), nothing is
 //! run again: every command of the batch reports the store error, as a lost commit does on
 //! the cqrs-es path. Rows go in in (message, sequence) order, so two batches over the same
@@ -24,10 +31,12 @@ use crate::store::{CommandError, StoreError};
 use cqrs_es::DomainEvent;
 use messaging_domain::{Message, MessageCommand, MessageEvent, MessageId};
 use messaging_projections::event::{events_of_messages, Sent};
+use messaging_projections::Folds;
 use postgres_es::PostgresEventRepository;
 use sqlx::postgres::{PgDatabaseError, PgSeverity};
 use sqlx::{PgConnection, PgPool};
 use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
 
 /// Where a batch's read and INSERT run (one connection for both: sqlx checks a pooled
 /// connection with a round trip when it is taken and again when it is given back).
@@ -76,12 +85,20 @@ pub(super) async fn execute_each(
     let (cqrs, metrics) = (&writer.cqrs, writer.metrics.as_deref());
     let distinct: HashSet<MessageId> = commands.iter().map(|(id, _)| *id).collect();
     if distinct.len() < commands.len() {
+        // cqrs-es appends without the kept folds: drop them rather than collide on them.
+        writer.forget(&distinct);
         return (one_by_one(cqrs, metrics, commands).await, false);
     }
     let outcome = match on {
-        On::Kept(conn) => attempt(conn, &commands, Sent::Prepared).await,
+        // A client's commands (on a writer's kept connection) neither use nor keep folds:
+        // their messages were mostly not read here lately, and a client's command costs
+        // nothing more for them. They do drop any kept fold of their messages.
+        On::Kept(conn) => attempt(conn, &commands, Sent::Prepared, (&writer.folds, false)).await,
         On::Pool(pool) => match pool.acquire().await {
-            Ok(mut conn) => attempt(&mut conn, &commands, Sent::Unprepared).await,
+            Ok(mut conn) => {
+                let folds = (&writer.folds, true);
+                attempt(&mut conn, &commands, Sent::Unprepared, folds).await
+            }
             Err(error) => Err(Failed::NothingWritten {
                 reason: error.to_string(),
                 connection_ok: true,
@@ -122,15 +139,43 @@ async fn attempt(
     conn: &mut PgConnection,
     commands: &[(MessageId, MessageCommand)],
     sent: Sent,
+    folds: (&Mutex<Folds>, bool),
 ) -> Appended {
-    let outcome = decide_and_append(&mut *conn, commands, Read::Needed, sent).await;
+    let outcome = decide_and_append(&mut *conn, commands, Read::Needed, sent, folds).await;
     match &outcome {
         Err(failed @ Failed::NothingWritten { reason, .. }) if !failed.broke_connection() => {
             tracing::debug!(%reason, commands = commands.len(), "batch append decided again");
-            decide_and_append(conn, commands, Read::All, sent).await
+            decide_and_append(conn, commands, Read::All, sent, folds).await
         }
         _ => outcome,
     }
+}
+
+impl Shared {
+    /// Keeps messages as just read, each with its last sequence.
+    pub(super) fn remember(&self, read: &HashMap<String, (Message, i64)>) {
+        let mut folds = lock(&self.folds);
+        for (id, (message, last)) in read {
+            if message.data().is_some() {
+                folds.put(id.clone(), *last, message.clone());
+            }
+        }
+    }
+
+    fn forget(&self, ids: &HashSet<MessageId>) {
+        let mut folds = lock(&self.folds);
+        for id in ids {
+            folds.take_latest(&id.to_string());
+        }
+    }
+}
+
+/// The kept folds (a panic elsewhere while holding them leaves nothing half-done: each
+/// `take` and `put` is whole).
+fn lock(folds: &Mutex<Folds>) -> std::sync::MutexGuard<'_, Folds> {
+    folds
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// One result per command, in order.
@@ -229,32 +274,63 @@ async fn decide_and_append(
     commands: &[(MessageId, MessageCommand)],
     read: Read,
     sent: Sent,
+    (folds, use_kept): (&Mutex<Folds>, bool),
 ) -> Appended {
     let ids: Vec<String> = commands.iter().map(|(id, _)| id.to_string()).collect();
+    // The kept folds are taken out whatever happens: put back only once appended. Read::All
+    // (deciding again after a refusal) trusts none of them.
+    let mut messages: HashMap<String, (Message, i64)> = HashMap::new();
+    {
+        let mut folds = lock(folds);
+        for (id, (_, command)) in ids.iter().zip(commands) {
+            let kept = folds.take_latest(id);
+            if let Some((last, message)) = kept.filter(|_| use_kept && read == Read::Needed) {
+                if !creates(command) {
+                    messages.insert(id.clone(), (message, last));
+                }
+            }
+        }
+    }
     let existing: Vec<String> = ids
         .iter()
         .zip(commands)
-        .filter(|(_, (_, command))| read == Read::All || !creates(command))
+        .filter(|(id, (_, command))| {
+            (read == Read::All || !creates(command)) && !messages.contains_key(*id)
+        })
         .map(|(id, _)| id.clone())
         .collect();
-    let mut messages = if existing.is_empty() {
-        HashMap::new()
-    } else {
+    if !existing.is_empty() {
         // Nothing written; the connection may be what failed.
-        load_many(&mut *conn, &existing, sent)
-            .await
-            .map_err(|e| Failed::NothingWritten {
-                reason: e.to_string(),
-                connection_ok: false,
-            })?
-    };
+        let read =
+            load_many(&mut *conn, &existing, sent)
+                .await
+                .map_err(|e| Failed::NothingWritten {
+                    reason: e.to_string(),
+                    connection_ok: false,
+                })?;
+        messages.extend(read);
+    }
     let mut results = Vec::with_capacity(commands.len());
+    let mut to_keep = Vec::with_capacity(commands.len());
     let (mut agg_ids, mut sequences, mut types, mut versions, mut payloads) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for (aggregate_id, (_, command)) in ids.into_iter().zip(commands) {
         let (message, last) = messages.remove(&aggregate_id).unwrap_or_default();
         match message.decide(command.clone()) {
             Ok(events) => {
+                // Kept only while a provider call is open (the sender's start, for its
+                // outcome a moment later): a fold kept longer would more likely be stale by
+                // the time it is used (a webhook applied on another instance), and a stale
+                // one costs the whole batch a refused INSERT.
+                if use_kept {
+                    let mut after = message.clone();
+                    for event in &events {
+                        after.apply_event(event.clone());
+                    }
+                    if after.data().is_some_and(|d| d.attempt_in_progress) {
+                        to_keep.push((aggregate_id.clone(), last + events.len() as i64, after));
+                    }
+                }
                 for (n, event) in events.iter().enumerate() {
                     agg_ids.push(aggregate_id.clone());
                     sequences.push(last + 1 + n as i64);
@@ -293,6 +369,10 @@ async fn decide_and_append(
         .execute(conn)
         .await
         .map_err(Failed::of_insert)?;
+    }
+    let mut folds = lock(folds);
+    for (id, last, message) in to_keep {
+        folds.put(id, last, message);
     }
     Ok(results)
 }

@@ -44,6 +44,9 @@ pub(super) struct Shared {
     /// while its group commits (a client that went away) must not leave every instance's
     /// readers to their next poll.
     pub committed: Arc<tokio::sync::Notify>,
+    /// The folds this process last decided messages to, or read them at (see
+    /// [`batch::execute_each`]): a later command on one reads nothing first.
+    pub folds: std::sync::Mutex<messaging_projections::Folds>,
 }
 
 type Answer = oneshot::Sender<batch::Outcome>;

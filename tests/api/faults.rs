@@ -492,19 +492,34 @@ async fn killed_mid_load_and_restarted_loses_nothing_and_doubles_only_cut_calls(
         })
     };
     // Cut mid-load: composes answered and still coming, provider calls open.
-    let (p, s, d) = (&pool, server.as_ref(), &acknowledged_deliveries);
-    until("calls in flight after webhook deliveries", || async move {
-        d.load(std::sync::atomic::Ordering::SeqCst) >= 3 && unanswered_calls(p, s).await.len() >= 3
+    let d = &acknowledged_deliveries;
+    until("webhook deliveries acknowledged", || async move {
+        d.load(std::sync::atomic::Ordering::SeqCst) >= 3
     })
     .await;
     let reported: Vec<String> = calls_per_message(&server).await.into_keys().collect();
     let cut_delivery = opens_delivery(&reported, usize::MAX);
     let mut cut_socket = half_delivered(&first.base, &cut_delivery).await;
-    // The load runs on while the lines above did (the clients on their own threads), and
-    // after the kill until a compose got no answer: one the kill cut, or one the dead
-    // instance refused. (On one thread, with the clients behind a busy machine, every compose
-    // in flight at the kill could have been answered already and none sent after it.)
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The kill comes as soon as a provider call has just started (one that was not there at
+    // the previous look, 10 ms before): it has most of PROVIDER_DELAY to run, so the kill
+    // certainly cuts it. (A fixed pause after seeing calls open let a busy machine's calls
+    // all finish and be recorded first, between two of the sender's rounds.) The load runs on
+    // meanwhile (the clients on their own threads), and after the kill until a compose got no
+    // answer: one the kill cut, or one the dead instance refused.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let mut open_before = unanswered_calls(&pool, &server).await;
+    loop {
+        let open = unanswered_calls(&pool, &server).await;
+        if open.difference(&open_before).next().is_some() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no provider call started"
+        );
+        open_before = open;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     first.kill();
     let unanswered_so_far = unanswered_composes.as_ref();
     until("a compose without an answer", || async move {

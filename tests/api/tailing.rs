@@ -1643,7 +1643,11 @@ async fn a_fold_kept_by_one_instance_never_decides_over_another_instances_append
     let raced = queued(2).await;
 
     let started = a
-        .execute_each(vec![(cancelled, start()), (plain, start()), (raced, start())])
+        .execute_each(vec![
+            (cancelled, start()),
+            (plain, start()),
+            (raced, start()),
+        ])
         .await;
     assert!(
         matches!(

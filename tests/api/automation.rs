@@ -520,7 +520,11 @@ async fn a_subscriber_that_cannot_take_a_whole_batch_gets_smaller_ones() {
         .await;
     assert_eq!(status, StatusCode::CREATED, "{sub}");
 
-    eventually(|| async { taken.lock().unwrap().len() >= 10 }).await;
+    // Seven refused deliveries, each followed by a back-off, then a dozen small ones.
+    eventually_within(std::time::Duration::from_secs(60), || async {
+        taken.lock().unwrap().len() >= 10
+    })
+    .await;
     let positions: Vec<i64> = taken
         .lock()
         .unwrap()

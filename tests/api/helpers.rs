@@ -320,11 +320,21 @@ where
     F: Fn() -> Fut,
     Fut: Future<Output = bool>,
 {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    eventually_within(Duration::from_secs(10), check).await
+}
+
+/// [`eventually`] with its own bound, for a wait made of many round trips and back-offs,
+/// which a machine busy with the whole suite (CI) stretches.
+pub async fn eventually_within<F, Fut>(bound: Duration, check: F)
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + bound;
     while !check().await {
         assert!(
             tokio::time::Instant::now() < deadline,
-            "condition not reached within 10 s"
+            "condition not reached within {bound:?}"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

@@ -39,6 +39,41 @@ const SUBSCRIPTION_VIEW: &str = "SELECT s.id, s.url, s.states, s.channels, s.cur
 
 pub static MIGRATOR: Migrator = sqlx::migrate!("./migrations/postgres");
 
+/// The message list's query with only the filters given: each combination is a statement of
+/// its own, planned with the index it can use. With `($1 IS NULL OR state = $1)` for every
+/// filter, a generic plan (which PostgreSQL may pick after a statement's fifth run) cannot use
+/// any of the list's indexes but the key, and walks the list from its newest row until it has a
+/// page: every row for a state that has few.
+pub fn list_query<'a>(select: &str, f: &'a ListFilter) -> sqlx::QueryBuilder<'a, sqlx::Postgres> {
+    let mut q = sqlx::QueryBuilder::new(select);
+    q.push(" FROM message_list WHERE true");
+    if let Some(service) = f.service_id {
+        q.push(" AND service_id = ").push_bind(service.as_uuid());
+    }
+    if let Some(channel) = f.channel {
+        q.push(" AND channel = ").push_bind(channel.as_str());
+    }
+    if let Some(state) = f.state.as_deref() {
+        q.push(" AND state = ").push_bind(state);
+    }
+    if let Some(direction) = f.direction.as_deref() {
+        q.push(" AND direction = ").push_bind(direction);
+    }
+    if let Some(profile) = f.profile.as_deref() {
+        // The projection lower-cases usernames in Rust: so does the filter (PostgreSQL's
+        // lower() depends on the database's locale).
+        q.push(" AND profiles @> ARRAY[")
+            .push_bind(profile.to_lowercase())
+            .push("]");
+    }
+    if let Some(before) = f.before {
+        q.push(" AND message_id < ").push_bind(before.as_uuid());
+    }
+    q.push(" ORDER BY message_id DESC LIMIT ")
+        .push_bind(f.limit);
+    q
+}
+
 pub struct PgStore {
     pool: PgPool,
     /// The command side: the pool, cqrs-es (event-store mode) and the metrics.
@@ -342,27 +377,10 @@ impl Store for PgStore {
     }
 
     async fn list_messages(&self, f: &ListFilter) -> Result<Vec<Message>, StoreError> {
-        let rows: Vec<(String,)> = sqlx::query_as(
-            "SELECT message::text FROM message_list \
-             WHERE ($1::uuid IS NULL OR service_id = $1) \
-               AND ($2::text IS NULL OR channel = $2) \
-               AND ($3::text IS NULL OR state = $3) \
-               AND ($4::text IS NULL OR direction = $4) \
-               AND ($5::text IS NULL OR profiles @> ARRAY[$5]) \
-               AND ($6::uuid IS NULL OR message_id < $6) \
-             ORDER BY message_id DESC LIMIT $7",
-        )
-        .bind(f.service_id.map(|s| s.as_uuid()))
-        .bind(f.channel.map(|c| c.as_str()))
-        .bind(f.state.as_deref())
-        .bind(f.direction.as_deref())
-        // The projection lower-cases usernames in Rust: so does the filter (PostgreSQL's
-        // lower() depends on the database's locale).
-        .bind(f.profile.as_deref().map(str::to_lowercase))
-        .bind(f.before.map(|m| m.as_uuid()))
-        .bind(f.limit)
-        .fetch_all(&self.pool)
-        .await?;
+        let rows: Vec<(String,)> = list_query("SELECT message::text", f)
+            .build_query_as()
+            .fetch_all(&self.pool)
+            .await?;
         rows.into_iter()
             .map(|(json,)| {
                 serde_json::from_str::<MessageData>(&json)

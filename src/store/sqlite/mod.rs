@@ -45,8 +45,9 @@ mod push;
 /// fired schedules, claimed send jobs and leased webhook facts are then taken up at once
 /// instead of when their leases run out (up to 30 s for a schedule). A send job whose
 /// attempt had started is still recovered only once no call can be running (the sender's
-/// `call_outlived_after`). Push deliveries are left: their lease is their next attempt's
-/// time, not told apart from a retry's back-off. Returns how many rows were released.
+/// `call_outlived_after`). A push delivery's lease is released on a subscription without
+/// failures only: on one that failed it is not told apart from the retry's back-off. Returns
+/// how many rows were released.
 pub async fn release_leases_of_the_dead(pools: &SqlitePools) -> Result<u64, StoreError> {
     let now = Utc::now();
     let mut tx = begin_immediate(&pools.write).await?;
@@ -71,6 +72,17 @@ pub async fn release_leases_of_the_dead(pools: &SqlitePools) -> Result<u64, Stor
         "UPDATE webhook_inbox SET locked_until = NULL \
          WHERE locked_until IS NOT NULL AND status = 'pending'",
     )
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    // A push delivery's lease is its subscription's next attempt moved ahead; a subscription
+    // without failures has no other reason to wait (one that failed keeps its back-off, which
+    // its lease may also be: it cannot be told apart, and a restart must not hurry a retry).
+    released += sqlx::query(
+        "UPDATE subscriptions SET next_attempt_at = ?1 \
+         WHERE failures = 0 AND next_attempt_at > ?1",
+    )
+    .bind(now)
     .execute(&mut *tx)
     .await?
     .rows_affected();
@@ -883,11 +895,36 @@ mod tests {
         .execute(&pools.write)
         .await
         .expect("fact");
+        // A subscription leased by a delivery, and one waiting out its back-off.
+        for failures in [0, 3] {
+            sqlx::query(
+                "INSERT INTO subscriptions (id, url, secret, failures, next_attempt_at, \
+                                            created_at) VALUES (?1, 'http://a', 's', ?2, ?3, ?4)",
+            )
+            .bind(id())
+            .bind(failures)
+            .bind(hour)
+            .bind(now)
+            .execute(&pools.write)
+            .await
+            .expect("subscription");
+        }
 
         assert_eq!(
             release_leases_of_the_dead(&pools).await.expect("release"),
-            3
+            4
         );
+        let waiting: Vec<(i32, DateTime<Utc>)> =
+            sqlx::query_as("SELECT failures, next_attempt_at FROM subscriptions ORDER BY failures")
+                .fetch_all(&pools.read)
+                .await
+                .expect("subscriptions");
+        assert!(
+            waiting[0].1 <= Utc::now(),
+            "leased: due now, not {:?}",
+            waiting[0]
+        );
+        assert_eq!(waiting[1].1, hour, "its back-off is kept");
         let leased: i64 = sqlx::query_scalar(
             "SELECT (SELECT count(*) FROM scheduled_sends WHERE locked_until IS NOT NULL) \
                   + (SELECT count(*) FROM send_jobs WHERE locked_until IS NOT NULL) \

@@ -101,6 +101,12 @@ impl Message {
     /// The aggregate type name stored with every event.
     pub const TYPE_NAME: &'static str = "Message";
 
+    /// The version of the fold a stored snapshot of a message was made by. Raise it whenever
+    /// [`Message::apply_event`] would fold the same events into a different message, or the
+    /// message's serialized shape changes: snapshots of any other version are then ignored
+    /// (and replaced), and messages are folded from their events again.
+    pub const FOLD_VERSION: i32 = 1;
+
     pub fn data(&self) -> Option<&MessageData> {
         self.data.as_ref()
     }

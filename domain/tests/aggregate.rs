@@ -1010,3 +1010,36 @@ fn a_batch_with_one_invalid_command_records_nothing() {
         Err(invalid("record an open", MessageState::Scheduled))
     );
 }
+
+/// A stored snapshot is the message serialized: read back, it is the same message, and it
+/// decides every command as the fold of its events does (a fact it has seen is no news).
+#[test]
+fn a_message_read_back_from_its_snapshot_decides_as_its_fold() {
+    let mut m = sent_email();
+    for n in 0..5 {
+        for e in when(
+            &m,
+            MessageCommand::RecordOpen {
+                fact: fact(&format!("o{n}"), 10 + n),
+                machine_open: false,
+            },
+        )
+        .expect("an open")
+        {
+            m.apply_event(e);
+        }
+    }
+    let snapshot = serde_json::to_string(&m).expect("serialized");
+    let restored: Message = serde_json::from_str(&snapshot).expect("read back");
+    assert_eq!(restored, m);
+    let seen = MessageCommand::RecordOpen {
+        fact: fact("o3", 13),
+        machine_open: false,
+    };
+    assert_eq!(when(&restored, seen), Ok(vec![]));
+    let new = MessageCommand::RecordOpen {
+        fact: fact("o9", 19),
+        machine_open: false,
+    };
+    assert_eq!(when(&restored, new.clone()), when(&m, new));
+}

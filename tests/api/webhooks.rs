@@ -808,3 +808,102 @@ async fn a_reply_to_a_post_that_is_never_listed_is_kept_as_unmatched_once_it_has
     })
     .await;
 }
+
+/// Posts `count` SendGrid opens of message `id` numbered from `from` (their `sg_event_id`s
+/// are `open-<n>`: the same numbers again are duplicates).
+async fn post_opens(app: &TestApp, id: &str, from: usize, count: usize) {
+    let now = Utc::now().timestamp();
+    let batch: Vec<Value> = (from..from + count)
+        .map(|i| json!({"event": "open", "sg_event_id": format!("open-{i}"), "timestamp": now + i as i64, "message_id": id}))
+        .collect();
+    let (status, body) = post_sendgrid(app, &serde_json::to_vec(&batch).unwrap()).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+}
+
+async fn opens_become(app: &TestApp, id: &str, opens: u64) {
+    eventually(|| async {
+        let (_, m) = app.get(&format!("/v1/messages/{id}")).await;
+        m["opens"] == opens
+    })
+    .await;
+    settled(app).await;
+    let (_, m) = app.get(&format!("/v1/messages/{id}")).await;
+    assert_eq!(m["opens"], opens, "{m}");
+}
+
+/// A message with a long history (an email opened again and again: one event per fact) is
+/// decided from its snapshot and the events after it on PostgreSQL; nothing is lost or counted
+/// twice, duplicates included, and a snapshot of another fold version or that cannot be read
+/// is ignored and replaced.
+#[tokio::test]
+async fn a_message_with_hundreds_of_facts_keeps_every_one_once_through_its_snapshots() {
+    let app = webhook_app().await;
+    let id = uuid::Uuid::now_v7().to_string();
+    sent_message(&app, &id, Channel::Email, "sg-1").await;
+    // In batches, each applied before the next is posted: every one is a command on a message
+    // with more history than the last.
+    for round in 0..3 {
+        post_opens(&app, &id, round * 100, 100).await;
+        opens_become(&app, &id, (round as u64 + 1) * 100).await;
+    }
+    let snapshot = || async {
+        let row: Option<(i64, i32)> = sqlx::query_as(
+            "SELECT sequence, fold_version FROM message_snapshots WHERE aggregate_id = $1",
+        )
+        .bind(&id)
+        .fetch_optional(&app.pool)
+        .await
+        .unwrap();
+        row
+    };
+    if !on_sqlite() {
+        let (sequence, version) = snapshot().await.expect("a snapshot of the message");
+        assert!(sequence >= 64, "taken at sequence {sequence}");
+        assert_eq!(version, Message::FOLD_VERSION);
+    }
+    // Every fact again (the inbox keeps each once; the message's fold would not count one twice
+    // either).
+    for round in 0..3 {
+        post_opens(&app, &id, round * 100, 100).await;
+    }
+    settled(&app).await;
+    opens_become(&app, &id, 300).await;
+
+    if !on_sqlite() {
+        // A snapshot of an older fold is ignored, and replaced by the next load.
+        sqlx::query("UPDATE message_snapshots SET fold_version = 0")
+            .execute(&app.pool)
+            .await
+            .unwrap();
+        post_opens(&app, &id, 250, 100).await;
+        opens_become(&app, &id, 350).await;
+        let (_, version) = snapshot().await.expect("a snapshot of the message");
+        assert_eq!(version, Message::FOLD_VERSION);
+        // One that is not a message (or not JSON) too.
+        for (n, unreadable) in ["{\"data\": null}", "not json"].into_iter().enumerate() {
+            sqlx::query("UPDATE message_snapshots SET fold = $1")
+                .bind(unreadable)
+                .execute(&app.pool)
+                .await
+                .unwrap();
+            post_opens(&app, &id, 350 + n * 10, 10).await;
+            opens_become(&app, &id, 360 + n as u64 * 10).await;
+            let fold: String =
+                sqlx::query_scalar("SELECT fold FROM message_snapshots WHERE aggregate_id = $1")
+                    .bind(&id)
+                    .fetch_one(&app.pool)
+                    .await
+                    .unwrap();
+            assert!(fold.contains("\"opens\":"), "replaced: {fold}");
+        }
+    }
+    // The history still has every event once: compose, send, attempt, sent and each open.
+    let (_, m) = app.get(&format!("/v1/messages/{id}")).await;
+    let opens = if on_sqlite() { 300 } else { 370 };
+    assert_eq!(
+        m["history"].as_array().unwrap().len(),
+        4 + opens,
+        "{}",
+        m["history"]
+    );
+}

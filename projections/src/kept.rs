@@ -27,7 +27,7 @@
 //! Sequential scans are disabled there (`enable_seqscan = off`: a scan becomes the planner's
 //! last resort, taken only where no index serves, which none of these statements needs): the
 //! writers' read of messages' events
-//! ([`events_of_messages`](crate::event::events_of_messages)), planned generically after the
+//! ([`fold_rows`](crate::event::fold_rows)), planned generically after the
 //! log had been vacuumed while empty, was a scan of the whole log for every message (31 ms a
 //! call at 200k events, for the connection's life); with scans disabled it is the primary key's
 //! lookup however the statistics stand. (Sent unprepared instead, the read cost sqlx a second

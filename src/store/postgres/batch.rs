@@ -30,7 +30,7 @@ use crate::metrics::{command_name, Metrics};
 use crate::store::{CommandError, StoreError};
 use cqrs_es::DomainEvent;
 use messaging_domain::{Message, MessageCommand, MessageEvent, MessageId};
-use messaging_projections::event::Sent;
+use messaging_projections::event::{fold_rows, Sent};
 use messaging_projections::Folds;
 use postgres_es::PostgresEventRepository;
 use sqlx::postgres::{PgDatabaseError, PgSeverity};
@@ -247,37 +247,8 @@ async fn one_by_one(
 /// command on it reads at most about this many events besides the snapshot.
 const SNAPSHOT_AFTER: usize = 64;
 
-/// The messages in `$2` (a text array; `$1` is the aggregate type): the snapshot of each that
-/// has one of fold version `$3` (a row without `event_version`), then its events after the
-/// snapshot's sequence (all of them without one), in (message, sequence) order. Per message, a
-/// lateral lookup of the snapshot's key and a range of the log's whole key, whatever the
-/// statistics say (as `events_of_messages`; the subquery kept apart by `OFFSET 0`). As a CTE
-/// of the messages joined to their snapshots, then a UNION with their events, it cost 10-40
-/// µs more a read than the events alone (pgbench, 4 messages, prepared); this form, none
-/// measurable.
-const MESSAGES_FROM_SNAPSHOTS: &str = "\
-    SELECT w.id AS aggregate_id, e.sequence, e.event_version, e.payload \
-    FROM (SELECT DISTINCT id FROM unnest($2::text[]) AS w(id)) AS w \
-    CROSS JOIN LATERAL ( \
-      SELECT * FROM ( \
-        SELECT s.sequence, NULL::text AS event_version, s.fold AS payload \
-        FROM message_snapshots s WHERE s.aggregate_id = w.id AND s.fold_version = $3 \
-        UNION ALL \
-        SELECT sequence, event_version, payload::text FROM events \
-        WHERE aggregate_type = $1 AND aggregate_id = w.id \
-          AND sequence > COALESCE((SELECT s.sequence FROM message_snapshots s \
-                                   WHERE s.aggregate_id = w.id AND s.fold_version = $3), 0) \
-      ) AS u OFFSET 0) AS e \
-    ORDER BY 1, 2";
-
-/// A row of [`MESSAGES_FROM_SNAPSHOTS`]: an event, or a snapshot (no `event_version`).
-#[derive(sqlx::FromRow)]
-struct Loaded {
-    aggregate_id: String,
-    sequence: i64,
-    event_version: Option<String>,
-    payload: String,
-}
+/// Messages as loaded (each with its last sequence), and the ids of those to snapshot.
+type Loaded = (HashMap<String, (Message, i64)>, Vec<String>);
 
 /// Each message that has events, folded, with its last sequence: one query for them all
 /// (prepared only on a command writer's connection: see [`Sent`]), starting from a message's
@@ -319,56 +290,23 @@ async fn fold_loaded(
     ids: &[String],
     sent: Sent,
     from_snapshots: bool,
-) -> Result<Result<(HashMap<String, (Message, i64)>, Vec<String>), (String, String)>, StoreError> {
-    let rows: Vec<Loaded> = sqlx::query_as(MESSAGES_FROM_SNAPSHOTS)
-        .persistent(sent == Sent::Prepared)
-        .bind(Message::TYPE_NAME)
-        .bind(ids)
-        // No version matches NULL: every message from its first event.
-        .bind(from_snapshots.then_some(Message::FOLD_VERSION))
-        .fetch_all(conn)
-        .await?;
+) -> Result<Result<Loaded, (String, String)>, StoreError> {
+    let all = vec![i64::MAX; ids.len()];
+    let version = from_snapshots.then_some(Message::FOLD_VERSION);
+    let rows = fold_rows(conn, ids, &all, version, sent).await?;
     let mut messages: HashMap<String, (Message, i64)> = HashMap::with_capacity(ids.len());
     let mut events_read: HashMap<String, usize> = HashMap::new();
     for row in rows {
-        let Some(version) = row.event_version else {
-            // A snapshot is of a message with events: one without data is not a fold of it
-            // (serde would make an empty message of any JSON object).
-            match serde_json::from_str::<Message>(&row.payload) {
-                Ok(message) if message.data().is_some() => {
+        if row.is_snapshot() {
+            match row.snapshot() {
+                Ok(message) => {
                     messages.insert(row.aggregate_id, (message, row.sequence));
                 }
-                Ok(_) => {
-                    let why = format!(
-                        "snapshot of message {} at sequence {}: no message in it",
-                        row.aggregate_id, row.sequence
-                    );
-                    return Ok(Err((row.aggregate_id, why)));
-                }
-                Err(e) => {
-                    let why = format!(
-                        "snapshot of message {} at sequence {}: {e}",
-                        row.aggregate_id, row.sequence
-                    );
-                    return Ok(Err((row.aggregate_id, why)));
-                }
+                Err(why) => return Ok(Err((row.aggregate_id, why))),
             }
             continue;
-        };
-        // Version 1 is the only version so far; an upcaster goes here (and in the
-        // projections' `StoredEvent::message_event`) when a payload changes.
-        if version != "1" {
-            return Err(StoreError::new(format!(
-                "event {} of message {} has version {version}, which this release cannot read",
-                row.sequence, row.aggregate_id
-            )));
         }
-        let event: MessageEvent = serde_json::from_str(&row.payload).map_err(|e| {
-            StoreError::new(format!(
-                "event {} of message {}: {e}",
-                row.sequence, row.aggregate_id
-            ))
-        })?;
+        let event = row.event()?;
         *events_read.entry(row.aggregate_id.clone()).or_default() += 1;
         let (message, last) = messages.entry(row.aggregate_id).or_default();
         message.apply_event(event);

@@ -93,8 +93,9 @@ impl FoldRow {
         self.event_version.is_none()
     }
 
-    /// The message a snapshot row holds; an error says why it cannot be used (not JSON, or
-    /// not a composed or received message: serde makes an empty message of any JSON object).
+    /// The message a snapshot row holds; an error says why it cannot be used (not JSON, not a
+    /// composed or received message: serde makes an empty message of any JSON object, or
+    /// another message than the row's).
     pub fn snapshot(&self) -> Result<Message, String> {
         let why = |e: &dyn std::fmt::Display| {
             format!(
@@ -103,8 +104,11 @@ impl FoldRow {
             )
         };
         match serde_json::from_str::<Message>(&self.payload) {
-            Ok(message) if message.data().is_some() => Ok(message),
-            Ok(_) => Err(why(&"no message in it")),
+            Ok(message) => match message.data() {
+                Some(d) if d.id.to_string() == self.aggregate_id => Ok(message),
+                Some(d) => Err(why(&format!("it is of message {}", d.id))),
+                None => Err(why(&"no message in it")),
+            },
             Err(e) => Err(why(&e)),
         }
     }

@@ -868,13 +868,50 @@ async fn a_message_with_hundreds_of_facts_keeps_every_one_once_through_its_snaps
     }
     settled(&app).await;
     opens_become(&app, &id, 300).await;
+    // The inbox dropped those; a fact the message has seen, sent to it as a command, is no news
+    // to the fold read from its snapshot either.
+    let history = |m: &Value| m["history"].as_array().unwrap().len();
+    let (_, before) = app.get(&format!("/v1/messages/{id}")).await;
+    let seen = MessageCommand::RecordOpen {
+        fact: Fact {
+            fact_id: "open-5".into(),
+            occurred_at: Utc::now(),
+        },
+        machine_open: false,
+    };
+    app.store
+        .execute(id.parse().unwrap(), seen)
+        .await
+        .expect("a duplicate is accepted");
+    let (_, after) = app.get(&format!("/v1/messages/{id}")).await;
+    assert_eq!(
+        history(&after),
+        history(&before),
+        "no event for a duplicate"
+    );
+    assert_eq!(after["opens"], 300);
 
     if !on_sqlite() {
-        // A snapshot of an older fold is ignored, and replaced by the next load.
-        sqlx::query("UPDATE message_snapshots SET fold_version = 0")
-            .execute(&app.pool)
-            .await
-            .unwrap();
+        // A snapshot of another fold version is ignored, and replaced by the next load: one
+        // that would count wrongly (no opens, no facts seen) at the message's last sequence.
+        let fold: String =
+            sqlx::query_scalar("SELECT fold FROM message_snapshots WHERE aggregate_id = $1")
+                .bind(&id)
+                .fetch_one(&app.pool)
+                .await
+                .unwrap();
+        let mut wrong: Value = serde_json::from_str(&fold).unwrap();
+        wrong["data"]["opens"] = 0.into();
+        wrong["data"]["seen_facts"] = json!([]);
+        sqlx::query(
+            "UPDATE message_snapshots SET fold_version = 0, fold = $1, \
+                    sequence = (SELECT max(sequence) FROM events WHERE aggregate_id = $2)",
+        )
+        .bind(wrong.to_string())
+        .bind(&id)
+        .execute(&app.pool)
+        .await
+        .unwrap();
         post_opens(&app, &id, 250, 100).await;
         opens_become(&app, &id, 350).await;
         let (_, version) = snapshot().await.expect("a snapshot of the message");

@@ -200,16 +200,7 @@ impl Failed {
     }
 
     fn of_insert(error: sqlx::Error) -> Self {
-        let refused = match &error {
-            // The server answered with an ERROR: the statement (its own transaction) did not
-            // commit, and the session goes on. A FATAL or PANIC ends the session, and may come
-            // after the commit (a server shutting down): unknown.
-            sqlx::Error::Database(e) => e
-                .try_downcast_ref::<PgDatabaseError>()
-                .is_some_and(|e| matches!(e.severity(), PgSeverity::Error)),
-            _ => false,
-        };
-        if refused {
+        if refused(&error) {
             Self::NothingWritten {
                 reason: error.to_string(),
                 connection_ok: true,
@@ -217,6 +208,18 @@ impl Failed {
         } else {
             Self::Unknown(error.to_string())
         }
+    }
+}
+
+/// Whether the server answered a statement with an ERROR: the statement (its own transaction)
+/// did not commit, and the session goes on. A FATAL or PANIC ends the session, and may come
+/// after the commit (a server shutting down).
+fn refused(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Database(e) => e
+            .try_downcast_ref::<PgDatabaseError>()
+            .is_some_and(|e| matches!(e.severity(), PgSeverity::Error)),
+        _ => false,
     }
 }
 
@@ -323,8 +326,8 @@ async fn fold_loaded(
 /// Stores the folds of `ids` as their snapshots, each replacing an older one (or one of
 /// another fold version; any one with `replace`). A fold is of the log as read, so it is
 /// right whenever it is used.
-/// An error the server reports (the statement alone failed) is logged and otherwise ignored;
-/// any other means the connection may be broken, and is returned.
+/// An ERROR the server reports (the statement alone failed) is logged and otherwise ignored;
+/// anything else means the connection may be broken, and is returned.
 async fn take_snapshots(
     conn: &mut PgConnection,
     messages: &HashMap<String, (Message, i64)>,
@@ -368,10 +371,12 @@ async fn take_snapshots(
     .await;
     match written {
         Ok(_) => Ok(()),
-        Err(sqlx::Error::Database(e)) => {
+        Err(e) if refused(&e) => {
             tracing::warn!(error = %e, snapshots = taken.len(), "message snapshots not written");
             Ok(())
         }
+        // The session may be gone (a FATAL, a broken connection): the batch must not go on
+        // to its INSERT on it, whose failure would then read as an unknown outcome.
         Err(e) => Err(e.into()),
     }
 }

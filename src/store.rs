@@ -157,6 +157,54 @@ pub struct ListFilter {
     pub limit: i64,
 }
 
+/// The message list's query with only the filters given, on either backend: each combination
+/// is a statement of its own, planned with the index it can use. With `($1 IS NULL OR state =
+/// $1)` for every filter, SQLite planned a scan of the whole list whatever was given, and a
+/// PostgreSQL generic plan (which it may pick after a statement's fifth run) can use none of
+/// the list's indexes but the key, walking the list from its newest row until it has a page.
+/// `profile` is the SQL around the one lower-cased username a profile filter binds (the
+/// projections store usernames lower-cased in Rust: a database's `lower()` depends on its
+/// locale).
+pub fn list_query<'a, DB>(
+    select: &str,
+    f: &'a ListFilter,
+    profile: (&str, &str),
+) -> sqlx::QueryBuilder<'a, DB>
+where
+    DB: sqlx::Database,
+    uuid::Uuid: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+    &'a str: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+    String: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+    i64: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+{
+    let mut q = sqlx::QueryBuilder::new(select);
+    q.push(" FROM message_list WHERE 1 = 1");
+    if let Some(service) = f.service_id {
+        q.push(" AND service_id = ").push_bind(service.as_uuid());
+    }
+    if let Some(channel) = f.channel {
+        q.push(" AND channel = ").push_bind(channel.as_str());
+    }
+    if let Some(state) = f.state.as_deref() {
+        q.push(" AND state = ").push_bind(state);
+    }
+    if let Some(direction) = f.direction.as_deref() {
+        q.push(" AND direction = ").push_bind(direction);
+    }
+    if let Some(username) = f.profile.as_deref() {
+        q.push(" AND ")
+            .push(profile.0)
+            .push_bind(username.to_lowercase())
+            .push(profile.1);
+    }
+    if let Some(before) = f.before {
+        q.push(" AND message_id < ").push_bind(before.as_uuid());
+    }
+    q.push(" ORDER BY message_id DESC LIMIT ")
+        .push_bind(f.limit);
+    q
+}
+
 /// A scheduled send the scheduler leased, with the `publish_at` it was leased at: the firing
 /// is for that time only (a reschedule written since is a different firing).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

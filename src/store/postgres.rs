@@ -39,39 +39,10 @@ const SUBSCRIPTION_VIEW: &str = "SELECT s.id, s.url, s.states, s.channels, s.cur
 
 pub static MIGRATOR: Migrator = sqlx::migrate!("./migrations/postgres");
 
-/// The message list's query with only the filters given: each combination is a statement of
-/// its own, planned with the index it can use. With `($1 IS NULL OR state = $1)` for every
-/// filter, a generic plan (which PostgreSQL may pick after a statement's fifth run) cannot use
-/// any of the list's indexes but the key, and walks the list from its newest row until it has a
-/// page: every row for a state that has few.
+/// The message list's query on PostgreSQL (see [`crate::store::list_query`]): a profile is
+/// an element of the `profiles` array.
 pub fn list_query<'a>(select: &str, f: &'a ListFilter) -> sqlx::QueryBuilder<'a, sqlx::Postgres> {
-    let mut q = sqlx::QueryBuilder::new(select);
-    q.push(" FROM message_list WHERE true");
-    if let Some(service) = f.service_id {
-        q.push(" AND service_id = ").push_bind(service.as_uuid());
-    }
-    if let Some(channel) = f.channel {
-        q.push(" AND channel = ").push_bind(channel.as_str());
-    }
-    if let Some(state) = f.state.as_deref() {
-        q.push(" AND state = ").push_bind(state);
-    }
-    if let Some(direction) = f.direction.as_deref() {
-        q.push(" AND direction = ").push_bind(direction);
-    }
-    if let Some(profile) = f.profile.as_deref() {
-        // The projection lower-cases usernames in Rust: so does the filter (PostgreSQL's
-        // lower() depends on the database's locale).
-        q.push(" AND profiles @> ARRAY[")
-            .push_bind(profile.to_lowercase())
-            .push("]");
-    }
-    if let Some(before) = f.before {
-        q.push(" AND message_id < ").push_bind(before.as_uuid());
-    }
-    q.push(" ORDER BY message_id DESC LIMIT ")
-        .push_bind(f.limit);
-    q
+    crate::store::list_query(select, f, ("profiles @> ARRAY[", "]"))
 }
 
 pub struct PgStore {

@@ -90,36 +90,17 @@ pub async fn release_leases_of_the_dead(pools: &SqlitePools) -> Result<u64, Stor
     Ok(released)
 }
 
-/// The message list's query with only the filters given: each combination is a statement of
-/// its own, which SQLite plans with the index it can use (`(?1 IS NULL OR service_id = ?1)`
-/// for every filter was planned as a scan of the whole list, whatever was given).
+/// The message list's query on SQLite (see [`crate::store::list_query`]): `profiles` is a
+/// JSON array.
 fn list_query<'a>(select: &str, f: &'a ListFilter) -> sqlx::QueryBuilder<'a, sqlx::Sqlite> {
-    let mut q = sqlx::QueryBuilder::new(select);
-    q.push(" FROM message_list WHERE 1 = 1");
-    if let Some(service) = f.service_id {
-        q.push(" AND service_id = ").push_bind(service.as_uuid());
-    }
-    if let Some(channel) = f.channel {
-        q.push(" AND channel = ").push_bind(channel.as_str());
-    }
-    if let Some(state) = f.state.as_deref() {
-        q.push(" AND state = ").push_bind(state);
-    }
-    if let Some(direction) = f.direction.as_deref() {
-        q.push(" AND direction = ").push_bind(direction);
-    }
-    if let Some(profile) = f.profile.as_deref() {
-        // The projection stores usernames lower-cased by the same function.
-        q.push(" AND EXISTS (SELECT 1 FROM json_each(profiles) WHERE value = ")
-            .push_bind(profile.to_lowercase())
-            .push(")");
-    }
-    if let Some(before) = f.before {
-        q.push(" AND message_id < ").push_bind(before.as_uuid());
-    }
-    q.push(" ORDER BY message_id DESC LIMIT ")
-        .push_bind(f.limit);
-    q
+    crate::store::list_query(
+        select,
+        f,
+        (
+            "EXISTS (SELECT 1 FROM json_each(profiles) WHERE value = ",
+            ")",
+        ),
+    )
 }
 
 pub static MIGRATOR: Migrator = sqlx::migrate!("./migrations/sqlite");

@@ -458,6 +458,26 @@ pub trait Store: Send + Sync + 'static {
         id: MessageId,
     ) -> Result<Option<(Message, Vec<HistoryItem>)>, StoreError>;
 
+    /// One page of a message's history: its events after sequence `after`, at most `limit`,
+    /// each with the state before and after it; `None` if there is no such message. This
+    /// default folds the whole history (SQLite); PostgreSQL starts from the message's snapshot
+    /// and reads only the page's events.
+    async fn message_history(
+        &self,
+        id: MessageId,
+        after: i64,
+        limit: i64,
+    ) -> Result<Option<Vec<HistoryItem>>, StoreError> {
+        let limit = usize::try_from(limit).unwrap_or(0);
+        Ok(self.message(id).await?.map(|(_, history)| {
+            history
+                .into_iter()
+                .filter(|item| item.sequence > after)
+                .take(limit)
+                .collect()
+        }))
+    }
+
     async fn create_service(
         &self,
         service: &Service,

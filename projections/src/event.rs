@@ -218,6 +218,30 @@ pub async fn message_events(
         .await?)
 }
 
+/// At most `limit` of a message's events after sequence `after`, in order: one range of the
+/// log's key. Planned for its values at every call (it runs on pooled connections: see
+/// [`fold_rows`]).
+pub async fn message_events_page(
+    conn: &mut PgConnection,
+    message_id: &str,
+    after: i64,
+    limit: i64,
+) -> Result<Vec<StoredEvent>, ProjectionError> {
+    let sql = format!(
+        "SELECT {EVENT_COLUMNS} FROM events \
+         WHERE aggregate_type = $1 AND aggregate_id = $2 AND sequence > $3 \
+         ORDER BY sequence LIMIT $4"
+    );
+    Ok(sqlx::query_as::<_, StoredEvent>(&sql)
+        .persistent(false)
+        .bind(Message::TYPE_NAME)
+        .bind(message_id)
+        .bind(after)
+        .bind(limit)
+        .fetch_all(conn)
+        .await?)
+}
+
 /// The message as folded from its events up to `up_to`.
 pub async fn load_message(
     conn: &mut PgConnection,
@@ -269,6 +293,17 @@ pub async fn load_messages_before(
     conn: &mut PgConnection,
     wanted: &[(String, i64)],
 ) -> Result<HashMap<String, Message>, ProjectionError> {
+    // Prepared: the readers that run it plan every statement for its values (`KeptConnection`),
+    // and unprepared it would cost a second round trip.
+    load_messages_before_sent(conn, wanted, Sent::Prepared).await
+}
+
+/// [`load_messages_before`], sent as `sent` says (see [`fold_rows`]).
+pub async fn load_messages_before_sent(
+    conn: &mut PgConnection,
+    wanted: &[(String, i64)],
+    sent: Sent,
+) -> Result<HashMap<String, Message>, ProjectionError> {
     let (mut messages, any_before) = messages_before(wanted);
     if !any_before {
         return Ok(messages);
@@ -279,21 +314,12 @@ pub async fn load_messages_before(
         .filter(|(_, sequence)| *sequence > 1)
         .map(|(id, sequence)| (id.as_str(), *sequence))
         .unzip();
-    // Prepared: the readers that run it plan every statement for its values (`KeptConnection`),
-    // and unprepared it would cost a second round trip.
-    let rows = fold_rows(
-        &mut *conn,
-        &ids,
-        &before,
-        Some(Message::FOLD_VERSION),
-        Sent::Prepared,
-    )
-    .await?;
+    let rows = fold_rows(&mut *conn, &ids, &before, Some(Message::FOLD_VERSION), sent).await?;
     if let Err(unreadable) = fold_rows_into(&mut messages, rows)? {
         tracing::warn!(%unreadable, "a message snapshot could not be read; folding from the events");
         let (fresh, _) = messages_before(wanted);
         messages = fresh;
-        let rows = fold_rows(&mut *conn, &ids, &before, None, Sent::Prepared).await?;
+        let rows = fold_rows(&mut *conn, &ids, &before, None, sent).await?;
         if let Err(unreadable) = fold_rows_into(&mut messages, rows)? {
             return Err(ProjectionError::Other(unreadable));
         }

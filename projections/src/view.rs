@@ -88,7 +88,14 @@ pub struct HistoryItem {
 pub fn history(
     events: impl IntoIterator<Item = (i64, MessageEvent, DateTime<Utc>)>,
 ) -> (Message, Vec<HistoryItem>) {
-    let mut message = Message::default();
+    history_from(Message::default(), events)
+}
+
+/// [`history`] of the events after those `message` was folded from.
+pub fn history_from(
+    mut message: Message,
+    events: impl IntoIterator<Item = (i64, MessageEvent, DateTime<Utc>)>,
+) -> (Message, Vec<HistoryItem>) {
     let mut items = Vec::new();
     for (sequence, event, recorded_at) in events {
         let before = message.state();

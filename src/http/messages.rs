@@ -22,6 +22,7 @@ pub fn router() -> Router<AppState> {
     Router::new()
         .route("/messages", get(list).post(compose))
         .route("/messages/{id}", get(show))
+        .route("/messages/{id}/history", get(show_history))
         .route("/messages/{id}/schedule", post(schedule))
         .route("/messages/{id}/send", post(send))
         .route("/messages/{id}/cancel", post(cancel))
@@ -358,6 +359,53 @@ async fn show(
         obj.insert("history".into(), history);
     }
     Ok(ApiJson(view))
+}
+
+#[derive(Deserialize)]
+struct HistoryQuery {
+    after: Option<String>,
+    limit: Option<String>,
+}
+
+const DEFAULT_HISTORY_PAGE: i64 = 100;
+const MAX_HISTORY_PAGE: i64 = 1000;
+
+/// `GET /v1/messages/{id}/history`: the message's history a page at a time (an email opened
+/// and clicked by thousands gathers thousands of events, all of which the detail returns).
+async fn show_history(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+    ApiQuery(q): ApiQuery<HistoryQuery>,
+) -> Result<ApiJson<Value>, ApiError> {
+    let id = parse_message_id(&id)?;
+    let after = match q.after.as_deref() {
+        None => 0,
+        Some(raw) => raw
+            .parse::<i64>()
+            .ok()
+            .filter(|n| *n >= 0)
+            .ok_or_else(|| ApiError::field("after", "must be a sequence number, 0 or more"))?,
+    };
+    let limit = match q.limit.as_deref() {
+        None => DEFAULT_HISTORY_PAGE,
+        Some(raw) => raw
+            .parse::<i64>()
+            .ok()
+            .filter(|n| (1..=MAX_HISTORY_PAGE).contains(n))
+            .ok_or_else(|| ApiError::field("limit", format!("must be 1 to {MAX_HISTORY_PAGE}")))?,
+    };
+    let items = state
+        .store
+        .message_history(id, after, limit)
+        .await?
+        .ok_or_else(|| ApiError::from(MessageError::NotFound))?;
+    // A full page may have more after it; a short one is the end.
+    let next = if items.len() as i64 == limit {
+        items.last().map(|item| item.sequence)
+    } else {
+        None
+    };
+    Ok(ApiJson(json!({"items": items, "next": next})))
 }
 
 #[derive(Deserialize)]

@@ -272,6 +272,12 @@ pub fn operations() -> Vec<Operation> {
         op("get", "/v1/messages/{id}", "messages", "The message with its full history")
             .ok(200, "the message and its history", Some(schema_ref("MessageDetail")))
             .errors(&[404]),
+        op("get", "/v1/messages/{id}/history", "messages",
+            "The message's history a page at a time; `next` is the `after` of the next page")
+            .query("after", "sequence to read after (0: from the first event)", json!({"type": "integer"}))
+            .query("limit", "events, 1 to 1000 (100 unless given)", json!({"type": "integer"}))
+            .ok(200, "a page of the history", Some(schema_ref("HistoryPage")))
+            .errors(&[404, 422]),
         command("/v1/messages/{id}/schedule", "Schedule or reschedule")
             .body("ScheduleRequest")
             .errors(&[400, 415, 422]),
@@ -443,6 +449,9 @@ fn schemas() -> Value {
         "MessageDetail": {"allOf": [schema_ref("Message"), {"type": "object", "properties": {
             "history": {"type": "array", "items": schema_ref("HistoryItem")}}}]},
         "MessagePage": page("Message", "next_cursor"),
+        "HistoryPage": {"type": "object", "required": ["items", "next"], "properties": {
+            "items": {"type": "array", "items": schema_ref("HistoryItem")},
+            "next": nullable("integer")}},
         "ComposeRequest": {
             "type": "object", "required": ["service_id"],
             "properties": {

@@ -22,7 +22,9 @@ use chrono::{DateTime, Utc};
 use cqrs_es::persist::PersistedEventStore;
 use cqrs_es::CqrsFramework;
 use messaging_domain::{Channel, Message, MessageCommand, MessageData, MessageId, ServiceId};
-use messaging_projections::event::{message_events, Sent};
+use messaging_projections::event::{
+    load_messages_before_sent, message_events, message_events_page, Sent,
+};
 use messaging_projections::{FeedItem, HistoryItem, KeptConnection};
 use postgres_es::PostgresEventRepository;
 use sqlx::migrate::Migrator;
@@ -249,6 +251,35 @@ impl Store for PgStore {
         let mut conn = self.pool.acquire().await?;
         let events = message_events(&mut conn, &id.to_string(), None).await?;
         crate::store::with_history(events)
+    }
+
+    async fn message_history(
+        &self,
+        id: MessageId,
+        after: i64,
+        limit: i64,
+    ) -> Result<Option<Vec<HistoryItem>>, StoreError> {
+        let mut conn = self.pool.acquire().await?;
+        let key = id.to_string();
+        let page = message_events_page(&mut conn, &key, after, limit).await?;
+        // The message through `after`: its snapshot (where one comes before) and the events
+        // after it, for the state before the page's first event.
+        let wanted = [(key.clone(), after.saturating_add(1))];
+        let start = load_messages_before_sent(&mut conn, &wanted, Sent::Unprepared)
+            .await?
+            .remove(&key)
+            .unwrap_or_default();
+        if page.is_empty() && start.data().is_none() {
+            // No events after `after`, and none up to it: no such message.
+            return Ok(None);
+        }
+        let mut events = Vec::with_capacity(page.len());
+        for e in page {
+            events.push((e.sequence, e.message_event()?, e.recorded_at));
+        }
+        Ok(Some(
+            messaging_projections::view::history_from(start, events).1,
+        ))
     }
 
     async fn create_service(

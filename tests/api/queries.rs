@@ -366,3 +366,113 @@ async fn on_postgresql_the_list_is_read_through_the_index_its_filter_has_in_a_ge
     let plan = plan.join("\n");
     assert!(!plan.contains("message_list_state"), "{plan}");
 }
+
+/// A message's history a page at a time: the pages, followed by `next`, are the detail's
+/// history exactly (the states before and after each event included), whether or not the
+/// message has a snapshot (PostgreSQL takes one of a message with this many events).
+#[tokio::test]
+async fn a_long_history_is_read_a_page_at_a_time_and_the_pages_are_the_whole_history() {
+    use chrono::Utc;
+    use messaging_domain::{Fact, MessageCommand, MessageId};
+
+    let app = TestApp::spawn().await;
+    let service = app.email_service().await;
+    let draft = app
+        .compose_email(&service, "ann@example.com", json!({}))
+        .await;
+    let id = draft["id"].as_str().unwrap().to_string();
+    let message: MessageId = id.parse().unwrap();
+    let now = Utc::now();
+    app.store
+        .execute(
+            message,
+            MessageCommand::Batch(vec![
+                MessageCommand::Send {
+                    now,
+                    expected_publish_at: None,
+                },
+                MessageCommand::StartSendAttempt { now },
+                MessageCommand::RecordSent {
+                    provider_message_id: Some("sg-1".into()),
+                    at: now,
+                },
+            ]),
+        )
+        .await
+        .unwrap();
+    for n in 0..130 {
+        let fact = Fact {
+            fact_id: format!("open-{n}"),
+            occurred_at: now + chrono::Duration::seconds(n),
+        };
+        app.store
+            .execute(
+                message,
+                MessageCommand::RecordOpen {
+                    fact,
+                    machine_open: false,
+                },
+            )
+            .await
+            .unwrap();
+    }
+    let (_, detail) = app.get(&format!("/v1/messages/{id}")).await;
+    let whole = detail["history"].as_array().unwrap().clone();
+    assert_eq!(whole.len(), 4 + 130);
+
+    let mut paged = Vec::new();
+    let mut after = json!(0);
+    let mut pages = 0;
+    while !after.is_null() {
+        let (status, page) = app
+            .get(&format!("/v1/messages/{id}/history?after={after}&limit=40"))
+            .await;
+        assert_eq!(status, StatusCode::OK, "{page}");
+        let items = page["items"].as_array().unwrap();
+        assert!(items.len() <= 40);
+        paged.extend(items.iter().cloned());
+        after = page["next"].clone();
+        pages += 1;
+        assert!(pages <= 5, "the pages do not end: {page}");
+    }
+    assert_eq!(pages, 4, "40 + 40 + 40 + 14");
+    assert_eq!(paged, whole);
+
+    // Any page starts where it is asked to, with the state the message had there.
+    let (_, page) = app
+        .get(&format!("/v1/messages/{id}/history?after=3&limit=2"))
+        .await;
+    assert_eq!(page["items"].as_array().unwrap(), &whole[3..5]);
+    assert_eq!(page["next"], 5);
+    let (_, page) = app.get(&format!("/v1/messages/{id}/history")).await;
+    assert_eq!(page["items"].as_array().unwrap(), &whole[..100]);
+    let (status, page) = app
+        .get(&format!("/v1/messages/{id}/history?after=134"))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(page, json!({"items": [], "next": null}));
+
+    // Bad input is named; an unknown message is a 404.
+    for (query, field) in [
+        ("after=-1", "after"),
+        ("after=x", "after"),
+        ("limit=0", "limit"),
+        ("limit=1001", "limit"),
+    ] {
+        let (status, body) = app.get(&format!("/v1/messages/{id}/history?{query}")).await;
+        assert_error(
+            status,
+            &body,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_field",
+        );
+        assert!(body.to_string().contains(field), "{query}: {body}");
+    }
+    let unknown = uuid::Uuid::now_v7();
+    for query in ["", "?after=5"] {
+        let (status, body) = app
+            .get(&format!("/v1/messages/{unknown}/history{query}"))
+            .await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    }
+}

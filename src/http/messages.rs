@@ -367,6 +367,18 @@ struct HistoryQuery {
     limit: Option<String>,
 }
 
+/// A page's `limit`: `default` when not given, else 1 to `max`.
+fn page_limit(raw: Option<&str>, default: i64, max: i64) -> Result<i64, ApiError> {
+    match raw {
+        None => Ok(default),
+        Some(raw) => raw
+            .parse::<i64>()
+            .ok()
+            .filter(|n| (1..=max).contains(n))
+            .ok_or_else(|| ApiError::field("limit", format!("must be 1 to {max}"))),
+    }
+}
+
 const DEFAULT_HISTORY_PAGE: i64 = 100;
 const MAX_HISTORY_PAGE: i64 = 1000;
 
@@ -386,14 +398,7 @@ async fn show_history(
             .filter(|n| *n >= 0)
             .ok_or_else(|| ApiError::field("after", "must be a sequence number, 0 or more"))?,
     };
-    let limit = match q.limit.as_deref() {
-        None => DEFAULT_HISTORY_PAGE,
-        Some(raw) => raw
-            .parse::<i64>()
-            .ok()
-            .filter(|n| (1..=MAX_HISTORY_PAGE).contains(n))
-            .ok_or_else(|| ApiError::field("limit", format!("must be 1 to {MAX_HISTORY_PAGE}")))?,
-    };
+    let limit = page_limit(q.limit.as_deref(), DEFAULT_HISTORY_PAGE, MAX_HISTORY_PAGE)?;
     let items = state
         .store
         .message_history(id, after, limit)
@@ -426,14 +431,7 @@ async fn list(
     State(state): State<AppState>,
     ApiQuery(q): ApiQuery<ListQuery>,
 ) -> Result<ApiJson<Value>, ApiError> {
-    let limit = match q.limit.as_deref() {
-        None => DEFAULT_PAGE,
-        Some(raw) => raw
-            .parse::<i64>()
-            .ok()
-            .filter(|n| (1..=MAX_PAGE).contains(n))
-            .ok_or_else(|| ApiError::field("limit", format!("must be 1 to {MAX_PAGE}")))?,
-    };
+    let limit = page_limit(q.limit.as_deref(), DEFAULT_PAGE, MAX_PAGE)?;
     let filter = ListFilter {
         service_id: q
             .service_id

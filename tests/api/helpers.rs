@@ -263,6 +263,47 @@ impl TestApp {
     }
 
     /// Waits until the message list shows `id` in `state`.
+    /// An email sent (its provider call recorded as answered) and then opened `opens` times,
+    /// each open a command of its own: a message with a long history.
+    pub async fn email_opened(&self, opens: i64) -> messaging_domain::MessageId {
+        use messaging_domain::{Fact, MessageCommand};
+        let service = self.email_service().await;
+        let draft = self
+            .compose_email(&service, "ann@example.com", json!({}))
+            .await;
+        let id: messaging_domain::MessageId = draft["id"].as_str().unwrap().parse().unwrap();
+        let now = chrono::Utc::now();
+        self.store
+            .execute(
+                id,
+                MessageCommand::Batch(vec![
+                    MessageCommand::Send {
+                        now,
+                        expected_publish_at: None,
+                    },
+                    MessageCommand::StartSendAttempt { now },
+                    MessageCommand::RecordSent {
+                        provider_message_id: Some("sg-1".into()),
+                        at: now,
+                    },
+                ]),
+            )
+            .await
+            .unwrap();
+        for n in 0..opens {
+            let fact = Fact {
+                fact_id: format!("open-{n}"),
+                occurred_at: now + chrono::Duration::seconds(n),
+            };
+            let open = MessageCommand::RecordOpen {
+                fact,
+                machine_open: false,
+            };
+            self.store.execute(id, open).await.unwrap();
+        }
+        id
+    }
+
     pub async fn wait_listed(&self, id: &str, state: &str) {
         eventually(|| async {
             let (_, body) = self.get("/v1/messages?limit=500").await;

@@ -372,50 +372,8 @@ async fn on_postgresql_the_list_is_read_through_the_index_its_filter_has_in_a_ge
 /// message has a snapshot (PostgreSQL takes one of a message with this many events).
 #[tokio::test]
 async fn a_long_history_is_read_a_page_at_a_time_and_the_pages_are_the_whole_history() {
-    use chrono::Utc;
-    use messaging_domain::{Fact, MessageCommand, MessageId};
-
     let app = TestApp::spawn().await;
-    let service = app.email_service().await;
-    let draft = app
-        .compose_email(&service, "ann@example.com", json!({}))
-        .await;
-    let id = draft["id"].as_str().unwrap().to_string();
-    let message: MessageId = id.parse().unwrap();
-    let now = Utc::now();
-    app.store
-        .execute(
-            message,
-            MessageCommand::Batch(vec![
-                MessageCommand::Send {
-                    now,
-                    expected_publish_at: None,
-                },
-                MessageCommand::StartSendAttempt { now },
-                MessageCommand::RecordSent {
-                    provider_message_id: Some("sg-1".into()),
-                    at: now,
-                },
-            ]),
-        )
-        .await
-        .unwrap();
-    for n in 0..130 {
-        let fact = Fact {
-            fact_id: format!("open-{n}"),
-            occurred_at: now + chrono::Duration::seconds(n),
-        };
-        app.store
-            .execute(
-                message,
-                MessageCommand::RecordOpen {
-                    fact,
-                    machine_open: false,
-                },
-            )
-            .await
-            .unwrap();
-    }
+    let id = app.email_opened(130).await.to_string();
     let (_, detail) = app.get(&format!("/v1/messages/{id}")).await;
     let whole = detail["history"].as_array().unwrap().clone();
     assert_eq!(whole.len(), 4 + 130);

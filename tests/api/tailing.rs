@@ -1704,47 +1704,9 @@ async fn the_feeds_read_of_a_long_message_starts_from_its_snapshot_and_folds_the
     use messaging_projections::event::load_messages_before;
     use sqlx::Connection;
 
-    let app = TestApp::spawn().await;
-    let service = app.email_service().await;
-    let draft = app
-        .compose_email(&service, "ann@example.com", serde_json::json!({}))
-        .await;
-    let id: MessageId = draft["id"].as_str().unwrap().parse().unwrap();
-    let now = Utc::now();
-    app.store
-        .execute(
-            id,
-            MessageCommand::Batch(vec![
-                MessageCommand::Send {
-                    now,
-                    expected_publish_at: None,
-                },
-                MessageCommand::StartSendAttempt { now },
-                MessageCommand::RecordSent {
-                    provider_message_id: Some("sg-1".into()),
-                    at: now,
-                },
-            ]),
-        )
-        .await
-        .unwrap();
     // One command per open: each reads the message, and one of them takes its snapshot.
-    for n in 0..150 {
-        let fact = Fact {
-            fact_id: format!("open-{n}"),
-            occurred_at: now + chrono::Duration::seconds(n),
-        };
-        app.store
-            .execute(
-                id,
-                MessageCommand::RecordOpen {
-                    fact,
-                    machine_open: false,
-                },
-            )
-            .await
-            .unwrap();
-    }
+    let app = TestApp::spawn().await;
+    let id = app.email_opened(150).await;
     let mut conn = PgConnection::connect(&app.database_url).await.unwrap();
     let snapshot: i64 =
         sqlx::query_scalar("SELECT sequence FROM message_snapshots WHERE aggregate_id = $1")

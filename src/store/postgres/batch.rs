@@ -1,4 +1,5 @@
-//! Commands, one per message, in at most two statements: read the messages' events at once
+//! Commands, one per message, in at most two statements (a third, now and then, stores a long
+//! message's snapshot): read the messages at once (each from its snapshot, if it has one)
 //! (a Compose reads nothing: it succeeds only on a new message), decide each in Rust with the
 //! aggregate's own `decide`, append every new event in one multi-row INSERT. Every PostgreSQL
 //! command goes this way: a client's alone or in a group (see [`super::group`]), a worker's

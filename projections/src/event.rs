@@ -24,6 +24,22 @@ pub struct StoredEvent {
     pub recorded_at: DateTime<Utc>,
 }
 
+/// Why a stored Message event could not be read.
+enum Undecodable {
+    Version,
+    Payload(serde_json::Error),
+}
+
+/// A stored Message event of `version`, from its payload's JSON text: the one place its stored
+/// form is read. Version 1 is the only version so far; an upcaster goes here when a payload
+/// changes.
+fn decode(version: &str, payload: &str) -> Result<MessageEvent, Undecodable> {
+    if version != "1" {
+        return Err(Undecodable::Version);
+    }
+    serde_json::from_str(payload).map_err(Undecodable::Payload)
+}
+
 /// A PostgreSQL `xid8`, carried as its decimal text.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
 pub struct TxId(pub u64);
@@ -113,19 +129,18 @@ impl FoldRow {
         }
     }
 
-    /// The event an event row holds. Version 1 is the only version so far; an upcaster goes
-    /// here (and in [`StoredEvent::message_event`]) when a payload changes.
+    /// The event an event row holds.
     pub fn event(&self) -> Result<MessageEvent, ProjectionError> {
         let version = self.event_version.as_deref().unwrap_or_default();
-        if version != "1" {
-            return Err(ProjectionError::Other(format!(
-                "event {} of message {} has version `{version}`, which this release cannot read",
-                self.sequence, self.aggregate_id
-            )));
-        }
-        serde_json::from_str(&self.payload).map_err(|e| {
+        decode(version, &self.payload).map_err(|e| {
+            let why = match e {
+                Undecodable::Version => {
+                    format!("has version `{version}`, which this release cannot read")
+                }
+                Undecodable::Payload(e) => e.to_string(),
+            };
             ProjectionError::Other(format!(
-                "event {} of message {}: {e}",
+                "event {} of message {}: {why}",
                 self.sequence, self.aggregate_id
             ))
         })
@@ -174,15 +189,15 @@ impl StoredEvent {
     /// The Message event inside. Version 1 is the only version so far; an upcaster goes here
     /// when a payload changes.
     pub fn message_event(&self) -> Result<MessageEvent, ProjectionError> {
-        if self.event_version != "1" {
-            return Err(ProjectionError::UnknownVersion {
+        decode(&self.event_version, &self.payload).map_err(|e| match e {
+            Undecodable::Version => ProjectionError::UnknownVersion {
                 event_type: self.event_type.clone(),
                 version: self.event_version.clone(),
-            });
-        }
-        serde_json::from_str(&self.payload).map_err(|e| ProjectionError::Payload {
-            position: self.global_position,
-            error: e.to_string(),
+            },
+            Undecodable::Payload(e) => ProjectionError::Payload {
+                position: self.global_position,
+                error: e.to_string(),
+            },
         })
     }
 
@@ -314,37 +329,91 @@ pub async fn load_messages_before_sent(
         .filter(|(_, sequence)| *sequence > 1)
         .map(|(id, sequence)| (id.as_str(), *sequence))
         .unzip();
-    let rows = fold_rows(&mut *conn, &ids, &before, Some(Message::FOLD_VERSION), sent).await?;
-    if let Err(unreadable) = fold_rows_into(&mut messages, rows)? {
-        tracing::warn!(%unreadable, "a message snapshot could not be read; folding from the events");
-        let (fresh, _) = messages_before(wanted);
-        messages = fresh;
-        let rows = fold_rows(&mut *conn, &ids, &before, None, sent).await?;
-        if let Err(unreadable) = fold_rows_into(&mut messages, rows)? {
-            return Err(ProjectionError::Other(unreadable));
-        }
+    for (id, folded) in load_folds(conn, &ids, &before, sent).await?.messages {
+        messages.insert(id, folded.message);
     }
     Ok(messages)
 }
 
-/// Folds [`fold_rows`]' rows (ordered by message and sequence) into their messages; the inner
-/// error names a snapshot that could not be read.
-fn fold_rows_into(
-    messages: &mut HashMap<String, Message>,
-    rows: Vec<FoldRow>,
-) -> Result<Result<(), String>, ProjectionError> {
-    for row in rows {
-        let Some(message) = messages.get_mut(&row.aggregate_id) else {
-            continue;
-        };
-        if row.is_snapshot() {
-            match row.snapshot() {
-                Ok(snapshot) => *message = snapshot,
-                Err(unreadable) => return Ok(Err(unreadable)),
-            }
-        } else {
-            message.apply_event(row.event()?);
+/// A message as [`load_folds`] folded it.
+pub struct Folded {
+    pub message: Message,
+    /// The sequence of the last event (or of the snapshot) it was folded through.
+    pub through: i64,
+    /// How many events were read past its snapshot (all of them without one).
+    pub events_read: usize,
+}
+
+/// What [`load_folds`] read.
+pub struct Loaded {
+    /// Each message with events before its `before`.
+    pub messages: HashMap<String, Folded>,
+    /// The message whose snapshot could not be read (written by a release whose fold had the
+    /// same version but not the same shape, or damaged): every message was then folded from
+    /// its events alone, and that snapshot is to be replaced.
+    pub unreadable: Option<String>,
+}
+
+/// Each of `ids` folded from its events before its position of `before`, starting from its
+/// snapshot where one comes before (one [`fold_rows`] query for them all; a second, from every
+/// message's first event, when a snapshot cannot be read).
+pub async fn load_folds<S: AsRef<str> + Sync>(
+    conn: &mut PgConnection,
+    ids: &[S],
+    before: &[i64],
+    sent: Sent,
+) -> Result<Loaded, ProjectionError> {
+    let rows = fold_rows(&mut *conn, ids, before, Some(Message::FOLD_VERSION), sent).await?;
+    match fold_loaded_rows(rows)? {
+        Ok(messages) => Ok(Loaded {
+            messages,
+            unreadable: None,
+        }),
+        Err((id, why)) => {
+            tracing::warn!(unreadable = %why, "a message snapshot could not be read; folding from the events");
+            // No fold version matches NULL: no snapshot is read.
+            let rows = fold_rows(conn, ids, before, None, sent).await?;
+            let messages =
+                fold_loaded_rows(rows)?.map_err(|(_, why)| ProjectionError::Other(why))?;
+            Ok(Loaded {
+                messages,
+                unreadable: Some(id),
+            })
         }
     }
-    Ok(Ok(()))
+}
+
+/// Messages folded from [`fold_rows`], or the id of one whose snapshot could not be read, and
+/// why.
+type FoldedOrUnreadable = Result<HashMap<String, Folded>, (String, String)>;
+
+/// The rows (ordered by message and sequence) folded.
+fn fold_loaded_rows(rows: Vec<FoldRow>) -> Result<FoldedOrUnreadable, ProjectionError> {
+    let mut messages: HashMap<String, Folded> = HashMap::new();
+    for row in rows {
+        if row.is_snapshot() {
+            match row.snapshot() {
+                Ok(message) => {
+                    let folded = Folded {
+                        message,
+                        through: row.sequence,
+                        events_read: 0,
+                    };
+                    messages.insert(row.aggregate_id, folded);
+                }
+                Err(why) => return Ok(Err((row.aggregate_id, why))),
+            }
+            continue;
+        }
+        let event = row.event()?;
+        let folded = messages.entry(row.aggregate_id).or_insert_with(|| Folded {
+            message: Message::default(),
+            through: 0,
+            events_read: 0,
+        });
+        folded.message.apply_event(event);
+        folded.through = row.sequence;
+        folded.events_read += 1;
+    }
+    Ok(Ok(messages))
 }

@@ -152,7 +152,6 @@ async fn sent_messages(bench: &Bench, messages: usize) -> Result<Vec<MessageId>>
             "{messages} messages not sent after {took:.1?} ({jobs_left} send jobs, {events_left} events unprojected)"
         ));
     }
-
     Ok(ids)
 }
 

@@ -31,7 +31,7 @@ use crate::metrics::{command_name, Metrics};
 use crate::store::{CommandError, StoreError};
 use cqrs_es::DomainEvent;
 use messaging_domain::{Message, MessageCommand, MessageEvent, MessageId};
-use messaging_projections::event::{fold_rows, Sent};
+use messaging_projections::event::{load_folds, Sent};
 use messaging_projections::Folds;
 use postgres_es::PostgresEventRepository;
 use sqlx::postgres::{PgDatabaseError, PgSeverity};
@@ -251,77 +251,39 @@ async fn one_by_one(
 /// command on it reads at most about this many events besides the snapshot.
 const SNAPSHOT_AFTER: usize = 64;
 
-/// Messages as loaded (each with its last sequence), and the ids of those to snapshot.
-type Loaded = (HashMap<String, (Message, i64)>, Vec<String>);
-
 /// Each message that has events, folded, with its last sequence: one query for them all
 /// (prepared only on a command writer's connection: see [`Sent`]), starting from a message's
 /// snapshot where it has one. A message read through [`SNAPSHOT_AFTER`] events or more gets a
 /// new snapshot, written before this returns (a refused write is only logged: the snapshot is
-/// a cache).
+/// a cache), and so does one whose snapshot could not be read.
 pub(super) async fn load_many(
     conn: &mut PgConnection,
     ids: &[String],
     sent: Sent,
 ) -> Result<HashMap<String, (Message, i64)>, StoreError> {
-    let (messages, to_snapshot, replace) = match fold_loaded(conn, ids, sent, true).await? {
-        Ok((messages, to_snapshot)) => (messages, to_snapshot, false),
-        Err((id, unreadable)) => {
-            // Written by a release whose fold had the same version but not the same shape:
-            // fold from the events alone, and replace it (whatever its sequence).
-            tracing::warn!(%unreadable, "a message snapshot could not be read; folding from the events");
-            match fold_loaded(conn, ids, sent, false).await? {
-                Ok((messages, mut to_snapshot)) => {
-                    if !to_snapshot.contains(&id) {
-                        to_snapshot.push(id);
-                    }
-                    (messages, to_snapshot, true)
-                }
-                Err((_, unreadable)) => return Err(StoreError::new(unreadable)),
-            }
+    let all = vec![i64::MAX; ids.len()];
+    let loaded = load_folds(&mut *conn, ids, &all, sent).await?;
+    let mut to_snapshot: Vec<String> = loaded
+        .messages
+        .iter()
+        .filter(|(_, folded)| folded.events_read >= SNAPSHOT_AFTER)
+        .map(|(id, _)| id.clone())
+        .collect();
+    let replace = loaded.unreadable.is_some();
+    if let Some(id) = loaded.unreadable {
+        if !to_snapshot.contains(&id) {
+            to_snapshot.push(id);
         }
-    };
+    }
+    let messages: HashMap<String, (Message, i64)> = loaded
+        .messages
+        .into_iter()
+        .map(|(id, folded)| (id, (folded.message, folded.through)))
+        .collect();
     if !to_snapshot.is_empty() {
         take_snapshots(conn, &messages, to_snapshot, replace).await?;
     }
     Ok(messages)
-}
-
-/// The messages folded, and the ids of those read through [`SNAPSHOT_AFTER`] events or more;
-/// or the id of a message whose snapshot could not be read, and why.
-async fn fold_loaded(
-    conn: &mut PgConnection,
-    ids: &[String],
-    sent: Sent,
-    from_snapshots: bool,
-) -> Result<Result<Loaded, (String, String)>, StoreError> {
-    let all = vec![i64::MAX; ids.len()];
-    let version = from_snapshots.then_some(Message::FOLD_VERSION);
-    let rows = fold_rows(conn, ids, &all, version, sent).await?;
-    let mut messages: HashMap<String, (Message, i64)> = HashMap::with_capacity(ids.len());
-    let mut events_read: HashMap<String, usize> = HashMap::new();
-    for row in rows {
-        if row.is_snapshot() {
-            match row.snapshot() {
-                Ok(message) => {
-                    messages.insert(row.aggregate_id, (message, row.sequence));
-                }
-                Err(why) => return Ok(Err((row.aggregate_id, why))),
-            }
-            continue;
-        }
-        let event = row.event()?;
-        *events_read.entry(row.aggregate_id.clone()).or_default() += 1;
-        let (message, last) = messages.entry(row.aggregate_id).or_default();
-        message.apply_event(event);
-        *last = row.sequence;
-    }
-    let to_snapshot = events_read
-        .into_iter()
-        .filter(|(_, read)| *read >= SNAPSHOT_AFTER)
-        .map(|(id, _)| id)
-        .collect();
-    Ok(Ok((messages, to_snapshot)))
 }
 
 /// Stores the folds of `ids` as their snapshots, each replacing an older one (or one of

@@ -305,6 +305,10 @@ impl Projection<Postgres> for StateChangeFeed {
         Ok(())
     }
 
+    fn tables(&self) -> &'static [&'static str] {
+        &["state_changes"]
+    }
+
     async fn reset(&self, conn: &mut PgConnection) -> Result<(), ProjectionError> {
         // TRUNCATE, not DELETE: the rows written next would otherwise meet each old row's
         // dead index entries in the unique checks (DELETE of 50k rows and the re-inserts

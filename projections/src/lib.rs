@@ -14,6 +14,7 @@ pub mod event;
 pub mod feed;
 pub mod kept;
 pub mod message_list;
+pub mod shadow;
 pub mod sqlite;
 pub mod subscription;
 pub mod view;

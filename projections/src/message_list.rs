@@ -391,6 +391,10 @@ impl Projection<Postgres> for MessageList {
         }
     }
 
+    fn tables(&self) -> &'static [&'static str] {
+        &["message_list"]
+    }
+
     async fn reset(&self, conn: &mut PgConnection) -> Result<(), ProjectionError> {
         // TRUNCATE, not DELETE: the rows written next would otherwise meet each old row's
         // dead index entries in the unique checks (DELETE of 50k rows and the re-inserts

@@ -33,6 +33,7 @@
 
 use crate::event::{StoredEvent, EVENT_COLUMNS};
 use crate::kept::KeptConnection;
+use crate::shadow::Shadow;
 use async_trait::async_trait;
 use futures_util::TryStreamExt;
 use sqlx::{Connection, PgConnection, PgPool, Postgres};
@@ -70,6 +71,14 @@ pub trait Projection<DB: sqlx::Database>: Send + Sync + 'static {
 
     /// Empties the read model, for a rebuild from position zero.
     async fn reset(&self, conn: &mut DB::Connection) -> Result<(), ProjectionError>;
+
+    /// The tables that hold this read model and nothing else, for a rebuild beside them (on
+    /// PostgreSQL, see [`crate::shadow`]): the live ones stay whole until the rebuilt copies
+    /// take their place. Empty (the default): a rebuild empties the live tables with
+    /// [`Self::reset`] and fills them again, batch by batch.
+    fn tables(&self) -> &'static [&'static str] {
+        &[]
+    }
 
     /// How long its reader lets new events gather after a batch that was not full
     /// ([`GATHER`] unless the projection says otherwise).
@@ -250,18 +259,24 @@ impl Subscription {
         catch_up_with(|| self.run_batch()).await
     }
 
-    /// Empties the read model and its checkpoint in one transaction (waiting for a running
-    /// instance to finish its batch), then reads the whole log again.
+    /// Reads the whole log again into the read model.
+    ///
+    /// A projection that names its tables ([`Projection::tables`]) is rebuilt beside them
+    /// ([`crate::shadow`]): the live tables stay whole until the rebuilt copies take their
+    /// place, with the checkpoint, in one transaction; a rebuild that stops before that
+    /// leaves them and their checkpoint as they were. Any other is emptied with its
+    /// checkpoint in one transaction and filled again in place, each batch committed with its
+    /// checkpoint as in [`Self::run_batch`], so an interrupted rebuild resumes from its last
+    /// batch.
     ///
     /// The log is read ahead while the batches are written: one connection streams the events
     /// (everything below the oldest running transaction when the read starts, in checkpoint
-    /// order) while another applies them batch by batch, each batch committed with its
-    /// checkpoint as in [`Self::run_batch`], so other subscriptions keep moving meanwhile and
-    /// an interrupted rebuild resumes from its last batch. The writer holds the subscription's
-    /// lock at session level for the whole read, so no other instance takes a batch between
-    /// two of ours (a read-ahead batch can never be stale); it is a connection of its own,
-    /// outside the pool, so that however the rebuild ends the lock ends with it. What was
-    /// committed after the read began is then read by [`Self::catch_up`].
+    /// order) while another applies them batch by batch. The writer holds the subscription's
+    /// lock at session level for the whole rebuild (waiting for a running instance to finish
+    /// its batch), so no other instance takes a batch between two of ours (a read-ahead batch
+    /// can never be stale) and other subscriptions keep moving meanwhile; it is a connection
+    /// of its own, outside the pool, so that however the rebuild ends the lock ends with it.
+    /// What was committed after the read began is then read by [`Self::catch_up`].
     pub async fn rebuild(&self) -> Result<u64, ProjectionError> {
         self.ensure_checkpoint().await?;
         let mut writer = PgConnection::connect_with(&self.pool.connect_options()).await?;
@@ -270,15 +285,25 @@ impl Subscription {
             .execute(&mut writer)
             .await?;
         sqlx::query(ASYNC_COMMIT).execute(&mut writer).await?;
+        let tables = self.projection.tables();
+        let shadow = if tables.is_empty() {
+            None
+        } else {
+            Some(Shadow::create(&mut writer, self.name(), tables).await?)
+        };
         let mut tx = writer.begin().await?;
+        // Beside the live tables this empties the new copies (and resets whatever the
+        // projection keeps about its tables); in place, the live tables.
         self.projection.reset(&mut tx).await?;
-        sqlx::query(
-            "UPDATE subscription_checkpoints SET last_transaction_id = '0', \
-             last_global_position = 0, events_handled = 0, updated_at = now() WHERE name = $1",
-        )
-        .bind(self.name())
-        .execute(&mut *tx)
-        .await?;
+        if shadow.is_none() {
+            sqlx::query(
+                "UPDATE subscription_checkpoints SET last_transaction_id = '0', \
+                 last_global_position = 0, events_handled = 0, updated_at = now() WHERE name = $1",
+            )
+            .bind(self.name())
+            .execute(&mut *tx)
+            .await?;
+        }
         tx.commit().await?;
 
         let batch_size = self.batch_size as usize;
@@ -308,13 +333,20 @@ impl Subscription {
             Ok::<(), sqlx::Error>(())
         });
         let mut total = 0u64;
+        // Where the read has got to: the checkpoint the copies take the live tables' place at.
+        let mut last = ("0".to_owned(), 0i64);
         let written = async {
             while let Some(events) = to_write.recv().await {
                 let mut tx = writer.begin().await?;
                 self.projection.handle_batch(&mut tx, &events).await?;
-                self.advance(&mut tx, &events).await?;
+                if shadow.is_none() {
+                    self.advance(&mut tx, &events).await?;
+                }
                 tx.commit().await?;
                 total += events.len() as u64;
+                if let Some(event) = events.last() {
+                    last = (event.transaction_id.0.to_string(), event.global_position);
+                }
             }
             Ok::<(), ProjectionError>(())
         }
@@ -325,6 +357,9 @@ impl Subscription {
             .map_err(|e| ProjectionError::Other(format!("the rebuild's reader stopped: {e}")))?;
         written?;
         read?;
+        if let Some(shadow) = shadow {
+            shadow.swap(&mut writer, self.name(), last, total).await?;
+        }
         // Closing the connection ends the session lock.
         writer.close().await?;
         Ok(total + self.catch_up().await?)

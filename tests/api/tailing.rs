@@ -11,7 +11,7 @@ use messaging_projections::{
     BatchOutcome, MessageList, Projection, ProjectionError, StateChangeFeed, StoredEvent,
     Subscription,
 };
-use sqlx::{PgConnection, PgPool, Postgres};
+use sqlx::{Connection, PgConnection, PgPool, Postgres};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -474,14 +474,18 @@ async fn a_rebuild_under_load_with_another_reader_running_ends_as_a_quiet_one() 
     assert_eq!(after_load, snapshot(&pool).await);
 }
 
-/// A rebuild stopped half-way (its task dropped) leaves no lock behind: the subscription
-/// carries on from the last batch the rebuild committed.
+/// A rebuild stopped half-way (its task dropped) leaves no lock behind and the live read
+/// model as it was: the subscription carries on from its own checkpoint, and the next rebuild
+/// drops the half-built copy and ends as a rebuild from zero does.
 #[tokio::test]
 async fn a_rebuild_dropped_half_way_releases_the_subscription() {
     let pool = migrated_pool().await;
     for _ in 0..4 {
         write_history(&pool).await;
     }
+    let feed = || Subscription::new(pool.clone(), Arc::new(StateChangeFeed::new()));
+    feed().catch_up().await.unwrap();
+    let (_, whole) = snapshot(&pool).await;
     let slow = Arc::new(Slow(Arc::new(StateChangeFeed::new())));
     let rebuild = {
         let pool = pool.clone();
@@ -492,39 +496,211 @@ async fn a_rebuild_dropped_half_way_releases_the_subscription() {
                 .await
         })
     };
-    // Stop it once it has committed a few batches (not after a fixed time: a slow start on a
-    // busy machine would stop it before its first batch).
-    let mut seen = 0;
-    while seen < 10 {
+    // Stop it once it has committed a few batches to its copy (not after a fixed time: a slow
+    // start on a busy machine would stop it before its first batch).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while rows_in_copy(&pool, "rebuild_state_changes.state_changes").await < 10 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the rebuild writes a copy beside the live feed"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
-        seen = sqlx::query_scalar::<_, i64>("SELECT count(*) FROM state_changes")
-            .fetch_one(&pool)
-            .await
-            .unwrap();
     }
     rebuild.abort();
     assert!(rebuild.await.unwrap_err().is_cancelled());
-    let partial: i64 = sqlx::query_scalar("SELECT count(*) FROM state_changes")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
-    let sub = Subscription::new(pool.clone(), Arc::new(StateChangeFeed::new()));
-    let finished = tokio::time::timeout(Duration::from_secs(20), sub.catch_up())
+    assert_eq!(
+        snapshot(&pool).await.1,
+        whole,
+        "the live feed is untouched by the rebuild that stopped"
+    );
+    write_history(&pool).await;
+    let carried_on = tokio::time::timeout(Duration::from_secs(20), feed().catch_up())
         .await
         .expect("the subscription is not left locked")
         .unwrap();
-    assert!(finished > 0);
-    let total: i64 = sqlx::query_scalar("SELECT count(*) FROM state_changes")
-        .fetch_one(&pool)
+    assert!(carried_on > 0);
+    let (_, resumed) = snapshot(&pool).await;
+    assert_eq!(
+        &resumed[..whole.len()],
+        &whole[..],
+        "it carried on from its own end"
+    );
+    assert!(resumed.len() > whole.len());
+
+    feed().rebuild().await.unwrap();
+    assert_eq!(resumed, snapshot(&pool).await.1);
+    assert_eq!(
+        rows_in_copy(&pool, "rebuild_state_changes.state_changes").await,
+        0
+    );
+    let leftovers: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'rebuild\\_%'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        leftovers, 0,
+        "the rebuild dropped the copy it found and its own schema"
+    );
+}
+
+/// Rows in a rebuild's copy of a table, 0 while (or once) there is no such table.
+async fn rows_in_copy(pool: &PgPool, table: &str) -> i64 {
+    let exists: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
+        .bind(table)
+        .fetch_one(pool)
         .await
         .unwrap();
-    assert!(partial > 0 && partial < total, "{partial} of {total}");
-    let resumed = snapshot(&pool).await;
-    Subscription::new(pool.clone(), Arc::new(StateChangeFeed::new()))
-        .rebuild()
+    if !exists {
+        return 0;
+    }
+    sqlx::query_scalar(&format!("SELECT count(*) FROM {table}"))
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+/// The list and the feed as their readers see them: each list row's message and sequence, and
+/// the feed's items, in order.
+async fn read_models(conn: &mut PgConnection) -> (Vec<(uuid::Uuid, i64)>, i64) {
+    let list = sqlx::query_as("SELECT message_id, last_sequence FROM message_list ORDER BY 1")
+        .fetch_all(&mut *conn)
         .await
         .unwrap();
-    assert_eq!(resumed, snapshot(&pool).await);
+    let feed = sqlx::query_scalar("SELECT count(*) FROM state_changes")
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+    (list, feed)
+}
+
+/// While the list and the feed are rebuilt, their readers see them whole (as they stood when
+/// the rebuild began: the rebuild holds their subscriptions still), never emptied or
+/// half-built, and a reader's prepared statements go on working once the rebuilt tables have
+/// taken the live ones' place: the same indexes and constraints, under the same names.
+#[tokio::test]
+async fn the_list_and_the_feed_stay_whole_while_they_are_rebuilt() {
+    let pool = migrated_pool().await;
+    for _ in 0..3 {
+        write_history(&pool).await;
+    }
+    let projections: [Arc<dyn Projection<Postgres>>; 2] = [
+        Arc::new(MessageList::default()),
+        Arc::new(StateChangeFeed::new()),
+    ];
+    for projection in &projections {
+        Subscription::new(pool.clone(), projection.clone())
+            .catch_up()
+            .await
+            .unwrap();
+    }
+    let before = snapshot(&pool).await;
+    let schema = |pool: PgPool| async move {
+        let indexes: Vec<(String, String)> = sqlx::query_as(
+            "SELECT indexname::text, indexdef FROM pg_indexes \
+             WHERE tablename IN ('message_list', 'state_changes') ORDER BY 1",
+        )
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+        let constraints: Vec<(String, String)> = sqlx::query_as(
+            "SELECT conname::text, pg_get_constraintdef(oid) FROM pg_constraint \
+             WHERE conrelid IN ('message_list'::regclass, 'state_changes'::regclass) ORDER BY 1",
+        )
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+        (indexes, constraints)
+    };
+    let schema_before = schema(pool.clone()).await;
+    assert_eq!(schema_before.0.len(), 8, "{schema_before:?}");
+
+    // One reader on one connection, its statements prepared before the rebuild.
+    let mut reader = PgConnection::connect_with(&pool.connect_options())
+        .await
+        .unwrap();
+    let whole = read_models(&mut reader).await;
+    assert_eq!(whole.0.len(), 90);
+    let rebuilding = {
+        let pool = pool.clone();
+        let projections = projections.clone();
+        tokio::spawn(async move {
+            for projection in projections {
+                Subscription::new(pool.clone(), Arc::new(Slow(projection)))
+                    .with_batch_size(10)
+                    .rebuild()
+                    .await
+                    .unwrap();
+            }
+        })
+    };
+    let mut reads = 0;
+    while !rebuilding.is_finished() {
+        assert_eq!(read_models(&mut reader).await, whole, "read {reads}");
+        reads += 1;
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    rebuilding.await.unwrap();
+    assert!(reads > 20, "the rebuild was watched ({reads} reads)");
+    assert_eq!(read_models(&mut reader).await, whole);
+    assert_eq!(snapshot(&pool).await, before);
+    assert_eq!(schema(pool.clone()).await, schema_before);
+
+    // The rebuilt tables are the live ones: the subscriptions carry on into them.
+    write_history(&pool).await;
+    for projection in &projections {
+        let carried = Subscription::new(pool.clone(), projection.clone())
+            .catch_up()
+            .await
+            .unwrap();
+        assert!(carried > 0);
+    }
+    assert_eq!(read_models(&mut reader).await.0.len(), 120);
+}
+
+/// A reader that holds the live list in a transaction left open does not fail the rebuild or
+/// queue every other reader behind it: the swap asks for the tables with a short lock timeout
+/// and asks again until they are free.
+#[tokio::test]
+async fn a_rebuild_waits_for_a_reader_holding_the_live_list_then_takes_its_place() {
+    let pool = migrated_pool().await;
+    write_history(&pool).await;
+    let list = || Subscription::new(pool.clone(), Arc::new(MessageList::default()));
+    list().catch_up().await.unwrap();
+    let before = snapshot(&pool).await;
+    let mut holder = pool.begin().await.unwrap();
+    let held: i64 = sqlx::query_scalar("SELECT count(*) FROM message_list")
+        .fetch_one(&mut *holder)
+        .await
+        .unwrap();
+    assert_eq!(held, 30);
+    let rebuild = {
+        let list = list();
+        tokio::spawn(async move { list.rebuild().await })
+    };
+    // Long enough for the copy to be filled and the swap to have been refused a few times.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(!rebuild.is_finished(), "the swap waits for the reader");
+    // Other readers are not held behind the waiting swap (each try gives up after 200 ms).
+    tokio::time::timeout(Duration::from_secs(5), async {
+        for _ in 0..5 {
+            let n: i64 = sqlx::query_scalar("SELECT count(*) FROM message_list")
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+            assert_eq!(n, 30);
+        }
+    })
+    .await
+    .expect("readers are not held behind the waiting swap");
+    holder.commit().await.unwrap();
+    let handled = tokio::time::timeout(Duration::from_secs(30), rebuild)
+        .await
+        .expect("the swap goes through once the reader is done")
+        .unwrap()
+        .unwrap();
+    assert!(handled > 0);
+    assert_eq!(snapshot(&pool).await, before);
 }
 
 /// Takes its time over each batch.
@@ -545,6 +721,9 @@ impl Projection<Postgres> for Slow {
     }
     async fn reset(&self, conn: &mut PgConnection) -> Result<(), ProjectionError> {
         self.0.reset(conn).await
+    }
+    fn tables(&self) -> &'static [&'static str] {
+        self.0.tables()
     }
 }
 

@@ -31,6 +31,12 @@ pub enum CommandError {
     Unavailable(String),
 }
 
+/// How many events read past a message's snapshot (or from its first event) make the load
+/// take a new snapshot of it. Most messages have a handful of events and never get one; an
+/// email opened and clicked by thousands of recipients gets one every this many facts, so a
+/// command on it reads at most about this many events besides the snapshot.
+pub(crate) const SNAPSHOT_AFTER: usize = 64;
+
 #[derive(Debug, thiserror::Error)]
 #[error("store: {message}")]
 pub struct StoreError {

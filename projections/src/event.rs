@@ -385,10 +385,10 @@ pub async fn load_folds<S: AsRef<str> + Sync>(
 
 /// Messages folded from [`fold_rows`], or the id of one whose snapshot could not be read, and
 /// why.
-type FoldedOrUnreadable = Result<HashMap<String, Folded>, (String, String)>;
+pub(crate) type FoldedOrUnreadable = Result<HashMap<String, Folded>, (String, String)>;
 
 /// The rows (ordered by message and sequence) folded.
-fn fold_loaded_rows(rows: Vec<FoldRow>) -> Result<FoldedOrUnreadable, ProjectionError> {
+pub(crate) fn fold_loaded_rows(rows: Vec<FoldRow>) -> Result<FoldedOrUnreadable, ProjectionError> {
     let mut messages: HashMap<String, Folded> = HashMap::new();
     for row in rows {
         if row.is_snapshot() {

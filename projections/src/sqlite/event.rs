@@ -1,6 +1,8 @@
 //! Events as read back from the SQLite store.
 
-use crate::event::{fold, fold_into, messages_before, StoredEvent};
+use crate::event::{
+    fold, fold_into, fold_loaded_rows, messages_before, FoldRow, Folded, StoredEvent,
+};
 use crate::subscription::ProjectionError;
 use messaging_domain::Message;
 use sqlx::SqliteConnection;
@@ -66,4 +68,56 @@ pub async fn load_messages_before(
         .await?;
     fold_into(&mut messages, events)?;
     Ok(messages)
+}
+
+/// One message's snapshot of fold version `?3` (a row without `event_version`), then its
+/// events after that snapshot's sequence (all of them without one), in sequence order: the
+/// rows [`load_fold`] folds, in one statement (one read snapshot of the database).
+const FOLD_ROWS: &str = "\
+    SELECT aggregate_id, sequence, NULL AS event_version, fold AS payload \
+    FROM message_snapshots WHERE aggregate_id = ?2 AND fold_version = ?3 \
+    UNION ALL \
+    SELECT aggregate_id, sequence, event_version, payload FROM events \
+    WHERE aggregate_type = ?1 AND aggregate_id = ?2 \
+      AND sequence > COALESCE((SELECT sequence FROM message_snapshots \
+                               WHERE aggregate_id = ?2 AND fold_version = ?3), 0) \
+    ORDER BY 2";
+
+/// A message as [`load_fold`] read it.
+pub struct LoadedFold {
+    pub folded: Folded,
+    /// Why its snapshot could not be read (it was then folded from its events alone, and the
+    /// snapshot is to be replaced).
+    pub unreadable: Option<String>,
+}
+
+/// The message folded from its snapshot, where it has one of this release's fold version,
+/// and the events after it; from every event when the snapshot cannot be read. `None`: the
+/// message has no events.
+pub async fn load_fold(
+    conn: &mut SqliteConnection,
+    message_id: &str,
+) -> Result<Option<LoadedFold>, ProjectionError> {
+    let rows = |fold_version: Option<i32>| {
+        sqlx::query_as::<_, FoldRow>(FOLD_ROWS)
+            .bind(Message::TYPE_NAME)
+            .bind(message_id)
+            .bind(fold_version)
+    };
+    let read = rows(Some(Message::FOLD_VERSION))
+        .fetch_all(&mut *conn)
+        .await?;
+    let (mut folds, unreadable) = match fold_loaded_rows(read)? {
+        Ok(folds) => (folds, None),
+        Err((_, why)) => {
+            tracing::warn!(unreadable = %why, "a message snapshot could not be read; folding from the events");
+            // No fold version matches NULL: no snapshot is read.
+            let read = rows(None).fetch_all(&mut *conn).await?;
+            let folds = fold_loaded_rows(read)?.map_err(|(_, why)| ProjectionError::Other(why))?;
+            (folds, Some(why))
+        }
+    };
+    Ok(folds
+        .remove(message_id)
+        .map(|folded| LoadedFold { folded, unreadable }))
 }

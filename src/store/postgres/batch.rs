@@ -28,7 +28,7 @@
 use super::super::commands::{execute, MessageCqrs};
 use super::group::Shared;
 use crate::metrics::{command_name, Metrics};
-use crate::store::{CommandError, StoreError};
+use crate::store::{CommandError, StoreError, SNAPSHOT_AFTER};
 use cqrs_es::DomainEvent;
 use messaging_domain::{Message, MessageCommand, MessageEvent, MessageId};
 use messaging_projections::event::{load_folds, Sent};
@@ -244,12 +244,6 @@ async fn one_by_one(
     }
     results
 }
-
-/// How many events read past a message's snapshot (or from its first event) make the load
-/// take a new snapshot of it. Most messages have a handful of events and never get one; an
-/// email opened and clicked by thousands of recipients gets one every this many facts, so a
-/// command on it reads at most about this many events besides the snapshot.
-const SNAPSHOT_AFTER: usize = 64;
 
 /// Each message that has events, folded, with its last sequence: one query for them all
 /// (prepared only on a command writer's connection: see [`Sent`]), starting from a message's

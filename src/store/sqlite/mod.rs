@@ -8,7 +8,7 @@
 
 use crate::metrics::Metrics;
 use crate::notify::Bell;
-use crate::store::commands::{execute, MessageCqrs};
+use crate::store::commands::MessageCqrs;
 use crate::store::{
     CommandError, FactSettlement, Gauges, IdempotencyClaim, ListFilter, NewSubscription,
     PendingFact, PushDue, PushSubscription, ScheduledSend, SendJob, Service, Store, StoreError,
@@ -35,6 +35,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+mod commands;
 mod gauges;
 mod inbox;
 mod jobs;
@@ -335,14 +336,6 @@ impl SqliteStore {
         &self.stripes[index]
     }
 
-    async fn execute_in_turn(
-        &self,
-        id: MessageId,
-        command: MessageCommand,
-    ) -> Result<(), CommandError> {
-        execute(&self.cqrs, self.metrics.as_deref(), id, command).await
-    }
-
     pub fn new(pools: SqlitePools, bell: Bell) -> Self {
         let repo = SqliteEventRepository {
             write: pools.write.clone(),
@@ -418,7 +411,7 @@ impl From<SubscriptionRow> for PushSubscription {
 impl Store for SqliteStore {
     async fn execute(&self, id: MessageId, command: MessageCommand) -> Result<(), CommandError> {
         let _turn = self.stripe(id).lock().await;
-        self.execute_in_turn(id, command).await
+        self.run_command(id, command).await.map(|_| ())
     }
 
     async fn execute_and_load(
@@ -426,18 +419,21 @@ impl Store for SqliteStore {
         id: MessageId,
         command: MessageCommand,
     ) -> Result<Message, CommandError> {
-        // The read back is in the command's turn: no other command on this message lands
-        // between the two.
+        // In the command's turn: no other command on this message lands in between.
         let _turn = self.stripe(id).lock().await;
-        self.execute_in_turn(id, command).await?;
-        crate::store::load_after_command(self, id).await
+        match self.run_command(id, command).await? {
+            commands::Ran::Decided(message) => Ok(*message),
+            commands::Ran::ByCqrs => crate::store::load_after_command(self, id).await,
+        }
     }
 
     async fn load_message(&self, id: MessageId) -> Result<Option<Message>, StoreError> {
         let mut conn = self.pools.read.acquire().await?;
-        let message =
-            messaging_projections::sqlite::load_message(&mut conn, &id.to_string(), None).await?;
-        Ok(message.data().is_some().then_some(message))
+        let loaded =
+            messaging_projections::sqlite::event::load_fold(&mut conn, &id.to_string()).await?;
+        Ok(loaded
+            .map(|loaded| loaded.folded.message)
+            .filter(|message| message.data().is_some()))
     }
 
     async fn message(
@@ -834,6 +830,139 @@ mod tests {
                 assert!(!step.contains("TEMP B-TREE"), "{sql}: {step}");
             }
         }
+    }
+
+    /// A command on a message with a long history is decided from its snapshot: one is taken
+    /// with the command that read 64 events past the last (in its transaction, at its last
+    /// sequence), and the next fold is the snapshot's with the events after it: a planted
+    /// snapshot that counts differently shows through, one of another fold version does not.
+    #[tokio::test]
+    async fn a_command_on_a_long_message_is_decided_from_its_snapshot() {
+        use messaging_domain::{
+            build_message, Compose, Dispatch, Fact, MessageInput, Profile, Provider, ServiceRef,
+        };
+        let dir = tempfile::tempdir().expect("a directory");
+        let pools = SqlitePools::open(&dir.path().join("m.db"), 2)
+            .await
+            .expect("open");
+        MIGRATOR.run(&pools.write).await.expect("migrations");
+        let (bell, _wakeups) = crate::notify::in_process();
+        let store = SqliteStore::new(pools.clone(), bell);
+        let service = ServiceRef {
+            id: ServiceId::from_uuid(uuid::Uuid::nil()),
+            channel: Channel::Email,
+            provider: Provider::Sendgrid,
+            username: "news@example.com".into(),
+            name: None,
+        };
+        let id = MessageId::from_uuid(uuid::Uuid::now_v7());
+        let input = MessageInput {
+            to: vec![Profile::new("ann@example.com", None)],
+            subject: Some("s".into()),
+            text: Some("t".into()),
+            ..Default::default()
+        };
+        let now = Utc::now();
+        let compose = MessageCommand::Compose(Compose {
+            id,
+            message: build_message(&service, input).expect("a message"),
+            dispatch: Dispatch::Now,
+            now,
+        });
+        store.execute(id, compose).await.expect("composed");
+        for command in [
+            MessageCommand::StartSendAttempt { now },
+            MessageCommand::RecordSent {
+                provider_message_id: Some("sg-1".into()),
+                at: now,
+            },
+        ] {
+            store.execute(id, command).await.expect("sent");
+        }
+        let open = |n: i64| MessageCommand::RecordOpen {
+            fact: Fact {
+                fact_id: format!("open-{n}"),
+                occurred_at: now + chrono::Duration::seconds(n),
+            },
+            machine_open: false,
+        };
+        let snapshot = || async {
+            sqlx::query_as::<_, (i64, i32, String)>(
+                "SELECT sequence, fold_version, fold FROM message_snapshots \
+                 WHERE aggregate_id = ?1",
+            )
+            .bind(id.to_string())
+            .fetch_optional(&pools.read)
+            .await
+            .expect("read")
+        };
+        let opens = |message: Option<Message>| {
+            message
+                .and_then(|m| m.data().map(|d| d.opens))
+                .expect("the message")
+        };
+        let last = || async {
+            sqlx::query_scalar::<_, i64>("SELECT max(sequence) FROM events WHERE aggregate_id = ?1")
+                .bind(id.to_string())
+                .fetch_one(&pools.read)
+                .await
+                .expect("read")
+        };
+        // Opens one by one until the log holds 64 events of the message: each command so far
+        // read fewer than 64.
+        let mut n = 0;
+        while last().await < 64 {
+            store.execute(id, open(n)).await.expect("opened");
+            n += 1;
+        }
+        assert!(snapshot().await.is_none(), "no command read 64 events yet");
+        // This one reads 64: its snapshot is the fold after its own event, the 65th.
+        store.execute(id, open(n)).await.expect("opened");
+        let (sequence, version, fold) = snapshot().await.expect("a snapshot");
+        assert_eq!((sequence, version), (65, Message::FOLD_VERSION));
+        assert_eq!(
+            store.load_message(id).await.map(opens).unwrap(),
+            n as u32 + 1
+        );
+
+        // One that counts 1000 opens at that sequence: the next open makes 1001.
+        let mut planted: Value = serde_json::from_str(&fold).expect("JSON");
+        planted["data"]["opens"] = 1000.into();
+        sqlx::query("UPDATE message_snapshots SET fold = ?1")
+            .bind(planted.to_string())
+            .execute(&pools.write)
+            .await
+            .expect("planted");
+        store.execute(id, open(n + 1)).await.expect("opened");
+        assert_eq!(store.load_message(id).await.map(opens).unwrap(), 1001);
+        // Of another fold version: ignored, the events are folded from the first.
+        sqlx::query("UPDATE message_snapshots SET fold_version = 0")
+            .execute(&pools.write)
+            .await
+            .expect("another version");
+        assert_eq!(
+            store.load_message(id).await.map(opens).unwrap(),
+            n as u32 + 2
+        );
+        // Nor is one of another message used.
+        sqlx::query("UPDATE message_snapshots SET fold_version = ?1, fold = replace(fold, ?2, ?3)")
+            .bind(Message::FOLD_VERSION)
+            .bind(id.to_string())
+            .bind(uuid::Uuid::nil().to_string())
+            .execute(&pools.write)
+            .await
+            .expect("another message's");
+        store.execute(id, open(n + 2)).await.expect("opened");
+        assert_eq!(
+            store.load_message(id).await.map(opens).unwrap(),
+            n as u32 + 3
+        );
+        let (sequence, version, fold) = snapshot().await.expect("a snapshot");
+        assert_eq!((sequence, version), (67, Message::FOLD_VERSION));
+        assert!(
+            fold.contains(&id.to_string()),
+            "replaced by the message's own"
+        );
     }
 
     #[tokio::test]

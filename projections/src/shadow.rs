@@ -4,35 +4,42 @@
 //! rebuilt into copies of them in a schema of its own (`rebuild_<name>`), while the live tables
 //! stay whole and readable: stale, since the rebuild holds the subscription's lock and they stop
 //! moving until it ends, but never empty or half-built. The copies start with the live tables'
-//! columns, defaults and checks, and the constraints that own an index (primary key, unique,
-//! exclusion), which the projection's writes rely on (a row found by its key, a duplicate
-//! refused); every other index is built once the copies are full (one sort each instead of an
-//! index insertion per row), then the copies are analyzed. One transaction then drops the live
-//! tables, moves the copies into their schema (each index and constraint keeps its name) and
-//! sets the checkpoint where the rebuild's read ended. A rebuild that stops before that leaves
-//! the live tables and their checkpoint as they were; the next rebuild of the same projection
-//! drops what it left.
+//! columns, defaults and checks, their grants, and their unique indexes (those of primary keys,
+//! unique and exclusion constraints among them), which the projection's writes rely on (a row
+//! found by its key, a duplicate refused, an `ON CONFLICT` target); every other index is built
+//! once the copies are full (one sort each instead of an index insertion per row), then the
+//! copies are analyzed. One transaction then checks that the live tables have not changed shape
+//! since the copies were made (a migration run meanwhile would otherwise be undone), drops them,
+//! moves the copies into their schema (each index and constraint keeps its name) and sets the
+//! checkpoint where the rebuild's read ended. A rebuild that stops before that leaves the live
+//! tables and their checkpoint as they were; one that fails drops its copies, and one that was
+//! killed leaves them to the next rebuild of the same projection, which drops them first.
 //!
 //! The rebuild's writer reaches the copies by their names through its `search_path` (their
 //! schema first), so a projection's SQL is the same whether it writes the live tables or the
 //! copies. Other sessions' prepared statements are analyzed again on their next use, against
 //! the tables the names then resolve to: PostgreSQL re-analyzes a cached statement whose tables
-//! changed. Grants on the live tables are not carried over (this service's migrations make
-//! none).
+//! changed. A table with what a copy would not carry over (triggers, row security, extended
+//! statistics, a sequence it owns) is refused before anything is made; the rebuild's role must
+//! own the live tables (to drop them) and may create schemas.
 
 use crate::subscription::ProjectionError;
+use sqlx::postgres::types::Oid;
 use sqlx::{Connection, PgConnection};
+use std::time::{Duration, Instant};
 
 /// One live table and its copy.
 struct Table {
     /// `pg_class` oid of the live table.
-    oid: sqlx::postgres::types::Oid,
+    oid: Oid,
     /// Its schema, quoted.
     schema: String,
     /// Schema-qualified and quoted, as `pg_get_indexdef` writes it: `public.message_list`.
     live: String,
     /// The copy, schema-qualified and quoted.
     copy: String,
+    /// The live table's shape when the copy was made ([`SHAPE`]).
+    shape: String,
 }
 
 /// Copies of a read model's tables being filled by a rebuild.
@@ -46,6 +53,53 @@ pub(crate) struct Shadow {
 fn quoted(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
+
+/// What a copy would not carry over, named for an error; an empty array when there is none.
+const UNCARRIED: &str = "\
+    SELECT array_remove(ARRAY[ \
+      CASE WHEN EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = c.oid AND NOT tgisinternal) \
+           THEN 'triggers' END, \
+      CASE WHEN c.relrowsecurity THEN 'row security' END, \
+      CASE WHEN EXISTS (SELECT 1 FROM pg_statistic_ext WHERE stxrelid = c.oid) \
+           THEN 'extended statistics' END, \
+      CASE WHEN EXISTS (SELECT 1 FROM pg_depend d JOIN pg_class s ON s.oid = d.objid \
+                        WHERE d.refobjid = c.oid AND d.classid = 'pg_class'::regclass \
+                          AND s.relkind = 'S') \
+           THEN 'a sequence it owns (a serial or identity column)' END \
+    ], NULL)::text[] FROM pg_class c WHERE c.oid = $1";
+
+/// A table's shape, as text: its columns (type, NOT NULL, default), constraints and indexes.
+/// Compared before the swap: a migration that altered the live table while its copy was
+/// filled would be undone by the swap.
+const SHAPE: &str = "\
+    SELECT coalesce(string_agg(line, E'\\n' ORDER BY line), '') FROM ( \
+      SELECT format('column %s %s %s %s', a.attname, format_type(a.atttypid, a.atttypmod), \
+                    a.attnotnull, pg_get_expr(d.adbin, d.adrelid)) AS line \
+      FROM pg_attribute a LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum \
+      WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped \
+      UNION ALL \
+      SELECT format('constraint %s %s', conname, pg_get_constraintdef(oid)) \
+      FROM pg_constraint WHERE conrelid = $1 \
+      UNION ALL \
+      SELECT 'index ' || pg_get_indexdef(indexrelid) FROM pg_index WHERE indrelid = $1 \
+    ) shape";
+
+/// The live table's indexes that no constraint owns, unique ones (`true`) or the others.
+const LOOSE_INDEXES: &str = "\
+    SELECT pg_get_indexdef(i.indexrelid) FROM pg_index i \
+    WHERE i.indrelid = $1 AND (i.indisunique OR i.indisexclusion) = $2 \
+      AND NOT EXISTS (SELECT 1 FROM pg_constraint c \
+                      WHERE c.conrelid = i.indrelid AND c.conindid = i.indexrelid) \
+    ORDER BY i.indexrelid";
+
+/// The live table's grants to others than its owner, as statements on `$2` (the copy).
+const GRANTS: &str = "\
+    SELECT format('GRANT %s ON %s TO %s%s', g.privilege_type, $2::text, \
+                  CASE WHEN g.grantee = 0 THEN 'PUBLIC' ELSE quote_ident(r.rolname) END, \
+                  CASE WHEN g.is_grantable THEN ' WITH GRANT OPTION' ELSE '' END) \
+    FROM pg_class c CROSS JOIN LATERAL aclexplode(c.relacl) g \
+    LEFT JOIN pg_roles r ON r.oid = g.grantee \
+    WHERE c.oid = $1 AND g.grantee <> c.relowner";
 
 impl Shadow {
     /// Creates empty copies of `tables` in `rebuild_<name>` (dropping what an earlier rebuild
@@ -66,25 +120,39 @@ impl Shadow {
             .await?;
         let mut copies = Vec::with_capacity(tables.len());
         for table in tables {
-            let found: Option<(sqlx::postgres::types::Oid, String, String, String)> =
-                sqlx::query_as(
-                    "SELECT c.oid, quote_ident(n.nspname), \
-                            quote_ident(n.nspname) || '.' || quote_ident(c.relname), \
-                            quote_ident(c.relname) \
-                     FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
-                     WHERE c.oid = to_regclass($1)",
-                )
-                .bind(quoted(table))
-                .fetch_optional(&mut *tx)
-                .await?;
+            let found: Option<(Oid, String, String, String)> = sqlx::query_as(
+                "SELECT c.oid, quote_ident(n.nspname), \
+                        quote_ident(n.nspname) || '.' || quote_ident(c.relname), \
+                        quote_ident(c.relname) \
+                 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+                 WHERE c.oid = to_regclass($1)",
+            )
+            .bind(quoted(table))
+            .fetch_optional(&mut *tx)
+            .await?;
             let Some((oid, table_schema, live, relname)) = found else {
                 return Err(ProjectionError::Other(format!(
                     "cannot rebuild `{name}` beside its tables: no table `{table}` (run `messaging migrate`)"
                 )));
             };
+            let uncarried: Vec<String> = sqlx::query_scalar(UNCARRIED)
+                .bind(oid)
+                .fetch_one(&mut *tx)
+                .await?;
+            if !uncarried.is_empty() {
+                return Err(ProjectionError::Other(format!(
+                    "cannot rebuild `{name}` beside its tables: `{table}` has {}, which a copy \
+                     would not carry over",
+                    uncarried.join(", ")
+                )));
+            }
+            let shape: String = sqlx::query_scalar(SHAPE)
+                .bind(oid)
+                .fetch_one(&mut *tx)
+                .await?;
             let copy = format!("{schema}.{relname}");
-            // Columns, defaults, NOT NULL and CHECK constraints, storage and comments; the
-            // indexes come below, those of constraints now and the others at the end.
+            // Columns, defaults, NOT NULL and CHECK constraints, storage and comments; then the
+            // unique indexes, those of constraints first; the others at the end.
             sqlx::query(&format!(
                 "CREATE TABLE {copy} (LIKE {live} INCLUDING ALL EXCLUDING INDEXES)"
             ))
@@ -98,12 +166,23 @@ impl Shadow {
                 .execute(&mut *tx)
                 .await?;
             }
-            copies.push(Table {
+            let table = Table {
                 oid,
                 schema: table_schema,
                 live,
                 copy,
-            });
+                shape,
+            };
+            table.copy_indexes(&mut tx, true).await?;
+            let grants: Vec<String> = sqlx::query_scalar(GRANTS)
+                .bind(oid)
+                .bind(&table.copy)
+                .fetch_all(&mut *tx)
+                .await?;
+            for grant in grants {
+                sqlx::query(&grant).execute(&mut *tx).await?;
+            }
+            copies.push(table);
         }
         // The copies' schema first: the projection's unqualified names reach them, and
         // everything else (the log, the checkpoints) is found where it was.
@@ -124,28 +203,14 @@ impl Shadow {
     /// puts them in the live tables' place and the checkpoint at `(transaction_id,
     /// global_position)` with `handled` events.
     pub(crate) async fn swap(
-        self,
+        &self,
         conn: &mut PgConnection,
         name: &str,
         checkpoint: (String, i64),
         handled: u64,
     ) -> Result<(), ProjectionError> {
         for table in &self.tables {
-            let definitions: Vec<String> = sqlx::query_scalar(
-                "SELECT pg_get_indexdef(i.indexrelid) FROM pg_index i \
-                 WHERE i.indrelid = $1 AND NOT EXISTS ( \
-                   SELECT 1 FROM pg_constraint c \
-                   WHERE c.conrelid = i.indrelid AND c.conindid = i.indexrelid) \
-                 ORDER BY i.indexrelid",
-            )
-            .bind(table.oid)
-            .fetch_all(&mut *conn)
-            .await?;
-            for definition in definitions {
-                sqlx::query(&index_on_copy(&definition, table)?)
-                    .execute(&mut *conn)
-                    .await?;
-            }
+            table.copy_indexes(&mut *conn, false).await?;
             for (constraint, definition) in constraints(&mut *conn, table.oid, "'f'").await? {
                 sqlx::query(&format!(
                     "ALTER TABLE {} ADD CONSTRAINT {} {definition}",
@@ -159,47 +224,66 @@ impl Shadow {
                 .execute(&mut *conn)
                 .await?;
         }
-        // The live tables' lock is asked for with a short timeout and asked again after a
+        // The live tables' lock is asked for with a short timeout, and asked again after a
         // pause: a request that waits queues every new reader of those tables behind it, so a
-        // reader that holds them long (a transaction left open) must not stall the rest.
-        let deadline = std::time::Instant::now() + SWAP_WITHIN;
+        // reader that holds them long (a transaction left open) must not stall the rest. After
+        // a while each try waits longer than PostgreSQL's `deadlock_timeout` (1 s by default),
+        // past which an autovacuum of the table that held it back cancels itself.
+        let started = Instant::now();
         loop {
+            let wait = if started.elapsed() < PATIENT_AFTER {
+                SWAP_LOCK_WAIT
+            } else {
+                SWAP_LOCK_WAIT_PATIENT
+            };
             let mut tx = conn.begin().await?;
-            match self.replace(&mut tx, name, &checkpoint, handled).await {
+            match self
+                .replace(&mut tx, name, &checkpoint, handled, wait)
+                .await
+            {
                 Ok(()) => {
                     tx.commit().await?;
                     break;
                 }
-                Err(sqlx::Error::Database(e))
-                    if e.code().as_deref() == Some(LOCK_NOT_AVAILABLE)
-                        && std::time::Instant::now() < deadline =>
-                {
+                Err(Refused::Lock) if started.elapsed() < SWAP_WITHIN => {
                     tx.rollback().await?;
                     tokio::time::sleep(SWAP_PAUSE).await;
                 }
-                Err(sqlx::Error::Database(e))
-                    if e.code().as_deref() == Some(LOCK_NOT_AVAILABLE) =>
-                {
+                Err(refused) => {
                     tx.rollback().await?;
-                    return Err(ProjectionError::Other(format!(
-                        "the rebuilt `{name}` could not take the live tables' place: other \
-                         sessions held them for {SWAP_WITHIN:?} (a transaction left open?); \
-                         the live tables are as they were, rebuild again"
-                    )));
-                }
-                Err(e) => {
-                    tx.rollback().await?;
-                    return Err(e.into());
+                    return Err(match refused {
+                        Refused::Lock => ProjectionError::Other(format!(
+                            "the rebuilt `{name}` could not take the live tables' place: other \
+                             sessions held them for {SWAP_WITHIN:?} (a transaction left open?); \
+                             the live tables are as they were, rebuild again"
+                        )),
+                        Refused::Changed(table) => ProjectionError::Other(format!(
+                            "the live table {table} changed while `{name}` was rebuilt (a \
+                             migration?): it is left as it is, rebuild again"
+                        )),
+                        Refused::Sql(e) => e.into(),
+                    });
                 }
             }
         }
         sqlx::query("RESET search_path").execute(&mut *conn).await?;
         Ok(())
     }
-}
 
-impl Shadow {
-    /// In the caller's transaction: the live tables dropped, the copies moved into their
+    /// Drops the copies (after a failed rebuild), and gives the connection its own
+    /// `search_path` back. Best effort: the next rebuild drops what is left.
+    pub(crate) async fn discard(&self, conn: &mut PgConnection) {
+        let dropped = sqlx::query(&format!("DROP SCHEMA IF EXISTS {} CASCADE", self.schema))
+            .execute(&mut *conn)
+            .await;
+        if let Err(e) = dropped {
+            tracing::warn!(schema = %self.schema, error = %e, "a failed rebuild's copies are left for the next rebuild");
+        }
+        let _ = sqlx::query("RESET search_path").execute(&mut *conn).await;
+    }
+
+    /// In the caller's transaction: the copies locked, then the live tables (waiting at most
+    /// `wait`), their shapes checked, the live tables dropped, the copies moved into their
     /// schema, the checkpoint set.
     async fn replace(
         &self,
@@ -207,20 +291,37 @@ impl Shadow {
         name: &str,
         checkpoint: &(String, i64),
         handled: u64,
-    ) -> Result<(), sqlx::Error> {
-        sqlx::query(&format!(
-            "SET LOCAL lock_timeout = {}",
-            SWAP_LOCK_WAIT.as_millis()
-        ))
-        .execute(&mut *tx)
-        .await?;
-        let live: Vec<&str> = self.tables.iter().map(|t| t.live.as_str()).collect();
+        wait: Duration,
+    ) -> Result<(), Refused> {
+        let names = |table: fn(&Table) -> &str| {
+            self.tables.iter().map(table).collect::<Vec<_>>().join(", ")
+        };
+        // Nobody reads the copies: only an autovacuum can hold them, and it gives way once a
+        // lock request has waited past `deadlock_timeout`.
         sqlx::query(&format!(
             "LOCK TABLE {} IN ACCESS EXCLUSIVE MODE",
-            live.join(", ")
+            names(|t| &t.copy)
         ))
         .execute(&mut *tx)
         .await?;
+        sqlx::query(&format!("SET LOCAL lock_timeout = {}", wait.as_millis()))
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(&format!(
+            "LOCK TABLE {} IN ACCESS EXCLUSIVE MODE",
+            names(|t| &t.live)
+        ))
+        .execute(&mut *tx)
+        .await?;
+        for table in &self.tables {
+            let shape: String = sqlx::query_scalar(SHAPE)
+                .bind(table.oid)
+                .fetch_one(&mut *tx)
+                .await?;
+            if shape != table.shape {
+                return Err(Refused::Changed(table.live.clone()));
+            }
+        }
         for table in &self.tables {
             sqlx::query(&format!("DROP TABLE {}", table.live))
                 .execute(&mut *tx)
@@ -249,18 +350,64 @@ impl Shadow {
     }
 }
 
+impl Table {
+    /// Makes the live table's indexes that no constraint owns on the copy: the unique ones
+    /// (`unique`) or the others.
+    async fn copy_indexes(
+        &self,
+        conn: &mut PgConnection,
+        unique: bool,
+    ) -> Result<(), ProjectionError> {
+        let definitions: Vec<String> = sqlx::query_scalar(LOOSE_INDEXES)
+            .bind(self.oid)
+            .bind(unique)
+            .fetch_all(&mut *conn)
+            .await?;
+        for definition in definitions {
+            sqlx::query(&index_on_copy(&definition, self)?)
+                .execute(&mut *conn)
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+/// Why a try of the swap did not go through.
+enum Refused {
+    /// A live table's lock was not had in time.
+    Lock,
+    /// This live table's shape changed since its copy was made.
+    Changed(String),
+    Sql(sqlx::Error),
+}
+
+impl From<sqlx::Error> for Refused {
+    fn from(e: sqlx::Error) -> Self {
+        match &e {
+            sqlx::Error::Database(db) if db.code().as_deref() == Some(LOCK_NOT_AVAILABLE) => {
+                Self::Lock
+            }
+            _ => Self::Sql(e),
+        }
+    }
+}
+
 /// SQLSTATE `lock_not_available`: `lock_timeout` ran out.
 const LOCK_NOT_AVAILABLE: &str = "55P03";
 /// How long one try of the swap waits for the live tables' lock (readers arriving meanwhile
-/// wait behind it), the pause before the next try, and how long it keeps trying.
-const SWAP_LOCK_WAIT: std::time::Duration = std::time::Duration::from_millis(200);
-const SWAP_PAUSE: std::time::Duration = std::time::Duration::from_millis(300);
-const SWAP_WITHIN: std::time::Duration = std::time::Duration::from_secs(60);
+/// wait behind it); after [`PATIENT_AFTER`] of refused tries, how long each waits then; the
+/// pause between tries; and how long it keeps trying: over twice the service's
+/// `idle_in_transaction_session_timeout` (60 s), which ends a transaction left open.
+const SWAP_LOCK_WAIT: Duration = Duration::from_millis(200);
+const SWAP_LOCK_WAIT_PATIENT: Duration = Duration::from_millis(1500);
+const PATIENT_AFTER: Duration = Duration::from_secs(10);
+const SWAP_PAUSE: Duration = Duration::from_millis(300);
+const SWAP_WITHIN: Duration = Duration::from_secs(150);
 
 /// The live table's constraints of the given types (`contype` values, quoted), by name.
 async fn constraints(
     conn: &mut PgConnection,
-    table: sqlx::postgres::types::Oid,
+    table: Oid,
     types: &str,
 ) -> Result<Vec<(String, String)>, ProjectionError> {
     Ok(sqlx::query_as(&format!(
@@ -292,10 +439,11 @@ mod tests {
     #[test]
     fn an_index_is_made_again_on_the_copy_under_its_own_name() {
         let table = Table {
-            oid: sqlx::postgres::types::Oid(1),
+            oid: Oid(1),
             schema: "public".into(),
             live: "public.message_list".into(),
             copy: "\"rebuild_message_list\".message_list".into(),
+            shape: String::new(),
         };
         assert_eq!(
             index_on_copy(

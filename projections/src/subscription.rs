@@ -291,6 +291,23 @@ impl Subscription {
         } else {
             Some(Shadow::create(&mut writer, self.name(), tables).await?)
         };
+        let rebuilt = self.rebuild_on(&mut writer, shadow.as_ref()).await;
+        if let (Err(_), Some(shadow)) = (&rebuilt, &shadow) {
+            shadow.discard(&mut writer).await;
+        }
+        let total = rebuilt?;
+        // Closing the connection ends the session lock.
+        writer.close().await?;
+        Ok(total + self.catch_up().await?)
+    }
+
+    /// The rebuild's reset, read and writes on its `writer` (which holds the lock), into
+    /// `shadow`'s copies when there are any; returns how many events it handled.
+    async fn rebuild_on(
+        &self,
+        writer: &mut PgConnection,
+        shadow: Option<&Shadow>,
+    ) -> Result<u64, ProjectionError> {
         let mut tx = writer.begin().await?;
         // Beside the live tables this empties the new copies (and resets whatever the
         // projection keeps about its tables); in place, the live tables.
@@ -358,11 +375,9 @@ impl Subscription {
         written?;
         read?;
         if let Some(shadow) = shadow {
-            shadow.swap(&mut writer, self.name(), last, total).await?;
+            shadow.swap(&mut *writer, self.name(), last, total).await?;
         }
-        // Closing the connection ends the session lock.
-        writer.close().await?;
-        Ok(total + self.catch_up().await?)
+        Ok(total)
     }
 
     /// Moves the checkpoint past `events` (non-empty, in log order), in the batch's transaction.

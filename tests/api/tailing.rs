@@ -529,10 +529,6 @@ async fn a_rebuild_dropped_half_way_releases_the_subscription() {
 
     feed().rebuild().await.unwrap();
     assert_eq!(resumed, snapshot(&pool).await.1);
-    assert_eq!(
-        rows_in_copy(&pool, "rebuild_state_changes.state_changes").await,
-        0
-    );
     let leftovers: i64 =
         sqlx::query_scalar("SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'rebuild\\_%'")
             .fetch_one(&pool)
@@ -577,7 +573,8 @@ async fn read_models(conn: &mut PgConnection) -> (Vec<(uuid::Uuid, i64)>, i64) {
 /// While the list and the feed are rebuilt, their readers see them whole (as they stood when
 /// the rebuild began: the rebuild holds their subscriptions still), never emptied or
 /// half-built, and a reader's prepared statements go on working once the rebuilt tables have
-/// taken the live ones' place: the same indexes and constraints, under the same names.
+/// taken the live ones' place: the same indexes and constraints, under the same names, and the
+/// same grants.
 #[tokio::test]
 async fn the_list_and_the_feed_stay_whole_while_they_are_rebuilt() {
     let pool = migrated_pool().await;
@@ -610,10 +607,30 @@ async fn the_list_and_the_feed_stay_whole_while_they_are_rebuilt() {
         .fetch_all(&pool)
         .await
         .unwrap();
-        (indexes, constraints)
+        let grants: Vec<(String, Option<String>)> = sqlx::query_as(
+            "SELECT relname::text, relacl::text FROM pg_class \
+             WHERE oid IN ('message_list'::regclass, 'state_changes'::regclass) ORDER BY 1",
+        )
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+        (indexes, constraints, grants)
     };
+    // A reporting role's grant is carried over.
+    sqlx::query("GRANT SELECT ON message_list TO PUBLIC")
+        .execute(&pool)
+        .await
+        .unwrap();
     let schema_before = schema(pool.clone()).await;
     assert_eq!(schema_before.0.len(), 8, "{schema_before:?}");
+    assert!(
+        schema_before.2[0]
+            .1
+            .as_deref()
+            .unwrap_or("")
+            .contains("=r/"),
+        "{schema_before:?}"
+    );
 
     // One reader on one connection, its statements prepared before the rebuild.
     let mut reader = PgConnection::connect_with(&pool.connect_options())
@@ -678,8 +695,27 @@ async fn a_rebuild_waits_for_a_reader_holding_the_live_list_then_takes_its_place
         let list = list();
         tokio::spawn(async move { list.rebuild().await })
     };
-    // Long enough for the copy to be filled and the swap to have been refused a few times.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // The swap is asking for the live list's lock, and being refused while the reader holds it.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let waiting: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE relation = 'message_list'::regclass \
+                            AND mode = 'AccessExclusiveLock' AND NOT granted)",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        if waiting {
+            break;
+        }
+        assert!(!rebuild.is_finished(), "the swap waits for the reader");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the swap asks for the lock"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1000)).await;
     assert!(!rebuild.is_finished(), "the swap waits for the reader");
     // Other readers are not held behind the waiting swap (each try gives up after 200 ms).
     tokio::time::timeout(Duration::from_secs(5), async {
@@ -701,6 +737,92 @@ async fn a_rebuild_waits_for_a_reader_holding_the_live_list_then_takes_its_place
         .unwrap();
     assert!(handled > 0);
     assert_eq!(snapshot(&pool).await, before);
+}
+
+/// A rebuild never undoes a change made to its live table while it ran (a migration applied
+/// by a newer instance starting meanwhile): the swap finds the table's shape changed, leaves it
+/// as it is and drops the copy. A table with what a copy would not carry (a trigger) is refused
+/// before anything is made.
+#[tokio::test]
+async fn a_rebuild_leaves_a_live_table_changed_meanwhile_as_it_is() {
+    let pool = migrated_pool().await;
+    for _ in 0..3 {
+        write_history(&pool).await;
+    }
+    let list = || Subscription::new(pool.clone(), Arc::new(MessageList::default()));
+    list().catch_up().await.unwrap();
+    let rebuild = {
+        let slow = Subscription::new(
+            pool.clone(),
+            Arc::new(Slow(Arc::new(MessageList::default()))),
+        )
+        .with_batch_size(5);
+        tokio::spawn(async move { slow.rebuild().await })
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while rows_in_copy(&pool, "rebuild_message_list.message_list").await < 5 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the copy is being filled"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    sqlx::query("ALTER TABLE message_list ADD COLUMN note text")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let error = rebuild.await.unwrap().expect_err("the swap is refused");
+    assert!(
+        error
+            .to_string()
+            .contains("changed while `message_list` was rebuilt"),
+        "{error}"
+    );
+    let note: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM information_schema.columns \
+                        WHERE table_schema = 'public' AND table_name = 'message_list' \
+                          AND column_name = 'note')",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert!(note, "the live table keeps its new column");
+    let copies: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'rebuild\\_%'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(copies, 0, "the failed rebuild dropped its copy");
+    // The subscription was not left locked, and the list is whole.
+    write_history(&pool).await;
+    assert!(list().catch_up().await.unwrap() > 0);
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM message_list")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(rows, 120);
+
+    sqlx::query(
+        "CREATE FUNCTION nothing() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RETURN NEW; END $$",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "CREATE TRIGGER audit BEFORE INSERT ON message_list FOR EACH ROW EXECUTE FUNCTION nothing()",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let error = list().rebuild().await.expect_err("refused");
+    assert!(error.to_string().contains("has triggers"), "{error}");
+    let copies: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'rebuild\\_%'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(copies, 0, "nothing made");
+    assert!(list().catch_up().await.is_ok());
 }
 
 /// Takes its time over each batch.

@@ -286,20 +286,6 @@ pub(crate) fn messages_before(wanted: &[(String, i64)]) -> (HashMap<String, Mess
     (messages, any_before)
 }
 
-/// Folds the events read for [`load_messages_before`] (ordered by message and sequence) into
-/// their messages.
-pub(crate) fn fold_into(
-    messages: &mut HashMap<String, Message>,
-    events: impl IntoIterator<Item = StoredEvent>,
-) -> Result<(), ProjectionError> {
-    for e in events {
-        if let Some(message) = messages.get_mut(&e.aggregate_id) {
-            message.apply_event(e.message_event()?);
-        }
-    }
-    Ok(())
-}
-
 /// For each `(message id, sequence)`, the message folded from its events before that
 /// sequence: one query for a whole batch instead of one per message, starting from the
 /// message's snapshot where it has one from before that sequence (a snapshot that cannot be

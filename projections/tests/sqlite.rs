@@ -1240,3 +1240,122 @@ async fn the_same_log_projects_to_the_same_rows_on_postgresql_and_sqlite() {
             .unwrap()
     );
 }
+
+/// The feed's and the delivery projection's read of messages before a batch starts from a
+/// message's snapshot from before the wanted sequence (a planted one that counts differently
+/// shows through), passes over one from at or after it, one of another fold version and one
+/// that cannot be read (the batch is then read from every message's first event), and gives
+/// a message without one its fold from its first event.
+#[tokio::test]
+async fn the_read_before_a_batch_starts_from_a_snapshot_taken_before_it() {
+    let db = sqlite_db().await;
+    let email = email_service();
+    let (long, short) = (
+        MessageId::from_uuid(uuid::Uuid::now_v7()),
+        MessageId::from_uuid(uuid::Uuid::now_v7()),
+    );
+    let mut log = Log::default();
+    for id in [long, short] {
+        log.run(id, &compose(&email, id, 0, Dispatch::Now));
+        log.run(
+            id,
+            &(Box::new(|now| MessageCommand::StartSendAttempt { now }) as Step),
+        );
+        let sent: Step = Box::new(|now| MessageCommand::RecordSent {
+            provider_message_id: Some("sg".into()),
+            at: now,
+        });
+        log.run(id, &sent);
+    }
+    for n in 0..10 {
+        let open = fact(long, n);
+        let step: Step = Box::new(move |now| MessageCommand::RecordOpen {
+            fact: open(now),
+            machine_open: false,
+        });
+        log.run(long, &step);
+    }
+    append_sqlite(&db.pool, &log.events).await;
+    let last = |id: MessageId| log.messages[&id.to_string()].1;
+    let (long_last, short_last) = (last(long), last(short));
+    // The fold through sequence `through`, as a snapshot would hold it, with `opens` set.
+    let fold_through = |through: i64, opens: u32| {
+        let mut message = Message::default();
+        for e in log
+            .events
+            .iter()
+            .filter(|e| e.aggregate_id == long.to_string() && e.sequence <= through)
+        {
+            message.apply_event(e.event.clone());
+        }
+        let mut value = serde_json::to_value(&message).unwrap();
+        value["data"]["opens"] = opens.into();
+        value.to_string()
+    };
+    let plant = |sequence: i64, version: i32, fold: String| {
+        let pool = db.pool.clone();
+        async move {
+            sqlx::query(
+                "INSERT INTO message_snapshots (aggregate_id, sequence, fold_version, fold) \
+                 VALUES (?1, ?2, ?3, ?4) ON CONFLICT (aggregate_id) DO UPDATE \
+                 SET sequence = excluded.sequence, fold_version = excluded.fold_version, \
+                     fold = excluded.fold",
+            )
+            .bind(long.to_string())
+            .bind(sequence)
+            .bind(version)
+            .bind(fold)
+            .execute(&pool)
+            .await
+            .unwrap();
+        }
+    };
+    let opens_before = |through: i64| {
+        let pool = db.pool.clone();
+        let wanted = vec![
+            (long.to_string(), through),
+            (short.to_string(), short_last + 1),
+        ];
+        async move {
+            let mut conn = pool.acquire().await.unwrap();
+            let read = sqlite::event::load_messages_before(&mut conn, &wanted)
+                .await
+                .unwrap();
+            let short_state = read[&short.to_string()].data().map(|d| d.state);
+            assert_eq!(
+                short_state,
+                Some(MessageState::Sent),
+                "the other message, from its first event"
+            );
+            read[&long.to_string()].data().map(|d| d.opens).unwrap()
+        }
+    };
+    assert_eq!(
+        opens_before(long_last + 1).await,
+        10,
+        "no snapshot: every event"
+    );
+    // Composed and queued, attempt, sent: the opens are sequences 5 to 14. A snapshot through
+    // sequence 8 (4 opens) counting 100: the events after it add the other 6.
+    assert_eq!(long_last, 14);
+    plant(8, Message::FOLD_VERSION, fold_through(8, 100)).await;
+    assert_eq!(opens_before(long_last + 1).await, 106);
+    assert_eq!(
+        opens_before(9).await,
+        100,
+        "a snapshot just before the wanted sequence"
+    );
+    assert_eq!(
+        opens_before(8).await,
+        3,
+        "one at the wanted sequence is passed over"
+    );
+    plant(8, 0, fold_through(8, 100)).await;
+    assert_eq!(
+        opens_before(long_last + 1).await,
+        10,
+        "another fold version"
+    );
+    plant(8, Message::FOLD_VERSION, "not json".into()).await;
+    assert_eq!(opens_before(long_last + 1).await, 10, "an unreadable one");
+}

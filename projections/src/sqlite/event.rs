@@ -1,8 +1,6 @@
 //! Events as read back from the SQLite store.
 
-use crate::event::{
-    fold, fold_into, fold_loaded_rows, messages_before, FoldRow, Folded, StoredEvent,
-};
+use crate::event::{fold, fold_loaded_rows, messages_before, FoldRow, Folded, StoredEvent};
 use crate::subscription::ProjectionError;
 use messaging_domain::Message;
 use sqlx::SqliteConnection;
@@ -42,8 +40,10 @@ pub async fn load_message(
 }
 
 /// For each `(message id, sequence)`, the message folded from its events before that
-/// sequence: one query for a whole batch instead of one per message. The wanted pairs travel
-/// as one JSON parameter, however many there are.
+/// sequence: one query for a whole batch instead of one per message, starting from the
+/// message's snapshot where it has one from before that sequence (a snapshot that cannot be
+/// read is passed over: the batch is read again from every message's first event). The
+/// wanted pairs travel as one JSON parameter, however many there are.
 pub async fn load_messages_before(
     conn: &mut SqliteConnection,
     wanted: &[(String, i64)],
@@ -54,21 +54,49 @@ pub async fn load_messages_before(
     }
     let wanted_json =
         serde_json::to_string(wanted).map_err(|e| ProjectionError::Other(e.to_string()))?;
-    let sql = format!(
-        "SELECT {EVENT_COLUMNS} FROM json_each(?2) AS wanted \
-         JOIN events ON aggregate_type = ?1 \
-           AND aggregate_id = json_extract(wanted.value, '$[0]') \
-           AND sequence < json_extract(wanted.value, '$[1]') \
-         ORDER BY aggregate_id, sequence"
-    );
-    let events: Vec<StoredEvent> = sqlx::query_as(&sql)
-        .bind(Message::TYPE_NAME)
-        .bind(wanted_json)
-        .fetch_all(conn)
+    let rows = |fold_version: Option<i32>| {
+        sqlx::query_as::<_, FoldRow>(FOLD_ROWS_BEFORE)
+            .bind(Message::TYPE_NAME)
+            .bind(wanted_json.clone())
+            .bind(fold_version)
+    };
+    let read = rows(Some(Message::FOLD_VERSION))
+        .fetch_all(&mut *conn)
         .await?;
-    fold_into(&mut messages, events)?;
+    let folds = match fold_loaded_rows(read)? {
+        Ok(folds) => folds,
+        Err((_, why)) => {
+            tracing::warn!(unreadable = %why, "a message snapshot could not be read; folding from the events");
+            let read = rows(None).fetch_all(&mut *conn).await?;
+            fold_loaded_rows(read)?.map_err(|(_, why)| ProjectionError::Other(why))?
+        }
+    };
+    for (id, folded) in folds {
+        if let Some(message) = messages.get_mut(&id) {
+            *message = folded.message;
+        }
+    }
     Ok(messages)
 }
+
+/// [`FOLD_ROWS`] for every `[id, sequence]` of the JSON array `?2`: each message's snapshot of
+/// fold version `?3` from before its sequence, then its events after the snapshot and before
+/// the sequence, ordered by message and sequence.
+const FOLD_ROWS_BEFORE: &str = "\
+    SELECT aggregate_id, sequence, event_version, payload FROM ( \
+      SELECT s.aggregate_id, s.sequence, NULL AS event_version, s.fold AS payload \
+      FROM json_each(?2) AS wanted JOIN message_snapshots s \
+        ON s.aggregate_id = json_extract(wanted.value, '$[0]') AND s.fold_version = ?3 \
+       AND s.sequence < json_extract(wanted.value, '$[1]') \
+      UNION ALL \
+      SELECT e.aggregate_id, e.sequence, e.event_version, e.payload \
+      FROM json_each(?2) AS wanted JOIN events e \
+        ON e.aggregate_type = ?1 AND e.aggregate_id = json_extract(wanted.value, '$[0]') \
+       AND e.sequence < json_extract(wanted.value, '$[1]') \
+       AND e.sequence > COALESCE((SELECT s.sequence FROM message_snapshots s \
+                                  WHERE s.aggregate_id = e.aggregate_id AND s.fold_version = ?3 \
+                                    AND s.sequence < json_extract(wanted.value, '$[1]')), 0) \
+    ) ORDER BY aggregate_id, sequence";
 
 /// One message's snapshot of fold version `?3` (a row without `event_version`), then its
 /// events after that snapshot's sequence (all of them without one), in sequence order: the

@@ -64,8 +64,8 @@ pub const EVENT_COLUMNS: &str = "global_position, transaction_id::text AS transa
 /// message's snapshot of fold version `$4` taken before `before`, if it has one (a row without
 /// `event_version`: see [`FoldRow`]), then its events after that snapshot's sequence and before
 /// `before` (all of them before it, without a snapshot), in (message, sequence) order.
-/// Snapshots are written by the command side (`message_snapshots`, PostgreSQL only) for
-/// messages with long histories.
+/// Snapshots are written by the command side (`message_snapshots`; SQLite has its own, read
+/// by `sqlite::event`) for messages with long histories.
 ///
 /// Per message, a lookup of the snapshot's key and one primary-key range of the log, whatever
 /// the statistics say. As a join with the wanted pairs, or as `aggregate_id = ANY($2)`, a plan

@@ -81,20 +81,26 @@ pub async fn load_messages_before(
 
 /// [`FOLD_ROWS`] for every `[id, sequence]` of the JSON array `?2`: each message's snapshot of
 /// fold version `?3` from before its sequence, then its events after the snapshot and before
-/// the sequence, ordered by message and sequence.
+/// the sequence, ordered by message and sequence. `CROSS JOIN` fixes the wanted pairs as the
+/// outer loop (SQLite keeps a cross join's order): without statistics its planner preferred
+/// the log's index on the aggregate type alone as the outer loop, every message event of the log
+/// read for each batch. The snapshot's sequence is looked up from the wanted pair alone (not
+/// from the event row), so that it bounds the search of the log's index from below: one range
+/// of each message's events.
 const FOLD_ROWS_BEFORE: &str = "\
     SELECT aggregate_id, sequence, event_version, payload FROM ( \
       SELECT s.aggregate_id, s.sequence, NULL AS event_version, s.fold AS payload \
-      FROM json_each(?2) AS wanted JOIN message_snapshots s \
+      FROM json_each(?2) AS wanted CROSS JOIN message_snapshots s \
         ON s.aggregate_id = json_extract(wanted.value, '$[0]') AND s.fold_version = ?3 \
        AND s.sequence < json_extract(wanted.value, '$[1]') \
       UNION ALL \
       SELECT e.aggregate_id, e.sequence, e.event_version, e.payload \
-      FROM json_each(?2) AS wanted JOIN events e \
+      FROM json_each(?2) AS wanted CROSS JOIN events e \
         ON e.aggregate_type = ?1 AND e.aggregate_id = json_extract(wanted.value, '$[0]') \
        AND e.sequence < json_extract(wanted.value, '$[1]') \
        AND e.sequence > COALESCE((SELECT s.sequence FROM message_snapshots s \
-                                  WHERE s.aggregate_id = e.aggregate_id AND s.fold_version = ?3 \
+                                  WHERE s.aggregate_id = json_extract(wanted.value, '$[0]') \
+                                    AND s.fold_version = ?3 \
                                     AND s.sequence < json_extract(wanted.value, '$[1]')), 0) \
     ) ORDER BY aggregate_id, sequence";
 
@@ -148,4 +154,78 @@ pub async fn load_fold(
     Ok(folds
         .remove(message_id)
         .map(|folded| LoadedFold { folded, unreadable }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sqlx::migrate::Migrator;
+    use sqlx::sqlite::SqlitePoolOptions;
+    use std::path::Path;
+
+    /// The steps of SQLite's plan for `sql`.
+    async fn plan(sql: &str) -> Vec<String> {
+        let pool = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect("sqlite::memory:")
+            .await
+            .expect("in-memory SQLite");
+        Migrator::new(Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../migrations/sqlite"
+        )))
+        .await
+        .expect("migrations")
+        .run(&pool)
+        .await
+        .expect("migrated");
+        let rows: Vec<(i64, i64, i64, String)> =
+            sqlx::query_as(&format!("EXPLAIN QUERY PLAN {sql}"))
+                .bind(Message::TYPE_NAME)
+                .bind("[]")
+                .bind(Message::FOLD_VERSION)
+                .fetch_all(&pool)
+                .await
+                .expect("EXPLAIN QUERY PLAN");
+        rows.into_iter().map(|(_, _, _, step)| step).collect()
+    }
+
+    /// The log is read as one range of each message's events, bounded below by its snapshot
+    /// and above by the wanted sequence: the events before the snapshot are never visited, nor
+    /// are other messages' (the wanted pairs are the outer loop).
+    #[tokio::test]
+    async fn each_message_is_read_from_its_snapshot_as_one_range_of_the_log() {
+        for (name, sql) in [
+            ("FOLD_ROWS", FOLD_ROWS),
+            ("FOLD_ROWS_BEFORE", FOLD_ROWS_BEFORE),
+        ] {
+            let steps = plan(sql).await;
+            assert!(
+                steps.iter().any(|s| s.contains("USING INDEX")
+                    && s.contains("aggregate_id=?")
+                    && s.contains("sequence>?")),
+                "{name}: {steps:#?}"
+            );
+            assert!(
+                !steps
+                    .iter()
+                    .any(|s| s.starts_with("SCAN e") || s.starts_with("SCAN events")),
+                "{name}: {steps:#?}"
+            );
+        }
+        let steps = plan(FOLD_ROWS_BEFORE).await;
+        let log = steps
+            .iter()
+            .position(|s| s.starts_with("SEARCH e "))
+            .expect("the log searched");
+        assert!(
+            steps[log]
+                .contains("(aggregate_type=? AND aggregate_id=? AND sequence>? AND sequence<?)"),
+            "{steps:#?}"
+        );
+        assert!(
+            steps[..log].iter().any(|s| s.starts_with("SCAN wanted")),
+            "the wanted pairs are the outer loop: {steps:#?}"
+        );
+    }
 }

@@ -21,6 +21,7 @@ use messaging_domain::{Message, MessageCommand, MessageId};
 use messaging_projections::sqlite::begin_immediate;
 use messaging_projections::sqlite::event::load_fold;
 use sqlx::types::Json;
+use sqlx::SqliteConnection;
 
 /// What the command path did.
 pub(super) enum Ran {
@@ -77,18 +78,32 @@ impl SqliteStore {
             let mut conn = self.pools.read.acquire().await.map_err(failed)?;
             load_fold(&mut conn, &aggregate_id).await.map_err(failed)?
         };
-        let (message, last, snapshot_due) = match loaded {
-            None => (Message::default(), 0, false),
+        let (message, last, snapshot_due, replace) = match loaded {
+            None => (Message::default(), 0, false, false),
             Some(loaded) => {
-                let due =
-                    loaded.folded.events_read >= SNAPSHOT_AFTER || loaded.unreadable.is_some();
-                (loaded.folded.message, loaded.folded.through, due)
+                let unreadable = loaded.unreadable.is_some();
+                let due = loaded.folded.events_read >= SNAPSHOT_AFTER || unreadable;
+                (
+                    loaded.folded.message,
+                    loaded.folded.through,
+                    due,
+                    unreadable,
+                )
             }
         };
-        let events = message.decide(command.clone())?;
-        if events.is_empty() {
-            return Ok(Some(message));
-        }
+        let events = match message.decide(command.clone()) {
+            Ok(events) if !events.is_empty() => events,
+            decided => {
+                // Nothing to append (a duplicate fact, a refusal): the snapshot the read called
+                // for is still taken, or every read would go through the same events again.
+                if snapshot_due {
+                    self.keep_snapshot(id, &message, last, replace).await;
+                }
+                return decided
+                    .map(|_| Some(message))
+                    .map_err(CommandError::Rejected);
+            }
+        };
         let mut after = message;
         let mut rows = Vec::with_capacity(events.len());
         for event in &events {
@@ -135,20 +150,15 @@ impl SqliteStore {
             }
         }
         if let Some(fold) = snapshot {
-            // A cache: should it fail, the command still stands (the next one tries again).
-            let taken = sqlx::query(
-                "INSERT INTO message_snapshots (aggregate_id, sequence, fold_version, fold, taken_at) \
-                 VALUES (?1, ?2, ?3, ?4, ?5) \
-                 ON CONFLICT (aggregate_id) DO UPDATE SET sequence = excluded.sequence, \
-                   fold_version = excluded.fold_version, fold = excluded.fold, \
-                   taken_at = excluded.taken_at",
+            // A cache: should this statement fail alone, the command still stands (the next
+            // one tries again); an error that ends the transaction fails the commit below.
+            let taken = store_snapshot(
+                &mut tx,
+                &aggregate_id,
+                last + rows.len() as i64,
+                &fold,
+                replace,
             )
-            .bind(&aggregate_id)
-            .bind(last + rows.len() as i64)
-            .bind(Message::FOLD_VERSION)
-            .bind(fold)
-            .bind(recorded_at)
-            .execute(&mut *tx)
             .await;
             if let Err(e) = taken {
                 tracing::warn!(message_id = %id, error = %e, "a message snapshot could not be written");
@@ -161,4 +171,50 @@ impl SqliteStore {
         }
         Ok(Some(after))
     }
+
+    /// Stores `message`, folded through `last`, as its snapshot, in a transaction of its own.
+    /// Best effort: a failure is logged.
+    async fn keep_snapshot(&self, id: MessageId, message: &Message, last: i64, replace: bool) {
+        let kept = async {
+            let fold = serde_json::to_string(message).map_err(|e| e.to_string())?;
+            let mut tx = begin_immediate(&self.pools.write)
+                .await
+                .map_err(|e| e.to_string())?;
+            store_snapshot(&mut tx, &id.to_string(), last, &fold, replace)
+                .await
+                .map_err(|e| e.to_string())?;
+            tx.commit().await.map_err(|e| e.to_string())
+        };
+        if let Err(e) = kept.await {
+            tracing::warn!(message_id = %id, error = %e, "a message snapshot could not be written");
+        }
+    }
+}
+
+/// Stores a message's fold through `sequence` as its snapshot, replacing an older one or one
+/// of another fold version (any one with `replace`: it could not be read).
+async fn store_snapshot(
+    conn: &mut SqliteConnection,
+    aggregate_id: &str,
+    sequence: i64,
+    fold: &str,
+    replace: bool,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO message_snapshots (aggregate_id, sequence, fold_version, fold) \
+         VALUES (?1, ?2, ?3, ?4) \
+         ON CONFLICT (aggregate_id) DO UPDATE SET sequence = excluded.sequence, \
+           fold_version = excluded.fold_version, fold = excluded.fold, \
+           taken_at = excluded.taken_at \
+         WHERE ?5 OR message_snapshots.sequence < excluded.sequence \
+            OR message_snapshots.fold_version <> excluded.fold_version",
+    )
+    .bind(aggregate_id)
+    .bind(sequence)
+    .bind(Message::FOLD_VERSION)
+    .bind(fold)
+    .bind(replace)
+    .execute(conn)
+    .await?;
+    Ok(())
 }

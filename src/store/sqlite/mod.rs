@@ -321,9 +321,10 @@ pub struct SqliteStore {
     metrics: Option<Arc<Metrics>>,
     /// Rings this process's readers after a commit (there is no NOTIFY).
     bell: Bell,
-    /// Commands on one message take turns through its stripe, so that
-    /// [`Store::execute_and_load`] reads back the message as its own command left it, not
-    /// as a command that committed just after it did (cqrs-es returns no fold).
+    /// Commands on one message take turns through its stripe: each is decided against the
+    /// fold the one before it left (two deciding at once would collide on the log's key and
+    /// one would go through cqrs-es), and [`Store::execute_and_load`] answers with the message
+    /// as its own command left it.
     stripes: Vec<tokio::sync::Mutex<()>>,
 }
 
@@ -834,8 +835,10 @@ mod tests {
 
     /// A command on a message with a long history is decided from its snapshot: one is taken
     /// with the command that read 64 events past the last (in its transaction, at its last
-    /// sequence), and the next fold is the snapshot's with the events after it: a planted
-    /// snapshot that counts differently shows through, one of another fold version does not.
+    /// sequence), and the next command is decided against the snapshot's fold with the events
+    /// after it: a planted snapshot that counts differently shows through in the command's
+    /// answer, a fact it has seen is a duplicate, and one of another fold version or of another
+    /// message is passed over (and replaced).
     #[tokio::test]
     async fn a_command_on_a_long_message_is_decided_from_its_snapshot() {
         use messaging_domain::{
@@ -925,16 +928,35 @@ mod tests {
             n as u32 + 1
         );
 
-        // One that counts 1000 opens at that sequence: the next open makes 1001.
+        // One that counts 1000 opens and has seen a fact not sent yet, at that sequence: the
+        // next open is decided against it (1001), and that fact is a duplicate to it.
         let mut planted: Value = serde_json::from_str(&fold).expect("JSON");
         planted["data"]["opens"] = 1000.into();
+        planted["data"]["seen_facts"]
+            .as_array_mut()
+            .expect("the facts seen")
+            .push("open-999".into());
         sqlx::query("UPDATE message_snapshots SET fold = ?1")
             .bind(planted.to_string())
             .execute(&pools.write)
             .await
             .expect("planted");
-        store.execute(id, open(n + 1)).await.expect("opened");
+        let answered = store
+            .execute_and_load(id, open(n + 1))
+            .await
+            .expect("opened");
+        assert_eq!(opens(Some(answered)), 1001);
         assert_eq!(store.load_message(id).await.map(opens).unwrap(), 1001);
+        let before = last().await;
+        store
+            .execute(id, open(999))
+            .await
+            .expect("a duplicate is accepted");
+        assert_eq!(
+            last().await,
+            before,
+            "no event for a fact the snapshot has seen"
+        );
         // Of another fold version: ignored, the events are folded from the first.
         sqlx::query("UPDATE message_snapshots SET fold_version = 0")
             .execute(&pools.write)
@@ -963,6 +985,19 @@ mod tests {
             fold.contains(&id.to_string()),
             "replaced by the message's own"
         );
+        // An unreadable one is replaced by a command that appends nothing too (a duplicate).
+        sqlx::query("UPDATE message_snapshots SET fold = 'not json'")
+            .execute(&pools.write)
+            .await
+            .expect("spoiled");
+        store
+            .execute(id, open(0))
+            .await
+            .expect("a duplicate is accepted");
+        assert_eq!(last().await, 67, "nothing appended");
+        let (sequence, _, fold) = snapshot().await.expect("a snapshot");
+        assert_eq!(sequence, 67);
+        assert!(fold.contains(&id.to_string()), "replaced: {fold}");
     }
 
     #[tokio::test]

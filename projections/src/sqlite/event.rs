@@ -19,7 +19,8 @@ pub async fn message_events(
 ) -> Result<Vec<StoredEvent>, ProjectionError> {
     let sql = format!(
         "SELECT {EVENT_COLUMNS} FROM events \
-         WHERE aggregate_type = ?1 AND aggregate_id = ?2 AND (?3 IS NULL OR sequence <= ?3) \
+         WHERE aggregate_type = ?1 AND aggregate_id = ?2 \
+           AND sequence <= COALESCE(?3, 9223372036854775807) \
          ORDER BY sequence"
     );
     Ok(sqlx::query_as::<_, StoredEvent>(&sql)

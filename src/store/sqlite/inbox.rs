@@ -74,14 +74,10 @@ struct PendingRow {
     payload: Json<Value>,
 }
 
-pub(super) async fn lease(
-    pools: &SqlitePools,
-    gave_up_before: DateTime<Utc>,
-) -> Result<Vec<PendingFact>, StoreError> {
-    let now = Utc::now();
-    let until = later(now, LEASE);
-    let rows: Vec<PendingRow> = sqlx::query_as(
-        "UPDATE webhook_inbox SET locked_until = ?2, \
+/// Leases the next pending facts, oldest first (`?1` now, `?2` the lease's end, `?3` when a
+/// reply to no known post is given up on), through `webhook_inbox_pending` in that order,
+/// stopping at 500.
+pub(super) const LEASE_PENDING: &str = "UPDATE webhook_inbox SET locked_until = ?2, \
            waiting = 0, \
            message_id = COALESCE(webhook_inbox.message_id, (SELECT m.message_id \
                FROM message_list m \
@@ -106,13 +102,20 @@ pub(super) async fn lease(
                         AND m.channel = json_extract(c.payload, '$.channel') \
                         AND m.direction = 'outbound')))) \
                ORDER BY c.occurred_at, c.id LIMIT 500) \
-         RETURNING id, event_id, message_id, kind, occurred_at, received_at, payload",
-    )
-    .bind(now)
-    .bind(until)
-    .bind(gave_up_before)
-    .fetch_all(&pools.write)
-    .await?;
+         RETURNING id, event_id, message_id, kind, occurred_at, received_at, payload";
+
+pub(super) async fn lease(
+    pools: &SqlitePools,
+    gave_up_before: DateTime<Utc>,
+) -> Result<Vec<PendingFact>, StoreError> {
+    let now = Utc::now();
+    let until = later(now, LEASE);
+    let rows: Vec<PendingRow> = sqlx::query_as(LEASE_PENDING)
+        .bind(now)
+        .bind(until)
+        .bind(gave_up_before)
+        .fetch_all(&pools.write)
+        .await?;
     Ok(rows
         .into_iter()
         .map(|r| PendingFact {

@@ -100,6 +100,30 @@ pub(super) async fn next_schedule_due(
     next.as_deref().map(super::parse_time).transpose()
 }
 
+/// Claims due jobs: `?1` now, `?2` the lease's end (also the job's due time, as on
+/// PostgreSQL), `?3` jobs per service, `?4` jobs in all. Of each service's earliest, the
+/// earliest due fill the round (not the lowest service ids' first). The services are found by
+/// skipping from one to the next through `send_jobs_by_service`, and each one's earliest due
+/// jobs read from the same index: ranking every due job of every service (a window over the
+/// whole backlog, sorted twice) cost 150 ms a round with 100k due.
+pub(super) const CLAIM_SEND_JOBS: &str = "\
+    UPDATE send_jobs SET locked_until = ?2, due_at = ?2, claims = claims + 1 \
+    WHERE message_id IN ( \
+      WITH RECURSIVE services(service_id) AS ( \
+        SELECT (SELECT service_id FROM send_jobs ORDER BY service_id LIMIT 1) \
+        UNION ALL \
+        SELECT (SELECT j.service_id FROM send_jobs j WHERE j.service_id > s.service_id \
+                ORDER BY j.service_id LIMIT 1) \
+        FROM services s WHERE s.service_id IS NOT NULL) \
+      SELECT j.message_id FROM services s CROSS JOIN send_jobs j \
+      WHERE s.service_id IS NOT NULL \
+        AND j.message_id IN (SELECT p.message_id FROM send_jobs p \
+              WHERE p.service_id = s.service_id AND p.due_at <= ?1 \
+                AND (p.locked_until IS NULL OR p.locked_until < ?1) \
+              ORDER BY p.due_at LIMIT ?3) \
+      ORDER BY j.due_at LIMIT ?4) \
+    RETURNING message_id, service_id";
+
 pub(super) async fn claim_send_jobs(
     pools: &SqlitePools,
     limit: i64,
@@ -108,25 +132,13 @@ pub(super) async fn claim_send_jobs(
 ) -> Result<Vec<SendJob>, StoreError> {
     let now = Utc::now();
     let until = later(now, lease);
-    let jobs: Vec<(uuid::Uuid, uuid::Uuid)> = sqlx::query_as(
-        // The lease's end is also the job's due time, as on PostgreSQL. Of each service's
-        // earliest, the earliest due fill the round (not the lowest service ids' first).
-        "UPDATE send_jobs SET locked_until = ?2, due_at = ?2, claims = claims + 1 \
-         WHERE message_id IN ( \
-           SELECT message_id FROM ( \
-             SELECT message_id, due_at, \
-                    row_number() OVER (PARTITION BY service_id ORDER BY due_at) AS n \
-             FROM send_jobs \
-             WHERE due_at <= ?1 AND (locked_until IS NULL OR locked_until < ?1) \
-           ) WHERE n <= ?3 ORDER BY due_at LIMIT ?4) \
-         RETURNING message_id, service_id",
-    )
-    .bind(now)
-    .bind(until)
-    .bind(per_service)
-    .bind(limit)
-    .fetch_all(&pools.write)
-    .await?;
+    let jobs: Vec<(uuid::Uuid, uuid::Uuid)> = sqlx::query_as(CLAIM_SEND_JOBS)
+        .bind(now)
+        .bind(until)
+        .bind(per_service)
+        .bind(limit)
+        .fetch_all(&pools.write)
+        .await?;
     Ok(jobs
         .into_iter()
         .map(|(message_id, service_id)| SendJob {

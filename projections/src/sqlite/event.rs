@@ -11,19 +11,25 @@ use std::collections::HashMap;
 pub const EVENT_COLUMNS: &str = "global_position, '0' AS transaction_id, aggregate_type, \
      aggregate_id, sequence, event_type, event_version, payload, recorded_at";
 
+/// [`message_events`]' statement: one range of the log's index, bounded by `?3` when given (a
+/// NULL tested apart would read every event of the message, as for a delivery plan that needs
+/// only the first).
+fn message_events_sql() -> String {
+    format!(
+        "SELECT {EVENT_COLUMNS} FROM events \
+         WHERE aggregate_type = ?1 AND aggregate_id = ?2 \
+           AND sequence <= COALESCE(?3, 9223372036854775807) \
+         ORDER BY sequence"
+    )
+}
+
 /// Every event of one message up to and including `up_to` (all when `None`), in order.
 pub async fn message_events(
     conn: &mut SqliteConnection,
     message_id: &str,
     up_to: Option<i64>,
 ) -> Result<Vec<StoredEvent>, ProjectionError> {
-    let sql = format!(
-        "SELECT {EVENT_COLUMNS} FROM events \
-         WHERE aggregate_type = ?1 AND aggregate_id = ?2 \
-           AND sequence <= COALESCE(?3, 9223372036854775807) \
-         ORDER BY sequence"
-    );
-    Ok(sqlx::query_as::<_, StoredEvent>(&sql)
+    Ok(sqlx::query_as::<_, StoredEvent>(&message_events_sql())
         .bind(Message::TYPE_NAME)
         .bind(message_id)
         .bind(up_to)
@@ -214,6 +220,13 @@ mod tests {
                 "{name}: {steps:#?}"
             );
         }
+        let steps = plan(&message_events_sql()).await;
+        assert!(
+            steps
+                .iter()
+                .any(|s| s.contains("(aggregate_type=? AND aggregate_id=? AND sequence<?)")),
+            "{steps:#?}"
+        );
         let steps = plan(FOLD_ROWS_BEFORE).await;
         let log = steps
             .iter()

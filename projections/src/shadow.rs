@@ -4,12 +4,13 @@
 //! rebuilt into copies of them in a schema of its own (`rebuild_<name>`), while the live tables
 //! stay whole and readable: stale, since the rebuild holds the subscription's lock and they stop
 //! moving until it ends, but never empty or half-built. The copies start with the live tables'
-//! columns, defaults and checks, their grants, and their unique indexes (those of primary keys,
-//! unique and exclusion constraints among them), which the projection's writes rely on (a row
-//! found by its key, a duplicate refused, an `ON CONFLICT` target); every other index is built
-//! once the copies are full (one sort each instead of an index insertion per row), then the
-//! copies are analyzed. One transaction then checks that the live tables have not changed shape
-//! since the copies were made (a migration run meanwhile would otherwise be undone), drops them,
+//! columns, defaults and checks, and their unique indexes (those of primary keys, unique and
+//! exclusion constraints among them), which the projection's writes rely on (a row found by
+//! its key, a duplicate refused, an `ON CONFLICT` target); every other index and any foreign
+//! key is made once the copies are full (one sort each instead of an index insertion per row),
+//! then the copies are analyzed. One transaction then checks that the live tables have not
+//! changed shape since the copies were made (a migration run meanwhile would otherwise be
+//! undone), gives the copies the live tables' grants as they are then, drops the live tables,
 //! moves the copies into their schema (each index and constraint keeps its name) and sets the
 //! checkpoint where the rebuild's read ended. A rebuild that stops before that leaves the live
 //! tables and their checkpoint as they were; one that fails drops its copies, and one that was
@@ -19,9 +20,11 @@
 //! schema first), so a projection's SQL is the same whether it writes the live tables or the
 //! copies. Other sessions' prepared statements are analyzed again on their next use, against
 //! the tables the names then resolve to: PostgreSQL re-analyzes a cached statement whose tables
-//! changed. A table with what a copy would not carry over (triggers, row security, extended
-//! statistics, a sequence it owns) is refused before anything is made; the rebuild's role must
-//! own the live tables (to drop them) and may create schemas.
+//! changed. A table with what a copy would not carry over, or what would keep it from being
+//! dropped (triggers, row security or policies, extended statistics, a sequence it owns, column
+//! grants, views or foreign keys on it from elsewhere, a publication, no write-ahead log, an
+//! owner other than the rebuilding role), is refused before anything is made; the rebuild's
+//! role must also be allowed to create schemas.
 
 use crate::subscription::ProjectionError;
 use sqlx::postgres::types::Oid;
@@ -40,6 +43,9 @@ struct Table {
     copy: String,
     /// The live table's shape when the copy was made ([`SHAPE`]).
     shape: String,
+    /// What the copy gets once it is full: the live table's other indexes and its foreign
+    /// keys, as statements on the copy (read with the copy, under the original `search_path`).
+    at_the_end: Vec<String>,
 }
 
 /// Copies of a read model's tables being filled by a rebuild.
@@ -47,6 +53,10 @@ pub(crate) struct Shadow {
     /// The copies' schema, quoted.
     schema: String,
     tables: Vec<Table>,
+    /// The connection's `search_path` before the copies' schema was put first: catalog text
+    /// (`pg_get_constraintdef`, `format_type`) qualifies a name the path shadows, so the live
+    /// tables' shape and definitions are read under this one.
+    search_path: String,
 }
 
 /// A name quoted as an SQL identifier.
@@ -63,9 +73,25 @@ const UNCARRIED: &str = "\
       CASE WHEN EXISTS (SELECT 1 FROM pg_statistic_ext WHERE stxrelid = c.oid) \
            THEN 'extended statistics' END, \
       CASE WHEN EXISTS (SELECT 1 FROM pg_depend d JOIN pg_class s ON s.oid = d.objid \
-                        WHERE d.refobjid = c.oid AND d.classid = 'pg_class'::regclass \
+                        WHERE d.refobjid = c.oid AND d.refclassid = 'pg_class'::regclass \
+                          AND d.classid = 'pg_class'::regclass AND d.deptype IN ('a', 'i') \
                           AND s.relkind = 'S') \
-           THEN 'a sequence it owns (a serial or identity column)' END \
+           THEN 'a sequence it owns (a serial or identity column)' END, \
+      CASE WHEN EXISTS (SELECT 1 FROM pg_depend d \
+                        WHERE d.refobjid = c.oid AND d.refclassid = 'pg_class'::regclass \
+                          AND d.classid = 'pg_rewrite'::regclass) \
+           THEN 'views or rules on it' END, \
+      CASE WHEN EXISTS (SELECT 1 FROM pg_constraint f \
+                        WHERE f.confrelid = c.oid AND f.conrelid <> c.oid) \
+           THEN 'foreign keys from other tables' END, \
+      CASE WHEN EXISTS (SELECT 1 FROM pg_policy WHERE polrelid = c.oid) THEN 'policies' END, \
+      CASE WHEN EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = c.oid AND attacl IS NOT NULL) \
+           THEN 'column grants' END, \
+      CASE WHEN EXISTS (SELECT 1 FROM pg_publication_rel WHERE prrelid = c.oid) \
+           THEN 'a publication' END, \
+      CASE WHEN c.relpersistence <> 'p' THEN 'no write-ahead log (unlogged)' END, \
+      CASE WHEN c.relowner <> (SELECT oid FROM pg_roles WHERE rolname = current_user) \
+           THEN 'another owner than the role rebuilding it' END \
     ], NULL)::text[] FROM pg_class c WHERE c.oid = $1";
 
 /// A table's shape, as text: its columns (type, NOT NULL, default), constraints and indexes.
@@ -73,10 +99,15 @@ const UNCARRIED: &str = "\
 /// filled would be undone by the swap.
 const SHAPE: &str = "\
     SELECT coalesce(string_agg(line, E'\\n' ORDER BY line), '') FROM ( \
-      SELECT format('column %s %s %s %s', a.attname, format_type(a.atttypid, a.atttypmod), \
-                    a.attnotnull, pg_get_expr(d.adbin, d.adrelid)) AS line \
+      SELECT format('column %s %s %s %s %s %s %s %s %s', a.attnum, a.attname, \
+                    format_type(a.atttypid, a.atttypmod), a.attcollation, a.attnotnull, \
+                    a.attidentity, a.attgenerated, a.attacl, \
+                    pg_get_expr(d.adbin, d.adrelid)) AS line \
       FROM pg_attribute a LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum \
       WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped \
+      UNION ALL \
+      SELECT format('table %s %s %s', relpersistence, reloptions, relreplident) \
+      FROM pg_class WHERE oid = $1 \
       UNION ALL \
       SELECT format('constraint %s %s', conname, pg_get_constraintdef(oid)) \
       FROM pg_constraint WHERE conrelid = $1 \
@@ -89,7 +120,8 @@ const LOOSE_INDEXES: &str = "\
     SELECT pg_get_indexdef(i.indexrelid) FROM pg_index i \
     WHERE i.indrelid = $1 AND (i.indisunique OR i.indisexclusion) = $2 \
       AND NOT EXISTS (SELECT 1 FROM pg_constraint c \
-                      WHERE c.conrelid = i.indrelid AND c.conindid = i.indexrelid) \
+                      WHERE c.conrelid = i.indrelid AND c.conindid = i.indexrelid \
+                        AND c.contype IN ('p', 'u', 'x')) \
     ORDER BY i.indexrelid";
 
 /// The live table's grants to others than its owner, as statements on `$2` (the copy).
@@ -112,6 +144,9 @@ impl Shadow {
     ) -> Result<Self, ProjectionError> {
         let schema = quoted(&format!("rebuild_{name}"));
         let mut tx = conn.begin().await?;
+        let search_path: String = sqlx::query_scalar("SELECT current_setting('search_path')")
+            .fetch_one(&mut *tx)
+            .await?;
         sqlx::query(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
             .execute(&mut *tx)
             .await?;
@@ -135,6 +170,11 @@ impl Shadow {
                     "cannot rebuild `{name}` beside its tables: no table `{table}` (run `messaging migrate`)"
                 )));
             };
+            // Held until the copy is made: no migration changes the table between the reads
+            // of its shape and definitions and the copy (readers are not held back).
+            sqlx::query(&format!("LOCK TABLE {live} IN SHARE MODE"))
+                .execute(&mut *tx)
+                .await?;
             let uncarried: Vec<String> = sqlx::query_scalar(UNCARRIED)
                 .bind(oid)
                 .fetch_one(&mut *tx)
@@ -166,21 +206,24 @@ impl Shadow {
                 .execute(&mut *tx)
                 .await?;
             }
-            let table = Table {
+            let mut table = Table {
                 oid,
                 schema: table_schema,
                 live,
                 copy,
                 shape,
+                at_the_end: Vec::new(),
             };
-            table.copy_indexes(&mut tx, true).await?;
-            let grants: Vec<String> = sqlx::query_scalar(GRANTS)
-                .bind(oid)
-                .bind(&table.copy)
-                .fetch_all(&mut *tx)
-                .await?;
-            for grant in grants {
-                sqlx::query(&grant).execute(&mut *tx).await?;
+            for index in table.indexes_on_copy(&mut tx, true).await? {
+                sqlx::query(&index).execute(&mut *tx).await?;
+            }
+            table.at_the_end = table.indexes_on_copy(&mut tx, false).await?;
+            for (constraint, definition) in constraints(&mut tx, oid, "'f'").await? {
+                table.at_the_end.push(format!(
+                    "ALTER TABLE {} ADD CONSTRAINT {} {definition}",
+                    table.copy,
+                    quoted(&constraint)
+                ));
             }
             copies.push(table);
         }
@@ -196,6 +239,7 @@ impl Shadow {
         Ok(Self {
             schema,
             tables: copies,
+            search_path,
         })
     }
 
@@ -210,15 +254,8 @@ impl Shadow {
         handled: u64,
     ) -> Result<(), ProjectionError> {
         for table in &self.tables {
-            table.copy_indexes(&mut *conn, false).await?;
-            for (constraint, definition) in constraints(&mut *conn, table.oid, "'f'").await? {
-                sqlx::query(&format!(
-                    "ALTER TABLE {} ADD CONSTRAINT {} {definition}",
-                    table.copy,
-                    quoted(&constraint)
-                ))
-                .execute(&mut *conn)
-                .await?;
+            for statement in &table.at_the_end {
+                sqlx::query(statement).execute(&mut *conn).await?;
             }
             sqlx::query(&format!("ANALYZE {}", table.copy))
                 .execute(&mut *conn)
@@ -296,8 +333,21 @@ impl Shadow {
         let names = |table: fn(&Table) -> &str| {
             self.tables.iter().map(table).collect::<Vec<_>>().join(", ")
         };
-        // Nobody reads the copies: only an autovacuum can hold them, and it gives way once a
-        // lock request has waited past `deadlock_timeout`.
+        // Catalog text is read as it was when the copies were made (see `search_path`); the
+        // statements below name every table they touch by its schema.
+        sqlx::query("SELECT set_config('search_path', $1, true)")
+            .bind(&self.search_path)
+            .execute(&mut *tx)
+            .await?;
+        // The service does not read the copies; an autovacuum that holds one gives way once
+        // the request has waited past `deadlock_timeout`, and anything else (a dump, a session
+        // left open) makes this try give up after a while, as for the live tables.
+        sqlx::query(&format!(
+            "SET LOCAL lock_timeout = {}",
+            COPY_LOCK_WAIT.as_millis()
+        ))
+        .execute(&mut *tx)
+        .await?;
         sqlx::query(&format!(
             "LOCK TABLE {} IN ACCESS EXCLUSIVE MODE",
             names(|t| &t.copy)
@@ -320,6 +370,15 @@ impl Shadow {
                 .await?;
             if shape != table.shape {
                 return Err(Refused::Changed(table.live.clone()));
+            }
+            // The grants as they are now (a GRANT or REVOKE while the copy was filled included).
+            let grants: Vec<String> = sqlx::query_scalar(GRANTS)
+                .bind(table.oid)
+                .bind(&table.copy)
+                .fetch_all(&mut *tx)
+                .await?;
+            for grant in grants {
+                sqlx::query(&grant).execute(&mut *tx).await?;
             }
         }
         for table in &self.tables {
@@ -351,24 +410,22 @@ impl Shadow {
 }
 
 impl Table {
-    /// Makes the live table's indexes that no constraint owns on the copy: the unique ones
-    /// (`unique`) or the others.
-    async fn copy_indexes(
+    /// The live table's indexes that no constraint owns, the unique ones (`unique`) or the
+    /// others, as statements that make them on the copy.
+    async fn indexes_on_copy(
         &self,
         conn: &mut PgConnection,
         unique: bool,
-    ) -> Result<(), ProjectionError> {
+    ) -> Result<Vec<String>, ProjectionError> {
         let definitions: Vec<String> = sqlx::query_scalar(LOOSE_INDEXES)
             .bind(self.oid)
             .bind(unique)
             .fetch_all(&mut *conn)
             .await?;
-        for definition in definitions {
-            sqlx::query(&index_on_copy(&definition, self)?)
-                .execute(&mut *conn)
-                .await?;
-        }
-        Ok(())
+        definitions
+            .iter()
+            .map(|definition| index_on_copy(definition, self))
+            .collect()
     }
 }
 
@@ -384,7 +441,12 @@ enum Refused {
 impl From<sqlx::Error> for Refused {
     fn from(e: sqlx::Error) -> Self {
         match &e {
-            sqlx::Error::Database(db) if db.code().as_deref() == Some(LOCK_NOT_AVAILABLE) => {
+            sqlx::Error::Database(db)
+                if matches!(
+                    db.code().as_deref(),
+                    Some(LOCK_NOT_AVAILABLE | DEADLOCK_DETECTED)
+                ) =>
+            {
                 Self::Lock
             }
             _ => Self::Sql(e),
@@ -394,6 +456,11 @@ impl From<sqlx::Error> for Refused {
 
 /// SQLSTATE `lock_not_available`: `lock_timeout` ran out.
 const LOCK_NOT_AVAILABLE: &str = "55P03";
+/// SQLSTATE `deadlock_detected`: a reader took the tables in another order; it or the swap
+/// was cancelled. Either way, try again.
+const DEADLOCK_DETECTED: &str = "40P01";
+/// How long one try waits for the copies' lock.
+const COPY_LOCK_WAIT: Duration = Duration::from_secs(5);
 /// How long one try of the swap waits for the live tables' lock (readers arriving meanwhile
 /// wait behind it); after [`PATIENT_AFTER`] of refused tries, how long each waits then; the
 /// pause between tries; and how long it keeps trying: over twice the service's
@@ -444,6 +511,7 @@ mod tests {
             live: "public.message_list".into(),
             copy: "\"rebuild_message_list\".message_list".into(),
             shape: String::new(),
+            at_the_end: Vec::new(),
         };
         assert_eq!(
             index_on_copy(

@@ -816,6 +816,19 @@ async fn a_rebuild_leaves_a_live_table_changed_meanwhile_as_it_is() {
     .unwrap();
     let error = list().rebuild().await.expect_err("refused");
     assert!(error.to_string().contains("has triggers"), "{error}");
+    sqlx::query("DROP TRIGGER audit ON message_list")
+        .execute(&pool)
+        .await
+        .unwrap();
+    sqlx::query("CREATE VIEW sent AS SELECT message_id FROM message_list WHERE state = 'sent'")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let error = list().rebuild().await.expect_err("refused");
+    assert!(
+        error.to_string().contains("views or rules on it"),
+        "{error}"
+    );
     let copies: i64 =
         sqlx::query_scalar("SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'rebuild\\_%'")
             .fetch_one(&pool)
@@ -823,6 +836,51 @@ async fn a_rebuild_leaves_a_live_table_changed_meanwhile_as_it_is() {
             .unwrap();
     assert_eq!(copies, 0, "nothing made");
     assert!(list().catch_up().await.is_ok());
+}
+
+/// A grant made while the copy is filled is not lost: the copy takes the live table's grants
+/// as they are at the swap.
+#[tokio::test]
+async fn a_grant_made_during_a_rebuild_is_carried_to_the_rebuilt_table() {
+    let pool = migrated_pool().await;
+    for _ in 0..3 {
+        write_history(&pool).await;
+    }
+    Subscription::new(pool.clone(), Arc::new(MessageList::default()))
+        .catch_up()
+        .await
+        .unwrap();
+    let rebuild = {
+        let slow = Subscription::new(
+            pool.clone(),
+            Arc::new(Slow(Arc::new(MessageList::default()))),
+        )
+        .with_batch_size(5);
+        tokio::spawn(async move { slow.rebuild().await })
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while rows_in_copy(&pool, "rebuild_message_list.message_list").await < 5 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the copy is being filled"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    sqlx::query("GRANT SELECT ON message_list TO PUBLIC")
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert!(!rebuild.is_finished(), "granted while the copy was filled");
+    rebuild
+        .await
+        .unwrap()
+        .expect("a grant is no change of shape");
+    let public_reads: bool =
+        sqlx::query_scalar("SELECT has_table_privilege('public', 'message_list', 'SELECT')")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert!(public_reads, "the grant was carried over");
 }
 
 /// Takes its time over each batch.

@@ -498,14 +498,7 @@ async fn a_rebuild_dropped_half_way_releases_the_subscription() {
     };
     // Stop it once it has committed a few batches to its copy (not after a fixed time: a slow
     // start on a busy machine would stop it before its first batch).
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while rows_in_copy(&pool, "rebuild_state_changes.state_changes").await < 10 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the rebuild writes a copy beside the live feed"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    copy_has(&pool, "rebuild_state_changes.state_changes", 10).await;
     rebuild.abort();
     assert!(rebuild.await.unwrap_err().is_cancelled());
     assert_eq!(
@@ -538,6 +531,40 @@ async fn a_rebuild_dropped_half_way_releases_the_subscription() {
         leftovers, 0,
         "the rebuild dropped the copy it found and its own schema"
     );
+}
+
+/// Waits (a minute at most) until a rebuild's copy of a table holds `rows` rows.
+async fn copy_has(pool: &PgPool, table: &str, rows: i64) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while rows_in_copy(pool, table).await < rows {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the rebuild writes {table} beside the live table"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Three histories in the log and the list caught up with them, then a slow rebuild of the
+/// list started, returned once its copy is being filled.
+async fn list_rebuild_under_way(
+    pool: &PgPool,
+) -> tokio::task::JoinHandle<Result<u64, ProjectionError>> {
+    for _ in 0..3 {
+        write_history(pool).await;
+    }
+    Subscription::new(pool.clone(), Arc::new(MessageList::default()))
+        .catch_up()
+        .await
+        .unwrap();
+    let slow = Subscription::new(
+        pool.clone(),
+        Arc::new(Slow(Arc::new(MessageList::default()))),
+    )
+    .with_batch_size(5);
+    let rebuild = tokio::spawn(async move { slow.rebuild().await });
+    copy_has(pool, "rebuild_message_list.message_list", 5).await;
+    rebuild
 }
 
 /// Rows in a rebuild's copy of a table, 0 while (or once) there is no such table.
@@ -746,27 +773,8 @@ async fn a_rebuild_waits_for_a_reader_holding_the_live_list_then_takes_its_place
 #[tokio::test]
 async fn a_rebuild_leaves_a_live_table_changed_meanwhile_as_it_is() {
     let pool = migrated_pool().await;
-    for _ in 0..3 {
-        write_history(&pool).await;
-    }
     let list = || Subscription::new(pool.clone(), Arc::new(MessageList::default()));
-    list().catch_up().await.unwrap();
-    let rebuild = {
-        let slow = Subscription::new(
-            pool.clone(),
-            Arc::new(Slow(Arc::new(MessageList::default()))),
-        )
-        .with_batch_size(5);
-        tokio::spawn(async move { slow.rebuild().await })
-    };
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while rows_in_copy(&pool, "rebuild_message_list.message_list").await < 5 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the copy is being filled"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let rebuild = list_rebuild_under_way(&pool).await;
     sqlx::query("ALTER TABLE message_list ADD COLUMN note text")
         .execute(&pool)
         .await
@@ -843,29 +851,7 @@ async fn a_rebuild_leaves_a_live_table_changed_meanwhile_as_it_is() {
 #[tokio::test]
 async fn a_grant_made_during_a_rebuild_is_carried_to_the_rebuilt_table() {
     let pool = migrated_pool().await;
-    for _ in 0..3 {
-        write_history(&pool).await;
-    }
-    Subscription::new(pool.clone(), Arc::new(MessageList::default()))
-        .catch_up()
-        .await
-        .unwrap();
-    let rebuild = {
-        let slow = Subscription::new(
-            pool.clone(),
-            Arc::new(Slow(Arc::new(MessageList::default()))),
-        )
-        .with_batch_size(5);
-        tokio::spawn(async move { slow.rebuild().await })
-    };
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while rows_in_copy(&pool, "rebuild_message_list.message_list").await < 5 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the copy is being filled"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let rebuild = list_rebuild_under_way(&pool).await;
     sqlx::query("GRANT SELECT ON message_list TO PUBLIC")
         .execute(&pool)
         .await

@@ -350,6 +350,21 @@ pub async fn load_folds<S: AsRef<str> + Sync>(
     sent: Sent,
 ) -> Result<Loaded, ProjectionError> {
     let rows = fold_rows(&mut *conn, ids, before, Some(Message::FOLD_VERSION), sent).await?;
+    fold_or_read_again(rows, || fold_rows(conn, ids, before, None, sent)).await
+}
+
+/// Folds rows read from snapshots of this release's fold version and the events after them
+/// (on either backend); when a snapshot cannot be read, folds the rows `again` reads instead,
+/// with no snapshot (no fold version matches NULL), and names the message whose snapshot is to
+/// be replaced.
+pub(crate) async fn fold_or_read_again<F, Fut>(
+    rows: Vec<FoldRow>,
+    again: F,
+) -> Result<Loaded, ProjectionError>
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = Result<Vec<FoldRow>, sqlx::Error>>,
+{
     match fold_loaded_rows(rows)? {
         Ok(messages) => Ok(Loaded {
             messages,
@@ -357,10 +372,8 @@ pub async fn load_folds<S: AsRef<str> + Sync>(
         }),
         Err((id, why)) => {
             tracing::warn!(unreadable = %why, "a message snapshot could not be read; folding from the events");
-            // No fold version matches NULL: no snapshot is read.
-            let rows = fold_rows(conn, ids, before, None, sent).await?;
-            let messages =
-                fold_loaded_rows(rows)?.map_err(|(_, why)| ProjectionError::Other(why))?;
+            let messages = fold_loaded_rows(again().await?)?
+                .map_err(|(_, why)| ProjectionError::Other(why))?;
             Ok(Loaded {
                 messages,
                 unreadable: Some(id),
@@ -371,10 +384,10 @@ pub async fn load_folds<S: AsRef<str> + Sync>(
 
 /// Messages folded from [`fold_rows`], or the id of one whose snapshot could not be read, and
 /// why.
-pub(crate) type FoldedOrUnreadable = Result<HashMap<String, Folded>, (String, String)>;
+type FoldedOrUnreadable = Result<HashMap<String, Folded>, (String, String)>;
 
 /// The rows (ordered by message and sequence) folded.
-pub(crate) fn fold_loaded_rows(rows: Vec<FoldRow>) -> Result<FoldedOrUnreadable, ProjectionError> {
+fn fold_loaded_rows(rows: Vec<FoldRow>) -> Result<FoldedOrUnreadable, ProjectionError> {
     let mut messages: HashMap<String, Folded> = HashMap::new();
     for row in rows {
         if row.is_snapshot() {

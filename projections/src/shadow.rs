@@ -330,9 +330,6 @@ impl Shadow {
         handled: u64,
         wait: Duration,
     ) -> Result<(), Refused> {
-        let names = |table: fn(&Table) -> &str| {
-            self.tables.iter().map(table).collect::<Vec<_>>().join(", ")
-        };
         // Catalog text is read as it was when the copies were made (see `search_path`); the
         // statements below name every table they touch by its schema.
         sqlx::query("SELECT set_config('search_path', $1, true)")
@@ -342,27 +339,8 @@ impl Shadow {
         // The service does not read the copies; an autovacuum that holds one gives way once
         // the request has waited past `deadlock_timeout`, and anything else (a dump, a session
         // left open) makes this try give up after a while, as for the live tables.
-        sqlx::query(&format!(
-            "SET LOCAL lock_timeout = {}",
-            COPY_LOCK_WAIT.as_millis()
-        ))
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query(&format!(
-            "LOCK TABLE {} IN ACCESS EXCLUSIVE MODE",
-            names(|t| &t.copy)
-        ))
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query(&format!("SET LOCAL lock_timeout = {}", wait.as_millis()))
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query(&format!(
-            "LOCK TABLE {} IN ACCESS EXCLUSIVE MODE",
-            names(|t| &t.live)
-        ))
-        .execute(&mut *tx)
-        .await?;
+        self.lock(tx, |t| &t.copy, COPY_LOCK_WAIT).await?;
+        self.lock(tx, |t| &t.live, wait).await?;
         for table in &self.tables {
             let shape: String = sqlx::query_scalar(SHAPE)
                 .bind(table.oid)
@@ -403,6 +381,26 @@ impl Shadow {
         .bind(&checkpoint.0)
         .bind(checkpoint.1)
         .bind(i64::try_from(handled).unwrap_or(i64::MAX))
+        .execute(&mut *tx)
+        .await?;
+        Ok(())
+    }
+    /// Locks the tables `table` names (the copies or the live ones) for the rest of the
+    /// transaction, waiting at most `wait`.
+    async fn lock(
+        &self,
+        tx: &mut PgConnection,
+        table: fn(&Table) -> &str,
+        wait: Duration,
+    ) -> Result<(), sqlx::Error> {
+        sqlx::query(&format!("SET LOCAL lock_timeout = {}", wait.as_millis()))
+            .execute(&mut *tx)
+            .await?;
+        let names: Vec<&str> = self.tables.iter().map(table).collect();
+        sqlx::query(&format!(
+            "LOCK TABLE {} IN ACCESS EXCLUSIVE MODE",
+            names.join(", ")
+        ))
         .execute(&mut *tx)
         .await?;
         Ok(())

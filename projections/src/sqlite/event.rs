@@ -1,6 +1,6 @@
 //! Events as read back from the SQLite store.
 
-use crate::event::{fold, fold_loaded_rows, messages_before, FoldRow, Folded, StoredEvent};
+use crate::event::{fold, fold_or_read_again, messages_before, FoldRow, Loaded, StoredEvent};
 use crate::subscription::ProjectionError;
 use messaging_domain::Message;
 use sqlx::SqliteConnection;
@@ -70,15 +70,8 @@ pub async fn load_messages_before(
     let read = rows(Some(Message::FOLD_VERSION))
         .fetch_all(&mut *conn)
         .await?;
-    let folds = match fold_loaded_rows(read)? {
-        Ok(folds) => folds,
-        Err((_, why)) => {
-            tracing::warn!(unreadable = %why, "a message snapshot could not be read; folding from the events");
-            let read = rows(None).fetch_all(&mut *conn).await?;
-            fold_loaded_rows(read)?.map_err(|(_, why)| ProjectionError::Other(why))?
-        }
-    };
-    for (id, folded) in folds {
+    let again = move || rows(None).fetch_all(conn);
+    for (id, folded) in fold_or_read_again(read, again).await?.messages {
         if let Some(message) = messages.get_mut(&id) {
             *message = folded.message;
         }
@@ -124,21 +117,13 @@ const FOLD_ROWS: &str = "\
                                WHERE aggregate_id = ?2 AND fold_version = ?3), 0) \
     ORDER BY 2";
 
-/// A message as [`load_fold`] read it.
-pub struct LoadedFold {
-    pub folded: Folded,
-    /// Why its snapshot could not be read (it was then folded from its events alone, and the
-    /// snapshot is to be replaced).
-    pub unreadable: Option<String>,
-}
-
 /// The message folded from its snapshot, where it has one of this release's fold version,
-/// and the events after it; from every event when the snapshot cannot be read. `None`: the
-/// message has no events.
+/// and the events after it; from every event when the snapshot cannot be read (named in
+/// `unreadable`). No message in it: the message has no events.
 pub async fn load_fold(
     conn: &mut SqliteConnection,
     message_id: &str,
-) -> Result<Option<LoadedFold>, ProjectionError> {
+) -> Result<Loaded, ProjectionError> {
     let rows = |fold_version: Option<i32>| {
         sqlx::query_as::<_, FoldRow>(FOLD_ROWS)
             .bind(Message::TYPE_NAME)
@@ -148,19 +133,8 @@ pub async fn load_fold(
     let read = rows(Some(Message::FOLD_VERSION))
         .fetch_all(&mut *conn)
         .await?;
-    let (mut folds, unreadable) = match fold_loaded_rows(read)? {
-        Ok(folds) => (folds, None),
-        Err((_, why)) => {
-            tracing::warn!(unreadable = %why, "a message snapshot could not be read; folding from the events");
-            // No fold version matches NULL: no snapshot is read.
-            let read = rows(None).fetch_all(&mut *conn).await?;
-            let folds = fold_loaded_rows(read)?.map_err(|(_, why)| ProjectionError::Other(why))?;
-            (folds, Some(why))
-        }
-    };
-    Ok(folds
-        .remove(message_id)
-        .map(|folded| LoadedFold { folded, unreadable }))
+    let again = move || rows(None).fetch_all(conn);
+    fold_or_read_again(read, again).await
 }
 
 #[cfg(test)]

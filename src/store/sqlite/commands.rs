@@ -78,17 +78,12 @@ impl SqliteStore {
             let mut conn = self.pools.read.acquire().await.map_err(failed)?;
             load_fold(&mut conn, &aggregate_id).await.map_err(failed)?
         };
-        let (message, last, snapshot_due, replace) = match loaded {
-            None => (Message::default(), 0, false, false),
-            Some(loaded) => {
-                let unreadable = loaded.unreadable.is_some();
-                let due = loaded.folded.events_read >= SNAPSHOT_AFTER || unreadable;
-                (
-                    loaded.folded.message,
-                    loaded.folded.through,
-                    due,
-                    unreadable,
-                )
+        let replace = loaded.unreadable.is_some();
+        let (message, last, snapshot_due) = match loaded.messages.into_values().next() {
+            None => (Message::default(), 0, false),
+            Some(folded) => {
+                let due = folded.events_read >= SNAPSHOT_AFTER || replace;
+                (folded.message, folded.through, due)
             }
         };
         let events = match message.decide(command.clone()) {

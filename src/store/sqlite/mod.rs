@@ -442,7 +442,10 @@ impl Store for SqliteStore {
         let loaded =
             messaging_projections::sqlite::event::load_fold(&mut conn, &id.to_string()).await?;
         Ok(loaded
-            .map(|loaded| loaded.folded.message)
+            .messages
+            .into_values()
+            .next()
+            .map(|folded| folded.message)
             .filter(|message| message.data().is_some()))
     }
 

@@ -395,6 +395,11 @@ impl Projection<Postgres> for MessageList {
         &["message_list"]
     }
 
+    /// A message's row is the fold of its own events.
+    fn independent_aggregates(&self) -> bool {
+        true
+    }
+
     async fn reset(&self, conn: &mut PgConnection) -> Result<(), ProjectionError> {
         // TRUNCATE, not DELETE: the rows written next would otherwise meet each old row's
         // dead index entries in the unique checks (DELETE of 50k rows and the re-inserts

@@ -29,6 +29,7 @@
 use crate::subscription::ProjectionError;
 use sqlx::postgres::types::Oid;
 use sqlx::{Connection, PgConnection};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 /// One live table and its copy.
@@ -57,6 +58,19 @@ pub(crate) struct Shadow {
     /// (`pg_get_constraintdef`, `format_type`) qualifies a name the path shadows, so the live
     /// tables' shape and definitions are read under this one.
     search_path: String,
+}
+
+/// Runs `statements` from `next` on (shared with other connections running it too), until
+/// none is left.
+async fn build(
+    conn: &mut PgConnection,
+    statements: &[&str],
+    next: &AtomicUsize,
+) -> Result<(), sqlx::Error> {
+    while let Some(statement) = statements.get(next.fetch_add(1, Ordering::Relaxed)) {
+        sqlx::query(statement).execute(&mut *conn).await?;
+    }
+    Ok(())
 }
 
 /// A name quoted as an SQL identifier.
@@ -243,20 +257,46 @@ impl Shadow {
         })
     }
 
-    /// Builds the copies' other indexes and foreign keys, analyzes them, and in one transaction
-    /// puts them in the live tables' place and the checkpoint at `(transaction_id,
-    /// global_position)` with `handled` events.
+    /// Points another connection's `search_path` at the copies, as [`Self::create`] did the
+    /// rebuild's writer's.
+    pub(crate) async fn enter(&self, conn: &mut PgConnection) -> Result<(), ProjectionError> {
+        sqlx::query("SELECT set_config('search_path', $1 || ', ' || $2, false)")
+            .bind(&self.schema)
+            .bind(&self.search_path)
+            .execute(&mut *conn)
+            .await?;
+        Ok(())
+    }
+
+    /// Builds the copies' other indexes and foreign keys (shared with `helper`, when there is
+    /// one, two at a time), analyzes them, and in one transaction puts them in the live
+    /// tables' place and the checkpoint at `(transaction_id, global_position)` with `handled`
+    /// events.
     pub(crate) async fn swap(
         &self,
         conn: &mut PgConnection,
+        helper: Option<&mut PgConnection>,
         name: &str,
         checkpoint: (String, i64),
         handled: u64,
     ) -> Result<(), ProjectionError> {
-        for table in &self.tables {
-            for statement in &table.at_the_end {
-                sqlx::query(statement).execute(&mut *conn).await?;
+        let statements: Vec<&str> = self
+            .tables
+            .iter()
+            .flat_map(|t| t.at_the_end.iter().map(String::as_str))
+            .collect();
+        let next = AtomicUsize::new(0);
+        match helper {
+            // Each index is its own sort of the full copy: on two connections two run at once.
+            Some(helper) => {
+                tokio::try_join!(
+                    build(&mut *conn, &statements, &next),
+                    build(helper, &statements, &next)
+                )?;
             }
+            None => build(&mut *conn, &statements, &next).await?,
+        }
+        for table in &self.tables {
             sqlx::query(&format!("ANALYZE {}", table.copy))
                 .execute(&mut *conn)
                 .await?;

@@ -341,6 +341,159 @@ async fn a_subscription_killed_mid_batch_ends_identical_to_a_rebuild_from_zero()
     assert_eq!(resumed, rebuilt);
 }
 
+/// Holds back the batch that holds one message's first event, and records, batch by batch as
+/// each is written, where that message's events in it begin.
+struct HoldFirstOf {
+    inner: Arc<dyn Projection<Postgres>>,
+    message: String,
+    written: std::sync::Mutex<Vec<i64>>,
+}
+
+#[async_trait]
+impl Projection<Postgres> for HoldFirstOf {
+    fn name(&self) -> &'static str {
+        self.inner.name()
+    }
+    async fn handle_batch(
+        &self,
+        conn: &mut PgConnection,
+        events: &[StoredEvent],
+    ) -> Result<(), ProjectionError> {
+        let first = events
+            .iter()
+            .filter(|e| e.aggregate_id == self.message)
+            .map(|e| e.sequence)
+            .min();
+        if first == Some(1) {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        self.inner.handle_batch(conn, events).await?;
+        if let Some(first) = first {
+            self.written.lock().unwrap().push(first);
+        }
+        Ok(())
+    }
+    async fn reset(&self, conn: &mut PgConnection) -> Result<(), ProjectionError> {
+        self.inner.reset(conn).await
+    }
+    fn tables(&self) -> &'static [&'static str] {
+        self.inner.tables()
+    }
+    fn independent_aggregates(&self) -> bool {
+        self.inner.independent_aggregates()
+    }
+}
+
+/// The list is rebuilt message by message (its rows depend on each message's events alone),
+/// by two writers side by side; a message whose events fill more than the batches it may
+/// hold is split, and the batch that continues it waits for the one before. The result is the
+/// list its reader builds in log order, and the checkpoint is the log's last event, not the
+/// last message's: what is appended after the rebuild is read once.
+#[tokio::test]
+async fn a_list_rebuilt_message_by_message_on_two_writers_is_the_list_read_in_log_order() {
+    let pool = migrated_pool().await;
+    let store = PgStore::new(pool.clone());
+    let now = Utc::now();
+    let open = |fact_id: String| MessageCommand::RecordOpen {
+        fact: Fact {
+            fact_id,
+            occurred_at: now,
+        },
+        machine_open: false,
+    };
+    // Twelve emails sent, their events interleaved in the log; one of them opened 40 times.
+    let mut ids = Vec::new();
+    for i in 0..12 {
+        ids.push(composed(&store, i, Dispatch::Now).await);
+    }
+    for id in &ids {
+        let start = MessageCommand::StartSendAttempt { now };
+        store.execute(*id, start).await.unwrap();
+    }
+    for (i, id) in ids.iter().enumerate() {
+        let sent = MessageCommand::RecordSent {
+            provider_message_id: Some(format!("sg-{i}")),
+            at: now,
+        };
+        store.execute(*id, sent).await.unwrap();
+    }
+    for n in 0..40 {
+        store
+            .execute(ids[5], open(format!("open-{n}")))
+            .await
+            .unwrap();
+    }
+    for (i, id) in ids.iter().enumerate().take(6) {
+        store.execute(*id, open(format!("late-{i}"))).await.unwrap();
+    }
+
+    let list: Arc<dyn Projection<Postgres>> = Arc::new(MessageList::default());
+    Subscription::new(pool.clone(), list.clone())
+        .with_batch_size(3)
+        .catch_up()
+        .await
+        .unwrap();
+    let read_in_log_order = snapshot(&pool).await.0;
+    assert_eq!(read_in_log_order.len(), 12);
+
+    // Batches of 2 events: the long message is split after 32 of its events.
+    let held = Arc::new(HoldFirstOf {
+        inner: list.clone(),
+        message: ids[5].to_string(),
+        written: Default::default(),
+    });
+    Subscription::new(pool.clone(), held.clone())
+        .with_batch_size(2)
+        .rebuild()
+        .await
+        .unwrap();
+    assert_eq!(snapshot(&pool).await.0, read_in_log_order);
+    let written = held.written.lock().unwrap().clone();
+    assert!(
+        written.len() >= 2,
+        "the long message was not split: {written:?}"
+    );
+    assert!(
+        written.windows(2).all(|w| w[0] < w[1]),
+        "its parts were written out of order: {written:?}"
+    );
+
+    let checkpoint: (String, i64) = sqlx::query_as(
+        "SELECT last_transaction_id::text, last_global_position FROM subscription_checkpoints \
+         WHERE name = 'message_list'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    let log_end: (String, i64) = sqlx::query_as(
+        "SELECT transaction_id::text, global_position FROM events \
+         ORDER BY transaction_id DESC, global_position DESC LIMIT 1",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(checkpoint, log_end);
+
+    store.execute(ids[0], open("after".into())).await.unwrap();
+    composed(&store, 99, Dispatch::Draft).await;
+    Subscription::new(pool.clone(), list)
+        .catch_up()
+        .await
+        .unwrap();
+    let rows: Vec<(String, i64)> =
+        sqlx::query_as("SELECT message_id::text, last_sequence FROM message_list ORDER BY 1")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    let log: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT aggregate_id, max(sequence) FROM events GROUP BY aggregate_id ORDER BY 1",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(rows, log);
+}
+
 /// The list INSERTs the rows a batch starts, without an upsert's check: a message's row and
 /// the checkpoint past its first event are committed together. A checkpoint moved back by hand
 /// over rows left in place breaks that; the batch then fails once, rolled back whole, and is
@@ -890,6 +1043,9 @@ impl Projection<Postgres> for Slow {
     }
     fn tables(&self) -> &'static [&'static str] {
         self.0.tables()
+    }
+    fn independent_aggregates(&self) -> bool {
+        self.0.independent_aggregates()
     }
 }
 

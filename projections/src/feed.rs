@@ -4,7 +4,7 @@
 //! the items the same way.
 
 use crate::event::{load_messages_before, StoredEvent};
-use crate::subscription::{Projection, ProjectionError};
+use crate::subscription::{Prepared, Projection, ProjectionError};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use messaging_domain::Message;
@@ -173,6 +173,76 @@ impl StateChangeFeed {
     }
 }
 
+impl StateChangeFeed {
+    /// The batch's new items. Each message's state before its first event in the batch is
+    /// remembered from the batch before, or read from the log on `log` in one query, and
+    /// then carried forward.
+    async fn items(
+        &self,
+        log: &mut PgConnection,
+        events: &[StoredEvent],
+    ) -> Result<Items, ProjectionError> {
+        let events = message_events(events);
+        let (mut messages, missing) = self.remembered(first_seen(&events));
+        messages.extend(load_messages_before(&mut *log, &missing).await?);
+        let new = new_items(&events, &mut messages)?;
+        self.remember(&events, messages);
+        let mut items = Items::default();
+        for item in new {
+            items.message_id.push(item.message_id);
+            items.channel.push(item.channel);
+            items.service_id.push(item.service_id);
+            items.previous_state.push(item.previous_state);
+            items.state.push(item.state);
+            items.cause.push(item.cause);
+            items.occurred_at.push(item.occurred_at);
+            items.recorded_at.push(item.recorded_at);
+            items.event_position.push(item.event_position);
+        }
+        Ok(items)
+    }
+}
+
+impl Items {
+    /// Numbered in log order from the current end: one writer holds the checkpoint lock.
+    async fn insert(&self, conn: &mut PgConnection) -> Result<(), ProjectionError> {
+        if self.message_id.is_empty() {
+            return Ok(());
+        }
+        sqlx::query(
+            "INSERT INTO state_changes (position, message_id, channel, service_id, \
+               previous_state, state, cause, occurred_at, recorded_at, event_position) \
+             SELECT (SELECT COALESCE(MAX(position), 0) FROM state_changes) + n, \
+                    message_id, channel, service_id, previous_state, state, cause, \
+                    occurred_at, recorded_at, event_position \
+             FROM unnest($1::uuid[], $2::text[], $3::uuid[], $4::text[], $5::text[], $6::text[], \
+                         $7::timestamptz[], $8::timestamptz[], $9::bigint[]) WITH ORDINALITY \
+               AS i(message_id, channel, service_id, previous_state, state, cause, \
+                    occurred_at, recorded_at, event_position, n) \
+             ORDER BY n",
+        )
+        .bind(&self.message_id)
+        .bind(&self.channel)
+        .bind(&self.service_id)
+        .bind(&self.previous_state)
+        .bind(&self.state)
+        .bind(&self.cause)
+        .bind(&self.occurred_at)
+        .bind(&self.recorded_at)
+        .bind(&self.event_position)
+        .execute(conn)
+        .await?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Prepared<Postgres> for Items {
+    async fn write(self: Box<Self>, conn: &mut PgConnection) -> Result<(), ProjectionError> {
+        self.insert(conn).await
+    }
+}
+
 /// One new feed item, before it is numbered.
 pub(crate) struct NewItem {
     pub message_id: uuid::Uuid,
@@ -253,56 +323,25 @@ impl Projection<Postgres> for StateChangeFeed {
         conn: &mut PgConnection,
         events: &[StoredEvent],
     ) -> Result<(), ProjectionError> {
-        let events = message_events(events);
-        // Each message's state before its first event in this batch: remembered from the
-        // batch before, or read in one query.
-        let (mut messages, missing) = self.remembered(first_seen(&events));
-        messages.extend(load_messages_before(&mut *conn, &missing).await?);
-        let new = new_items(&events, &mut messages)?;
-        self.remember(&events, messages);
-        let mut items = Items::default();
-        for item in new {
-            items.message_id.push(item.message_id);
-            items.channel.push(item.channel);
-            items.service_id.push(item.service_id);
-            items.previous_state.push(item.previous_state);
-            items.state.push(item.state);
-            items.cause.push(item.cause);
-            items.occurred_at.push(item.occurred_at);
-            items.recorded_at.push(item.recorded_at);
-            items.event_position.push(item.event_position);
-        }
+        let items = self.items(&mut *conn, events).await?;
         if items.message_id.is_empty() {
             return Ok(());
         }
-        // Numbered in log order from the current end: one writer holds the checkpoint lock.
-        sqlx::query(
-            "INSERT INTO state_changes (position, message_id, channel, service_id, \
-               previous_state, state, cause, occurred_at, recorded_at, event_position) \
-             SELECT (SELECT COALESCE(MAX(position), 0) FROM state_changes) + n, \
-                    message_id, channel, service_id, previous_state, state, cause, \
-                    occurred_at, recorded_at, event_position \
-             FROM unnest($1::uuid[], $2::text[], $3::uuid[], $4::text[], $5::text[], $6::text[], \
-                         $7::timestamptz[], $8::timestamptz[], $9::bigint[]) WITH ORDINALITY \
-               AS i(message_id, channel, service_id, previous_state, state, cause, \
-                    occurred_at, recorded_at, event_position, n) \
-             ORDER BY n",
-        )
-        .bind(&items.message_id)
-        .bind(&items.channel)
-        .bind(&items.service_id)
-        .bind(&items.previous_state)
-        .bind(&items.state)
-        .bind(&items.cause)
-        .bind(&items.occurred_at)
-        .bind(&items.recorded_at)
-        .bind(&items.event_position)
-        .execute(&mut *conn)
-        .await?;
+        items.insert(&mut *conn).await?;
         sqlx::query("SELECT pg_notify('state_changes', '')")
             .execute(&mut *conn)
             .await?;
         Ok(())
+    }
+
+    /// In a rebuild the folds (and the reads of the log they need) are done while the batch
+    /// before is written; the write is the INSERT alone (no NOTIFY: nobody reads the copy).
+    async fn prepare(
+        &self,
+        log: &mut PgConnection,
+        events: &[StoredEvent],
+    ) -> Result<Option<Box<dyn Prepared<Postgres>>>, ProjectionError> {
+        Ok(Some(Box::new(self.items(log, events).await?)))
     }
 
     fn tables(&self) -> &'static [&'static str] {

@@ -25,7 +25,7 @@ pub use feed::{FeedItem, Folds, StateChangeFeed};
 pub use kept::KeptConnection;
 pub use message_list::MessageList;
 pub use sqlite::Subscription as SqliteSubscription;
-pub use subscription::{BatchOutcome, Projection, ProjectionError, Subscription};
+pub use subscription::{BatchOutcome, Prepared, Projection, ProjectionError, Subscription};
 pub use view::{HistoryItem, MessageView};
 
 /// Every projection this service runs on PostgreSQL, by name ([`sqlite::all`] for SQLite).

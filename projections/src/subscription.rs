@@ -80,6 +80,20 @@ pub trait Projection<DB: sqlx::Database>: Send + Sync + 'static {
         &[]
     }
 
+    /// A batch's work split in two, for a rebuild beside the live tables that reads the log in
+    /// its order: what needs only the events and the log (folds, and reads of the log on
+    /// `log`, a connection of its own) is done here, batch after batch in log order, while
+    /// the batch before is being written; the write is the returned [`Prepared`], run on the
+    /// writer in the batch's transaction. `None` (the default): the rebuild calls
+    /// [`Self::handle_batch`] instead.
+    async fn prepare(
+        &self,
+        _log: &mut DB::Connection,
+        _events: &[StoredEvent],
+    ) -> Result<Option<Box<dyn Prepared<DB>>>, ProjectionError> {
+        Ok(None)
+    }
+
     /// Whether each aggregate's rows depend on that aggregate's own events alone, in their
     /// order (not on other aggregates' events, nor on the log's order across aggregates).
     /// A rebuild beside the live tables then reads the log aggregate by aggregate and writes
@@ -94,6 +108,12 @@ pub trait Projection<DB: sqlx::Database>: Send + Sync + 'static {
     fn gather(&self) -> Duration {
         GATHER
     }
+}
+
+/// A batch made ready by [`Projection::prepare`]: its writes, to run in the batch's transaction.
+#[async_trait]
+pub trait Prepared<DB: sqlx::Database>: Send {
+    async fn write(self: Box<Self>, conn: &mut DB::Connection) -> Result<(), ProjectionError>;
 }
 
 /// What one call of [`Subscription::run_batch`] found.
@@ -370,7 +390,15 @@ impl Subscription {
                 self.write_batches(helper, &to_write, &written, in_place),
             )
             .map(|(a, b)| a + b),
-            _ => {
+            (ReadOrder::Log, Some(helper)) => {
+                let (prepared, to_commit) = tokio::sync::mpsc::channel(1);
+                tokio::try_join!(
+                    self.prepare_batches(helper, &to_write, prepared),
+                    self.write_prepared(&mut *writer, to_commit),
+                )
+                .map(|((), total)| total)
+            }
+            (_, None) => {
                 self.write_batches(&mut *writer, &to_write, &written, in_place)
                     .await
             }
@@ -397,6 +425,54 @@ impl Subscription {
         }
         if let Some(helper) = helper {
             helper.close().await?;
+        }
+        Ok(total)
+    }
+
+    /// A rebuild's preparer, beside its copies in log order: prepares each read batch in turn
+    /// ([`Projection::prepare`], reading the log on `log`) and hands it to
+    /// [`Self::write_prepared`], one batch ahead of it at most.
+    async fn prepare_batches(
+        &self,
+        log: &mut PgConnection,
+        to_write: &tokio::sync::Mutex<tokio::sync::mpsc::Receiver<(u64, Vec<StoredEvent>)>>,
+        prepared: tokio::sync::mpsc::Sender<PreparedBatch>,
+    ) -> Result<(), ProjectionError> {
+        let mut to_write = to_write.lock().await;
+        while let Some((_, events)) = to_write.recv().await {
+            let batch = match self.projection.prepare(&mut *log, &events).await? {
+                Some(writes) => PreparedBatch::Ready(events.len(), writes),
+                None => PreparedBatch::Events(events),
+            };
+            if prepared.send(batch).await.is_err() {
+                // The writer stopped: its error is the one reported.
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// A rebuild's writer behind [`Self::prepare_batches`]: writes each batch in a transaction
+    /// of its own, in order; returns how many events it handled.
+    async fn write_prepared(
+        &self,
+        conn: &mut PgConnection,
+        mut prepared: tokio::sync::mpsc::Receiver<PreparedBatch>,
+    ) -> Result<u64, ProjectionError> {
+        let mut total = 0u64;
+        while let Some(batch) = prepared.recv().await {
+            let mut tx = conn.begin().await?;
+            total += match batch {
+                PreparedBatch::Ready(events, writes) => {
+                    writes.write(&mut tx).await?;
+                    events as u64
+                }
+                PreparedBatch::Events(events) => {
+                    self.projection.handle_batch(&mut tx, &events).await?;
+                    events.len() as u64
+                }
+            };
+            tx.commit().await?;
         }
         Ok(total)
     }
@@ -512,6 +588,14 @@ enum ReadOrder {
     /// holds the batch size, so batches can be written side by side; one aggregate's events
     /// are split only past [`AGGREGATE_SPLIT`] times the batch size.
     ByAggregate,
+}
+
+/// A batch between a rebuild's preparer and its writer.
+enum PreparedBatch {
+    /// Prepared: this many events, and their writes.
+    Ready(usize, Box<dyn Prepared<Postgres>>),
+    /// Not preparable: the writer handles the events.
+    Events(Vec<StoredEvent>),
 }
 
 /// How many batches' worth of one aggregate's events a rebuild by aggregate holds in one

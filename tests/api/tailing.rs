@@ -331,8 +331,10 @@ async fn a_subscription_killed_mid_batch_ends_identical_to_a_rebuild_from_zero()
     assert_eq!(resumed.0.len(), 30);
     assert!(!resumed.1.is_empty());
 
+    // In small batches: the list's written side by side, the feed's folded one ahead.
     for projection in projections {
         Subscription::new(pool.clone(), projection)
+            .with_batch_size(4)
             .rebuild()
             .await
             .unwrap();
@@ -1726,7 +1728,9 @@ async fn feed_projectors_taking_turns_number_the_same_items_as_a_rebuild() {
     }
     let (_, taking_turns) = snapshot(&pool).await;
     assert!(taking_turns.len() >= 6 * 4, "{}", taking_turns.len());
+    // In batches of 2: each is folded while the one before is written.
     Subscription::new(pool.clone(), Arc::new(StateChangeFeed::new()))
+        .with_batch_size(2)
         .rebuild()
         .await
         .unwrap();

@@ -1,7 +1,9 @@
 //! Scenario `rebuild`: `Subscription::rebuild()` of `message_list` and `state_changes` over the
 //! whole log (topped up to N events), against a plain ordered, streamed read of the same rows.
 //! Each is rebuilt beside its live table and swapped in at the end (`messaging_projections::shadow`):
-//! the figure includes the copy's index builds, its ANALYZE and the swap.
+//! the figure includes the copy's index builds, its ANALYZE and the swap. The reference is the
+//! read as the planner plans it (on a large log a parallel scan and a sort); the rebuild walks
+//! the log's index instead, which on its own reads faster (see `Subscription::rebuild`).
 
 use crate::common::{insert_messages, settle, Bench, Figure};
 use anyhow::{Context, Result};
@@ -31,31 +33,44 @@ pub async fn run(bench: &mut Bench) -> Result<Vec<Figure>> {
         .fetch_one(&bench.pool)
         .await?;
 
-    let started = Instant::now();
+    // The plain read twice: as the planner plans it (on a large log a parallel scan and a
+    // sort), and walking the log's index as the rebuild does. The faster is the reference.
     let sql = format!(
         "SELECT {EVENT_COLUMNS} FROM events \
          ORDER BY events.transaction_id, events.global_position"
     );
-    let read: u64 = sqlx::query_as::<_, StoredEvent>(&sql)
-        .fetch(&bench.pool)
-        .try_fold(0u64, |n, _| async move { Ok(n + 1) })
-        .await
-        .context("the ordered read")?;
-    let reference = read as f64 / started.elapsed().as_secs_f64();
-    let reference_name = "ordered streamed read of events";
+    let mut figures = Vec::new();
+    let mut reference = 0f64;
+    for (how, sort) in [("as planned", "on"), ("through its index", "off")] {
+        let mut conn = bench.pool.acquire().await?;
+        sqlx::query(&format!("SET enable_sort = {sort}"))
+            .execute(&mut *conn)
+            .await?;
+        let started = Instant::now();
+        let read: u64 = sqlx::query_as::<_, StoredEvent>(&sql)
+            .fetch(&mut *conn)
+            .try_fold(0u64, |n, _| async move { Ok(n + 1) })
+            .await
+            .context("the ordered read")?;
+        let rate = read as f64 / started.elapsed().as_secs_f64();
+        sqlx::query("RESET enable_sort").execute(&mut *conn).await?;
+        reference = reference.max(rate);
+        figures.push(Figure::info(
+            SCENARIO,
+            format!("reference: ordered streamed read of {read} events, {how}"),
+            "events/s",
+            rate,
+        ));
+    }
+    let reference_name = "ordered streamed read of events, the faster of the two";
 
-    let mut figures = vec![Figure::info(
-        SCENARIO,
-        format!("reference: ordered streamed read of {read} events"),
-        "events/s",
-        reference,
-    )];
     let projections: [Arc<dyn messaging_projections::Projection<sqlx::Postgres>>; 2] = [
         Arc::new(MessageList::default()),
         Arc::new(StateChangeFeed::new()),
     ];
     for projection in projections {
         let name = projection.name();
+        let by_message = projection.independent_aggregates();
         let started = Instant::now();
         Subscription::new(bench.pool.clone(), projection)
             .rebuild()
@@ -73,8 +88,14 @@ pub async fn run(bench: &mut Bench) -> Result<Vec<Figure>> {
                 Some(0.5),
             )
             .note(format!(
-                "{elapsed:.2?}; batches of 1000 into a copy beside the live table, the log read ahead \
-                 on a second connection, the copy's indexes built and analyzed at the end"
+                "{elapsed:.2?}; batches of 1000 into a copy beside the live table, {how}, the \
+                 copy's other indexes built two at a time and analyzed at the end",
+                how = if by_message {
+                    "the log read message by message on a connection of its own, two writers"
+                } else {
+                    "the log read ahead on a connection of its own, each batch folded on a \
+                     second one while the one before is written"
+                }
             )),
         );
     }

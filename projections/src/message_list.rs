@@ -251,7 +251,9 @@ async fn store(conn: &mut PgConnection, rows: &Rows, upsert_all: bool) -> Result
             .await
             .map_err(|e| StoreError::Projection(e.into()))?
             .rows_affected();
-        // Each was read in this transaction, under the subscription's lock: all are there.
+        // Each was read in this transaction, under the subscription's lock (a rebuild's
+        // second writer under the lock its first holds for both; it writes other messages):
+        // all are there.
         let expected = continued.id.len() as u64;
         if updated != expected {
             return Err(StoreError::Projection(ProjectionError::Other(format!(

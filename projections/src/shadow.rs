@@ -44,9 +44,11 @@ struct Table {
     copy: String,
     /// The live table's shape when the copy was made ([`SHAPE`]).
     shape: String,
-    /// What the copy gets once it is full: the live table's other indexes and its foreign
-    /// keys, as statements on the copy (read with the copy, under the original `search_path`).
+    /// What the copy gets once it is full: the live table's other indexes, as statements on
+    /// the copy (read with the copy, under the original `search_path`).
     at_the_end: Vec<String>,
+    /// Then its foreign keys, likewise.
+    keys_at_the_end: Vec<String>,
 }
 
 /// Copies of a read model's tables being filled by a rebuild.
@@ -227,13 +229,14 @@ impl Shadow {
                 copy,
                 shape,
                 at_the_end: Vec::new(),
+                keys_at_the_end: Vec::new(),
             };
             for index in table.indexes_on_copy(&mut tx, true).await? {
                 sqlx::query(&index).execute(&mut *tx).await?;
             }
             table.at_the_end = table.indexes_on_copy(&mut tx, false).await?;
             for (constraint, definition) in constraints(&mut tx, oid, "'f'").await? {
-                table.at_the_end.push(format!(
+                table.keys_at_the_end.push(format!(
                     "ALTER TABLE {} ADD CONSTRAINT {} {definition}",
                     table.copy,
                     quoted(&constraint)
@@ -268,8 +271,8 @@ impl Shadow {
         Ok(())
     }
 
-    /// Builds the copies' other indexes and foreign keys (shared with `helper`, when there is
-    /// one, two at a time), analyzes them, and in one transaction puts them in the live
+    /// Builds the copies' other indexes (shared with `helper`, when there is one, two at a
+    /// time) and then their foreign keys, analyzes them, and in one transaction puts them in the live
     /// tables' place and the checkpoint at `(transaction_id, global_position)` with `handled`
     /// events.
     pub(crate) async fn swap(
@@ -295,6 +298,13 @@ impl Shadow {
                 )?;
             }
             None => build(&mut *conn, &statements, &next).await?,
+        }
+        // Foreign keys one at a time, once every index is there: each locks the tables on
+        // both of its sides, and two side by side could deadlock.
+        for table in &self.tables {
+            for statement in &table.keys_at_the_end {
+                sqlx::query(statement).execute(&mut *conn).await?;
+            }
         }
         for table in &self.tables {
             sqlx::query(&format!("ANALYZE {}", table.copy))
@@ -550,6 +560,7 @@ mod tests {
             copy: "\"rebuild_message_list\".message_list".into(),
             shape: String::new(),
             at_the_end: Vec::new(),
+            keys_at_the_end: Vec::new(),
         };
         assert_eq!(
             index_on_copy(

@@ -343,12 +343,27 @@ async fn a_subscription_killed_mid_batch_ends_identical_to_a_rebuild_from_zero()
     assert_eq!(resumed, rebuilt);
 }
 
-/// Holds back the batch that holds one message's first event, and records, batch by batch as
-/// each is written, where that message's events in it begin.
+/// Holds back the batch that holds one message's first event (and then fails it, when
+/// `fail`), and records, batch by batch as each is written, where that message's events in it
+/// begin, and which backends wrote the batches.
 struct HoldFirstOf {
     inner: Arc<dyn Projection<Postgres>>,
     message: String,
+    fail: bool,
     written: std::sync::Mutex<Vec<i64>>,
+    backends: std::sync::Mutex<std::collections::HashSet<i32>>,
+}
+
+impl HoldFirstOf {
+    fn new(inner: Arc<dyn Projection<Postgres>>, message: String, fail: bool) -> Self {
+        Self {
+            inner,
+            message,
+            fail,
+            written: Default::default(),
+            backends: Default::default(),
+        }
+    }
 }
 
 #[async_trait]
@@ -368,7 +383,14 @@ impl Projection<Postgres> for HoldFirstOf {
             .min();
         if first == Some(1) {
             tokio::time::sleep(Duration::from_millis(300)).await;
+            if self.fail {
+                return Err(ProjectionError::Other("failed on purpose".into()));
+            }
         }
+        let backend: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+            .fetch_one(&mut *conn)
+            .await?;
+        self.backends.lock().unwrap().insert(backend);
         self.inner.handle_batch(conn, events).await?;
         if let Some(first) = first {
             self.written.lock().unwrap().push(first);
@@ -439,12 +461,8 @@ async fn a_list_rebuilt_message_by_message_on_two_writers_is_the_list_read_in_lo
     assert_eq!(read_in_log_order.len(), 12);
 
     // Batches of 2 events: the long message is split after 32 of its events.
-    let held = Arc::new(HoldFirstOf {
-        inner: list.clone(),
-        message: ids[5].to_string(),
-        written: Default::default(),
-    });
-    Subscription::new(pool.clone(), held.clone())
+    let held = Arc::new(HoldFirstOf::new(list.clone(), ids[5].to_string(), false));
+    let handled = Subscription::new(pool.clone(), held.clone())
         .with_batch_size(2)
         .rebuild()
         .await
@@ -459,14 +477,24 @@ async fn a_list_rebuilt_message_by_message_on_two_writers_is_the_list_read_in_lo
         written.windows(2).all(|w| w[0] < w[1]),
         "its parts were written out of order: {written:?}"
     );
+    let backends = held.backends.lock().unwrap().len();
+    assert_eq!(backends, 2, "batches written by {backends} connections");
+    // Every event once: the catch-up after the swap found nothing past its checkpoint.
+    let events: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(handled, events as u64);
 
-    let checkpoint: (String, i64) = sqlx::query_as(
-        "SELECT last_transaction_id::text, last_global_position FROM subscription_checkpoints \
-         WHERE name = 'message_list'",
-    )
-    .fetch_one(&pool)
-    .await
-    .unwrap();
+    let checkpoint_now = || async {
+        sqlx::query_as::<_, (String, i64)>(
+            "SELECT last_transaction_id::text, last_global_position \
+             FROM subscription_checkpoints WHERE name = 'message_list'",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap()
+    };
     let log_end: (String, i64) = sqlx::query_as(
         "SELECT transaction_id::text, global_position FROM events \
          ORDER BY transaction_id DESC, global_position DESC LIMIT 1",
@@ -474,7 +502,30 @@ async fn a_list_rebuilt_message_by_message_on_two_writers_is_the_list_read_in_lo
     .fetch_one(&pool)
     .await
     .unwrap();
-    assert_eq!(checkpoint, log_end);
+    assert_eq!(checkpoint_now().await, log_end);
+
+    // A writer that fails while the other waits for it: the rebuild ends with its error, its
+    // copy is dropped, and the live list and its checkpoint are as they were.
+    let failing = Arc::new(HoldFirstOf::new(list.clone(), ids[5].to_string(), true));
+    let failed = tokio::time::timeout(
+        Duration::from_secs(60),
+        Subscription::new(pool.clone(), failing)
+            .with_batch_size(2)
+            .rebuild(),
+    )
+    .await
+    .expect("the rebuild ended");
+    let error = failed.unwrap_err().to_string();
+    assert!(error.contains("failed on purpose"), "{error}");
+    assert_eq!(snapshot(&pool).await.0, read_in_log_order);
+    assert_eq!(checkpoint_now().await, log_end);
+    let copies: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_namespace WHERE nspname = 'rebuild_message_list'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(copies, 0, "the failed rebuild's copy is left");
 
     store.execute(ids[0], open("after".into())).await.unwrap();
     composed(&store, 99, Dispatch::Draft).await;

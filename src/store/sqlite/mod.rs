@@ -801,6 +801,23 @@ mod tests {
             "{plan}"
         );
 
+        // Both: one range of the index on the two, already in the page's order.
+        let both = ListFilter {
+            service_id: Some(ServiceId::from_uuid(uuid::Uuid::now_v7())),
+            state: Some("failed".into()),
+            before: Some(MessageId::from_uuid(uuid::Uuid::now_v7())),
+            ..filter()
+        };
+        let plan = plan_of(list_query(explain, &both), &pool).await;
+        assert!(
+            plan.contains(
+                "SEARCH message_list USING INDEX message_list_service_state \
+                 (service_id=? AND state=?"
+            ),
+            "{plan}"
+        );
+        assert!(!plan.contains("TEMP B-TREE"), "{plan}");
+
         // No filter, or one without an index of its own: the newest first along the key,
         // stopping at the page's end, never a sort of the whole list.
         for f in [

@@ -414,9 +414,9 @@ impl Subscription {
             .await
             .map_err(|e| ProjectionError::Other(format!("the rebuild's reader stopped: {e}")))?;
         let total = wrote?;
-        let read = read?;
+        // Where the read ended: the copies take the live tables' place there.
+        let (transaction_id, position) = read?;
         if let Some(shadow) = shadow {
-            let (transaction_id, position) = read.last;
             let checkpoint = (transaction_id.0.to_string(), position);
             shadow
                 .swap(
@@ -608,12 +608,6 @@ enum PreparedBatch {
 /// in the middle of an aggregate (and the batch that continues it waits for the ones before).
 const AGGREGATE_SPLIT: usize = 16;
 
-/// What a rebuild's read returned: the greatest checkpoint pair among its events (the pair of
-/// the last one, in log order), where the rebuilt read model takes over.
-struct Read {
-    last: (TxId, i64),
-}
-
 /// Which of a rebuild's batches are written (their indexes from 0, in read order).
 #[derive(Default)]
 struct Written {
@@ -633,7 +627,9 @@ impl Written {
 }
 
 /// A rebuild's read of the log: everything below the oldest running transaction when it
-/// starts, in `order`, sent as numbered batches until the writers stop taking them.
+/// starts, in `order`, sent as numbered batches until the writers stop taking them. Returns
+/// the greatest checkpoint pair among the events read (the last one's, in log order): where
+/// the rebuilt read model takes over.
 ///
 /// The log is walked through its indexes rather than sorted: the planner's choice for the
 /// whole log in checkpoint order is a parallel scan and a sort that spills to disk (at 100k
@@ -649,7 +645,7 @@ async fn read_log(
     batch_size: usize,
     order: ReadOrder,
     batches: tokio::sync::mpsc::Sender<(u64, Vec<StoredEvent>)>,
-) -> Result<Read, sqlx::Error> {
+) -> Result<(TxId, i64), sqlx::Error> {
     let mut conn = PgConnection::connect_with(&options).await?;
     sqlx::query("SET enable_sort = off")
         .execute(&mut conn)
@@ -663,13 +659,13 @@ async fn read_log(
          WHERE transaction_id < (SELECT pg_snapshot_xmin(pg_current_snapshot())) \
          ORDER BY {order_by}"
     );
-    let mut read = Read { last: (TxId(0), 0) };
+    let mut last = (TxId(0), 0);
     let mut index = 0u64;
     let mut batch: Vec<StoredEvent> = Vec::with_capacity(batch_size);
     {
         let mut rows = sqlx::query_as::<_, StoredEvent>(&sql).fetch(&mut conn);
         while let Some(event) = rows.try_next().await? {
-            read.last = read.last.max((event.transaction_id, event.global_position));
+            last = last.max((event.transaction_id, event.global_position));
             let full = batch.len() >= batch_size
                 && match order {
                     ReadOrder::Log => true,
@@ -685,7 +681,7 @@ async fn read_log(
                 let full = std::mem::replace(&mut batch, Vec::with_capacity(batch_size));
                 if batches.send((index, full)).await.is_err() {
                     // The writers stopped (their error is the one reported).
-                    return Ok(read);
+                    return Ok(last);
                 }
                 index += 1;
             }
@@ -697,7 +693,7 @@ async fn read_log(
     }
     // Everything was read: a failure to say goodbye loses nothing.
     let _ = conn.close().await;
-    Ok(read)
+    Ok(last)
 }
 
 /// Runs batches until none is left to handle; returns how many events were handled.

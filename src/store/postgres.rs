@@ -5,6 +5,7 @@ mod batch;
 mod gauges;
 mod group;
 mod inbox;
+pub use inbox::LEASE as LEASE_WEBHOOK_FACTS;
 mod jobs;
 pub mod maintenance;
 pub mod notify;

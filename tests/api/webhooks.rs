@@ -929,3 +929,96 @@ async fn a_message_with_hundreds_of_facts_keeps_every_one_once_through_its_snaps
         m["history"]
     );
 }
+
+/// PostgreSQL's lease walks the pending facts in time order through their index and stops at
+/// the round's 500: the ones it leases are the earliest that may be leased (not held by
+/// another lease, not waiting), and once the service's upkeep has vacuumed and analyzed the
+/// churned inbox, its plan has no sort (with the index by message it replaced, every pending
+/// fact was read and sorted each round).
+#[tokio::test]
+async fn on_postgresql_the_webhook_lease_reads_the_oldest_pending_facts_through_their_index() {
+    use messaging::store::postgres::maintenance::QueueUpkeep;
+    use messaging::store::postgres::{PgStore, LEASE_WEBHOOK_FACTS};
+    use messaging::store::Store;
+    use std::time::Duration;
+
+    let pool = migrated_pool().await;
+    // Where the server runs autovacuum, it must not analyze the table first.
+    sqlx::query("ALTER TABLE webhook_inbox SET (autovacuum_enabled = false)")
+        .execute(&pool)
+        .await
+        .expect("alter");
+    // 20k pending facts in shuffled time order; a tenth held by another applier's lease and a
+    // tenth waiting for a message nobody composed.
+    sqlx::query(
+        "INSERT INTO webhook_inbox (provider, event_id, message_id, kind, occurred_at, payload, \
+                                    locked_until, waiting) \
+         SELECT 'sendgrid', 'e' || i, gen_random_uuid(), 'delivered', \
+                now() - ((i * 7919) % 20000) * interval '1 second', \
+                jsonb_build_object('event', 'delivered', 'n', i), \
+                CASE WHEN i % 10 = 3 THEN now() + interval '1 minute' END, i % 10 = 7 \
+         FROM generate_series(1, 20000) AS i",
+    )
+    .execute(&pool)
+    .await
+    .expect("facts");
+    let mut expected: Vec<i64> = sqlx::query_scalar(
+        "SELECT id FROM webhook_inbox WHERE locked_until IS NULL AND NOT waiting \
+         ORDER BY occurred_at, id LIMIT 500",
+    )
+    .fetch_all(&pool)
+    .await
+    .expect("expected");
+    assert_eq!(expected.len(), 500);
+    let store = PgStore::new(pool.clone());
+    let mut leased: Vec<i64> = store
+        .lease_webhook_facts(Utc::now())
+        .await
+        .expect("lease")
+        .iter()
+        .map(|f| f.id)
+        .collect();
+    leased.sort_unstable();
+    expected.sort_unstable();
+    assert_eq!(leased, expected);
+
+    // Each fact leased and settled once: two dead row versions each.
+    for _ in 0..2 {
+        sqlx::query("UPDATE webhook_inbox SET locked_until = NULL")
+            .execute(&pool)
+            .await
+            .expect("churn");
+    }
+    let mut upkeep = QueueUpkeep::default();
+    // The server's statistics arrive within a second or so of the commit.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let vacuumed = upkeep.round(&pool).await;
+        if vacuumed.contains(&"webhook_inbox") {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the inbox was not vacuumed"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    let mut conn = pool.acquire().await.expect("a connection");
+    sqlx::raw_sql(&format!(
+        "PREPARE lease(timestamptz) AS {LEASE_WEBHOOK_FACTS}"
+    ))
+    .execute(&mut *conn)
+    .await
+    .expect("prepare");
+    let plan: Vec<String> = sqlx::query_scalar("EXPLAIN EXECUTE lease(now())")
+        .fetch_all(&mut *conn)
+        .await
+        .expect("explain");
+    let plan = plan.join("\n");
+    assert!(
+        plan.contains("Index Scan using webhook_inbox_pending on webhook_inbox i"),
+        "{plan}"
+    );
+    assert!(!plan.contains("Sort"), "{plan}");
+}

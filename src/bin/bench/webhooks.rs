@@ -173,13 +173,24 @@ async fn post_and_apply(
         .into_iter()
         .collect::<Result<_>>()?;
     let ingest = started.elapsed();
+    // Whether any fact is pending: one step of the pending facts' index. (A count of them
+    // every 20 ms, as before, read every pending row: 3.4 ms of PostgreSQL's time a poll, a
+    // sixth of a core taken from the applier it measured.) Counted only when it gives up.
     let pending = loop {
-        let pending: i64 =
-            sqlx::query_scalar("SELECT count(*) FROM webhook_inbox WHERE status = 'pending'")
-                .fetch_one(&bench.pool)
-                .await?;
-        if pending == 0 || started.elapsed() > cap {
-            break pending;
+        let any: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM webhook_inbox WHERE status = 'pending')",
+        )
+        .fetch_one(&bench.pool)
+        .await?;
+        if !any {
+            break 0;
+        }
+        if started.elapsed() > cap {
+            break sqlx::query_scalar(
+                "SELECT count(*) FROM webhook_inbox WHERE status = 'pending'",
+            )
+            .fetch_one(&bench.pool)
+            .await?;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     };

@@ -18,7 +18,13 @@
 //! the plan it got when the table was nearly empty, a sequential scan, and took 1.0–1.5 s a
 //! batch once the table had grown (the list fell 14–20 s behind in the bench's `lag` after
 //! `commands`; 54–64 ms p50 on pooled connections or with custom plans). Pooled connections are
-//! replaced after 30 minutes; a kept one is not.
+//! replaced after 30 minutes; a kept one is not. Generic plans with sequential scans disabled
+//! (as the writers have, below) are no cure for the readers: made while the list is empty, the
+//! same read of a batch's rows was planned as a walk of the whole `(state, message_id)` index
+//! (every index looks free on an empty table; a temporary test showed it). Planning every
+//! reader statement costs about 0.3 s of PostgreSQL's time in the bench's 4 s of "send now" at
+//! 8 clients; the generic plans' gain in the lag scenario (list p99 68, 95 → 53, 58 ms) is not
+//! worth plans that depend on when a table was first read.
 //!
 //! A worker whose every statement is known, and every one of whose reads goes through an
 //! index, keeps its plans instead ([`KeptConnection::keeping_plans`]): the command writers,

@@ -989,7 +989,8 @@ async fn on_postgresql_the_webhook_lease_reads_the_oldest_pending_facts_through_
             .await
             .expect("churn");
     }
-    let mut upkeep = QueueUpkeep::default();
+    // The inbox's own upkeep loop, as the service runs it.
+    let mut upkeep = QueueUpkeep::inbox();
     // The server's statistics arrive within a second or so of the commit.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {

@@ -86,8 +86,9 @@ struct PendingRow {
 /// the 500th (a plan test pins it). The facts' payloads are read only for the 500 leased: when
 /// PostgreSQL sorts instead (its plan for a table without statistics may), the rows it sorts
 /// are an id, a time and two short fields, not every pending fact's payload (the sort then
-/// spilled 20 MB to disk with 40k pending). `$1`: replies to posts never listed are given up
-/// on once received before it.
+/// spilled 20 MB to disk with 40k pending). `OFFSET 0` keeps `due` a subquery of its own, so
+/// each fact's message is looked up once for both columns that take it. `$1`: replies to posts
+/// never listed are given up on once received before it.
 pub const LEASE: &str = "UPDATE webhook_inbox w SET locked_until = now() + interval '60 seconds', \
        waiting = false, message_id = due.message_id, \
        waiting_after = (SELECT last_sequence FROM message_list m \
@@ -109,7 +110,8 @@ pub const LEASE: &str = "UPDATE webhook_inbox w SET locked_until = now() + inter
                         WHERE m.provider_message_id = i.payload->>'answered_post' \
                           AND m.channel = i.payload->>'channel' \
                           AND m.direction = 'outbound')))) \
-                 ORDER BY i.occurred_at, i.id LIMIT 500 FOR UPDATE SKIP LOCKED) c) due \
+                 ORDER BY i.occurred_at, i.id LIMIT 500 FOR UPDATE SKIP LOCKED) c \
+           OFFSET 0) due \
      WHERE w.id = due.id \
      RETURNING w.id, w.event_id, w.message_id, w.kind, w.occurred_at, w.received_at, \
                w.payload, w.locked_until";

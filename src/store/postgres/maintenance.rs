@@ -15,13 +15,19 @@ use sqlx::PgPool;
 use std::time::Duration;
 use tokio::sync::watch;
 
-/// The tables watched, each with its vacuum (a statement without parameters: VACUUM cannot
-/// run in a transaction block, so it goes by the simple protocol, its table named in it).
-const QUEUES: [(&str, &str); 3] = [
+/// A table watched, with its vacuum (a statement without parameters: VACUUM cannot run in a
+/// transaction block, so it goes by the simple protocol, its table named in it).
+type Watched = (&'static str, &'static str);
+
+/// The work queues: small tables, vacuumed in a fraction of a second.
+const QUEUES: &[Watched] = &[
     ("send_jobs", "VACUUM (ANALYZE) send_jobs"),
     ("scheduled_sends", "VACUUM (ANALYZE) scheduled_sends"),
-    ("webhook_inbox", "VACUUM (ANALYZE) webhook_inbox"),
 ];
+
+/// The webhook inbox, watched on a loop of its own: it keeps every fact, so its vacuum can
+/// take long, and the queues' must not wait for it.
+const INBOX: &[Watched] = &[("webhook_inbox", "VACUUM (ANALYZE) webhook_inbox")];
 
 /// Dead row versions, more than the last vacuum left, above which a table is vacuumed, when
 /// they also outnumber half the live rows (a big backlog is not vacuumed again for each few
@@ -35,19 +41,45 @@ const EVERY: Duration = Duration::from_secs(2);
 /// its last vacuum. Versions an older transaction can still see (a rebuild streaming the log,
 /// a session idle in a transaction) survive a VACUUM; without this, every round would vacuum
 /// the table again for nothing while they last.
-#[derive(Default)]
 pub struct QueueUpkeep {
+    tables: &'static [Watched],
     left_after_vacuum: std::collections::HashMap<&'static str, i64>,
 }
 
+/// Every table watched, on one loop (the service runs [`QueueUpkeep::queues`] and
+/// [`QueueUpkeep::inbox`] side by side instead).
+impl Default for QueueUpkeep {
+    fn default() -> Self {
+        const ALL: &[Watched] = &[QUEUES[0], QUEUES[1], INBOX[0]];
+        Self::of(ALL)
+    }
+}
+
 impl QueueUpkeep {
-    /// Vacuums (and analyzes) each queue whose dead row versions grew past the threshold
+    fn of(tables: &'static [Watched]) -> Self {
+        Self {
+            tables,
+            left_after_vacuum: Default::default(),
+        }
+    }
+
+    /// The work queues' upkeep.
+    pub fn queues() -> Self {
+        Self::of(QUEUES)
+    }
+
+    /// The webhook inbox's upkeep.
+    pub fn inbox() -> Self {
+        Self::of(INBOX)
+    }
+
+    /// Vacuums (and analyzes) each of its tables whose dead row versions grew past the threshold
     /// since its last vacuum; returns the tables vacuumed. One instance at a time per table:
     /// an advisory lock taken without waiting (a VACUUM of a table would wait for another's
     /// to end). A table that fails is logged and the next one still looked at.
     pub async fn round(&mut self, pool: &PgPool) -> Vec<&'static str> {
         let mut vacuumed = Vec::new();
-        for (table, vacuum) in QUEUES {
+        for &(table, vacuum) in self.tables {
             match self.table(pool, table, vacuum).await {
                 Ok(true) => vacuumed.push(table),
                 Ok(false) => {}
@@ -90,7 +122,7 @@ impl QueueUpkeep {
         // VACUUM reports what it could not remove when it ends.
         let left = counts(pool, table).await?.map_or(0, |(_, dead)| dead);
         self.left_after_vacuum.insert(table, left);
-        tracing::info!(table, dead, live, left, "vacuumed a work queue");
+        tracing::info!(table, dead, live, left, "vacuumed a table");
         Ok(true)
     }
 }
@@ -105,14 +137,20 @@ async fn counts(pool: &PgPool, table: &str) -> Result<Option<(i64, i64)>, sqlx::
     .await
 }
 
-/// Runs a [`QueueUpkeep`] round every few seconds until `shutdown`.
-pub async fn run(pool: PgPool, mut shutdown: watch::Receiver<bool>) {
-    let mut upkeep = QueueUpkeep::default();
+/// Runs the queues' and the inbox's upkeep, each a round every few seconds, until `shutdown`.
+pub async fn run(pool: PgPool, shutdown: watch::Receiver<bool>) {
+    tokio::join!(
+        rounds(&pool, QueueUpkeep::queues(), shutdown.clone()),
+        rounds(&pool, QueueUpkeep::inbox(), shutdown)
+    );
+}
+
+async fn rounds(pool: &PgPool, mut upkeep: QueueUpkeep, mut shutdown: watch::Receiver<bool>) {
     loop {
         if *shutdown.borrow() {
             return;
         }
-        upkeep.round(&pool).await;
+        upkeep.round(pool).await;
         tokio::select! {
             _ = tokio::time::sleep(EVERY) => {}
             _ = shutdown.changed() => {}

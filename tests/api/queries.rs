@@ -92,6 +92,36 @@ async fn list_filters_and_paginates_without_duplicates_or_gaps() {
         count("/v1/messages?limit=500&profile=Bob@Example.com".into()).await,
         11
     );
+    // A profile's pages (on SQLite read along the profiles table's key) cover its messages
+    // exactly once, newest first, as one page of them all does.
+    let ids = |page: &serde_json::Value| -> Vec<String> {
+        page["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let (_, whole) = app
+        .get("/v1/messages?limit=500&profile=alice@example.com")
+        .await;
+    let mut paged = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let path = match &cursor {
+            Some(c) => format!("/v1/messages?limit=5&profile=ALICE@example.com&cursor={c}"),
+            None => "/v1/messages?limit=5&profile=ALICE@example.com".to_string(),
+        };
+        let (status, page) = app.get(&path).await;
+        assert_eq!(status, StatusCode::OK, "{page}");
+        paged.extend(ids(&page));
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_string()),
+            None => break,
+        }
+    }
+    assert_eq!(paged.len(), 12);
+    assert_eq!(paged, ids(&whole));
 
     for bad in [
         "state=shipped",

@@ -69,6 +69,23 @@ async fn store(conn: &mut SqliteConnection, rows: &Rows) -> Result<(), Projectio
         );
         query.build().execute(&mut *conn).await?;
     }
+    // A new row's profiles, for the list filtered by a profile (see the migration that made
+    // `message_list_profiles`). A row already stored has its pairs: a message's profiles are
+    // set by its first event. `OR IGNORE`: a batch retried after its rows were written.
+    let pairs: Vec<(&str, uuid::Uuid)> = changed
+        .iter()
+        .filter(|row| !row.stored)
+        .flat_map(|row| row.profiles.iter().map(|p| (p.as_str(), row.id)))
+        .collect();
+    for chunk in pairs.chunks(MAX_PARAMETERS / 2) {
+        let mut query = QueryBuilder::<Sqlite>::new(
+            "INSERT OR IGNORE INTO message_list_profiles (profile, message_id) ",
+        );
+        query.push_values(chunk, |mut values, (profile, id)| {
+            values.push_bind(*profile).push_bind(*id);
+        });
+        query.build().execute(&mut *conn).await?;
+    }
     Ok(())
 }
 
@@ -90,6 +107,9 @@ impl Projection<Sqlite> for MessageList {
     }
 
     async fn reset(&self, conn: &mut SqliteConnection) -> Result<(), ProjectionError> {
+        sqlx::query("DELETE FROM message_list_profiles")
+            .execute(&mut *conn)
+            .await?;
         sqlx::query("DELETE FROM message_list")
             .execute(conn)
             .await?;

@@ -92,8 +92,27 @@ pub async fn release_leases_of_the_dead(pools: &SqlitePools) -> Result<u64, Stor
 }
 
 /// The message list's query on SQLite (see [`crate::store::list_query`]): `profiles` is a
-/// JSON array.
+/// JSON array. Filtered by a profile alone, the page is read along `message_list_profiles`'s
+/// key instead (one range of it, newest first: see its migration), each row joined by its
+/// key; `select` then names columns of `message_list` that the profiles table does not have.
 fn list_query<'a>(select: &str, f: &'a ListFilter) -> sqlx::QueryBuilder<'a, sqlx::Sqlite> {
+    let alone =
+        f.service_id.is_none() && f.channel.is_none() && f.state.is_none() && f.direction.is_none();
+    if let (Some(username), true) = (f.profile.as_deref(), alone) {
+        let mut q = sqlx::QueryBuilder::new(select);
+        // CROSS JOIN: SQLite keeps that order, the profile's range outermost.
+        q.push(
+            " FROM message_list_profiles p CROSS JOIN message_list m \
+             ON m.message_id = p.message_id WHERE p.profile = ",
+        )
+        .push_bind(username.to_lowercase());
+        if let Some(before) = f.before {
+            q.push(" AND p.message_id < ").push_bind(before.as_uuid());
+        }
+        q.push(" ORDER BY p.message_id DESC LIMIT ")
+            .push_bind(f.limit);
+        return q;
+    }
     crate::store::list_query(
         select,
         f,
@@ -816,6 +835,20 @@ mod tests {
             ),
             "{plan}"
         );
+        assert!(!plan.contains("TEMP B-TREE"), "{plan}");
+
+        // A profile alone: one range of the profiles table's key, newest first.
+        let profile = ListFilter {
+            profile: Some("Ann@Example.com".into()),
+            before: Some(MessageId::from_uuid(uuid::Uuid::now_v7())),
+            ..filter()
+        };
+        let plan = plan_of(list_query(explain, &profile), &pool).await;
+        assert!(
+            plan.contains("SEARCH p USING PRIMARY KEY (profile=? AND message_id<?)"),
+            "{plan}"
+        );
+        assert!(!plan.contains("SCAN"), "{plan}");
         assert!(!plan.contains("TEMP B-TREE"), "{plan}");
 
         // No filter, or one without an index of its own: the newest first along the key,

@@ -575,6 +575,19 @@ const JOBS_SQL: &str = "SELECT message_id, service_id, channel, provider, due_at
      locked_until, claims FROM send_jobs ORDER BY message_id";
 
 async fn sqlite_models(pool: &SqlitePool) -> Models {
+    // The list's (profile, message) pairs are exactly its rows' profiles, both ways.
+    let (missing, stray): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM message_list m, json_each(m.profiles) j \
+                 WHERE NOT EXISTS (SELECT 1 FROM message_list_profiles p \
+                                   WHERE p.profile = j.value AND p.message_id = m.message_id)), \
+                (SELECT count(*) FROM message_list_profiles p \
+                 WHERE NOT EXISTS (SELECT 1 FROM message_list m, json_each(m.profiles) j \
+                                   WHERE m.message_id = p.message_id AND j.value = p.profile))",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    assert_eq!((missing, stray), (0, 0), "profile pairs: missing, stray");
     let rows: Vec<SqliteListRow> = sqlx::query_as(LIST_SQL).fetch_all(pool).await.unwrap();
     let list = rows
         .into_iter()
@@ -617,6 +630,7 @@ async fn raw_tables(pool: &SqlitePool) -> Vec<Vec<String>> {
     let mut tables = Vec::new();
     for (table, order) in [
         ("message_list", "message_id"),
+        ("message_list_profiles", "profile, message_id"),
         ("state_changes", "position"),
         ("scheduled_sends", "message_id"),
         ("send_jobs", "message_id"),

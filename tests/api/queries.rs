@@ -5,6 +5,27 @@ use reqwest::StatusCode;
 use serde_json::json;
 use std::time::{Duration, Instant};
 
+/// The ids of every page of `first` (a list path with `limit=5`), following `next_cursor`.
+async fn pages_of_five(app: &TestApp, first: &str) -> Vec<String> {
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let path = match &cursor {
+            Some(c) => format!("{first}&cursor={c}"),
+            None => first.to_string(),
+        };
+        let (status, page) = app.get(&path).await;
+        assert_eq!(status, StatusCode::OK, "{page}");
+        let items = page["items"].as_array().unwrap();
+        assert!(items.len() <= 5);
+        seen.extend(items.iter().map(|m| m["id"].as_str().unwrap().to_string()));
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_string()),
+            None => return seen,
+        }
+    }
+}
+
 #[tokio::test]
 async fn list_filters_and_paginates_without_duplicates_or_gaps() {
     let app = TestApp::spawn().await;
@@ -39,23 +60,7 @@ async fn list_filters_and_paginates_without_duplicates_or_gaps() {
     app.wait_listed(&last, "draft").await;
 
     // Pages of 5 cover everything exactly once, newest first.
-    let mut seen = Vec::new();
-    let mut cursor: Option<String> = None;
-    loop {
-        let path = match &cursor {
-            Some(c) => format!("/v1/messages?limit=5&cursor={c}"),
-            None => "/v1/messages?limit=5".to_string(),
-        };
-        let (status, page) = app.get(&path).await;
-        assert_eq!(status, StatusCode::OK, "{page}");
-        let items = page["items"].as_array().unwrap();
-        assert!(items.len() <= 5);
-        seen.extend(items.iter().map(|m| m["id"].as_str().unwrap().to_string()));
-        match page["next_cursor"].as_str() {
-            Some(c) => cursor = Some(c.to_string()),
-            None => break,
-        }
-    }
+    let seen = pages_of_five(&app, "/v1/messages?limit=5").await;
     let mut newest_first = all.clone();
     newest_first.reverse();
     assert_eq!(seen, newest_first);
@@ -94,36 +99,20 @@ async fn list_filters_and_paginates_without_duplicates_or_gaps() {
     );
     // A profile's pages (on SQLite read along the profiles table's key) cover its messages
     // exactly once, newest first, as one page of them all does.
-    let ids = |page: &serde_json::Value| -> Vec<String> {
-        page["items"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|m| m["id"].as_str().unwrap().to_string())
-            .collect()
-    };
     let (_, whole) = app
         .get("/v1/messages?limit=500&profile=alice@example.com")
         .await;
-    let mut paged = Vec::new();
-    let mut cursor: Option<String> = None;
-    loop {
-        let path = match &cursor {
-            Some(c) => format!("/v1/messages?limit=5&profile=ALICE@example.com&cursor={c}"),
-            None => "/v1/messages?limit=5&profile=ALICE@example.com".to_string(),
-        };
-        let (status, page) = app.get(&path).await;
-        assert_eq!(status, StatusCode::OK, "{page}");
-        paged.extend(ids(&page));
-        match page["next_cursor"].as_str() {
-            Some(c) => cursor = Some(c.to_string()),
-            None => break,
-        }
-    }
+    let whole: Vec<String> = whole["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap().to_string())
+        .collect();
+    let paged = pages_of_five(&app, "/v1/messages?limit=5&profile=ALICE@example.com").await;
     // Alice is the recipient of every other email composed, from the first: newest first.
     let alices: Vec<String> = all.iter().step_by(2).take(12).rev().cloned().collect();
     assert_eq!(paged, alices);
-    assert_eq!(ids(&whole), alices);
+    assert_eq!(whole, alices);
 
     for bad in [
         "state=shipped",

@@ -2023,7 +2023,7 @@ async fn a_woken_fact_whose_applier_died_is_leased_again_and_a_late_settlement_i
 async fn a_queue_full_of_dead_rows_is_vacuumed_and_analyzed() {
     use messaging::store::postgres::maintenance::QueueUpkeep;
     let pool = migrated_pool().await;
-    let mut upkeep = QueueUpkeep::default();
+    let mut upkeep = QueueUpkeep::queues();
     // Where the server runs autovacuum, it must not clear them first.
     sqlx::query("ALTER TABLE send_jobs SET (autovacuum_enabled = false)")
         .execute(&pool)

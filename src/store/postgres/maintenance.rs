@@ -46,15 +46,6 @@ pub struct QueueUpkeep {
     left_after_vacuum: std::collections::HashMap<&'static str, i64>,
 }
 
-/// Every table watched, on one loop (the service runs [`QueueUpkeep::queues`] and
-/// [`QueueUpkeep::inbox`] side by side instead).
-impl Default for QueueUpkeep {
-    fn default() -> Self {
-        const ALL: &[Watched] = &[QUEUES[0], QUEUES[1], INBOX[0]];
-        Self::of(ALL)
-    }
-}
-
 impl QueueUpkeep {
     fn of(tables: &'static [Watched]) -> Self {
         Self {

@@ -18,6 +18,8 @@ mod child;
 mod commands;
 #[path = "bench/common.rs"]
 mod common;
+#[path = "bench/http.rs"]
+mod http;
 #[path = "bench/lag.rs"]
 mod lag;
 #[path = "bench/rebuild.rs"]

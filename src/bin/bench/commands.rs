@@ -6,6 +6,7 @@ use crate::common::{
     closed_loop, compose, compose_body, execute_compose, insert_messages, settle, settle_before,
     Bench, Figure, LoopResult,
 };
+use crate::http::Connections;
 use anyhow::{anyhow, Context, Result};
 use chrono::Utc;
 use messaging::store::Store;
@@ -136,22 +137,16 @@ pub async fn run(bench: &mut Bench) -> Result<Vec<Figure>> {
 
             let backlog = settle_before(&bench.pool, settle_cap).await?;
             eprintln!("bench: commands: HTTP, {label}, {clients} clients");
-            let (http, url, key, service) = (
-                bench.http.clone(),
-                format!("{}/v1/messages", bench.base),
-                bench.api_key.clone(),
+            let (http, service) = (
+                Arc::new(Connections::new(&bench.base, &bench.api_key)?),
                 bench.service.clone(),
             );
             let over_http = closed_loop(clients, duration, move || {
-                let (http, url, key) = (http.clone(), url.clone(), key.clone());
-                let body = compose_body(&service, scheduled.then(far));
+                let http = http.clone();
+                let body = serde_json::to_vec(&compose_body(&service, scheduled.then(far)));
                 async move {
-                    let response = http.post(&url).bearer_auth(key).json(&body).send().await?;
-                    let status = response.status();
-                    // Read as a client reads the message it created (measured: the same
-                    // rates as dropping it unread; hyper had the small body already and
-                    // reused the connection either way).
-                    let answer = response.bytes().await?;
+                    // Read whole, as a client reads the message it created.
+                    let (status, answer) = http.post_json("/v1/messages", body?).await?;
                     if status.as_u16() != 201 {
                         return Err(anyhow!(
                             "POST /v1/messages: {status}: {}",
@@ -317,19 +312,13 @@ async fn existing_messages(
                 .ok_or_else(|| anyhow!("no draft left: the bench wrote too few"))
         };
         let result = if over_http {
-            let (http, base, key) = (
-                bench.http.clone(),
-                bench.base.clone(),
-                bench.api_key.clone(),
-            );
+            let http = Arc::new(Connections::new(&bench.base, &bench.api_key)?);
             closed_loop(clients, duration, move || {
-                let (http, base, key, id) = (http.clone(), base.clone(), key.clone(), next());
+                let (http, id) = (http.clone(), next());
                 async move {
-                    let url = format!("{base}/v1/messages/{}/schedule", id?);
-                    let body = serde_json::json!({ "publish_at": far() });
-                    let response = http.post(&url).bearer_auth(key).json(&body).send().await?;
-                    let status = response.status();
-                    let answer = response.bytes().await?;
+                    let url = format!("/v1/messages/{}/schedule", id?);
+                    let body = serde_json::to_vec(&serde_json::json!({ "publish_at": far() }))?;
+                    let (status, answer) = http.post_json(&url, body).await?;
                     if status.as_u16() != 200 {
                         return Err(anyhow!(
                             "POST {url}: {status}: {}",

@@ -5,7 +5,7 @@ mod batch;
 mod gauges;
 mod group;
 mod inbox;
-pub use inbox::LEASE as LEASE_WEBHOOK_FACTS;
+pub use inbox::{LEASE as LEASE_WEBHOOK_FACTS, LEASE_SETTINGS as LEASE_WEBHOOK_FACTS_SETTINGS};
 mod jobs;
 pub mod maintenance;
 pub mod notify;

@@ -113,6 +113,21 @@ async fn list_filters_and_paginates_without_duplicates_or_gaps() {
     let alices: Vec<String> = all.iter().step_by(2).take(12).rev().cloned().collect();
     assert_eq!(paged, alices);
     assert_eq!(whole, alices);
+    // Beside another filter too (on SQLite read along the profiles table while the profile
+    // is narrow): Alice's scheduled ones are every sixth, from the first.
+    let paged = pages_of_five(
+        &app,
+        "/v1/messages?limit=5&profile=alice@example.com&state=scheduled",
+    )
+    .await;
+    let scheduled: Vec<String> = all.iter().step_by(6).take(4).rev().cloned().collect();
+    assert_eq!(paged, scheduled);
+    let paged = pages_of_five(
+        &app,
+        &format!("/v1/messages?limit=5&profile=alice@example.com&channel=email&service_id={email}"),
+    )
+    .await;
+    assert_eq!(paged, alices);
 
     for bad in [
         "state=shipped",

@@ -91,14 +91,46 @@ pub async fn release_leases_of_the_dead(pools: &SqlitePools) -> Result<u64, Stor
     Ok(released)
 }
 
+/// A profile filter with another one beside it is read along the profiles table when the
+/// profile has fewer pairs than this (before the page's cursor): then at most this many rows
+/// are looked at, whatever the other filter. A profile with more (the sender's own address is
+/// in every message it sent) leaves the page to the other filter's index, as before.
+pub(crate) const NARROW_PROFILE: i64 = 1000;
+
+/// Whether `f`'s profile is read along `message_list_profiles` (see [`list_query`]): alone,
+/// always; beside another filter, when it has fewer than `narrow` pairs before the cursor (a
+/// count that stops at `narrow`).
+async fn walk_profile(pool: &SqlitePool, f: &ListFilter, narrow: i64) -> Result<bool, sqlx::Error> {
+    let Some(username) = f.profile.as_deref() else {
+        return Ok(false);
+    };
+    if f.service_id.is_none() && f.channel.is_none() && f.state.is_none() && f.direction.is_none() {
+        return Ok(true);
+    }
+    let before = f.before.map_or(uuid::Uuid::max(), |b| b.as_uuid());
+    let (pairs,): (i64,) = sqlx::query_as(
+        "SELECT count(*) FROM (SELECT 1 FROM message_list_profiles \
+         WHERE profile = ?1 AND message_id < ?2 LIMIT ?3)",
+    )
+    .bind(username.to_lowercase())
+    .bind(before)
+    .bind(narrow)
+    .fetch_one(pool)
+    .await?;
+    Ok(pairs < narrow)
+}
+
 /// The message list's query on SQLite (see [`crate::store::list_query`]): `profiles` is a
-/// JSON array. Filtered by a profile alone, the page is read along `message_list_profiles`'s
-/// key instead (one range of it, newest first: see its migration), each row joined by its
-/// key; `select` then names columns of `message_list` that the profiles table does not have.
-fn list_query<'a>(select: &str, f: &'a ListFilter) -> sqlx::QueryBuilder<'a, sqlx::Sqlite> {
-    let alone =
-        f.service_id.is_none() && f.channel.is_none() && f.state.is_none() && f.direction.is_none();
-    if let (Some(username), true) = (f.profile.as_deref(), alone) {
+/// JSON array. With `by_profile` (see [`walk_profile`]), the page is read along
+/// `message_list_profiles`'s key instead (one range of it, newest first: see its migration),
+/// each row joined by its key and checked against the other filters; `select` then names
+/// columns of `message_list` that the profiles table does not have.
+fn list_query<'a>(
+    select: &str,
+    f: &'a ListFilter,
+    by_profile: bool,
+) -> sqlx::QueryBuilder<'a, sqlx::Sqlite> {
+    if let (Some(username), true) = (f.profile.as_deref(), by_profile) {
         let mut q = sqlx::QueryBuilder::new(select);
         // CROSS JOIN: SQLite keeps that order, the profile's range outermost.
         q.push(
@@ -106,6 +138,18 @@ fn list_query<'a>(select: &str, f: &'a ListFilter) -> sqlx::QueryBuilder<'a, sql
              ON m.message_id = p.message_id WHERE p.profile = ",
         )
         .push_bind(username.to_lowercase());
+        if let Some(service) = f.service_id {
+            q.push(" AND m.service_id = ").push_bind(service.as_uuid());
+        }
+        if let Some(channel) = f.channel {
+            q.push(" AND m.channel = ").push_bind(channel.as_str());
+        }
+        if let Some(state) = f.state.as_deref() {
+            q.push(" AND m.state = ").push_bind(state);
+        }
+        if let Some(direction) = f.direction.as_deref() {
+            q.push(" AND m.direction = ").push_bind(direction);
+        }
         if let Some(before) = f.before {
             q.push(" AND p.message_id < ").push_bind(before.as_uuid());
         }
@@ -566,7 +610,8 @@ impl Store for SqliteStore {
     }
 
     async fn list_messages(&self, f: &ListFilter) -> Result<Vec<Message>, StoreError> {
-        let rows: Vec<(Json<MessageData>,)> = list_query("SELECT message", f)
+        let by_profile = walk_profile(&self.pools.read, f, NARROW_PROFILE).await?;
+        let rows: Vec<(Json<MessageData>,)> = list_query("SELECT message", f, by_profile)
             .build_query_as()
             .fetch_all(&self.pools.read)
             .await?;
@@ -804,7 +849,7 @@ mod tests {
             before: Some(MessageId::from_uuid(uuid::Uuid::now_v7())),
             ..filter()
         };
-        let plan = plan_of(list_query(explain, &state), &pool).await;
+        let plan = plan_of(list_query(explain, &state, false), &pool).await;
         assert!(
             plan.contains("SEARCH message_list USING INDEX message_list_state (state=?"),
             "{plan}"
@@ -814,7 +859,7 @@ mod tests {
             service_id: Some(ServiceId::from_uuid(uuid::Uuid::now_v7())),
             ..filter()
         };
-        let plan = plan_of(list_query(explain, &service), &pool).await;
+        let plan = plan_of(list_query(explain, &service, false), &pool).await;
         assert!(
             plan.contains("SEARCH message_list USING INDEX message_list_service (service_id=?"),
             "{plan}"
@@ -827,7 +872,7 @@ mod tests {
             before: Some(MessageId::from_uuid(uuid::Uuid::now_v7())),
             ..filter()
         };
-        let plan = plan_of(list_query(explain, &both), &pool).await;
+        let plan = plan_of(list_query(explain, &both, false), &pool).await;
         assert!(
             plan.contains(
                 "SEARCH message_list USING INDEX message_list_service_state \
@@ -843,7 +888,7 @@ mod tests {
             before: Some(MessageId::from_uuid(uuid::Uuid::now_v7())),
             ..filter()
         };
-        let plan = plan_of(list_query(explain, &profile), &pool).await;
+        let plan = plan_of(list_query(explain, &profile, true), &pool).await;
         assert!(
             plan.contains("SEARCH p USING PRIMARY KEY (profile=? AND message_id<?)"),
             "{plan}"
@@ -851,18 +896,140 @@ mod tests {
         assert!(!plan.contains("SCAN"), "{plan}");
         assert!(!plan.contains("TEMP B-TREE"), "{plan}");
 
+        // A narrow profile beside other filters: the same range, each row looked up by its
+        // key and checked, never the other filters' indexes.
+        let beside = ListFilter {
+            profile: Some("ann@example.com".into()),
+            state: Some("sent".into()),
+            service_id: Some(ServiceId::from_uuid(uuid::Uuid::now_v7())),
+            before: Some(MessageId::from_uuid(uuid::Uuid::now_v7())),
+            ..filter()
+        };
+        let plan = plan_of(list_query(explain, &beside, true), &pool).await;
+        assert!(
+            plan.contains("SEARCH p USING PRIMARY KEY (profile=? AND message_id<?)"),
+            "{plan}"
+        );
+        assert!(
+            plan.contains("SEARCH m USING INDEX sqlite_autoindex_message_list_1 (message_id=?)"),
+            "{plan}"
+        );
+        assert!(!plan.contains("SCAN"), "{plan}");
+        assert!(!plan.contains("TEMP B-TREE"), "{plan}");
+
         // No filter, or one without an index of its own: the newest first along the key,
         // stopping at the page's end, never a sort of the whole list.
-        for f in [
-            filter(),
-            ListFilter {
-                channel: Some(Channel::Email),
-                profile: Some("Ann".into()),
-                ..filter()
-            },
+        for (f, by_profile) in [
+            (filter(), false),
+            (
+                ListFilter {
+                    channel: Some(Channel::Email),
+                    profile: Some("Ann".into()),
+                    ..filter()
+                },
+                false,
+            ),
         ] {
-            let plan = plan_of(list_query(explain, &f), &pool).await;
+            let plan = plan_of(list_query(explain, &f, by_profile), &pool).await;
             assert!(!plan.contains("TEMP B-TREE"), "{plan}");
+        }
+    }
+
+    /// Rows of the list and their pairs, written as the projection writes them: `(profiles,
+    /// state)` per message, oldest first; the ids, oldest first.
+    async fn listed(pool: &SqlitePool, rows: &[(&[&str], &str)]) -> Vec<uuid::Uuid> {
+        let service = uuid::Uuid::now_v7();
+        let mut ids = Vec::new();
+        for (profiles, state) in rows {
+            let id = uuid::Uuid::now_v7();
+            sqlx::query(
+                "INSERT INTO message_list (message_id, service_id, channel, direction, state, \
+                 profiles, message, last_sequence) VALUES (?1, ?2, 'email', 'outbound', ?3, ?4, ?5, 1)",
+            )
+            .bind(id)
+            .bind(service)
+            .bind(*state)
+            .bind(serde_json::to_string(profiles).expect("JSON"))
+            // The row's id again, for the page to be read by a query on either table.
+            .bind(id.to_string())
+            .execute(pool)
+            .await
+            .expect("list row");
+            for profile in *profiles {
+                sqlx::query(
+                    "INSERT INTO message_list_profiles (profile, message_id) VALUES (?1, ?2)",
+                )
+                .bind(*profile)
+                .bind(id)
+                .execute(pool)
+                .await
+                .expect("pair");
+            }
+            ids.push(id);
+        }
+        ids
+    }
+
+    #[tokio::test]
+    async fn a_profile_beside_another_filter_is_walked_only_while_it_is_narrow() {
+        let pool = migrated().await;
+        // "me" sends all six; "ann" gets two of them, one sent.
+        let ids = listed(
+            &pool,
+            &[
+                (&["me", "ann"], "sent"),
+                (&["me", "bob"], "sent"),
+                (&["me", "ann"], "draft"),
+                (&["me", "bob"], "sent"),
+                (&["me", "bob"], "draft"),
+                (&["me", "bob"], "sent"),
+            ],
+        )
+        .await;
+        let with = |profile: &str, state: Option<&str>, before: Option<uuid::Uuid>| ListFilter {
+            profile: Some(profile.into()),
+            state: state.map(Into::into),
+            before: before.map(MessageId::from_uuid),
+            ..filter()
+        };
+        let narrow = 3;
+        let walks = |f: ListFilter| {
+            let pool = pool.clone();
+            async move { walk_profile(&pool, &f, narrow).await.expect("count") }
+        };
+        // Alone, a profile is always walked; beside a state, only with fewer pairs than
+        // `narrow` before the cursor.
+        assert!(walks(with("me", None, None)).await);
+        assert!(!walks(with("me", Some("sent"), None)).await);
+        assert!(walks(with("me", Some("sent"), Some(ids[2]))).await);
+        assert!(walks(with("ann", Some("sent"), None)).await);
+        assert!(!walks(filter()).await);
+
+        // Both ways of reading a page give the same rows, newest first.
+        let page = |f: ListFilter, by_profile: bool| {
+            let pool = pool.clone();
+            async move {
+                let rows: Vec<(String,)> = list_query("SELECT message", &f, by_profile)
+                    .build_query_as()
+                    .fetch_all(&pool)
+                    .await
+                    .expect("page");
+                rows.into_iter()
+                    .map(|(id,)| id.parse().expect("an id"))
+                    .collect::<Vec<uuid::Uuid>>()
+            }
+        };
+        for (f, expected) in [
+            (with("ann", Some("sent"), None), vec![ids[0]]),
+            (
+                with("me", Some("sent"), None),
+                vec![ids[5], ids[3], ids[1], ids[0]],
+            ),
+            (with("me", Some("sent"), Some(ids[3])), vec![ids[1], ids[0]]),
+            (with("bob", Some("draft"), None), vec![ids[4]]),
+        ] {
+            assert_eq!(page(f.clone(), true).await, expected);
+            assert_eq!(page(f, false).await, expected);
         }
     }
 

@@ -5,7 +5,7 @@ mod batch;
 mod gauges;
 mod group;
 mod inbox;
-pub use inbox::{LEASE as LEASE_WEBHOOK_FACTS, LEASE_SETTINGS as LEASE_WEBHOOK_FACTS_SETTINGS};
+pub use inbox::{begin_lease as begin_webhook_lease, LEASE as LEASE_WEBHOOK_FACTS};
 mod jobs;
 pub mod maintenance;
 pub mod notify;

@@ -1,12 +1,15 @@
-//! The commands' HTTP clients: each a connection of its own to the service, held for the run
-//! and used for one request at a time, as each reference client holds one PostgreSQL
-//! connection.
+//! The commands' HTTP clients: kept HTTP/1.1 connections to the service, each used by one
+//! client at a time (a client takes an idle one, or opens one, and gives it back after its
+//! request: never more connections than clients), for one phase, as each reference client
+//! holds one PostgreSQL connection.
 //!
-//! hyper's own HTTP/1.1 connection, not reqwest: the clients run on the same two cores as the
+//! hyper's own connections, not reqwest: the clients run on the same two cores as the
 //! service, so whatever a client costs is taken from the service's figure. reqwest parses the
 //! URL of every request (IDNA included), builds its headers and checks a connection out of its
-//! pool and back; here a request is the method, the path, four headers and the body, on a
-//! connection the client already holds. The service sees the same requests.
+//! pool and back; here a request is the method, the path, three headers and the body. The
+//! service sees the same requests but for reqwest's `accept: */*`. A connection is opened on a
+//! client's first request, inside the timed loop (a round trip on this machine, once per
+//! client and phase).
 
 use anyhow::{anyhow, Context, Result};
 use bytes::Bytes;
@@ -83,8 +86,13 @@ impl Connections {
         let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .context("HTTP/1.1 handshake")?;
-        // Ends when the sender is dropped or the service closes the connection.
-        tokio::spawn(connection);
+        // Ends when the sender is dropped or the service closes the connection; an error
+        // also fails the request that was on it.
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                eprintln!("bench: an HTTP connection to the service failed: {error}");
+            }
+        });
         Ok(sender)
     }
 

@@ -83,47 +83,61 @@ struct PendingRow {
 
 /// The applier's lease: the oldest 500 pending facts that are not leased and not waiting (or
 /// whose wait is over), walked in time order through `webhook_inbox_pending` and stopped at
-/// the 500th (a plan test pins it). The facts' payloads are read only for the 500 leased: when
-/// PostgreSQL sorts instead (its plan for a table without statistics may), the rows it sorts
-/// are an id, a time and two short fields, not every pending fact's payload (the sort then
-/// spilled 20 MB to disk with 40k pending). `OFFSET 0` keeps `due` a subquery of its own, so
-/// each fact's message is looked up once for both columns that take it. `$1`: replies to posts
+/// the 500th (a plan test pins it), then updated by key (`= ANY(ARRAY(..))`, as the queues'
+/// claims: no join back to the inbox that a plan could make a scan of it per fact). The
+/// facts' payloads are read only for the 500 leased: when PostgreSQL sorts instead (its plan
+/// for a table without statistics may), the rows it sorts are an id and a time, not every
+/// pending fact's payload (the sort then spilled 20 MB to disk with 40k pending). A reply
+/// that names only the post it answers looks the post up by its provider id (twice: for its
+/// message and for that message's sequence; the other facts have their message already), a
+/// scalar subquery each so that no plan hashes the whole list for it. `$1`: replies to posts
 /// never listed are given up on once received before it.
 pub const LEASE: &str = "UPDATE webhook_inbox w SET locked_until = now() + interval '60 seconds', \
-       waiting = false, message_id = due.message_id, \
-       waiting_after = (SELECT last_sequence FROM message_list m \
-           WHERE m.message_id = due.message_id) \
-     FROM (SELECT c.id, COALESCE(c.message_id, (SELECT p.message_id FROM message_list p \
-             WHERE p.provider_message_id = c.answered_post \
-               AND p.channel = c.channel AND p.direction = 'outbound' \
-             LIMIT 1)) AS message_id \
-           FROM (SELECT i.id, i.message_id, i.payload->>'answered_post' AS answered_post, \
-                        i.payload->>'channel' AS channel \
-                 FROM webhook_inbox i \
-                 WHERE i.status = 'pending' \
-                   AND (i.locked_until IS NULL OR i.locked_until < now()) \
-                   AND (NOT i.waiting OR EXISTS \
-                     (SELECT 1 FROM message_list m WHERE m.message_id = i.message_id \
-                        AND m.last_sequence > COALESCE(i.waiting_after, 0)) \
-                     OR (i.message_id IS NULL AND (i.received_at < $1 OR EXISTS \
-                       (SELECT 1 FROM message_list m \
-                        WHERE m.provider_message_id = i.payload->>'answered_post' \
-                          AND m.channel = i.payload->>'channel' \
-                          AND m.direction = 'outbound')))) \
-                 ORDER BY i.occurred_at, i.id LIMIT 500 FOR UPDATE SKIP LOCKED) c \
-           OFFSET 0) due \
-     WHERE w.id = due.id \
+       waiting = false, \
+       message_id = COALESCE(w.message_id, (SELECT p.message_id FROM message_list p \
+           WHERE p.provider_message_id = w.payload->>'answered_post' \
+             AND p.channel = w.payload->>'channel' AND p.direction = 'outbound' LIMIT 1)), \
+       waiting_after = (SELECT m.last_sequence FROM message_list m \
+           WHERE m.message_id = COALESCE(w.message_id, (SELECT p.message_id FROM message_list p \
+             WHERE p.provider_message_id = w.payload->>'answered_post' \
+               AND p.channel = w.payload->>'channel' AND p.direction = 'outbound' LIMIT 1))) \
+     WHERE w.id = ANY(ARRAY( \
+       SELECT i.id FROM webhook_inbox i \
+       WHERE i.status = 'pending' \
+         AND (i.locked_until IS NULL OR i.locked_until < now()) \
+         AND (NOT i.waiting OR EXISTS \
+           (SELECT 1 FROM message_list m WHERE m.message_id = i.message_id \
+              AND m.last_sequence > COALESCE(i.waiting_after, 0)) \
+           OR (i.message_id IS NULL AND (i.received_at < $1 OR COALESCE( \
+             (SELECT true FROM message_list m \
+              WHERE m.provider_message_id = i.payload->>'answered_post' \
+                AND m.channel = i.payload->>'channel' \
+                AND m.direction = 'outbound' LIMIT 1), false)))) \
+       ORDER BY i.occurred_at, i.id LIMIT 500 FOR UPDATE SKIP LOCKED)) \
      RETURNING w.id, w.event_id, w.message_id, w.kind, w.occurred_at, w.received_at, \
                w.payload, w.locked_until";
 
-/// Run before [`LEASE`] in its transaction. The lease is prepared once per connection, and
-/// after five runs PostgreSQL may keep a generic plan for it: one made while the inbox was
-/// empty (the applier looks every 100 ms) joined the 500 leased facts back to the inbox by
-/// scanning the whole inbox once for each (0.3 to 1.2 s a lease once 20k facts had come in, in
-/// the bench's full run: 1.7k facts applied a second instead of 5k to 8k). With sequential
-/// scans off, every plan finds them by key whatever the inbox held when it was made (a test
-/// shows the bad plan without it).
-pub const LEASE_SETTINGS: &str = "SET LOCAL enable_seqscan = off";
+/// Run before [`LEASE`] in its transaction: no plan of it may scan a table. The lease is
+/// prepared once per pooled connection, and after five runs PostgreSQL may keep a generic plan
+/// for it. One made while the inbox was empty (an idle applier still looks every few seconds)
+/// scanned the whole inbox for the facts it had picked: when the lease was a join back to the
+/// inbox, once for each of them (0.3 to 1.2 s a lease once 20k facts had come in, in the
+/// bench's full run: 1.7k facts applied a second instead of 5k to 8k), and as `= ANY` still
+/// once a lease, in an inbox that keeps every fact. With sequential scans off every plan finds
+/// them by key (a test shows the kept plan without this setting). Custom plans were tried
+/// too: planned for an inbox whose statistics said it was empty, one read every pending fact
+/// and sorted them.
+const LEASE_SETTINGS: &str = "SET LOCAL enable_seqscan = off";
+
+/// A transaction on `conn` for [`LEASE`], with [`LEASE_SETTINGS`] (the store's lease runs in
+/// one; a test plans the lease in one).
+pub async fn begin_lease(
+    conn: &mut sqlx::PgConnection,
+) -> Result<sqlx::Transaction<'_, sqlx::Postgres>, sqlx::Error> {
+    let mut tx = sqlx::Connection::begin(conn).await?;
+    sqlx::query(LEASE_SETTINGS).execute(&mut *tx).await?;
+    Ok(tx)
+}
 
 pub(super) async fn lease(
     pool: &PgPool,
@@ -135,8 +149,8 @@ pub(super) async fn lease(
     // leased again as any other), and keeps the sequence listed now for a `Wait` settlement. A
     // reply that names only the post it answers takes the message of that post once it is
     // listed, kept on the row: from then on it waits on its message like any other fact.
-    let mut tx = pool.begin().await?;
-    sqlx::query(LEASE_SETTINGS).execute(&mut *tx).await?;
+    let mut conn = pool.acquire().await?;
+    let mut tx = begin_lease(&mut conn).await?;
     let rows: Vec<PendingRow> = sqlx::query_as(LEASE)
         .bind(gave_up_before)
         .fetch_all(&mut *tx)

@@ -124,7 +124,9 @@ async fn walk_profile(pool: &SqlitePool, f: &ListFilter, narrow: i64) -> Result<
 /// JSON array. With `by_profile` (see [`walk_profile`]), the page is read along
 /// `message_list_profiles`'s key instead (one range of it, newest first: see its migration),
 /// each row joined by its key and checked against the other filters; `select` then names
-/// columns of `message_list` that the profiles table does not have.
+/// columns of `message_list` that the profiles table does not have. (The table's migration
+/// says a profile beside another filter is read through that filter's index: so it was
+/// before [`walk_profile`], and an applied migration is never edited.)
 fn list_query<'a>(
     select: &str,
     f: &'a ListFilter,

@@ -185,18 +185,7 @@ where
 {
     let mut q = sqlx::QueryBuilder::new(select);
     q.push(" FROM message_list WHERE 1 = 1");
-    if let Some(service) = f.service_id {
-        q.push(" AND service_id = ").push_bind(service.as_uuid());
-    }
-    if let Some(channel) = f.channel {
-        q.push(" AND channel = ").push_bind(channel.as_str());
-    }
-    if let Some(state) = f.state.as_deref() {
-        q.push(" AND state = ").push_bind(state);
-    }
-    if let Some(direction) = f.direction.as_deref() {
-        q.push(" AND direction = ").push_bind(direction);
-    }
+    push_column_filters(&mut q, f, "");
     if let Some(username) = f.profile.as_deref() {
         q.push(" AND ")
             .push(profile.0)
@@ -209,6 +198,36 @@ where
     q.push(" ORDER BY message_id DESC LIMIT ")
         .push_bind(f.limit);
     q
+}
+
+/// `f`'s filters on the list's own columns (service, channel, state, direction), each as
+/// ` AND <prefix><column> = ` a bound value: `prefix` names the list's table where the query
+/// joins another (`m.`).
+pub fn push_column_filters<'a, DB>(
+    q: &mut sqlx::QueryBuilder<'a, DB>,
+    f: &'a ListFilter,
+    prefix: &str,
+) where
+    DB: sqlx::Database,
+    uuid::Uuid: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+    &'a str: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+{
+    if let Some(service) = f.service_id {
+        q.push(format_args!(" AND {prefix}service_id = "))
+            .push_bind(service.as_uuid());
+    }
+    if let Some(channel) = f.channel {
+        q.push(format_args!(" AND {prefix}channel = "))
+            .push_bind(channel.as_str());
+    }
+    if let Some(state) = f.state.as_deref() {
+        q.push(format_args!(" AND {prefix}state = "))
+            .push_bind(state);
+    }
+    if let Some(direction) = f.direction.as_deref() {
+        q.push(format_args!(" AND {prefix}direction = "))
+            .push_bind(direction);
+    }
 }
 
 /// A scheduled send the scheduler leased, with the `publish_at` it was leased at: the firing

@@ -88,10 +88,11 @@ struct PendingRow {
 /// facts' payloads are read only for the 500 leased: when PostgreSQL sorts instead (its plan
 /// for a table without statistics may), the rows it sorts are an id and a time, not every
 /// pending fact's payload (the sort then spilled 20 MB to disk with 40k pending). A reply
-/// that names only the post it answers looks the post up by its provider id (twice: for its
-/// message and for that message's sequence; the other facts have their message already), a
-/// scalar subquery each so that no plan hashes the whole list for it. `$1`: replies to posts
-/// never listed are given up on once received before it.
+/// that names only the post it answers looks the post up by its provider id (for its message
+/// and again for that message's sequence, and first in the filter when it waits for the post;
+/// the other facts have their message already), a scalar subquery each so that no plan
+/// hashes the whole list for it. `$1`: replies to posts never listed are given up on once
+/// received before it.
 pub const LEASE: &str = "UPDATE webhook_inbox w SET locked_until = now() + interval '60 seconds', \
        waiting = false, \
        message_id = COALESCE(w.message_id, (SELECT p.message_id FROM message_list p \
@@ -119,9 +120,9 @@ pub const LEASE: &str = "UPDATE webhook_inbox w SET locked_until = now() + inter
 
 /// Run before [`LEASE`] in its transaction: no plan of it may scan a table. The lease is
 /// prepared once per pooled connection, and after five runs PostgreSQL may keep a generic plan
-/// for it. One made while the inbox was empty (an idle applier still looks every few seconds)
-/// scanned the whole inbox for the facts it had picked: when the lease was a join back to the
-/// inbox, once for each of them (0.3 to 1.2 s a lease once 20k facts had come in, in the
+/// for it. One made while the inbox was empty (an applier looks at least every 2 s, and every
+/// 100 ms while events are appended) scanned the whole inbox for the facts it had picked: when
+/// the lease was a join back to the inbox, once for each of them (0.3 to 1.2 s a lease once 20k facts had come in, in the
 /// bench's full run: 1.7k facts applied a second instead of 5k to 8k), and as `= ANY` still
 /// once a lease, in an inbox that keeps every fact. With sequential scans off every plan finds
 /// them by key (a test shows the kept plan without this setting). Custom plans were tried
@@ -130,7 +131,8 @@ pub const LEASE: &str = "UPDATE webhook_inbox w SET locked_until = now() + inter
 const LEASE_SETTINGS: &str = "SET LOCAL enable_seqscan = off";
 
 /// A transaction on `conn` for [`LEASE`], with [`LEASE_SETTINGS`] (the store's lease runs in
-/// one; a test plans the lease in one).
+/// one; a test plans the lease in one). On a connection already in a transaction it is a
+/// savepoint, and the setting lasts until the outer transaction ends.
 pub async fn begin_lease(
     conn: &mut sqlx::PgConnection,
 ) -> Result<sqlx::Transaction<'_, sqlx::Postgres>, sqlx::Error> {

@@ -140,18 +140,7 @@ fn list_query<'a>(
              ON m.message_id = p.message_id WHERE p.profile = ",
         )
         .push_bind(username.to_lowercase());
-        if let Some(service) = f.service_id {
-            q.push(" AND m.service_id = ").push_bind(service.as_uuid());
-        }
-        if let Some(channel) = f.channel {
-            q.push(" AND m.channel = ").push_bind(channel.as_str());
-        }
-        if let Some(state) = f.state.as_deref() {
-            q.push(" AND m.state = ").push_bind(state);
-        }
-        if let Some(direction) = f.direction.as_deref() {
-            q.push(" AND m.direction = ").push_bind(direction);
-        }
+        crate::store::push_column_filters(&mut q, f, "m.");
         if let Some(before) = f.before {
             q.push(" AND p.message_id < ").push_bind(before.as_uuid());
         }

@@ -309,6 +309,9 @@ pub(crate) fn new_items(
     Ok(items)
 }
 
+/// The channel the feed's writers NOTIFY (the service's feed long-polls listen on it).
+const CHANNEL: &str = "state_changes";
+
 #[async_trait]
 impl Projection<Postgres> for StateChangeFeed {
     fn name(&self) -> &'static str {
@@ -328,7 +331,8 @@ impl Projection<Postgres> for StateChangeFeed {
             return Ok(());
         }
         items.insert(&mut *conn).await?;
-        sqlx::query("SELECT pg_notify('state_changes', '')")
+        sqlx::query("SELECT pg_notify($1, '')")
+            .bind(CHANNEL)
             .execute(&mut *conn)
             .await?;
         Ok(())
@@ -346,6 +350,10 @@ impl Projection<Postgres> for StateChangeFeed {
 
     fn tables(&self) -> &'static [&'static str] {
         &["state_changes"]
+    }
+
+    fn channel(&self) -> Option<&'static str> {
+        Some(CHANNEL)
     }
 
     async fn reset(&self, conn: &mut PgConnection) -> Result<(), ProjectionError> {

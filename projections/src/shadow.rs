@@ -273,13 +273,14 @@ impl Shadow {
 
     /// Builds the copies' other indexes (shared with `helper`, when there is one, two at a
     /// time) and then their foreign keys, analyzes them, and in one transaction puts them in the live
-    /// tables' place and the checkpoint at `(transaction_id, global_position)` with `handled`
-    /// events.
+    /// tables' place, the checkpoint of the subscription `name` at `(transaction_id,
+    /// global_position)` with `handled` events, and a NOTIFY on `channel` (if any: the copies
+    /// were written without one).
     pub(crate) async fn swap(
         &self,
         conn: &mut PgConnection,
         helper: Option<&mut PgConnection>,
-        name: &str,
+        (name, channel): (&str, Option<&str>),
         checkpoint: (String, i64),
         handled: u64,
     ) -> Result<(), ProjectionError> {
@@ -325,7 +326,7 @@ impl Shadow {
             };
             let mut tx = conn.begin().await?;
             match self
-                .replace(&mut tx, name, &checkpoint, handled, wait)
+                .replace(&mut tx, (name, channel), &checkpoint, handled, wait)
                 .await
             {
                 Ok(()) => {
@@ -375,7 +376,7 @@ impl Shadow {
     async fn replace(
         &self,
         tx: &mut PgConnection,
-        name: &str,
+        (name, channel): (&str, Option<&str>),
         checkpoint: &(String, i64),
         handled: u64,
         wait: Duration,
@@ -433,6 +434,13 @@ impl Shadow {
         .bind(i64::try_from(handled).unwrap_or(i64::MAX))
         .execute(&mut *tx)
         .await?;
+        // Delivered at the commit, with the tables: a long-poll woken by it reads the new ones.
+        if let Some(channel) = channel {
+            sqlx::query("SELECT pg_notify($1, '')")
+                .bind(channel)
+                .execute(&mut *tx)
+                .await?;
+        }
         Ok(())
     }
     /// Locks the tables `table` names (the copies or the live ones) for the rest of the

@@ -80,6 +80,13 @@ pub trait Projection<DB: sqlx::Database>: Send + Sync + 'static {
         &[]
     }
 
+    /// The channel NOTIFYed when the read model gains rows, for those who wait on it (the
+    /// feed's long-polls); `None` (the default): nobody does. A rebuild beside the live tables
+    /// NOTIFYs it when the copies take their place, in the same transaction.
+    fn channel(&self) -> Option<&'static str> {
+        None
+    }
+
     /// A batch's work split in two, for a rebuild beside the live tables that reads the log in
     /// its order: what needs only the events and the log (folds, and reads of the log on
     /// `log`, a connection of its own) is done here, batch after batch in log order, while
@@ -422,7 +429,7 @@ impl Subscription {
                 .swap(
                     &mut *writer,
                     helper.as_mut(),
-                    self.name(),
+                    (self.name(), self.projection.channel()),
                     checkpoint,
                     total,
                 )

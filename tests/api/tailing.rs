@@ -407,6 +407,9 @@ impl Projection<Postgres> for HoldFirstOf {
     fn tables(&self) -> &'static [&'static str] {
         self.inner.tables()
     }
+    fn channel(&self) -> Option<&'static str> {
+        self.inner.channel()
+    }
     fn independent_aggregates(&self) -> bool {
         self.inner.independent_aggregates()
     }
@@ -915,6 +918,34 @@ async fn the_list_and_the_feed_stay_whole_while_they_are_rebuilt() {
     assert_eq!(read_models(&mut reader).await.0.len(), 120);
 }
 
+/// The feed rebuilt beside the live one (its batches written without a NOTIFY: nobody reads
+/// the copy) wakes those who wait on it when it takes the live one's place: a long-poll would
+/// otherwise sleep through the swap until its timeout or the next new item.
+#[tokio::test]
+async fn a_rebuilt_feed_wakes_its_listeners_when_it_takes_the_live_ones_place() {
+    let pool = migrated_pool().await;
+    write_history(&pool).await;
+    let feed: Arc<dyn Projection<Postgres>> = Arc::new(StateChangeFeed::new());
+    Subscription::new(pool.clone(), feed.clone())
+        .catch_up()
+        .await
+        .unwrap();
+    let mut listener = sqlx::postgres::PgListener::connect_with(&pool)
+        .await
+        .unwrap();
+    listener.listen("state_changes").await.unwrap();
+    let rebuilt = Subscription::new(pool.clone(), feed.clone())
+        .rebuild()
+        .await
+        .unwrap();
+    assert!(rebuilt > 0);
+    let woken = tokio::time::timeout(Duration::from_secs(10), listener.recv()).await;
+    assert!(
+        matches!(woken, Ok(Ok(ref n)) if n.channel() == "state_changes"),
+        "no NOTIFY at the swap: {woken:?}"
+    );
+}
+
 /// A reader that holds the live list in a transaction left open does not fail the rebuild or
 /// queue every other reader behind it: the swap asks for the tables with a short lock timeout
 /// and asks again until they are free.
@@ -1103,6 +1134,9 @@ impl Projection<Postgres> for Slow {
     }
     fn tables(&self) -> &'static [&'static str] {
         self.0.tables()
+    }
+    fn channel(&self) -> Option<&'static str> {
+        self.0.channel()
     }
     fn independent_aggregates(&self) -> bool {
         self.0.independent_aggregates()

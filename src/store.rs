@@ -163,6 +163,16 @@ pub struct ListFilter {
     pub limit: i64,
 }
 
+impl ListFilter {
+    /// Whether any filter on the list's own columns is given (see [`push_column_filters`]).
+    pub fn has_column_filters(&self) -> bool {
+        self.service_id.is_some()
+            || self.channel.is_some()
+            || self.state.is_some()
+            || self.direction.is_some()
+    }
+}
+
 /// The message list's query with only the filters given, on either backend: each combination
 /// is a statement of its own, planned with the index it can use. With `($1 IS NULL OR state =
 /// $1)` for every filter, SQLite planned a scan of the whole list whatever was given, and a
@@ -200,7 +210,8 @@ where
     q
 }
 
-/// `f`'s filters on the list's own columns (service, channel, state, direction), each as
+/// `f`'s filters on the list's own columns (service, channel, state, direction: those of
+/// [`ListFilter::has_column_filters`]), each as
 /// ` AND <prefix><column> = ` a bound value: `prefix` names the list's table where the query
 /// joins another (`m.`).
 pub fn push_column_filters<'a, DB>(

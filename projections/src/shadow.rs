@@ -11,10 +11,12 @@
 //! then the copies are analyzed. One transaction then checks that the live tables have not
 //! changed shape since the copies were made (a migration run meanwhile would otherwise be
 //! undone), gives the copies the live tables' grants as they are then, drops the live tables,
-//! moves the copies into their schema (each index and constraint keeps its name) and sets the
-//! checkpoint where the rebuild's read ended. A rebuild that stops before that leaves the live
-//! tables and their checkpoint as they were; one that fails drops its copies, and one that was
-//! killed leaves them to the next rebuild of the same projection, which drops them first.
+//! moves the copies into their schema (each index and constraint keeps its name), sets the
+//! checkpoint where the rebuild's read ended and NOTIFYs the projection's channel
+//! ([`Projection::channel`](crate::Projection::channel)), if it has one. A rebuild that stops
+//! before that leaves the live tables and their checkpoint as they were; one that fails drops
+//! its copies, and one that was killed leaves them to the next rebuild of the same projection,
+//! which drops them first.
 //!
 //! The rebuild's writer reaches the copies by their names through its `search_path` (their
 //! schema first), so a projection's SQL is the same whether it writes the live tables or the
@@ -372,7 +374,7 @@ impl Shadow {
 
     /// In the caller's transaction: the copies locked, then the live tables (waiting at most
     /// `wait`), their shapes checked, the live tables dropped, the copies moved into their
-    /// schema, the checkpoint set.
+    /// schema, the checkpoint set, the channel NOTIFYed.
     async fn replace(
         &self,
         tx: &mut PgConnection,

@@ -80,9 +80,10 @@ pub trait Projection<DB: sqlx::Database>: Send + Sync + 'static {
         &[]
     }
 
-    /// The channel NOTIFYed when the read model gains rows, for those who wait on it (the
-    /// feed's long-polls); `None` (the default): nobody does. A rebuild beside the live tables
-    /// NOTIFYs it when the copies take their place, in the same transaction.
+    /// The channel a rebuild beside the live tables ([`Self::tables`]) NOTIFYs when the copies
+    /// take their place, in the same transaction: the one the read model's own batches NOTIFY
+    /// (the feed's `state_changes`; the copies' batches send none). `None` (the default): no
+    /// NOTIFY at the swap. A read model rebuilt in place NOTIFYs from its batches as usual.
     fn channel(&self) -> Option<&'static str> {
         None
     }

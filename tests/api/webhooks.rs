@@ -1006,7 +1006,8 @@ async fn on_postgresql_a_lease_planned_while_the_inbox_was_empty_finds_its_facts
     let leased = store.lease_webhook_facts(Utc::now()).await.expect("lease");
     assert_eq!(leased.len(), 500);
     // A backend reports its scans at a transaction's end at most once a second (else within
-    // 10 s, when idle): the lease's own connection is asked to report them now.
+    // 10 s, when idle): the lease's own connection is asked to report them now (PostgreSQL
+    // 15 and later).
     sqlx::query("SELECT pg_stat_force_next_flush()")
         .execute(&one)
         .await

@@ -122,17 +122,18 @@ pub const LEASE: &str = "UPDATE webhook_inbox w SET locked_until = now() + inter
 /// prepared once per pooled connection, and after five runs PostgreSQL may keep a generic plan
 /// for it. One made while the inbox was empty (an applier looks at least every 2 s, and every
 /// 100 ms while events are appended) scanned the whole inbox for the facts it had picked: when
-/// the lease was a join back to the inbox, once for each of them (0.3 to 1.2 s a lease once 20k facts had come in, in the
-/// bench's full run: 1.7k facts applied a second instead of 5k to 8k), and as `= ANY` still
-/// once a lease, in an inbox that keeps every fact. With sequential scans off every plan finds
-/// them by key (a test shows the kept plan without this setting). Custom plans were tried
-/// too: planned for an inbox whose statistics said it was empty, one read every pending fact
-/// and sorted them.
+/// the lease was a join back to the inbox, once for each of them (0.3 to 1.2 s a lease once
+/// 20k facts had come in, in the bench's full run: 1.7k facts applied a second instead of 5k
+/// to 8k), and as `= ANY` still once a lease, in an inbox that keeps every fact. With
+/// sequential scans off every plan finds them by key (a test shows the kept plan without this
+/// setting). Custom plans were tried too: planned for an inbox whose statistics said it was
+/// empty, one read every pending fact and sorted them.
 const LEASE_SETTINGS: &str = "SET LOCAL enable_seqscan = off";
 
 /// A transaction on `conn` for [`LEASE`], with [`LEASE_SETTINGS`] (the store's lease runs in
 /// one; a test plans the lease in one). On a connection already in a transaction it is a
-/// savepoint, and the setting lasts until the outer transaction ends.
+/// savepoint, and the setting lasts until the outer transaction ends (unless the savepoint is
+/// rolled back).
 pub async fn begin_lease(
     conn: &mut sqlx::PgConnection,
 ) -> Result<sqlx::Transaction<'_, sqlx::Postgres>, sqlx::Error> {

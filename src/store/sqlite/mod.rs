@@ -104,7 +104,7 @@ async fn walk_profile(pool: &SqlitePool, f: &ListFilter, narrow: i64) -> Result<
     let Some(username) = f.profile.as_deref() else {
         return Ok(false);
     };
-    if f.service_id.is_none() && f.channel.is_none() && f.state.is_none() && f.direction.is_none() {
+    if !f.has_column_filters() {
         return Ok(true);
     }
     let before = f.before.map_or(uuid::Uuid::max(), |b| b.as_uuid());
@@ -935,7 +935,8 @@ mod tests {
             let id = uuid::Uuid::now_v7();
             sqlx::query(
                 "INSERT INTO message_list (message_id, service_id, channel, direction, state, \
-                 profiles, message, last_sequence) VALUES (?1, ?2, 'email', 'outbound', ?3, ?4, ?5, 1)",
+                 profiles, message, last_sequence) \
+                 VALUES (?1, ?2, 'email', 'outbound', ?3, ?4, ?5, 1)",
             )
             .bind(id)
             .bind(service)

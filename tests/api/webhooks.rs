@@ -930,6 +930,43 @@ async fn a_message_with_hundreds_of_facts_keeps_every_one_once_through_its_snaps
     );
 }
 
+/// Prepares the store's webhook lease on `conn` as `lease`.
+async fn prepare_lease(conn: &mut sqlx::PgConnection) {
+    use messaging::store::postgres::LEASE_WEBHOOK_FACTS;
+    sqlx::raw_sql(&format!(
+        "PREPARE lease(timestamptz) AS {LEASE_WEBHOOK_FACTS}"
+    ))
+    .execute(&mut *conn)
+    .await
+    .expect("prepare");
+}
+
+/// The lease's transaction on `conn`: the store's (`with`), or a plain one.
+async fn begin_lease_or_plain(
+    conn: &mut sqlx::PgConnection,
+    with: bool,
+) -> sqlx::Transaction<'_, sqlx::Postgres> {
+    if with {
+        messaging::store::postgres::begin_webhook_lease(conn)
+            .await
+            .expect("begin the lease")
+    } else {
+        sqlx::Connection::begin(conn).await.expect("begin")
+    }
+}
+
+/// The plan `conn` would run the prepared `lease` with, in the transaction
+/// [`begin_lease_or_plain`] makes.
+async fn plan_on(conn: &mut sqlx::PgConnection, with: bool) -> String {
+    let mut tx = begin_lease_or_plain(conn, with).await;
+    let plan: Vec<String> = sqlx::query_scalar("EXPLAIN EXECUTE lease(now())")
+        .fetch_all(&mut *tx)
+        .await
+        .expect("explain");
+    tx.rollback().await.expect("rollback");
+    plan.join("\n")
+}
+
 /// The lease is prepared on each pooled connection, and PostgreSQL keeps a generic plan after
 /// five runs. Made while the inbox was empty (an applier looks at least every 2 s),
 /// that plan can find the leased facts again by scanning the whole inbox (once for each, when
@@ -941,7 +978,7 @@ async fn a_message_with_hundreds_of_facts_keeps_every_one_once_through_its_snaps
 /// every other index at a key.
 #[tokio::test]
 async fn on_postgresql_a_lease_planned_while_the_inbox_was_empty_finds_its_facts_by_key() {
-    use messaging::store::postgres::{begin_webhook_lease, PgStore, LEASE_WEBHOOK_FACTS};
+    use messaging::store::postgres::PgStore;
     use messaging::store::Store;
     use std::time::Duration;
 
@@ -1033,26 +1070,10 @@ async fn on_postgresql_a_lease_planned_while_the_inbox_was_empty_finds_its_facts
     }
     let mut with = pool.acquire().await.expect("a connection");
     let mut without = pool.acquire().await.expect("a connection");
-    /// The lease's transaction on `conn`: the store's (`with`), or a plain one.
-    async fn begin(
-        conn: &mut sqlx::PgConnection,
-        with: bool,
-    ) -> sqlx::Transaction<'_, sqlx::Postgres> {
-        if with {
-            begin_webhook_lease(conn).await.expect("begin the lease")
-        } else {
-            sqlx::Connection::begin(conn).await.expect("begin")
-        }
-    }
     for (conn, settings) in [(&mut with, true), (&mut without, false)] {
-        sqlx::raw_sql(&format!(
-            "PREPARE lease(timestamptz) AS {LEASE_WEBHOOK_FACTS}"
-        ))
-        .execute(&mut **conn)
-        .await
-        .expect("prepare");
+        prepare_lease(conn).await;
         for _ in 0..8 {
-            let mut tx = begin(conn, settings).await;
+            let mut tx = begin_lease_or_plain(conn, settings).await;
             sqlx::raw_sql("EXECUTE lease(now())")
                 .execute(&mut *tx)
                 .await
@@ -1061,16 +1082,6 @@ async fn on_postgresql_a_lease_planned_while_the_inbox_was_empty_finds_its_facts
         }
     }
     burst().await;
-    /// The plan `conn` would run the lease with, in the transaction `begin` makes.
-    async fn plan_on(conn: &mut sqlx::PgConnection, with: bool) -> String {
-        let mut tx = begin(conn, with).await;
-        let plan: Vec<String> = sqlx::query_scalar("EXPLAIN EXECUTE lease(now())")
-            .fetch_all(&mut *tx)
-            .await
-            .expect("explain");
-        tx.rollback().await.expect("rollback");
-        plan.join("\n")
-    }
     // Without the settings the kept plan scans the inbox for the leased facts: what this test
     // guards against.
     let plan = plan_on(&mut without, false).await;
@@ -1108,7 +1119,7 @@ async fn on_postgresql_a_lease_planned_while_the_inbox_was_empty_finds_its_facts
 #[tokio::test]
 async fn on_postgresql_the_webhook_lease_reads_the_oldest_pending_facts_through_their_index() {
     use messaging::store::postgres::maintenance::QueueUpkeep;
-    use messaging::store::postgres::{begin_webhook_lease, PgStore, LEASE_WEBHOOK_FACTS};
+    use messaging::store::postgres::PgStore;
     use messaging::store::Store;
     use std::time::Duration;
 
@@ -1176,22 +1187,9 @@ async fn on_postgresql_the_webhook_lease_reads_the_oldest_pending_facts_through_
     }
 
     let mut conn = pool.acquire().await.expect("a connection");
-    sqlx::raw_sql(&format!(
-        "PREPARE lease(timestamptz) AS {LEASE_WEBHOOK_FACTS}"
-    ))
-    .execute(&mut *conn)
-    .await
-    .expect("prepare");
+    prepare_lease(&mut conn).await;
     // In the lease's transaction, as the store runs it.
-    let mut tx = begin_webhook_lease(&mut conn)
-        .await
-        .expect("begin the lease");
-    let plan: Vec<String> = sqlx::query_scalar("EXPLAIN EXECUTE lease(now())")
-        .fetch_all(&mut *tx)
-        .await
-        .expect("explain");
-    tx.rollback().await.expect("rollback");
-    let plan = plan.join("\n");
+    let plan = plan_on(&mut conn, true).await;
     assert!(
         plan.contains("Index Scan using webhook_inbox_pending on webhook_inbox i"),
         "{plan}"

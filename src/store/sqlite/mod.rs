@@ -95,7 +95,7 @@ pub async fn release_leases_of_the_dead(pools: &SqlitePools) -> Result<u64, Stor
 /// profile has fewer pairs than this (before the page's cursor): then at most this many rows
 /// are looked at, whatever the other filter. A profile with more (the sender's own address is
 /// in every message it sent) leaves the page to the other filter's index, as before.
-pub(crate) const NARROW_PROFILE: i64 = 1000;
+const NARROW_PROFILE: i64 = 1000;
 
 /// Whether `f`'s profile is read along `message_list_profiles` (see [`list_query`]): alone,
 /// always; beside another filter, when it has fewer than `narrow` pairs before the cursor (a

@@ -1,7 +1,7 @@
 //! SendGrid: the Event Webhook (signed batches of delivery, engagement and compliance events)
 //! and Inbound Parse (replies, as multipart forms).
 
-use super::inbox::{FactKind, InboxFact, Problem};
+use super::inbox::{FactKind, InboxFact, Payload, Problem};
 use super::{WebhookError, WebhookState};
 use axum::body::Bytes;
 use axum::extract::{Multipart, Query, State};
@@ -9,6 +9,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::Json;
 use chrono::{DateTime, TimeZone, Utc};
 use serde::Deserialize;
+use serde_json::value::RawValue;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
@@ -53,30 +54,39 @@ pub fn malformed(provider: &'static str, raw: &[u8], error: &str) -> InboxFact {
         message_id: None,
         kind: FactKind::Other,
         occurred_at: Utc::now(),
-        payload: json!({"_raw": String::from_utf8_lossy(raw), "_error": error}),
+        payload: Payload::from_value(
+            &json!({"_raw": String::from_utf8_lossy(raw), "_error": error}),
+        ),
         problem: Some(Problem::Malformed),
     }
 }
 
 /// Reads a batch. Never fails as a whole: what cannot be read is kept as malformed, so one
-/// bad event never costs the others.
+/// bad event never costs the others. Each event's payload is its own text from the batch.
 pub fn parse_events(body: &[u8]) -> Vec<InboxFact> {
-    let events = match serde_json::from_slice::<Value>(body) {
-        Ok(Value::Array(events)) => events,
-        Ok(_) => {
-            return vec![malformed(
-                "sendgrid",
-                body,
-                "the body is not a JSON array of events",
-            )]
+    // The batch split into its events' texts, each read on its own below.
+    let events = match serde_json::from_slice::<Vec<&RawValue>>(body) {
+        Ok(events) => events,
+        Err(e) => {
+            let error = match serde_json::from_slice::<Value>(body) {
+                Ok(v) if !v.is_array() => "the body is not a JSON array of events".to_string(),
+                _ => format!("not JSON: {e}"),
+            };
+            return vec![malformed("sendgrid", body, &error)];
         }
-        Err(e) => return vec![malformed("sendgrid", body, &format!("not JSON: {e}"))],
     };
     events.into_iter().map(parse_event).collect()
 }
 
-fn parse_event(event: Value) -> InboxFact {
-    let raw = event.to_string();
+/// One event, read as a value (which checks what splitting the batch does not: a lone
+/// surrogate escape, a number out of range, nesting too deep; PostgreSQL refuses some of these,
+/// and the applier reads the payload back as a value), and kept as its own text: stored as it
+/// came, neither copied nor written out again.
+fn parse_event(raw: &RawValue) -> InboxFact {
+    let event = match serde_json::from_str::<Value>(raw.get()) {
+        Ok(event) => event,
+        Err(e) => return malformed("sendgrid", raw.get().as_bytes(), &format!("not JSON: {e}")),
+    };
     let (Some(kind), Some(event_id), Some(timestamp)) = (
         event.get("event").and_then(Value::as_str),
         event.get("sg_event_id").and_then(Value::as_str),
@@ -84,12 +94,16 @@ fn parse_event(event: Value) -> InboxFact {
     ) else {
         return malformed(
             "sendgrid",
-            raw.as_bytes(),
+            raw.get().as_bytes(),
             "an event needs `event`, `sg_event_id` and a numeric `timestamp`",
         );
     };
     let Some(occurred_at) = Utc.timestamp_opt(timestamp, 0).single() else {
-        return malformed("sendgrid", raw.as_bytes(), "`timestamp` is out of range");
+        return malformed(
+            "sendgrid",
+            raw.get().as_bytes(),
+            "`timestamp` is out of range",
+        );
     };
     let kind = match kind {
         "processed" => FactKind::Processed,
@@ -116,7 +130,7 @@ fn parse_event(event: Value) -> InboxFact {
         message_id,
         kind,
         occurred_at,
-        payload: event,
+        payload: Payload::raw(raw.to_owned()),
         problem,
     }
 }
@@ -304,13 +318,13 @@ pub fn parse_inbound(
         message_id,
         kind: FactKind::Reply,
         occurred_at: received_at,
-        payload: json!({
+        payload: Payload::from_value(&json!({
             "from_username": from_username,
             "from_name": from_name,
             "subject": fields.get("subject"),
             "text": text,
             "provider_message_id": header_value(headers, "Message-ID"),
-        }),
+        })),
         problem: message_id.is_none().then_some(Problem::Unmatched),
     }
 }
@@ -331,6 +345,65 @@ mod tests {
         assert_eq!(facts[1].problem, Some(Problem::Malformed));
         assert_eq!(facts[2].problem, Some(Problem::Unmatched));
         assert_eq!(parse_events(b"{nope").len(), 1);
+    }
+
+    #[test]
+    fn an_event_is_read_as_a_value_would_read_it_and_kept_as_its_own_text() {
+        let id = "0193b6c2-8f1e-7c3a-9d41-5a6e2f0b7c11";
+        let body = format!(
+            r#"[{{"event":"open", "sg_event_id":"a","timestamp":1764000005,"message_id":"{id}","ip":"203.0.113.7"}},
+                {{"event":"open","event":"click","sg_event_id":"b","timestamp":1764000006,"message_id":"{id}"}},
+                {{"event":"open","sg_event_id":"c","timestamp":1764000007,"message_id":7}},
+                {{"event":"open","sg_event_id":"d","timestamp":1764000008.5,"message_id":"{id}"}},
+                {{"event":"op\u0065n","sg_event_id":"e","timestamp":1764000009,"message_id":null}},
+                5]"#
+        );
+        let facts = parse_events(body.as_bytes());
+        assert_eq!(facts.len(), 6);
+        // Its own text, spaces and all.
+        assert_eq!(
+            facts[0].payload.text(),
+            format!(
+                r#"{{"event":"open", "sg_event_id":"a","timestamp":1764000005,"message_id":"{id}","ip":"203.0.113.7"}}"#
+            )
+        );
+        assert_eq!((facts[0].kind, facts[0].problem), (FactKind::Open, None));
+        // A key given twice: the last, as a value reads it.
+        assert_eq!((facts[1].kind, facts[1].problem), (FactKind::Click, None));
+        // An id that is not text names no message; a timestamp that is not an integer cannot
+        // be read.
+        assert_eq!(facts[2].problem, Some(Problem::Unmatched));
+        assert_eq!(facts[2].event_id, "c");
+        assert_eq!(facts[3].problem, Some(Problem::Malformed));
+        // Escapes are read; null is absent.
+        assert_eq!(facts[4].kind, FactKind::Open);
+        assert_eq!(
+            (facts[4].message_id, facts[4].problem),
+            (None, Some(Problem::Unmatched))
+        );
+        assert_eq!(facts[5].problem, Some(Problem::Malformed));
+        assert_eq!(facts[5].payload.value()["_raw"], "5");
+    }
+
+    #[test]
+    fn an_event_a_value_cannot_hold_is_kept_as_malformed_alone() {
+        let facts = parse_events(
+            br#"[{"event":"open","sg_event_id":"a","timestamp":1,"ua":"\ud83d\udce7"},
+                 {"event":"open","sg_event_id":"b","timestamp":1,"ua":"\ud83d"},
+                 {"event":"open","sg_event_id":"c","timestamp":1,"n":1e400},
+                 {"event":"open","sg_event_id":"d","timestamp":1}]"#,
+        );
+        assert_eq!(facts.len(), 4);
+        assert_eq!(facts[0].payload.value()["ua"], "\u{1f4e7}");
+        assert_eq!(facts[0].problem, Some(Problem::Unmatched));
+        for bad in &facts[1..3] {
+            assert_eq!(bad.problem, Some(Problem::Malformed));
+            assert!(bad.payload.value()["_error"]
+                .as_str()
+                .unwrap()
+                .starts_with("not JSON"));
+        }
+        assert_eq!(facts[3].event_id, "d");
     }
 
     #[test]
@@ -393,7 +466,7 @@ mod tests {
         let fact = parse_inbound(&fields, Utc::now(), Some(id.parse().unwrap()));
         assert_eq!(fact.message_id.map(|u| u.to_string()).as_deref(), Some(id));
         assert_eq!(fact.event_id, "<reply-1@mail.example.net>");
-        assert_eq!(fact.payload["from_username"], "alice@example.com");
-        assert_eq!(fact.payload["from_name"], "Alice Doe");
+        assert_eq!(fact.payload.value()["from_username"], "alice@example.com");
+        assert_eq!(fact.payload.value()["from_name"], "Alice Doe");
     }
 }

@@ -1,7 +1,7 @@
 //! X Account Activity and Facebook Page webhooks: challenges answered as documented, deliveries
 //! verified over the raw body, and replies to our posts recorded.
 
-use super::inbox::{FactKind, InboxFact, Problem};
+use super::inbox::{FactKind, InboxFact, Payload, Problem};
 use super::sendgrid::malformed;
 use super::verify::{verify_facebook_signature, verify_x_signature, x_crc_response};
 use super::{constant_time_eq, WebhookError, WebhookState};
@@ -73,7 +73,7 @@ fn reply_fact(
         message_id,
         kind: FactKind::Reply,
         occurred_at,
-        payload,
+        payload: Payload::from_value(&payload),
         problem: (message_id.is_none() && !answers_a_post).then_some(Problem::Unmatched),
     }
 }
@@ -273,7 +273,7 @@ async fn facebook_facts(store: &dyn Store, delivery: &Value) -> Result<Vec<Inbox
             let raw = change.to_string();
             let mut fact = malformed("facebook", raw.as_bytes(), "not a new comment");
             fact.problem = Some(Problem::Unmatched);
-            fact.payload = change.clone();
+            fact.payload = Payload::from_value(change);
             facts.push(fact);
             continue;
         };

@@ -1686,7 +1686,7 @@ async fn commands_sent_at_once_are_appended_together_and_each_gets_its_own_answe
 async fn queued_with_an_early_open(
     pool: &PgPool,
 ) -> (Arc<PgStore>, Subscription, MessageId, chrono::DateTime<Utc>) {
-    use messaging::webhooks::inbox::{FactKind, InboxFact};
+    use messaging::webhooks::inbox::{FactKind, InboxFact, Payload};
     let store = Arc::new(PgStore::new(pool.clone()));
     let list = Subscription::new(pool.clone(), Arc::new(MessageList::default()));
     let id = composed(&store, 0, Dispatch::Now).await;
@@ -1699,7 +1699,7 @@ async fn queued_with_an_early_open(
             message_id: Some(id.as_uuid()),
             kind: FactKind::Open,
             occurred_at: now,
-            payload: serde_json::json!({"event": "open"}),
+            payload: Payload::from_value(&serde_json::json!({"event": "open"})),
             problem: None,
         }])
         .await

@@ -436,6 +436,68 @@ async fn provider_text_with_nul_characters_is_recorded_not_refused() {
 }
 
 #[tokio::test]
+async fn an_event_escaping_half_a_surrogate_pair_is_kept_as_malformed_and_costs_no_other() {
+    // Each event is stored as its own text from the batch. PostgreSQL refuses a lone
+    // surrogate escape in jsonb, so one such event made the whole batch fail with 500, and
+    // the provider's re-sends failed the same way; a whole pair is a character.
+    let app = webhook_app().await;
+    let id = uuid::Uuid::now_v7().to_string();
+    sent_message(&app, &id, Channel::Email, "sg-1").await;
+    let now = Utc::now().timestamp();
+    let batch = format!(
+        r#"[{{"event": "open", "sg_event_id": "o-1", "timestamp": {now}, "message_id": "{id}"}},
+            {{"event": "open", "sg_event_id": "o-2", "timestamp": {now}, "message_id": "{id}",
+              "useragent": "Mail \ud83d Client"}},
+            {{"event": "click", "sg_event_id": "c-1", "timestamp": {now}, "message_id": "{id}",
+              "url": "https://example.com/?a=1\u0026b=\uDC00"}},
+            {{"event": "click", "sg_event_id": "c-2", "timestamp": {now}, "message_id": "{id}",
+              "url": "https://example.com/\ud83d\udce7?a=1\u0026b=2"}},
+            {{"event": "delivered", "sg_event_id": "d-1", "timestamp": {now}, "message_id": "{id}"}}]"#
+    );
+    let (status, body) = post_sendgrid(&app, batch.as_bytes()).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["new"], 5, "{body}");
+    // The open, the readable click and the delivery are on the message.
+    eventually(|| async {
+        let (_, m) = app.get(&format!("/v1/messages/{id}")).await;
+        m["opens"] == 1
+            && m["clicks"] == 1
+            && m["history"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|e| e["type"] == "DeliveryRecorded")
+    })
+    .await;
+    let (_, problems) = app.get("/v1/webhooks/unmatched").await;
+    let malformed: Vec<&str> = problems["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["status"] == "malformed")
+        .map(|p| p["payload"]["_raw"].as_str().unwrap())
+        .collect();
+    assert_eq!(malformed.len(), 2, "{problems}");
+    assert!(
+        malformed
+            .iter()
+            .any(|raw| raw.contains(r"Mail \ud83d Client")),
+        "{problems}"
+    );
+    assert!(
+        malformed.iter().any(|raw| raw.contains(r"\uDC00")),
+        "{problems}"
+    );
+    // The pair was read as the character it stands for.
+    let (_, m) = app.get(&format!("/v1/messages/{id}")).await;
+    assert!(
+        m.to_string()
+            .contains("https://example.com/\u{1f4e7}?a=1&b=2"),
+        "the click's url is kept whole: {m}"
+    );
+}
+
+#[tokio::test]
 async fn a_batch_of_a_thousand_events_is_recorded_in_one_request() {
     let app = webhook_app().await;
     let id = uuid::Uuid::now_v7().to_string();

@@ -309,7 +309,10 @@ async fn reference_insert(bench: &Bench, facts: &[InboxFact]) -> Result<()> {
     let message_ids: Vec<Option<uuid::Uuid>> = facts.iter().map(|f| f.message_id).collect();
     let kinds: Vec<&str> = facts.iter().map(|f| f.kind.as_str()).collect();
     let times: Vec<_> = facts.iter().map(|f| f.occurred_at).collect();
-    let payloads: Vec<serde_json::Value> = facts.iter().map(|f| f.payload.clone()).collect();
+    let payloads: Vec<_> = facts
+        .iter()
+        .map(|f| sqlx::types::Json(&f.payload))
+        .collect();
     sqlx::query(
         "INSERT INTO bench_inbox (provider, event_id, message_id, kind, occurred_at, payload, status) \
          SELECT 'sendgrid', e, m, k, t, p, 'pending' \

@@ -27,7 +27,8 @@ pub(super) async fn record(pool: &PgPool, facts: &[InboxFact]) -> Result<u64, St
         message_ids.push(f.message_id);
         kinds.push(f.kind.as_str());
         times.push(f.occurred_at);
-        payloads.push(f.payload.clone());
+        // Its text as it is: written as `jsonb` without being read as a value first.
+        payloads.push(sqlx::types::Json(&f.payload));
         let (status, reason) = f.stored_status();
         statuses.push(status);
         reasons.push(reason);

@@ -67,10 +67,11 @@ pub fn parse_events(body: &[u8]) -> Vec<InboxFact> {
     // The batch split into its events' texts, each read on its own below.
     let events = match serde_json::from_slice::<Vec<&RawValue>>(body) {
         Ok(events) => events,
-        Err(e) => {
+        Err(split) => {
             let error = match serde_json::from_slice::<Value>(body) {
                 Ok(v) if !v.is_array() => "the body is not a JSON array of events".to_string(),
-                _ => format!("not JSON: {e}"),
+                Ok(_) => format!("not JSON: {split}"),
+                Err(e) => format!("not JSON: {e}"),
             };
             return vec![malformed("sendgrid", body, &error)];
         }
@@ -78,10 +79,24 @@ pub fn parse_events(body: &[u8]) -> Vec<InboxFact> {
     events.into_iter().map(parse_event).collect()
 }
 
+/// Whether the value holds a number that is not an integer (a fraction, an exponent, or too
+/// large for 64 bits).
+fn has_float(value: &Value) -> bool {
+    match value {
+        Value::Number(n) => n.is_f64(),
+        Value::Array(items) => items.iter().any(has_float),
+        Value::Object(map) => map.values().any(has_float),
+        _ => false,
+    }
+}
+
 /// One event, read as a value (which checks what splitting the batch does not: a lone
 /// surrogate escape, a number out of range, nesting too deep; PostgreSQL refuses some of these,
 /// and the applier reads the payload back as a value), and kept as its own text: stored as it
-/// came, neither copied nor written out again.
+/// came, neither copied nor written out again. An event with a number that is not an integer
+/// is stored as read instead: its text may write one that `jsonb`'s `numeric` cannot hold
+/// (`1e-16384`, or 16384 digits after the point, which the value reads as 0 and 1), and
+/// PostgreSQL would refuse the whole batch.
 fn parse_event(raw: &RawValue) -> InboxFact {
     let event = match serde_json::from_str::<Value>(raw.get()) {
         Ok(event) => event,
@@ -130,7 +145,11 @@ fn parse_event(raw: &RawValue) -> InboxFact {
         message_id,
         kind,
         occurred_at,
-        payload: Payload::raw(raw.to_owned()),
+        payload: if has_float(&event) {
+            Payload::from_value(&event)
+        } else {
+            Payload::raw(raw.to_owned())
+        },
         problem,
     }
 }

@@ -437,9 +437,10 @@ async fn provider_text_with_nul_characters_is_recorded_not_refused() {
 
 #[tokio::test]
 async fn an_event_escaping_half_a_surrogate_pair_is_kept_as_malformed_and_costs_no_other() {
-    // Each event is stored as its own text from the batch. PostgreSQL refuses a lone
-    // surrogate escape in jsonb, so one such event made the whole batch fail with 500, and
-    // the provider's re-sends failed the same way; a whole pair is a character.
+    // Each event is stored as its own text from the batch, once read as a value: PostgreSQL
+    // refuses a lone surrogate escape in jsonb, and a batch that held one, stored as it came,
+    // would fail with 500 at every re-send. Such an event is kept as malformed on its own (the
+    // whole batch was, before events were split); a whole pair is a character.
     let app = webhook_app().await;
     let id = uuid::Uuid::now_v7().to_string();
     sent_message(&app, &id, Channel::Email, "sg-1").await;
@@ -495,6 +496,34 @@ async fn an_event_escaping_half_a_surrogate_pair_is_kept_as_malformed_and_costs_
             .contains("https://example.com/\u{1f4e7}?a=1&b=2"),
         "the click's url is kept whole: {m}"
     );
+    // A re-send is dropped whole, the malformed events too (each by its text's fingerprint).
+    let (status, body) = post_sendgrid(&app, batch.as_bytes()).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["new"], 0, "{body}");
+}
+
+#[tokio::test]
+async fn numbers_jsonb_cannot_hold_as_written_are_stored_as_read() {
+    // `1e-16384` and a fraction of 16384 digits are JSON that serde_json reads (as 0 and 1),
+    // and that PostgreSQL's numeric cannot hold: stored as they came, they failed the batch.
+    let app = webhook_app().await;
+    let id = uuid::Uuid::now_v7().to_string();
+    sent_message(&app, &id, Channel::Email, "sg-1").await;
+    let now = Utc::now().timestamp();
+    let long_fraction = format!("1.{}", "0".repeat(16384));
+    let batch = format!(
+        r#"[{{"event": "open", "sg_event_id": "o-1", "timestamp": {now}, "message_id": "{id}", "score": 1e-16384}},
+            {{"event": "click", "sg_event_id": "c-1", "timestamp": {now}, "message_id": "{id}",
+              "url": "https://example.com/", "weight": {long_fraction}}}]"#
+    );
+    let (status, body) = post_sendgrid(&app, batch.as_bytes()).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["new"], 2, "{body}");
+    eventually(|| async {
+        let (_, m) = app.get(&format!("/v1/messages/{id}")).await;
+        m["opens"] == 1 && m["clicks"] == 1
+    })
+    .await;
 }
 
 #[tokio::test]

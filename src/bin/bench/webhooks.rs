@@ -1,9 +1,11 @@
-//! Scenario `webhooks`: SendGrid Event Webhook ingestion. Signed batches of 1000 events about
-//! sent messages; the time to 2xx (durably in the inbox), then the time until the applier has
-//! recorded every fact on its message; against one multi-row INSERT of 1000 equivalent rows.
-//! Then the same number of facts over a few messages, each gathering thousands of events.
+//! Scenario `webhooks`: SendGrid Event Webhook ingestion. 100 signed batches of 1000 events
+//! about sent messages (2 with `--quick`); the time to 2xx (durably in the inbox), then the
+//! time until the applier has recorded every fact on its message; against multi-row INSERTs
+//! of the same rows, 1000 a statement, measured before the ingest and again after it (the
+//! ratio to their mean). Then 20k facts over a few messages, each gathering thousands of
+//! events.
 
-use crate::common::{execute_compose, quantile, settle, Bench, Figure};
+use crate::common::{execute_compose, quantile, settle, settle_before, Bench, Figure};
 use anyhow::{anyhow, Context, Result};
 use futures::StreamExt;
 use messaging::webhooks::inbox::InboxFact;
@@ -37,7 +39,8 @@ pub async fn run(bench: &mut Bench) -> Result<Vec<Figure>> {
     let before = reference(bench, &parsed).await?;
     let cap = Duration::from_secs(bench.size(60, 300));
     let (timings, ingest, applied, pending) = post_and_apply(bench, &url, &bodies, cap).await?;
-    settle(&bench.pool, cap).await?;
+    // The facts' events projected before the reference runs again.
+    let backlog = settle_before(&bench.pool, cap).await?;
     let after = reference(bench, &parsed).await?;
     let reference_rate = (before + after) / 2.0;
     let total = (batches * BATCH) as f64;
@@ -106,16 +109,24 @@ pub async fn run(bench: &mut Bench) -> Result<Vec<Figure>> {
             .note("the two differ by more than 20 %: the machine's speed moved during the run");
     }
     Ok(vec![
-        reference_figure,
-        Figure::versus(
-            SCENARIO,
-            format!("ingest: signed batches of {BATCH}, {CONCURRENCY} at once, to 2xx"),
-            "events/s",
-            total / ingest.as_secs_f64(),
-            reference_rate,
-            reference_name,
-            Some(0.5),
-        ),
+        reference_figure.after_backlog(&backlog),
+        {
+            let ingest = Figure::versus(
+                SCENARIO,
+                format!("ingest: signed batches of {BATCH}, {CONCURRENCY} at once, to 2xx"),
+                "events/s",
+                total / ingest.as_secs_f64(),
+                reference_rate,
+                reference_name,
+                Some(0.5),
+            );
+            match backlog {
+                Some(_) => ingest
+                    .note("NOT against a settled reference: its second half ran on a backlog")
+                    .spoil(),
+                None => ingest,
+            }
+        },
         Figure::info(
             SCENARIO,
             "time to 2xx per batch of 1000, p50",
@@ -299,8 +310,13 @@ async fn reference(bench: &Bench, parsed: &[Vec<InboxFact>]) -> Result<f64> {
         .await
         .into_iter()
         .collect::<Result<Vec<_>>>()?;
-    let events: usize = parsed.iter().map(Vec::len).sum();
-    Ok(events as f64 / started.elapsed().as_secs_f64())
+    let rate = parsed.iter().map(Vec::len).sum::<usize>() as f64 / started.elapsed().as_secs_f64();
+    // Its rows' pages are dropped, not written out while the service is measured.
+    sqlx::query("DROP TABLE bench_inbox")
+        .execute(&bench.pool)
+        .await
+        .context("dropping the scratch table bench_inbox")?;
+    Ok(rate)
 }
 
 /// The same rows the endpoint writes, in one INSERT, into the scratch copy of the inbox.

@@ -40,9 +40,9 @@ impl SandboxProvider {
 
     /// Writes `<uuid>.eml` as lettre's file transport does (the id is the file's stem), in one
     /// trip to Tokio's blocking pool: the directory is made only when the write finds it
-    /// missing. The transport's own path (a check that the directory exists, then the write)
-    /// took two trips per email, and under "send now" the blocking pool's threads waking and
-    /// sleeping were a fifth of the process's time.
+    /// missing. Before, our `create_dir_all` and then the transport's write took two trips per
+    /// email, and under "send now" the pool's threads waking and sleeping were 13 % of the
+    /// process's samples.
     async fn write_email(&self, message: &OutgoingMessage) -> Result<String, SendError> {
         let bytes = email::build(message)?.formatted();
         let id = uuid::Uuid::new_v4().to_string();
@@ -59,7 +59,10 @@ impl SandboxProvider {
         match written {
             Ok(Ok(())) => Ok(id),
             Ok(Err(e)) => Err(SendError::Transient {
-                reason: format!("sandbox: cannot write the email: {e}"),
+                reason: format!(
+                    "sandbox: cannot write the email under {}: {e}",
+                    self.dir.display()
+                ),
                 retry_after: None,
             }),
             Err(e) => Err(SendError::Transient {
@@ -180,6 +183,11 @@ mod tests {
         let sandbox = SandboxProvider::new(dir.clone());
         let message = email();
         let first = sandbox.send(&account(), &message).await.unwrap();
+        let id = first.provider_message_id.as_deref().unwrap();
+        assert!(
+            uuid::Uuid::parse_str(id).is_ok(),
+            "a UUID, as lettre names it: {id}"
+        );
         let text = written(&dir, &first);
         assert!(text.contains("Subject: Hello"), "{text}");
         assert!(text.contains(&format!("Message-ID: <{}@example.com>", message.message_id)));
@@ -191,7 +199,7 @@ mod tests {
         std::fs::remove_dir_all(root.path().join("outbox")).unwrap();
         let third = sandbox.send(&account(), &email()).await.unwrap();
         assert!(written(&dir, &third).contains("Subject: Hello"));
-        // A directory that cannot be made is a passing failure, not a lost message.
+        // A path under a file cannot be written: a passing failure, not a lost message.
         let blocked = root.path().join("a-file");
         std::fs::write(&blocked, b"").unwrap();
         let error = SandboxProvider::new(blocked.join("emails"))

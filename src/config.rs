@@ -140,6 +140,8 @@ pub struct SenderSettings {
     pub lease_ms: u64,
     /// Sends per second for one service, per instance.
     pub per_service_rate: f64,
+    /// Provider calls one instance makes at once.
+    pub concurrency: usize,
 }
 
 impl Config {
@@ -241,6 +243,7 @@ impl Config {
             base_backoff_ms: number("MESSAGING_SEND_BACKOFF_MS", 2_000)?,
             lease_ms: positive("MESSAGING_SEND_LEASE_MS", 120_000, 86_400_000)?,
             per_service_rate,
+            concurrency: positive("MESSAGING_SEND_CONCURRENCY", 64, 1_024)? as usize,
         };
         let secret = |setting: &str| {
             lookup(setting)
@@ -403,6 +406,7 @@ mod tests {
             "MESSAGING_PROVIDER_TIMEOUT_MS",
             "MESSAGING_SEND_MAX_ATTEMPTS",
             "MESSAGING_SEND_LEASE_MS",
+            "MESSAGING_SEND_CONCURRENCY",
         ] {
             for bad in ["0", "4294967297"] {
                 let err = Config::from_lookup(|k| (k == setting).then(|| bad.to_string()))
@@ -458,6 +462,7 @@ mod tests {
             database_url = "postgres://db.internal/messaging"
             MESSAGING_SEND_RATE_PER_SERVICE = 5
             provider_timeout_ms = 2500
+            send_concurrency = 8
         "#;
         let env = |k: &str| (k == "MESSAGING_LISTEN").then(|| "127.0.0.1:7000".to_string());
         let config = Config::from_lookup_and_toml(env, file, "m.toml").unwrap();
@@ -466,6 +471,7 @@ mod tests {
         assert_eq!(config.api_keys[1].expose(), "key-two");
         assert!(matches!(config.database, Database::Postgres(_)));
         assert_eq!(config.sender.per_service_rate, 5.0);
+        assert_eq!(config.sender.concurrency, 8);
         assert_eq!(config.providers.timeout_ms, 2500);
     }
 

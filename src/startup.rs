@@ -297,6 +297,7 @@ fn sender_config(config: &Config) -> SenderConfig {
         lease: Duration::from_millis(s.lease_ms),
         per_service_rate: s.per_service_rate,
         per_service_burst: (s.per_service_rate * 2.0).max(1.0),
+        concurrency: s.concurrency,
         call_outlived_after: crate::providers::longest_call(Duration::from_millis(
             config.providers.timeout_ms,
         ))

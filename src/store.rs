@@ -258,6 +258,23 @@ pub struct SendJob {
     pub leased_until: DateTime<Utc>,
 }
 
+/// How many of one service's due jobs one claim may take: `least` always (when it has them),
+/// and more when the claim's `limit` divided evenly among the services that have jobs is
+/// more, up to `most`. One busy service then fills a round that no other service wants,
+/// while each of several busy services still gets its turn in every round.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PerService {
+    pub least: i64,
+    pub most: i64,
+}
+
+impl PerService {
+    /// Exactly `n` of each service.
+    pub fn exactly(n: i64) -> Self {
+        Self { least: n, most: n }
+    }
+}
+
 /// A pending webhook inbox fact the applier leased.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PendingFact {
@@ -585,9 +602,9 @@ pub trait Store: Send + Sync + 'static {
     // is the fence against sending twice. "Now" is the store's clock. Any number of instances
     // may run at once: no job is claimed by two at a time while its lease holds.
 
-    /// Claims due jobs (`due_at` <= now, and `locked_until` NULL or < now), at most
-    /// `per_service` of each service (that service's earliest `due_at` first) and at most
-    /// `limit` in all (which services fill `limit` is unspecified), in one atomic step: each
+    /// Claims due jobs (`due_at` <= now, and `locked_until` NULL or < now), at most `limit`
+    /// in all and of each service (its earliest `due_at` first) at most its share (see
+    /// [`PerService`]; which services fill `limit` is unspecified), in one atomic step: each
     /// claimed job gets `locked_until` and `due_at` = now + `lease` (its due time is the lease's
     /// end, when it may be claimed again) and `claims` + 1. A job another instance
     /// is claiming at that moment is skipped, not waited for, and one leased meanwhile is not
@@ -595,7 +612,7 @@ pub trait Store: Send + Sync + 'static {
     async fn claim_send_jobs(
         &self,
         limit: i64,
-        per_service: i64,
+        per_service: PerService,
         lease: Duration,
     ) -> Result<Vec<SendJob>, StoreError>;
     /// The earliest time a job can be claimed: the earliest `due_at` of the jobs not leased

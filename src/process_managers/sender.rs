@@ -1,7 +1,8 @@
 //! The sender: one process manager for every channel, driven by `send_jobs`.
 //!
-//! A worker claims due jobs (`FOR UPDATE SKIP LOCKED`, at most a few per service per round so
-//! one busy account cannot starve the others) and takes a lease on each. For each job it
+//! A worker claims due jobs (`FOR UPDATE SKIP LOCKED`; each service with jobs gets its share of
+//! the round, so one busy account cannot starve the others, yet fills a round no other account
+//! wants) and takes a lease on each. For each job it
 //! records `StartSendAttempt` first: that command is the fence that makes the provider call
 //! happen once even if two workers ever hold the same job, since only one can start the
 //! attempt. Then it calls the provider and records the classified outcome:
@@ -17,7 +18,7 @@
 //! make a duplicate detectable), a post is recorded as an unknown outcome.
 
 use crate::providers::{parse_credentials, Account, OutgoingMessage, Providers, SendError};
-use crate::store::{CommandError, SendJob, Store, StoreError};
+use crate::store::{CommandError, PerService, SendJob, Store, StoreError};
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use messaging_domain::{
@@ -45,7 +46,8 @@ pub struct SenderConfig {
     pub lease: Duration,
     /// Jobs sent at once by one worker.
     pub concurrency: usize,
-    /// Jobs one round claims for one service.
+    /// Jobs one round claims for one service at least (when it has them): more when no
+    /// other service wants the round's room, up to its burst (see [`PerService`]).
     pub per_service_per_round: i64,
     /// Sends per second allowed for one service by one worker (a token bucket), and its burst.
     pub per_service_rate: f64,
@@ -64,7 +66,7 @@ impl Default for SenderConfig {
             base_backoff: Duration::from_secs(2),
             max_backoff: Duration::from_secs(300),
             lease: Duration::from_secs(120),
-            concurrency: 16,
+            concurrency: 64,
             per_service_per_round: 50,
             per_service_rate: 20.0,
             per_service_burst: 40.0,
@@ -150,8 +152,15 @@ impl Sender {
 
     /// Claims due jobs and leases them.
     async fn claim(&self, limit: i64) -> Result<Vec<SendJob>, StoreError> {
+        // A service's share of the round goes up to its burst, the most it could send at
+        // once: a job claimed beyond its tokens would wait for them on the one-job path,
+        // holding the whole round back.
+        let per_service = PerService {
+            least: self.config.per_service_per_round,
+            most: (self.config.per_service_burst as i64).max(self.config.per_service_per_round),
+        };
         self.store
-            .claim_send_jobs(limit, self.config.per_service_per_round, self.config.lease)
+            .claim_send_jobs(limit, per_service, self.config.lease)
             .await
     }
 

@@ -13,8 +13,8 @@ mod push;
 
 use super::{
     CommandError, FactSettlement, Gauges, IdempotencyClaim, ListFilter, NewSubscription,
-    PendingFact, PushDue, PushSubscription, ScheduledSend, SendJob, Service, ServiceRow,
-    ServiceWithCredentials, Store, StoreError,
+    PendingFact, PerService, PushDue, PushSubscription, ScheduledSend, SendJob, Service,
+    ServiceRow, ServiceWithCredentials, Store, StoreError,
 };
 use crate::metrics::Metrics;
 use crate::webhooks::inbox::{InboxFact, Problematic};
@@ -488,7 +488,7 @@ impl Store for PgStore {
     async fn claim_send_jobs(
         &self,
         limit: i64,
-        per_service: i64,
+        per_service: PerService,
         lease: Duration,
     ) -> Result<Vec<SendJob>, StoreError> {
         jobs::claim_send_jobs(&self.pool, limit, per_service, lease).await

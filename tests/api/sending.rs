@@ -884,3 +884,105 @@ async fn a_stop_waits_for_in_flight_work_no_longer_than_its_grace() {
         .await
         .expect("stopped once its grace ran out, not after the minute-long call");
 }
+
+/// A claim's share per service: at least `least`, more when the round shared evenly among
+/// the services with jobs gives more, never more than `most`.
+#[tokio::test]
+async fn a_lone_busy_service_fills_the_round_and_busy_services_share_it() {
+    use messaging::store::PerService;
+    let database_url = fresh_database().await;
+    let store = store_only(&database_url).await;
+    let pool = any_pool(&database_url).await;
+    let lease = std::time::Duration::from_secs(60);
+    let [a, b, c] = [1u8, 2, 3].map(|n| format!("{n:032x}"));
+    let add = |service: String, jobs: usize| {
+        let pool = pool.clone();
+        async move {
+            let sql = if on_sqlite() {
+                format!(
+                    "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {jobs}) \
+                     INSERT INTO send_jobs (message_id, service_id, channel, provider, due_at) \
+                     SELECT randomblob(16), X'{service}', 'email', 'sendgrid', \
+                            '2000-01-01T00:00:00+00:00' FROM n"
+                )
+            } else {
+                format!(
+                    "INSERT INTO send_jobs (message_id, service_id, channel, provider, due_at) \
+                     SELECT gen_random_uuid(), '{service}'::uuid, 'email', 'sendgrid', \
+                            now() - interval '1 minute' FROM generate_series(1, {jobs})"
+                )
+            };
+            sqlx::query(&sql).execute(&pool).await.unwrap();
+        }
+    };
+    let per_service = |jobs: Vec<messaging::store::SendJob>| {
+        let mut counts: HashMap<String, usize> = HashMap::new();
+        for job in jobs {
+            *counts
+                .entry(job.service_id.as_uuid().simple().to_string())
+                .or_default() += 1;
+        }
+        counts
+    };
+    add(a.clone(), 300).await;
+    // One service alone: its share is the whole round, up to its most.
+    let capped = store
+        .claim_send_jobs(
+            100,
+            PerService {
+                least: 10,
+                most: 60,
+            },
+            lease,
+        )
+        .await
+        .unwrap();
+    assert_eq!(per_service(capped), HashMap::from([(a.clone(), 60)]));
+    let round = store
+        .claim_send_jobs(
+            100,
+            PerService {
+                least: 10,
+                most: 1000,
+            },
+            lease,
+        )
+        .await
+        .unwrap();
+    assert_eq!(per_service(round), HashMap::from([(a.clone(), 100)]));
+    // Three services with jobs: a third of the round each, the quiet one's five included.
+    add(b.clone(), 300).await;
+    add(c.clone(), 5).await;
+    let shared = store
+        .claim_send_jobs(
+            90,
+            PerService {
+                least: 10,
+                most: 1000,
+            },
+            lease,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        per_service(shared),
+        HashMap::from([(a.clone(), 30), (b.clone(), 30), (c.clone(), 5)])
+    );
+    // A share smaller than `least` is `least`; the round still holds at most `limit`.
+    let least = per_service(
+        store
+            .claim_send_jobs(
+                20,
+                PerService {
+                    least: 15,
+                    most: 1000,
+                },
+                lease,
+            )
+            .await
+            .unwrap(),
+    );
+    assert_eq!(least.values().sum::<usize>(), 20, "{least:?}");
+    assert!(least.values().all(|n| *n <= 15), "{least:?}");
+    assert!(!least.contains_key(&c), "{least:?}");
+}

@@ -1,7 +1,7 @@
 //! The scheduler's `scheduled_sends` and the sender's `send_jobs`: row leases taken with
 //! `FOR UPDATE SKIP LOCKED`, so any number of instances can work the same tables.
 
-use crate::store::{ScheduledSend, SendJob, StoreError};
+use crate::store::{PerService, ScheduledSend, SendJob, StoreError};
 use chrono::{DateTime, Utc};
 use messaging_domain::{MessageId, ServiceId};
 use sqlx::PgPool;
@@ -108,7 +108,7 @@ pub(super) async fn next_schedule_due(pool: &PgPool) -> Result<Option<DateTime<U
 pub(super) async fn claim_send_jobs(
     pool: &PgPool,
     limit: i64,
-    per_service: i64,
+    per_service: PerService,
     lease: Duration,
 ) -> Result<Vec<SendJob>, StoreError> {
     // The services with jobs, one index step each (a loose index scan); for each, its
@@ -118,7 +118,8 @@ pub(super) async fn claim_send_jobs(
     // (a sender that died mid-send): leased jobs then lie past `now()` in the
     // `(service_id, due_at)` index, and the next claim's range stops before them instead of
     // stepping over every job still being sent (an outcome deletes the job or sets its retry
-    // time).
+    // time). Each service's share is `per_service.least`, or the round divided evenly among
+    // the services with jobs when that is more, up to `per_service.most`.
     let jobs: Vec<(uuid::Uuid, uuid::Uuid, DateTime<Utc>)> = sqlx::query_as(
         "WITH RECURSIVE services AS ( \
            (SELECT service_id FROM send_jobs ORDER BY service_id LIMIT 1) \
@@ -126,13 +127,17 @@ pub(super) async fn claim_send_jobs(
            SELECT (SELECT j.service_id FROM send_jobs j WHERE j.service_id > s.service_id \
                    ORDER BY j.service_id LIMIT 1) \
            FROM services s WHERE s.service_id IS NOT NULL \
+         ), share AS ( \
+           SELECT greatest($2, least(($1 + n - 1) / n, $4)) AS jobs \
+           FROM (SELECT greatest(count(*), 1) AS n FROM services \
+                 WHERE service_id IS NOT NULL) AS counted \
          ), candidates AS ( \
            SELECT picked.message_id FROM services s \
            CROSS JOIN LATERAL ( \
              SELECT j.message_id, j.due_at FROM send_jobs j \
              WHERE j.service_id = s.service_id AND j.due_at <= now() \
                AND (j.locked_until IS NULL OR j.locked_until < now()) \
-             ORDER BY j.due_at LIMIT $2 \
+             ORDER BY j.due_at LIMIT (SELECT jobs FROM share) \
            ) picked \
            WHERE s.service_id IS NOT NULL \
            ORDER BY picked.due_at LIMIT $1 \
@@ -148,8 +153,9 @@ pub(super) async fn claim_send_jobs(
          RETURNING j.message_id, j.service_id, j.locked_until",
     )
     .bind(limit)
-    .bind(per_service)
+    .bind(per_service.least)
     .bind(lease.as_millis() as f64)
+    .bind(per_service.most)
     .fetch_all(pool)
     .await?;
     Ok(jobs

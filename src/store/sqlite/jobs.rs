@@ -3,7 +3,7 @@
 //! rows is the atomic lease that `FOR UPDATE SKIP LOCKED` gives on PostgreSQL.
 
 use super::{later, SqlitePools};
-use crate::store::{ScheduledSend, SendJob, StoreError};
+use crate::store::{PerService, ScheduledSend, SendJob, StoreError};
 use chrono::{DateTime, Utc};
 use messaging_domain::{MessageId, ServiceId};
 use std::time::Duration;
@@ -101,7 +101,9 @@ pub(super) async fn next_schedule_due(
 }
 
 /// Claims due jobs: `?1` now, `?2` the lease's end (also the job's due time, as on
-/// PostgreSQL), `?3` jobs per service, `?4` jobs in all. Of each service's earliest, the
+/// PostgreSQL), `?3` jobs per service at least, `?4` jobs in all, `?5` jobs per service at
+/// most (a service's share is `?3`, or `?4` divided evenly among the services with jobs when
+/// that is more, up to `?5`). Of each service's earliest, the
 /// earliest due fill the round (not the lowest service ids' first). The services are found by
 /// skipping from one to the next through `send_jobs_by_service`, and each one's earliest due
 /// jobs read from the same index: ranking every due job of every service (a window over the
@@ -120,14 +122,16 @@ pub(super) const CLAIM_SEND_JOBS: &str = "\
         AND j.message_id IN (SELECT p.message_id FROM send_jobs p \
               WHERE p.service_id = s.service_id AND p.due_at <= ?1 \
                 AND (p.locked_until IS NULL OR p.locked_until < ?1) \
-              ORDER BY p.due_at LIMIT ?3) \
+              ORDER BY p.due_at LIMIT max(?3, min((?4 + (SELECT count(*) FROM services \
+                WHERE service_id IS NOT NULL) - 1) / max((SELECT count(*) FROM services \
+                WHERE service_id IS NOT NULL), 1), ?5))) \
       ORDER BY j.due_at LIMIT ?4) \
     RETURNING message_id, service_id";
 
 pub(super) async fn claim_send_jobs(
     pools: &SqlitePools,
     limit: i64,
-    per_service: i64,
+    per_service: PerService,
     lease: Duration,
 ) -> Result<Vec<SendJob>, StoreError> {
     let now = Utc::now();
@@ -135,8 +139,9 @@ pub(super) async fn claim_send_jobs(
     let jobs: Vec<(uuid::Uuid, uuid::Uuid)> = sqlx::query_as(CLAIM_SEND_JOBS)
         .bind(now)
         .bind(until)
-        .bind(per_service)
+        .bind(per_service.least)
         .bind(limit)
+        .bind(per_service.most)
         .fetch_all(&pools.write)
         .await?;
     Ok(jobs

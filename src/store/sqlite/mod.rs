@@ -11,7 +11,8 @@ use crate::notify::Bell;
 use crate::store::commands::MessageCqrs;
 use crate::store::{
     CommandError, FactSettlement, Gauges, IdempotencyClaim, ListFilter, NewSubscription,
-    PendingFact, PushDue, PushSubscription, ScheduledSend, SendJob, Service, Store, StoreError,
+    PendingFact, PerService, PushDue, PushSubscription, ScheduledSend, SendJob, Service, Store,
+    StoreError,
 };
 use crate::webhooks::inbox::{InboxFact, Problematic};
 use async_trait::async_trait;
@@ -715,7 +716,7 @@ impl Store for SqliteStore {
     async fn claim_send_jobs(
         &self,
         limit: i64,
-        per_service: i64,
+        per_service: PerService,
         lease: Duration,
     ) -> Result<Vec<SendJob>, StoreError> {
         jobs::claim_send_jobs(&self.pools, limit, per_service, lease).await

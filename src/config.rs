@@ -243,7 +243,7 @@ impl Config {
             base_backoff_ms: number("MESSAGING_SEND_BACKOFF_MS", 2_000)?,
             lease_ms: positive("MESSAGING_SEND_LEASE_MS", 120_000, 86_400_000)?,
             per_service_rate,
-            concurrency: positive("MESSAGING_SEND_CONCURRENCY", 64, 1_024)? as usize,
+            concurrency: positive("MESSAGING_SEND_CONCURRENCY", 16, 256)? as usize,
         };
         let secret = |setting: &str| {
             lookup(setting)

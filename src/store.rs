@@ -259,9 +259,10 @@ pub struct SendJob {
 }
 
 /// How many of one service's due jobs one claim may take: `least` always (when it has them),
-/// and more when the claim's `limit` divided evenly among the services that have jobs is
-/// more, up to `most`. One busy service then fills a round that no other service wants,
-/// while each of several busy services still gets its turn in every round.
+/// and more when the claim's `limit` divided evenly among the services with a job claimable
+/// now is more, up to `most`. One busy service then takes the room a round has left (up to
+/// `most`), while several busy services share it (as long as they are few enough for each
+/// to get `least`; beyond that the earliest due jobs win).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PerService {
     pub least: i64,

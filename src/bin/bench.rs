@@ -219,6 +219,9 @@ async fn run_in(cli: &Cli, url: &str, sandbox_dir: PathBuf) -> Result<(Vec<Figur
         ("MESSAGING_SANDBOX_DIR", sandbox),
         // One service sends everything here: do not let its pacing be the bottleneck.
         ("MESSAGING_SEND_RATE_PER_SERVICE", "1000000".into()),
+        // Its sandbox calls are file writes: 64 at once (a round of 256), where a real
+        // account's SMTP server may refuse more than a few connections.
+        ("MESSAGING_SEND_CONCURRENCY", "64".into()),
         ("MESSAGING_SENDGRID_WEBHOOK_PUBLIC_KEY", public_key),
     ];
     let lookup = |k: &str| -> Option<String> {

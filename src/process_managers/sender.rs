@@ -46,8 +46,9 @@ pub struct SenderConfig {
     pub lease: Duration,
     /// Jobs sent at once by one worker.
     pub concurrency: usize,
-    /// Jobs one round claims for one service at least (when it has them): more when no
-    /// other service wants the round's room, up to its burst (see [`PerService`]).
+    /// Jobs one round claims for one service at least (when it has them): more when the
+    /// other services leave the round room, up to half a second of its rate (see
+    /// [`PerService`]).
     pub per_service_per_round: i64,
     /// Sends per second allowed for one service by one worker (a token bucket), and its burst.
     pub per_service_rate: f64,
@@ -66,7 +67,7 @@ impl Default for SenderConfig {
             base_backoff: Duration::from_secs(2),
             max_backoff: Duration::from_secs(300),
             lease: Duration::from_secs(120),
-            concurrency: 64,
+            concurrency: 16,
             per_service_per_round: 50,
             per_service_rate: 20.0,
             per_service_burst: 40.0,
@@ -152,12 +153,13 @@ impl Sender {
 
     /// Claims due jobs and leases them.
     async fn claim(&self, limit: i64) -> Result<Vec<SendJob>, StoreError> {
-        // A service's share of the round goes up to its burst, the most it could send at
-        // once: a job claimed beyond its tokens would wait for them on the one-job path,
-        // holding the whole round back.
+        // A service's share of the round goes up to what its rate sends in half a second: a
+        // busy service's bucket is about empty at each claim, and a job claimed beyond its
+        // tokens waits for them on the one-job path, holding the whole round back.
         let per_service = PerService {
             least: self.config.per_service_per_round,
-            most: (self.config.per_service_burst as i64).max(self.config.per_service_per_round),
+            most: ((self.config.per_service_rate * 0.5) as i64)
+                .max(self.config.per_service_per_round),
         };
         self.store
             .claim_send_jobs(limit, per_service, self.config.lease)
@@ -286,7 +288,7 @@ impl Sender {
         // sent again by a recovery) only for about two waves' time. The calls go on while a
         // wave is recorded (both halves are polled together); when the calls were a stream
         // read between waves, a wave's recording held back the next calls, and a round of 64
-        // took about eight waves, a commit each.
+        // then took about eight waves, a commit each.
         let (answered, mut answers) = tokio::sync::mpsc::unbounded_channel();
         let calling = async move {
             futures::stream::iter(calls)

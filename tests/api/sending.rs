@@ -894,8 +894,9 @@ async fn a_lone_busy_service_fills_the_round_and_busy_services_share_it() {
     let store = store_only(&database_url).await;
     let pool = any_pool(&database_url).await;
     let lease = std::time::Duration::from_secs(60);
-    let [a, b, c] = [1u8, 2, 3].map(|n| format!("{n:032x}"));
-    let add = |service: String, jobs: usize| {
+    let [a, b, c, d] = [1u8, 2, 3, 4].map(|n| format!("{n:032x}"));
+    // `later`: due in the future (not claimable now).
+    let add = |service: String, jobs: usize, later: bool| {
         let pool = pool.clone();
         async move {
             let sql = if on_sqlite() {
@@ -903,13 +904,15 @@ async fn a_lone_busy_service_fills_the_round_and_busy_services_share_it() {
                     "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {jobs}) \
                      INSERT INTO send_jobs (message_id, service_id, channel, provider, due_at) \
                      SELECT randomblob(16), X'{service}', 'email', 'sendgrid', \
-                            '2000-01-01T00:00:00+00:00' FROM n"
+                            '{}' FROM n",
+                    if later { "2999-01-01T00:00:00+00:00" } else { "2000-01-01T00:00:00+00:00" }
                 )
             } else {
                 format!(
                     "INSERT INTO send_jobs (message_id, service_id, channel, provider, due_at) \
                      SELECT gen_random_uuid(), '{service}'::uuid, 'email', 'sendgrid', \
-                            now() - interval '1 minute' FROM generate_series(1, {jobs})"
+                            now() + interval '{} minute' FROM generate_series(1, {jobs})",
+                    if later { 60 } else { -1 }
                 )
             };
             sqlx::query(&sql).execute(&pool).await.unwrap();
@@ -924,7 +927,7 @@ async fn a_lone_busy_service_fills_the_round_and_busy_services_share_it() {
         }
         counts
     };
-    add(a.clone(), 300).await;
+    add(a.clone(), 300, false).await;
     // One service alone: its share is the whole round, up to its most.
     let capped = store
         .claim_send_jobs(
@@ -950,9 +953,11 @@ async fn a_lone_busy_service_fills_the_round_and_busy_services_share_it() {
         .await
         .unwrap();
     assert_eq!(per_service(round), HashMap::from([(a.clone(), 100)]));
-    // Three services with jobs: a third of the round each, the quiet one's five included.
-    add(b.clone(), 300).await;
-    add(c.clone(), 5).await;
+    // Three services with jobs due: a third of the round each, the quiet one's five included;
+    // a fourth whose jobs are not due yet takes no share.
+    add(b.clone(), 300, false).await;
+    add(c.clone(), 5, false).await;
+    add(d.clone(), 50, true).await;
     let shared = store
         .claim_send_jobs(
             90,

@@ -119,7 +119,7 @@ pub(super) async fn claim_send_jobs(
     // `(service_id, due_at)` index, and the next claim's range stops before them instead of
     // stepping over every job still being sent (an outcome deletes the job or sets its retry
     // time). Each service's share is `per_service.least`, or the round divided evenly among
-    // the services with jobs when that is more, up to `per_service.most`.
+    // the services with a job claimable now when that is more, up to `per_service.most`.
     let jobs: Vec<(uuid::Uuid, uuid::Uuid, DateTime<Utc>)> = sqlx::query_as(
         "WITH RECURSIVE services AS ( \
            (SELECT service_id FROM send_jobs ORDER BY service_id LIMIT 1) \
@@ -129,8 +129,11 @@ pub(super) async fn claim_send_jobs(
            FROM services s WHERE s.service_id IS NOT NULL \
          ), share AS ( \
            SELECT greatest($2, least(($1 + n - 1) / n, $4)) AS jobs \
-           FROM (SELECT greatest(count(*), 1) AS n FROM services \
-                 WHERE service_id IS NOT NULL) AS counted \
+           FROM (SELECT greatest(count(*), 1) AS n FROM services s \
+                 WHERE s.service_id IS NOT NULL AND EXISTS ( \
+                   SELECT 1 FROM send_jobs j WHERE j.service_id = s.service_id \
+                     AND j.due_at <= now() \
+                     AND (j.locked_until IS NULL OR j.locked_until < now()))) AS counted \
          ), candidates AS ( \
            SELECT picked.message_id FROM services s \
            CROSS JOIN LATERAL ( \

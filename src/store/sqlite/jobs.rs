@@ -102,8 +102,8 @@ pub(super) async fn next_schedule_due(
 
 /// Claims due jobs: `?1` now, `?2` the lease's end (also the job's due time, as on
 /// PostgreSQL), `?3` jobs per service at least, `?4` jobs in all, `?5` jobs per service at
-/// most (a service's share is `?3`, or `?4` divided evenly among the services with jobs when
-/// that is more, up to `?5`). Of each service's earliest, the
+/// most (a service's share is `?3`, or `?4` divided evenly among the services with a job
+/// claimable now when that is more, up to `?5`). Of each service's earliest, the
 /// earliest due fill the round (not the lowest service ids' first). The services are found by
 /// skipping from one to the next through `send_jobs_by_service`, and each one's earliest due
 /// jobs read from the same index: ranking every due job of every service (a window over the
@@ -116,15 +116,19 @@ pub(super) const CLAIM_SEND_JOBS: &str = "\
         UNION ALL \
         SELECT (SELECT j.service_id FROM send_jobs j WHERE j.service_id > s.service_id \
                 ORDER BY j.service_id LIMIT 1) \
-        FROM services s WHERE s.service_id IS NOT NULL) \
+        FROM services s WHERE s.service_id IS NOT NULL), \
+      share(jobs) AS ( \
+        SELECT max(?3, min((?4 + n - 1) / n, ?5)) \
+        FROM (SELECT max(count(*), 1) AS n FROM services s \
+              WHERE s.service_id IS NOT NULL AND EXISTS ( \
+                SELECT 1 FROM send_jobs p WHERE p.service_id = s.service_id AND p.due_at <= ?1 \
+                  AND (p.locked_until IS NULL OR p.locked_until < ?1)))) \
       SELECT j.message_id FROM services s CROSS JOIN send_jobs j \
       WHERE s.service_id IS NOT NULL \
         AND j.message_id IN (SELECT p.message_id FROM send_jobs p \
               WHERE p.service_id = s.service_id AND p.due_at <= ?1 \
                 AND (p.locked_until IS NULL OR p.locked_until < ?1) \
-              ORDER BY p.due_at LIMIT max(?3, min((?4 + (SELECT count(*) FROM services \
-                WHERE service_id IS NOT NULL) - 1) / max((SELECT count(*) FROM services \
-                WHERE service_id IS NOT NULL), 1), ?5))) \
+              ORDER BY p.due_at LIMIT (SELECT jobs FROM share)) \
       ORDER BY j.due_at LIMIT ?4) \
     RETURNING message_id, service_id";
 

@@ -2374,3 +2374,65 @@ async fn the_feeds_read_of_a_long_message_starts_from_its_snapshot_and_folds_the
         .unwrap();
     assert_eq!(folds_at(&mut conn, id, &points).await, from_events);
 }
+
+/// The delivery projection's deletes find their rows by primary key however many ids a
+/// batch holds and however large the schedule is: planned with the ids in hand, a delete
+/// of a few hundred read the whole table.
+#[tokio::test]
+async fn the_delivery_projections_deletes_go_by_key_at_any_batch_size() {
+    use messaging_projections::delivery::{DELETE_JOBS, DELETE_SCHEDULES};
+    let pool = migrated_pool().await;
+    sqlx::query(
+        "INSERT INTO scheduled_sends (message_id, publish_at) \
+         SELECT gen_random_uuid(), now() + interval '1 day' FROM generate_series(1, 100000)",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO send_jobs (message_id, service_id, channel, provider, due_at) \
+         SELECT gen_random_uuid(), gen_random_uuid(), 'email', 'sendgrid', now() \
+         FROM generate_series(1, 100000)",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    for table in ["scheduled_sends", "send_jobs"] {
+        sqlx::query(&format!("VACUUM ANALYZE {table}"))
+            .execute(&pool)
+            .await
+            .unwrap();
+    }
+    for n in [1, 50, 500, 5000] {
+        let ids: Vec<uuid::Uuid> = (0..n).map(|_| uuid::Uuid::now_v7()).collect();
+        for statement in [DELETE_SCHEDULES, DELETE_JOBS] {
+            let plan: Vec<String> = sqlx::query_scalar(&format!("EXPLAIN {statement}"))
+                .bind(&ids)
+                .fetch_all(&pool)
+                .await
+                .unwrap();
+            let plan = plan.join("\n");
+            assert!(
+                plan.contains("_pkey") && !plan.contains("Seq Scan"),
+                "{n} ids, {statement}:\n{plan}"
+            );
+        }
+    }
+    // Still deletes what it names, and nothing else.
+    let some: Vec<uuid::Uuid> =
+        sqlx::query_scalar("SELECT message_id FROM scheduled_sends LIMIT 3")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    let deleted = sqlx::query(DELETE_SCHEDULES)
+        .bind(&some)
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert_eq!(deleted.rows_affected(), 3);
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM scheduled_sends")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(left, 99_997);
+}

@@ -918,75 +918,41 @@ async fn a_lone_busy_service_fills_the_round_and_busy_services_share_it() {
             sqlx::query(&sql).execute(&pool).await.unwrap();
         }
     };
-    let per_service = |jobs: Vec<messaging::store::SendJob>| {
-        let mut counts: HashMap<String, usize> = HashMap::new();
-        for job in jobs {
-            *counts
-                .entry(job.service_id.as_uuid().simple().to_string())
-                .or_default() += 1;
+    // Claims, and counts the claimed jobs per service.
+    let claim = |limit: i64, least: i64, most: i64| {
+        let store = store.clone();
+        async move {
+            let jobs = store
+                .claim_send_jobs(limit, PerService { least, most }, lease)
+                .await
+                .unwrap();
+            let mut counts: HashMap<String, usize> = HashMap::new();
+            for job in jobs {
+                *counts
+                    .entry(job.service_id.as_uuid().simple().to_string())
+                    .or_default() += 1;
+            }
+            counts
         }
-        counts
     };
     add(a.clone(), 300, false).await;
     // One service alone: its share is the whole round, up to its most.
-    let capped = store
-        .claim_send_jobs(
-            100,
-            PerService {
-                least: 10,
-                most: 60,
-            },
-            lease,
-        )
-        .await
-        .unwrap();
-    assert_eq!(per_service(capped), HashMap::from([(a.clone(), 60)]));
-    let round = store
-        .claim_send_jobs(
-            100,
-            PerService {
-                least: 10,
-                most: 1000,
-            },
-            lease,
-        )
-        .await
-        .unwrap();
-    assert_eq!(per_service(round), HashMap::from([(a.clone(), 100)]));
+    assert_eq!(claim(100, 10, 60).await, HashMap::from([(a.clone(), 60)]));
+    assert_eq!(
+        claim(100, 10, 1000).await,
+        HashMap::from([(a.clone(), 100)])
+    );
     // Three services with jobs due: a third of the round each, the quiet one's five included;
     // a fourth whose jobs are not due yet takes no share.
     add(b.clone(), 300, false).await;
     add(c.clone(), 5, false).await;
     add(d.clone(), 50, true).await;
-    let shared = store
-        .claim_send_jobs(
-            90,
-            PerService {
-                least: 10,
-                most: 1000,
-            },
-            lease,
-        )
-        .await
-        .unwrap();
     assert_eq!(
-        per_service(shared),
+        claim(90, 10, 1000).await,
         HashMap::from([(a.clone(), 30), (b.clone(), 30), (c.clone(), 5)])
     );
     // A share smaller than `least` is `least`; the round still holds at most `limit`.
-    let least = per_service(
-        store
-            .claim_send_jobs(
-                20,
-                PerService {
-                    least: 15,
-                    most: 1000,
-                },
-                lease,
-            )
-            .await
-            .unwrap(),
-    );
+    let least = claim(20, 15, 1000).await;
     assert_eq!(least.values().sum::<usize>(), 20, "{least:?}");
     assert!(least.values().all(|n| *n <= 15), "{least:?}");
     assert!(!least.contains_key(&c), "{least:?}");

@@ -2382,26 +2382,15 @@ async fn the_feeds_read_of_a_long_message_starts_from_its_snapshot_and_folds_the
 async fn the_delivery_projections_deletes_go_by_key_at_any_batch_size() {
     use messaging_projections::delivery::{DELETE_JOBS, DELETE_SCHEDULES};
     let pool = migrated_pool().await;
-    sqlx::query(
+    for statement in [
         "INSERT INTO scheduled_sends (message_id, publish_at) \
          SELECT gen_random_uuid(), now() + interval '1 day' FROM generate_series(1, 100000)",
-    )
-    .execute(&pool)
-    .await
-    .unwrap();
-    sqlx::query(
         "INSERT INTO send_jobs (message_id, service_id, channel, provider, due_at) \
          SELECT gen_random_uuid(), gen_random_uuid(), 'email', 'sendgrid', now() \
          FROM generate_series(1, 100000)",
-    )
-    .execute(&pool)
-    .await
-    .unwrap();
-    for table in ["scheduled_sends", "send_jobs"] {
-        sqlx::query(&format!("VACUUM ANALYZE {table}"))
-            .execute(&pool)
-            .await
-            .unwrap();
+        "VACUUM ANALYZE scheduled_sends, send_jobs",
+    ] {
+        sqlx::query(statement).execute(&pool).await.unwrap();
     }
     for n in [1, 50, 500, 5000] {
         let ids: Vec<uuid::Uuid> = (0..n).map(|_| uuid::Uuid::now_v7()).collect();

@@ -259,6 +259,13 @@ impl Projection<Postgres> for DeliveryJobs {
 pub const DELETE_SCHEDULES: &str =
     "DELETE FROM scheduled_sends WHERE message_id = ANY(ARRAY(SELECT unnest($1::uuid[])))";
 
+/// Makes the send jobs of the messages in `$1` due at the times in `$2` and unleased, found by
+/// primary key (as [`DELETE_SCHEDULES`]; the join alone was planned as a scan of the table for
+/// a few hundred ids).
+pub const RETRY_JOBS: &str = "UPDATE send_jobs j SET due_at = u.due_at, locked_until = NULL \
+     FROM unnest($1::uuid[], $2::timestamptz[]) AS u(id, due_at) \
+     WHERE j.message_id = u.id AND j.message_id = ANY(ARRAY(SELECT unnest($1::uuid[])))";
+
 /// Deletes the send jobs of the messages in `$1`, by primary key (as [`DELETE_SCHEDULES`]).
 pub const DELETE_JOBS: &str =
     "DELETE FROM send_jobs WHERE message_id = ANY(ARRAY(SELECT unnest($1::uuid[])))";
@@ -358,15 +365,11 @@ async fn write_jobs(conn: &mut PgConnection, plan: &Plan) -> Result<(), Projecti
         .await?;
     }
     if !updated.is_empty() {
-        sqlx::query(
-            "UPDATE send_jobs j SET due_at = u.due_at, locked_until = NULL \
-             FROM unnest($1::uuid[], $2::timestamptz[]) AS u(id, due_at) \
-             WHERE j.message_id = u.id",
-        )
-        .bind(&updated)
-        .bind(&retry_at)
-        .execute(&mut *conn)
-        .await?;
+        sqlx::query(RETRY_JOBS)
+            .bind(&updated)
+            .bind(&retry_at)
+            .execute(&mut *conn)
+            .await?;
     }
     Ok(())
 }

@@ -2375,12 +2375,12 @@ async fn the_feeds_read_of_a_long_message_starts_from_its_snapshot_and_folds_the
     assert_eq!(folds_at(&mut conn, id, &points).await, from_events);
 }
 
-/// The delivery projection's deletes find their rows by primary key however many ids a
+/// The delivery projection's deletes and retries find their rows by primary key however many ids a
 /// batch holds and however large the schedule is: planned with the ids in hand, a delete
 /// of a few hundred read the whole table.
 #[tokio::test]
-async fn the_delivery_projections_deletes_go_by_key_at_any_batch_size() {
-    use messaging_projections::delivery::{DELETE_JOBS, DELETE_SCHEDULES};
+async fn the_delivery_projections_deletes_and_retries_go_by_key_at_any_batch_size() {
+    use messaging_projections::delivery::{DELETE_JOBS, DELETE_SCHEDULES, RETRY_JOBS};
     let pool = migrated_pool().await;
     for statement in [
         "INSERT INTO scheduled_sends (message_id, publish_at) \
@@ -2394,12 +2394,14 @@ async fn the_delivery_projections_deletes_go_by_key_at_any_batch_size() {
     }
     for n in [1, 50, 500, 5000] {
         let ids: Vec<uuid::Uuid> = (0..n).map(|_| uuid::Uuid::now_v7()).collect();
-        for statement in [DELETE_SCHEDULES, DELETE_JOBS] {
-            let plan: Vec<String> = sqlx::query_scalar(&format!("EXPLAIN {statement}"))
-                .bind(&ids)
-                .fetch_all(&pool)
-                .await
-                .unwrap();
+        let times = vec![Utc::now(); n];
+        for statement in [DELETE_SCHEDULES, DELETE_JOBS, RETRY_JOBS] {
+            let explain = format!("EXPLAIN {statement}");
+            let mut query = sqlx::query_scalar(&explain).bind(&ids);
+            if statement == RETRY_JOBS {
+                query = query.bind(&times);
+            }
+            let plan: Vec<String> = query.fetch_all(&pool).await.unwrap();
             let plan = plan.join("\n");
             assert!(
                 plan.contains("_pkey") && !plan.contains("Seq Scan"),

@@ -54,9 +54,12 @@ pub(super) async fn finish_schedules(
     }
     let (ids, times) = columns(fired);
     sqlx::query(
+        // The key condition finds the rows by primary key (see `DELETE_SCHEDULES` in the
+        // delivery projection): the join alone may be planned as a scan of the schedule.
         "DELETE FROM scheduled_sends s \
          USING unnest($1::uuid[], $2::timestamptz[]) AS f(message_id, publish_at) \
-         WHERE s.message_id = f.message_id AND s.publish_at = f.publish_at",
+         WHERE s.message_id = f.message_id AND s.publish_at = f.publish_at \
+           AND s.message_id = ANY(ARRAY(SELECT unnest($1::uuid[])))",
     )
     .bind(&ids)
     .bind(&times)
@@ -76,7 +79,8 @@ pub(super) async fn release_schedules(
     sqlx::query(
         "UPDATE scheduled_sends s SET locked_until = NULL \
          FROM unnest($1::uuid[], $2::timestamptz[]) AS f(message_id, publish_at) \
-         WHERE s.message_id = f.message_id AND s.publish_at = f.publish_at",
+         WHERE s.message_id = f.message_id AND s.publish_at = f.publish_at \
+           AND s.message_id = ANY(ARRAY(SELECT unnest($1::uuid[])))",
     )
     .bind(&ids)
     .bind(&times)

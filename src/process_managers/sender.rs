@@ -1,8 +1,8 @@
 //! The sender: one process manager for every channel, driven by `send_jobs`.
 //!
-//! A worker claims due jobs (`FOR UPDATE SKIP LOCKED`; each service with jobs gets its share of
-//! the round, so one busy account cannot starve the others, yet fills a round no other account
-//! wants) and takes a lease on each. For each job it
+//! A worker claims due jobs (`FOR UPDATE SKIP LOCKED`; each service with a job due gets its
+//! share of the round, so one busy account cannot starve the others, yet takes more of a round
+//! the others do not fill when its rate allows) and takes a lease on each. For each job it
 //! records `StartSendAttempt` first: that command is the fence that makes the provider call
 //! happen once even if two workers ever hold the same job, since only one can start the
 //! attempt. Then it calls the provider and records the classified outcome:
@@ -47,8 +47,8 @@ pub struct SenderConfig {
     /// Jobs sent at once by one worker.
     pub concurrency: usize,
     /// Jobs one round claims for one service at least (when it has them): more when the
-    /// other services leave the round room, up to half a second of its rate (see
-    /// [`PerService`]).
+    /// other services leave the round room, up to the larger of this and half a second of
+    /// its rate (see [`PerService`]).
     pub per_service_per_round: i64,
     /// Sends per second allowed for one service by one worker (a token bucket), and its burst.
     pub per_service_rate: f64,
@@ -153,9 +153,10 @@ impl Sender {
 
     /// Claims due jobs and leases them.
     async fn claim(&self, limit: i64) -> Result<Vec<SendJob>, StoreError> {
-        // A service's share of the round goes up to what its rate sends in half a second: a
-        // busy service's bucket is about empty at each claim, and a job claimed beyond its
-        // tokens waits for them on the one-job path, holding the whole round back.
+        // A service's share of the round goes up to what its rate sends in half a second (or
+        // the floor, as before, for a slow rate): a busy service's bucket is about empty at
+        // each claim, and a job claimed beyond its tokens waits for them on the one-job path,
+        // holding the whole round back.
         let per_service = PerService {
             least: self.config.per_service_per_round,
             most: ((self.config.per_service_rate * 0.5) as i64)

@@ -895,8 +895,8 @@ async fn a_lone_busy_service_fills_the_round_and_busy_services_share_it() {
     let pool = any_pool(&database_url).await;
     let lease = std::time::Duration::from_secs(60);
     let [a, b, c, d] = [1u8, 2, 3, 4].map(|n| format!("{n:032x}"));
-    // `later`: due in the future (not claimable now).
-    let add = |service: String, jobs: usize, later: bool| {
+    // Jobs due `minutes` from now (negative: due already), on either backend.
+    let add = |service: String, jobs: usize, minutes: i32| {
         let pool = pool.clone();
         async move {
             let sql = if on_sqlite() {
@@ -904,15 +904,15 @@ async fn a_lone_busy_service_fills_the_round_and_busy_services_share_it() {
                     "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {jobs}) \
                      INSERT INTO send_jobs (message_id, service_id, channel, provider, due_at) \
                      SELECT randomblob(16), X'{service}', 'email', 'sendgrid', \
-                            '{}' FROM n",
-                    if later { "2999-01-01T00:00:00+00:00" } else { "2000-01-01T00:00:00+00:00" }
+                            strftime('%Y-%m-%dT%H:%M:%S+00:00', 'now', '{minutes} minutes') \
+                     FROM n"
                 )
             } else {
                 format!(
                     "INSERT INTO send_jobs (message_id, service_id, channel, provider, due_at) \
                      SELECT gen_random_uuid(), '{service}'::uuid, 'email', 'sendgrid', \
-                            now() + interval '{} minute' FROM generate_series(1, {jobs})",
-                    if later { 60 } else { -1 }
+                            now() + interval '{minutes} minutes' \
+                     FROM generate_series(1, {jobs})"
                 )
             };
             sqlx::query(&sql).execute(&pool).await.unwrap();
@@ -935,7 +935,7 @@ async fn a_lone_busy_service_fills_the_round_and_busy_services_share_it() {
             counts
         }
     };
-    add(a.clone(), 300, false).await;
+    add(a.clone(), 300, -2).await;
     // One service alone: its share is the whole round, up to its most.
     assert_eq!(claim(100, 10, 60).await, HashMap::from([(a.clone(), 60)]));
     assert_eq!(
@@ -944,16 +944,17 @@ async fn a_lone_busy_service_fills_the_round_and_busy_services_share_it() {
     );
     // Three services with jobs due: a third of the round each, the quiet one's five included;
     // a fourth whose jobs are not due yet takes no share.
-    add(b.clone(), 300, false).await;
-    add(c.clone(), 5, false).await;
-    add(d.clone(), 50, true).await;
+    add(b.clone(), 300, -1).await;
+    add(c.clone(), 5, -2).await;
+    add(d.clone(), 50, 60).await;
     assert_eq!(
         claim(90, 10, 1000).await,
         HashMap::from([(a.clone(), 30), (b.clone(), 30), (c.clone(), 5)])
     );
-    // A share smaller than `least` is `least`; the round still holds at most `limit`.
-    let least = claim(20, 15, 1000).await;
-    assert_eq!(least.values().sum::<usize>(), 20, "{least:?}");
-    assert!(least.values().all(|n| *n <= 15), "{least:?}");
-    assert!(!least.contains_key(&c), "{least:?}");
+    // A share smaller than `least` is `least` (the even share of the two with jobs due is 10):
+    // the earliest due fill the round.
+    assert_eq!(
+        claim(20, 15, 1000).await,
+        HashMap::from([(a.clone(), 15), (b.clone(), 5)])
+    );
 }

@@ -1065,6 +1065,7 @@ mod tests {
                         .bind(Utc::now())
                         .bind(5)
                         .bind(64)
+                        .bind(64)
                         .fetch_all(&pool)
                         .await
                         .expect("EXPLAIN QUERY PLAN");

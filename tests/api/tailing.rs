@@ -2375,9 +2375,10 @@ async fn the_feeds_read_of_a_long_message_starts_from_its_snapshot_and_folds_the
     assert_eq!(folds_at(&mut conn, id, &points).await, from_events);
 }
 
-/// The delivery projection's deletes and retries find their rows by primary key however many ids a
-/// batch holds and however large the schedule is: planned with the ids in hand, a delete
-/// of a few hundred read the whole table.
+/// The delivery projection's deletes and retries find their rows by primary key however many
+/// ids a batch holds and however large the schedule is: planned with the ids in hand, a delete
+/// of a few hundred read the whole table (the retry's join was planned by key even before its
+/// key condition; it is checked so that it stays so).
 #[tokio::test]
 async fn the_delivery_projections_deletes_and_retries_go_by_key_at_any_batch_size() {
     use messaging_projections::delivery::{DELETE_JOBS, DELETE_SCHEDULES, RETRY_JOBS};

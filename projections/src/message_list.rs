@@ -291,7 +291,7 @@ static INSERT: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
            (message_id, service_id, channel, direction, state, profiles, message, \
             last_sequence, provider_message_id) \
          SELECT id, service_id, channel, direction, state, string_to_array(profiles, $10), \
-                message::json, last_sequence, provider_message_id \
+                message, last_sequence, provider_message_id \
          FROM {ROWS}"
     )
 });
@@ -309,7 +309,7 @@ static UPSERT: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
 static UPDATE: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     format!(
         "UPDATE message_list SET state = r.state, \
-           profiles = string_to_array(r.profiles, $10), message = r.message::json, \
+           profiles = string_to_array(r.profiles, $10), message = r.message, \
            last_sequence = r.last_sequence, provider_message_id = r.provider_message_id \
          FROM {ROWS} WHERE message_list.message_id = r.id"
     )

@@ -325,7 +325,7 @@ async fn on_postgresql_the_list_is_read_through_the_index_its_filter_has_in_a_ge
                 ('00000000-0000-7000-8000-0000000000' || lpad((i % 30)::text, 2, '0'))::uuid, \
                 'email', 'outbound', \
                 (ARRAY['draft','scheduled','queued','sent','failed','cancelled'])[1 + i % 6], \
-                ARRAY['r' || (i % 1000) || '@example.com'], '{}'::json, 1 \
+                ARRAY['r' || (i % 1000) || '@example.com'], '{}', 1 \
          FROM generate_series(1, 30000) AS i",
     )
     .execute(&pool)

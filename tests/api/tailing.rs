@@ -273,7 +273,7 @@ async fn snapshot(
     Vec<String>,
 ) {
     let list = sqlx::query_as(
-        "SELECT message_id, state, message, last_sequence FROM message_list ORDER BY message_id",
+        "SELECT message_id, state, message::json, last_sequence FROM message_list ORDER BY message_id",
     )
     .fetch_all(pool)
     .await

@@ -566,6 +566,9 @@ struct Models {
 
 const LIST_SQL: &str = "SELECT message_id, service_id, channel, direction, state, profiles, \
      message, last_sequence, provider_message_id FROM message_list ORDER BY message_id";
+/// PostgreSQL's `message` is text, as SQLite's: read as JSON to compare the values.
+const PG_LIST_SQL: &str = "SELECT message_id, service_id, channel, direction, state, profiles, \
+     message::json, last_sequence, provider_message_id FROM message_list ORDER BY message_id";
 const FEED_SQL: &str = "SELECT position, message_id, channel, service_id, previous_state, \
      state, cause, occurred_at, recorded_at FROM state_changes ORDER BY position";
 const EVENT_POSITIONS_SQL: &str = "SELECT event_position FROM state_changes ORDER BY position";
@@ -611,7 +614,7 @@ async fn sqlite_models(pool: &SqlitePool) -> Models {
 }
 
 async fn pg_models(pool: &PgPool) -> Models {
-    let list: Vec<ListRow> = sqlx::query_as(LIST_SQL).fetch_all(pool).await.unwrap();
+    let list: Vec<ListRow> = sqlx::query_as(PG_LIST_SQL).fetch_all(pool).await.unwrap();
     let items: Vec<FeedItem> = sqlx::query_as(FEED_SQL).fetch_all(pool).await.unwrap();
     let positions: Vec<i64> = sqlx::query_scalar(EVENT_POSITIONS_SQL)
         .fetch_all(pool)

@@ -26,6 +26,45 @@ async fn pages_of_five(app: &TestApp, first: &str) -> Vec<String> {
     }
 }
 
+/// A message's profiles are set by its first event: a row continued by later batches
+/// (scheduled, then cancelled) is still found by its sender's and its recipients' profiles,
+/// and by a profile with another filter (on SQLite through the (profile, message) pairs
+/// written with its first row).
+#[tokio::test]
+async fn a_message_continued_after_its_first_row_is_still_found_by_its_profiles() {
+    let app = TestApp::spawn().await;
+    let email = app.email_service().await;
+    let draft = app
+        .compose_email(&email, "Carol@Example.com", json!({}))
+        .await;
+    let id = draft["id"].as_str().unwrap().to_string();
+    app.wait_listed(&id, "draft").await;
+    for (path, body, state) in [
+        ("schedule", tomorrow(), "scheduled"),
+        ("cancel", json!({}), "cancelled"),
+    ] {
+        let (status, answer) = app.post(&format!("/v1/messages/{id}/{path}"), body).await;
+        assert_eq!(status, StatusCode::OK, "{answer}");
+        app.wait_listed(&id, state).await;
+    }
+    let from = draft["from"]["username"].as_str().unwrap().to_string();
+    for query in [
+        "profile=carol@example.com".to_string(),
+        format!("profile={from}"),
+        "profile=CAROL@example.com&state=cancelled".to_string(),
+    ] {
+        let (status, page) = app.get(&format!("/v1/messages?{query}")).await;
+        assert_eq!(status, StatusCode::OK, "{page}");
+        let ids: Vec<&str> = page["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["id"].as_str().unwrap())
+            .collect();
+        assert_eq!(ids, [id.as_str()], "{query}");
+    }
+}
+
 #[tokio::test]
 async fn list_filters_and_paginates_without_duplicates_or_gaps() {
     let app = TestApp::spawn().await;

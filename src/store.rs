@@ -269,13 +269,6 @@ pub struct PerService {
     pub most: i64,
 }
 
-impl PerService {
-    /// Exactly `n` of each service.
-    pub fn exactly(n: i64) -> Self {
-        Self { least: n, most: n }
-    }
-}
-
 /// A pending webhook inbox fact the applier leased.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PendingFact {

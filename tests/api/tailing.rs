@@ -2136,7 +2136,14 @@ async fn a_claims_late_delete_keeps_a_job_its_message_queued_again() {
             .unwrap()
     };
     let claimed = store
-        .claim_send_jobs(10, PerService::exactly(10), Duration::from_secs(60))
+        .claim_send_jobs(
+            10,
+            PerService {
+                least: 10,
+                most: 10,
+            },
+            Duration::from_secs(60),
+        )
         .await
         .unwrap();
     assert_eq!(claimed.len(), 1);
@@ -2151,7 +2158,14 @@ async fn a_claims_late_delete_keeps_a_job_its_message_queued_again() {
     assert_eq!(jobs(pool.clone()).await, 1);
     // A claim deletes what it holds.
     let again = store
-        .claim_send_jobs(10, PerService::exactly(10), Duration::from_secs(60))
+        .claim_send_jobs(
+            10,
+            PerService {
+                least: 10,
+                most: 10,
+            },
+            Duration::from_secs(60),
+        )
         .await
         .unwrap();
     store.delete_send_job(&again[0]).await.unwrap();

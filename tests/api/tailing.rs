@@ -2318,6 +2318,94 @@ async fn a_fold_kept_by_one_instance_never_decides_over_another_instances_append
     assert_eq!(types(raced).await, through_sent);
 }
 
+/// A refusal decided on a kept fold makes no INSERT that could collide with what another
+/// instance appended since: it is checked against a fresh read before it is the answer. (Each
+/// of these was refused on the stale fold: an outcome recorded as never started, whose email
+/// the sender's recovery would then have sent again; a send refused as `StaleSchedule`, whose
+/// schedule the scheduler would then have dropped.)
+#[tokio::test]
+async fn a_refusal_on_a_fold_kept_by_one_instance_is_checked_against_the_log() {
+    let pool = migrated_pool().await;
+    let (a, b) = (PgStore::new(pool.clone()), PgStore::new(pool.clone()));
+    let now = Utc::now;
+    let types = |id: MessageId| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, String>(
+                "SELECT event_type FROM events WHERE aggregate_id = $1 ORDER BY sequence",
+            )
+            .bind(id.to_string())
+            .fetch_all(&pool)
+            .await
+            .unwrap()
+        }
+    };
+
+    // `a` reads it before its send attempt (as the sender reads its round and keeps the
+    // folds); `b` starts the attempt; `a` is asked to record the provider's answer.
+    let started = composed(&a, 0, Dispatch::Now).await;
+    a.load_messages(&[started]).await.unwrap();
+    b.execute(started, MessageCommand::StartSendAttempt { now: now() })
+        .await
+        .unwrap();
+    // `a` reads it while scheduled at one time; `b` reschedules it; `a`'s scheduler fires
+    // the new time.
+    let first = now() + chrono::Duration::hours(1);
+    let later = first + chrono::Duration::hours(1);
+    let rescheduled = composed(&a, 1, Dispatch::At(first)).await;
+    a.load_messages(&[rescheduled]).await.unwrap();
+    b.execute(
+        rescheduled,
+        MessageCommand::Schedule {
+            publish_at: later,
+            now: now(),
+        },
+    )
+    .await
+    .unwrap();
+    // The time as stored (a read of one message keeps no fold).
+    let expected_publish_at = b.load_message(rescheduled).await.unwrap().unwrap();
+    let expected_publish_at = expected_publish_at.data().unwrap().publish_at;
+    assert!(expected_publish_at.is_some_and(|at| at != first));
+    let results = a
+        .execute_each(vec![
+            (
+                started,
+                MessageCommand::RecordSent {
+                    provider_message_id: Some("p".into()),
+                    at: now(),
+                },
+            ),
+            (
+                rescheduled,
+                MessageCommand::Send {
+                    now: now(),
+                    expected_publish_at,
+                },
+            ),
+        ])
+        .await;
+    assert!(results.iter().all(Result::is_ok), "{results:?}");
+    assert_eq!(
+        types(started).await,
+        [
+            "MessageComposed",
+            "MessageQueued",
+            "SendAttemptStarted",
+            "MessageSent"
+        ]
+    );
+    assert_eq!(
+        types(rescheduled).await,
+        [
+            "MessageComposed",
+            "MessageScheduled",
+            "MessageScheduled",
+            "MessageQueued"
+        ]
+    );
+}
+
 /// The feed's read of messages before a batch starts from a message's snapshot (taken by the
 /// commands on it) where one precedes the batch, and gives the same folds as reading every
 /// event, at any sequence.

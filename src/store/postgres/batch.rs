@@ -17,7 +17,10 @@
 //! [`Shared::remember`]). A kept fold that went stale (another instance, or cqrs-es's
 //! fallback, appended since) makes the INSERT collide on the log's key at the sequence after
 //! it: nothing is written and the batch is decided again from a fresh read, as for any
-//! conflict. A fold is kept only once its INSERT succeeded, so it never runs ahead of the log.
+//! conflict. A refusal, or a decision with nothing to record, makes no INSERT to collide: on
+//! a kept fold it is not taken as the answer either, and the batch is decided again from a
+//! fresh read first. A fold is kept only once its INSERT succeeded, so it never runs ahead of
+//! the log.
 //!
 //! When the statement's fate is unknown (the connection broke once it was sent), nothing is
 //! run again: every command of the batch reports the store error, as a lost commit does on
@@ -100,10 +103,15 @@ pub(super) async fn execute_each(
                 let folds = (&writer.folds, true);
                 attempt(&mut conn, &commands, Sent::Unprepared, folds).await
             }
-            Err(error) => Err(Failed::NothingWritten {
-                reason: error.to_string(),
-                connection_ok: true,
-            }),
+            Err(error) => {
+                // cqrs-es appends without the kept folds (as above): a fold kept now would
+                // be stale once it has, and a refusal decided on it would go unchecked.
+                writer.forget(&distinct);
+                Err(Failed::NothingWritten {
+                    reason: error.to_string(),
+                    connection_ok: true,
+                })
+            }
         },
     };
     let connection_failed = outcome.as_ref().err().is_some_and(Failed::broke_connection);
@@ -358,6 +366,10 @@ async fn decide_and_append(
     // The kept folds are taken out whatever happens: put back only once appended. Read::All
     // (deciding again after a refusal) trusts none of them.
     let mut messages: HashMap<String, (Message, i64)> = HashMap::new();
+    // The messages decided on a kept fold: only an append proves such a fold current (a
+    // stale one collides on the log's key), so one that refuses or changes nothing is no
+    // answer (see below).
+    let mut from_kept: HashSet<String> = HashSet::new();
     {
         let mut folds = lock(folds);
         for (id, (_, command)) in ids.iter().zip(commands) {
@@ -365,6 +377,7 @@ async fn decide_and_append(
             if let Some((last, message)) = kept.filter(|_| use_kept && read == Read::Needed) {
                 if !creates(command) {
                     messages.insert(id.clone(), (message, last));
+                    from_kept.insert(id.clone());
                 }
             }
         }
@@ -394,7 +407,21 @@ async fn decide_and_append(
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for (aggregate_id, (_, command)) in ids.into_iter().zip(commands) {
         let (message, last) = messages.remove(&aggregate_id).unwrap_or_default();
-        match message.decide(command.clone()) {
+        let decided = message.decide(command.clone());
+        if from_kept.contains(&aggregate_id) && decided.as_ref().map_or(true, Vec::is_empty) {
+            // A refusal (or nothing to record) on a fold that may be stale: another instance,
+            // or cqrs-es's fallback, may have appended since it was kept, and a stale fold
+            // refuses what the log allows (an outcome on a fold from before its start, a
+            // send on a fold from before a reschedule) without any INSERT to collide. Nothing
+            // is written yet: the batch is decided again from a fresh read of every message.
+            return Err(Failed::NothingWritten {
+                reason: format!(
+                    "message {aggregate_id}: a kept fold refused the command or changed nothing"
+                ),
+                connection_ok: true,
+            });
+        }
+        match decided {
             Ok(events) => {
                 // Kept only while a provider call is open (the sender's start, for its
                 // outcome a moment later): a fold kept longer would more likely be stale by

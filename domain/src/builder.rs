@@ -123,6 +123,10 @@ fn sender(service: &ServiceRef) -> Profile {
     Profile::new(service.username.clone(), service.name.clone())
 }
 
+/// The longest Facebook id or username a message may name (Facebook's usernames are at most
+/// 50 characters, its ids a few dozen digits).
+pub const MOST_FACEBOOK_ID: usize = 100;
+
 /// Social posts without recipients go to the service's own public profile: every message has
 /// at least one recipient, as in the original system.
 fn social_recipients(service: &ServiceRef, to: Vec<Profile>) -> Result<Vec<Profile>, FieldError> {
@@ -144,6 +148,14 @@ fn social_recipients(service: &ServiceRef, to: Vec<Profile>) -> Result<Vec<Profi
                     return Err(FieldError::new(
                         field(),
                         "a Facebook id or username has no spaces or control characters",
+                    ));
+                }
+                if id.len() > MOST_FACEBOOK_ID {
+                    return Err(FieldError::new(
+                        field(),
+                        format!(
+                            "a Facebook id or username is at most {MOST_FACEBOOK_ID} characters"
+                        ),
                     ));
                 }
                 id.to_string()

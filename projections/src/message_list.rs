@@ -131,6 +131,7 @@ impl Rows {
             let mut profiles: Vec<String> = std::iter::once(&d.from)
                 .chain(d.to.iter())
                 .map(|p| p.username.to_lowercase())
+                .filter(|p| indexable(p))
                 .collect();
             profiles.sort();
             profiles.dedup();
@@ -143,7 +144,7 @@ impl Rows {
                 profiles,
                 message: stored_fold(d)?,
                 last_sequence: row.last_sequence,
-                provider_message_id: d.provider_message_id.clone(),
+                provider_message_id: d.provider_message_id.clone().filter(|p| indexable(p)),
                 stored: row.stored,
             });
         }
@@ -315,8 +316,23 @@ static UPDATE: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     )
 });
 
-/// Cannot appear in a username (a control character).
+/// Cannot appear in a username (a control character), nor in a profile the list keeps (see
+/// [`indexable`]).
 const PROFILE_SEPARATOR: &str = "\u{1f}";
+
+/// The longest profile or provider id the list indexes, in bytes. No address a message can
+/// name is longer (an email address is at most 254 bytes, an X handle 15, a Facebook id a few
+/// dozen), nor any provider's id.
+const MOST_INDEXED: usize = 512;
+
+/// Whether a profile or provider id goes into the list's indexed columns. PostgreSQL's indexes
+/// refuse an entry over about 2.7 KB and its `text` a NUL, and a refused row would stop the
+/// list for good (its batch is retried until it succeeds). Only malformed input makes such a
+/// value (the From of an inbound email is whatever its sender wrote): it is left out of the
+/// columns the list is filtered and looked up by, and the message itself still shows it.
+fn indexable(value: &str) -> bool {
+    value.len() <= MOST_INDEXED && !value.chars().any(char::is_control)
+}
 
 #[derive(Default)]
 struct Columns {

@@ -320,6 +320,9 @@ async fn cancel(
     run(&state, &id, MessageCommand::Cancel { now: Utc::now() }).await
 }
 
+/// The longest provider id `resolve` takes: X's and Facebook's ids are a few dozen characters.
+const MOST_PROVIDER_ID: usize = 256;
+
 #[derive(Deserialize)]
 struct ResolveRequest {
     /// Whether the post was published after all (check the account on X or Facebook).
@@ -341,9 +344,20 @@ async fn resolve(
     ApiPath(id): ApiPath<String>,
     ApiJson(body): ApiJson<ResolveRequest>,
 ) -> Result<ApiJson<Value>, ApiError> {
+    let provider_message_id = body.provider_message_id.filter(|p| !p.trim().is_empty());
+    if let Some(p) = &provider_message_id {
+        if p.len() > MOST_PROVIDER_ID || p.chars().any(char::is_control) {
+            return Err(ApiError::field(
+                "provider_message_id",
+                format!(
+                    "the provider's id of the post (at most {MOST_PROVIDER_ID} bytes, no control characters)"
+                ),
+            ));
+        }
+    }
     let command = MessageCommand::ResolveSendOutcome {
         posted: body.posted,
-        provider_message_id: body.provider_message_id.filter(|p| !p.trim().is_empty()),
+        provider_message_id,
         send_again: body.send_again,
         at: Utc::now(),
     };

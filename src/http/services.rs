@@ -135,10 +135,16 @@ fn check_username(channel: Channel, raw: &str) -> Result<String, ApiError> {
             .map(str::to_string)
             .map_err(|m| ApiError::field("username", m)),
         Channel::Facebook => {
-            if !raw.is_empty() && raw.chars().all(|c| c.is_ascii_digit()) {
+            if !raw.is_empty()
+                && raw.len() <= messaging_domain::builder::MOST_FACEBOOK_ID
+                && raw.chars().all(|c| c.is_ascii_digit())
+            {
                 Ok(raw.to_string())
             } else {
-                Err(ApiError::field("username", "a Facebook page id is numeric"))
+                Err(ApiError::field(
+                    "username",
+                    "a Facebook page id is numeric (a few dozen digits at most)",
+                ))
             }
         }
     }

@@ -4,6 +4,7 @@
 use chrono::{DateTime, Utc};
 use serde_json::value::RawValue;
 use serde_json::Value;
+use sha2::Digest;
 
 /// What a provider told us, normalised.
 #[derive(Debug, Clone, PartialEq)]
@@ -126,19 +127,36 @@ impl FactKind {
 /// one, and a batch holding one was refused whole (answered 500, re-sent and refused again).
 const NUL_STANDIN: &str = "\u{fffd}";
 
+/// The longest event id stored as it came, in bytes. Ids are unique per provider through a
+/// btree index, which refuses an entry over about 2.7 KB, and a batch holding one was refused
+/// whole. Providers' own ids are far shorter; an inbound email's `Message-ID` is whatever its
+/// sender wrote. A longer id is stored as its SHA-256, so that duplicates stay duplicates.
+const MOST_EVENT_ID: usize = 256;
+
+fn storable_id(id: &str) -> String {
+    let id = id.replace('\0', NUL_STANDIN);
+    if id.len() <= MOST_EVENT_ID {
+        return id;
+    }
+    format!(
+        "sha256:{}",
+        hex::encode(sha2::Sha256::digest(id.as_bytes()))
+    )
+}
+
 impl InboxFact {
     /// The facts as they can be stored: every NUL in an id or the payload (a key or a string)
-    /// replaced by U+FFFD. Borrowed when there is none, as there nearly never is.
+    /// replaced by U+FFFD, and an id longer than [`MOST_EVENT_ID`] by its hash. Borrowed when
+    /// there is none, as there nearly never is.
     pub fn storable(facts: &[InboxFact]) -> std::borrow::Cow<'_, [InboxFact]> {
-        if !facts
-            .iter()
-            .any(|f| f.event_id.contains('\0') || f.payload.has_nul())
-        {
+        if !facts.iter().any(|f| {
+            f.event_id.contains('\0') || f.event_id.len() > MOST_EVENT_ID || f.payload.has_nul()
+        }) {
             return std::borrow::Cow::Borrowed(facts);
         }
         let mut facts = facts.to_vec();
         for f in &mut facts {
-            f.event_id = f.event_id.replace('\0', NUL_STANDIN);
+            f.event_id = storable_id(&f.event_id);
             if f.payload.has_nul() {
                 let mut value = f.payload.value();
                 without_nul(&mut value);

@@ -250,6 +250,9 @@ async fn invalid_fields_are_422_naming_the_field() {
     let app = TestApp::spawn().await;
     let service = app.email_service().await;
     let x = app.create_service("twitter", "x", "ourbrand").await;
+    let fb = app
+        .create_service("facebook", "facebook", "104857600123456")
+        .await;
     let cases = [
         (
             json!({"service_id": service, "to": [], "subject": "s", "text": "t"}),
@@ -278,6 +281,10 @@ async fn invalid_fields_are_422_naming_the_field() {
             "service_id",
         ),
         (json!({"service_id": x, "text": "x".repeat(281)}), "text"),
+        (
+            json!({"service_id": fb, "text": "t", "to": [{"username": "a".repeat(101)}]}),
+            "to[0].username",
+        ),
         (
             json!({"service_id": x, "text": "日本語".repeat(47)}),
             "text",

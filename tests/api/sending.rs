@@ -286,6 +286,27 @@ async fn an_x_post_that_times_out_is_recorded_as_unknown_and_never_posted_again(
     let (_, m) = app.get(&format!("/v1/messages/{id}")).await;
     assert_eq!(history_of(&m, "SendAttemptStarted").len(), 1);
 
+    // An id no provider gives is refused, and the outcome stays unknown.
+    for bad in ["18612345\u{0}67890", &"1".repeat(257)] {
+        let (status, body) = app
+            .post(
+                &format!("/v1/messages/{id}/resolve"),
+                json!({"posted": true, "provider_message_id": bad}),
+            )
+            .await;
+        assert_error(
+            status,
+            &body,
+            reqwest::StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_field",
+        );
+        assert!(body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("provider_message_id"));
+    }
+    let (_, m) = app.get(&format!("/v1/messages/{id}")).await;
+    assert_eq!(m["send_outcome_unknown"], true, "{m}");
     // A person checks the account and finds the post: it is recorded as sent, not re-posted.
     let (status, m) = app
         .post(

@@ -100,6 +100,10 @@ async fn invalid_services_are_422_naming_the_field() {
             json!({"channel": "email", "provider": "sandbox", "name": " ", "username": "a@example.com"}),
             "name",
         ),
+        (
+            json!({"channel": "facebook", "provider": "sandbox", "name": "n", "username": "1".repeat(101)}),
+            "username",
+        ),
     ];
     for (body, field) in cases {
         let (status, error) = app.post("/v1/services", body.clone()).await;

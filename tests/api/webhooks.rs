@@ -775,6 +775,82 @@ async fn an_inbound_email_reply_is_matched_by_its_headers() {
     .await;
 }
 
+/// Values only malformed input makes: an inbound email's From and `Message-ID` are whatever
+/// its sender wrote, a provider's id whatever it answered. Longer than PostgreSQL's indexes
+/// take (about 2.7 KB an entry, after compression), or holding a control character, they
+/// once stopped the message list for good (its batch retried forever) or failed the inbound
+/// email at every retry. The reply is kept once, and the list goes on.
+#[tokio::test]
+async fn outsized_values_from_outside_are_kept_and_the_list_goes_on() {
+    let app = webhook_app().await;
+    // Letters and digits that do not compress much (a xorshift; nothing needs to be secret).
+    let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut noise = |n: usize| -> String {
+        (0..n)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                let alphabet = b"abcdefghijklmnopqrstuvwxyz0123456789";
+                alphabet[(state % alphabet.len() as u64) as usize] as char
+            })
+            .collect()
+    };
+    // A provider that answered an id no index takes, with a NUL in it.
+    let junk = uuid::Uuid::now_v7().to_string();
+    sent_message(&app, &junk, Channel::Email, &format!("{}\0", noise(6000))).await;
+    let original = uuid::Uuid::now_v7().to_string();
+    sent_message(&app, &original, Channel::Email, "sg-1").await;
+    let from = format!("{}@example.com", noise(6000));
+    let message_id = format!("<{}@mail.example.net>", noise(6000));
+    let headers = format!(
+        "Message-ID: {message_id}\r\nIn-Reply-To: <{original}@example.com>\r\nSubject: Re: Hello\r\n"
+    );
+    // Twice: the provider's retry of the same email is the same fact.
+    for _ in 0..2 {
+        let form = reqwest::multipart::Form::new()
+            .text("headers", headers.clone())
+            .text("from", format!("Someone <{from}>"))
+            .text("to", "news@example.com")
+            .text("subject", "Re: Hello")
+            .text("text", "An answer from a strange address.");
+        let r = app
+            .client
+            .post(app.url("/webhooks/sendgrid/inbound"))
+            .multipart(form)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+    }
+    // Sent after the others: listed only if nothing before it holds the list back.
+    let last = uuid::Uuid::now_v7().to_string();
+    sent_message(&app, &last, Channel::Email, "sg-2").await;
+    eventually(|| async {
+        let (_, list) = app.get("/v1/messages?limit=100").await;
+        let listed = |id: &str| {
+            list["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|m| m["id"] == id)
+        };
+        listed(&last) && listed(&junk)
+    })
+    .await;
+    eventually(|| async {
+        let (_, m) = app.get(&format!("/v1/messages/{original}")).await;
+        m["state"] == "replied"
+    })
+    .await;
+    let (status, inbound) = app.get("/v1/messages?direction=inbound").await;
+    assert_eq!(status, StatusCode::OK);
+    let inbound = inbound["items"].as_array().unwrap();
+    assert_eq!(inbound.len(), 1, "the retry is the same reply: {inbound:?}");
+    // Its sender's address shows in the message as it came.
+    assert_eq!(inbound[0]["from"]["username"], from.as_str());
+}
+
 #[tokio::test]
 async fn an_inbound_email_with_large_attachments_is_taken_and_an_oversized_one_gets_413() {
     let app = webhook_app().await;

@@ -545,6 +545,10 @@ pub trait Store: Send + Sync + 'static {
         id: MessageId,
     ) -> Result<IdempotencyClaim, StoreError>;
 
+    /// Gives back a key claimed for `id` once its request's Compose was refused (nothing was
+    /// composed under it), so that the corrected request may use the key again.
+    async fn release_idempotency_key(&self, key: &str, id: MessageId) -> Result<(), StoreError>;
+
     /// The message list read model, newest first.
     async fn list_messages(&self, filter: &ListFilter) -> Result<Vec<Message>, StoreError>;
     /// Feed items after `after`, oldest first.

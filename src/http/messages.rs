@@ -216,6 +216,14 @@ async fn compose_for(
         {
             message_view(state, id).await?.0
         }
+        // Refused (a `publish_at` already past): nothing was composed under the key, so it is
+        // given back, and the corrected request may use it (not "used with another body").
+        Err(crate::store::CommandError::Rejected(e)) => {
+            if let Some(key) = idempotency_key {
+                state.store.release_idempotency_key(key, id).await?;
+            }
+            return Err(crate::store::CommandError::Rejected(e).into());
+        }
         Err(e) => return Err(e.into()),
     };
     tracing::info!(message_id = %id, service_id = %service.id, "message composed");

@@ -379,6 +379,15 @@ impl Store for PgStore {
         })
     }
 
+    async fn release_idempotency_key(&self, key: &str, id: MessageId) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM idempotency_keys WHERE key = $1 AND message_id = $2")
+            .bind(key)
+            .bind(id.as_uuid())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
     async fn list_messages(&self, f: &ListFilter) -> Result<Vec<Message>, StoreError> {
         let rows: Vec<(String,)> = list_query("SELECT message::text", f)
             .build_query_as()

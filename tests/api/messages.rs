@@ -536,6 +536,55 @@ async fn concurrent_composes_with_one_idempotency_key_create_one_message() {
     assert_eq!(events, 2);
 }
 
+/// A Compose refused (its `publish_at` already past) made nothing under its key: the key is
+/// given back, so the corrected request can use it, and it then belongs to that request.
+#[tokio::test]
+async fn a_refused_compose_gives_its_idempotency_key_back() {
+    let app = TestApp::spawn().await;
+    let service = app.email_service().await;
+    let compose = |body: serde_json::Value| {
+        let request = app
+            .client
+            .post(app.url("/v1/messages"))
+            .bearer_auth(API_KEY)
+            .header("Idempotency-Key", "order-7")
+            .json(&body)
+            .send();
+        async move { read(request.await.unwrap()).await }
+    };
+    let mut body = json!({"service_id": service, "to": [{"username": "a@example.com"}],
+                          "subject": "Later", "text": "t", "publish_at": "2001-01-01T00:00:00Z"});
+    let (status, error) = compose(body.clone()).await;
+    assert_error(
+        status,
+        &error,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid_field",
+    );
+    let refused = body.clone();
+    body["publish_at"] = json!((Utc::now() + Duration::days(1)).to_rfc3339());
+    let (status, first) = compose(body.clone()).await;
+    assert_eq!(status, StatusCode::CREATED, "{first}");
+    let (status, again) = compose(body).await;
+    assert_eq!(status, StatusCode::CREATED, "{again}");
+    assert_eq!(first["id"], again["id"], "the retry finds the same message");
+    let (status, error) = compose(refused).await;
+    assert_error(
+        status,
+        &error,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "idempotency_key_reused",
+    );
+    // Nothing else was composed: once the list shows the message, it shows it alone.
+    eventually(|| async {
+        let (_, list) = app.get("/v1/messages").await;
+        let items = list["items"].as_array().unwrap().clone();
+        assert!(items.len() <= 1, "{list}");
+        items.first().is_some_and(|m| m["id"] == first["id"])
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn a_retry_under_its_idempotency_key_finds_its_message_after_publish_at_has_passed() {
     let app = TestApp::spawn().await;

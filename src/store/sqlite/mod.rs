@@ -601,6 +601,15 @@ impl Store for SqliteStore {
         })
     }
 
+    async fn release_idempotency_key(&self, key: &str, id: MessageId) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM idempotency_keys WHERE key = ?1 AND message_id = ?2")
+            .bind(key)
+            .bind(id.as_uuid())
+            .execute(&self.pools.write)
+            .await?;
+        Ok(())
+    }
+
     async fn list_messages(&self, f: &ListFilter) -> Result<Vec<Message>, StoreError> {
         let by_profile = walk_profile(&self.pools.read, f, NARROW_PROFILE).await?;
         let rows: Vec<(Json<MessageData>,)> = list_query("SELECT message", f, by_profile)

@@ -43,7 +43,10 @@ enum ProjectionsCommand {
 
 #[tokio::main]
 async fn main() {
-    init_tracing();
+    if let Err(error) = init_tracing() {
+        eprintln!("error: {error}");
+        std::process::exit(1);
+    }
     if let Err(error) = run(Cli::parse()).await {
         // One clear line; the chain says which setting or step failed.
         eprintln!("error: {error:#}");
@@ -51,15 +54,34 @@ async fn main() {
     }
 }
 
-fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn,tower_http=info"));
+/// Starts logging as `RUST_LOG` and `MESSAGING_LOG_FORMAT` say (read from the environment
+/// only: logging starts before any configuration file is read). A value that cannot be used
+/// stops start-up, as any other bad setting does, rather than logging some other way.
+fn init_tracing() -> Result<(), String> {
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(directives) if !directives.trim().is_empty() => {
+            tracing_subscriber::EnvFilter::try_new(&directives)
+                .map_err(|e| format!("RUST_LOG: `{directives}` is not a log filter: {e}"))?
+        }
+        _ => tracing_subscriber::EnvFilter::new("info,sqlx=warn,tower_http=info"),
+    };
     let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    if std::env::var("MESSAGING_LOG_FORMAT").as_deref() == Ok("json") {
-        builder.json().init();
-    } else {
-        builder.init();
+    match std::env::var("MESSAGING_LOG_FORMAT") {
+        Err(std::env::VarError::NotPresent) => builder.init(),
+        Ok(format) => match format.trim().to_ascii_lowercase().as_str() {
+            "" | "text" => builder.init(),
+            "json" => builder.json().init(),
+            _ => {
+                return Err(format!(
+                    "MESSAGING_LOG_FORMAT: `{format}` is neither `json` nor `text`"
+                ))
+            }
+        },
+        Err(std::env::VarError::NotUnicode(_)) => {
+            return Err("MESSAGING_LOG_FORMAT: not valid UTF-8; use `json` or `text`".into())
+        }
     }
+    Ok(())
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {

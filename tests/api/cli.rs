@@ -75,7 +75,23 @@ async fn migrate_creates_the_database_and_rebuild_restores_the_read_models() {
 
 #[test]
 fn bad_configuration_stops_start_up_with_one_line_naming_the_setting() {
-    let cases: [(&[(&str, &str)], &str); 5] = [
+    let cases: [(&[(&str, &str)], &str); 7] = [
+        (
+            &[
+                ("DATABASE_URL", "postgres://u:hunter2@127.0.0.1/x"),
+                ("MESSAGING_API_KEYS", "k"),
+                ("MESSAGING_LOG_FORMAT", "yaml"),
+            ],
+            "MESSAGING_LOG_FORMAT",
+        ),
+        (
+            &[
+                ("DATABASE_URL", "postgres://u:hunter2@127.0.0.1/x"),
+                ("MESSAGING_API_KEYS", "k"),
+                ("RUST_LOG", "info,sqlx=loud"),
+            ],
+            "RUST_LOG",
+        ),
         (
             &[("DATABASE_URL", "postgres://u:hunter2@127.0.0.1/x")],
             "MESSAGING_API_KEYS",

@@ -39,7 +39,7 @@ async fn create(
     // Parsed as the pusher's client will parse it at every delivery: a URL it cannot call
     // (a port past 65535, an unclosed IPv6 bracket, no host) would fail every delivery with
     // nothing to say why.
-    let url_ok = !url.contains(char::is_whitespace)
+    let url_ok = !url.contains(|c: char| c.is_whitespace() || c.is_control())
         && reqwest::Url::parse(url).is_ok_and(|parsed| {
             matches!(parsed.scheme(), "http" | "https")
                 && parsed.host_str().is_some_and(|host| !host.is_empty())
@@ -54,6 +54,12 @@ async fn create(
         return Err(ApiError::field(
             "secret",
             format!("must be at least {MIN_SECRET_LEN} characters"),
+        ));
+    }
+    if body.secret.chars().any(char::is_control) {
+        return Err(ApiError::field(
+            "secret",
+            "must not contain control characters",
         ));
     }
     if let Some(states) = &body.states {

@@ -135,6 +135,10 @@ fn optional_string(object: &Map<String, Value>, field: &str) -> Result<Option<St
         Some(Value::String(s)) if s.trim().is_empty() => {
             Err(format!("credentials.{field}: must not be blank"))
         }
+        // No key, token or password has one, and PostgreSQL's `jsonb` cannot hold a NUL.
+        Some(Value::String(s)) if s.chars().any(char::is_control) => Err(format!(
+            "credentials.{field}: must not contain control characters"
+        )),
         Some(Value::String(s)) => Ok(Some(s.clone())),
         Some(_) => Err(format!("credentials.{field}: must be a string")),
     }

@@ -277,6 +277,15 @@ async fn invalid_subscriptions_are_422_and_unknown_ones_404() {
             json!({"url": "https://example.com/h", "secret": "short"}),
             "secret",
         ),
+        // PostgreSQL's text cannot hold a NUL: refused here, not a 500 there.
+        (
+            json!({"url": "https://example.com/h\u{0}", "secret": SECRET}),
+            "url",
+        ),
+        (
+            json!({"url": "https://example.com/h", "secret": format!("{SECRET}\u{0}")}),
+            "secret",
+        ),
         (
             json!({"url": "https://example.com/h", "secret": SECRET, "states": ["shipped"]}),
             "states",

@@ -104,6 +104,11 @@ async fn invalid_services_are_422_naming_the_field() {
             json!({"channel": "facebook", "provider": "sandbox", "name": "n", "username": "1".repeat(101)}),
             "username",
         ),
+        (
+            json!({"channel": "email", "provider": "sendgrid", "name": "n", "username": "a@example.com",
+                "credentials": {"api_key": "SG.a\u{0}b"}}),
+            "credentials.api_key",
+        ),
     ];
     for (body, field) in cases {
         let (status, error) = app.post("/v1/services", body.clone()).await;

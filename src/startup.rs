@@ -430,8 +430,12 @@ impl Application {
             metrics: metrics.clone(),
         };
         // Request ids, logs and metrics wrap every route, the webhooks' too: after the merge.
+        // The wrong-method answer set again once the webhooks are in: a fallback applies to
+        // the routes the router has when it is set.
         let router = http::observability::layer(
-            http::router(state, config.max_body_bytes).merge(webhooks::router(webhook_state)),
+            http::router(state, config.max_body_bytes)
+                .merge(webhooks::router(webhook_state))
+                .method_not_allowed_fallback(http::method_not_allowed),
             metrics,
         );
         Ok(Self {

@@ -83,7 +83,7 @@ async fn not_found() -> ApiError {
     ApiError::not_found("no such route; see /v1/openapi.json")
 }
 
-async fn method_not_allowed(method: axum::http::Method) -> ApiError {
+pub(crate) async fn method_not_allowed(method: axum::http::Method) -> ApiError {
     ApiError::new(
         axum::http::StatusCode::METHOD_NOT_ALLOWED,
         "method_not_allowed",

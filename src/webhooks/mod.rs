@@ -83,6 +83,70 @@ impl IntoResponse for WebhookError {
     }
 }
 
+/// A delivery's raw body, refused in the error shape when it cannot be read (over the
+/// route's limit: 413), not with axum's plain text.
+pub struct Body(pub axum::body::Bytes);
+
+impl<S: Send + Sync> axum::extract::FromRequest<S> for Body {
+    type Rejection = WebhookError;
+
+    async fn from_request(
+        request: axum::extract::Request,
+        state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        axum::body::Bytes::from_request(request, state)
+            .await
+            .map(Body)
+            .map_err(|e| {
+                if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                    WebhookError::TooLarge(format!(
+                        "the body is larger than {} MB",
+                        WEBHOOK_BODY_LIMIT >> 20
+                    ))
+                } else {
+                    WebhookError::Malformed(format!(
+                        "the body could not be read: {}",
+                        e.body_text()
+                    ))
+                }
+            })
+    }
+}
+
+/// A multipart form (Inbound Parse), refused in the error shape when the request is not one.
+pub struct Form(pub axum::extract::Multipart);
+
+impl<S: Send + Sync> axum::extract::FromRequest<S> for Form {
+    type Rejection = WebhookError;
+
+    async fn from_request(
+        request: axum::extract::Request,
+        state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        axum::extract::Multipart::from_request(request, state)
+            .await
+            .map(Form)
+            .map_err(|e| {
+                WebhookError::Malformed(format!(
+                    "send the email as a multipart/form-data form: {}",
+                    e.body_text()
+                ))
+            })
+    }
+}
+
+/// A query string, refused in the error shape when it cannot be read (a parameter given
+/// twice, say).
+#[derive(axum::extract::FromRequestParts)]
+#[from_request(via(axum::extract::Query), rejection(WebhookError))]
+pub struct WebhookQuery<T>(pub T);
+
+impl From<axum::extract::rejection::QueryRejection> for WebhookError {
+    fn from(rejection: axum::extract::rejection::QueryRejection) -> Self {
+        WebhookError::Malformed(format!("query string: {}", rejection.body_text()))
+    }
+}
+
 /// Records a delivery's facts (one statement, one transaction) and says so: the 2xx is sent
 /// only once they are durable.
 pub async fn recorded(

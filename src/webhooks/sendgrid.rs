@@ -3,8 +3,7 @@
 
 use super::inbox::{FactKind, InboxFact, Payload, Problem};
 use super::{WebhookError, WebhookState};
-use axum::body::Bytes;
-use axum::extract::{Multipart, Query, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::Json;
 use chrono::{DateTime, TimeZone, Utc};
@@ -21,7 +20,7 @@ const TIMESTAMP: &str = "x-twilio-email-event-webhook-timestamp";
 pub async fn events(
     State(state): State<WebhookState>,
     headers: HeaderMap,
-    body: Bytes,
+    super::Body(body): super::Body,
 ) -> Result<(StatusCode, Json<Value>), WebhookError> {
     let verifier = state
         .secrets
@@ -164,8 +163,8 @@ pub struct InboundQuery {
 /// `?token=...` in the URL you give SendGrid.
 pub async fn inbound(
     State(state): State<WebhookState>,
-    Query(query): Query<InboundQuery>,
-    mut form: Multipart,
+    super::WebhookQuery(query): super::WebhookQuery<InboundQuery>,
+    super::Form(mut form): super::Form,
 ) -> Result<(StatusCode, Json<Value>), WebhookError> {
     if let Some(expected) = &state.secrets.sendgrid_inbound_token {
         let given = query.token.unwrap_or_default();

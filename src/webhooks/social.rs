@@ -7,7 +7,7 @@ use super::verify::{verify_facebook_signature, verify_x_signature, x_crc_respons
 use super::{constant_time_eq, WebhookError, WebhookState};
 use crate::store::{Store, StoreError};
 use axum::body::Bytes;
-use axum::extract::{Query, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -24,7 +24,7 @@ pub struct CrcQuery {
 /// `GET /webhooks/twitter?crc_token=...`: X's challenge-response check.
 pub async fn x_crc(
     State(state): State<WebhookState>,
-    Query(q): Query<CrcQuery>,
+    super::WebhookQuery(q): super::WebhookQuery<CrcQuery>,
 ) -> Result<Json<Value>, WebhookError> {
     let secret = state
         .secrets
@@ -130,7 +130,7 @@ type VerifyFn = fn(&str, &[u8], &str) -> Result<(), super::verify::VerifyError>;
 pub async fn x_events(
     State(state): State<WebhookState>,
     headers: HeaderMap,
-    body: Bytes,
+    super::Body(body): super::Body,
 ) -> Result<(StatusCode, Json<Value>), WebhookError> {
     social_delivery(state, headers, body, Social::X).await
 }
@@ -203,7 +203,7 @@ pub struct HubQuery {
 /// `GET /webhooks/facebook`: echoes `hub.challenge` when the verify token is ours.
 pub async fn facebook_challenge(
     State(state): State<WebhookState>,
-    Query(q): Query<HubQuery>,
+    super::WebhookQuery(q): super::WebhookQuery<HubQuery>,
 ) -> Result<Response, WebhookError> {
     let expected =
         state
@@ -229,7 +229,7 @@ pub async fn facebook_challenge(
 pub async fn facebook_events(
     State(state): State<WebhookState>,
     headers: HeaderMap,
-    body: Bytes,
+    super::Body(body): super::Body,
 ) -> Result<(StatusCode, Json<Value>), WebhookError> {
     social_delivery(state, headers, body, Social::Facebook).await
 }

@@ -851,6 +851,50 @@ async fn outsized_values_from_outside_are_kept_and_the_list_goes_on() {
     assert_eq!(inbound[0]["from"]["username"], from.as_str());
 }
 
+/// Requests the webhooks cannot read are answered in the API's error shape, saying what is
+/// wrong, not with the framework's plain text (or an empty 405).
+#[tokio::test]
+async fn unreadable_webhook_requests_get_the_error_shape() {
+    let app = webhook_app().await;
+    let cases = [
+        (
+            app.client.get(app.url("/webhooks/sendgrid/events")),
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+        ),
+        (
+            app.client
+                .post(app.url("/webhooks/sendgrid/inbound"))
+                .json(&json!({"from": "alice@example.com"})),
+            StatusCode::BAD_REQUEST,
+            "malformed",
+        ),
+        (
+            app.client
+                .get(app.url("/webhooks/twitter?crc_token=a&crc_token=b")),
+            StatusCode::BAD_REQUEST,
+            "malformed",
+        ),
+        (
+            app.client
+                .post(app.url("/webhooks/sendgrid/events"))
+                .body(vec![b' '; 9 << 20]),
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+        ),
+    ];
+    for (request, status, code) in cases {
+        let (got, body) = read(request.send().await.unwrap()).await;
+        assert_error(got, &body, status, code);
+    }
+    let (_, unmatched) = app.get("/v1/webhooks/unmatched").await;
+    assert_eq!(
+        unmatched["items"].as_array().unwrap().len(),
+        0,
+        "{unmatched}"
+    );
+}
+
 #[tokio::test]
 async fn an_inbound_email_with_large_attachments_is_taken_and_an_oversized_one_gets_413() {
     let app = webhook_app().await;

@@ -135,9 +135,57 @@ pub async fn x_events(
     social_delivery(state, headers, body, Social::X).await
 }
 
+/// An X delivery's activity other than new tweets (likes, follows, deletions, direct
+/// messages: the Account Activity API sends each as a `*_events` array), or a delivery in a
+/// shape not known here: kept for inspection as unmatched (or malformed), not applied, as
+/// Facebook's other page activity is. Never dropped silently.
+fn x_other_activity(delivery: &Value) -> Vec<InboxFact> {
+    let kept = |item: &Value, why: &str| {
+        let mut fact = malformed("x", item.to_string().as_bytes(), why);
+        fact.problem = Some(Problem::Unmatched);
+        fact.payload = Payload::from_value(item);
+        fact
+    };
+    let Some(fields) = delivery.as_object() else {
+        return vec![malformed(
+            "x",
+            delivery.to_string().as_bytes(),
+            "not a JSON object",
+        )];
+    };
+    let mut facts = Vec::new();
+    for (key, value) in fields {
+        match (key.as_str(), value) {
+            ("tweet_create_events", Value::Array(_)) => {}
+            (key, Value::Array(items)) if key.ends_with("_events") => {
+                facts.extend(
+                    items
+                        .iter()
+                        .map(|item| kept(item, &format!("an X {key} item, not a reply"))),
+                );
+            }
+            (key, _) if key.ends_with("_events") => facts.push(malformed(
+                "x",
+                delivery.to_string().as_bytes(),
+                &format!("`{key}` is not an array"),
+            )),
+            _ => {}
+        }
+    }
+    let known = ["for_user_id", "user_has_blocked", "users", "apps", "source"];
+    let has_events = fields.keys().any(|k| k.ends_with("_events"));
+    if facts.is_empty() && !has_events && fields.keys().any(|k| !known.contains(&k.as_str())) {
+        facts.push(kept(
+            delivery,
+            "an X delivery with no activity this service reads",
+        ));
+    }
+    facts
+}
+
 async fn x_facts(store: &dyn Store, delivery: &Value) -> Result<Vec<InboxFact>, StoreError> {
     let ours = delivery.get("for_user_id").and_then(Value::as_str);
-    let mut facts = Vec::new();
+    let mut facts = x_other_activity(delivery);
     for tweet in delivery
         .get("tweet_create_events")
         .and_then(Value::as_array)

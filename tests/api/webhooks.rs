@@ -620,6 +620,58 @@ async fn x_crc_is_answered_and_a_reply_to_our_post_is_recorded() {
     assert_eq!(reply["to"][0]["username"], "acme_marketing");
 }
 
+/// X's other account activity (likes, follows: each a `*_events` array) and deliveries in a
+/// shape not known here are kept for inspection, never dropped silently; X's retry of the
+/// same delivery adds nothing.
+#[tokio::test]
+async fn x_activity_other_than_replies_is_kept_as_unmatched() {
+    let app = webhook_app().await;
+    let post = |delivery: Value| {
+        let body = delivery.to_string().into_bytes();
+        let signature = format!("sha256={}", hmac_base64(X_SECRET, &body));
+        let request = app
+            .client
+            .post(app.url("/webhooks/twitter"))
+            .header("x-twitter-webhooks-signature", signature)
+            .body(body)
+            .send();
+        async move { read(request.await.unwrap()).await }
+    };
+    let likes = json!({"for_user_id": "2244994945", "favorite_events": [
+        {"id": "a7ba59eab0bfcba386f7acedac279542", "created_at": "Mon Mar 26 16:33:26 +0000 2018",
+         "favorited_status": {"id_str": "1861234567890123456"}, "user": {"id_str": "1"}},
+        {"id": "b7ba59eab0bfcba386f7acedac279543", "created_at": "Mon Mar 26 16:34:26 +0000 2018",
+         "favorited_status": {"id_str": "1861234567890123456"}, "user": {"id_str": "2"}}
+    ]});
+    let (status, body) = post(likes.clone()).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        (body["received"].clone(), body["new"].clone()),
+        (json!(2), json!(2))
+    );
+    let (_, body) = post(likes).await;
+    assert_eq!(body["new"], 0, "the retry is the same two facts: {body}");
+    let (_, body) = post(json!({"for_user_id": "2244994945", "tweet_create_events": {}})).await;
+    assert_eq!(body["new"], 1, "{body}");
+    let (_, body) = post(json!({"for_user_id": "2244994945", "something_new": true})).await;
+    assert_eq!(body["new"], 1, "{body}");
+
+    let (_, problems) = app.get("/v1/webhooks/unmatched").await;
+    let items = problems["items"].as_array().unwrap();
+    let statuses: Vec<&str> = items
+        .iter()
+        .map(|i| i["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        (
+            statuses.iter().filter(|s| **s == "unmatched").count(),
+            statuses.iter().filter(|s| **s == "malformed").count()
+        ),
+        (3, 1),
+        "{problems}"
+    );
+}
+
 #[tokio::test]
 async fn facebook_challenge_is_answered_and_a_comment_on_our_post_is_a_reply() {
     let app = webhook_app().await;

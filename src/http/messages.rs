@@ -363,6 +363,21 @@ async fn resolve(
             ));
         }
     }
+    if body.posted && provider_message_id.is_none() {
+        // Replies to a post are matched by its id: without it, none ever would be.
+        let social = match state.store.load_message(parse_message_id(&id)?).await? {
+            Some(message) => message
+                .data()
+                .is_some_and(|d| matches!(d.channel, Channel::Twitter | Channel::Facebook)),
+            None => false,
+        };
+        if social {
+            return Err(ApiError::field(
+                "provider_message_id",
+                "required when an X or Facebook post was published: the post's id (in its URL); replies are matched by it",
+            ));
+        }
+    }
     let command = MessageCommand::ResolveSendOutcome {
         posted: body.posted,
         provider_message_id,

@@ -286,8 +286,14 @@ async fn an_x_post_that_times_out_is_recorded_as_unknown_and_never_posted_again(
     let (_, m) = app.get(&format!("/v1/messages/{id}")).await;
     assert_eq!(history_of(&m, "SendAttemptStarted").len(), 1);
 
-    // An id no provider gives is refused, and the outcome stays unknown.
-    for bad in ["18612345\u{0}67890", &"1".repeat(257)] {
+    // An id no provider gives is refused, and so is none at all (replies to the post are
+    // matched by it); the outcome stays unknown.
+    for bad in [
+        json!("18612345\u{0}67890"),
+        json!("1".repeat(257)),
+        json!(null),
+        json!(" "),
+    ] {
         let (status, body) = app
             .post(
                 &format!("/v1/messages/{id}/resolve"),

@@ -15,7 +15,8 @@ pub(super) async fn read(pool: &PgPool) -> Result<Gauges, StoreError> {
 
     let (send_jobs_due, send_jobs, scheduled_sends, webhook_inbox_pending): (i64, i64, i64, i64) =
         sqlx::query_as(
-            "SELECT (SELECT count(*) FROM send_jobs WHERE due_at <= now()), \
+            "SELECT (SELECT count(*) FROM send_jobs WHERE due_at <= now() \
+                       AND (locked_until IS NULL OR locked_until < now())), \
                     (SELECT count(*) FROM send_jobs), \
                     (SELECT count(*) FROM scheduled_sends), \
                     (SELECT count(*) FROM webhook_inbox WHERE status = 'pending')",

@@ -14,7 +14,8 @@ pub(super) async fn read(pools: &SqlitePools) -> Result<Gauges, StoreError> {
     .await?;
     let (send_jobs_due, send_jobs, scheduled_sends, webhook_inbox_pending): (i64, i64, i64, i64) =
         sqlx::query_as(
-            "SELECT (SELECT count(*) FROM send_jobs WHERE due_at <= ?1), \
+            "SELECT (SELECT count(*) FROM send_jobs WHERE due_at <= ?1 \
+                       AND (locked_until IS NULL OR locked_until < ?1)), \
                     (SELECT count(*) FROM send_jobs), \
                     (SELECT count(*) FROM scheduled_sends), \
                     (SELECT count(*) FROM webhook_inbox WHERE status = 'pending')",

@@ -477,14 +477,21 @@ impl Application {
         });
         // The server waits for every open request before it returns: a state-change stream
         // never ends by itself and a long poll may wait a minute, so both are told to end.
+        // The workers are told at the same moment: no new round (a claim, a provider call)
+        // begins while the server drains, which may take as long as its slowest request.
         let draining = self.draining;
+        let shutdown = Arc::new(self.shutdown);
         let (stopping, stopped) = tokio::sync::oneshot::channel();
-        let stop = async move {
-            stop.await;
-            let _ = draining.send(true);
-            let _ = stopping.send(tokio::time::Instant::now());
+        let stop = {
+            let shutdown = shutdown.clone();
+            async move {
+                stop.await;
+                let _ = draining.send(true);
+                let _ = shutdown.send(true);
+                let _ = stopping.send(tokio::time::Instant::now());
+            }
         };
-        let (shutdown, workers, grace) = (self.shutdown, self.workers, self.grace);
+        let (workers, grace) = (self.workers, self.grace);
         let aborts: Vec<_> = workers.iter().map(|(_, w)| w.abort_handle()).collect();
         let unfinished = Arc::new(std::sync::Mutex::new(Vec::new()));
         let remaining = unfinished.clone();
@@ -493,7 +500,7 @@ impl Application {
                 .with_graceful_shutdown(stop)
                 .await
                 .context("HTTP server failed");
-            // Served or failed, the workers finish their rounds and stop.
+            // Served or failed (then without a stop), the workers finish their rounds and stop.
             let _ = shutdown.send(true);
             if let Ok(mut names) = remaining.lock() {
                 *names = workers.iter().map(|(name, _)| *name).collect();

@@ -119,6 +119,9 @@ pub struct Sender {
     config: SenderConfig,
     limiter: Arc<RateLimiter>,
     metrics: Option<Arc<crate::metrics::Metrics>>,
+    /// True once the service is stopping (set by [`Sender::run`]): no provider call is begun
+    /// after it, so a round ends with the calls already running (see [`SendError::NotCalled`]).
+    stopping: Option<watch::Receiver<bool>>,
 }
 
 /// What happened to one claimed job.
@@ -140,7 +143,13 @@ impl Sender {
             config,
             limiter: Arc::default(),
             metrics: None,
+            stopping: None,
         }
+    }
+
+    /// Whether the service is stopping: calls not begun yet are left for later.
+    fn stopping(&self) -> bool {
+        self.stopping.as_ref().is_some_and(|s| *s.borrow())
     }
 
     /// Counts send outcomes by provider.
@@ -294,6 +303,15 @@ impl Sender {
         let calling = async move {
             futures::stream::iter(calls)
                 .map(|(recorded, account, outgoing)| async move {
+                    if self.stopping() {
+                        let reason = "not sent: the service stopped before the provider call";
+                        return (
+                            recorded,
+                            Err(SendError::NotCalled {
+                                reason: reason.into(),
+                            }),
+                        );
+                    }
                     let result = match account {
                         Ok(account) => {
                             let provider = self.providers.for_provider(account.provider);
@@ -378,6 +396,10 @@ impl Sender {
                 .map_err(|e| CommandError::Store(e.to_string()))?;
             return Ok(JobOutcome::Skipped);
         }
+        // Stopping: nothing started yet, the job waits for the next claim (its lease's end).
+        if self.stopping() {
+            return Ok(JobOutcome::Skipped);
+        }
         self.limiter
             .acquire(
                 service_id,
@@ -385,6 +407,9 @@ impl Sender {
                 self.config.per_service_burst,
             )
             .await;
+        if self.stopping() {
+            return Ok(JobOutcome::Skipped);
+        }
         // The fence: only one worker can start this attempt.
         match self
             .execute(id, MessageCommand::StartSendAttempt { now: Utc::now() })
@@ -551,6 +576,19 @@ impl Sender {
                     JobOutcome::Failed,
                 )
             }
+            // The attempt was started but its call never begun: sent again at once, and not
+            // counted against the attempts (the retry's own failure is judged as any other).
+            Err(SendError::NotCalled { reason }) => {
+                tracing::info!(message_id = %id, attempt, %reason, "send attempt closed without a call; will retry");
+                (
+                    MessageCommand::RecordSendFailure {
+                        reason,
+                        retry_at: Some(now),
+                        at: now,
+                    },
+                    JobOutcome::RetryScheduled,
+                )
+            }
             Err(SendError::Ambiguous { reason }) => {
                 tracing::warn!(message_id = %id, attempt, %reason, "send outcome unknown; not retried");
                 (
@@ -596,6 +634,18 @@ impl Sender {
 
     /// Runs until `shutdown` turns true, woken by NOTIFY `send_jobs` and at the next due time.
     pub async fn run(self, mut wake: watch::Receiver<u64>, mut shutdown: watch::Receiver<bool>) {
+        let this = Self {
+            stopping: Some(shutdown.clone()),
+            ..self
+        };
+        this.run_until(&mut wake, &mut shutdown).await
+    }
+
+    async fn run_until(
+        &self,
+        wake: &mut watch::Receiver<u64>,
+        shutdown: &mut watch::Receiver<bool>,
+    ) {
         loop {
             if *shutdown.borrow() {
                 return;

@@ -204,7 +204,7 @@ pub(super) fn redact(error: SendError, secrets: &[&str]) -> SendError {
         secrets
             .iter()
             .filter(|s| !s.is_empty())
-            .fold(reason, |r, s| r.replace(s, "***"))
+            .fold(reason, |r, s| without_cut_secret(r.replace(s, "***"), s))
     };
     match error {
         SendError::Transient {
@@ -220,7 +220,34 @@ pub(super) fn redact(error: SendError, secrets: &[&str]) -> SendError {
         SendError::Ambiguous { reason } => SendError::Ambiguous {
             reason: clean(reason),
         },
+        SendError::NotCalled { reason } => SendError::NotCalled {
+            reason: clean(reason),
+        },
     }
+}
+
+/// The shortest start of a secret that [`redact`] removes where a reason's cut split it.
+const LEAST_CUT_SECRET: usize = 4;
+
+/// A reason with the start of `secret` removed where [`truncate`] cut it off (just before a
+/// `...`): the whole secret is replaced elsewhere, but a cut one would not be found.
+fn without_cut_secret(mut reason: String, secret: &str) -> String {
+    let mut from = 0;
+    while let Some(found) = reason[from..].find("...") {
+        let at = from + found;
+        let cut = (LEAST_CUT_SECRET..secret.len())
+            .rev()
+            .filter(|k| secret.is_char_boundary(*k))
+            .find(|k| reason[..at].ends_with(&secret[..*k]));
+        match cut {
+            Some(k) => {
+                reason.replace_range(at - k..at, "***");
+                from = at - k + "***...".len();
+            }
+            None => from = at + "...".len(),
+        }
+    }
+    reason
 }
 
 fn truncate(reason: &str) -> String {
@@ -417,6 +444,28 @@ mod tests {
         let long = "é".repeat(2 * MAX_REASON_CHARS);
         let cut = truncate(&long);
         assert_eq!(cut.chars().count(), MAX_REASON_CHARS + 3);
+    }
+
+    #[test]
+    fn redaction_removes_a_secret_the_cut_split() {
+        let secret = "EAAGm0PX4ZCpsBAKZC9secret";
+        let body = format!(
+            "{}{secret} is not a valid token",
+            "x".repeat(MAX_REASON_CHARS - 10)
+        );
+        let e = status_error(
+            "facebook",
+            StatusCode::BAD_REQUEST,
+            &HeaderMap::new(),
+            Some(body),
+            SystemTime::now(),
+            AfterSend::Ambiguous,
+        );
+        let SendError::Permanent { reason } = redact(e, &[secret]) else {
+            panic!("a 400 is permanent");
+        };
+        assert!(!reason.contains(&secret[..LEAST_CUT_SECRET]), "{reason}");
+        assert!(reason.ends_with("***..."), "{reason}");
     }
 
     #[test]

@@ -101,6 +101,10 @@ pub enum SendError {
     /// retry could post twice, so the sender records this and never retries blindly.
     #[error("ambiguous: {reason}")]
     Ambiguous { reason: String },
+    /// Never sent to the provider: the attempt was started but the service stopped before
+    /// its call began. Safe to send again at once, whatever the channel.
+    #[error("not called: {reason}")]
+    NotCalled { reason: String },
 }
 
 mod credentials;

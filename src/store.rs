@@ -345,8 +345,8 @@ pub struct Gauges {
     /// Per projection (subscription checkpoint), by name in name order: events in the log
     /// after its checkpoint.
     pub projection_lag: Vec<(String, i64)>,
-    /// Send jobs with `due_at` <= now: waiting to be claimed, or with a lease that ran out
-    /// (a claim moves `due_at` to the lease's end).
+    /// Send jobs a claim could take now: `due_at` <= now and no lease running (a claim moves
+    /// `due_at` to the lease's end).
     pub send_jobs_due: i64,
     /// All send jobs.
     pub send_jobs: i64,

@@ -185,6 +185,23 @@ async fn push_subscription_lag_is_a_gauge_per_subscription() {
         Some(0.0),
         "{text}"
     );
+    // Two changes its endpoint (a closed port) never takes: the subscription is two behind.
+    let service = app.email_service().await;
+    let draft = app
+        .compose_email(&service, "a@example.com", json!({}))
+        .await;
+    let id = draft["id"].as_str().unwrap();
+    app.post(&format!("/v1/messages/{id}/cancel"), json!({}))
+        .await;
+    eventually(|| async {
+        let text = scrape(&app).await;
+        sample(
+            &text,
+            "messaging_push_subscription_lag_items",
+            &[("subscription", sub_id)],
+        ) == Some(2.0)
+    })
+    .await;
 }
 
 /// Routes as the source registers them: `.route("/path", get(..).post(..))`, with the `/v1`
@@ -430,6 +447,9 @@ async fn every_log_line_of_a_request_carries_its_id_and_no_secret() {
     let service = app
         .create_service("email", "sandbox", "news@example.com")
         .await;
+    // Services with credentials: their keys and tokens must never be logged.
+    app.email_service().await;
+    app.create_service("twitter", "x", "ourbrand").await;
     let r = app
         .client
         .post(app.url("/v1/messages"))
@@ -469,6 +489,20 @@ async fn every_log_line_of_a_request_carries_its_id_and_no_secret() {
             .any(|l| l["fields"]["message_id"] == id.as_str()),
         "{logs}"
     );
+    // Every line the handlers log while serving a request is inside its span: here, every
+    // service created and every message composed says which request did it.
+    let handled: Vec<&Value> = lines
+        .iter()
+        .filter(|l| {
+            ["message composed", "service created"]
+                .contains(&l["fields"]["message"].as_str().unwrap_or(""))
+        })
+        .collect();
+    assert_eq!(handled.len(), 4, "{logs}");
+    assert!(
+        handled.iter().all(|l| l["span"]["request_id"].is_string()),
+        "{logs}"
+    );
     assert!(
         of_request
             .iter()
@@ -491,6 +525,9 @@ async fn every_log_line_of_a_request_carries_its_id_and_no_secret() {
         !logs.contains("very-secret-token"),
         "a query token was logged"
     );
+    for secret in ["SG.secret-value", "x-secret-token"] {
+        assert!(!logs.contains(secret), "a service's credential was logged");
+    }
 }
 
 #[tokio::test]

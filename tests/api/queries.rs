@@ -220,7 +220,15 @@ async fn the_feed_has_one_item_per_state_change_with_growing_positions() {
     })
     .await;
     let mut after = 0;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
+        // Every event projected (looked at before the page is read): the feed then holds all
+        // it ever will for these commands.
+        let gauges = app.store.gauges().await.unwrap();
+        let projected = gauges
+            .projection_lag
+            .iter()
+            .any(|(name, lag)| name == "state_changes" && *lag == 0);
         let (status, feed) = app
             .get(&format!("/v1/state-changes?after={after}&limit=2"))
             .await;
@@ -228,15 +236,20 @@ async fn the_feed_has_one_item_per_state_change_with_growing_positions() {
         let page = feed["items"].as_array().unwrap().clone();
         if page.is_empty() {
             assert_eq!(feed["next"], after);
-            if items.len() == 4 {
+            if projected {
                 break;
             }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the feed is still projecting after 30 s: {items:?}"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
             continue;
         }
         after = feed["next"].as_i64().unwrap();
         items.extend(page);
     }
+    assert_eq!(items.len(), 4, "{items:?}");
     let positions: Vec<i64> = items
         .iter()
         .map(|i| i["position"].as_i64().unwrap())

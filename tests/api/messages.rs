@@ -589,7 +589,9 @@ async fn a_refused_compose_gives_its_idempotency_key_back() {
 async fn a_retry_under_its_idempotency_key_finds_its_message_after_publish_at_has_passed() {
     let app = TestApp::spawn().await;
     let service = app.email_service().await;
-    let soon = (Utc::now() + Duration::milliseconds(400)).to_rfc3339();
+    // Far enough for the first compose to land before it on a busy machine.
+    let at = Utc::now() + Duration::seconds(3);
+    let soon = at.to_rfc3339();
     let body = json!({"service_id": service, "to": [{"username": "a@example.com"}],
                       "subject": "Soon", "text": "in a moment", "publish_at": soon});
     let compose = || {
@@ -603,7 +605,8 @@ async fn a_retry_under_its_idempotency_key_finds_its_message_after_publish_at_ha
     let (status, first) = read(compose().await.unwrap()).await;
     assert_eq!(status, StatusCode::CREATED, "{first}");
     // The client never saw that answer and retries once publish_at has passed.
-    tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+    let until = (at - Utc::now()).to_std().unwrap_or_default();
+    tokio::time::sleep(until + std::time::Duration::from_millis(200)).await;
     let (status, retried) = read(compose().await.unwrap()).await;
     assert_eq!(status, StatusCode::CREATED, "{retried}");
     assert_eq!(retried["id"], first["id"]);

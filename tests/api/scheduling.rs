@@ -61,7 +61,8 @@ async fn a_scheduled_message_is_queued_at_its_time_not_before() {
 async fn a_reschedule_moves_the_firing_and_a_cancel_stops_it() {
     let app = TestApp::spawn().await;
     let service = app.email_service().await;
-    let soon = (Utc::now() + Duration::seconds(1)).to_rfc3339();
+    // Room for two composes, a reschedule and a cancel before it fires, on a busy machine.
+    let soon = (Utc::now() + Duration::seconds(5)).to_rfc3339();
     let moved = app
         .compose_email(&service, "a@example.com", json!({"publish_at": soon}))
         .await["id"]
@@ -74,7 +75,7 @@ async fn a_reschedule_moves_the_firing_and_a_cancel_stops_it() {
         .as_str()
         .unwrap()
         .to_string();
-    let later = Utc::now() + Duration::seconds(3);
+    let later = Utc::now() + Duration::seconds(8);
     let (status, _) = app
         .post(
             &format!("/v1/messages/{moved}/schedule"),
@@ -158,7 +159,8 @@ async fn a_schedule_survives_a_restart_and_fires_after_it() {
 async fn messages_due_at_the_same_moment_are_each_queued_once() {
     let app = TestApp::spawn().await;
     let service = app.email_service().await;
-    let publish_at = (Utc::now() + Duration::seconds(2)).to_rfc3339();
+    // Room for 25 composes, a cancel and a reschedule before it fires, on a busy machine.
+    let publish_at = (Utc::now() + Duration::seconds(8)).to_rfc3339();
     let mut ids = Vec::new();
     for i in 0..25 {
         let created = app

@@ -545,8 +545,8 @@ pub trait Store: Send + Sync + 'static {
         id: MessageId,
     ) -> Result<IdempotencyClaim, StoreError>;
 
-    /// Gives back a key claimed for `id` once its request's Compose was refused (nothing was
-    /// composed under it), so that the corrected request may use the key again.
+    /// Gives back a key claimed for `id` once its request's Compose was refused, so that the
+    /// corrected request may use the key again; kept if a message `id` exists after all.
     async fn release_idempotency_key(&self, key: &str, id: MessageId) -> Result<(), StoreError>;
 
     /// The message list read model, newest first.

@@ -159,6 +159,8 @@ async fn compose_for(
     let message = build_message(&service_ref, input)?;
     let now = Utc::now();
     let mut id = MessageId::from_uuid(uuid::Uuid::now_v7());
+    // Whether this request made the key's claim (a retry under it did not).
+    let mut claimed = false;
     let idempotency_key = headers
         .get(IDEMPOTENCY_KEY)
         .map(|v| v.to_str().map(str::trim))
@@ -176,7 +178,7 @@ async fn compose_for(
             .claim_idempotency_key(key, request_hash, id)
             .await?
         {
-            IdempotencyClaim::Claimed => {}
+            IdempotencyClaim::Claimed => claimed = true,
             IdempotencyClaim::Existing {
                 id: existing,
                 request_hash: hash,
@@ -216,10 +218,13 @@ async fn compose_for(
         {
             message_view(state, id).await?.0
         }
-        // Refused (a `publish_at` already past): nothing was composed under the key, so it is
-        // given back, and the corrected request may use it (not "used with another body").
+        // Refused (a `publish_at` already past): nothing was composed under the key, so the
+        // request that claimed it gives it back, and the corrected request may use it (not
+        // "used with another body"). Not a retry under it: the first request may have
+        // composed the message meanwhile, at a time when its `publish_at` was still ahead
+        // (the store keeps a key whose message exists, in any case).
         Err(crate::store::CommandError::Rejected(e)) => {
-            if let Some(key) = idempotency_key {
+            if let (Some(key), true) = (idempotency_key, claimed) {
                 state.store.release_idempotency_key(key, id).await?;
             }
             return Err(crate::store::CommandError::Rejected(e).into());

@@ -380,11 +380,18 @@ impl Store for PgStore {
     }
 
     async fn release_idempotency_key(&self, key: &str, id: MessageId) -> Result<(), StoreError> {
-        sqlx::query("DELETE FROM idempotency_keys WHERE key = $1 AND message_id = $2")
-            .bind(key)
-            .bind(id.as_uuid())
-            .execute(&self.pool)
-            .await?;
+        // Not if the message exists after all (another request under the key composed it).
+        sqlx::query(
+            "DELETE FROM idempotency_keys WHERE key = $1 AND message_id = $2 \
+             AND NOT EXISTS (SELECT 1 FROM events WHERE aggregate_type = $3 \
+                             AND aggregate_id = $4)",
+        )
+        .bind(key)
+        .bind(id.as_uuid())
+        .bind(Message::TYPE_NAME)
+        .bind(id.to_string())
+        .execute(&self.pool)
+        .await?;
         Ok(())
     }
 

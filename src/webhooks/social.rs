@@ -140,10 +140,12 @@ pub async fn x_events(
 /// shape not known here: kept for inspection as unmatched (or malformed), not applied, as
 /// Facebook's other page activity is. Never dropped silently.
 fn x_other_activity(delivery: &Value) -> Vec<InboxFact> {
-    let kept = |item: &Value, why: &str| {
-        let mut fact = malformed("x", item.to_string().as_bytes(), why);
+    // Kept under its kind (`{"favorite_events": {...}}`), so the inbox says what it was.
+    let kept = |kind: &str, item: &Value| {
+        let payload = json!({ kind: item });
+        let mut fact = malformed("x", payload.to_string().as_bytes(), "");
         fact.problem = Some(Problem::Unmatched);
-        fact.payload = Payload::from_value(item);
+        fact.payload = Payload::from_value(&payload);
         fact
     };
     let Some(fields) = delivery.as_object() else {
@@ -157,12 +159,13 @@ fn x_other_activity(delivery: &Value) -> Vec<InboxFact> {
     for (key, value) in fields {
         match (key.as_str(), value) {
             ("tweet_create_events", Value::Array(_)) => {}
+            // Fleeting signals, many per conversation, with nothing to inspect later.
+            (
+                "direct_message_indicate_typing_events" | "direct_message_mark_read_events",
+                Value::Array(_),
+            ) => {}
             (key, Value::Array(items)) if key.ends_with("_events") => {
-                facts.extend(
-                    items
-                        .iter()
-                        .map(|item| kept(item, &format!("an X {key} item, not a reply"))),
-                );
+                facts.extend(items.iter().map(|item| kept(key, item)));
             }
             (key, _) if key.ends_with("_events") => facts.push(malformed(
                 "x",
@@ -175,10 +178,7 @@ fn x_other_activity(delivery: &Value) -> Vec<InboxFact> {
     let known = ["for_user_id", "user_has_blocked", "users", "apps", "source"];
     let has_events = fields.keys().any(|k| k.ends_with("_events"));
     if facts.is_empty() && !has_events && fields.keys().any(|k| !known.contains(&k.as_str())) {
-        facts.push(kept(
-            delivery,
-            "an X delivery with no activity this service reads",
-        ));
+        facts.push(kept("delivery", delivery));
     }
     facts
 }

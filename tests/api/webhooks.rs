@@ -653,11 +653,22 @@ async fn x_activity_other_than_replies_is_kept_as_unmatched() {
     assert_eq!(body["new"], 0, "the retry is the same two facts: {body}");
     let (_, body) = post(json!({"for_user_id": "2244994945", "tweet_create_events": {}})).await;
     assert_eq!(body["new"], 1, "{body}");
+    // Typing indicators are not kept: nothing to inspect later.
+    let (_, body) = post(json!({"for_user_id": "2244994945",
+        "direct_message_indicate_typing_events": [{"created_timestamp": "1517359585447"}]}))
+    .await;
+    assert_eq!(body["received"], 0, "{body}");
     let (_, body) = post(json!({"for_user_id": "2244994945", "something_new": true})).await;
     assert_eq!(body["new"], 1, "{body}");
 
     let (_, problems) = app.get("/v1/webhooks/unmatched").await;
     let items = problems["items"].as_array().unwrap();
+    // Each says what kind of activity it was.
+    let likes = items
+        .iter()
+        .filter(|i| i["payload"]["favorite_events"].is_object())
+        .count();
+    assert_eq!(likes, 2, "{problems}");
     let statuses: Vec<&str> = items
         .iter()
         .map(|i| i["status"].as_str().unwrap())

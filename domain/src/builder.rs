@@ -242,13 +242,30 @@ impl EmailBuilder {
                 "must be a single line, without control characters",
             ));
         }
-        let text = non_blank(input.text);
-        let html = non_blank(input.html);
-        if text.is_none() && html.is_none() {
-            return Err(FieldError::new("text", "an email needs text or html"));
-        }
         let link = non_blank(input.link);
         check_link(&link)?;
+        // The link goes in the email's body (as X's goes in its post's text): after the text,
+        // and after the html as an anchor. A link alone is the body.
+        let mut text = non_blank(input.text);
+        let mut html = non_blank(input.html);
+        if let Some(l) = &link {
+            text = Some(match text {
+                Some(t) => format!("{t}\n\n{l}"),
+                None if html.is_none() => l.clone(),
+                None => String::new(),
+            })
+            .filter(|t| !t.is_empty());
+            if let Some(h) = html.take() {
+                let l = escape_html(l);
+                html = Some(format!("{h}\n<p><a href=\"{l}\">{l}</a></p>"));
+            }
+        }
+        if text.is_none() && html.is_none() {
+            return Err(FieldError::new(
+                "text",
+                "an email needs text, html or a link",
+            ));
+        }
         Ok(OutboundMessage {
             service: service.clone(),
             from: sender(service),
@@ -260,6 +277,14 @@ impl EmailBuilder {
             in_reply_to: reply_target(input.in_reply_to)?,
         })
     }
+}
+
+/// `s` as HTML text or a double-quoted attribute's value.
+fn escape_html(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
 }
 
 /// X: a post of at most 280 weighted characters; a link is appended to the text, where X

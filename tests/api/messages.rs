@@ -699,6 +699,39 @@ async fn share_builds_the_post_for_the_channel_and_queues_or_schedules_it() {
     assert_eq!(post["link"], "https://example.com/b");
 
     let email = app.email_service().await;
+    // An email's link goes in its body, as a post's goes in its text: after the text, and
+    // after the html as an anchor; a link alone is the body.
+    let (status, mail) = app
+        .post(
+            &format!("/v1/services/{email}/shares"),
+            json!({"to": [{"username": "a@example.com"}], "subject": "New", "text": "Read this",
+                   "link": "https://example.com/c?a=1&b=2"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{mail}");
+    assert_eq!(mail["text"], "Read this\n\nhttps://example.com/c?a=1&b=2");
+    let (status, mail) = app
+        .post(
+            "/v1/messages",
+            json!({"service_id": email, "to": [{"username": "a@example.com"}], "subject": "New",
+                   "html": "<p>Read this</p>", "link": "https://example.com/c?a=1&b=2"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{mail}");
+    assert_eq!(mail["text"], serde_json::Value::Null);
+    assert_eq!(
+        mail["html"],
+        "<p>Read this</p>\n<p><a href=\"https://example.com/c?a=1&amp;b=2\">https://example.com/c?a=1&amp;b=2</a></p>"
+    );
+    let (status, mail) = app
+        .post(
+            &format!("/v1/services/{email}/shares"),
+            json!({"to": [{"username": "a@example.com"}], "subject": "New",
+                   "link": "https://example.com/d"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{mail}");
+    assert_eq!(mail["text"], "https://example.com/d");
     let (status, error) = app
         .post(
             &format!("/v1/services/{email}/shares"),

@@ -188,6 +188,7 @@ pub fn command_name(command: &MessageCommand) -> &'static str {
         MessageCommand::RecordSent { .. } => "record_sent",
         MessageCommand::RecordSendFailure { .. } => "record_send_failure",
         MessageCommand::RecordSendOutcomeUnknown { .. } => "record_send_outcome_unknown",
+        MessageCommand::AbandonSendAttempt { .. } => "abandon_send_attempt",
         MessageCommand::ResolveSendOutcome { .. } => "resolve_send_outcome",
         MessageCommand::RecordDelivery { .. } => "record_delivery",
         MessageCommand::RecordOpen { .. } => "record_open",

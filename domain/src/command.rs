@@ -81,6 +81,11 @@ pub enum MessageCommand {
         reason: String,
         at: DateTime<Utc>,
     },
+    /// The open attempt was never called (the service stopped first): undone, not failed.
+    AbandonSendAttempt {
+        reason: String,
+        at: DateTime<Utc>,
+    },
     /// A person (or a check against the provider) settles an unknown outcome: the post was
     /// published (with its id when known), or it was not, and is sent again (`send_again`) or
     /// given up (failed).
@@ -132,6 +137,7 @@ impl MessageCommand {
             MessageCommand::RecordSent { .. } => "record sent",
             MessageCommand::RecordSendFailure { .. } => "record a send failure",
             MessageCommand::RecordSendOutcomeUnknown { .. } => "record an unknown send outcome",
+            MessageCommand::AbandonSendAttempt { .. } => "abandon a send attempt of",
             MessageCommand::ResolveSendOutcome { .. } => "resolve the send outcome of",
             MessageCommand::RecordDelivery { .. } => "record a delivery",
             MessageCommand::RecordOpen { .. } => "record an open",

@@ -101,6 +101,13 @@ pub enum MessageEvent {
         reason: String,
         failed_at: DateTime<Utc>,
     },
+    /// An attempt started but never called (the service stopped first): as if it had not
+    /// been started, so it counts as no attempt, and the message may be sent again at once.
+    SendAttemptAbandoned {
+        attempt: u32,
+        reason: String,
+        abandoned_at: DateTime<Utc>,
+    },
     /// The request may have reached the provider but no answer came: never retried blindly.
     SendOutcomeUnknown {
         attempt: u32,
@@ -157,6 +164,7 @@ impl MessageEvent {
             MessageEvent::MessageSent { .. } => "MessageSent",
             MessageEvent::SendAttemptFailed { .. } => "SendAttemptFailed",
             MessageEvent::MessageFailed { .. } => "MessageFailed",
+            MessageEvent::SendAttemptAbandoned { .. } => "SendAttemptAbandoned",
             MessageEvent::SendOutcomeUnknown { .. } => "SendOutcomeUnknown",
             MessageEvent::SendRetryRequested { .. } => "SendRetryRequested",
             MessageEvent::DeliveryRecorded { .. } => "DeliveryRecorded",
@@ -180,6 +188,7 @@ impl MessageEvent {
             MessageEvent::MessageSent { sent_at, .. } => *sent_at,
             MessageEvent::SendAttemptFailed { failed_at, .. } => *failed_at,
             MessageEvent::MessageFailed { failed_at, .. } => *failed_at,
+            MessageEvent::SendAttemptAbandoned { abandoned_at, .. } => *abandoned_at,
             MessageEvent::SendOutcomeUnknown { at, .. } => *at,
             MessageEvent::SendRetryRequested { requested_at } => *requested_at,
             MessageEvent::DeliveryRecorded { occurred_at, .. }

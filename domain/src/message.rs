@@ -250,6 +250,16 @@ impl Message {
                 }
                 Ok(events)
             }
+            MessageCommand::AbandonSendAttempt { reason, at } => {
+                if !d.attempt_in_progress {
+                    return Err(invalid());
+                }
+                Ok(vec![MessageEvent::SendAttemptAbandoned {
+                    attempt: d.attempts,
+                    reason,
+                    abandoned_at: at,
+                }])
+            }
             MessageCommand::RecordSendOutcomeUnknown { reason, at } => {
                 if !d.attempt_in_progress {
                     return Err(invalid());
@@ -598,6 +608,17 @@ impl MessageData {
                 self.attempt_in_progress = false;
                 self.last_error = Some(reason.clone());
                 self.touch(*failed_at);
+            }
+            MessageEvent::SendAttemptAbandoned {
+                attempt,
+                abandoned_at,
+                ..
+            } => {
+                // Counted as no attempt: the one before it (if any) is the last made.
+                self.attempts = attempt.saturating_sub(1);
+                self.attempt_in_progress = false;
+                self.attempt_started_at = None;
+                self.touch(*abandoned_at);
             }
             MessageEvent::MessageFailed { reason, failed_at } => {
                 self.lifecycle = MessageState::Failed;

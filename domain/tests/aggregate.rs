@@ -428,6 +428,37 @@ fn cancel_after_the_provider_call_started_is_refused() {
 }
 
 #[test]
+fn an_attempt_abandoned_before_its_call_counts_as_none() {
+    let abandon = || MessageCommand::AbandonSendAttempt {
+        reason: "the service stopped before the provider call".into(),
+        at: t(2),
+    };
+    // Only an open attempt can be abandoned.
+    let queued = given(vec![compose(Channel::Email, Dispatch::Now)]);
+    assert_eq!(
+        when(&queued, abandon()),
+        Err(invalid("abandon a send attempt of", MessageState::Pending))
+    );
+    let m = given(vec![
+        compose(Channel::Email, Dispatch::Now),
+        MessageCommand::StartSendAttempt { now: t(1) },
+        abandon(),
+    ]);
+    let d = m.data().expect("exists");
+    assert_eq!((d.attempts, d.attempt_in_progress), (0, false));
+    assert_eq!(d.state, MessageState::Pending);
+    // As before any attempt: it may still be cancelled, and its next attempt is the first.
+    assert_eq!(
+        then_state(&m, MessageCommand::Cancel { now: t(3) }),
+        MessageState::Cancelled
+    );
+    assert!(matches!(
+        when(&m, MessageCommand::StartSendAttempt { now: t(3) }).as_deref(),
+        Ok([MessageEvent::SendAttemptStarted { attempt: 1, .. }])
+    ));
+}
+
+#[test]
 fn cancel_after_send_is_refused() {
     assert_eq!(
         when(&sent_email(), MessageCommand::Cancel { now: t(3) }),

@@ -64,6 +64,10 @@ pub(crate) fn job_changes(
             retry_at: Some(retry_at),
             ..
         } => vec![Retry { retry_at }],
+        // Never called: due again at once, its lease ended.
+        MessageEvent::SendAttemptAbandoned { abandoned_at, .. } => vec![Retry {
+            retry_at: abandoned_at,
+        }],
         // An outcome is recorded: nothing left to send. An unknown outcome waits for a
         // person or a check, never for a blind retry.
         MessageEvent::MessageSent { .. }

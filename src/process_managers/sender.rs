@@ -576,17 +576,14 @@ impl Sender {
                     JobOutcome::Failed,
                 )
             }
-            // The attempt was started but its call never begun: sent again at once, and not
-            // counted against the attempts (the retry's own failure is judged as any other).
+            // The attempt was started but its call never begun: undone (it counts as no
+            // attempt, and the message may be changed again until one is made), due again at
+            // once. No provider attempt to count.
             Err(SendError::NotCalled { reason }) => {
-                tracing::info!(message_id = %id, attempt, %reason, "send attempt closed without a call; will retry");
+                tracing::info!(message_id = %id, attempt, %reason, "send attempt abandoned before its call; due again");
                 (
-                    MessageCommand::RecordSendFailure {
-                        reason,
-                        retry_at: Some(now),
-                        at: now,
-                    },
-                    JobOutcome::RetryScheduled,
+                    MessageCommand::AbandonSendAttempt { reason, at: now },
+                    JobOutcome::Skipped,
                 )
             }
             Err(SendError::Ambiguous { reason }) => {

@@ -622,6 +622,10 @@ pub trait Store: Send + Sync + 'static {
     /// message queued again since (which clears the lease) or another claim is kept. No job
     /// is no error.
     async fn delete_send_job(&self, job: &SendJob) -> Result<(), StoreError>;
+    /// Gives back a job `job` claimed and left untouched (the service is stopping): claimable
+    /// again at once, not at its lease's end; only while its lease is still that claim's (as
+    /// [`Store::delete_send_job`]).
+    async fn release_send_job(&self, job: &SendJob) -> Result<(), StoreError>;
 
     // ---- Webhook inbox ----
     // `webhook_inbox` holds every fact a provider webhook told us, recorded before we answer

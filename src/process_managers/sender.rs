@@ -396,9 +396,10 @@ impl Sender {
                 .map_err(|e| CommandError::Store(e.to_string()))?;
             return Ok(JobOutcome::Skipped);
         }
-        // Stopping: nothing started yet, the job waits for the next claim (its lease's end).
+        // Stopping: nothing started, and the job is given back for the next claim (here after
+        // the restart, or by another instance) rather than held to its lease's end.
         if self.stopping() {
-            return Ok(JobOutcome::Skipped);
+            return self.given_back(job).await;
         }
         self.limiter
             .acquire(
@@ -408,7 +409,7 @@ impl Sender {
             )
             .await;
         if self.stopping() {
-            return Ok(JobOutcome::Skipped);
+            return self.given_back(job).await;
         }
         // The fence: only one worker can start this attempt.
         match self
@@ -432,6 +433,15 @@ impl Sender {
         };
         self.record(id, d.channel, d.provider, attempt, result)
             .await
+    }
+
+    /// A claimed job left untouched, given back (see [`Store::release_send_job`]).
+    async fn given_back(&self, job: &SendJob) -> Result<JobOutcome, CommandError> {
+        self.store
+            .release_send_job(job)
+            .await
+            .map_err(|e| CommandError::Store(e.to_string()))?;
+        Ok(JobOutcome::Skipped)
     }
 
     /// Records a wave of provider answers as one batch of commands.

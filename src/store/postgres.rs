@@ -514,6 +514,10 @@ impl Store for PgStore {
         jobs::next_send_job_due(&self.pool).await
     }
 
+    async fn release_send_job(&self, job: &SendJob) -> Result<(), StoreError> {
+        jobs::release_send_job(&self.pool, job).await
+    }
+
     async fn delete_send_job(&self, job: &SendJob) -> Result<(), StoreError> {
         jobs::delete_send_job(&self.pool, job).await
     }

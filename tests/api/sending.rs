@@ -1006,6 +1006,43 @@ async fn a_stop_finishes_the_calls_running_and_begins_no_other() {
     );
 }
 
+/// A job given back (the service stopping before its attempt) is claimable again at once,
+/// not at its lease's end; only by the claim that holds it.
+#[tokio::test]
+async fn a_job_given_back_is_claimable_at_once_and_only_by_its_claim() {
+    use messaging::store::PerService;
+    let database_url = fresh_database().await;
+    let store = store_only(&database_url).await;
+    let pool = any_pool(&database_url).await;
+    let sql = if on_sqlite() {
+        "INSERT INTO send_jobs (message_id, service_id, channel, provider, due_at) \
+         VALUES (randomblob(16), randomblob(16), 'email', 'sendgrid', \
+                 strftime('%Y-%m-%dT%H:%M:%S+00:00', 'now', '-1 minutes'))"
+    } else {
+        "INSERT INTO send_jobs (message_id, service_id, channel, provider, due_at) \
+         VALUES (gen_random_uuid(), gen_random_uuid(), 'email', 'sendgrid', now())"
+    };
+    sqlx::query(sql).execute(&pool).await.unwrap();
+    let lease = std::time::Duration::from_secs(60);
+    let share = PerService {
+        least: 10,
+        most: 10,
+    };
+    let claim = || store.claim_send_jobs(10, share, lease);
+    let first = claim().await.unwrap();
+    assert_eq!(first.len(), 1);
+    assert!(claim().await.unwrap().is_empty(), "leased");
+    store.release_send_job(&first[0]).await.unwrap();
+    let second = claim().await.unwrap();
+    assert_eq!(second.len(), 1, "claimable again at once");
+    // The first claim's hold is over: giving it back again leaves the second's lease alone.
+    store.release_send_job(&first[0]).await.unwrap();
+    assert!(
+        claim().await.unwrap().is_empty(),
+        "still the second claim's"
+    );
+}
+
 /// A claim's share per service: at least `least`, more when the round shared evenly among
 /// the services with jobs gives more, never more than `most`.
 #[tokio::test]

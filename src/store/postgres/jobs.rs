@@ -192,6 +192,18 @@ pub(super) async fn next_send_job_due(pool: &PgPool) -> Result<Option<DateTime<U
     .await?)
 }
 
+pub(super) async fn release_send_job(pool: &PgPool, job: &SendJob) -> Result<(), StoreError> {
+    sqlx::query(
+        "UPDATE send_jobs SET locked_until = NULL, due_at = now() \
+         WHERE message_id = $1 AND locked_until = $2",
+    )
+    .bind(job.message_id.as_uuid())
+    .bind(job.leased_until)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
 pub(super) async fn delete_send_job(pool: &PgPool, job: &SendJob) -> Result<(), StoreError> {
     sqlx::query("DELETE FROM send_jobs WHERE message_id = $1 AND locked_until = $2")
         .bind(job.message_id.as_uuid())

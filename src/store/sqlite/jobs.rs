@@ -167,6 +167,19 @@ pub(super) async fn next_send_job_due(
     next.as_deref().map(super::parse_time).transpose()
 }
 
+pub(super) async fn release_send_job(pools: &SqlitePools, job: &SendJob) -> Result<(), StoreError> {
+    sqlx::query(
+        "UPDATE send_jobs SET locked_until = NULL, due_at = ?3 \
+         WHERE message_id = ?1 AND locked_until = ?2",
+    )
+    .bind(job.message_id.as_uuid())
+    .bind(job.leased_until)
+    .bind(Utc::now())
+    .execute(&pools.write)
+    .await?;
+    Ok(())
+}
+
 pub(super) async fn delete_send_job(pools: &SqlitePools, job: &SendJob) -> Result<(), StoreError> {
     sqlx::query("DELETE FROM send_jobs WHERE message_id = ?1 AND locked_until = ?2")
         .bind(job.message_id.as_uuid())

@@ -742,6 +742,10 @@ impl Store for SqliteStore {
         jobs::next_send_job_due(&self.pools).await
     }
 
+    async fn release_send_job(&self, job: &SendJob) -> Result<(), StoreError> {
+        jobs::release_send_job(&self.pools, job).await
+    }
+
     async fn delete_send_job(&self, job: &SendJob) -> Result<(), StoreError> {
         jobs::delete_send_job(&self.pools, job).await
     }

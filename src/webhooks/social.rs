@@ -325,10 +325,23 @@ async fn facebook_facts(store: &dyn Store, delivery: &Value) -> Result<Vec<Inbox
             facts.push(fact);
             continue;
         };
-        let message_id = match s("post_id") {
-            Some(post) => our_post(store, Channel::Facebook, post).await?,
-            None => None,
-        };
+        // A comment answering a comment names it as its parent (a top-level comment names
+        // the post): the reply is to that comment when it is one of ours (the page answered
+        // someone, and they answered back), else to the post.
+        let parent = s("parent_id").filter(|p| Some(*p) != s("post_id"));
+        let mut message_id = None;
+        let mut answered = s("post_id");
+        if let Some(parent) = parent {
+            message_id = our_post(store, Channel::Facebook, parent).await?;
+            if message_id.is_some() {
+                answered = Some(parent);
+            }
+        }
+        if message_id.is_none() {
+            if let Some(post) = s("post_id") {
+                message_id = our_post(store, Channel::Facebook, post).await?;
+            }
+        }
         let occurred_at = value
             .get("created_time")
             .and_then(Value::as_i64)
@@ -351,7 +364,7 @@ async fn facebook_facts(store: &dyn Store, delivery: &Value) -> Result<Vec<Inbox
                 "text": s("message"),
                 "provider_message_id": comment_id,
                 "post_id": s("post_id"),
-                "answered_post": s("post_id"),
+                "answered_post": answered,
                 "channel": Channel::Facebook.as_str(),
             }),
         ));

@@ -758,6 +758,46 @@ async fn facebook_challenge_is_answered_and_a_comment_on_our_post_is_a_reply() {
     })
     .await;
 
+    // The page answered Sam's comment (a message of ours, posted as a comment), and Sam
+    // answers back: the comment names ours as its parent, and the reply is to our comment,
+    // not to the post.
+    let our_comment = uuid::Uuid::now_v7().to_string();
+    sent_message(
+        &app,
+        &our_comment,
+        Channel::Facebook,
+        "998877665544332_111222333444777",
+    )
+    .await;
+    app.wait_listed(&our_comment, "sent").await;
+    let mut answer: Value = serde_json::from_slice(&delivery).unwrap();
+    let value = &mut answer["entry"][0]["changes"][0]["value"];
+    value["comment_id"] = json!("998877665544332_111222333444888");
+    value["parent_id"] = json!("998877665544332_111222333444777");
+    value["message"] = json!("Thanks for answering!");
+    let answer = serde_json::to_vec(&answer).unwrap();
+    let (status, _) = read(
+        app.client
+            .post(app.url("/webhooks/facebook"))
+            .header(
+                "X-Hub-Signature-256",
+                format!("sha256={}", hmac_hex(FB_SECRET, &answer)),
+            )
+            .body(answer)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    eventually(|| async {
+        let (_, m) = app.get(&format!("/v1/messages/{our_comment}")).await;
+        m["state"] == "replied" && m["replies"] == 1
+    })
+    .await;
+    let (_, m) = app.get(&format!("/v1/messages/{original}")).await;
+    assert_eq!(m["replies"], 1, "the post's own reply only: {m}");
+
     // The page answering on its own post comes back too: not a reply.
     let mut own: Value = serde_json::from_slice(&delivery).unwrap();
     let value = &mut own["entry"][0]["changes"][0]["value"];

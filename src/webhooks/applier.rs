@@ -9,8 +9,8 @@ use super::inbox::FactKind;
 use crate::store::{CommandError, FactSettlement, PendingFact, Store, StoreError};
 use chrono::{DateTime, Utc};
 use messaging_domain::{
-    Channel, DeliveryOutcome, Fact, MessageCommand, MessageError, MessageId, Profile, Receive,
-    ServiceRef,
+    Channel, DeliveryOutcome, Fact, MessageCommand, MessageError, MessageId, MessageState, Profile,
+    Receive, ServiceRef,
 };
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -42,6 +42,14 @@ fn classify(result: Result<(), CommandError>) -> Applied {
     match result {
         Ok(()) => Applied::Done,
         Err(CommandError::Rejected(MessageError::NotFound)) => Applied::Wait,
+        // A cancelled message was never sent, and an inbound one is never sent: no change
+        // will ever let them take a provider's fact about a send.
+        Err(CommandError::Rejected(
+            e @ MessageError::InvalidTransition {
+                state: MessageState::Cancelled | MessageState::Received,
+                ..
+            },
+        )) => Applied::Unmatched(format!("{e}: it was never sent, and never will be")),
         Err(CommandError::Rejected(e @ MessageError::InvalidTransition { .. })) => {
             Applied::WaitForChange(e.to_string())
         }

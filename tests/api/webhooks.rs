@@ -336,6 +336,39 @@ async fn an_event_that_arrives_before_its_message_is_applied_when_the_message_ap
     .await;
 }
 
+/// A fact about the send of a message that was cancelled (never sent) can never apply: it is
+/// kept as unmatched, with why, instead of waiting for a change that never comes.
+#[tokio::test]
+async fn a_fact_for_a_cancelled_message_is_kept_as_unmatched() {
+    let app = webhook_app().await;
+    let service = app.email_service().await;
+    let draft = app
+        .compose_email(&service, "alice@example.com", json!({}))
+        .await;
+    let id = draft["id"].as_str().unwrap();
+    let (status, _) = app
+        .post(&format!("/v1/messages/{id}/cancel"), json!({}))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    app.wait_listed(id, "cancelled").await;
+    let batch = json!([{"email": "alice@example.com", "timestamp": Utc::now().timestamp(),
+                        "event": "delivered", "sg_event_id": "to-cancelled-1", "message_id": id}]);
+    let (status, _) = post_sendgrid(&app, batch.to_string().as_bytes()).await;
+    assert_eq!(status, StatusCode::OK);
+    eventually(|| async {
+        let (_, problems) = app.get("/v1/webhooks/unmatched").await;
+        problems["items"].as_array().unwrap().iter().any(|i| {
+            i["status"] == "unmatched"
+                && i["reason"]
+                    .as_str()
+                    .is_some_and(|r| r.contains("never sent"))
+        })
+    })
+    .await;
+    let (_, m) = app.get(&format!("/v1/messages/{id}")).await;
+    assert_eq!(m["state"], "cancelled");
+}
+
 #[tokio::test]
 async fn unmatched_and_malformed_input_is_kept_and_never_fails_the_batch() {
     let app = webhook_app().await;

@@ -257,7 +257,12 @@ impl EmailBuilder {
             .filter(|t| !t.is_empty());
             if let Some(h) = html.take() {
                 let l = escape_html(l);
-                html = Some(format!("{h}\n<p><a href=\"{l}\">{l}</a></p>"));
+                let anchor = format!("<p><a href=\"{l}\">{l}</a></p>");
+                // Inside a whole document's body (content after it may be dropped).
+                html = Some(match h.to_ascii_lowercase().rfind("</body>") {
+                    Some(end) => format!("{}{anchor}\n{}", &h[..end], &h[end..]),
+                    None => format!("{h}\n{anchor}"),
+                });
             }
         }
         if text.is_none() && html.is_none() {

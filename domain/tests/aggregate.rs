@@ -100,6 +100,22 @@ fn invalid(action: &'static str, state: MessageState) -> MessageError {
 }
 
 #[test]
+fn an_emails_link_goes_inside_a_whole_html_documents_body() {
+    let input = MessageInput {
+        text: None,
+        html: Some("<html><BODY><p>Hi</p></BODY></html>".into()),
+        link: Some("https://example.com/a".into()),
+        ..email_input()
+    };
+    let message = build_message(&service(Channel::Email), input).expect("valid message");
+    assert_eq!(
+        message.html(),
+        Some("<html><BODY><p>Hi</p><p><a href=\"https://example.com/a\">https://example.com/a</a></p>\n</BODY></html>")
+    );
+    assert_eq!(message.text(), None);
+}
+
+#[test]
 fn an_email_names_each_recipient_once() {
     let input = MessageInput {
         to: vec![

@@ -249,6 +249,16 @@ impl Sender {
     /// calls finish (one batch each).
     async fn send_batch(&self, jobs: Vec<(SendJob, &MessageData)>) -> Vec<JobOutcome> {
         let mut outcomes = Vec::with_capacity(jobs.len());
+        // Stopping since the claim: nothing started, every job given back.
+        if self.stopping() {
+            for (job, _) in &jobs {
+                if let Err(error) = self.given_back(job).await {
+                    tracing::warn!(message_id = %job.message_id, %error, "a claimed job was not given back; it waits for its lease's end");
+                }
+                outcomes.push(JobOutcome::Skipped);
+            }
+            return outcomes;
+        }
         // Each service's account read once for the round, before any attempt starts: the
         // reads (a pool's wait each) would otherwise run on the time recovery allows a call
         // (`call_outlived_after` counts from the attempt's start).

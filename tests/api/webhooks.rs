@@ -979,6 +979,16 @@ async fn outsized_values_from_outside_are_kept_and_the_list_goes_on() {
         m["state"] == "replied"
     })
     .await;
+    // Every fact applied, then every event listed: the list then holds all the replies.
+    eventually(|| async { app.store.gauges().await.unwrap().webhook_inbox_pending == 0 }).await;
+    eventually(|| async {
+        let gauges = app.store.gauges().await.unwrap();
+        gauges
+            .projection_lag
+            .iter()
+            .all(|(name, lag)| name != "message_list" || *lag == 0)
+    })
+    .await;
     let (status, inbound) = app.get("/v1/messages?direction=inbound").await;
     assert_eq!(status, StatusCode::OK);
     let inbound = inbound["items"].as_array().unwrap();

@@ -49,6 +49,17 @@ async fn post_sendgrid(app: &TestApp, body: &[u8]) -> (StatusCode, Value) {
 }
 
 /// A message with this id that has been handed to its provider (`provider_id` recorded).
+/// Posts an email to Inbound Parse as SendGrid does (a multipart form); the status.
+async fn post_inbound(app: &TestApp, form: reqwest::multipart::Form) -> StatusCode {
+    app.client
+        .post(app.url("/webhooks/sendgrid/inbound"))
+        .multipart(form)
+        .send()
+        .await
+        .unwrap()
+        .status()
+}
+
 async fn sent_message(app: &TestApp, id: &str, channel: Channel, provider_id: &str) {
     let store = app.store.clone();
     let (provider, username, to) = match channel {
@@ -443,14 +454,7 @@ async fn provider_text_with_nul_characters_is_recorded_not_refused() {
         .text("from", "Al\u{0}ice <ali\u{0}ce@example.com>")
         .text("subject", "Re: Hello")
         .text("text", "Thanks\u{0}!");
-    let r = app
-        .client
-        .post(app.url("/webhooks/sendgrid/inbound"))
-        .multipart(form)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(post_inbound(&app, form).await, StatusCode::OK);
     eventually(|| async {
         let (_, inbound) = app.get("/v1/messages?direction=inbound").await;
         inbound["items"]
@@ -881,14 +885,7 @@ async fn an_inbound_email_reply_is_matched_by_its_headers() {
             "envelope",
             r#"{"to":["news@example.com"],"from":"alice@example.com"}"#,
         );
-    let r = app
-        .client
-        .post(app.url("/webhooks/sendgrid/inbound"))
-        .multipart(form)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(post_inbound(&app, form).await, StatusCode::OK);
     eventually(|| async {
         let (_, m) = app.get(&format!("/v1/messages/{original}")).await;
         m["state"] == "replied"
@@ -950,14 +947,7 @@ async fn outsized_values_from_outside_are_kept_and_the_list_goes_on() {
             .text("to", "news@example.com")
             .text("subject", "Re: Hello")
             .text("text", "An answer from a strange address.");
-        let r = app
-            .client
-            .post(app.url("/webhooks/sendgrid/inbound"))
-            .multipart(form)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), StatusCode::OK);
+        assert_eq!(post_inbound(&app, form).await, StatusCode::OK);
     }
     // Sent after the others: listed only if nothing before it holds the list back.
     let last = uuid::Uuid::now_v7().to_string();

@@ -82,7 +82,9 @@ pub enum MessageCommand {
         at: DateTime<Utc>,
     },
     /// The open attempt was never called (the service stopped first): undone, not failed.
+    /// Only that attempt: a later one (another worker's, once a lease ran out) stays open.
     AbandonSendAttempt {
+        attempt: u32,
         reason: String,
         at: DateTime<Utc>,
     },

@@ -250,8 +250,12 @@ impl Message {
                 }
                 Ok(events)
             }
-            MessageCommand::AbandonSendAttempt { reason, at } => {
-                if !d.attempt_in_progress {
+            MessageCommand::AbandonSendAttempt {
+                attempt,
+                reason,
+                at,
+            } => {
+                if !d.attempt_in_progress || d.attempts != attempt {
                     return Err(invalid());
                 }
                 Ok(vec![MessageEvent::SendAttemptAbandoned {

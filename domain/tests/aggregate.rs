@@ -446,6 +446,7 @@ fn cancel_after_the_provider_call_started_is_refused() {
 #[test]
 fn an_attempt_abandoned_before_its_call_counts_as_none() {
     let abandon = || MessageCommand::AbandonSendAttempt {
+        attempt: 1,
         reason: "the service stopped before the provider call".into(),
         at: t(2),
     };
@@ -462,6 +463,21 @@ fn an_attempt_abandoned_before_its_call_counts_as_none() {
     ]);
     let d = m.data().expect("exists");
     assert_eq!((d.attempts, d.attempt_in_progress), (0, false));
+    // Not another attempt than the one named (a later one, once a lease ran out, stays open).
+    let second = given(vec![
+        compose(Channel::Email, Dispatch::Now),
+        MessageCommand::StartSendAttempt { now: t(1) },
+        MessageCommand::RecordSendFailure {
+            reason: "timeout".into(),
+            retry_at: Some(t(2)),
+            at: t(2),
+        },
+        MessageCommand::StartSendAttempt { now: t(3) },
+    ]);
+    assert_eq!(
+        when(&second, abandon()),
+        Err(invalid("abandon a send attempt of", MessageState::Pending))
+    );
     assert_eq!(d.state, MessageState::Pending);
     // As before any attempt: it may still be cancelled, and its next attempt is the first.
     assert_eq!(

@@ -602,7 +602,11 @@ impl Sender {
             Err(SendError::NotCalled { reason }) => {
                 tracing::info!(message_id = %id, attempt, %reason, "send attempt abandoned before its call; due again");
                 (
-                    MessageCommand::AbandonSendAttempt { reason, at: now },
+                    MessageCommand::AbandonSendAttempt {
+                        attempt,
+                        reason,
+                        at: now,
+                    },
                     JobOutcome::Skipped,
                 )
             }

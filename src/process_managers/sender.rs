@@ -654,19 +654,12 @@ impl Sender {
     }
 
     /// Runs until `shutdown` turns true, woken by NOTIFY `send_jobs` and at the next due time.
-    pub async fn run(self, mut wake: watch::Receiver<u64>, mut shutdown: watch::Receiver<bool>) {
-        let this = Self {
-            stopping: Some(shutdown.clone()),
-            ..self
-        };
-        this.run_until(&mut wake, &mut shutdown).await
-    }
-
-    async fn run_until(
-        &self,
-        wake: &mut watch::Receiver<u64>,
-        shutdown: &mut watch::Receiver<bool>,
+    pub async fn run(
+        mut self,
+        mut wake: watch::Receiver<u64>,
+        mut shutdown: watch::Receiver<bool>,
     ) {
+        self.stopping = Some(shutdown.clone());
         loop {
             if *shutdown.borrow() {
                 return;

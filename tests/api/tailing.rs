@@ -2230,6 +2230,21 @@ async fn a_command_whose_caller_went_away_still_wakes_every_reader() {
     assert_eq!(appended, 1, "the command was appended all the same");
 }
 
+/// The types of a message's events in order, checking there is no gap: each command
+/// appended right after the event its fold ended with.
+async fn event_types(pool: &PgPool, id: MessageId) -> Vec<String> {
+    let rows: Vec<(i64, String)> = sqlx::query_as(
+        "SELECT sequence, event_type FROM events WHERE aggregate_id = $1 ORDER BY sequence",
+    )
+    .bind(id.to_string())
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    let sequences: Vec<i64> = rows.iter().map(|r| r.0).collect();
+    assert_eq!(sequences, (1..=rows.len() as i64).collect::<Vec<_>>());
+    rows.into_iter().map(|r| r.1).collect()
+}
+
 /// A worker's batches decide against the folds the store kept (the sender's round as it read
 /// it, then the folds its starts left) without reading the messages again: a fold another
 /// instance has since made stale must never decide. Store `b` stands for another instance on
@@ -2253,23 +2268,6 @@ async fn a_fold_kept_by_one_instance_never_decides_over_another_instances_append
     let sent = || MessageCommand::RecordSent {
         provider_message_id: Some("p".into()),
         at: now(),
-    };
-    let types = |id: MessageId| {
-        let pool = pool.clone();
-        async move {
-            let rows: Vec<(i64, String)> = sqlx::query_as(
-                "SELECT sequence, event_type FROM events WHERE aggregate_id = $1 \
-                 ORDER BY sequence",
-            )
-            .bind(id.to_string())
-            .fetch_all(&pool)
-            .await
-            .unwrap();
-            // No gap: each command appended right after the event its fold ended with.
-            let sequences: Vec<i64> = rows.iter().map(|r| r.0).collect();
-            assert_eq!(sequences, (1..=rows.len() as i64).collect::<Vec<_>>());
-            rows.into_iter().map(|r| r.1).collect::<Vec<_>>()
-        }
     };
 
     // Cancelled elsewhere after `a` read it: `a`'s start is refused, nothing appended.
@@ -2305,7 +2303,7 @@ async fn a_fold_kept_by_one_instance_never_decides_over_another_instances_append
     assert!(recorded.iter().all(Result::is_ok), "{recorded:?}");
 
     assert_eq!(
-        types(cancelled).await,
+        event_types(&pool, cancelled).await,
         ["MessageComposed", "MessageQueued", "MessageCancelled"]
     );
     let through_sent = [
@@ -2314,8 +2312,8 @@ async fn a_fold_kept_by_one_instance_never_decides_over_another_instances_append
         "SendAttemptStarted",
         "MessageSent",
     ];
-    assert_eq!(types(plain).await, through_sent);
-    assert_eq!(types(raced).await, through_sent);
+    assert_eq!(event_types(&pool, plain).await, through_sent);
+    assert_eq!(event_types(&pool, raced).await, through_sent);
 }
 
 /// A refusal decided on a kept fold makes no INSERT that could collide with what another
@@ -2328,18 +2326,6 @@ async fn a_refusal_on_a_fold_kept_by_one_instance_is_checked_against_the_log() {
     let pool = migrated_pool().await;
     let (a, b) = (PgStore::new(pool.clone()), PgStore::new(pool.clone()));
     let now = Utc::now;
-    let types = |id: MessageId| {
-        let pool = pool.clone();
-        async move {
-            sqlx::query_scalar::<_, String>(
-                "SELECT event_type FROM events WHERE aggregate_id = $1 ORDER BY sequence",
-            )
-            .bind(id.to_string())
-            .fetch_all(&pool)
-            .await
-            .unwrap()
-        }
-    };
 
     // `a` reads it before its send attempt (as the sender reads its round and keeps the
     // folds); `b` starts the attempt; `a` is asked to record the provider's answer.
@@ -2387,7 +2373,7 @@ async fn a_refusal_on_a_fold_kept_by_one_instance_is_checked_against_the_log() {
         .await;
     assert!(results.iter().all(Result::is_ok), "{results:?}");
     assert_eq!(
-        types(started).await,
+        event_types(&pool, started).await,
         [
             "MessageComposed",
             "MessageQueued",
@@ -2396,7 +2382,7 @@ async fn a_refusal_on_a_fold_kept_by_one_instance_is_checked_against_the_log() {
         ]
     );
     assert_eq!(
-        types(rescheduled).await,
+        event_types(&pool, rescheduled).await,
         [
             "MessageComposed",
             "MessageScheduled",

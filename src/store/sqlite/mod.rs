@@ -576,42 +576,27 @@ impl Store for SqliteStore {
         request_hash: &str,
         id: MessageId,
     ) -> Result<IdempotencyClaim, StoreError> {
-        // A key found taken may be given back before it is read (its compose was refused):
-        // then it is claimed again (as on PostgreSQL).
-        for _ in 0..3 {
-            let inserted = sqlx::query(
+        let writer = &self.pools.write;
+        let insert = move || async move {
+            sqlx::query(
                 "INSERT INTO idempotency_keys (key, request_hash, message_id) \
                  VALUES (?1, ?2, ?3) ON CONFLICT (key) DO NOTHING",
             )
             .bind(key)
             .bind(request_hash)
             .bind(id.as_uuid())
-            .execute(&self.pools.write)
-            .await?
-            .rows_affected();
-            if inserted == 1 {
-                return Ok(IdempotencyClaim::Claimed);
-            }
-            // From the writer: the row it just refused is visible there, unless given back.
-            let taken: Option<(uuid::Uuid, String)> = sqlx::query_as(
-                "SELECT message_id, request_hash FROM idempotency_keys WHERE key = ?1",
-            )
-            .bind(key)
-            .fetch_optional(&self.pools.write)
-            .await?;
-            if let Some((message_id, request_hash)) = taken {
-                return Ok(IdempotencyClaim::Existing {
-                    id: MessageId::from_uuid(message_id),
-                    request_hash,
-                });
-            }
-        }
-        // Busy: the caller may retry (503).
-        Err(StoreError {
-            message: "an Idempotency-Key kept being claimed and given back; retry the request"
-                .into(),
-            unavailable: true,
-        })
+            .execute(writer)
+            .await
+            .map(|done| done.rows_affected() == 1)
+        };
+        // From the writer: the row it just refused is visible there, unless given back.
+        let read = move || async move {
+            sqlx::query_as("SELECT message_id, request_hash FROM idempotency_keys WHERE key = ?1")
+                .bind(key)
+                .fetch_optional(writer)
+                .await
+        };
+        crate::store::claim_key(insert, read).await
     }
 
     async fn release_idempotency_key(&self, key: &str, id: MessageId) -> Result<(), StoreError> {

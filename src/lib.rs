@@ -1,5 +1,6 @@
 //! The messaging service: configuration, start-up, store wiring, HTTP API and workers.
 
+pub mod clock;
 pub mod config;
 pub mod http;
 pub mod metrics;

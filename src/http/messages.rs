@@ -8,7 +8,7 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{get, post};
 use axum::Router;
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, SubsecRound, Utc};
 use messaging_domain::{
     build_message, Channel, Compose, Direction, Dispatch, Message, MessageCommand, MessageError,
     MessageId, MessageInput, MessageState, Profile, ServiceRef,
@@ -139,7 +139,7 @@ fn dispatch(publish_at: Option<DateTime<Utc>>, send: bool) -> Result<Dispatch, A
             "publish_at",
             "give either publish_at (send later) or send: true (send now), not both",
         )),
-        (Some(at), false) => Ok(Dispatch::At(at)),
+        (Some(at), false) => Ok(Dispatch::At(at.trunc_subsecs(6))),
         (None, true) => Ok(Dispatch::Now),
         (None, false) => Ok(Dispatch::Draft),
     }
@@ -157,7 +157,7 @@ async fn compose_for(
 ) -> Result<(StatusCode, ApiJson<Value>), ApiError> {
     let service_ref = ServiceRef::from(service);
     let message = build_message(&service_ref, input)?;
-    let now = Utc::now();
+    let now = crate::clock::now();
     let mut id = MessageId::from_uuid(uuid::Uuid::now_v7());
     // Whether this request made the key's claim (a retry under it did not).
     let mut claimed = false;
@@ -309,8 +309,9 @@ async fn schedule(
     ApiJson(body): ApiJson<ScheduleRequest>,
 ) -> Result<ApiJson<Value>, ApiError> {
     let command = MessageCommand::Schedule {
-        publish_at: body.publish_at,
-        now: Utc::now(),
+        // To the microsecond, as PostgreSQL keeps it and as the service's own times are.
+        publish_at: body.publish_at.trunc_subsecs(6),
+        now: crate::clock::now(),
     };
     run(&state, &id, command).await
 }
@@ -320,7 +321,7 @@ async fn send(
     ApiPath(id): ApiPath<String>,
 ) -> Result<ApiJson<Value>, ApiError> {
     let command = MessageCommand::Send {
-        now: Utc::now(),
+        now: crate::clock::now(),
         expected_publish_at: None,
     };
     run(&state, &id, command).await
@@ -330,7 +331,14 @@ async fn cancel(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<String>,
 ) -> Result<ApiJson<Value>, ApiError> {
-    run(&state, &id, MessageCommand::Cancel { now: Utc::now() }).await
+    run(
+        &state,
+        &id,
+        MessageCommand::Cancel {
+            now: crate::clock::now(),
+        },
+    )
+    .await
 }
 
 /// The longest provider id `resolve` takes: X's and Facebook's ids are a few dozen characters.
@@ -387,7 +395,7 @@ async fn resolve(
         posted: body.posted,
         provider_message_id,
         send_again: body.send_again,
-        at: Utc::now(),
+        at: crate::clock::now(),
     };
     run(&state, &id, command).await
 }

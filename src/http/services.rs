@@ -98,7 +98,7 @@ async fn create(
         provider,
         name: name.to_string(),
         username,
-        created_at: chrono::Utc::now(),
+        created_at: crate::clock::now(),
     };
     state.store.create_service(&service, &credentials).await?;
     tracing::info!(service_id = %service.id, %channel, %provider, "service created");

@@ -156,7 +156,11 @@ impl Pusher {
         }
         let body =
             json!({"subscription_id": sub.id, "items": items, "next": next_cursor}).to_string();
-        let signature = sign_push(&sub.secret, Utc::now().timestamp(), body.as_bytes());
+        let signature = sign_push(
+            &sub.secret,
+            crate::clock::now().timestamp(),
+            body.as_bytes(),
+        );
         let result = self
             .http
             .post(&sub.url)
@@ -277,7 +281,7 @@ impl Pusher {
             let next: Option<chrono::DateTime<Utc>> =
                 self.store.next_push_due().await.unwrap_or(None);
             let sleep = next
-                .and_then(|at| (at - Utc::now()).to_std().ok())
+                .and_then(|at| (at - crate::clock::now()).to_std().ok())
                 .unwrap_or(Duration::from_secs(5))
                 .clamp(Duration::from_millis(10), Duration::from_secs(5));
             tokio::select! {

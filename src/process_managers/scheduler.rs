@@ -20,7 +20,9 @@ const MAX_SLEEP: Duration = Duration::from_secs(5);
 /// [`MAX_SLEEP`], and that when nothing is scheduled.
 fn until(next: Option<DateTime<Utc>>) -> Duration {
     next.map_or(MAX_SLEEP, |at| {
-        (at - Utc::now()).to_std().unwrap_or(Duration::ZERO)
+        (at - crate::clock::now())
+            .to_std()
+            .unwrap_or(Duration::ZERO)
     })
     .min(MAX_SLEEP)
 }
@@ -54,7 +56,7 @@ impl Scheduler {
             let claimed = due.len();
             // The whole round as one batch of commands: a few statements, not a few per
             // message (firing one at a time kept up with ~500 messages a second).
-            let now = Utc::now();
+            let now = crate::clock::now();
             let commands = due
                 .iter()
                 .map(|due| {
@@ -135,7 +137,7 @@ impl Scheduler {
             // an error reading it leases anyway, as a timed wake-up does.
             let nothing_due = if woken {
                 match self.next_due().await {
-                    Ok(next) if next.is_none_or(|at| at > Utc::now()) => Some(until(next)),
+                    Ok(next) if next.is_none_or(|at| at > crate::clock::now()) => Some(until(next)),
                     _ => None,
                 }
             } else {

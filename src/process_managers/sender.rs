@@ -270,7 +270,7 @@ impl Sender {
             }
         }
         // The fence: only one worker can start each attempt.
-        let now = Utc::now();
+        let now = crate::clock::now();
         let starts = jobs
             .iter()
             .map(|(job, _)| (job.message_id, MessageCommand::StartSendAttempt { now }))
@@ -389,7 +389,9 @@ impl Sender {
             // later than now (another instance's clock ahead): just started.
             let age = match d.attempt_started_at {
                 None => Duration::MAX,
-                Some(at) => (Utc::now() - at).to_std().unwrap_or(Duration::ZERO),
+                Some(at) => (crate::clock::now() - at)
+                    .to_std()
+                    .unwrap_or(Duration::ZERO),
             };
             if age < self.config.call_outlived_after {
                 return Ok(JobOutcome::Skipped);
@@ -423,7 +425,12 @@ impl Sender {
         }
         // The fence: only one worker can start this attempt.
         match self
-            .execute(id, MessageCommand::StartSendAttempt { now: Utc::now() })
+            .execute(
+                id,
+                MessageCommand::StartSendAttempt {
+                    now: crate::clock::now(),
+                },
+            )
             .await
         {
             Ok(()) => {}
@@ -540,7 +547,7 @@ impl Sender {
         attempt: u32,
         result: Result<crate::providers::Accepted, SendError>,
     ) -> (MessageCommand, JobOutcome) {
-        let now = Utc::now();
+        let now = crate::clock::now();
         match result {
             Ok(accepted) => {
                 tracing::info!(message_id = %id, %channel, attempt, provider_message_id = accepted.provider_message_id.as_deref().unwrap_or(""), "sent");
@@ -629,7 +636,7 @@ impl Sender {
             id,
             MessageCommand::RecordSent {
                 provider_message_id: None,
-                at: Utc::now(),
+                at: crate::clock::now(),
             },
         )
         .await?;
@@ -671,7 +678,7 @@ impl Sender {
                 Err(error) => tracing::error!(%error, "sender round failed"),
             }
             let sleep = match self.next_due().await {
-                Ok(Some(at)) => (at - Utc::now())
+                Ok(Some(at)) => (at - crate::clock::now())
                     .to_std()
                     .unwrap_or(Duration::from_millis(50)),
                 Ok(None) => Duration::from_secs(5),

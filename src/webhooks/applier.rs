@@ -91,8 +91,8 @@ impl Applier {
         // append events, and an open transaction older than them would hold back every log
         // reader until it ended. A crashed applier's lease expires and the facts are retried
         // (applying a fact twice changes nothing: its id is remembered).
-        let gave_up_before =
-            Utc::now() - chrono::Duration::from_std(WAIT_FOR_POST).unwrap_or(chrono::Duration::MAX);
+        let gave_up_before = crate::clock::now()
+            - chrono::Duration::from_std(WAIT_FOR_POST).unwrap_or(chrono::Duration::MAX);
         let leased = self.store.lease_webhook_facts(gave_up_before).await?;
         if leased.is_empty() {
             return Ok(0);

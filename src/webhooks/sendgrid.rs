@@ -52,7 +52,7 @@ pub fn malformed(provider: &'static str, raw: &[u8], error: &str) -> InboxFact {
         event_id: format!("malformed:{}", body_fingerprint(raw)),
         message_id: None,
         kind: FactKind::Other,
-        occurred_at: Utc::now(),
+        occurred_at: crate::clock::now(),
         payload: Payload::from_value(
             &json!({"_raw": String::from_utf8_lossy(raw), "_error": error}),
         ),
@@ -186,7 +186,7 @@ pub async fn inbound(
     }
     let fields = decode_fields(raw);
     let answered = answered_message(state.store.as_ref(), fields.get("headers")).await?;
-    let fact = parse_inbound(&fields, Utc::now(), answered);
+    let fact = parse_inbound(&fields, crate::clock::now(), answered);
     tracing::info!(matched = fact.problem.is_none(), "inbound email received");
     super::recorded(state.store.as_ref(), std::slice::from_ref(&fact)).await
 }

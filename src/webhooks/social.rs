@@ -218,7 +218,7 @@ async fn x_facts(store: &dyn Store, delivery: &Value) -> Result<Vec<InboxFact>, 
         let occurred_at = s("created_at")
             .and_then(|t| DateTime::parse_from_str(t, "%a %b %d %H:%M:%S %z %Y").ok())
             .map(|t| t.with_timezone(&Utc))
-            .unwrap_or_else(Utc::now);
+            .unwrap_or_else(crate::clock::now);
         facts.push(reply_fact(
             "x",
             format!("tweet:{id}"),
@@ -346,7 +346,7 @@ async fn facebook_facts(store: &dyn Store, delivery: &Value) -> Result<Vec<Inbox
             .get("created_time")
             .and_then(Value::as_i64)
             .and_then(|t| Utc.timestamp_opt(t, 0).single())
-            .unwrap_or_else(Utc::now);
+            .unwrap_or_else(crate::clock::now);
         let from = |k: &str| {
             value
                 .get("from")

@@ -795,3 +795,72 @@ async fn many_concurrent_writers_all_succeed_and_every_message_goes_out() {
         app.wait_listed(id, "sent").await;
     }
 }
+
+/// Every time the service shows (the view, its history and the facts in it, the feed) is to the
+/// microsecond, on either backend, and the same time reads the same wherever it is shown.
+#[tokio::test]
+async fn times_are_shown_to_the_microsecond_and_alike_wherever_they_appear() {
+    fn times<'a>(v: &'a serde_json::Value, out: &mut Vec<&'a str>) {
+        match v {
+            serde_json::Value::String(s) if chrono::DateTime::parse_from_rfc3339(s).is_ok() => {
+                out.push(s)
+            }
+            serde_json::Value::Array(a) => a.iter().for_each(|v| times(v, out)),
+            serde_json::Value::Object(o) => o.values().for_each(|v| times(v, out)),
+            _ => {}
+        }
+    }
+    fn fraction_digits(s: &str) -> usize {
+        s.split_once('.').map_or(0, |(_, f)| {
+            f.chars().take_while(char::is_ascii_digit).count()
+        })
+    }
+
+    let app = TestApp::spawn().await;
+    let service = app.email_service().await;
+    let draft = app
+        .compose_email(&service, "alice@example.com", json!({}))
+        .await;
+    let id = draft["id"].as_str().unwrap().to_string();
+    let (status, _) = app
+        .post(
+            &format!("/v1/messages/{id}/schedule"),
+            json!({"publish_at": "2099-01-01T00:00:00.123456789Z"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _) = app
+        .post(&format!("/v1/messages/{id}/cancel"), json!({}))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    app.wait_listed(&id, "cancelled").await;
+
+    let (_, detail) = app.get(&format!("/v1/messages/{id}")).await;
+    let (_, list) = app.get("/v1/messages?limit=500").await;
+    let (_, feed) = app.get("/v1/state-changes?after=0&limit=100").await;
+    let mut shown = Vec::new();
+    for v in [&detail, &list, &feed] {
+        times(v, &mut shown);
+    }
+    // created, updated and publish_at in two views, the history's and the feed's times.
+    assert!(shown.len() >= 20, "{shown:?}");
+    for t in &shown {
+        assert!(
+            fraction_digits(t) <= 6,
+            "{t} is shown beyond the microsecond"
+        );
+    }
+    let history = detail["history"].as_array().unwrap();
+    assert_eq!(detail["created_at"], history[0]["occurred_at"]);
+    assert_eq!(detail["updated_at"], history[2]["occurred_at"]);
+    assert_eq!(detail["publish_at"], "2099-01-01T00:00:00.123456Z");
+    let listed = list["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["id"] == id)
+        .unwrap();
+    for field in ["created_at", "updated_at", "publish_at"] {
+        assert_eq!(listed[field], detail[field], "{field}");
+    }
+}

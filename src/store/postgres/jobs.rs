@@ -106,7 +106,7 @@ pub(super) async fn next_schedule_due(pool: &PgPool) -> Result<Option<DateTime<U
            (SELECT min(locked_until) FROM scheduled_sends WHERE locked_until >= now())) \
          + ($1::timestamptz - now())",
     )
-    .bind(Utc::now())
+    .bind(crate::clock::now())
     .fetch_one(&mut *conn)
     .await?)
 }
@@ -187,7 +187,7 @@ pub(super) async fn next_send_job_due(pool: &PgPool) -> Result<Option<DateTime<U
            (SELECT min(locked_until) FROM send_jobs WHERE locked_until >= now())) \
          + ($1::timestamptz - now())",
     )
-    .bind(Utc::now())
+    .bind(crate::clock::now())
     .fetch_one(&mut *conn)
     .await?)
 }

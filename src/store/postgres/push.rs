@@ -104,7 +104,7 @@ pub(super) async fn next_due(pool: &PgPool) -> Result<Option<DateTime<Utc>>, Sto
         "SELECT min(next_attempt_at) + ($1::timestamptz - now()) FROM subscriptions \
          WHERE cursor < (SELECT COALESCE(MAX(position), 0) FROM state_changes)",
     )
-    .bind(Utc::now())
+    .bind(crate::clock::now())
     .fetch_one(&mut *conn)
     .await?)
 }

@@ -117,7 +117,7 @@ impl SqliteStore {
         let mut tx = begin_immediate(&self.pools.write).await.map_err(failed)?;
         // The time of recording to the microsecond, taken once the write lock is held (see the
         // event repository's `persist`).
-        let recorded_at = chrono::Utc::now();
+        let recorded_at = crate::clock::now();
         let metadata = Json(serde_json::json!({}));
         for (n, (event_type, event_version, payload)) in rows.iter().enumerate() {
             let inserted = sqlx::query(

@@ -2,7 +2,6 @@
 
 use super::SqlitePools;
 use crate::store::{Gauges, StoreError};
-use chrono::Utc;
 
 pub(super) async fn read(pools: &SqlitePools) -> Result<Gauges, StoreError> {
     let projection_lag: Vec<(String, i64)> = sqlx::query_as(
@@ -20,7 +19,7 @@ pub(super) async fn read(pools: &SqlitePools) -> Result<Gauges, StoreError> {
                     (SELECT count(*) FROM scheduled_sends), \
                     (SELECT count(*) FROM webhook_inbox WHERE status = 'pending')",
         )
-        .bind(Utc::now())
+        .bind(crate::clock::now())
         .fetch_one(&pools.read)
         .await?;
     let push_lag: Vec<(uuid::Uuid, i64)> = sqlx::query_as(

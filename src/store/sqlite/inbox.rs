@@ -19,7 +19,7 @@ pub(super) async fn record(pools: &SqlitePools, facts: &[InboxFact]) -> Result<u
     if facts.is_empty() {
         return Ok(0);
     }
-    let received_at = Utc::now();
+    let received_at = crate::clock::now();
     let mut tx = begin_immediate(&pools.write).await?;
     let mut inserted = 0;
     for chunk in facts.chunks(CHUNK) {
@@ -108,7 +108,7 @@ pub(super) async fn lease(
     pools: &SqlitePools,
     gave_up_before: DateTime<Utc>,
 ) -> Result<Vec<PendingFact>, StoreError> {
-    let now = Utc::now();
+    let now = crate::clock::now();
     let until = later(now, LEASE);
     let rows: Vec<PendingRow> = sqlx::query_as(LEASE_PENDING)
         .bind(now)
@@ -138,7 +138,7 @@ pub(super) async fn settle(
     if settled.is_empty() {
         return Ok(());
     }
-    let now = Utc::now();
+    let now = crate::clock::now();
     let mut tx = begin_immediate(&pools.write).await?;
     for (lease, settlement) in settled {
         let (status, waiting, reason) = match settlement {

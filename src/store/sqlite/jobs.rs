@@ -15,7 +15,7 @@ pub(super) async fn lease_due_schedules(
     pools: &SqlitePools,
     limit: i64,
 ) -> Result<Vec<ScheduledSend>, StoreError> {
-    let now = Utc::now();
+    let now = crate::clock::now();
     let due: Vec<(uuid::Uuid, DateTime<Utc>)> = sqlx::query_as(
         "UPDATE scheduled_sends SET locked_until = ?2 \
          WHERE message_id IN (SELECT message_id FROM scheduled_sends \
@@ -94,7 +94,7 @@ pub(super) async fn next_schedule_due(
     pools: &SqlitePools,
 ) -> Result<Option<DateTime<Utc>>, StoreError> {
     let next: Option<String> = sqlx::query_scalar(NEXT_SCHEDULE_DUE)
-        .bind(Utc::now())
+        .bind(crate::clock::now())
         .fetch_one(&pools.read)
         .await?;
     next.as_deref().map(super::parse_time).transpose()
@@ -138,7 +138,7 @@ pub(super) async fn claim_send_jobs(
     per_service: PerService,
     lease: Duration,
 ) -> Result<Vec<SendJob>, StoreError> {
-    let now = Utc::now();
+    let now = crate::clock::now();
     let until = later(now, lease);
     let jobs: Vec<(uuid::Uuid, uuid::Uuid)> = sqlx::query_as(CLAIM_SEND_JOBS)
         .bind(now)
@@ -174,7 +174,7 @@ pub(super) async fn release_send_job(pools: &SqlitePools, job: &SendJob) -> Resu
     )
     .bind(job.message_id.as_uuid())
     .bind(job.leased_until)
-    .bind(Utc::now())
+    .bind(crate::clock::now())
     .execute(&pools.write)
     .await?;
     Ok(())

@@ -51,7 +51,7 @@ mod push;
 /// failures only: on one that failed it is not told apart from the retry's back-off. Returns
 /// how many rows were released.
 pub async fn release_leases_of_the_dead(pools: &SqlitePools) -> Result<u64, StoreError> {
-    let now = Utc::now();
+    let now = crate::clock::now();
     let mut tx = begin_immediate(&pools.write).await?;
     let mut released = 0;
     released += sqlx::query(
@@ -318,7 +318,7 @@ impl PersistedEventRepository for SqliteEventRepository {
         // The time of recording to the microsecond, as PostgreSQL's `now()` has it, taken once
         // the write lock is held: the column's default (`strftime`) has milliseconds, which put
         // an event recorded in the millisecond it occurred before its occurrence.
-        let recorded_at = Utc::now();
+        let recorded_at = crate::clock::now();
         for event in events {
             sqlx::query(
                 "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, \
@@ -644,7 +644,7 @@ impl Store for SqliteStore {
         new: &NewSubscription,
     ) -> Result<PushSubscription, StoreError> {
         let id = uuid::Uuid::now_v7();
-        let now = Utc::now();
+        let now = crate::clock::now();
         sqlx::query(
             "INSERT INTO subscriptions (id, url, secret, states, channels, cursor, \
                                         next_attempt_at, created_at) \

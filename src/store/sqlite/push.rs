@@ -22,7 +22,7 @@ pub(super) async fn lease(
     lease: Duration,
     limit: i64,
 ) -> Result<Vec<PushDue>, StoreError> {
-    let now = Utc::now();
+    let now = crate::clock::now();
     let until = later(now, lease);
     let rows: Vec<DueRow> = sqlx::query_as(
         "UPDATE subscriptions SET next_attempt_at = ?2 \
@@ -69,7 +69,7 @@ pub(super) async fn acknowledged(
     .bind(leased.id)
     .bind(cursor)
     .bind(delivered)
-    .bind(Utc::now())
+    .bind(crate::clock::now())
     .bind(leased.leased_until)
     .execute(&pools.write)
     .await?;
@@ -83,7 +83,7 @@ pub(super) async fn failed(
     reason: &str,
     retry_in: Duration,
 ) -> Result<bool, StoreError> {
-    let now = Utc::now();
+    let now = crate::clock::now();
     let done = sqlx::query(
         "UPDATE subscriptions SET failures = ?2, last_error = ?3, last_attempt_at = ?4, \
          next_attempt_at = ?5 WHERE id = ?1 AND next_attempt_at = ?6",

@@ -16,6 +16,9 @@ use messaging_domain::Channel;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+/// The longest `crc_token` answered: X's are a few dozen characters.
+const MOST_CRC_TOKEN: usize = 256;
+
 #[derive(Deserialize)]
 pub struct CrcQuery {
     crc_token: Option<String>,
@@ -35,6 +38,16 @@ pub async fn x_crc(
         .crc_token
         .filter(|t| !t.is_empty())
         .ok_or_else(|| WebhookError::Malformed("crc_token is required".into()))?;
+    // The answer is the same HMAC, with the same key, that signs a delivery's body: answering a
+    // token that is itself a delivery would sign a forged one for anyone who asks. X's tokens
+    // are short random strings; a JSON document is refused, and so is anything long.
+    if token.len() > MOST_CRC_TOKEN
+        || serde_json::from_str::<Value>(&token).is_ok_and(|v| v.is_object() || v.is_array())
+    {
+        return Err(WebhookError::Malformed(format!(
+            "crc_token must be X's challenge token (at most {MOST_CRC_TOKEN} characters, not a JSON document)"
+        )));
+    }
     Ok(Json(
         json!({"response_token": x_crc_response(secret.expose(), &token)}),
     ))

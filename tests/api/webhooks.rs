@@ -657,6 +657,51 @@ async fn x_crc_is_answered_and_a_reply_to_our_post_is_recorded() {
     assert_eq!(reply["to"][0]["username"], "acme_marketing");
 }
 
+/// The CRC answer is the HMAC that signs a delivery, with the same key: a token that is itself
+/// a delivery is refused, or anyone could have a forged reply signed by asking for its CRC.
+#[tokio::test]
+async fn x_crc_does_not_sign_a_delivery_for_whoever_asks() {
+    let app = webhook_app().await;
+    let original = uuid::Uuid::now_v7().to_string();
+    sent_message(&app, &original, Channel::Twitter, "1861234567890123456").await;
+    app.wait_listed(&original, "sent").await;
+    let delivery = fixture("x-account-activity-reply.json");
+    let compact = serde_json::to_vec(&serde_json::from_slice::<Value>(&delivery).unwrap()).unwrap();
+    for forged in [delivery, compact] {
+        let r = app
+            .client
+            .get(app.url("/webhooks/twitter"))
+            .query(&[("crc_token", std::str::from_utf8(&forged).unwrap())])
+            .send()
+            .await
+            .unwrap();
+        let (status, body) = read(r).await;
+        assert_error(status, &body, StatusCode::BAD_REQUEST, "malformed");
+        assert!(body.get("response_token").is_none(), "{body}");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("crc_token"),
+            "{body}"
+        );
+    }
+    let long = "a".repeat(257);
+    let r = app
+        .client
+        .get(app.url(&format!("/webhooks/twitter?crc_token={long}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    // Nothing was recorded: the message is as it was sent.
+    let (_, m) = app.get(&format!("/v1/messages/{original}")).await;
+    assert_eq!(
+        (m["state"].clone(), m["replies"].clone()),
+        (json!("sent"), json!(0))
+    );
+}
+
 /// X's other account activity (likes, follows: each a `*_events` array) and deliveries in a
 /// shape not known here are kept for inspection, never dropped silently; X's retry of the
 /// same delivery adds nothing.

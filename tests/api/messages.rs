@@ -837,6 +837,12 @@ async fn times_are_shown_to_the_microsecond_and_alike_wherever_they_appear() {
 
     let (_, detail) = app.get(&format!("/v1/messages/{id}")).await;
     let (_, list) = app.get("/v1/messages?limit=500").await;
+    // The feed may be behind the list: its three items (draft, scheduled, cancelled) first.
+    eventually(|| async {
+        let (_, feed) = app.get("/v1/state-changes?after=0&limit=100").await;
+        feed["items"].as_array().is_some_and(|items| items.len() == 3)
+    })
+    .await;
     let (_, feed) = app.get("/v1/state-changes?after=0&limit=100").await;
     let mut shown = Vec::new();
     for v in [&detail, &list, &feed] {

@@ -162,7 +162,12 @@ impl From<JsonRejection> for ApiError {
             JsonRejection::JsonDataError(e) => Self::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "invalid_field",
-                e.body_text(),
+                without_values(
+                    // The field and what is wrong with it, as parse_body says it.
+                    e.body_text().trim_start_matches(
+                        "Failed to deserialize the JSON body into the target type: ",
+                    ),
+                ),
             ),
             JsonRejection::JsonSyntaxError(e) => {
                 Self::new(StatusCode::BAD_REQUEST, "malformed_json", e.body_text())
@@ -178,6 +183,35 @@ impl From<JsonRejection> for ApiError {
     }
 }
 
+/// A deserializer's message without the value it was given (`invalid type: integer `123`,
+/// expected a string` says `invalid type: integer, expected a string`): the value may be a
+/// secret, and the API never shows one back.
+pub fn without_values(message: &str) -> String {
+    let mut out = message.to_string();
+    for lead in ["invalid type: ", "invalid value: ", "invalid length "] {
+        let Some(start) = out.find(lead).map(|i| i + lead.len()) else {
+            continue;
+        };
+        // What was expected comes last and is the service's own text; the value sits before it.
+        let Some(end) = out.rfind(", expected").filter(|&end| end >= start) else {
+            continue;
+        };
+        let given = &out[start..end];
+        let kind = given
+            .find(['`', '"'])
+            .map_or(given, |quote| given[..quote].trim_end());
+        out = format!("{}{kind}{}", &out[..start], &out[end..]);
+    }
+    // The request's Rust type means nothing to a client.
+    if let Some(start) = out.find("expected struct ") {
+        let name_end = out[start + 16..]
+            .find(|c: char| !c.is_alphanumeric())
+            .map_or(out.len(), |i| start + 16 + i);
+        out.replace_range(start..name_end, "expected a JSON object");
+    }
+    out
+}
+
 pub fn too_large() -> ApiError {
     ApiError::new(
         StatusCode::PAYLOAD_TOO_LARGE,
@@ -189,6 +223,35 @@ pub fn too_large() -> ApiError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn deserializer_messages_do_not_show_the_value_given() {
+        for (given, shown) in [
+            (
+                "secret: invalid type: integer `12345678901234567890`, expected a string at line 1 column 30",
+                "secret: invalid type: integer, expected a string at line 1 column 30",
+            ),
+            (
+                r#"to: invalid type: string "hunter2, expected", expected a sequence"#,
+                "to: invalid type: string, expected a sequence",
+            ),
+            (
+                "send: invalid value: boolean `true`, expected false",
+                "send: invalid value: boolean, expected false",
+            ),
+            (
+                "to: invalid type: map, expected a sequence",
+                "to: invalid type: map, expected a sequence",
+            ),
+            ("missing field `url`", "missing field `url`"),
+            (
+                "invalid type: null, expected struct ComposeRequest",
+                "invalid type: null, expected a JSON object",
+            ),
+        ] {
+            assert_eq!(without_values(given), shown);
+        }
+    }
 
     #[test]
     fn no_connection_in_time_is_503_with_retry_after_and_other_store_errors_500() {

@@ -21,6 +21,7 @@ pub fn router() -> Router<AppState> {
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct StreamQuery {
     after: Option<String>,
 }
@@ -106,6 +107,7 @@ async fn stream(
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct FeedQuery {
     after: Option<String>,
     limit: Option<String>,

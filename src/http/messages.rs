@@ -8,7 +8,7 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{get, post};
 use axum::Router;
-use chrono::{DateTime, SubsecRound, Utc};
+use chrono::{DateTime, Utc};
 use messaging_domain::{
     build_message, Channel, Compose, Direction, Dispatch, Message, MessageCommand, MessageError,
     MessageId, MessageInput, MessageState, Profile, ServiceRef,
@@ -31,6 +31,7 @@ pub fn router() -> Router<AppState> {
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct Recipient {
     username: String,
     #[serde(default)]
@@ -38,6 +39,7 @@ struct Recipient {
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct ComposeRequest {
     service_id: String,
     #[serde(default)]
@@ -47,9 +49,35 @@ struct ComposeRequest {
     html: Option<String>,
     link: Option<String>,
     in_reply_to: Option<String>,
+    #[serde(default, deserialize_with = "time::optional")]
     publish_at: Option<DateTime<Utc>>,
     #[serde(default)]
     send: bool,
+}
+
+/// Times a client gives (`publish_at`): RFC 3339 with an offset, said so when it is not, and
+/// cut to the microsecond, as PostgreSQL keeps them and as the service's own times are.
+mod time {
+    use chrono::{DateTime, SubsecRound, Utc};
+    use serde::{Deserialize, Deserializer};
+
+    pub fn required<'de, D: Deserializer<'de>>(d: D) -> Result<DateTime<Utc>, D::Error> {
+        let text = String::deserialize(d)?;
+        DateTime::parse_from_rfc3339(&text)
+            .map(|at| at.with_timezone(&Utc).trunc_subsecs(6))
+            .map_err(|e| {
+                serde::de::Error::custom(format_args!(
+                    "must be an RFC 3339 time with its offset, such as 2030-01-01T09:00:00Z \
+                     ({e})"
+                ))
+            })
+    }
+
+    pub fn optional<'de, D: Deserializer<'de>>(d: D) -> Result<Option<DateTime<Utc>>, D::Error> {
+        #[derive(Deserialize)]
+        struct Time(#[serde(deserialize_with = "required")] DateTime<Utc>);
+        Ok(Option::<Time>::deserialize(d)?.map(|Time(at)| at))
+    }
 }
 
 const IDEMPOTENCY_KEY: &str = "idempotency-key";
@@ -58,7 +86,12 @@ const IDEMPOTENCY_KEY: &str = "idempotency-key";
 fn parse_body<T: serde::de::DeserializeOwned>(body: Value) -> Result<T, ApiError> {
     serde_path_to_error::deserialize(body).map_err(|e| {
         let path = e.path().to_string();
-        ApiError::field(&path, e.into_inner())
+        let message = super::error::without_values(&e.into_inner().to_string());
+        match path.as_str() {
+            // The body itself (not an object, or an unknown field at its top).
+            "." => ApiError::field("body", message),
+            _ => ApiError::field(&path, message),
+        }
     })
 }
 
@@ -139,7 +172,7 @@ fn dispatch(publish_at: Option<DateTime<Utc>>, send: bool) -> Result<Dispatch, A
             "publish_at",
             "give either publish_at (send later) or send: true (send now), not both",
         )),
-        (Some(at), false) => Ok(Dispatch::At(at.trunc_subsecs(6))),
+        (Some(at), false) => Ok(Dispatch::At(at)),
         (None, true) => Ok(Dispatch::Now),
         (None, false) => Ok(Dispatch::Draft),
     }
@@ -248,9 +281,11 @@ fn composed_view(command: MessageCommand) -> Result<Value, ApiError> {
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct ShareRequest {
     text: Option<String>,
     link: Option<String>,
+    #[serde(default, deserialize_with = "time::optional")]
     publish_at: Option<DateTime<Utc>>,
     /// Email shares need recipients and a subject; posts go to the service's own profile.
     #[serde(default)]
@@ -286,7 +321,9 @@ async fn share(
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct ScheduleRequest {
+    #[serde(deserialize_with = "time::required")]
     publish_at: DateTime<Utc>,
 }
 
@@ -309,8 +346,7 @@ async fn schedule(
     ApiJson(body): ApiJson<ScheduleRequest>,
 ) -> Result<ApiJson<Value>, ApiError> {
     let command = MessageCommand::Schedule {
-        // To the microsecond, as PostgreSQL keeps it and as the service's own times are.
-        publish_at: body.publish_at.trunc_subsecs(6),
+        publish_at: body.publish_at,
         now: crate::clock::now(),
     };
     run(&state, &id, command).await
@@ -345,6 +381,7 @@ async fn cancel(
 const MOST_PROVIDER_ID: usize = 256;
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct ResolveRequest {
     /// Whether the post was published after all (check the account on X or Facebook).
     posted: bool,
@@ -412,6 +449,7 @@ async fn show(
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct HistoryQuery {
     after: Option<String>,
     limit: Option<String>,
@@ -464,6 +502,7 @@ async fn show_history(
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct ListQuery {
     service_id: Option<String>,
     channel: Option<String>,

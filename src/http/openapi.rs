@@ -453,7 +453,7 @@ fn schemas() -> Value {
             "items": {"type": "array", "items": schema_ref("HistoryItem")},
             "next": nullable("integer")}},
         "ComposeRequest": {
-            "type": "object", "required": ["service_id"],
+            "type": "object", "required": ["service_id"], "additionalProperties": false,
             "properties": {
                 "service_id": {"type": "string", "format": "uuid"},
                 "to": {"type": "array", "items": schema_ref("Profile")},
@@ -463,13 +463,13 @@ fn schemas() -> Value {
                 "send": {"type": "boolean", "default": false},
             },
         },
-        "ShareRequest": {"type": "object", "properties": {
+        "ShareRequest": {"type": "object", "additionalProperties": false, "properties": {
             "text": string, "link": string, "publish_at": datetime(),
             "to": {"type": "array", "items": schema_ref("Profile")}, "subject": string,
         }},
-        "ScheduleRequest": {"type": "object", "required": ["publish_at"],
+        "ScheduleRequest": {"type": "object", "required": ["publish_at"], "additionalProperties": false,
                             "properties": {"publish_at": datetime()}},
-        "ResolveRequest": {"type": "object", "required": ["posted"], "properties": {
+        "ResolveRequest": {"type": "object", "required": ["posted"], "additionalProperties": false, "properties": {
             "posted": {"type": "boolean"}, "provider_message_id": string,
             "send_again": {"type": "boolean", "default": true,
                            "description": "when not posted: send it again, or give it up (failed)"}}},
@@ -481,7 +481,7 @@ fn schemas() -> Value {
             "created_at": datetime(),
         }},
         "CreateService": {
-            "type": "object", "required": ["channel", "name", "username"],
+            "type": "object", "required": ["channel", "name", "username"], "additionalProperties": false,
             "properties": {
                 "channel": {"enum": ["email", "twitter", "facebook"]},
                 "provider": {"enum": ["sendgrid", "smtp", "x", "facebook", "sandbox"]},
@@ -506,7 +506,7 @@ fn schemas() -> Value {
             "last_attempt_at": {"type": ["string", "null"], "format": "date-time"},
             "next_attempt_at": datetime(), "created_at": datetime(),
         }},
-        "CreateSubscription": {"type": "object", "required": ["url", "secret"], "properties": {
+        "CreateSubscription": {"type": "object", "required": ["url", "secret"], "additionalProperties": false, "properties": {
             "url": {"type": "string", "format": "uri"},
             "secret": {"type": "string", "minLength": 16, "description": "write-only"},
             "states": {"type": "array", "items": string},

@@ -13,6 +13,7 @@ pub fn router() -> Router<AppState> {
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct UnmatchedQuery {
     limit: Option<String>,
     cursor: Option<String>,

@@ -356,6 +356,151 @@ async fn requests_without_a_valid_key_are_401() {
     assert_eq!(r.status(), StatusCode::OK);
 }
 
+/// A misspelt field or parameter is refused, naming it, instead of ignored: `publishAt` would
+/// otherwise leave a draft that is never sent, and `status=` list every message.
+#[tokio::test]
+async fn unknown_fields_and_parameters_are_refused_by_name() {
+    let app = TestApp::spawn().await;
+    let service = app.email_service().await;
+    let (status, body) = app
+        .post(
+            "/v1/messages",
+            json!({"service_id": service, "to": [{"username": "a@example.com"}],
+                   "subject": "Hi", "text": "Hello", "publishAt": "2099-01-01T00:00:00Z"}),
+        )
+        .await;
+    assert_error(
+        status,
+        &body,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid_field",
+    );
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("`publishAt`") && message.contains("publish_at"),
+        "{message}"
+    );
+    let (status, body) = app
+        .post(
+            "/v1/messages",
+            json!({"service_id": service, "to": [{"username": "a@example.com", "email": "b"}],
+                   "subject": "Hi", "text": "Hello"}),
+        )
+        .await;
+    assert_error(
+        status,
+        &body,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid_field",
+    );
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("`email`"),
+        "{body}"
+    );
+    let (status, body) = app
+        .post(
+            &format!("/v1/services/{service}/shares"),
+            json!({"text": "Hi", "publish_time": "2099-01-01T00:00:00Z"}),
+        )
+        .await;
+    assert_error(
+        status,
+        &body,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid_field",
+    );
+    let (status, body) = app
+        .post(
+            "/v1/subscriptions",
+            json!({"url": "http://127.0.0.1:9/hook", "secret": "0123456789abcdef",
+                   "state": ["bounced"]}),
+        )
+        .await;
+    assert_error(
+        status,
+        &body,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid_field",
+    );
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("`state`"),
+        "{body}"
+    );
+    for path in ["/v1/messages?status=failed", "/v1/state-changes?afterr=3"] {
+        let (status, body) = app.get(path).await;
+        assert_error(
+            status,
+            &body,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_field",
+        );
+        let name = path.split(['?', '=']).nth(1).unwrap();
+        assert!(
+            body["error"]["message"].as_str().unwrap().contains(name),
+            "{path}: {body}"
+        );
+    }
+    // A time without its offset says what a time must be.
+    let draft = app
+        .compose_email(&service, "a@example.com", json!({}))
+        .await;
+    let (status, body) = app
+        .post(
+            &format!("/v1/messages/{}/schedule", draft["id"].as_str().unwrap()),
+            json!({"publish_at": "2099-01-01T09:00:00"}),
+        )
+        .await;
+    assert_error(
+        status,
+        &body,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid_field",
+    );
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.starts_with("publish_at: must be an RFC 3339 time"),
+        "{message}"
+    );
+    // A secret given as a number is refused without being shown back.
+    let (status, body) = app
+        .post(
+            "/v1/subscriptions",
+            json!({"url": "http://127.0.0.1:9/hook", "secret": 98765432109876543u64}),
+        )
+        .await;
+    assert_error(
+        status,
+        &body,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid_field",
+    );
+    assert!(!body.to_string().contains("98765432109876543"), "{body}");
+    // A body that is not an object says so, without naming the service's types.
+    let (status, body) = app.post("/v1/messages", json!(null)).await;
+    assert_error(
+        status,
+        &body,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid_field",
+    );
+    assert_eq!(
+        body["error"]["message"],
+        "body: invalid type: null, expected a JSON object"
+    );
+    // Nothing was composed or subscribed by the refused requests (the draft above aside).
+    let (_, list) = app.get("/v1/messages").await;
+    let listed: Vec<&serde_json::Value> = list["items"].as_array().unwrap().iter().collect();
+    assert!(listed.iter().all(|m| m["id"] == draft["id"]), "{list}");
+    let (_, subscriptions) = app.get("/v1/subscriptions").await;
+    assert_eq!(subscriptions["items"], json!([]), "{subscriptions}");
+}
+
 #[tokio::test]
 async fn malformed_unknown_and_oversized_requests_get_clear_errors() {
     let app = TestApp::spawn().await;
@@ -840,7 +985,9 @@ async fn times_are_shown_to_the_microsecond_and_alike_wherever_they_appear() {
     // The feed may be behind the list: its three items (draft, scheduled, cancelled) first.
     eventually(|| async {
         let (_, feed) = app.get("/v1/state-changes?after=0&limit=100").await;
-        feed["items"].as_array().is_some_and(|items| items.len() == 3)
+        feed["items"]
+            .as_array()
+            .is_some_and(|items| items.len() == 3)
     })
     .await;
     let (_, feed) = app.get("/v1/state-changes?after=0&limit=100").await;

@@ -58,6 +58,7 @@ async fn stream(
         |n| *n >= 0,
         "must be a feed position (0 or more)",
     )?;
+    within_feed(&state, after, field).await?;
     let wake = state.feed_wake.clone();
     let start = (after, VecDeque::<FeedItem>::new(), state, wake);
     let events = futures::stream::unfold(
@@ -136,6 +137,19 @@ fn number<T: std::str::FromStr>(
     }
 }
 
+/// Refuses a position past the feed's end (one it never served: a client's cursor from before
+/// a `state_changes` rebuild, or a made-up one), which would wait for, then skip, every item up
+/// to it. A position is within the feed when an item is at it or after it.
+async fn within_feed(state: &AppState, after: i64, field: &str) -> Result<(), ApiError> {
+    if after > 0 && state.store.state_changes(after - 1, 1).await?.is_empty() {
+        return Err(ApiError::field(
+            field,
+            "is past the end of the feed: use a position the feed has served (its `next`), or 0 to read it from the start",
+        ));
+    }
+    Ok(())
+}
+
 async fn state_changes(
     State(state): State<AppState>,
     ApiQuery(q): ApiQuery<FeedQuery>,
@@ -164,10 +178,14 @@ async fn state_changes(
     let deadline = tokio::time::Instant::now() + Duration::from_secs(wait);
     let mut wake = state.feed_wake.clone();
     let mut draining = state.draining.clone();
+    let mut first = true;
     loop {
         // Mark the wake-up seen before reading, so an item that lands after the read wakes us.
         wake.borrow_and_update();
         let items = state.store.state_changes(after, limit).await?;
+        if items.is_empty() && std::mem::take(&mut first) {
+            within_feed(&state, after, "after").await?;
+        }
         // A stopping server answers at once, with what there is.
         let stopping = *draining.borrow();
         if !items.is_empty() || stopping || tokio::time::Instant::now() >= deadline {

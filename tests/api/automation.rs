@@ -96,6 +96,29 @@ async fn the_stream_sends_each_change_and_resumes_from_last_event_id() {
     assert_eq!(r.status(), StatusCode::OK);
     let tail = read_events(r, 2).await;
     assert_eq!(tail.iter().map(|e| e.0).collect::<Vec<_>>(), [9, 10]);
+    // One past the feed's end is refused (resuming there would skip every item up to it).
+    let r = app
+        .client
+        .get(app.url("/v1/state-changes/stream"))
+        .bearer_auth(API_KEY)
+        .header("Last-Event-ID", "11")
+        .send()
+        .await
+        .unwrap();
+    let (status, error) = read(r).await;
+    assert_error(
+        status,
+        &error,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid_field",
+    );
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("Last-Event-ID: is past the end"),
+        "{error}"
+    );
     // One that is not text is refused, not read as "from the start".
     let r = app
         .client

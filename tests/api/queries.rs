@@ -347,6 +347,22 @@ async fn a_long_poll_returns_as_soon_as_a_change_lands() {
     assert_eq!(status, StatusCode::OK);
     assert_eq!(body["items"].as_array().unwrap().len(), 0);
     assert_eq!(body["next"], 1);
+    // A position the feed never reached (a cursor from before a rebuild, a made-up one) is
+    // refused, not waited on: waiting would skip every item up to it.
+    let (status, body) = app.get("/v1/state-changes?after=2&wait=1").await;
+    assert_error(
+        status,
+        &body,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid_field",
+    );
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("after: is past the end"),
+        "{body}"
+    );
     for bad in ["after=-1", "wait=61", "limit=1001"] {
         let (status, body) = app.get(&format!("/v1/state-changes?{bad}")).await;
         assert_error(

@@ -268,7 +268,8 @@ impl Config {
             providers,
             sender,
             webhooks,
-            push_backoff_ms: number("MESSAGING_PUSH_BACKOFF_MS", 1_000)?,
+            // 0 would retry a failing subscriber at once, round after round.
+            push_backoff_ms: positive("MESSAGING_PUSH_BACKOFF_MS", 1_000, 300_000)?,
             push_timeout_ms: positive("MESSAGING_PUSH_TIMEOUT_MS", 10_000, 3_600_000)?,
             shutdown_grace_ms: positive("MESSAGING_SHUTDOWN_GRACE_MS", 25_000, 86_400_000)?,
         })
@@ -407,6 +408,9 @@ mod tests {
             "MESSAGING_SEND_MAX_ATTEMPTS",
             "MESSAGING_SEND_LEASE_MS",
             "MESSAGING_SEND_CONCURRENCY",
+            "MESSAGING_PUSH_BACKOFF_MS",
+            "MESSAGING_PUSH_TIMEOUT_MS",
+            "MESSAGING_SHUTDOWN_GRACE_MS",
         ] {
             for bad in ["0", "4294967297"] {
                 let err = Config::from_lookup(|k| (k == setting).then(|| bad.to_string()))

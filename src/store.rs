@@ -351,8 +351,8 @@ pub enum FactSettlement {
     Wait(Option<String>),
 }
 
-/// A push subscription the pusher leased for one delivery.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A push subscription the pusher leased for one delivery. Its `Debug` leaves the secret out.
+#[derive(Clone, PartialEq, Eq)]
 pub struct PushDue {
     pub id: uuid::Uuid,
     pub url: String,
@@ -368,6 +368,21 @@ pub struct PushDue {
     /// The lease's end, as stored (its `next_attempt_at`): the lease's token. The delivery's
     /// acknowledgement or failure is recorded only while the subscription still holds it.
     pub leased_until: DateTime<Utc>,
+}
+
+impl std::fmt::Debug for PushDue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PushDue")
+            .field("id", &self.id)
+            .field("url", &self.url)
+            .field("secret", &"***")
+            .field("states", &self.states)
+            .field("channels", &self.channels)
+            .field("cursor", &self.cursor)
+            .field("failures", &self.failures)
+            .field("leased_until", &self.leased_until)
+            .finish()
+    }
 }
 
 /// Lag and queue depths, read when `/metrics` is scraped.
@@ -810,4 +825,24 @@ where
         )));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_leased_subscription_prints_without_its_secret() {
+        let due = super::PushDue {
+            id: uuid::Uuid::nil(),
+            url: "https://automation.example/hook".into(),
+            secret: "whsec-do-not-print".into(),
+            states: None,
+            channels: None,
+            cursor: 3,
+            failures: 0,
+            leased_until: chrono::Utc::now(),
+        };
+        let printed = format!("{due:?}");
+        assert!(!printed.contains("whsec-do-not-print"), "{printed}");
+        assert!(printed.contains("automation.example"), "{printed}");
+    }
 }

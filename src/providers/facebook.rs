@@ -24,10 +24,11 @@ use serde_json::Value;
 use std::time::SystemTime;
 
 /// Graph error codes that mean "throttled: try later" (application, user, page and custom
-/// rate limits; 80000-80014 are the business use case limits that come with
+/// rate limits; 341, the application's limit; 368, temporarily blocked, which Graph's error
+/// table also says to wait out; 80000-80014 are the business use case limits that come with
 /// `X-Business-Use-Case-Usage`).
 fn rate_limited(code: i64) -> bool {
-    [4, 17, 32, 613].contains(&code) || (80000..=80014).contains(&code)
+    [4, 17, 32, 341, 368, 613].contains(&code) || (80000..=80014).contains(&code)
 }
 
 /// How long a throttled call waits when Graph gives no estimate.

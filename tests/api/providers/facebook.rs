@@ -117,10 +117,24 @@ async fn facebook_rate_limit_code_is_transient_and_waits_as_graph_says() {
         "code": 32
     }});
     let usage = r#"{"546349135390552": [{"type": "pages", "call_count": 100, "total_cputime": 12, "total_time": 14, "estimated_time_to_regain_access": 19}]}"#;
-    for (header, waits) in [
-        (Some(usage), Duration::from_secs(19 * 60)),
+    // Graph's error table says to wait these out too: the application's limit (341) and a
+    // temporary block (368).
+    let limited = json!({"error": {
+        "message": "(#341) Application limit reached",
+        "type": "OAuthException",
+        "code": 341
+    }});
+    let blocked = json!({"error": {
+        "message": "(#368) The action attempted has been deemed abusive or is otherwise disallowed",
+        "type": "OAuthException",
+        "code": 368
+    }});
+    for (throttled, header, waits) in [
+        (&throttled, Some(usage), Duration::from_secs(19 * 60)),
         // No estimate: a minute at least, not the sender's seconds-long backoff.
-        (None, Duration::from_secs(60)),
+        (&throttled, None, Duration::from_secs(60)),
+        (&limited, None, Duration::from_secs(60)),
+        (&blocked, None, Duration::from_secs(60)),
     ] {
         let server = MockServer::start().await;
         let mut answer = ResponseTemplate::new(400).set_body_json(throttled.clone());

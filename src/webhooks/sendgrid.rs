@@ -159,8 +159,9 @@ pub struct InboundQuery {
 }
 
 /// `POST /webhooks/sendgrid/inbound`: Inbound Parse posts each received email as a multipart
-/// form. SendGrid does not sign these; configure `MESSAGING_SENDGRID_INBOUND_TOKEN` and put
-/// `?token=...` in the URL you give SendGrid.
+/// form, parsed (`headers`, `text`, `html`, ...) or raw (`email`). Its signed security policy
+/// is not checked here; configure `MESSAGING_SENDGRID_INBOUND_TOKEN` and put `?token=...` in
+/// the URL you give SendGrid.
 pub async fn inbound(
     State(state): State<WebhookState>,
     super::WebhookQuery(query): super::WebhookQuery<InboundQuery>,
@@ -184,11 +185,53 @@ pub async fn inbound(
         let value = field.bytes().await.map_err(multipart_error)?;
         raw.insert(name, value.to_vec());
     }
-    let fields = decode_fields(raw);
+    let email = raw.remove("email");
+    let mut fields = decode_fields(raw);
+    if let Some(email) = email {
+        fill_from_raw_email(&mut fields, &email);
+    }
     let answered = answered_message(state.store.as_ref(), fields.get("headers")).await?;
     let fact = parse_inbound(&fields, crate::clock::now(), answered);
     tracing::info!(matched = fact.problem.is_none(), "inbound email received");
     super::recorded(state.store.as_ref(), std::slice::from_ref(&fact)).await
+}
+
+/// Inbound Parse's raw mode ("POST the raw, full MIME message") posts the email as it came,
+/// in `email`, instead of its `headers`, `text` and `html`: those are taken from it (decoded
+/// from their transfer encodings and charsets), and `subject` and `from` where the form has
+/// none. A field the form has is kept.
+fn fill_from_raw_email(fields: &mut std::collections::HashMap<String, String>, email: &[u8]) {
+    let header_end = [&b"\r\n\r\n"[..], b"\n\n"]
+        .iter()
+        .filter_map(|blank| email.windows(blank.len()).position(|w| w == *blank))
+        .min()
+        .unwrap_or(email.len());
+    fields
+        .entry("headers".into())
+        .or_insert_with(|| String::from_utf8_lossy(&email[..header_end]).into_owned());
+    let Some(parsed) = mail_parser::MessageParser::default().parse(email) else {
+        return;
+    };
+    let mut fill = |name: &str, value: Option<String>| {
+        if let Some(value) = value.filter(|v| !v.is_empty()) {
+            fields.entry(name.into()).or_insert(value);
+        }
+    };
+    fill("subject", parsed.subject().map(str::to_string));
+    let from = parsed.from().and_then(|from| from.first());
+    fill(
+        "from",
+        from.and_then(|a| {
+            let address = a.address()?;
+            Some(match a.name() {
+                Some(name) => format!("{name} <{address}>"),
+                None => address.to_string(),
+            })
+        }),
+    );
+    // An html-only email's text is its html as text (better than the markup itself).
+    fill("text", parsed.body_text(0).map(|t| t.into_owned()));
+    fill("html", parsed.body_html(0).map(|t| t.into_owned()));
 }
 
 /// The form's fields as text, each in the charset SendGrid names for it in the `charsets`
@@ -350,6 +393,32 @@ pub fn parse_inbound(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_raw_email_gives_the_fields_the_form_lacks() {
+        let email = b"From: =?UTF-8?Q?Ren=C3=A9e_Doe?= <renee@example.net>\n\
+                      Subject: =?ISO-8859-1?Q?R=E9ponse?=\n\
+                      In-Reply-To: <0193b6c2-8f1e-7c3a-9d41-5a6e2f0b7c11@example.com>\n\
+                      Content-Type: text/html; charset=utf-8\n\
+                      \n\
+                      <p>Tr\xc3\xa8s <b>bien</b></p>\n";
+        let mut fields = std::collections::HashMap::from([("to".to_string(), "x".to_string())]);
+        fill_from_raw_email(&mut fields, email);
+        assert_eq!(fields["from"], "Renée Doe <renee@example.net>");
+        assert_eq!(fields["subject"], "Réponse");
+        assert!(fields["headers"].ends_with("charset=utf-8"), "{}", fields["headers"]);
+        assert_eq!(
+            candidate_messages(&fields["headers"]),
+            ["0193b6c2-8f1e-7c3a-9d41-5a6e2f0b7c11".parse::<uuid::Uuid>().unwrap()]
+        );
+        // An html-only email's text is its html as text.
+        assert_eq!(fields["text"].trim(), "Très bien");
+        // A field the form has is kept.
+        let mut fields =
+            std::collections::HashMap::from([("subject".to_string(), "Given".to_string())]);
+        fill_from_raw_email(&mut fields, email);
+        assert_eq!(fields["subject"], "Given");
+    }
 
     #[test]
     fn a_bad_event_never_costs_the_rest_of_the_batch() {

@@ -472,6 +472,74 @@ async fn provider_text_with_nul_characters_is_recorded_not_refused() {
     app.wait_listed(next["id"].as_str().unwrap(), "draft").await;
 }
 
+/// Inbound Parse's raw mode ("POST the raw, full MIME message") sends the whole email in one
+/// `email` field, with no `headers`, `text` or `html`: the reply is matched by the email's own
+/// threading headers and its text read out of its MIME parts (transfer encoding and charset
+/// decoded).
+#[tokio::test]
+async fn a_raw_mime_inbound_email_is_matched_and_read() {
+    let app = webhook_app().await;
+    let id = uuid::Uuid::now_v7().to_string();
+    sent_message(&app, &id, Channel::Email, "sg-1").await;
+    app.wait_listed(&id, "sent").await;
+    let email = format!(
+        "Received: from mail.example.net by mx.sendgrid.net\r\n\
+         From: =?UTF-8?Q?Ren=C3=A9e_Doe?= <renee@example.net>\r\n\
+         To: news@example.com\r\n\
+         Subject: Re: Hello\r\n\
+         Message-ID: <raw-1@mail.example.net>\r\n\
+         In-Reply-To: <{id}@example.com>\r\n\
+         References: <{id}@example.com>\r\n\
+         MIME-Version: 1.0\r\n\
+         Content-Type: multipart/alternative; boundary=\"b1\"\r\n\
+         \r\n\
+         --b1\r\n\
+         Content-Type: text/plain; charset=iso-8859-1\r\n\
+         Content-Transfer-Encoding: quoted-printable\r\n\
+         \r\n\
+         Merci, c'est tr=E8s clair.\r\n\
+         --b1\r\n\
+         Content-Type: text/html; charset=utf-8\r\n\
+         \r\n\
+         <p>Merci, c'est tr\u{e8}s clair.</p>\r\n\
+         --b1--\r\n"
+    );
+    // The fields SendGrid adds in raw mode; `from` and `subject` as it takes them from the
+    // headers.
+    let form = reqwest::multipart::Form::new()
+        .text("email", email)
+        .text("to", "news@example.com")
+        .text("from", "Renée Doe <renee@example.net>")
+        .text("subject", "Re: Hello")
+        .text(
+            "envelope",
+            r#"{"to":["news@example.com"],"from":"renee@example.net"}"#,
+        )
+        .text(
+            "charsets",
+            r#"{"to":"UTF-8","from":"UTF-8","subject":"UTF-8"}"#,
+        );
+    assert_eq!(post_inbound(&app, form).await, StatusCode::OK);
+    eventually(|| async {
+        let (_, m) = app.get(&format!("/v1/messages/{id}")).await;
+        m["state"] == "replied" && m["replies"] == 1
+    })
+    .await;
+    eventually(|| async {
+        let (_, list) = app.get("/v1/messages?direction=inbound").await;
+        list["items"][0].is_object()
+    })
+    .await;
+    let (_, list) = app.get("/v1/messages?direction=inbound").await;
+    let inbound = &list["items"][0];
+    assert_eq!(inbound["text"], "Merci, c'est très clair.");
+    assert_eq!(inbound["from"]["username"], "renee@example.net");
+    assert_eq!(inbound["from"]["name"], "Renée Doe");
+    assert_eq!(inbound["subject"], "Re: Hello");
+    assert_eq!(inbound["in_reply_to"], id.as_str());
+    assert_eq!(inbound["provider_message_id"], "<raw-1@mail.example.net>");
+}
+
 #[tokio::test]
 async fn an_event_escaping_half_a_surrogate_pair_is_kept_as_malformed_and_costs_no_other() {
     // Each event is stored as its own text from the batch, once read as a value: PostgreSQL

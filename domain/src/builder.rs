@@ -305,7 +305,7 @@ impl TwitterBuilder {
             (Some(t), Some(l)) => format!("{t} {l}"),
             (Some(t), None) => t,
             (None, Some(l)) => l.clone(),
-            (None, None) => return Err(FieldError::new("text", "an X post needs text")),
+            (None, None) => return Err(FieldError::new("text", "an X post needs text or a link")),
         };
         let weighted = tweet_text::weighted_length(&full);
         if weighted > tweet_text::MAX_WEIGHTED_LENGTH {

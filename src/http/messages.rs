@@ -544,9 +544,7 @@ async fn list(
             .map(|s| {
                 MessageState::parse(&s)
                     .map(|st| st.as_str().to_string())
-                    .ok_or_else(|| {
-                        ApiError::field("state", format!("`{s}` is not a message state"))
-                    })
+                    .ok_or_else(|| ApiError::field("state", super::not_a_state(&s)))
             })
             .transpose()?,
         direction: q

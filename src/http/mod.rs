@@ -116,3 +116,15 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .with_state(state)
 }
+
+/// What a state filter says of a name that is not a state: the states there are.
+fn not_a_state(given: &str) -> String {
+    let states: Vec<&str> = messaging_domain::MessageState::ALL
+        .iter()
+        .map(|s| s.as_str())
+        .collect();
+    format!(
+        "`{given}` is not a message state (one of: {})",
+        states.join(", ")
+    )
+}

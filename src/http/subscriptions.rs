@@ -65,10 +65,7 @@ async fn create(
     }
     if let Some(states) = &body.states {
         if let Some(bad) = states.iter().find(|s| MessageState::parse(s).is_none()) {
-            return Err(ApiError::field(
-                "states",
-                format!("`{bad}` is not a message state"),
-            ));
+            return Err(ApiError::field("states", super::not_a_state(bad)));
         }
     }
     if let Some(channels) = &body.channels {

@@ -406,10 +406,16 @@ mod tests {
         fill_from_raw_email(&mut fields, email);
         assert_eq!(fields["from"], "Renée Doe <renee@example.net>");
         assert_eq!(fields["subject"], "Réponse");
-        assert!(fields["headers"].ends_with("charset=utf-8"), "{}", fields["headers"]);
+        assert!(
+            fields["headers"].ends_with("charset=utf-8"),
+            "{}",
+            fields["headers"]
+        );
         assert_eq!(
             candidate_messages(&fields["headers"]),
-            ["0193b6c2-8f1e-7c3a-9d41-5a6e2f0b7c11".parse::<uuid::Uuid>().unwrap()]
+            ["0193b6c2-8f1e-7c3a-9d41-5a6e2f0b7c11"
+                .parse::<uuid::Uuid>()
+                .unwrap()]
         );
         // An html-only email's text is its html as text.
         assert_eq!(fields["text"].trim(), "Très bien");

@@ -194,6 +194,14 @@ async fn list_filters_and_paginates_without_duplicates_or_gaps() {
             "{body}"
         );
     }
+    // A name that is not a state is answered with the states there are.
+    let (_, body) = app.get("/v1/messages?state=Sent").await;
+    assert_eq!(
+        body["error"]["message"],
+        "state: `Sent` is not a message state (one of: draft, scheduled, pending, sent, failed, \
+         cancelled, deferred, delivered, opened, clicked, replied, bounced, dropped, \
+         spam_reported, unsubscribed, received)"
+    );
 }
 
 #[tokio::test]

@@ -186,7 +186,14 @@ impl Pusher {
                 }
                 body.truncate(ERROR_BODY_BYTES);
                 let text: String = String::from_utf8_lossy(&body).chars().take(200).collect();
-                self.failed(&sub, format!("HTTP {status}: {text}")).await
+                // A subscriber that says how long it needs (429 or 503 with Retry-After) is
+                // given that long, within the backoff's ceiling.
+                let asked = [429, 503]
+                    .contains(&status.as_u16())
+                    .then(|| retry_after(r.headers()))
+                    .flatten();
+                self.failed(&sub, format!("HTTP {status}: {text}"), asked)
+                    .await
             }
             Err(e) => {
                 let reason = if e.is_timeout() {
@@ -196,7 +203,7 @@ impl Pusher {
                 } else {
                     "request failed".to_string()
                 };
-                self.failed(&sub, reason).await
+                self.failed(&sub, reason, None).await
             }
         }
     }
@@ -217,13 +224,19 @@ impl Pusher {
         Ok(())
     }
 
-    async fn failed(&self, sub: &PushDue, reason: String) -> Result<(), StoreError> {
+    async fn failed(
+        &self,
+        sub: &PushDue,
+        reason: String,
+        asked: Option<Duration>,
+    ) -> Result<(), StoreError> {
         let failures = sub.failures.saturating_add(1);
         let backoff = super::backoff(
             self.config.base_backoff,
             self.config.max_backoff,
             u32::try_from(failures).unwrap_or(u32::MAX),
-        );
+        )
+        .max(asked.unwrap_or_default().min(self.config.max_backoff));
         tracing::warn!(subscription_id = %sub.id, failures, %reason, retry_in_ms = backoff.as_millis() as u64, "push delivery failed");
         let held = self
             .store
@@ -292,6 +305,23 @@ impl Pusher {
             }
         }
     }
+}
+
+/// A subscriber's `Retry-After`: seconds, or an HTTP date.
+fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+    let value = headers
+        .get(reqwest::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim();
+    if let Ok(seconds) = value.parse::<u64>() {
+        return Some(Duration::from_secs(seconds));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(
+        at.duration_since(std::time::SystemTime::now())
+            .unwrap_or(Duration::ZERO),
+    )
 }
 
 /// A delivery task's end: its store error (the lease expires and it is retried), or a panic.

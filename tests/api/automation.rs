@@ -402,6 +402,52 @@ async fn a_slow_subscriber_holds_back_only_itself() {
     );
 }
 
+/// A subscriber that answers 503 (or 429) with `Retry-After` is given that long before the
+/// batch comes again, not the configured backoff's few milliseconds.
+#[tokio::test]
+async fn a_subscribers_retry_after_is_waited_out() {
+    let app = TestApp::spawn_with(&[("MESSAGING_PUSH_BACKOFF_MS", "10".into())]).await;
+    let calls: Arc<Mutex<Vec<std::time::Instant>>> = Arc::default();
+    let seen = calls.clone();
+    let busy = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move || {
+            let seen = seen.clone();
+            async move {
+                let mut calls = seen.lock().unwrap();
+                calls.push(std::time::Instant::now());
+                if calls.len() == 1 {
+                    (AxumStatus::SERVICE_UNAVAILABLE, [("retry-after", "2")])
+                } else {
+                    (AxumStatus::OK, [("retry-after", "0")])
+                }
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, busy).await.unwrap() });
+    let (_, sub) = app
+        .post("/v1/subscriptions", json!({"url": url, "secret": SECRET}))
+        .await;
+    let id = sub["id"].as_str().unwrap().to_string();
+    let service = app.email_service().await;
+    app.compose_email(&service, "a@example.com", json!({}))
+        .await;
+    eventually(|| async {
+        let (_, s) = app.get(&format!("/v1/subscriptions/{id}")).await;
+        s["delivered"] == 1
+    })
+    .await;
+    let calls = calls.lock().unwrap().clone();
+    assert_eq!(calls.len(), 2, "one refusal, one delivery");
+    let waited = calls[1] - calls[0];
+    assert!(
+        waited >= std::time::Duration::from_millis(1900),
+        "the batch came again after {waited:?}, not the 2 s asked"
+    );
+}
+
 #[tokio::test]
 async fn a_subscribers_redirect_is_not_followed() {
     let app = TestApp::spawn().await;

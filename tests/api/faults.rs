@@ -1,5 +1,6 @@
 //! Fault tests: the real binary killed with SIGKILL while composes, webhooks and provider calls
-//! are in flight, then restarted; two instances on one database with one killed mid-load.
+//! are in flight, then restarted; two instances on one database with one killed mid-load, and
+//! with one stopped (SIGTERM) mid-load, which must cut nothing and send nothing twice.
 //!
 //! Clients and the provider behave as real ones do: a compose that got no answer is sent again
 //! with its `Idempotency-Key`, a webhook delivery that got no 2xx is delivered again (one of
@@ -80,6 +81,26 @@ impl Instance {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         panic!("the service did not start");
+    }
+
+    /// SIGTERM, as an orchestrator stops it: the instance drains and exits by itself; its exit
+    /// status.
+    fn terminate(mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        let sent = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        assert!(sent.success(), "kill -TERM {pid}");
+        // Its grace (25 s by default) bounds the drain; a hang is a failure, not a wait.
+        let deadline = std::time::Instant::now() + Duration::from_secs(40);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the stopped instance did not exit"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     fn kill(mut self) {
@@ -638,5 +659,68 @@ async fn two_instances_on_one_postgres_with_one_killed_mid_load_send_everything(
         assert!(by_b.contains_key(id), "{id}, cut on A, never sent by B");
         assert_eq!(recovered(&pool, id).await, 1, "{id} recovered once");
     }
+    drop(b);
+}
+
+/// The same load with one instance stopped as an orchestrator stops it (SIGTERM): it answers
+/// the requests it had, finishes its provider calls in flight and records their outcomes
+/// before it exits; the survivor takes the rest. Nothing is lost, and nothing is sent twice:
+/// no call is cut, so none is made again.
+#[tokio::test]
+async fn two_instances_on_one_postgres_with_one_stopped_mid_load_send_everything_once() {
+    let (server_a, server_b) = (sendgrid().await, sendgrid().await);
+    let url = fresh_postgres_database().await;
+    let pool = any_pool(&url).await;
+    let client = reqwest::Client::new();
+    let a = Instance::start(&named(&url, "stop-a"), &server_a.uri()).await;
+    let b = Instance::start(&named(&url, "stop-b"), &server_b.uri()).await;
+    let service = sendgrid_service(&client, &a.base).await;
+    let (stop_load, _) = tokio::sync::watch::channel(false);
+    let composing = tokio::spawn(compose_until(
+        client.clone(),
+        service.clone(),
+        vec![a.base.clone(), b.base.clone()],
+        stop_load.subscribe(),
+        Arc::default(),
+    ));
+    let (p, s) = (&pool, &server_a);
+    until("calls in flight on the instance to stop", || async move {
+        unanswered_calls(p, s).await.len() >= 3
+    })
+    .await;
+    let in_flight = unanswered_calls(&pool, &server_a).await;
+    let status = a.terminate();
+    assert!(status.success(), "a stopped instance exits 0, not {status}");
+    // The calls it had in flight were answered and recorded before it exited.
+    for id in &in_flight {
+        assert_eq!(
+            count_of(&pool, id, "MessageSent").await,
+            1,
+            "{id}: in flight at the stop, not recorded by the stopping instance"
+        );
+    }
+    // A little more load on the survivor (composes sent to the stopped one now get no
+    // answer, and are sent again to the survivor), then the load stops.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stop_load.send(true).unwrap();
+    let answers = composing.await.unwrap();
+    let unanswered = answers.values().filter(|a| a.is_none()).count();
+    eprintln!(
+        "at the stop: {} calls in flight on A, {unanswered} of {} composes unanswered",
+        in_flight.len(),
+        answers.len()
+    );
+    let ids = retry_unanswered(&client, &b.base, &service, answers).await;
+    check(&pool, &[&server_a, &server_b], &ids, &BTreeMap::new()).await;
+    let (by_a, by_b) = (
+        calls_per_message(&server_a).await,
+        calls_per_message(&server_b).await,
+    );
+    for id in ids.values() {
+        let calls = by_a.get(id).unwrap_or(&0) + by_b.get(id).unwrap_or(&0);
+        assert_eq!(calls, 1, "{id}: {calls} provider calls");
+        assert_eq!(recovered(&pool, id).await, 0, "{id}: a call was cut");
+    }
+    assert!(!by_b.is_empty() && !by_a.is_empty(), "both instances sent");
     drop(b);
 }

@@ -368,8 +368,19 @@ fn write_json(cli: &Cli, figures: &[Figure], errors: &[String], took: Duration) 
         .filter(|o| o.status.success())
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
     // Uncommitted changes make `commit` a different program: said, so runs compare honestly.
+    // New files count too where the program is built from (a new module is a change).
     let dirty = std::process::Command::new("git")
-        .args(["status", "--porcelain", "--untracked-files=no"])
+        .args([
+            "status",
+            "--porcelain",
+            "--",
+            "src",
+            "domain",
+            "projections",
+            "migrations",
+            "Cargo.toml",
+            "Cargo.lock",
+        ])
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .output()
         .ok()
@@ -400,8 +411,11 @@ fn write_json(cli: &Cli, figures: &[Figure], errors: &[String], took: Duration) 
     let text = serde_json::to_string_pretty(&report)?;
     let path = dir.join(format!("{}.json", now.timestamp()));
     std::fs::write(&path, &text).with_context(|| format!("writing {}", path.display()))?;
-    // A partial run (`--only`) would hide the last full one.
-    if cli.only.is_empty() {
+    // A partial run (`--only`, `--quick`, other client counts, another lag load) would hide
+    // the last full one.
+    let full =
+        cli.only.is_empty() && !cli.quick && cli.clients == [1, 8, 32] && cli.lag_rate.is_none();
+    if full {
         std::fs::write(dir.join("latest.json"), &text).context("writing latest.json")?;
     }
     Ok(path)

@@ -81,6 +81,11 @@ pub async fn run(bench: &mut Bench) -> Result<Vec<Figure>> {
             ("send now (sender running)", false),
         ] {
             let backlog = settle_before(&bench.pool, settle_cap).await?;
+            let sent_before = if scheduled {
+                0
+            } else {
+                sent_count(&bench.pool).await?
+            };
             eprintln!("bench: commands: in-process, {label}, {clients} clients");
             let (store, service) = (bench.store.clone(), bench.service.clone());
             let in_process = closed_loop(clients, duration, move || {
@@ -123,7 +128,7 @@ pub async fn run(bench: &mut Bench) -> Result<Vec<Figure>> {
                     format!("in-process compose, send now, {clients} clients: until all sent"),
                     &in_process,
                     bench,
-                    settle_cap,
+                    (settle_cap, sent_before),
                     before,
                 )
                 .await?;
@@ -136,6 +141,11 @@ pub async fn run(bench: &mut Bench) -> Result<Vec<Figure>> {
             }
 
             let backlog = settle_before(&bench.pool, settle_cap).await?;
+            let sent_before = if scheduled {
+                0
+            } else {
+                sent_count(&bench.pool).await?
+            };
             eprintln!("bench: commands: HTTP, {label}, {clients} clients");
             let (http, service) = (
                 Arc::new(Connections::new(&bench.base, &bench.api_key)?),
@@ -178,7 +188,7 @@ pub async fn run(bench: &mut Bench) -> Result<Vec<Figure>> {
                     format!("HTTP compose, send now, {clients} clients: until all sent"),
                     &over_http,
                     bench,
-                    settle_cap,
+                    (settle_cap, sent_before),
                     before,
                 )
                 .await?;
@@ -365,14 +375,18 @@ async fn existing_messages(
 /// sent and every subscription had read it. The loop's own rate counts composes only: a sender
 /// that falls behind during the loop (and sends after it) leaves the composes more of the cores,
 /// and one that keeps up takes them; this figure counts both halves of the work.
+/// `(cap, sent_before)`: how long to wait for it to settle, and how many `MessageSent` the log
+/// held before the loop (a send that failed also closes its job: only a count of the sends
+/// says every message was sent).
 async fn until_sent(
     name: String,
     result: &LoopResult,
     bench: &Bench,
-    cap: Duration,
+    (cap, sent_before): (Duration, i64),
     reference_rate: f64,
 ) -> Result<(Figure, bool)> {
     let (after, events, jobs) = settle(&bench.pool, cap).await?;
+    let sent = sent_count(&bench.pool).await? - sent_before;
     let total = result.elapsed + after;
     let mut figure = Figure::versus(
         SCENARIO,
@@ -387,6 +401,14 @@ async fn until_sent(
         "{} composed in {:.1?}; every one sent and projected {:.1?} later (looked at every 50 ms)",
         result.ok, result.elapsed, after
     ));
+    if sent < result.ok as i64 {
+        figure = figure
+            .note(format!(
+                "only {sent} of the {} composed were sent (the others failed): not a rate of sends",
+                result.ok
+            ))
+            .spoil();
+    }
     let settled = events == 0 && jobs == 0;
     if !settled {
         figure = figure
@@ -429,4 +451,13 @@ async fn insert_reference_row(conn: &mut sqlx::PgConnection, payload: String) ->
     .execute(conn)
     .await?;
     Ok(())
+}
+
+/// How many `MessageSent` the log holds.
+async fn sent_count(pool: &sqlx::PgPool) -> Result<i64> {
+    Ok(
+        sqlx::query_scalar("SELECT count(*) FROM events WHERE event_type = 'MessageSent'")
+            .fetch_one(pool)
+            .await?,
+    )
 }

@@ -64,20 +64,29 @@ pub enum MessageCommand {
         now: DateTime<Utc>,
     },
     /// The sender is about to call the provider; from here on the message cannot be cancelled.
+    /// `attempt` is the one it starts: one more than the attempts the sender read, so that a
+    /// sender deciding on a read from before another worker's attempt (one that failed and
+    /// waits for its retry) starts nothing.
     StartSendAttempt {
         now: DateTime<Utc>,
+        attempt: u32,
     },
     RecordSent {
         provider_message_id: Option<String>,
         at: DateTime<Utc>,
     },
-    /// A failed attempt; `retry_at: None` makes it final.
+    /// A failed attempt; `retry_at: None` makes it final. `attempt` is the one it closes: only
+    /// while that one is open (a worker recovering an attempt it read as abandoned must not
+    /// close a later, live one).
     RecordSendFailure {
+        attempt: u32,
         reason: String,
         retry_at: Option<DateTime<Utc>>,
         at: DateTime<Utc>,
     },
+    /// `attempt` as for [`MessageCommand::RecordSendFailure`].
     RecordSendOutcomeUnknown {
+        attempt: u32,
         reason: String,
         at: DateTime<Utc>,
     },

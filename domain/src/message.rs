@@ -196,11 +196,12 @@ impl Message {
                 }
                 Ok(vec![MessageEvent::MessageCancelled { cancelled_at: now }])
             }
-            MessageCommand::StartSendAttempt { now } => {
+            MessageCommand::StartSendAttempt { now, attempt } => {
                 // Sent (its lifecycle stays pending: the provider's reports take over) is as
                 // final as a fact: a sender that read the message before another one sent it
-                // must not send it again.
-                if d.lifecycle != MessageState::Pending
+                // must not send it again. Nor may one that read it before another attempt.
+                if attempt != d.attempts + 1
+                    || d.lifecycle != MessageState::Pending
                     || d.sent_at.is_some()
                     || d.attempt_in_progress
                     || d.outcome_unknown
@@ -229,11 +230,12 @@ impl Message {
                 }])
             }
             MessageCommand::RecordSendFailure {
+                attempt,
                 reason,
                 retry_at,
                 at,
             } => {
-                if !d.attempt_in_progress {
+                if !d.attempt_in_progress || d.attempts != attempt {
                     return Err(invalid());
                 }
                 let mut events = vec![MessageEvent::SendAttemptFailed {
@@ -264,8 +266,12 @@ impl Message {
                     abandoned_at: at,
                 }])
             }
-            MessageCommand::RecordSendOutcomeUnknown { reason, at } => {
-                if !d.attempt_in_progress {
+            MessageCommand::RecordSendOutcomeUnknown {
+                attempt,
+                reason,
+                at,
+            } => {
+                if !d.attempt_in_progress || d.attempts != attempt {
                     return Err(invalid());
                 }
                 Ok(vec![MessageEvent::SendOutcomeUnknown {

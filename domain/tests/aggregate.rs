@@ -87,7 +87,10 @@ fn then_state(m: &Message, c: MessageCommand) -> MessageState {
 fn sent_email() -> Message {
     given(vec![
         compose(Channel::Email, Dispatch::Now),
-        MessageCommand::StartSendAttempt { now: t(1) },
+        MessageCommand::StartSendAttempt {
+            now: t(1),
+            attempt: 1,
+        },
         MessageCommand::RecordSent {
             provider_message_id: Some("sg-1".into()),
             at: t(2),
@@ -435,7 +438,10 @@ fn cancel_twice_changes_nothing() {
 fn cancel_after_the_provider_call_started_is_refused() {
     let m = given(vec![
         compose(Channel::Email, Dispatch::Now),
-        MessageCommand::StartSendAttempt { now: t(1) },
+        MessageCommand::StartSendAttempt {
+            now: t(1),
+            attempt: 1,
+        },
     ]);
     assert_eq!(
         when(&m, MessageCommand::Cancel { now: t(2) }),
@@ -458,7 +464,10 @@ fn an_attempt_abandoned_before_its_call_counts_as_none() {
     );
     let m = given(vec![
         compose(Channel::Email, Dispatch::Now),
-        MessageCommand::StartSendAttempt { now: t(1) },
+        MessageCommand::StartSendAttempt {
+            now: t(1),
+            attempt: 1,
+        },
         abandon(),
     ]);
     let d = m.data().expect("exists");
@@ -466,13 +475,20 @@ fn an_attempt_abandoned_before_its_call_counts_as_none() {
     // Not another attempt than the one named (a later one, once a lease ran out, stays open).
     let second = given(vec![
         compose(Channel::Email, Dispatch::Now),
-        MessageCommand::StartSendAttempt { now: t(1) },
+        MessageCommand::StartSendAttempt {
+            now: t(1),
+            attempt: 1,
+        },
         MessageCommand::RecordSendFailure {
+            attempt: 1,
             reason: "timeout".into(),
             retry_at: Some(t(2)),
             at: t(2),
         },
-        MessageCommand::StartSendAttempt { now: t(3) },
+        MessageCommand::StartSendAttempt {
+            now: t(3),
+            attempt: 2,
+        },
     ]);
     assert_eq!(
         when(&second, abandon()),
@@ -485,7 +501,14 @@ fn an_attempt_abandoned_before_its_call_counts_as_none() {
         MessageState::Cancelled
     );
     assert!(matches!(
-        when(&m, MessageCommand::StartSendAttempt { now: t(3) }).as_deref(),
+        when(
+            &m,
+            MessageCommand::StartSendAttempt {
+                now: t(3),
+                attempt: 1
+            }
+        )
+        .as_deref(),
         Ok([MessageEvent::SendAttemptStarted { attempt: 1, .. }])
     ));
 }
@@ -515,7 +538,13 @@ fn a_cancelled_message_cannot_be_sent() {
 fn a_send_attempt_needs_a_queued_message() {
     let m = given(vec![compose(Channel::Email, Dispatch::Draft)]);
     assert_eq!(
-        when(&m, MessageCommand::StartSendAttempt { now: t(1) }),
+        when(
+            &m,
+            MessageCommand::StartSendAttempt {
+                now: t(1),
+                attempt: 1
+            }
+        ),
         Err(invalid("start a send attempt", MessageState::Draft))
     );
 }
@@ -547,8 +576,12 @@ fn record_sent_before_any_attempt_is_refused() {
 fn a_transient_failure_keeps_the_message_pending_for_a_retry() {
     let m = given(vec![
         compose(Channel::Email, Dispatch::Now),
-        MessageCommand::StartSendAttempt { now: t(1) },
+        MessageCommand::StartSendAttempt {
+            now: t(1),
+            attempt: 1,
+        },
         MessageCommand::RecordSendFailure {
+            attempt: 1,
             reason: "503 from provider".into(),
             retry_at: Some(t(10)),
             at: t(2),
@@ -556,7 +589,13 @@ fn a_transient_failure_keeps_the_message_pending_for_a_retry() {
     ]);
     assert_eq!(m.state(), Some(MessageState::Pending));
     assert_eq!(
-        then_state(&m, MessageCommand::StartSendAttempt { now: t(10) }),
+        then_state(
+            &m,
+            MessageCommand::StartSendAttempt {
+                now: t(10),
+                attempt: 2
+            }
+        ),
         MessageState::Pending
     );
 }
@@ -567,7 +606,10 @@ fn no_attempt_starts_on_a_message_already_sent() {
     assert_eq!(
         when(
             &sent_email(),
-            MessageCommand::StartSendAttempt { now: t(5) }
+            MessageCommand::StartSendAttempt {
+                now: t(5),
+                attempt: 2
+            }
         ),
         Err(invalid("start a send attempt", MessageState::Sent))
     );
@@ -582,7 +624,13 @@ fn no_attempt_starts_on_a_message_already_sent() {
         resolved.apply_event(e);
     }
     assert_eq!(
-        when(&resolved, MessageCommand::StartSendAttempt { now: t(61) }),
+        when(
+            &resolved,
+            MessageCommand::StartSendAttempt {
+                now: t(61),
+                attempt: 2
+            }
+        ),
         Err(invalid("start a send attempt", MessageState::Sent))
     );
 }
@@ -593,8 +641,12 @@ fn no_retry_once_the_provider_said_it_processed_the_email() {
     // but its `processed` event came: it has the email, and a retry would send it twice.
     let m = given(vec![
         compose(Channel::Email, Dispatch::Now),
-        MessageCommand::StartSendAttempt { now: t(1) },
+        MessageCommand::StartSendAttempt {
+            now: t(1),
+            attempt: 1,
+        },
         MessageCommand::RecordSendFailure {
+            attempt: 1,
             reason: "timed out".into(),
             retry_at: Some(t(10)),
             at: t(2),
@@ -605,7 +657,13 @@ fn no_retry_once_the_provider_said_it_processed_the_email() {
         },
     ]);
     assert_eq!(
-        when(&m, MessageCommand::StartSendAttempt { now: t(10) }),
+        when(
+            &m,
+            MessageCommand::StartSendAttempt {
+                now: t(10),
+                attempt: 2
+            }
+        ),
         Err(invalid("start a send attempt", MessageState::Pending))
     );
     assert!(m.data().expect("exists").provider_has_it());
@@ -615,8 +673,12 @@ fn no_retry_once_the_provider_said_it_processed_the_email() {
 fn the_last_failure_fails_the_message_with_its_reason() {
     let m = given(vec![
         compose(Channel::Email, Dispatch::Now),
-        MessageCommand::StartSendAttempt { now: t(1) },
+        MessageCommand::StartSendAttempt {
+            now: t(1),
+            attempt: 1,
+        },
         MessageCommand::RecordSendFailure {
+            attempt: 1,
             reason: "400 invalid recipient".into(),
             retry_at: None,
             at: t(2),
@@ -627,10 +689,88 @@ fn the_last_failure_fails_the_message_with_its_reason() {
     assert_eq!(d.last_error.as_deref(), Some("400 invalid recipient"));
 }
 
+/// Each attempt command names its attempt: one decided on a read from before another
+/// worker's attempt changes nothing. A worker whose round read an abandoned attempt #1 must not
+/// close attempt #2, started since by another worker and still in its provider call (its email
+/// would be sent twice); one that read the message before attempt #1 failed and was given a
+/// retry time must not start attempt #2 at once.
+#[test]
+fn an_attempt_command_decided_on_an_older_read_is_refused() {
+    let second_open = given(vec![
+        compose(Channel::Email, Dispatch::Now),
+        MessageCommand::StartSendAttempt {
+            now: t(1),
+            attempt: 1,
+        },
+        MessageCommand::RecordSendFailure {
+            attempt: 1,
+            reason: "the sender stopped during the provider call".into(),
+            retry_at: Some(t(200)),
+            at: t(130),
+        },
+        MessageCommand::StartSendAttempt {
+            now: t(200),
+            attempt: 2,
+        },
+    ]);
+    let stale_recovery = MessageCommand::RecordSendFailure {
+        attempt: 1,
+        reason: "the sender stopped during the provider call".into(),
+        retry_at: Some(t(210)),
+        at: t(205),
+    };
+    assert_eq!(
+        when(&second_open, stale_recovery),
+        Err(invalid("record a send failure", MessageState::Pending))
+    );
+    let stale_unknown = MessageCommand::RecordSendOutcomeUnknown {
+        attempt: 1,
+        reason: "x".into(),
+        at: t(205),
+    };
+    assert!(when(&second_open, stale_unknown).is_err());
+    let d = second_open.data().expect("exists");
+    assert!(d.attempt_in_progress && d.attempts == 2);
+    // The open one is closed by its own number.
+    let current = MessageCommand::RecordSendFailure {
+        attempt: 2,
+        reason: "503".into(),
+        retry_at: Some(t(900)),
+        at: t(205),
+    };
+    assert!(when(&second_open, current).is_ok());
+
+    let retry_waiting = given(vec![
+        compose(Channel::Email, Dispatch::Now),
+        MessageCommand::StartSendAttempt {
+            now: t(1),
+            attempt: 1,
+        },
+        MessageCommand::RecordSendFailure {
+            attempt: 1,
+            reason: "429".into(),
+            retry_at: Some(t(900)),
+            at: t(2),
+        },
+    ]);
+    // Read before attempt #1: it would start attempt #1 again, at once.
+    assert_eq!(
+        when(
+            &retry_waiting,
+            MessageCommand::StartSendAttempt {
+                now: t(3),
+                attempt: 1
+            }
+        ),
+        Err(invalid("start a send attempt", MessageState::Pending))
+    );
+}
+
 #[test]
 fn a_failure_without_an_attempt_is_refused() {
     let m = given(vec![compose(Channel::Email, Dispatch::Now)]);
     let c = MessageCommand::RecordSendFailure {
+        attempt: 0,
         reason: "x".into(),
         retry_at: None,
         at: t(1),
@@ -645,15 +785,25 @@ fn a_failure_without_an_attempt_is_refused() {
 fn an_unknown_outcome_blocks_a_blind_retry() {
     let m = given(vec![
         compose(Channel::Twitter, Dispatch::Now),
-        MessageCommand::StartSendAttempt { now: t(1) },
+        MessageCommand::StartSendAttempt {
+            now: t(1),
+            attempt: 1,
+        },
         MessageCommand::RecordSendOutcomeUnknown {
+            attempt: 1,
             reason: "timed out after the request was sent".into(),
             at: t(31),
         },
     ]);
     assert!(m.data().expect("exists").outcome_unknown);
     assert_eq!(
-        when(&m, MessageCommand::StartSendAttempt { now: t(40) }),
+        when(
+            &m,
+            MessageCommand::StartSendAttempt {
+                now: t(40),
+                attempt: 2
+            }
+        ),
         Err(invalid("start a send attempt", MessageState::Pending))
     );
 }
@@ -662,6 +812,7 @@ fn an_unknown_outcome_blocks_a_blind_retry() {
 fn an_unknown_outcome_without_an_attempt_is_refused() {
     let m = given(vec![compose(Channel::Twitter, Dispatch::Now)]);
     let c = MessageCommand::RecordSendOutcomeUnknown {
+        attempt: 0,
         reason: "x".into(),
         at: t(1),
     };
@@ -695,7 +846,10 @@ fn processed_is_recorded_but_changes_no_state() {
 fn record_open_counts_and_moves_to_opened() {
     let m = given(vec![
         compose(Channel::Email, Dispatch::Now),
-        MessageCommand::StartSendAttempt { now: t(1) },
+        MessageCommand::StartSendAttempt {
+            now: t(1),
+            attempt: 1,
+        },
         MessageCommand::RecordSent {
             provider_message_id: None,
             at: t(2),
@@ -730,7 +884,10 @@ fn record_an_open_on_a_draft_is_refused() {
 fn record_an_open_on_an_x_post_is_not_supported() {
     let m = given(vec![
         compose(Channel::Twitter, Dispatch::Now),
-        MessageCommand::StartSendAttempt { now: t(1) },
+        MessageCommand::StartSendAttempt {
+            now: t(1),
+            attempt: 1,
+        },
     ]);
     let c = MessageCommand::RecordOpen {
         fact: fact("o1", 1),
@@ -758,7 +915,10 @@ fn record_click_counts_and_moves_to_clicked() {
 fn record_reply_on_an_x_post() {
     let m = given(vec![
         compose(Channel::Twitter, Dispatch::Now),
-        MessageCommand::StartSendAttempt { now: t(1) },
+        MessageCommand::StartSendAttempt {
+            now: t(1),
+            attempt: 1,
+        },
         MessageCommand::RecordSent {
             provider_message_id: Some("186".into()),
             at: t(2),
@@ -790,7 +950,10 @@ fn record_a_reply_on_a_scheduled_message_is_refused() {
 fn spam_report_and_unsubscribe_rank_above_replies() {
     let m = given(vec![
         compose(Channel::Email, Dispatch::Now),
-        MessageCommand::StartSendAttempt { now: t(1) },
+        MessageCommand::StartSendAttempt {
+            now: t(1),
+            attempt: 1,
+        },
         MessageCommand::RecordUnsubscribe {
             fact: fact("u", 5),
             group_id: Some(7),
@@ -807,7 +970,10 @@ fn spam_report_and_unsubscribe_rank_above_replies() {
 fn a_late_delivery_never_moves_an_opened_message_back() {
     let m = given(vec![
         compose(Channel::Email, Dispatch::Now),
-        MessageCommand::StartSendAttempt { now: t(1) },
+        MessageCommand::StartSendAttempt {
+            now: t(1),
+            attempt: 1,
+        },
         MessageCommand::RecordOpen {
             fact: fact("o", 50),
             machine_open: false,
@@ -825,7 +991,10 @@ fn a_late_delivery_never_moves_an_opened_message_back() {
 fn a_bounce_after_delivery_is_allowed() {
     let m = given(vec![
         compose(Channel::Email, Dispatch::Now),
-        MessageCommand::StartSendAttempt { now: t(1) },
+        MessageCommand::StartSendAttempt {
+            now: t(1),
+            attempt: 1,
+        },
         MessageCommand::RecordDelivery {
             fact: fact("d", 10),
             outcome: DeliveryOutcome::Delivered { response: None },
@@ -845,7 +1014,10 @@ fn a_bounce_after_delivery_is_allowed() {
 fn a_provider_fact_before_our_sent_record_is_kept_and_sent_does_not_lower_it() {
     let m = given(vec![
         compose(Channel::Email, Dispatch::Now),
-        MessageCommand::StartSendAttempt { now: t(1) },
+        MessageCommand::StartSendAttempt {
+            now: t(1),
+            attempt: 1,
+        },
         MessageCommand::RecordDelivery {
             fact: fact("d", 3),
             outcome: DeliveryOutcome::Delivered { response: None },
@@ -864,7 +1036,10 @@ fn a_provider_fact_before_our_sent_record_is_kept_and_sent_does_not_lower_it() {
 fn a_duplicate_fact_changes_nothing() {
     let m = given(vec![
         compose(Channel::Email, Dispatch::Now),
-        MessageCommand::StartSendAttempt { now: t(1) },
+        MessageCommand::StartSendAttempt {
+            now: t(1),
+            attempt: 1,
+        },
         MessageCommand::RecordOpen {
             fact: fact("o", 5),
             machine_open: false,
@@ -941,8 +1116,12 @@ fn publish_at_is_kept_to_the_microsecond_the_store_keeps() {
 fn unknown_x_post() -> Message {
     given(vec![
         compose(Channel::Twitter, Dispatch::Now),
-        MessageCommand::StartSendAttempt { now: t(1) },
+        MessageCommand::StartSendAttempt {
+            now: t(1),
+            attempt: 1,
+        },
         MessageCommand::RecordSendOutcomeUnknown {
+            attempt: 1,
             reason: "timed out after the request was sent".into(),
             at: t(31),
         },
@@ -981,7 +1160,13 @@ fn an_unknown_outcome_resolved_as_not_posted_may_be_sent_again() {
     }
     assert_eq!(m.state(), Some(MessageState::Pending));
     assert_eq!(
-        then_state(&m, MessageCommand::StartSendAttempt { now: t(61) }),
+        then_state(
+            &m,
+            MessageCommand::StartSendAttempt {
+                now: t(61),
+                attempt: 2
+            }
+        ),
         MessageState::Pending
     );
 }
@@ -1007,7 +1192,13 @@ fn an_unknown_outcome_resolved_as_not_posted_can_be_given_up() {
         .is_some_and(|e| e.contains("by hand")));
     // Settled: neither sent again nor resolved again.
     assert_eq!(
-        when(&m, MessageCommand::StartSendAttempt { now: t(61) }),
+        when(
+            &m,
+            MessageCommand::StartSendAttempt {
+                now: t(61),
+                attempt: 2
+            }
+        ),
         Err(invalid("start a send attempt", MessageState::Failed))
     );
     assert_eq!(

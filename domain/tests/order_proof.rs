@@ -35,7 +35,10 @@ fn queued_and_attempted() -> Message {
             dispatch: Dispatch::Now,
             now: at(0),
         }),
-        MessageCommand::StartSendAttempt { now: at(1) },
+        MessageCommand::StartSendAttempt {
+            now: at(1),
+            attempt: 1,
+        },
     ];
     for c in commands {
         for e in m.decide(c).expect("ok") {

@@ -236,7 +236,7 @@ fn history(n: usize) -> Log {
     for i in 0..n {
         let id = MessageId::from_uuid(uuid::Uuid::now_v7());
         let service = if i % 3 == 2 { &x } else { &email };
-        let start: Step = Box::new(|now| MessageCommand::StartSendAttempt { now });
+        let start: Step = Box::new(|now| MessageCommand::StartSendAttempt { now, attempt: 1 });
         let sent = move |pid: String| -> Step {
             Box::new(move |now| MessageCommand::RecordSent {
                 provider_message_id: Some(pid.clone()),
@@ -245,6 +245,7 @@ fn history(n: usize) -> Log {
         };
         let retry_in = |minutes: i64| -> Step {
             Box::new(move |now| MessageCommand::RecordSendFailure {
+                attempt: 1,
                 reason: "busy".into(),
                 retry_at: Some(now + Duration::minutes(minutes)),
                 at: now,
@@ -298,9 +299,9 @@ fn history(n: usize) -> Log {
                     now,
                     expected_publish_at: None,
                 }),
-                Box::new(|now| MessageCommand::StartSendAttempt { now }),
+                Box::new(|now| MessageCommand::StartSendAttempt { now, attempt: 1 }),
                 retry_in(5),
-                Box::new(|now| MessageCommand::StartSendAttempt { now }),
+                Box::new(|now| MessageCommand::StartSendAttempt { now, attempt: 2 }),
                 sent(format!("p-{i}")),
             ],
             // Scheduled, then cancelled.
@@ -313,8 +314,9 @@ fn history(n: usize) -> Log {
                 compose(service, id, i, Dispatch::Now),
                 start,
                 retry_in(1),
-                Box::new(|now| MessageCommand::StartSendAttempt { now }),
+                Box::new(|now| MessageCommand::StartSendAttempt { now, attempt: 2 }),
                 Box::new(|now| MessageCommand::RecordSendFailure {
+                    attempt: 2,
                     reason: "rejected".into(),
                     retry_at: None,
                     at: now,
@@ -325,6 +327,7 @@ fn history(n: usize) -> Log {
                 compose(service, id, i, Dispatch::Now),
                 start,
                 Box::new(|now| MessageCommand::RecordSendOutcomeUnknown {
+                    attempt: 1,
                     reason: "timeout".into(),
                     at: now,
                 }),
@@ -334,7 +337,7 @@ fn history(n: usize) -> Log {
                     send_again: true,
                     at: now,
                 }),
-                Box::new(|now| MessageCommand::StartSendAttempt { now }),
+                Box::new(|now| MessageCommand::StartSendAttempt { now, attempt: 2 }),
                 sent(format!("p-{i}")),
             ],
             // A draft, or a queued message, scheduled later: still scheduled at the end (and
@@ -364,6 +367,7 @@ fn history(n: usize) -> Log {
                 compose(service, id, i, Dispatch::Now),
                 start,
                 Box::new(|now| MessageCommand::RecordSendOutcomeUnknown {
+                    attempt: 1,
                     reason: "timeout".into(),
                     at: now,
                 }),
@@ -1276,7 +1280,7 @@ async fn the_read_before_a_batch_starts_from_a_snapshot_taken_before_it() {
         log.run(id, &compose(&email, id, 0, Dispatch::Now));
         log.run(
             id,
-            &(Box::new(|now| MessageCommand::StartSendAttempt { now }) as Step),
+            &(Box::new(|now| MessageCommand::StartSendAttempt { now, attempt: 1 }) as Step),
         );
         let sent: Step = Box::new(|now| MessageCommand::RecordSent {
             provider_message_id: Some("sg".into()),

@@ -273,7 +273,13 @@ impl Sender {
         let now = crate::clock::now();
         let starts = jobs
             .iter()
-            .map(|(job, _)| (job.message_id, MessageCommand::StartSendAttempt { now }))
+            .map(|(job, d)| {
+                let attempt = d.attempts + 1;
+                (
+                    job.message_id,
+                    MessageCommand::StartSendAttempt { now, attempt },
+                )
+            })
             .collect();
         let started = self.store.execute_each(starts).await;
         let mut to_send = Vec::with_capacity(jobs.len());
@@ -429,6 +435,7 @@ impl Sender {
                 id,
                 MessageCommand::StartSendAttempt {
                     now: crate::clock::now(),
+                    attempt: d.attempts + 1,
                 },
             )
             .await
@@ -574,6 +581,7 @@ impl Sender {
                 tracing::warn!(message_id = %id, attempt, %reason, retry_in_ms = wait.as_millis() as u64, "send failed; will retry");
                 (
                     MessageCommand::RecordSendFailure {
+                        attempt,
                         reason,
                         retry_at: Some(retry_at),
                         at: now,
@@ -585,6 +593,7 @@ impl Sender {
                 tracing::warn!(message_id = %id, attempt, %reason, "send failed on the last attempt");
                 (
                     MessageCommand::RecordSendFailure {
+                        attempt,
                         reason: format!("{reason} (gave up after {attempt} attempts)"),
                         retry_at: None,
                         at: now,
@@ -596,6 +605,7 @@ impl Sender {
                 tracing::warn!(message_id = %id, attempt, %reason, "provider refused the message");
                 (
                     MessageCommand::RecordSendFailure {
+                        attempt,
                         reason,
                         retry_at: None,
                         at: now,
@@ -620,7 +630,11 @@ impl Sender {
             Err(SendError::Ambiguous { reason }) => {
                 tracing::warn!(message_id = %id, attempt, %reason, "send outcome unknown; not retried");
                 (
-                    MessageCommand::RecordSendOutcomeUnknown { reason, at: now },
+                    MessageCommand::RecordSendOutcomeUnknown {
+                        attempt,
+                        reason,
+                        at: now,
+                    },
                     JobOutcome::Unknown,
                 )
             }
@@ -656,8 +670,19 @@ impl Sender {
                 reason: format!("{reason}; the post may have been published"),
             }),
         };
-        self.record(id, d.channel, d.provider, d.attempts, result)
+        // The attempt read as abandoned, by its number: if another worker recovered it and
+        // started the next one meanwhile (this round's read is seconds old), that one is live,
+        // and closing it would send its email again.
+        match self
+            .record(id, d.channel, d.provider, d.attempts, result)
             .await
+        {
+            Err(CommandError::Rejected(MessageError::InvalidTransition { .. })) => {
+                tracing::info!(message_id = %id, attempt = d.attempts, "the attempt to recover was closed by another worker already");
+                Ok(JobOutcome::Skipped)
+            }
+            other => other,
+        }
     }
 
     /// Runs until `shutdown` turns true, woken by NOTIFY `send_jobs` and at the next due time.

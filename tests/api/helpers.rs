@@ -281,7 +281,7 @@ impl TestApp {
                         now,
                         expected_publish_at: None,
                     },
-                    MessageCommand::StartSendAttempt { now },
+                    MessageCommand::StartSendAttempt { now, attempt: 1 },
                     MessageCommand::RecordSent {
                         provider_message_id: Some("sg-1".into()),
                         at: now,

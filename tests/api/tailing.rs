@@ -240,7 +240,7 @@ async fn write_history(pool: &PgPool) {
         };
         let mut commands = Vec::new();
         if i % 4 != 0 {
-            commands.push(MessageCommand::StartSendAttempt { now });
+            commands.push(MessageCommand::StartSendAttempt { now, attempt: 1 });
             commands.push(MessageCommand::RecordSent {
                 provider_message_id: Some(format!("sg-{i}")),
                 at: now,
@@ -438,7 +438,7 @@ async fn a_list_rebuilt_message_by_message_on_two_writers_is_the_list_read_in_lo
         ids.push(composed(&store, i, Dispatch::Now).await);
     }
     for id in &ids {
-        let start = MessageCommand::StartSendAttempt { now };
+        let start = MessageCommand::StartSendAttempt { now, attempt: 1 };
         store.execute(*id, start).await.unwrap();
     }
     for (i, id) in ids.iter().enumerate() {
@@ -1483,7 +1483,10 @@ async fn a_rejected_command_in_a_batch_does_not_hold_back_the_others() {
         commands.push((id, MessageCommand::Cancel { now: Utc::now() }));
     }
     // A draft cannot start a send attempt: refused.
-    commands[1].1 = MessageCommand::StartSendAttempt { now: Utc::now() };
+    commands[1].1 = MessageCommand::StartSendAttempt {
+        now: Utc::now(),
+        attempt: 1,
+    };
     // Never composed: unknown.
     let unknown = MessageId::from_uuid(uuid::Uuid::now_v7());
     commands.push((unknown, MessageCommand::Cancel { now: Utc::now() }));
@@ -1611,7 +1614,10 @@ async fn commands_sent_at_once_are_appended_together_and_each_gets_its_own_answe
     commands.push((drafts[3], again, true));
     commands.push((
         drafts[3],
-        MessageCommand::StartSendAttempt { now: Utc::now() },
+        MessageCommand::StartSendAttempt {
+            now: Utc::now(),
+            attempt: 1,
+        },
         true,
     ));
     let unknown = MessageId::from_uuid(uuid::Uuid::now_v7());
@@ -1715,7 +1721,7 @@ async fn record_sent(
     now: chrono::DateTime<Utc>,
 ) {
     for command in [
-        MessageCommand::StartSendAttempt { now },
+        MessageCommand::StartSendAttempt { now, attempt: 1 },
         MessageCommand::RecordSent {
             provider_message_id: Some("sg-1".into()),
             at: now,
@@ -1804,13 +1810,14 @@ async fn feed_projectors_taking_turns_number_the_same_items_as_a_rebuild() {
                 now,
                 expected_publish_at: None,
             },
-            MessageCommand::StartSendAttempt { now },
+            MessageCommand::StartSendAttempt { now, attempt: 1 },
             MessageCommand::RecordSendFailure {
+                attempt: 1,
                 reason: "busy".into(),
                 retry_at: Some(now),
                 at: now,
             },
-            MessageCommand::StartSendAttempt { now },
+            MessageCommand::StartSendAttempt { now, attempt: 2 },
             MessageCommand::RecordSent {
                 provider_message_id: Some(format!("sg-{i}")),
                 at: now,
@@ -2264,7 +2271,10 @@ async fn a_fold_kept_by_one_instance_never_decides_over_another_instances_append
             id
         }
     };
-    let start = || MessageCommand::StartSendAttempt { now: now() };
+    let start = || MessageCommand::StartSendAttempt {
+        now: now(),
+        attempt: 1,
+    };
     let sent = || MessageCommand::RecordSent {
         provider_message_id: Some("p".into()),
         at: now(),
@@ -2331,9 +2341,15 @@ async fn a_refusal_on_a_fold_kept_by_one_instance_is_checked_against_the_log() {
     // folds); `b` starts the attempt; `a` is asked to record the provider's answer.
     let started = composed(&a, 0, Dispatch::Now).await;
     a.load_messages(&[started]).await.unwrap();
-    b.execute(started, MessageCommand::StartSendAttempt { now: now() })
-        .await
-        .unwrap();
+    b.execute(
+        started,
+        MessageCommand::StartSendAttempt {
+            now: now(),
+            attempt: 1,
+        },
+    )
+    .await
+    .unwrap();
     // `a` reads it while scheduled at one time; `b` reschedules it; `a`'s scheduler fires
     // the new time.
     let first = now() + chrono::Duration::hours(1);

@@ -102,7 +102,7 @@ async fn sent_message(app: &TestApp, id: &str, channel: Channel, provider_id: &s
             now,
             expected_publish_at: None,
         },
-        MessageCommand::StartSendAttempt { now },
+        MessageCommand::StartSendAttempt { now, attempt: 1 },
         MessageCommand::RecordSent {
             provider_message_id: Some(provider_id.into()),
             at: now,

@@ -1168,7 +1168,7 @@ mod tests {
         });
         store.execute(id, compose).await.expect("composed");
         for command in [
-            MessageCommand::StartSendAttempt { now },
+            MessageCommand::StartSendAttempt { now, attempt: 1 },
             MessageCommand::RecordSent {
                 provider_message_id: Some("sg-1".into()),
                 at: now,

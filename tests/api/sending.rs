@@ -1111,10 +1111,18 @@ async fn a_lone_busy_service_fills_the_round_and_busy_services_share_it() {
         claim(90, 10, 1000).await,
         HashMap::from([(a.clone(), 30), (b.clone(), 30), (c.clone(), 5)])
     );
-    // A share smaller than `least` is `least` (the even share of the two with jobs due is 10):
-    // the earliest due fill the round.
+    // A share larger than the round divided evenly (`least`, 15, where the even share of the
+    // two with jobs due is 10): the round takes the shares in turns, each one's earliest
+    // first, not the earliest due of them all (which would be a's 15 and b's 5).
     assert_eq!(
         claim(20, 15, 1000).await,
-        HashMap::from([(a.clone(), 15), (b.clone(), 5)])
+        HashMap::from([(a.clone(), 10), (b.clone(), 10)])
     );
+    // So a quiet service whose one job came last is in the next round however much two busy
+    // ones have queued (the sender's defaults: a round of 64, a share of 50).
+    let e = format!("{:032x}", 5u8);
+    add(e.clone(), 1, 0).await;
+    let round = claim(64, 50, 50).await;
+    assert_eq!(round.get(&e), Some(&1), "{round:?}");
+    assert_eq!(round.values().sum::<usize>(), 64, "{round:?}");
 }

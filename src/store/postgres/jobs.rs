@@ -126,6 +126,9 @@ pub(super) async fn claim_send_jobs(
     // stepping over every job still being sent (an outcome deletes the job or sets its retry
     // time). Each service's share is `per_service.least`, or the round divided evenly among
     // the services with a job claimable now when that is more, up to `per_service.most`.
+    // The round takes the services' shares in turns (each one's earliest job, then each one's
+    // second, ...): the shares together may hold more than the round, and taking the earliest
+    // due of them all would leave out a quiet service behind two busy ones.
     let jobs: Vec<(uuid::Uuid, uuid::Uuid, DateTime<Utc>)> = sqlx::query_as(
         "WITH RECURSIVE services AS ( \
            (SELECT service_id FROM send_jobs ORDER BY service_id LIMIT 1) \
@@ -143,13 +146,14 @@ pub(super) async fn claim_send_jobs(
          ), candidates AS ( \
            SELECT picked.message_id FROM services s \
            CROSS JOIN LATERAL ( \
-             SELECT j.message_id, j.due_at FROM send_jobs j \
+             SELECT j.message_id, j.due_at, row_number() OVER (ORDER BY j.due_at) AS turn \
+             FROM send_jobs j \
              WHERE j.service_id = s.service_id AND j.due_at <= now() \
                AND (j.locked_until IS NULL OR j.locked_until < now()) \
              ORDER BY j.due_at LIMIT (SELECT jobs FROM share) \
            ) picked \
            WHERE s.service_id IS NOT NULL \
-           ORDER BY picked.due_at LIMIT $1 \
+           ORDER BY picked.turn, picked.due_at LIMIT $1 \
          ), locked AS ( \
            SELECT message_id FROM send_jobs \
            WHERE message_id = ANY(ARRAY(SELECT message_id FROM candidates)) \

@@ -123,13 +123,16 @@ pub(super) const CLAIM_SEND_JOBS: &str = "\
               WHERE s.service_id IS NOT NULL AND EXISTS ( \
                 SELECT 1 FROM send_jobs p WHERE p.service_id = s.service_id AND p.due_at <= ?1 \
                   AND (p.locked_until IS NULL OR p.locked_until < ?1)))) \
-      SELECT j.message_id FROM services s CROSS JOIN send_jobs j \
-      WHERE s.service_id IS NOT NULL \
-        AND j.message_id IN (SELECT p.message_id FROM send_jobs p \
-              WHERE p.service_id = s.service_id AND p.due_at <= ?1 \
-                AND (p.locked_until IS NULL OR p.locked_until < ?1) \
-              ORDER BY p.due_at LIMIT (SELECT jobs FROM share)) \
-      ORDER BY j.due_at LIMIT ?4) \
+      SELECT message_id FROM ( \
+        SELECT j.message_id, j.due_at, \
+               row_number() OVER (PARTITION BY j.service_id ORDER BY j.due_at) AS turn \
+        FROM services s CROSS JOIN send_jobs j \
+        WHERE s.service_id IS NOT NULL \
+          AND j.message_id IN (SELECT p.message_id FROM send_jobs p \
+                WHERE p.service_id = s.service_id AND p.due_at <= ?1 \
+                  AND (p.locked_until IS NULL OR p.locked_until < ?1) \
+                ORDER BY p.due_at LIMIT (SELECT jobs FROM share))) \
+      ORDER BY turn, due_at LIMIT ?4) \
     RETURNING message_id, service_id";
 
 pub(super) async fn claim_send_jobs(

@@ -117,8 +117,8 @@ pub struct PushSubscription {
     pub created_at: DateTime<Utc>,
 }
 
-/// A new push subscription.
-#[derive(Debug, Clone)]
+/// A new push subscription. No `Debug`: it holds the secret.
+#[derive(Clone)]
 pub struct NewSubscription {
     pub url: String,
     pub secret: String,

@@ -24,6 +24,10 @@ pub fn router() -> Router<AppState> {
 #[serde(deny_unknown_fields)]
 struct StreamQuery {
     after: Option<String>,
+    /// Where EventSource polyfills that cannot set headers put the last event id when they
+    /// reconnect: read as `Last-Event-ID` is.
+    #[serde(rename = "lastEventId")]
+    last_event_id: Option<String>,
 }
 
 /// `GET /v1/state-changes/stream`: the same items as server-sent events, each with its
@@ -46,10 +50,16 @@ async fn stream(
         }
         Some(Ok(id)) => Some(id.trim().to_string()).filter(|id| !id.is_empty()),
     };
+    let polyfilled = q
+        .last_event_id
+        .as_deref()
+        .map(str::trim)
+        .filter(|id| !id.is_empty());
     // The error names whichever the value came from.
-    let (given, field) = match last_event_id.as_deref() {
-        Some(id) => (Some(id), "Last-Event-ID"),
-        None => (q.after.as_deref(), "after"),
+    let (given, field) = match (last_event_id.as_deref(), polyfilled) {
+        (Some(id), _) => (Some(id), "Last-Event-ID"),
+        (None, Some(id)) => (Some(id), "lastEventId"),
+        (None, None) => (q.after.as_deref(), "after"),
     };
     let after = number(
         given,

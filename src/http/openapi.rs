@@ -293,8 +293,9 @@ pub fn operations() -> Vec<Operation> {
             .ok(200, "items and the next cursor", Some(schema_ref("FeedPage")))
             .errors(&[422]),
         op("get", "/v1/state-changes/stream", "feed",
-            "The feed as server-sent events; resume with `Last-Event-ID` or `after`")
+            "The feed as server-sent events named `state_change`; resume with the `Last-Event-ID` header, `lastEventId` or `after`")
             .query("after", "position to read after", json!({"type": "integer"}))
+            .query("lastEventId", "the last event id seen, for clients that cannot send the `Last-Event-ID` header", json!({"type": "integer"}))
             .ok(200, "`text/event-stream` of FeedItem, `id:` is the position", None)
             .errors(&[422]),
         op("post", "/v1/subscriptions", "feed", "Create a push subscription (signed batches)")

@@ -19,7 +19,7 @@
 
 use crate::providers::{parse_credentials, Account, OutgoingMessage, Providers, SendError};
 use crate::store::{CommandError, PerService, SendJob, Store, StoreError};
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, SubsecRound, Utc};
 use futures::StreamExt;
 use messaging_domain::{
     Channel, Message, MessageCommand, MessageData, MessageError, MessageId, MessageState, Provider,
@@ -574,10 +574,13 @@ impl Sender {
                     super::backoff(self.config.base_backoff, self.config.max_backoff, attempt)
                         .max(retry_after.unwrap_or_default())
                         .min(super::LONGEST_PROVIDER_WAIT);
+                // To the microsecond, as the service's times are (a provider's Retry-After
+                // date is read to the nanosecond).
                 let retry_at = chrono::Duration::from_std(wait)
                     .ok()
                     .and_then(|wait| now.checked_add_signed(wait))
-                    .unwrap_or(now + chrono::Duration::days(1));
+                    .unwrap_or(now + chrono::Duration::days(1))
+                    .trunc_subsecs(6);
                 tracing::warn!(message_id = %id, attempt, %reason, retry_in_ms = wait.as_millis() as u64, "send failed; will retry");
                 (
                     MessageCommand::RecordSendFailure {

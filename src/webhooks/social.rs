@@ -130,6 +130,19 @@ async fn social_delivery(
         .ok_or(WebhookError::MissingSignature)?;
     verify(secret.expose(), &body, signature).map_err(|_| WebhookError::BadSignature)?;
     let facts = match (serde_json::from_slice::<Value>(&body), social) {
+        // X signs with the key its CRC challenge uses, whose answer anyone can ask for: of a
+        // body that could be a challenge token (anything but a JSON object: X's deliveries
+        // always are one), a valid signature proves nothing. Refused, not kept.
+        (Ok(delivery), Social::X) if !delivery.is_object() => {
+            return Err(WebhookError::Malformed(
+                "an Account Activity delivery is a JSON object".into(),
+            ))
+        }
+        (Err(_), Social::X) => {
+            return Err(WebhookError::Malformed(
+                "an Account Activity delivery is a JSON object".into(),
+            ))
+        }
         (Ok(delivery), Social::X) => x_facts(state.store.as_ref(), &delivery).await?,
         (Ok(delivery), Social::Facebook) => facebook_facts(state.store.as_ref(), &delivery).await?,
         (Err(e), _) => vec![malformed(provider, &body, &format!("not JSON: {e}"))],

@@ -96,6 +96,17 @@ async fn the_stream_sends_each_change_and_resumes_from_last_event_id() {
     assert_eq!(r.status(), StatusCode::OK);
     let tail = read_events(r, 2).await;
     assert_eq!(tail.iter().map(|e| e.0).collect::<Vec<_>>(), [9, 10]);
+    // A polyfill's `lastEventId` parameter resumes as the header does (and wins over `after`).
+    let r = app
+        .client
+        .get(app.url("/v1/state-changes/stream?after=2&lastEventId=8"))
+        .bearer_auth(API_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let tail = read_events(r, 2).await;
+    assert_eq!(tail.iter().map(|e| e.0).collect::<Vec<_>>(), [9, 10]);
     // One past the feed's end is refused (resuming there would skip every item up to it).
     let r = app
         .client

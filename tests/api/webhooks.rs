@@ -754,6 +754,38 @@ async fn x_crc_does_not_sign_a_delivery_for_whoever_asks() {
             "{body}"
         );
     }
+    // A delivery short enough for the length bound is refused as a JSON document.
+    let short = json!({"for_user_id": "2244994945", "tweet_create_events": [{
+        "id_str": "1", "in_reply_to_status_id_str": "1861234567890123456",
+        "user": {"id_str": "9", "screen_name": "x"}, "text": "hi"}]})
+    .to_string();
+    assert!(short.len() <= 256, "{}", short.len());
+    let r = app
+        .client
+        .get(app.url("/webhooks/twitter"))
+        .query(&[("crc_token", short.as_str())])
+        .send()
+        .await
+        .unwrap();
+    let (status, body) = read(r).await;
+    assert_error(status, &body, StatusCode::BAD_REQUEST, "malformed");
+    // What the CRC does sign (a short token that is not a JSON object) is no delivery: posted
+    // with that signature it is refused, and nothing is kept.
+    for token in ["challenge-123", "\"a JSON string\"", "42"] {
+        let signature = x_crc_response(X_SECRET, token);
+        let r = app
+            .client
+            .post(app.url("/webhooks/twitter"))
+            .header("x-twitter-webhooks-signature", signature)
+            .body(token.to_string())
+            .send()
+            .await
+            .unwrap();
+        let (status, body) = read(r).await;
+        assert_error(status, &body, StatusCode::BAD_REQUEST, "malformed");
+    }
+    let (_, unmatched) = app.get("/v1/webhooks/unmatched").await;
+    assert_eq!(unmatched["items"], json!([]), "{unmatched}");
     let long = "a".repeat(257);
     let r = app
         .client

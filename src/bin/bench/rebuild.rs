@@ -65,8 +65,8 @@ pub async fn run(bench: &mut Bench) -> Result<Vec<Figure>> {
             .with_context(|| format!("rebuilding {name}"))?;
         let elapsed = started.elapsed();
         // The rate is of what the rebuild says it handled: one that stopped short of the log
-        // is an error, not a fast rebuild.
-        if handled != events as u64 {
+        // is an error, not a fast rebuild (its catch-up may add what came after the count).
+        if handled < events as u64 {
             anyhow::bail!("rebuilding {name} handled {handled} of the log's {events} events");
         }
         figures.push(

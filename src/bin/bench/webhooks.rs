@@ -181,6 +181,7 @@ async fn post_and_apply(
     bodies: &[Signed],
     cap: Duration,
 ) -> Result<(Vec<f64>, Duration, Duration, i64)> {
+    let kept_before = inbox_rows(bench).await?;
     let started = Instant::now();
     let timings: Vec<f64> = futures::stream::iter(bodies.iter())
         .map(|batch| post(bench, url, batch))
@@ -213,11 +214,26 @@ async fn post_and_apply(
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     let applied = started.elapsed();
+    // Every event of every batch answered 2xx is kept (each has its own sg_event_id): a 2xx
+    // that kept fewer would make the rate a rate of nothing.
+    let kept = inbox_rows(bench).await? - kept_before;
+    let sent: usize = bodies.iter().map(|b| b.events).sum();
+    if kept != sent as i64 {
+        anyhow::bail!("the inbox kept {kept} of the {sent} events posted");
+    }
     Ok((timings, ingest, applied, pending))
+}
+
+async fn inbox_rows(bench: &Bench) -> Result<i64> {
+    Ok(sqlx::query_scalar("SELECT count(*) FROM webhook_inbox")
+        .fetch_one(&bench.pool)
+        .await?)
 }
 
 struct Signed {
     body: Vec<u8>,
+    /// How many events the batch holds.
+    events: usize,
     timestamp: String,
     signature: String,
 }
@@ -264,6 +280,7 @@ fn signed_batch(bench: &Bench, ids: &[MessageId], b: usize) -> Result<Signed> {
     let (_, signature) = sendgrid_test_signature(&bench.signing_secret, &timestamp, &body)
         .map_err(|e| anyhow!("signing: {e}"))?;
     Ok(Signed {
+        events: events.len(),
         body,
         timestamp,
         signature,

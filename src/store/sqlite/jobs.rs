@@ -103,8 +103,9 @@ pub(super) async fn next_schedule_due(
 /// Claims due jobs: `?1` now, `?2` the lease's end (also the job's due time, as on
 /// PostgreSQL), `?3` jobs per service at least, `?4` jobs in all, `?5` jobs per service at
 /// most (a service's share is `?3`, or `?4` divided evenly among the services with a job
-/// claimable now when that is more, up to `?5`). Of each service's earliest, the
-/// earliest due fill the round (not the lowest service ids' first). The services are found by
+/// claimable now when that is more, up to `?5`). The round takes the shares in turns (each
+/// service's earliest, then each one's second, ...), so a quiet service is not left out behind
+/// two busy ones; the window that numbers the turns runs over the shares alone. The services are found by
 /// skipping from one to the next through `send_jobs_by_service`, and each one's earliest due
 /// jobs read from the same index: ranking every due job of every service (a window over the
 /// whole backlog, sorted twice) cost 150 ms a round with 100k due.

@@ -16,7 +16,7 @@ use crate::store::{
 };
 use crate::webhooks::inbox::{InboxFact, Problematic};
 use async_trait::async_trait;
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, SubsecRound, Utc};
 use cqrs_es::persist::{
     PersistedEventRepository, PersistedEventStore, PersistenceError, ReplayStream, SerializedEvent,
     SerializedSnapshot,
@@ -172,6 +172,8 @@ fn later(now: DateTime<Utc>, by: Duration) -> DateTime<Utc> {
         .ok()
         .and_then(|by| now.checked_add_signed(by))
         .map_or(end, |t| t.min(end))
+        // To the microsecond, as PostgreSQL keeps a time (see `crate::clock`).
+        .trunc_subsecs(6)
 }
 
 /// A stored time read back through an SQL aggregate (which loses the column's type).

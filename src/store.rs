@@ -668,10 +668,15 @@ pub trait Store: Send + Sync + 'static {
     /// message queued again since (which clears the lease) or another claim is kept. No job
     /// is no error.
     async fn delete_send_job(&self, job: &SendJob) -> Result<(), StoreError>;
-    /// Gives back a job `job` claimed and left untouched (the service is stopping): claimable
-    /// again at once, not at its lease's end; only while its lease is still that claim's (as
+    /// Gives back a job `job` claimed and left untouched (the service is stopping, or its
+    /// service's send rate has no token for it soon): claimable again at `due_at` (at once when
+    /// `None`), not at its lease's end; only while its lease is still that claim's (as
     /// [`Store::delete_send_job`]).
-    async fn release_send_job(&self, job: &SendJob) -> Result<(), StoreError>;
+    async fn release_send_job(
+        &self,
+        job: &SendJob,
+        due_at: Option<DateTime<Utc>>,
+    ) -> Result<(), StoreError>;
 
     // ---- Webhook inbox ----
     // `webhook_inbox` holds every fact a provider webhook told us, recorded before we answer

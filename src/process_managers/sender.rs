@@ -76,6 +76,10 @@ impl Default for SenderConfig {
     }
 }
 
+/// The longest a job of a round waits for its service's send token; one that would wait
+/// longer is given back, due when the token is.
+const WAIT_FOR_A_TOKEN_AT_MOST: Duration = Duration::from_secs(2);
+
 /// A token bucket per service, so one busy account is paced without holding others back.
 #[derive(Default)]
 struct RateLimiter {
@@ -83,12 +87,28 @@ struct RateLimiter {
 }
 
 impl RateLimiter {
-    async fn acquire(&self, service: ServiceId, rate: f64, burst: f64) {
-        loop {
-            match self.try_acquire(service, rate, burst).await {
-                Ok(()) => return,
-                Err(wait) => tokio::time::sleep(wait).await,
-            }
+    /// Takes a token, now or ahead of time (the bucket may go below zero: the tokens promised
+    /// to earlier callers); returns how long until it is really there. One not used is given
+    /// back with [`Self::refund`].
+    async fn reserve(&self, service: ServiceId, rate: f64, burst: f64) -> Duration {
+        let mut buckets = self.buckets.lock().await;
+        let now = tokio::time::Instant::now();
+        let (tokens, last) = buckets.entry(service).or_insert((burst, now));
+        *tokens = (*tokens + now.duration_since(*last).as_secs_f64() * rate).min(burst);
+        *last = now;
+        *tokens -= 1.0;
+        if *tokens >= 0.0 {
+            return Duration::ZERO;
+        }
+        Duration::try_from_secs_f64(-*tokens / rate.max(f64::MIN_POSITIVE))
+            .unwrap_or(Duration::MAX)
+            .min(Duration::from_secs(3600))
+    }
+
+    /// Gives back a token [`Self::reserve`] took and that will not be used.
+    async fn refund(&self, service: ServiceId, burst: f64) {
+        if let Some((tokens, _)) = self.buckets.lock().await.get_mut(&service) {
+            *tokens = (*tokens + 1.0).min(burst);
         }
     }
 
@@ -419,14 +439,22 @@ impl Sender {
         if self.stopping() {
             return self.given_back(job).await;
         }
-        self.limiter
-            .acquire(
-                service_id,
-                self.config.per_service_rate,
-                self.config.per_service_burst,
-            )
-            .await;
+        // The service's token: waited for when it comes soon; else the job is given back, due
+        // when the token is, so that a slow rate does not hold the whole round (and the jobs
+        // of other services queued after it began) behind this one, nor outlast its lease.
+        let (rate, burst) = (self.config.per_service_rate, self.config.per_service_burst);
+        let wait = self.limiter.reserve(service_id, rate, burst).await;
+        if wait > WAIT_FOR_A_TOKEN_AT_MOST {
+            self.limiter.refund(service_id, burst).await;
+            let due = chrono::Duration::from_std(wait)
+                .ok()
+                .and_then(|wait| crate::clock::now().checked_add_signed(wait))
+                .map(|due| due.trunc_subsecs(6));
+            return self.given_back_until(job, due).await;
+        }
+        tokio::time::sleep(wait).await;
         if self.stopping() {
+            self.limiter.refund(service_id, burst).await;
             return self.given_back(job).await;
         }
         // The fence: only one worker can start this attempt.
@@ -461,8 +489,17 @@ impl Sender {
 
     /// A claimed job left untouched, given back (see [`Store::release_send_job`]).
     async fn given_back(&self, job: &SendJob) -> Result<JobOutcome, CommandError> {
+        self.given_back_until(job, None).await
+    }
+
+    /// [`Self::given_back`], claimable again at `due_at` (at once when `None`).
+    async fn given_back_until(
+        &self,
+        job: &SendJob,
+        due_at: Option<chrono::DateTime<Utc>>,
+    ) -> Result<JobOutcome, CommandError> {
         self.store
-            .release_send_job(job)
+            .release_send_job(job, due_at)
             .await
             .map_err(|e| CommandError::Store(e.to_string()))?;
         Ok(JobOutcome::Skipped)

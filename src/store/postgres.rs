@@ -512,8 +512,12 @@ impl Store for PgStore {
         jobs::next_send_job_due(&self.pool).await
     }
 
-    async fn release_send_job(&self, job: &SendJob) -> Result<(), StoreError> {
-        jobs::release_send_job(&self.pool, job).await
+    async fn release_send_job(
+        &self,
+        job: &SendJob,
+        due_at: Option<DateTime<Utc>>,
+    ) -> Result<(), StoreError> {
+        jobs::release_send_job(&self.pool, job, due_at).await
     }
 
     async fn delete_send_job(&self, job: &SendJob) -> Result<(), StoreError> {

@@ -1034,11 +1034,11 @@ async fn a_job_given_back_is_claimable_at_once_and_only_by_its_claim() {
     let first = claim().await.unwrap();
     assert_eq!(first.len(), 1);
     assert!(claim().await.unwrap().is_empty(), "leased");
-    store.release_send_job(&first[0]).await.unwrap();
+    store.release_send_job(&first[0], None).await.unwrap();
     let second = claim().await.unwrap();
     assert_eq!(second.len(), 1, "claimable again at once");
     // The first claim's hold is over: giving it back again leaves the second's lease alone.
-    store.release_send_job(&first[0]).await.unwrap();
+    store.release_send_job(&first[0], None).await.unwrap();
     assert!(
         claim().await.unwrap().is_empty(),
         "still the second claim's"
@@ -1125,4 +1125,95 @@ async fn a_lone_busy_service_fills_the_round_and_busy_services_share_it() {
     let round = claim(64, 50, 50).await;
     assert_eq!(round.get(&e), Some(&1), "{round:?}");
     assert_eq!(round.values().sum::<usize>(), 64, "{round:?}");
+}
+
+/// A slow send rate holds back only its own service: a round's jobs whose token is seconds
+/// away are given back, due when it is, instead of the round waiting for every one of them
+/// (which kept the next round, and every other service's jobs queued meanwhile, waiting).
+#[tokio::test]
+async fn a_slow_services_rate_does_not_hold_back_a_round() {
+    // Half a send a second: a burst of one, then a token every 2 s.
+    let app = TestApp::spawn_with(&[("MESSAGING_SEND_RATE_PER_SERVICE", "0.5".into())]).await;
+    let slow = app
+        .create_service("email", "sandbox", "slow@example.com")
+        .await;
+    let other = app
+        .create_service("email", "sandbox", "other@example.com")
+        .await;
+    let slow_ref = messaging_domain::ServiceRef {
+        id: slow.parse().unwrap(),
+        channel: messaging_domain::Channel::Email,
+        provider: messaging_domain::Provider::Sandbox,
+        username: "slow@example.com".into(),
+        name: None,
+    };
+    let commands: Vec<_> = (0..10)
+        .map(|i| {
+            let id = messaging_domain::MessageId::from_uuid(uuid::Uuid::now_v7());
+            let input = messaging_domain::MessageInput {
+                to: vec![messaging_domain::Profile::new(
+                    format!("p{i}@example.com"),
+                    None,
+                )],
+                subject: Some("Slow".into()),
+                text: Some("Hello".into()),
+                ..Default::default()
+            };
+            let compose = messaging_domain::Compose {
+                id,
+                message: messaging_domain::build_message(&slow_ref, input).unwrap(),
+                dispatch: messaging_domain::Dispatch::Now,
+                now: Utc::now(),
+            };
+            (id, messaging_domain::MessageCommand::Compose(compose))
+        })
+        .collect();
+    let queued: Vec<String> = commands.iter().map(|(id, _)| id.to_string()).collect();
+    // All queued at once, so one round claims the ten together.
+    for result in app.store.execute_each(commands).await {
+        result.unwrap();
+    }
+    // That round is under way (its first email sent with the burst's token).
+    let first_sent = || async {
+        let mut sent = 0;
+        for id in &queued {
+            let (_, m) = app.get(&format!("/v1/messages/{id}")).await;
+            sent += usize::from(m["state"] == "sent");
+        }
+        sent
+    };
+    let deadline = Utc::now() + Duration::seconds(20);
+    while first_sent().await == 0 {
+        assert!(Utc::now() < deadline, "the slow service sent nothing");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    let started = std::time::Instant::now();
+    let id = app
+        .compose_email(&other, "q@example.com", json!({"send": true}))
+        .await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    wait_message(&app, &id, |m| m["state"] == "sent").await;
+    // Before, the round held the nine waiting for their tokens, 18 s.
+    let waited = started.elapsed();
+    assert!(
+        waited < std::time::Duration::from_secs(8),
+        "another service's email waited {waited:?} for the slow one's round"
+    );
+    // The slow service's jobs given back are sent all the same, at its pace.
+    let deadline = Utc::now() + Duration::seconds(60);
+    for id in &queued {
+        loop {
+            let (_, m) = app.get(&format!("/v1/messages/{id}")).await;
+            if m["state"] == "sent" {
+                assert_eq!(m["attempts"], 1, "{m}");
+                break;
+            }
+            assert!(Utc::now() < deadline, "never sent: {m}");
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }
 }

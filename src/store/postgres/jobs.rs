@@ -196,13 +196,18 @@ pub(super) async fn next_send_job_due(pool: &PgPool) -> Result<Option<DateTime<U
     .await?)
 }
 
-pub(super) async fn release_send_job(pool: &PgPool, job: &SendJob) -> Result<(), StoreError> {
+pub(super) async fn release_send_job(
+    pool: &PgPool,
+    job: &SendJob,
+    due_at: Option<DateTime<Utc>>,
+) -> Result<(), StoreError> {
     sqlx::query(
-        "UPDATE send_jobs SET locked_until = NULL, due_at = now() \
+        "UPDATE send_jobs SET locked_until = NULL, due_at = coalesce($3, now()) \
          WHERE message_id = $1 AND locked_until = $2",
     )
     .bind(job.message_id.as_uuid())
     .bind(job.leased_until)
+    .bind(due_at)
     .execute(pool)
     .await?;
     Ok(())

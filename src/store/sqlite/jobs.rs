@@ -171,14 +171,18 @@ pub(super) async fn next_send_job_due(
     next.as_deref().map(super::parse_time).transpose()
 }
 
-pub(super) async fn release_send_job(pools: &SqlitePools, job: &SendJob) -> Result<(), StoreError> {
+pub(super) async fn release_send_job(
+    pools: &SqlitePools,
+    job: &SendJob,
+    due_at: Option<DateTime<Utc>>,
+) -> Result<(), StoreError> {
     sqlx::query(
         "UPDATE send_jobs SET locked_until = NULL, due_at = ?3 \
          WHERE message_id = ?1 AND locked_until = ?2",
     )
     .bind(job.message_id.as_uuid())
     .bind(job.leased_until)
-    .bind(crate::clock::now())
+    .bind(due_at.unwrap_or_else(crate::clock::now))
     .execute(&pools.write)
     .await?;
     Ok(())

@@ -742,8 +742,12 @@ impl Store for SqliteStore {
         jobs::next_send_job_due(&self.pools).await
     }
 
-    async fn release_send_job(&self, job: &SendJob) -> Result<(), StoreError> {
-        jobs::release_send_job(&self.pools, job).await
+    async fn release_send_job(
+        &self,
+        job: &SendJob,
+        due_at: Option<DateTime<Utc>>,
+    ) -> Result<(), StoreError> {
+        jobs::release_send_job(&self.pools, job, due_at).await
     }
 
     async fn delete_send_job(&self, job: &SendJob) -> Result<(), StoreError> {

@@ -112,7 +112,7 @@ impl Applier {
                 }
             }
         }
-        pending.sort_by_key(|p| (p.occurred_at, p.id));
+        pending.sort_by_key(|p| (p.occurred_at, p.kind.lifecycle_order(), p.id));
         for (fact, outcome) in self.apply_all(&pending).await {
             let settlement = match outcome {
                 Applied::Done => FactSettlement::Applied,

@@ -183,6 +183,60 @@ async fn settled(app: &TestApp) {
     .await;
 }
 
+/// SendGrid's times are whole seconds: a delivery and a machine open often share theirs. In
+/// whichever order a batch lists them, they are applied delivery first, so the feed says
+/// sent → delivered → opened (a subscriber to `delivered` hears of it) and the message's
+/// previous state is `delivered`, the same either way.
+#[tokio::test]
+async fn facts_of_the_same_second_leave_the_same_feed_in_any_order() {
+    let mut outcomes = Vec::new();
+    for open_first in [true, false] {
+        let app = webhook_app().await;
+        let id = uuid::Uuid::now_v7().to_string();
+        sent_message(&app, &id, Channel::Email, "sg-1").await;
+        let at = Utc::now().timestamp();
+        let open = json!({"event": "open", "sg_event_id": "o-1", "timestamp": at,
+                          "message_id": id, "sg_machine_open": true});
+        let delivered = json!({"event": "delivered", "sg_event_id": "d-1", "timestamp": at,
+                               "message_id": id});
+        let batch = if open_first {
+            json!([open, delivered])
+        } else {
+            json!([delivered, open])
+        };
+        let (status, body) = post_sendgrid(&app, batch.to_string().as_bytes()).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        eventually(|| async {
+            let (_, m) = app.get(&format!("/v1/messages/{id}")).await;
+            let (_, feed) = app.get("/v1/state-changes?after=0").await;
+            m["state"] == "opened"
+                && feed["items"]
+                    .as_array()
+                    .is_some_and(|items| items.iter().any(|i| i["state"] == "opened"))
+        })
+        .await;
+        let (_, m) = app.get(&format!("/v1/messages/{id}")).await;
+        let (_, feed) = app.get("/v1/state-changes?after=0").await;
+        let changes: Vec<(Value, Value)> = feed["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| (i["previous_state"].clone(), i["state"].clone()))
+            .collect();
+        outcomes.push((m["previous_state"].clone(), changes));
+    }
+    assert_eq!(outcomes[0], outcomes[1]);
+    let (previous, changes) = &outcomes[0];
+    assert_eq!(previous, "delivered");
+    assert_eq!(
+        changes[changes.len() - 2..],
+        [
+            (json!("sent"), json!("delivered")),
+            (json!("delivered"), json!("opened"))
+        ]
+    );
+}
+
 #[tokio::test]
 async fn the_fixture_batch_posted_three_times_shuffled_ends_as_posting_it_once_in_order() {
     let ids = fixture_message_ids();

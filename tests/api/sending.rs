@@ -760,6 +760,41 @@ impl wiremock::Respond for Stamped {
     }
 }
 
+/// `n` emails of `service` composed with `send: true` in one batch of commands, so that one
+/// round of the sender claims them together; their ids.
+async fn queue_at_once(
+    app: &TestApp,
+    service: &messaging_domain::ServiceRef,
+    n: usize,
+) -> Vec<messaging_domain::MessageId> {
+    let commands: Vec<_> = (0..n)
+        .map(|i| {
+            let id = messaging_domain::MessageId::from_uuid(uuid::Uuid::now_v7());
+            let input = messaging_domain::MessageInput {
+                to: vec![messaging_domain::Profile::new(
+                    format!("p{i}@example.com"),
+                    None,
+                )],
+                subject: Some("Queued".into()),
+                text: Some("Hello".into()),
+                ..Default::default()
+            };
+            let compose = messaging_domain::Compose {
+                id,
+                message: messaging_domain::build_message(service, input).unwrap(),
+                dispatch: messaging_domain::Dispatch::Now,
+                now: Utc::now(),
+            };
+            (id, messaging_domain::MessageCommand::Compose(compose))
+        })
+        .collect();
+    let ids = commands.iter().map(|(id, _)| *id).collect();
+    for result in app.store.execute_each(commands).await {
+        result.unwrap();
+    }
+    ids
+}
+
 #[tokio::test]
 async fn a_services_send_rate_paces_the_provider_calls_themselves() {
     let sendgrid = MockServer::start().await;
@@ -784,31 +819,7 @@ async fn a_services_send_rate_paces_the_provider_calls_themselves() {
         username: "news@example.com".into(),
         name: None,
     };
-    let commands: Vec<_> = (0..50)
-        .map(|i| {
-            let id = messaging_domain::MessageId::from_uuid(uuid::Uuid::now_v7());
-            let input = messaging_domain::MessageInput {
-                to: vec![messaging_domain::Profile::new(
-                    format!("p{i}@example.com"),
-                    None,
-                )],
-                subject: Some("Paced".into()),
-                text: Some("Hello".into()),
-                ..Default::default()
-            };
-            let compose = messaging_domain::Compose {
-                id,
-                message: messaging_domain::build_message(&service_ref, input).unwrap(),
-                dispatch: messaging_domain::Dispatch::Now,
-                now: Utc::now(),
-            };
-            (id, messaging_domain::MessageCommand::Compose(compose))
-        })
-        .collect();
-    // All queued at once, so one round claims them together.
-    for result in app.store.execute_each(commands).await {
-        result.unwrap();
-    }
+    queue_at_once(&app, &service_ref, 50).await;
     let deadline = Utc::now() + Duration::seconds(30);
     while stamps.lock().unwrap().len() < 50 {
         assert!(Utc::now() < deadline, "not all 50 were sent");
@@ -1147,32 +1158,12 @@ async fn a_slow_services_rate_does_not_hold_back_a_round() {
         username: "slow@example.com".into(),
         name: None,
     };
-    let commands: Vec<_> = (0..10)
-        .map(|i| {
-            let id = messaging_domain::MessageId::from_uuid(uuid::Uuid::now_v7());
-            let input = messaging_domain::MessageInput {
-                to: vec![messaging_domain::Profile::new(
-                    format!("p{i}@example.com"),
-                    None,
-                )],
-                subject: Some("Slow".into()),
-                text: Some("Hello".into()),
-                ..Default::default()
-            };
-            let compose = messaging_domain::Compose {
-                id,
-                message: messaging_domain::build_message(&slow_ref, input).unwrap(),
-                dispatch: messaging_domain::Dispatch::Now,
-                now: Utc::now(),
-            };
-            (id, messaging_domain::MessageCommand::Compose(compose))
-        })
-        .collect();
-    let queued: Vec<String> = commands.iter().map(|(id, _)| id.to_string()).collect();
     // All queued at once, so one round claims the ten together.
-    for result in app.store.execute_each(commands).await {
-        result.unwrap();
-    }
+    let queued: Vec<String> = queue_at_once(&app, &slow_ref, 10)
+        .await
+        .iter()
+        .map(ToString::to_string)
+        .collect();
     // That round is under way (its first email sent with the burst's token).
     let first_sent = || async {
         let mut sent = 0;

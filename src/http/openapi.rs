@@ -24,9 +24,13 @@ pub struct Operation {
     summary: &'static str,
     public: bool,
     query: Vec<(&'static str, &'static str, Value)>,
+    headers: Vec<(&'static str, &'static str)>,
     body: Option<&'static str>,
     responses: Vec<(u16, &'static str, Option<Value>)>,
 }
+
+/// What `Idempotency-Key` does, where a compose takes it.
+const IDEMPOTENCY_KEY: &str = "up to 255 ASCII characters: a retry with the same key and body returns the same message; the same key with another body is a 422";
 
 fn op(
     method: &'static str,
@@ -41,6 +45,7 @@ fn op(
         summary,
         public: false,
         query: Vec::new(),
+        headers: Vec::new(),
         body: None,
         responses: Vec::new(),
     }
@@ -55,6 +60,12 @@ impl Operation {
 
     fn query(mut self, name: &'static str, description: &'static str, schema: Value) -> Self {
         self.query.push((name, description, schema));
+        self
+    }
+
+    /// An optional request header the operation reads (a string).
+    fn header(mut self, name: &'static str, description: &'static str) -> Self {
+        self.headers.push((name, description));
         self
     }
 
@@ -87,6 +98,10 @@ impl Operation {
         parameters.extend(self.query.iter().map(|(name, description, schema)| {
             json!({"name": name, "in": "query", "required": false,
                    "description": description, "schema": schema})
+        }));
+        parameters.extend(self.headers.iter().map(|(name, description)| {
+            json!({"name": name, "in": "header", "required": false,
+                   "description": description, "schema": {"type": "string"}})
         }));
         let mut responses = Map::new();
         for (status, description, schema) in &self.responses {
@@ -260,11 +275,13 @@ pub fn operations() -> Vec<Operation> {
             .errors(&[404]),
         op("post", "/v1/services/{id}/shares", "messages",
             "One-call share: built for the service's channel, queued now or scheduled")
+            .header("Idempotency-Key", IDEMPOTENCY_KEY)
             .body("ShareRequest")
             .ok(201, "the message", Some(schema_ref("Message")))
             .errors(&[400, 404, 413, 415, 422, 503]),
         op("post", "/v1/messages", "messages",
             "Compose; `publish_at` schedules, `send: true` queues now. `Idempotency-Key` header makes retries safe")
+            .header("Idempotency-Key", IDEMPOTENCY_KEY)
             .body("ComposeRequest")
             .ok(201, "the message", Some(schema_ref("Message")))
             .errors(&[400, 413, 415, 422, 503]),
@@ -296,6 +313,7 @@ pub fn operations() -> Vec<Operation> {
             "The feed as server-sent events named `state_change`; resume with the `Last-Event-ID` header, `lastEventId` or `after`")
             .query("after", "position to read after", json!({"type": "integer"}))
             .query("lastEventId", "the last event id seen, for clients that cannot send the `Last-Event-ID` header", json!({"type": "integer"}))
+            .header("Last-Event-ID", "the last event id seen (a feed position): the stream resumes after it")
             .ok(200, "`text/event-stream` of FeedItem, `id:` is the position", None)
             .errors(&[422]),
         op("post", "/v1/subscriptions", "feed", "Create a push subscription (signed batches)")

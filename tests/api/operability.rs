@@ -301,6 +301,25 @@ async fn openapi_documents_every_route_and_every_documented_operation_is_routed(
     assert!(compose["requestBody"].is_object(), "{compose}");
     assert!(compose["responses"]["201"].is_object(), "{compose}");
     assert!(compose["responses"]["422"].is_object(), "{compose}");
+    // The headers an operation reads are parameters too, so generated clients send them.
+    let header_params = |operation: &Value| -> Vec<String> {
+        operation["parameters"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|p| p["in"] == "header")
+            .filter_map(|p| p["name"].as_str().map(String::from))
+            .collect()
+    };
+    assert_eq!(header_params(compose), ["Idempotency-Key"]);
+    assert_eq!(
+        header_params(&doc["paths"]["/v1/services/{id}/shares"]["post"]),
+        ["Idempotency-Key"]
+    );
+    assert_eq!(
+        header_params(&doc["paths"]["/v1/state-changes/stream"]["get"]),
+        ["Last-Event-ID"]
+    );
 
     // Operation ids are identifiers client generators can use, each once; every response an
     // operation refers to is defined.

@@ -8,6 +8,13 @@ pub fn now() -> DateTime<Utc> {
     Utc::now().trunc_subsecs(6)
 }
 
+/// `wait` after `at`, to the microsecond (a provider's `Retry-After` date and a jittered
+/// backoff are finer); `None` past the calendar's end.
+pub fn after(at: DateTime<Utc>, wait: std::time::Duration) -> Option<DateTime<Utc>> {
+    let wait = chrono::Duration::from_std(wait).ok()?;
+    Some(at.checked_add_signed(wait)?.trunc_subsecs(6))
+}
+
 #[cfg(test)]
 mod tests {
     use chrono::Timelike;

@@ -151,10 +151,26 @@ fn number<T: std::str::FromStr>(
 /// a `state_changes` rebuild, or a made-up one), which would wait for, then skip, every item up
 /// to it. A position is within the feed when an item is at it or after it.
 async fn within_feed(state: &AppState, after: i64, field: &str) -> Result<(), ApiError> {
+    past_the_end(
+        state,
+        after,
+        field,
+        "use a position the feed has served (its `next`), or 0 to read it from the start",
+    )
+    .await
+}
+
+/// 422 for `field` when `after` is past the feed's end, saying `what_instead`.
+pub(super) async fn past_the_end(
+    state: &AppState,
+    after: i64,
+    field: &str,
+    what_instead: &str,
+) -> Result<(), ApiError> {
     if after > 0 && state.store.state_changes(after - 1, 1).await?.is_empty() {
         return Err(ApiError::field(
             field,
-            "is past the end of the feed: use a position the feed has served (its `next`), or 0 to read it from the start",
+            format!("is past the end of the feed: {what_instead}"),
         ));
     }
     Ok(())

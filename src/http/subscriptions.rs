@@ -85,13 +85,14 @@ async fn create(
     // A cursor past the feed's end would deliver nothing until the feed grew past it, and
     // every change up to there would be skipped: refused (it is within the feed when some
     // item is at or after it).
-    if let Some(after) = body.after.filter(|a| *a > 0) {
-        if state.store.state_changes(after - 1, 1).await?.is_empty() {
-            return Err(ApiError::field(
-                "after",
-                "is past the end of the feed: use a position the feed has served (`next` of GET /v1/state-changes), or leave it out to start at the end",
-            ));
-        }
+    if let Some(after) = body.after {
+        super::feed::past_the_end(
+            &state,
+            after,
+            "after",
+            "use a position the feed has served (`next` of GET /v1/state-changes), or leave it out to start at the end",
+        )
+        .await?;
     }
     let subscription = state
         .store

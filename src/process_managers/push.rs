@@ -190,7 +190,9 @@ impl Pusher {
                 // given that long, within the backoff's ceiling.
                 let asked = [429, 503]
                     .contains(&status.as_u16())
-                    .then(|| retry_after(r.headers()))
+                    .then(|| {
+                        crate::providers::retry_after(r.headers(), std::time::SystemTime::now())
+                    })
                     .flatten();
                 self.failed(&sub, format!("HTTP {status}: {text}"), asked)
                     .await
@@ -305,23 +307,6 @@ impl Pusher {
             }
         }
     }
-}
-
-/// A subscriber's `Retry-After`: seconds, or an HTTP date.
-fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
-    let value = headers
-        .get(reqwest::header::RETRY_AFTER)?
-        .to_str()
-        .ok()?
-        .trim();
-    if let Ok(seconds) = value.parse::<u64>() {
-        return Some(Duration::from_secs(seconds));
-    }
-    let at = httpdate::parse_http_date(value).ok()?;
-    Some(
-        at.duration_since(std::time::SystemTime::now())
-            .unwrap_or(Duration::ZERO),
-    )
 }
 
 /// A delivery task's end: its store error (the lease expires and it is retried), or a panic.

@@ -19,7 +19,7 @@
 
 use crate::providers::{parse_credentials, Account, OutgoingMessage, Providers, SendError};
 use crate::store::{CommandError, PerService, SendJob, Store, StoreError};
-use chrono::{DateTime, SubsecRound, Utc};
+use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use messaging_domain::{
     Channel, Message, MessageCommand, MessageData, MessageError, MessageId, MessageState, Provider,
@@ -92,10 +92,7 @@ impl RateLimiter {
     /// back with [`Self::refund`].
     async fn reserve(&self, service: ServiceId, rate: f64, burst: f64) -> Duration {
         let mut buckets = self.buckets.lock().await;
-        let now = tokio::time::Instant::now();
-        let (tokens, last) = buckets.entry(service).or_insert((burst, now));
-        *tokens = (*tokens + now.duration_since(*last).as_secs_f64() * rate).min(burst);
-        *last = now;
+        let tokens = refilled(&mut buckets, service, rate, burst);
         *tokens -= 1.0;
         if *tokens >= 0.0 {
             return Duration::ZERO;
@@ -112,24 +109,31 @@ impl RateLimiter {
         }
     }
 
-    /// Takes a token if one is there now; otherwise says how long until one is.
-    async fn try_acquire(&self, service: ServiceId, rate: f64, burst: f64) -> Result<(), Duration> {
+    /// Takes a token if one is there now.
+    async fn try_take(&self, service: ServiceId, rate: f64, burst: f64) -> bool {
         let mut buckets = self.buckets.lock().await;
-        let now = tokio::time::Instant::now();
-        let (tokens, last) = buckets.entry(service).or_insert((burst, now));
-        *tokens = (*tokens + now.duration_since(*last).as_secs_f64() * rate).min(burst);
-        *last = now;
-        if *tokens >= 1.0 {
+        let tokens = refilled(&mut buckets, service, rate, burst);
+        let there = *tokens >= 1.0;
+        if there {
             *tokens -= 1.0;
-            return Ok(());
         }
-        // At most a minute at a time (the caller looks again): a rate so small that the wait
-        // does not fit a Duration must not panic the sender.
-        let wait = (1.0 - *tokens) / rate.max(f64::MIN_POSITIVE);
-        Err(Duration::try_from_secs_f64(wait)
-            .unwrap_or(Duration::MAX)
-            .min(Duration::from_secs(60)))
+        there
     }
+}
+
+/// The service's tokens, refilled at `rate` (up to `burst`) for the time since they were last
+/// counted; a new bucket starts full.
+fn refilled(
+    buckets: &mut HashMap<ServiceId, (f64, tokio::time::Instant)>,
+    service: ServiceId,
+    rate: f64,
+    burst: f64,
+) -> &mut f64 {
+    let now = tokio::time::Instant::now();
+    let (tokens, last) = buckets.entry(service).or_insert((burst, now));
+    *tokens = (*tokens + now.duration_since(*last).as_secs_f64() * rate).min(burst);
+    *last = now;
+    tokens
 }
 
 #[derive(Clone)]
@@ -226,15 +230,16 @@ impl Sender {
                 Some(d) if d.channel == Channel::Email && ready_to_send(d) => {
                     let paced = self
                         .limiter
-                        .try_acquire(
+                        .try_take(
                             job.service_id,
                             self.config.per_service_rate,
                             self.config.per_service_burst,
                         )
                         .await;
-                    match paced {
-                        Ok(()) => plain.push((job, d)),
-                        Err(_) => other.push(job),
+                    if paced {
+                        plain.push((job, d));
+                    } else {
+                        other.push(job);
                     }
                 }
                 _ => other.push(job),
@@ -446,10 +451,7 @@ impl Sender {
         let wait = self.limiter.reserve(service_id, rate, burst).await;
         if wait > WAIT_FOR_A_TOKEN_AT_MOST {
             self.limiter.refund(service_id, burst).await;
-            let due = chrono::Duration::from_std(wait)
-                .ok()
-                .and_then(|wait| crate::clock::now().checked_add_signed(wait))
-                .map(|due| due.trunc_subsecs(6));
+            let due = crate::clock::after(crate::clock::now(), wait);
             return self.given_back_until(job, due).await;
         }
         tokio::time::sleep(wait).await;
@@ -613,11 +615,8 @@ impl Sender {
                         .min(super::LONGEST_PROVIDER_WAIT);
                 // To the microsecond, as the service's times are (a provider's Retry-After
                 // date is read to the nanosecond).
-                let retry_at = chrono::Duration::from_std(wait)
-                    .ok()
-                    .and_then(|wait| now.checked_add_signed(wait))
-                    .unwrap_or(now + chrono::Duration::days(1))
-                    .trunc_subsecs(6);
+                let retry_at =
+                    crate::clock::after(now, wait).unwrap_or(now + chrono::Duration::days(1));
                 tracing::warn!(message_id = %id, attempt, %reason, retry_in_ms = wait.as_millis() as u64, "send failed; will retry");
                 (
                     MessageCommand::RecordSendFailure {

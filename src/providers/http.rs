@@ -143,7 +143,7 @@ pub(super) fn status_error(
 /// daily post cap is refused until that cap's reset, whatever its 15-minute window says, and
 /// retrying at the window's reset only spends the message's attempts. A time already past
 /// means "now" (zero).
-pub(super) fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
+pub(crate) fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
     let header = |name: &str| {
         headers
             .get(name)

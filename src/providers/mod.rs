@@ -110,6 +110,7 @@ pub enum SendError {
 mod credentials;
 mod email;
 mod http;
+pub(crate) use http::retry_after;
 mod oauth1;
 
 pub mod facebook;

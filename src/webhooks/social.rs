@@ -133,12 +133,7 @@ async fn social_delivery(
         // X signs with the key its CRC challenge uses, whose answer anyone can ask for: of a
         // body that could be a challenge token (anything but a JSON object: X's deliveries
         // always are one), a valid signature proves nothing. Refused, not kept.
-        (Ok(delivery), Social::X) if !delivery.is_object() => {
-            return Err(WebhookError::Malformed(
-                "an Account Activity delivery is a JSON object".into(),
-            ))
-        }
-        (Err(_), Social::X) => {
+        (delivery, Social::X) if !delivery.as_ref().is_ok_and(Value::is_object) => {
             return Err(WebhookError::Malformed(
                 "an Account Activity delivery is a JSON object".into(),
             ))

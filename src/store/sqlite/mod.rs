@@ -16,7 +16,7 @@ use crate::store::{
 };
 use crate::webhooks::inbox::{InboxFact, Problematic};
 use async_trait::async_trait;
-use chrono::{DateTime, SubsecRound, Utc};
+use chrono::{DateTime, Utc};
 use cqrs_es::persist::{
     PersistedEventRepository, PersistedEventStore, PersistenceError, ReplayStream, SerializedEvent,
     SerializedSnapshot,
@@ -168,12 +168,7 @@ fn later(now: DateTime<Utc>, by: Duration) -> DateTime<Utc> {
     let end = chrono::NaiveDate::from_ymd_opt(9999, 12, 31)
         .and_then(|d| d.and_hms_opt(0, 0, 0))
         .map_or(DateTime::<Utc>::MAX_UTC, |t| t.and_utc());
-    chrono::Duration::from_std(by)
-        .ok()
-        .and_then(|by| now.checked_add_signed(by))
-        .map_or(end, |t| t.min(end))
-        // To the microsecond, as PostgreSQL keeps a time (see `crate::clock`).
-        .trunc_subsecs(6)
+    crate::clock::after(now, by).map_or(end, |t| t.min(end))
 }
 
 /// A stored time read back through an SQL aggregate (which loses the column's type).

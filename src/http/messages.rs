@@ -430,11 +430,33 @@ async fn resolve(
     }
     let command = MessageCommand::ResolveSendOutcome {
         posted: body.posted,
-        provider_message_id,
+        provider_message_id: provider_message_id.clone(),
         send_again: body.send_again,
         at: crate::clock::now(),
     };
-    run(&state, &id, command).await
+    let id = parse_message_id(&id)?;
+    let message = state.store.execute_and_load(id, command).await?;
+    tracing::info!(message_id = %id, action = "resolve the send outcome of", "message command");
+    // Replies to the post that came more than an hour before its id was known were kept as
+    // unmatched: they are matched now.
+    let social = message
+        .data()
+        .map(|d| d.channel)
+        .filter(|c| matches!(c, Channel::Twitter | Channel::Facebook));
+    if let (true, Some(channel), Some(post)) = (body.posted, social, &provider_message_id) {
+        // The outcome is recorded whatever happens here: a failure is logged, not answered
+        // with an error that a retry would only meet with a 409.
+        match state.store.rematch_replies(channel, post, id).await {
+            Ok(0) => {}
+            Ok(replies) => {
+                tracing::info!(message_id = %id, replies, "unmatched replies given to the resolved post")
+            }
+            Err(error) => {
+                tracing::error!(message_id = %id, %error, "unmatched replies to the resolved post not given to it")
+            }
+        }
+    }
+    Ok(ApiJson(view_of(id, &message)?))
 }
 
 async fn show(

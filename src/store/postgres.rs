@@ -550,6 +550,15 @@ impl Store for PgStore {
         inbox::settle(&self.pool, settled).await
     }
 
+    async fn rematch_replies(
+        &self,
+        channel: Channel,
+        provider_message_id: &str,
+        message_id: MessageId,
+    ) -> Result<u64, StoreError> {
+        inbox::rematch_replies(&self.pool, channel, provider_message_id, message_id).await
+    }
+
     async fn webhook_problems(
         &self,
         before: Option<i64>,

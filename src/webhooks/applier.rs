@@ -2,7 +2,8 @@
 //! A fact for a message not known yet waits, and is applied once the message is listed. A reply
 //! to a post that was not listed yet when it came (X and Facebook name the post, not our
 //! message) waits for a post of ours with that provider id to be listed, for at most
-//! [`WAIT_FOR_POST`]: the list may be behind, or being rebuilt.
+//! [`WAIT_FOR_POST`]: the list may be behind, or being rebuilt. A fact naming a message that
+//! never appears is given up on after as long.
 //! Facts are claimed with `FOR UPDATE SKIP LOCKED`, so any number of instances can run.
 
 use super::inbox::FactKind;
@@ -73,7 +74,8 @@ fn inbound_id(event_id: &str, at: DateTime<Utc>) -> MessageId {
 }
 
 /// How long a reply waits for the post it answers to be listed before it is kept as unmatched
-/// (a reply to a post that is not ours, or not sent through this service, waits this long).
+/// (a reply to a post that is not ours, or not sent through this service, waits this long), and
+/// a fact for a message we do not have waits for it.
 pub const WAIT_FOR_POST: Duration = Duration::from_secs(3600);
 
 /// The applier runs a round for new events at most this often (waiting facts are applied this
@@ -116,6 +118,16 @@ impl Applier {
         for (fact, outcome) in self.apply_all(&pending).await {
             let settlement = match outcome {
                 Applied::Done => FactSettlement::Applied,
+                // A message that was never created (an event for another system's email on a
+                // shared SendGrid account, say) would be waited for forever: given up on after
+                // as long as a reply waits for its post, and shown as unmatched.
+                Applied::Wait if fact.received_at < gave_up_before => {
+                    FactSettlement::Unmatched(format!(
+                        "no message of ours has id {} (waited {} minutes for it)",
+                        fact.message_id.map(|m| m.to_string()).unwrap_or_default(),
+                        WAIT_FOR_POST.as_secs() / 60
+                    ))
+                }
                 Applied::Wait => FactSettlement::Wait(None),
                 Applied::WaitForChange(reason) => FactSettlement::Wait(Some(reason)),
                 Applied::Unmatched(reason) => FactSettlement::Unmatched(reason),

@@ -1355,6 +1355,178 @@ async fn a_reply_to_a_post_that_is_never_listed_is_kept_as_unmatched_once_it_has
     .await;
 }
 
+/// An X post whose outcome is unknown (its call timed out) is resolved by hand as posted more
+/// than an hour after a reply to it came: the reply, kept as unmatched by then, is matched to
+/// it, and nothing else is.
+#[tokio::test]
+async fn a_reply_given_up_on_is_matched_when_its_post_is_resolved_as_posted() {
+    let app = webhook_app().await;
+    let service_id = app.create_service("twitter", "x", "acme_marketing").await;
+    let service = ServiceRef {
+        id: service_id.parse().unwrap(),
+        channel: Channel::Twitter,
+        provider: Provider::X,
+        username: "acme_marketing".into(),
+        name: None,
+    };
+    let id = MessageId::from_uuid(uuid::Uuid::now_v7());
+    let now = Utc::now();
+    let input = MessageInput {
+        text: Some("Hello there".into()),
+        ..Default::default()
+    };
+    // The call was made and its answer never came: the post may or may not exist.
+    let commands = vec![
+        MessageCommand::Compose(Compose {
+            id,
+            message: build_message(&service, input).unwrap(),
+            dispatch: Dispatch::Draft,
+            now,
+        }),
+        MessageCommand::Send {
+            now,
+            expected_publish_at: None,
+        },
+        MessageCommand::StartSendAttempt { now, attempt: 1 },
+        MessageCommand::RecordSendOutcomeUnknown {
+            attempt: 1,
+            reason: "timed out".into(),
+            at: now,
+        },
+    ];
+    app.store
+        .execute(id, MessageCommand::Batch(commands))
+        .await
+        .unwrap();
+    // A reply to post 1861234567890123456 comes; no post of ours has that id, and after an
+    // hour (as if received long ago) it is kept as unmatched.
+    assert_eq!(post_x_reply(&app).await["new"], 1);
+    sqlx::query(
+        "UPDATE webhook_inbox SET received_at = '2000-01-01T00:00:00.000+00:00' \
+         WHERE event_id = 'tweet:1861234567890123457'",
+    )
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    eventually(|| async {
+        let (_, problems) = app.get("/v1/webhooks/unmatched").await;
+        problems["items"].as_array().unwrap().len() == 1
+    })
+    .await;
+
+    // A person finds another post (not the one replied to) and records it: the reply stays.
+    let other = MessageId::from_uuid(uuid::Uuid::now_v7());
+    app.store
+        .execute(
+            other,
+            MessageCommand::Batch(vec![
+                MessageCommand::Compose(Compose {
+                    id: other,
+                    message: build_message(
+                        &service,
+                        MessageInput {
+                            text: Some("Another".into()),
+                            ..Default::default()
+                        },
+                    )
+                    .unwrap(),
+                    dispatch: Dispatch::Draft,
+                    now,
+                }),
+                MessageCommand::Send {
+                    now,
+                    expected_publish_at: None,
+                },
+                MessageCommand::StartSendAttempt { now, attempt: 1 },
+                MessageCommand::RecordSendOutcomeUnknown {
+                    attempt: 1,
+                    reason: "timed out".into(),
+                    at: now,
+                },
+            ]),
+        )
+        .await
+        .unwrap();
+    let (status, m) = app
+        .post(
+            &format!("/v1/messages/{other}/resolve"),
+            json!({"posted": true, "provider_message_id": "1861234567890000000"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{m}");
+    let (_, problems) = app.get("/v1/webhooks/unmatched").await;
+    assert_eq!(problems["items"].as_array().unwrap().len(), 1, "{problems}");
+
+    // The post replied to is found and recorded: the reply is matched to it.
+    let (status, m) = app
+        .post(
+            &format!("/v1/messages/{id}/resolve"),
+            json!({"posted": true, "provider_message_id": "1861234567890123456"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{m}");
+    assert_eq!(m["state"], "sent");
+    eventually(|| async {
+        let (_, m) = app.get(&format!("/v1/messages/{id}")).await;
+        m["state"] == "replied" && m["replies"] == 1
+    })
+    .await;
+    settled(&app).await;
+    let (_, m) = app.get(&format!("/v1/messages/{id}")).await;
+    let replies = m["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["type"] == "ReplyRecorded")
+        .count();
+    assert_eq!(replies, 1, "{m}");
+    let (_, problems) = app.get("/v1/webhooks/unmatched").await;
+    assert_eq!(problems["items"], json!([]));
+    let (_, inbound) = app.get("/v1/messages?direction=inbound").await;
+    assert_eq!(inbound["items"].as_array().unwrap().len(), 1, "{inbound}");
+    let (_, m) = app.get(&format!("/v1/messages/{other}")).await;
+    assert_eq!(m["replies"], 0, "{m}");
+}
+
+/// A SendGrid event naming a message we never had (another system's email on a shared account,
+/// say) waits for it, then, after an hour, is kept as unmatched with why: it neither waits
+/// forever nor hides from the unmatched list.
+#[tokio::test]
+async fn a_fact_for_a_message_that_never_appears_is_kept_as_unmatched_once_it_has_waited() {
+    let app = webhook_app().await;
+    let unknown = uuid::Uuid::now_v7().to_string();
+    let batch = json!([{"event": "delivered", "sg_event_id": "d-unknown", "timestamp": Utc::now().timestamp(), "message_id": unknown}]);
+    let (status, body) = post_sendgrid(&app, &serde_json::to_vec(&batch).unwrap()).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    waiting_facts(&app, "event_id = 'd-unknown' AND status = 'pending'").await;
+    let (_, problems) = app.get("/v1/webhooks/unmatched").await;
+    assert_eq!(problems["items"], json!([]), "waiting, not unmatched yet");
+    // As if it had come more than an hour ago.
+    sqlx::query(
+        "UPDATE webhook_inbox SET received_at = '2000-01-01T00:00:00.000+00:00' \
+         WHERE event_id = 'd-unknown'",
+    )
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    eventually(|| async {
+        let (_, problems) = app.get("/v1/webhooks/unmatched").await;
+        !problems["items"].as_array().unwrap().is_empty()
+    })
+    .await;
+    let (_, problems) = app.get("/v1/webhooks/unmatched").await;
+    let item = &problems["items"][0];
+    assert_eq!(item["status"], "unmatched", "{item}");
+    assert_eq!(item["message_id"], unknown.as_str(), "{item}");
+    let reason = item["reason"].as_str().unwrap();
+    assert!(
+        reason.contains(&format!("no message of ours has id {unknown}"))
+            && reason.contains("waited 60 minutes"),
+        "{reason}"
+    );
+    settled(&app).await;
+}
+
 /// Posts `count` SendGrid opens of message `id` numbered from `from` (their `sg_event_id`s
 /// are `open-<n>`: the same numbers again are duplicates).
 async fn post_opens(app: &TestApp, id: &str, from: usize, count: usize) {
@@ -1572,7 +1744,10 @@ async fn on_postgresql_a_lease_planned_while_the_inbox_was_empty_finds_its_facts
         .expect("a pool of one");
     let store = PgStore::new(one.clone());
     for _ in 0..8 {
-        let leased = store.lease_webhook_facts(Utc::now()).await.expect("lease");
+        let leased = store
+            .lease_webhook_facts(Utc::now() - chrono::Duration::hours(1))
+            .await
+            .expect("lease");
         assert!(leased.is_empty());
     }
     // PostgreSQL keeps the plan it made then.
@@ -1586,7 +1761,10 @@ async fn on_postgresql_a_lease_planned_while_the_inbox_was_empty_finds_its_facts
     assert!(kept > 0, "the lease's plan was not kept");
     burst().await;
     let before = key_lookups().await;
-    let leased = store.lease_webhook_facts(Utc::now()).await.expect("lease");
+    let leased = store
+        .lease_webhook_facts(Utc::now() - chrono::Duration::hours(1))
+        .await
+        .expect("lease");
     assert_eq!(leased.len(), 500);
     // A backend reports its scans at a transaction's end at most once a second (else within
     // 10 s, when idle): the lease's own connection is asked to report them now (PostgreSQL
@@ -1699,7 +1877,7 @@ async fn on_postgresql_the_webhook_lease_reads_the_oldest_pending_facts_through_
     assert_eq!(expected.len(), 500);
     let store = PgStore::new(pool.clone());
     let mut leased: Vec<i64> = store
-        .lease_webhook_facts(Utc::now())
+        .lease_webhook_facts(Utc::now() - chrono::Duration::hours(1))
         .await
         .expect("lease")
         .iter()

@@ -70,6 +70,38 @@ pub(super) async fn outbound_message_id(
     Ok(id.map(MessageId::from_uuid))
 }
 
+/// See [`crate::store::Store::rematch_replies`]. Read through `webhook_inbox_problems` (the
+/// unmatched and malformed rows): a hand-resolved outcome is rare, and the inbox's other rows
+/// are never read for it.
+pub(super) async fn rematch_replies(
+    pool: &PgPool,
+    channel: Channel,
+    provider_message_id: &str,
+    message_id: MessageId,
+) -> Result<u64, StoreError> {
+    let mut tx = pool.begin().await?;
+    let given_back = sqlx::query(
+        "UPDATE webhook_inbox SET status = 'pending', waiting = false, waiting_after = NULL, \
+           reason = NULL, locked_until = NULL, message_id = $3 \
+         WHERE status = 'unmatched' AND kind = 'reply' AND message_id IS NULL \
+           AND payload->>'answered_post' = $1 AND payload->>'channel' = $2",
+    )
+    .bind(provider_message_id)
+    .bind(channel.as_str())
+    .bind(message_id.as_uuid())
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    if given_back > 0 {
+        // The inbox's trigger wakes the appliers on inserts only.
+        sqlx::query("SELECT pg_notify('webhook_inbox', '')")
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await?;
+    Ok(given_back)
+}
+
 #[derive(sqlx::FromRow)]
 struct PendingRow {
     id: i64,
@@ -92,8 +124,9 @@ struct PendingRow {
 /// that names only the post it answers looks the post up by its provider id (for its message
 /// and again for that message's sequence, and first in the filter when it waits for the post;
 /// the other facts have their message already), a scalar subquery each so that no plan
-/// hashes the whole list for it. `$1`: replies to posts never listed are given up on once
-/// received before it.
+/// hashes the whole list for it. `$1`: replies to posts never listed, and facts waiting for a
+/// message never listed, are given up on once received before it (leased once more: the
+/// applier keeps them as unmatched unless the log has the message after all).
 pub const LEASE: &str = "UPDATE webhook_inbox w SET locked_until = now() + interval '60 seconds', \
        waiting = false, \
        message_id = COALESCE(w.message_id, (SELECT p.message_id FROM message_list p \
@@ -114,7 +147,9 @@ pub const LEASE: &str = "UPDATE webhook_inbox w SET locked_until = now() + inter
              (SELECT true FROM message_list m \
               WHERE m.provider_message_id = i.payload->>'answered_post' \
                 AND m.channel = i.payload->>'channel' \
-                AND m.direction = 'outbound' LIMIT 1), false)))) \
+                AND m.direction = 'outbound' LIMIT 1), false))) \
+           OR (i.received_at < $1 AND i.message_id IS NOT NULL AND NOT EXISTS \
+             (SELECT 1 FROM message_list m WHERE m.message_id = i.message_id))) \
        ORDER BY i.occurred_at, i.id LIMIT 500 FOR UPDATE SKIP LOCKED)) \
      RETURNING w.id, w.event_id, w.message_id, w.kind, w.occurred_at, w.received_at, \
                w.payload, w.locked_until";

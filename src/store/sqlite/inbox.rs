@@ -63,6 +63,29 @@ pub(super) async fn outbound_message_id(
     Ok(id.map(MessageId::from_uuid))
 }
 
+/// See [`crate::store::Store::rematch_replies`].
+pub(super) async fn rematch_replies(
+    pools: &SqlitePools,
+    channel: Channel,
+    provider_message_id: &str,
+    message_id: MessageId,
+) -> Result<u64, StoreError> {
+    let given_back = sqlx::query(
+        "UPDATE webhook_inbox SET status = 'pending', waiting = 0, waiting_after = NULL, \
+           reason = NULL, locked_until = NULL, message_id = ?3 \
+         WHERE status = 'unmatched' AND kind = 'reply' AND message_id IS NULL \
+           AND json_extract(payload, '$.answered_post') = ?1 \
+           AND json_extract(payload, '$.channel') = ?2",
+    )
+    .bind(provider_message_id)
+    .bind(channel.as_str())
+    .bind(message_id.as_uuid())
+    .execute(&pools.write)
+    .await?
+    .rows_affected();
+    Ok(given_back)
+}
+
 #[derive(sqlx::FromRow)]
 struct PendingRow {
     id: i64,
@@ -75,7 +98,7 @@ struct PendingRow {
 }
 
 /// Leases the next pending facts, oldest first (`?1` now, `?2` the lease's end, `?3` when a
-/// reply to no known post is given up on), through `webhook_inbox_pending` in that order,
+/// reply to no known post, or a fact for a message never listed, is given up on), through `webhook_inbox_pending` in that order,
 /// stopping at 500.
 pub(super) const LEASE_PENDING: &str = "UPDATE webhook_inbox SET locked_until = ?2, \
            waiting = 0, \
@@ -100,7 +123,9 @@ pub(super) const LEASE_PENDING: &str = "UPDATE webhook_inbox SET locked_until = 
                      (SELECT 1 FROM message_list m \
                       WHERE m.provider_message_id = json_extract(c.payload, '$.answered_post') \
                         AND m.channel = json_extract(c.payload, '$.channel') \
-                        AND m.direction = 'outbound')))) \
+                        AND m.direction = 'outbound'))) \
+                   OR (c.received_at < ?3 AND c.message_id IS NOT NULL AND NOT EXISTS \
+                     (SELECT 1 FROM message_list m WHERE m.message_id = c.message_id))) \
                ORDER BY c.occurred_at, c.id LIMIT 500) \
          RETURNING id, event_id, message_id, kind, occurred_at, received_at, payload";
 

@@ -770,6 +770,20 @@ impl Store for SqliteStore {
         inbox::lease(&self.pools, gave_up_before).await
     }
 
+    async fn rematch_replies(
+        &self,
+        channel: Channel,
+        provider_message_id: &str,
+        message_id: MessageId,
+    ) -> Result<u64, StoreError> {
+        let given_back =
+            inbox::rematch_replies(&self.pools, channel, provider_message_id, message_id).await?;
+        if given_back > 0 {
+            self.bell.webhook_inbox();
+        }
+        Ok(given_back)
+    }
+
     async fn settle_webhook_facts(
         &self,
         settled: &[(crate::store::FactLease, FactSettlement)],

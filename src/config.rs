@@ -112,8 +112,10 @@ impl Database {
 pub struct WebhookSettings {
     /// Base64 DER, as SendGrid shows it.
     pub sendgrid_public_key: Option<Secret>,
-    /// The `?token=` that SendGrid Inbound Parse must send (it signs nothing).
+    /// The `?token=` that SendGrid Inbound Parse must send.
     pub sendgrid_inbound_token: Option<Secret>,
+    /// Base64 DER: the public key of the Inbound Parse security policy's signature.
+    pub sendgrid_inbound_public_key: Option<Secret>,
     pub x_consumer_secret: Option<Secret>,
     pub facebook_app_secret: Option<Secret>,
     pub facebook_verify_token: Option<Secret>,
@@ -253,6 +255,7 @@ impl Config {
         let webhooks = WebhookSettings {
             sendgrid_public_key: secret("MESSAGING_SENDGRID_WEBHOOK_PUBLIC_KEY"),
             sendgrid_inbound_token: secret("MESSAGING_SENDGRID_INBOUND_TOKEN"),
+            sendgrid_inbound_public_key: secret("MESSAGING_SENDGRID_INBOUND_PUBLIC_KEY"),
             x_consumer_secret: secret("MESSAGING_X_CONSUMER_SECRET"),
             facebook_app_secret: secret("MESSAGING_FACEBOOK_APP_SECRET"),
             facebook_verify_token: secret("MESSAGING_FACEBOOK_VERIFY_TOKEN"),

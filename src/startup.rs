@@ -271,17 +271,28 @@ fn webhook_secrets(config: &Config) -> anyhow::Result<WebhookSecrets> {
         .map_err(|e| {
             anyhow::anyhow!("configuration: MESSAGING_SENDGRID_WEBHOOK_PUBLIC_KEY: {e}")
         })?;
-    if w.sendgrid_inbound_token.is_none() {
-        // Inbound Parse is signed by nothing: without the token, anyone who can reach the
-        // endpoint can record a reply. Kept open (the contract's inbound webhook needs no
-        // secret), but said once at start-up.
+    let sendgrid_inbound_verifier = w
+        .sendgrid_inbound_public_key
+        .as_ref()
+        .map(|key| SendgridVerifier::from_base64_der(key.expose()))
+        .transpose()
+        .map_err(|e| {
+            anyhow::anyhow!("configuration: MESSAGING_SENDGRID_INBOUND_PUBLIC_KEY: {e}")
+        })?;
+    if w.sendgrid_inbound_token.is_none() && sendgrid_inbound_verifier.is_none() {
+        // Inbound Parse is signed only under a security policy: without its key or the token,
+        // anyone who can reach the endpoint can record a reply. Kept open (the contract's
+        // inbound webhook needs no secret), but said once at start-up.
         tracing::warn!(
-            "MESSAGING_SENDGRID_INBOUND_TOKEN is not set: /webhooks/sendgrid/inbound accepts \
-             any caller; set it and add ?token=... to the URL SendGrid posts to"
+            "neither MESSAGING_SENDGRID_INBOUND_PUBLIC_KEY nor MESSAGING_SENDGRID_INBOUND_TOKEN \
+             is set: /webhooks/sendgrid/inbound accepts any caller; attach a security policy \
+             with a signature to the Parse setting and set its public key, or set the token \
+             and add ?token=... to the URL SendGrid posts to"
         );
     }
     Ok(WebhookSecrets {
         sendgrid_verifier,
+        sendgrid_inbound_verifier,
         sendgrid_inbound_token: w.sendgrid_inbound_token.clone(),
         x_consumer_secret: w.x_consumer_secret.clone(),
         facebook_app_secret: w.facebook_app_secret.clone(),

@@ -346,7 +346,7 @@ pub fn operations() -> Vec<Operation> {
             .public()
             .ok(200, "recorded in the inbox", None)
             .errors(&[400, 401, 413, 503]),
-        op("post", "/webhooks/sendgrid/inbound", "webhooks", "SendGrid Inbound Parse (`?token=`)")
+        op("post", "/webhooks/sendgrid/inbound", "webhooks", "SendGrid Inbound Parse (ECDSA-signed under a security policy, or `?token=`)")
             .public()
             .ok(200, "recorded in the inbox", None)
             .errors(&[400, 401, 413, 503]),

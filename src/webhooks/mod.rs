@@ -19,11 +19,13 @@ use serde_json::json;
 use std::sync::Arc;
 
 /// What the webhooks verify with. `None` means not configured: that webhook refuses everything,
-/// except Inbound Parse, which SendGrid does not sign: without its token it accepts any caller
-/// (a warning at start-up says so).
+/// except Inbound Parse, which SendGrid signs only under a security policy: without its public
+/// key or its token it accepts any caller (a warning at start-up says so).
 #[derive(Default)]
 pub struct WebhookSecrets {
     pub sendgrid_verifier: Option<verify::SendgridVerifier>,
+    /// The Inbound Parse security policy's signature key (not the Event Webhook's).
+    pub sendgrid_inbound_verifier: Option<verify::SendgridVerifier>,
     pub sendgrid_inbound_token: Option<Secret>,
     pub x_consumer_secret: Option<Secret>,
     pub facebook_app_secret: Option<Secret>,

@@ -159,13 +159,15 @@ pub struct InboundQuery {
 }
 
 /// `POST /webhooks/sendgrid/inbound`: Inbound Parse posts each received email as a multipart
-/// form, parsed (`headers`, `text`, `html`, ...) or raw (`email`). Its signed security policy
-/// is not checked here; configure `MESSAGING_SENDGRID_INBOUND_TOKEN` and put `?token=...` in
-/// the URL you give SendGrid.
+/// form, parsed (`headers`, `text`, `html`, ...) or raw (`email`). With a security policy's
+/// signature (`MESSAGING_SENDGRID_INBOUND_PUBLIC_KEY`), the whole form is read and verified as
+/// the Event Webhook's batches are (ECDSA P-256 over timestamp + raw body) before it is parsed;
+/// with `MESSAGING_SENDGRID_INBOUND_TOKEN`, the URL's `?token=` must be it. Either, both, or
+/// (with a warning at start-up) neither.
 pub async fn inbound(
     State(state): State<WebhookState>,
     super::WebhookQuery(query): super::WebhookQuery<InboundQuery>,
-    super::Form(mut form): super::Form,
+    request: axum::extract::Request,
 ) -> Result<(StatusCode, Json<Value>), WebhookError> {
     if let Some(expected) = &state.secrets.sendgrid_inbound_token {
         let given = query.token.unwrap_or_default();
@@ -173,6 +175,12 @@ pub async fn inbound(
             return Err(WebhookError::BadSignature);
         }
     }
+    let request = match &state.secrets.sendgrid_inbound_verifier {
+        Some(verifier) => verified(verifier, request).await?,
+        None => request,
+    };
+    let super::Form(mut form) =
+        <super::Form as axum::extract::FromRequest<()>>::from_request(request, &()).await?;
     let mut raw = std::collections::HashMap::new();
     while let Some(field) = form.next_field().await.map_err(multipart_error)? {
         let Some(name) = field.name().map(str::to_string) else {
@@ -257,6 +265,41 @@ pub fn decode_fields(
 }
 
 /// A form that could not be read: too large (413, with the limit), or not a form (400).
+/// The request, its body read whole (within [`super::INBOUND_BODY_LIMIT`]) and its signature
+/// checked over it, given back to be parsed.
+async fn verified(
+    verifier: &super::verify::SendgridVerifier,
+    request: axum::extract::Request,
+) -> Result<axum::extract::Request, WebhookError> {
+    use http_body_util::BodyExt;
+    let (parts, body) = request.into_parts();
+    let header = |name: &str| parts.headers.get(name).and_then(|v| v.to_str().ok());
+    let (Some(signature), Some(timestamp)) = (header(SIGNATURE), header(TIMESTAMP)) else {
+        return Err(WebhookError::MissingSignature);
+    };
+    let body = http_body_util::Limited::new(body, super::INBOUND_BODY_LIMIT)
+        .collect()
+        .await
+        .map_err(|e| {
+            if e.is::<http_body_util::LengthLimitError>() {
+                WebhookError::TooLarge(format!(
+                    "the form is larger than {} MB",
+                    super::INBOUND_BODY_LIMIT >> 20
+                ))
+            } else {
+                WebhookError::Malformed(format!("the body could not be read: {e}"))
+            }
+        })?
+        .to_bytes();
+    verifier
+        .verify(timestamp, &body, signature)
+        .map_err(|_| WebhookError::BadSignature)?;
+    Ok(axum::extract::Request::from_parts(
+        parts,
+        axum::body::Body::from(body),
+    ))
+}
+
 fn multipart_error(e: axum::extract::multipart::MultipartError) -> WebhookError {
     if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
         WebhookError::TooLarge(format!(

@@ -1107,6 +1107,107 @@ async fn an_inbound_email_reply_is_matched_by_its_headers() {
     .await;
 }
 
+/// With a security policy's signature, Inbound Parse's form is verified over its raw bytes
+/// before it is read, as the Event Webhook's batches are: unsigned, signed by another key, or
+/// changed after signing, it is refused with 401 and nothing is recorded; signed, the reply is
+/// matched. Too large a form is still a 413.
+#[tokio::test]
+async fn a_signed_inbound_email_is_verified_before_it_is_read() {
+    const POLICY_SCALAR: [u8; 32] = [9; 32];
+    let (policy_key, _) = sendgrid_test_signature(&POLICY_SCALAR, "0", b"").unwrap();
+    let (event_key, _) = sendgrid_test_signature(&SCALAR, "0", b"").unwrap();
+    let app = TestApp::spawn_with(&[
+        ("MESSAGING_SENDGRID_WEBHOOK_PUBLIC_KEY", event_key),
+        ("MESSAGING_SENDGRID_INBOUND_PUBLIC_KEY", policy_key),
+    ])
+    .await;
+    let original = uuid::Uuid::now_v7().to_string();
+    sent_message(&app, &original, Channel::Email, "sg-1").await;
+    let field = |name: &str, value: &str| {
+        format!("--xYzZY\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n")
+    };
+    let form = [
+        field(
+            "headers",
+            &format!(
+                "Message-ID: <signed-reply-1@mail.example.net>\r\nIn-Reply-To: <{original}@example.com>\r\n"
+            ),
+        ),
+        field("from", "Alice Doe <alice@example.com>"),
+        field("subject", "Re: Hello"),
+        field("text", "Signed and sealed."),
+        "--xYzZY--\r\n".to_string(),
+    ]
+    .concat()
+    .into_bytes();
+    let timestamp = Utc::now().timestamp().to_string();
+    let post = |body: Vec<u8>, signature: Option<(String, String)>| {
+        let mut request = app
+            .client
+            .post(app.url("/webhooks/sendgrid/inbound"))
+            .header("content-type", "multipart/form-data; boundary=xYzZY")
+            .body(body);
+        if let Some((timestamp, signature)) = signature {
+            request = request
+                .header("X-Twilio-Email-Event-Webhook-Signature", signature)
+                .header("X-Twilio-Email-Event-Webhook-Timestamp", timestamp);
+        }
+        async move { read(request.send().await.unwrap()).await }
+    };
+    let signed_by = |scalar: &[u8; 32], body: &[u8]| {
+        let (_, signature) = sendgrid_test_signature(scalar, &timestamp, body).unwrap();
+        Some((timestamp.clone(), signature))
+    };
+    let mut changed = form.clone();
+    let at = changed.windows(6).position(|w| w == b"sealed").unwrap();
+    changed[at] = b'S';
+    for (body, signature) in [
+        (form.clone(), None),
+        (form.clone(), signed_by(&SCALAR, &form)),
+        (changed, signed_by(&POLICY_SCALAR, &form)),
+    ] {
+        let (status, error) = post(body, signature).await;
+        assert_error(status, &error, StatusCode::UNAUTHORIZED, "bad_signature");
+    }
+    let inbox: i64 = sqlx::query_scalar("SELECT count(*) FROM webhook_inbox")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(inbox, 0, "nothing refused is recorded");
+
+    let (status, body) = post(form.clone(), signed_by(&POLICY_SCALAR, &form)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["new"], 1, "{body}");
+    eventually(|| async {
+        let (_, m) = app.get(&format!("/v1/messages/{original}")).await;
+        m["state"] == "replied" && m["replies"] == 1
+    })
+    .await;
+    let (_, inbound) = app.get("/v1/messages?direction=inbound").await;
+    assert_eq!(
+        inbound["items"][0]["text"], "Signed and sealed.",
+        "{inbound}"
+    );
+
+    // Over the limit: 413, saying what the limit is, signed or not.
+    let mut large = field("headers", "Message-ID: <large@mail.example.net>\r\n").into_bytes();
+    large.extend(std::iter::repeat_n(b'a', 33 << 20));
+    let (status, error) = post(large.clone(), signed_by(&POLICY_SCALAR, &large)).await;
+    assert_error(
+        status,
+        &error,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "payload_too_large",
+    );
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("32 MB"),
+        "{error}"
+    );
+}
+
 /// Values only malformed input makes: an inbound email's From and `Message-ID` are whatever
 /// its sender wrote, a provider's id whatever it answered. Longer than PostgreSQL's indexes
 /// take (about 2.7 KB an entry, after compression), or holding a control character, they

@@ -583,6 +583,15 @@ pub trait Store: Send + Sync + 'static {
         id: ServiceId,
     ) -> Result<Option<(Service, serde_json::Value)>, StoreError>;
     async fn services(&self) -> Result<Vec<Service>, StoreError>;
+    /// Replaces service `id`'s credentials with `credentials`, only while they are still
+    /// `expected` when given (a renewal made from what was read, that another instance may
+    /// have made first). Returns whether they were replaced (false for an unknown service).
+    async fn replace_service_credentials(
+        &self,
+        id: ServiceId,
+        credentials: &serde_json::Value,
+        expected: Option<&serde_json::Value>,
+    ) -> Result<bool, StoreError>;
 
     async fn claim_idempotency_key(
         &self,

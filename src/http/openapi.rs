@@ -273,6 +273,11 @@ pub fn operations() -> Vec<Operation> {
         op("get", "/v1/services/{id}", "services", "Show a service (never its credentials)")
             .ok(200, "the service", Some(schema_ref("Service")))
             .errors(&[404]),
+        op("put", "/v1/services/{id}/credentials", "services",
+            "Replace the account's credentials (a rotated key, a token granted again); write-only, used from the next send")
+            .body("Credentials")
+            .ok(200, "the service", Some(schema_ref("Service")))
+            .errors(&[400, 404, 413, 415, 422]),
         op("post", "/v1/services/{id}/shares", "messages",
             "One-call share: built for the service's channel, queued now or scheduled")
             .header("Idempotency-Key", IDEMPOTENCY_KEY)
@@ -499,13 +504,17 @@ fn schemas() -> Value {
             "name": string, "username": string, "sandbox": {"type": "boolean"},
             "created_at": datetime(),
         }},
+        "Credentials": {
+            "type": "object",
+            "description": "the provider's shape, as on create: sendgrid {api_key}; smtp {host, port, username, password, tls}; x {consumer_key, consumer_secret, access_token, access_token_secret} or {bearer_token, refresh_token, client_id, client_secret, expires_at}; facebook {page_access_token}; sandbox {}",
+        },
         "CreateService": {
             "type": "object", "required": ["channel", "name", "username"], "additionalProperties": false,
             "properties": {
                 "channel": {"enum": ["email", "twitter", "facebook"]},
                 "provider": {"enum": ["sendgrid", "smtp", "x", "facebook", "sandbox"]},
                 "name": string, "username": string,
-                "credentials": {"type": "object", "description": "per provider; write-only"},
+                "credentials": schema_ref("Credentials"),
             },
         },
         "FeedItem": {"type": "object", "properties": {

@@ -6,7 +6,7 @@ use crate::providers::parse_credentials;
 use crate::store::Service;
 use axum::extract::State;
 use axum::http::StatusCode;
-use axum::routing::get;
+use axum::routing::{get, put};
 use axum::Router;
 use messaging_domain::{one_line, x_handle, Channel, EmailAddress, Provider, ServiceId};
 use serde::Deserialize;
@@ -16,6 +16,7 @@ pub fn router() -> Router<AppState> {
     Router::new()
         .route("/services", get(list).post(create))
         .route("/services/{id}", get(show))
+        .route("/services/{id}/credentials", put(replace_credentials))
 }
 
 #[derive(Deserialize)]
@@ -123,6 +124,34 @@ async fn show(
         .service(id)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("no service with id `{id}`")))?;
+    Ok(ApiJson(view(&service)))
+}
+
+/// `PUT /v1/services/{id}/credentials`: the account's new credentials (a rotated key, a
+/// token granted again), in the shape its provider takes on create. Write-only like those;
+/// the next send uses them, on every instance (the sender reads them for each round).
+async fn replace_credentials(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+    ApiJson(credentials): ApiJson<Value>,
+) -> Result<ApiJson<Value>, ApiError> {
+    let id = parse_service_id(&id)?;
+    let service = state
+        .store
+        .service(id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no service with id `{id}`")))?;
+    parse_credentials(service.provider, &credentials).map_err(|message| {
+        ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_field", message)
+    })?;
+    if !state
+        .store
+        .replace_service_credentials(id, &credentials, None)
+        .await?
+    {
+        return Err(ApiError::not_found(format!("no service with id `{id}`")));
+    }
+    tracing::info!(service_id = %id, "service credentials replaced");
     Ok(ApiJson(view(&service)))
 }
 

@@ -17,7 +17,9 @@
 //! another worker recovers the job: email is retried (its stable Message-ID and `custom_args`
 //! make a duplicate detectable), a post is recorded as an unknown outcome.
 
-use crate::providers::{parse_credentials, Account, OutgoingMessage, Providers, SendError};
+use crate::providers::{
+    parse_credentials, Account, Credentials, OutgoingMessage, Providers, SendError, XRefresh,
+};
 use crate::store::{CommandError, PerService, SendJob, Store, StoreError};
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
@@ -554,11 +556,21 @@ impl Sender {
             .ok_or_else(|| SendError::Permanent {
                 reason: format!("service {service_id} no longer exists"),
             })?;
-        let credentials = parse_credentials(service.provider, &credentials).map_err(|e| {
+        let parsed = parse_credentials(service.provider, &credentials).map_err(|e| {
             SendError::Permanent {
                 reason: format!("service {service_id} has unusable credentials: {e}"),
             }
         })?;
+        let credentials = match &parsed {
+            Credentials::XBearer {
+                refresh: Some(refresh),
+                ..
+            } if needs_renewal(refresh) => {
+                self.renewed(service_id, service.provider, credentials, refresh)
+                    .await?
+            }
+            _ => parsed,
+        };
         Ok(Account {
             service_id,
             provider: service.provider,
@@ -566,6 +578,86 @@ impl Sender {
             name: service.name,
             credentials,
         })
+    }
+
+    /// An X account's OAuth 2.0 access token renewed, and stored for every instance with the
+    /// refresh token X gave in exchange (the one used is spent). Only if the stored
+    /// credentials are still the ones renewed: if another instance renewed them first, its
+    /// renewal is used (this one's answer, the likely refusal of a spent refresh token
+    /// included, is dropped). Errors are transient: the message's attempt is retried.
+    async fn renewed(
+        &self,
+        service_id: ServiceId,
+        provider: Provider,
+        stored: serde_json::Value,
+        refresh: &XRefresh,
+    ) -> Result<Credentials, SendError> {
+        let stored_ref = &stored;
+        let read_again = |error: SendError| async move {
+            // Renewed elsewhere meanwhile: that renewal stands.
+            match self.store.service_credentials(service_id).await {
+                Ok(Some((_, now))) if now != *stored_ref => parse_credentials(provider, &now)
+                    .map_err(|e| SendError::Permanent {
+                        reason: format!("service {service_id} has unusable credentials: {e}"),
+                    }),
+                _ => Err(error),
+            }
+        };
+        let renewed = match self.providers.x().renew(refresh).await {
+            Ok(renewed) => renewed,
+            Err(error) => {
+                tracing::warn!(%service_id, %error, "x access token not renewed");
+                return read_again(error).await;
+            }
+        };
+        let mut credentials = stored.clone();
+        if let Some(fields) = credentials.as_object_mut() {
+            let now = crate::clock::now();
+            // X's tokens last two hours; one whose answer gives no lifetime is renewed at the
+            // next send.
+            let expires_at = renewed
+                .expires_in
+                .and_then(|lasts| crate::clock::after(now, lasts))
+                .unwrap_or(now);
+            fields.insert("bearer_token".into(), renewed.access_token.expose().into());
+            if let Some(token) = &renewed.refresh_token {
+                fields.insert("refresh_token".into(), token.expose().into());
+            }
+            fields.insert(
+                "expires_at".into(),
+                expires_at
+                    .to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+                    .into(),
+            );
+        }
+        match self
+            .store
+            .replace_service_credentials(service_id, &credentials, Some(&stored))
+            .await
+        {
+            Ok(true) => {
+                tracing::info!(%service_id, "x access token renewed");
+                parse_credentials(provider, &credentials).map_err(|e| SendError::Permanent {
+                    reason: format!("service {service_id}: renewed credentials unusable: {e}"),
+                })
+            }
+            Ok(false) => {
+                read_again(SendError::Transient {
+                    reason: format!("service {service_id} is gone or its credentials changed"),
+                    retry_after: None,
+                })
+                .await
+            }
+            // The new refresh token is lost with it, and the old one is spent: the account
+            // must be connected again. Said as it is.
+            Err(e) => Err(SendError::Transient {
+                reason: format!(
+                    "the renewed X access token could not be stored ({e}); if sends keep \
+                     failing, connect the account again and PUT its new credentials"
+                ),
+                retry_after: None,
+            }),
+        }
     }
 
     async fn record(
@@ -769,6 +861,18 @@ fn ready_to_send(d: &MessageData) -> bool {
         && !d.outcome_unknown
         && d.sent_at.is_none()
         && !d.provider_has_it()
+}
+
+/// How long before its expiry an OAuth 2.0 access token is renewed: a round's calls start
+/// within it.
+const RENEW_BEFORE_EXPIRY: chrono::Duration = chrono::Duration::minutes(5);
+
+/// Whether an X access token is to be renewed before it is used: it expires soon, or when is
+/// not known (credentials given without `expires_at`: renewed at the first send, known after).
+fn needs_renewal(refresh: &XRefresh) -> bool {
+    refresh
+        .expires_at
+        .is_none_or(|at| at < crate::clock::now() + RENEW_BEFORE_EXPIRY)
 }
 
 fn outgoing(d: &MessageData) -> OutgoingMessage {

@@ -3,7 +3,7 @@
 //! value ("invalid type: integer `12345`"), and that value may be a password. Our messages
 //! name fields only.
 
-use super::{Credentials, SmtpTls};
+use super::{Credentials, SmtpTls, XRefresh};
 use crate::config::Secret;
 use messaging_domain::Provider;
 use serde_json::{Map, Value};
@@ -77,17 +77,29 @@ const OAUTH1_FIELDS: [&str; 4] = [
     "access_token_secret",
 ];
 
+/// An OAuth 2.0 token's companions: what renews it.
+const OAUTH2_REFRESH_FIELDS: [&str; 4] =
+    ["refresh_token", "client_id", "client_secret", "expires_at"];
+
 fn x(object: &Map<String, Value>) -> Result<Credentials, String> {
     let mut allowed = OAUTH1_FIELDS.to_vec();
     allowed.push("bearer_token");
+    allowed.extend(OAUTH2_REFRESH_FIELDS);
     only(object, &allowed)?;
     let has_oauth1 = OAUTH1_FIELDS.iter().any(|f| object.contains_key(*f));
-    match (has_oauth1, object.contains_key("bearer_token")) {
+    let has_oauth2 = object.contains_key("bearer_token")
+        || OAUTH2_REFRESH_FIELDS
+            .iter()
+            .any(|f| object.contains_key(*f));
+    match (has_oauth1, has_oauth2) {
         (true, true) => Err(
-            "credentials: give either the four OAuth 1.0a fields or bearer_token, not both".into(),
+            "credentials: give either the four OAuth 1.0a fields or bearer_token (with its \
+             refresh_token and client_id), not both"
+                .into(),
         ),
         (false, true) => Ok(Credentials::XBearer {
             bearer_token: secret(object, "bearer_token")?,
+            refresh: x_refresh(object)?,
         }),
         (true, false) => Ok(Credentials::XOAuth1 {
             consumer_key: secret(object, "consumer_key")?,
@@ -97,10 +109,49 @@ fn x(object: &Map<String, Value>) -> Result<Credentials, String> {
         }),
         (false, false) => Err(
             "credentials: give consumer_key, consumer_secret, access_token and \
-             access_token_secret (OAuth 1.0a), or bearer_token (OAuth 2.0)"
+             access_token_secret (OAuth 1.0a), or bearer_token (OAuth 2.0, with refresh_token \
+             and client_id to renew it)"
                 .into(),
         ),
     }
+}
+
+/// `refresh_token` with the `client_id` of the app it was granted to (and its
+/// `client_secret` for a confidential client, `expires_at` when known), or none of them.
+fn x_refresh(object: &Map<String, Value>) -> Result<Option<XRefresh>, String> {
+    let Some(refresh_token) = optional_string(object, "refresh_token")? else {
+        if let Some(field) = ["client_id", "client_secret", "expires_at"]
+            .into_iter()
+            .find(|f| object.contains_key(*f))
+        {
+            return Err(format!(
+                "credentials.{field}: only with a refresh_token (an access token granted with \
+                 the offline.access scope comes with one)"
+            ));
+        }
+        return Ok(None);
+    };
+    let client_id = optional_string(object, "client_id")?.ok_or(
+        "credentials.client_id: required with a refresh_token (the OAuth 2.0 Client ID of the \
+         app it was granted to)",
+    )?;
+    let expires_at = optional_string(object, "expires_at")?
+        .map(|at| {
+            chrono::DateTime::parse_from_rfc3339(&at)
+                .map(|at| at.with_timezone(&chrono::Utc))
+                .map_err(|_| {
+                    "credentials.expires_at: an RFC 3339 time with an offset, such as \
+                     2026-11-30T18:00:00Z"
+                        .to_string()
+                })
+        })
+        .transpose()?;
+    Ok(Some(XRefresh {
+        refresh_token: Secret::new(refresh_token),
+        client_id,
+        client_secret: optional_string(object, "client_secret")?.map(Secret::new),
+        expires_at,
+    }))
 }
 
 /// Unknown fields are refused: a misspelt `apikey` should fail now, not at the first send.
@@ -232,6 +283,47 @@ mod tests {
             parse_credentials(Provider::X, &json!({"bearer_token": "b"})).unwrap(),
             Credentials::XBearer { .. }
         ));
+        let renewable = json!({"bearer_token": "b", "refresh_token": "r", "client_id": "c",
+                               "client_secret": "s", "expires_at": "2026-11-30T18:00:00Z"});
+        match parse_credentials(Provider::X, &renewable).unwrap() {
+            Credentials::XBearer {
+                refresh: Some(r), ..
+            } => {
+                assert_eq!(r.refresh_token.expose(), "r");
+                assert_eq!(r.client_id, "c");
+                assert_eq!(r.client_secret.unwrap().expose(), "s");
+                assert_eq!(
+                    r.expires_at.unwrap().to_rfc3339(),
+                    "2026-11-30T18:00:00+00:00"
+                );
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        for (body, expected) in [
+            (
+                json!({"bearer_token": "b", "refresh_token": "r"}),
+                "credentials.client_id: required",
+            ),
+            (
+                json!({"bearer_token": "b", "client_id": "c"}),
+                "credentials.client_id: only with a refresh_token",
+            ),
+            (
+                json!({"bearer_token": "b", "refresh_token": "r", "client_id": "c", "expires_at": "tomorrow"}),
+                "credentials.expires_at: an RFC 3339 time",
+            ),
+            (
+                json!({"refresh_token": "r", "client_id": "c"}),
+                "credentials.bearer_token: required",
+            ),
+            (
+                json!({"consumer_key": "ck", "refresh_token": "r"}),
+                "not both",
+            ),
+        ] {
+            let err = parse_credentials(Provider::X, &body).unwrap_err();
+            assert!(err.contains(expected), "{err} should say {expected}");
+        }
         let both = json!({"consumer_key": "ck", "bearer_token": "b"});
         assert!(parse_credentials(Provider::X, &both)
             .unwrap_err()

@@ -50,14 +50,28 @@ pub enum Credentials {
         access_token: Secret,
         access_token_secret: Secret,
     },
-    /// OAuth 2.0 user token.
+    /// OAuth 2.0 user token, and what renews it when it can be renewed.
     XBearer {
         bearer_token: Secret,
+        refresh: Option<XRefresh>,
     },
     Facebook {
         page_access_token: Secret,
     },
     Sandbox,
+}
+
+/// An OAuth 2.0 refresh token (granted with the `offline.access` scope) and the app it was
+/// granted to: the sender renews the access token with them before it expires.
+#[derive(Clone)]
+pub struct XRefresh {
+    pub refresh_token: Secret,
+    pub client_id: String,
+    /// A confidential client's secret (sent as HTTP Basic with the client id); none for a
+    /// public client.
+    pub client_secret: Option<Secret>,
+    /// When the access token expires; unknown until the first renewal when not given.
+    pub expires_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 impl std::fmt::Debug for Credentials {
@@ -202,6 +216,11 @@ impl Providers {
             )?,
             sandbox: sandbox::SandboxProvider::new(config.sandbox_dir.clone()),
         })
+    }
+
+    /// X's client, for what it does besides sending (renewing OAuth 2.0 tokens).
+    pub fn x(&self) -> &x::XClient {
+        &self.x
     }
 
     pub fn for_provider(&self, provider: Provider) -> &dyn MessageProvider {

@@ -8,8 +8,9 @@
 
 use super::http::{self, AfterSend};
 use super::oauth1::{oauth1_authorization, OAuth1Keys};
-use super::{wrong_credentials, Accepted, Account, Credentials, MessageProvider};
+use super::{wrong_credentials, Accepted, Account, Credentials, MessageProvider, XRefresh};
 use super::{OutgoingMessage, ProvidersError, SendError};
+use crate::config::Secret;
 use messaging_domain::Provider;
 use rand::distributions::Alphanumeric;
 use rand::Rng;
@@ -17,6 +18,7 @@ use reqwest::header::AUTHORIZATION;
 use reqwest::Url;
 use serde_json::{json, Value};
 use std::sync::Arc;
+use std::time::Duration;
 use std::time::SystemTime;
 
 /// Gives the OAuth nonce and timestamp (seconds since the epoch) for one request. Injectable
@@ -75,6 +77,97 @@ pub fn create_post_body(message: &OutgoingMessage) -> Result<Value, SendError> {
     Ok(body)
 }
 
+/// A renewed OAuth 2.0 access token, as X's token endpoint answers.
+pub struct RenewedToken {
+    pub access_token: Secret,
+    /// X rotates refresh tokens: the one used is spent, this one replaces it (kept when an
+    /// answer has none).
+    pub refresh_token: Option<Secret>,
+    pub expires_in: Option<Duration>,
+}
+
+/// The token endpoint's error body (RFC 6749 section 5.2), or X's problem details.
+fn token_error(body: &Value) -> Option<String> {
+    let text = |key: &str| body.get(key).and_then(Value::as_str);
+    match (text("error"), text("error_description")) {
+        (Some(error), Some(description)) => Some(format!("{error}: {description}")),
+        (Some(error), None) => Some(error.to_string()),
+        _ => reason(body),
+    }
+}
+
+impl XClient {
+    /// Renews an OAuth 2.0 access token: `POST {base}/2/oauth2/token` with
+    /// `grant_type=refresh_token`, the refresh token and the client id as a form, and HTTP
+    /// Basic with the client id and secret for a confidential client. Nothing is posted, so
+    /// every failure may be retried (a refresh token X no longer takes fails every time, and
+    /// the message with it once its attempts are spent: the reason says to connect again).
+    pub async fn renew(&self, refresh: &XRefresh) -> Result<RenewedToken, SendError> {
+        let url = http::endpoint(&self.base_url, &["2", "oauth2", "token"]);
+        let mut secrets = vec![refresh.refresh_token.expose()];
+        let mut request = self.http.post(url).form(&[
+            ("refresh_token", refresh.refresh_token.expose()),
+            ("grant_type", "refresh_token"),
+            ("client_id", refresh.client_id.as_str()),
+        ]);
+        if let Some(secret) = &refresh.client_secret {
+            secrets.push(secret.expose());
+            request = request.basic_auth(&refresh.client_id, Some(secret.expose()));
+        }
+        let result = async {
+            let response = request
+                .send()
+                .await
+                .map_err(|e| http::transport_error("x token", e, AfterSend::Retry))?;
+            let status = response.status();
+            if !status.is_success() {
+                let headers = response.headers().clone();
+                let reason = http::error_reason(response, token_error).await;
+                let error = http::status_error(
+                    "x token",
+                    status,
+                    &headers,
+                    reason,
+                    SystemTime::now(),
+                    AfterSend::Retry,
+                );
+                let reason = match error {
+                    SendError::Transient { reason, .. }
+                    | SendError::Permanent { reason }
+                    | SendError::Ambiguous { reason }
+                    | SendError::NotCalled { reason } => reason,
+                };
+                return Err(SendError::Transient {
+                    reason: format!(
+                        "the OAuth 2.0 access token could not be renewed ({reason}); if this \
+                         lasts, connect the account again and PUT its new credentials"
+                    ),
+                    retry_after: http::retry_after(&headers, SystemTime::now()),
+                });
+            }
+            let body: Value = response.json().await.map_err(|e| SendError::Transient {
+                reason: format!("x token: the answer could not be read: {e}"),
+                retry_after: None,
+            })?;
+            let text = |key: &str| body.get(key).and_then(Value::as_str).map(Secret::new);
+            let access_token = text("access_token").ok_or_else(|| SendError::Transient {
+                reason: "x token: the answer has no access_token".into(),
+                retry_after: None,
+            })?;
+            Ok(RenewedToken {
+                access_token,
+                refresh_token: text("refresh_token"),
+                expires_in: body
+                    .get("expires_in")
+                    .and_then(Value::as_u64)
+                    .map(Duration::from_secs),
+            })
+        }
+        .await;
+        result.map_err(|e| http::redact(e, &secrets))
+    }
+}
+
 /// X's error bodies: problem details (`detail`, `title`) and/or `errors[].message`.
 fn reason(body: &Value) -> Option<String> {
     let mut parts: Vec<String> = Vec::new();
@@ -126,7 +219,7 @@ impl MessageProvider for XClient {
                     ],
                 )
             }
-            Credentials::XBearer { bearer_token } => (
+            Credentials::XBearer { bearer_token, .. } => (
                 format!("Bearer {}", bearer_token.expose()),
                 vec![bearer_token.expose()],
             ),

@@ -304,6 +304,25 @@ impl Store for PgStore {
         Ok(())
     }
 
+    async fn replace_service_credentials(
+        &self,
+        id: ServiceId,
+        credentials: &serde_json::Value,
+        expected: Option<&serde_json::Value>,
+    ) -> Result<bool, StoreError> {
+        let replaced = sqlx::query(
+            "UPDATE services SET credentials = $2 \
+             WHERE id = $1 AND ($3::jsonb IS NULL OR credentials = $3::jsonb)",
+        )
+        .bind(id.as_uuid())
+        .bind(credentials)
+        .bind(expected)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        Ok(replaced > 0)
+    }
+
     async fn service(&self, id: ServiceId) -> Result<Option<Service>, StoreError> {
         if let Some(known) = self.services.read().ok().and_then(|s| s.get(&id).cloned()) {
             return Ok(Some(known));

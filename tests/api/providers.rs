@@ -90,6 +90,7 @@ fn x_bearer_account() -> Account {
         "example",
         Credentials::XBearer {
             bearer_token: Secret::new("x-bearer-token"),
+            refresh: None,
         },
     )
 }

@@ -1208,3 +1208,209 @@ async fn a_slow_services_rate_does_not_hold_back_a_round() {
         }
     }
 }
+
+/// Connects an X account with `credentials`; its id.
+async fn x_service_with(app: &TestApp, credentials: Value) -> String {
+    let (status, body) = app
+        .post(
+            "/v1/services",
+            json!({"channel": "twitter", "provider": "x", "name": "Our Brand",
+                   "username": "ourbrand", "credentials": credentials}),
+        )
+        .await;
+    assert_eq!(status, reqwest::StatusCode::CREATED, "{body}");
+    body["id"].as_str().unwrap().to_string()
+}
+
+/// The one service's stored credentials, as the database has them.
+async fn stored_credentials(app: &TestApp) -> Value {
+    let text: String = sqlx::query_scalar("SELECT CAST(credentials AS TEXT) FROM services")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+async fn post_now(app: &TestApp, service: &str, text: &str) -> String {
+    let (status, m) = app
+        .post(
+            "/v1/messages",
+            json!({"service_id": service, "text": text, "send": true}),
+        )
+        .await;
+    assert_eq!(status, reqwest::StatusCode::CREATED, "{m}");
+    m["id"].as_str().unwrap().to_string()
+}
+
+/// An OAuth 2.0 user token lasts two hours. One about to expire is renewed with its refresh
+/// token before the post (X's documented request: a form with `grant_type=refresh_token`, the
+/// refresh token and the client id, HTTP Basic for a confidential client), the post goes out
+/// with the new token, and the new token and the refresh token X rotated to are stored: the
+/// next post uses them without renewing again.
+#[tokio::test]
+async fn an_x_oauth2_token_is_renewed_before_it_expires_and_kept_for_later_posts() {
+    let x = MockServer::start().await;
+    let app = TestApp::spawn_with(&[("MESSAGING_X_BASE_URL", x.uri())]).await;
+    Mock::given(method("POST"))
+        .and(path("/2/oauth2/token"))
+        .and(header(
+            "authorization",
+            // base64("client-abc:client-secret-xyz")
+            "Basic Y2xpZW50LWFiYzpjbGllbnQtc2VjcmV0LXh5eg==",
+        ))
+        .and(header("content-type", "application/x-www-form-urlencoded"))
+        .and(body_string_contains("grant_type=refresh_token"))
+        .and(body_string_contains("refresh_token=refresh-1"))
+        .and(body_string_contains("client_id=client-abc"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({
+            "token_type": "bearer", "expires_in": 7200, "access_token": "fresh-token",
+            "scope": "tweet.write users.read tweet.read offline.access",
+            "refresh_token": "refresh-2"
+        })))
+        .expect(1)
+        .mount(&x)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/2/tweets"))
+        .and(header("authorization", "Bearer fresh-token"))
+        .respond_with(
+            ResponseTemplate::new(201)
+                .set_body_json(json!({"data": {"id": "1861234567890123456", "text": "x"}})),
+        )
+        .expect(2)
+        .mount(&x)
+        .await;
+    let expiring = (Utc::now() + Duration::minutes(1)).to_rfc3339();
+    let service = x_service_with(
+        &app,
+        json!({"bearer_token": "old-token", "refresh_token": "refresh-1",
+               "client_id": "client-abc", "client_secret": "client-secret-xyz",
+               "expires_at": expiring}),
+    )
+    .await;
+    let first = post_now(&app, &service, "First post").await;
+    wait_message(&app, &first, |m| m["state"] == "sent").await;
+    let stored = stored_credentials(&app).await;
+    assert_eq!(stored["bearer_token"], "fresh-token", "{stored}");
+    assert_eq!(stored["refresh_token"], "refresh-2", "{stored}");
+    assert_eq!(stored["client_id"], "client-abc");
+    let expires_at: DateTime<Utc> = stored["expires_at"].as_str().unwrap().parse().unwrap();
+    let lasts = expires_at - Utc::now();
+    assert!(
+        lasts > Duration::minutes(115) && lasts <= Duration::minutes(120),
+        "{expires_at}"
+    );
+    let second = post_now(&app, &service, "Second post").await;
+    wait_message(&app, &second, |m| m["state"] == "sent").await;
+    // Never shown: the service's view has no credentials.
+    let (_, view) = app.get(&format!("/v1/services/{service}")).await;
+    assert!(!view.to_string().contains("fresh-token"), "{view}");
+}
+
+/// A refresh token X refuses (spent, or the app's access revoked): nothing is posted, the
+/// attempt fails as retryable with X's reason and what to do, and no secret is in it.
+#[tokio::test]
+async fn an_x_token_that_cannot_be_renewed_posts_nothing_and_says_why() {
+    let x = MockServer::start().await;
+    let app = TestApp::spawn_with(&[("MESSAGING_X_BASE_URL", x.uri())]).await;
+    Mock::given(method("POST"))
+        .and(path("/2/oauth2/token"))
+        .respond_with(ResponseTemplate::new(400).set_body_json(json!({
+            "error": "invalid_request",
+            "error_description": "Value passed for the token was invalid."
+        })))
+        .expect(1..)
+        .mount(&x)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/2/tweets"))
+        .respond_with(ResponseTemplate::new(201))
+        .expect(0)
+        .mount(&x)
+        .await;
+    // Given without `expires_at`: renewed at the first post.
+    let service = x_service_with(
+        &app,
+        json!({"bearer_token": "old-token", "refresh_token": "refresh-spent",
+               "client_id": "client-abc"}),
+    )
+    .await;
+    let id = post_now(&app, &service, "Hello").await;
+    let m = wait_message(&app, &id, |m| !m["last_error"].is_null()).await;
+    let reason = m["last_error"].as_str().unwrap();
+    assert!(
+        reason.contains("could not be renewed")
+            && reason.contains("invalid_request: Value passed for the token was invalid.")
+            && reason.contains("PUT its new credentials"),
+        "{reason}"
+    );
+    assert!(!reason.contains("refresh-spent"), "{reason}");
+    assert_eq!(m["state"], "pending", "retried later: {m}");
+    assert_eq!(history_of(&m, "SendAttemptFailed").len(), 1, "{m}");
+    // The stored credentials are untouched.
+    assert_eq!(
+        stored_credentials(&app).await["refresh_token"],
+        "refresh-spent"
+    );
+}
+
+/// Credentials are replaced, not only created: a token granted again is PUT, and the next
+/// post uses it. Bad credentials are refused with the field to fix, an unknown service is a
+/// 404, and the answer never holds the credentials.
+#[tokio::test]
+async fn a_services_credentials_are_replaced_and_the_next_post_uses_them() {
+    let x = MockServer::start().await;
+    let app = TestApp::spawn_with(&[("MESSAGING_X_BASE_URL", x.uri())]).await;
+    Mock::given(method("POST"))
+        .and(path("/2/tweets"))
+        .and(header("authorization", "Bearer granted-again"))
+        .respond_with(
+            ResponseTemplate::new(201).set_body_json(json!({"data": {"id": "7", "text": "x"}})),
+        )
+        .expect(1)
+        .mount(&x)
+        .await;
+    let service = app.create_service("twitter", "x", "ourbrand").await;
+    let put = |path: String, body: Value| {
+        let request = app
+            .client
+            .put(app.url(&path))
+            .bearer_auth(API_KEY)
+            .json(&body);
+        async move { read(request.send().await.unwrap()).await }
+    };
+    for (body, field) in [
+        (json!({"api_key": "SG.x"}), "unknown field(s) api_key"),
+        (json!({"bearer_token": 42}), "credentials.bearer_token"),
+        (json!("granted-again"), "must be a JSON object"),
+    ] {
+        let (status, error) = put(format!("/v1/services/{service}/credentials"), body).await;
+        assert_error(
+            status,
+            &error,
+            reqwest::StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_field",
+        );
+        let message = error["error"]["message"].as_str().unwrap();
+        assert!(message.contains(field), "{message}");
+        assert!(!message.contains("42"), "{message}");
+    }
+    let unknown = uuid::Uuid::now_v7();
+    let (status, error) = put(
+        format!("/v1/services/{unknown}/credentials"),
+        json!({"bearer_token": "granted-again"}),
+    )
+    .await;
+    assert_error(status, &error, reqwest::StatusCode::NOT_FOUND, "not_found");
+    let (status, view) = put(
+        format!("/v1/services/{service}/credentials"),
+        json!({"bearer_token": "granted-again"}),
+    )
+    .await;
+    assert_eq!(status, reqwest::StatusCode::OK, "{view}");
+    assert_eq!(view["id"], service.as_str());
+    assert!(!view.to_string().contains("granted-again"), "{view}");
+    let id = post_now(&app, &service, "With the new token").await;
+    let m = wait_message(&app, &id, |m| m["state"] == "sent").await;
+    assert_eq!(m["provider_message_id"], "7");
+}

@@ -532,6 +532,26 @@ impl Store for SqliteStore {
         Ok(())
     }
 
+    async fn replace_service_credentials(
+        &self,
+        id: ServiceId,
+        credentials: &Value,
+        expected: Option<&Value>,
+    ) -> Result<bool, StoreError> {
+        // Compared as values (`json()` minifies both texts), not as the texts stored.
+        let replaced = sqlx::query(
+            "UPDATE services SET credentials = ?2 \
+             WHERE id = ?1 AND (?3 IS NULL OR json(credentials) = json(?3))",
+        )
+        .bind(id.as_uuid())
+        .bind(Json(credentials))
+        .bind(expected.map(Json))
+        .execute(&self.pools.write)
+        .await?
+        .rows_affected();
+        Ok(replaced > 0)
+    }
+
     async fn service(&self, id: ServiceId) -> Result<Option<Service>, StoreError> {
         let row: Option<crate::store::ServiceRow> = sqlx::query_as(
             "SELECT id, channel, provider, name, username, created_at FROM services WHERE id = ?1",

@@ -714,8 +714,8 @@ pub trait Store: Send + Sync + 'static {
     /// counts as 0), or (a reply that names no message, only the post it answers) waiting with
     /// no `message_id` and either received before `gave_up_before` or answering a post now in
     /// the message list (an outbound row whose `provider_message_id` is the payload's
-    /// `answered_post`), or waiting on a message not in the message list and received before
-    /// `gave_up_before`; choosing the earliest by (`occurred_at`, `id`), in one atomic step; a
+    /// `answered_post`), or waiting with no `reason` on a message not in the message list and
+    /// received before `gave_up_before`; choosing the earliest by (`occurred_at`, `id`), in one atomic step; a
     /// fact another applier is leasing at that moment is skipped, not waited for. Each leased
     /// row stops `waiting` (a lease that runs out unsettled leaves it leasable), and its
     /// `waiting_after` becomes its message's `last_sequence` in the message list now (NULL
@@ -737,12 +737,13 @@ pub trait Store: Send + Sync + 'static {
         &self,
         settled: &[(FactLease, FactSettlement)],
     ) -> Result<(), StoreError>;
-    /// Gives the replies kept as unmatched that answer post `provider_message_id` on `channel`
-    /// (their payload's `answered_post` and `channel`) and name no message to `message_id`,
-    /// our post with that id now: each becomes `pending`, not `waiting`, unleased, with no
-    /// reason and `message_id` set, in one atomic step, and the appliers are woken. For a post
-    /// whose id is known only now (an unknown outcome resolved by hand), after its replies
-    /// waited their hour. Returns how many were given back.
+    /// Gives the replies kept as unmatched, or still pending, that answer post
+    /// `provider_message_id` on `channel` (their payload's `answered_post` and `channel`) and
+    /// name no message to `message_id`, our post with that id now: each becomes `pending`, not
+    /// `waiting`, unleased (an applier's lease of it settles nothing), with no reason and
+    /// `message_id` set, in one atomic step, and the appliers are woken. For a post whose id
+    /// is known only now (an unknown outcome resolved by hand), after or while its replies
+    /// wait their hour. Returns how many were given.
     async fn rematch_replies(
         &self,
         channel: Channel,

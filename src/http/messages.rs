@@ -3,7 +3,7 @@
 use super::error::ApiError;
 use super::services::parse_service_id;
 use super::{ApiJson, ApiPath, ApiQuery, AppState};
-use crate::store::{IdempotencyClaim, ListFilter, Service};
+use crate::store::{CommandError, IdempotencyClaim, ListFilter, Service};
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{get, post};
@@ -396,12 +396,16 @@ fn send_again_by_default() -> bool {
 }
 
 /// Settles an unknown send outcome: `posted: true` records it as sent, `posted: false` sends
-/// it again, or with `send_again: false` gives it up (failed).
+/// it again, or with `send_again: false` gives it up (failed). A post recorded as published
+/// is given the replies to it that were kept as unmatched (or still wait for it); the same
+/// `posted: true` with the same id again answers as the first did, and gives them again (for
+/// when that step failed after the outcome was recorded).
 async fn resolve(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<String>,
     ApiJson(body): ApiJson<ResolveRequest>,
 ) -> Result<ApiJson<Value>, ApiError> {
+    let id = parse_message_id(&id)?;
     let provider_message_id = body.provider_message_id.filter(|p| !p.trim().is_empty());
     if let Some(p) = &provider_message_id {
         if p.len() > MOST_PROVIDER_ID || p.chars().any(char::is_control) {
@@ -413,18 +417,36 @@ async fn resolve(
             ));
         }
     }
-    if body.posted && provider_message_id.is_none() {
-        // Replies to a post are matched by its id: without it, none ever would be.
-        let social = match state.store.load_message(parse_message_id(&id)?).await? {
-            Some(message) => message
-                .data()
-                .is_some_and(|d| matches!(d.channel, Channel::Twitter | Channel::Facebook)),
-            None => false,
+    // Replies to a post are matched by its id, as the provider writes it in their webhooks:
+    // without it, or in another form, none ever would be.
+    let social = if body.posted {
+        state
+            .store
+            .load_message(id)
+            .await?
+            .and_then(|m| m.data().map(|d| d.channel))
+            .filter(|c| matches!(c, Channel::Twitter | Channel::Facebook))
+    } else {
+        None
+    };
+    if let Some(channel) = social {
+        let (post, form) = match channel {
+            Channel::Facebook => ("a Facebook post", "its Graph API id, `<page-id>_<post-id>`"),
+            _ => ("an X post", "its id, the number at the end of its URL"),
         };
-        if social {
+        let well_formed = provider_message_id.as_deref().is_some_and(|p| {
+            let digits = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_digit());
+            match channel {
+                Channel::Facebook => p
+                    .split_once('_')
+                    .is_some_and(|(a, b)| digits(a) && digits(b)),
+                _ => digits(p),
+            }
+        });
+        if !well_formed {
             return Err(ApiError::field(
                 "provider_message_id",
-                "required when an X or Facebook post was published: the post's id (in its URL); replies are matched by it",
+                format!("required when {post} was published: {form}; replies are matched by it"),
             ));
         }
     }
@@ -434,25 +456,34 @@ async fn resolve(
         send_again: body.send_again,
         at: crate::clock::now(),
     };
-    let id = parse_message_id(&id)?;
-    let message = state.store.execute_and_load(id, command).await?;
+    let message = match state.store.execute_and_load(id, command).await {
+        Ok(message) => message,
+        // The same resolution again (its answer was lost, or its replies were not given):
+        // answered as the first was.
+        Err(CommandError::Rejected(e @ MessageError::InvalidTransition { .. })) => {
+            let again = match (&provider_message_id, social) {
+                (Some(post), Some(_)) => state.store.load_message(id).await?.filter(|m| {
+                    m.data().is_some_and(|d| {
+                        d.sent_at.is_some() && d.provider_message_id.as_ref() == Some(post)
+                    })
+                }),
+                _ => None,
+            };
+            again.ok_or(ApiError::from(CommandError::Rejected(e)))?
+        }
+        Err(e) => return Err(e.into()),
+    };
     tracing::info!(message_id = %id, action = "resolve the send outcome of", "message command");
-    // Replies to the post that came more than an hour before its id was known were kept as
-    // unmatched: they are matched now.
-    let social = message
-        .data()
-        .map(|d| d.channel)
-        .filter(|c| matches!(c, Channel::Twitter | Channel::Facebook));
-    if let (true, Some(channel), Some(post)) = (body.posted, social, &provider_message_id) {
-        // The outcome is recorded whatever happens here: a failure is logged, not answered
-        // with an error that a retry would only meet with a 409.
+    if let (Some(channel), Some(post)) = (social, &provider_message_id) {
+        // The outcome is recorded whatever happens here: a failure is logged, and the same
+        // request again gives the replies again.
         match state.store.rematch_replies(channel, post, id).await {
             Ok(0) => {}
             Ok(replies) => {
                 tracing::info!(message_id = %id, replies, "unmatched replies given to the resolved post")
             }
             Err(error) => {
-                tracing::error!(message_id = %id, %error, "unmatched replies to the resolved post not given to it")
+                tracing::error!(message_id = %id, %error, "replies to the resolved post not given to it; resolve it again the same way")
             }
         }
     }

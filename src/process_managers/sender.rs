@@ -148,6 +148,8 @@ pub struct Sender {
     /// True once the service is stopping (set by [`Sender::run`]): no provider call is begun
     /// after it, so a round ends with the calls already running (see [`SendError::NotCalled`]).
     stopping: Option<watch::Receiver<bool>>,
+    /// One X token renewal at a time per service (see [`Sender::account`]).
+    renewals: Arc<std::sync::Mutex<HashMap<ServiceId, Arc<Mutex<()>>>>>,
 }
 
 /// What happened to one claimed job.
@@ -170,6 +172,7 @@ impl Sender {
             limiter: Arc::default(),
             metrics: None,
             stopping: None,
+            renewals: Arc::default(),
         }
     }
 
@@ -461,6 +464,9 @@ impl Sender {
             self.limiter.refund(service_id, burst).await;
             return self.given_back(job).await;
         }
+        // Read (and an X token renewed) before the attempt starts: a renewal is a call of its
+        // own, and the time recovery allows the attempt counts from its start.
+        let account = self.account(service_id).await;
         // The fence: only one worker can start this attempt.
         match self
             .execute(
@@ -479,7 +485,7 @@ impl Sender {
             Err(e) => return Err(e),
         }
         let attempt = d.attempts + 1;
-        let result = match self.account(service_id).await {
+        let result = match account {
             Ok(account) => {
                 let outgoing = outgoing(d);
                 let provider = self.providers.for_provider(account.provider);
@@ -543,34 +549,46 @@ impl Sender {
 
     /// The service's account. A database error is transient (the attempt is retried like a
     /// provider that could not be reached); a service gone or credentials that cannot be used
-    /// fail the message, since no retry fixes them.
+    /// fail the message, since no retry fixes them. An X OAuth 2.0 token about to expire is
+    /// renewed first (see [`Self::renewed`]).
     async fn account(&self, service_id: ServiceId) -> Result<Account, SendError> {
-        let (service, credentials) = self
-            .store
-            .service_credentials(service_id)
-            .await
-            .map_err(|e| SendError::Transient {
-                reason: format!("cannot read service {service_id}: {e}"),
-                retry_after: None,
-            })?
-            .ok_or_else(|| SendError::Permanent {
-                reason: format!("service {service_id} no longer exists"),
-            })?;
-        let parsed = parse_credentials(service.provider, &credentials).map_err(|e| {
-            SendError::Permanent {
-                reason: format!("service {service_id} has unusable credentials: {e}"),
-            }
-        })?;
-        let credentials = match &parsed {
-            Credentials::XBearer {
+        let (service, stored) = self.stored_credentials(service_id).await?;
+        let mut credentials = parse_stored(service_id, service.provider, &stored)?;
+        if renewal_due(&credentials) {
+            // One renewal at a time per service in this instance: the jobs of one round (the
+            // one-job path runs many at once) would each spend the same refresh token, and X
+            // takes it once. The others find the renewed token when the first is done.
+            let lock = self.renewal_lock(service_id);
+            let _renewing = lock.lock().await;
+            let (_, stored) = self.stored_credentials(service_id).await?;
+            credentials = parse_stored(service_id, service.provider, &stored)?;
+            if let Credentials::XBearer {
                 refresh: Some(refresh),
                 ..
-            } if needs_renewal(refresh) => {
-                self.renewed(service_id, service.provider, credentials, refresh)
-                    .await?
+            } = &credentials
+            {
+                if needs_renewal(refresh) {
+                    let refresh = refresh.clone();
+                    credentials = match self
+                        .renewed(service_id, service.provider, stored, &refresh)
+                        .await
+                    {
+                        Ok(renewed) => renewed,
+                        // The token it has still works for a while: used, and renewed again
+                        // at the next round.
+                        Err(error)
+                            if refresh
+                                .expires_at
+                                .is_some_and(|at| at > crate::clock::now()) =>
+                        {
+                            tracing::warn!(%service_id, %error, "x access token not renewed yet; the current one is used until it expires");
+                            credentials
+                        }
+                        Err(error) => return Err(error),
+                    };
+                }
             }
-            _ => parsed,
-        };
+        }
         Ok(Account {
             service_id,
             provider: service.provider,
@@ -580,11 +598,36 @@ impl Sender {
         })
     }
 
+    /// The service and its stored credentials (see [`Self::account`] for the errors).
+    async fn stored_credentials(
+        &self,
+        service_id: ServiceId,
+    ) -> Result<(crate::store::Service, serde_json::Value), SendError> {
+        self.store
+            .service_credentials(service_id)
+            .await
+            .map_err(|e| SendError::Transient {
+                reason: format!("cannot read service {service_id}: {e}"),
+                retry_after: None,
+            })?
+            .ok_or_else(|| SendError::Permanent {
+                reason: format!("service {service_id} no longer exists"),
+            })
+    }
+
+    fn renewal_lock(&self, service_id: ServiceId) -> Arc<Mutex<()>> {
+        let mut locks = self
+            .renewals
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        locks.entry(service_id).or_default().clone()
+    }
+
     /// An X account's OAuth 2.0 access token renewed, and stored for every instance with the
-    /// refresh token X gave in exchange (the one used is spent). Only if the stored
-    /// credentials are still the ones renewed: if another instance renewed them first, its
-    /// renewal is used (this one's answer, the likely refusal of a spent refresh token
-    /// included, is dropped). Errors are transient: the message's attempt is retried.
+    /// refresh token X gave in exchange (the one used is spent), only if the stored
+    /// credentials are still the ones renewed. When another instance renewed them first (X
+    /// then refuses this one's spent refresh token, or this one's store finds them changed),
+    /// that renewal is used once it is stored. Errors are transient: the attempt is retried.
     async fn renewed(
         &self,
         service_id: ServiceId,
@@ -592,33 +635,19 @@ impl Sender {
         stored: serde_json::Value,
         refresh: &XRefresh,
     ) -> Result<Credentials, SendError> {
-        let stored_ref = &stored;
-        let read_again = |error: SendError| async move {
-            // Renewed elsewhere meanwhile: that renewal stands.
-            match self.store.service_credentials(service_id).await {
-                Ok(Some((_, now))) if now != *stored_ref => parse_credentials(provider, &now)
-                    .map_err(|e| SendError::Permanent {
-                        reason: format!("service {service_id} has unusable credentials: {e}"),
-                    }),
-                _ => Err(error),
-            }
-        };
         let renewed = match self.providers.x().renew(refresh).await {
             Ok(renewed) => renewed,
             Err(error) => {
                 tracing::warn!(%service_id, %error, "x access token not renewed");
-                return read_again(error).await;
+                return self.renewed_elsewhere(service_id, &stored, error).await;
             }
         };
+        let now = crate::clock::now();
+        // X documents two hours; an answer without a lifetime is taken to be as long.
+        let lasts = renewed.expires_in.unwrap_or(X_TOKEN_LIFETIME);
+        let expires_at = crate::clock::after(now, lasts).unwrap_or(now);
         let mut credentials = stored.clone();
         if let Some(fields) = credentials.as_object_mut() {
-            let now = crate::clock::now();
-            // X's tokens last two hours; one whose answer gives no lifetime is renewed at the
-            // next send.
-            let expires_at = renewed
-                .expires_in
-                .and_then(|lasts| crate::clock::after(now, lasts))
-                .unwrap_or(now);
             fields.insert("bearer_token".into(), renewed.access_token.expose().into());
             if let Some(token) = &renewed.refresh_token {
                 fields.insert("refresh_token".into(), token.expose().into());
@@ -630,34 +659,68 @@ impl Sender {
                     .into(),
             );
         }
-        match self
-            .store
-            .replace_service_credentials(service_id, &credentials, Some(&stored))
-            .await
-        {
-            Ok(true) => {
-                tracing::info!(%service_id, "x access token renewed");
-                parse_credentials(provider, &credentials).map_err(|e| SendError::Permanent {
-                    reason: format!("service {service_id}: renewed credentials unusable: {e}"),
-                })
-            }
-            Ok(false) => {
-                read_again(SendError::Transient {
-                    reason: format!("service {service_id} is gone or its credentials changed"),
-                    retry_after: None,
-                })
-                .await
-            }
-            // The new refresh token is lost with it, and the old one is spent: the account
-            // must be connected again. Said as it is.
-            Err(e) => Err(SendError::Transient {
-                reason: format!(
-                    "the renewed X access token could not be stored ({e}); if sends keep \
-                     failing, connect the account again and PUT its new credentials"
-                ),
+        // Checked before it is stored: an answer that cannot be used is not kept.
+        let parsed =
+            parse_credentials(provider, &credentials).map_err(|e| SendError::Transient {
+                reason: format!("x token: the renewed credentials cannot be used: {e}"),
                 retry_after: None,
-            }),
+            })?;
+        // The old refresh token is spent: the new one is lost if this write is, and the
+        // account with it. A few tries before giving up.
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match self
+                .store
+                .replace_service_credentials(service_id, &credentials, Some(&stored))
+                .await
+            {
+                Ok(true) => {
+                    tracing::info!(%service_id, "x access token renewed");
+                    return Ok(parsed);
+                }
+                Ok(false) => {
+                    let error = SendError::Transient {
+                        reason: format!("service {service_id} is gone or its credentials changed"),
+                        retry_after: None,
+                    };
+                    return self.renewed_elsewhere(service_id, &stored, error).await;
+                }
+                Err(e) if tries < STORE_RENEWAL_TRIES => {
+                    tracing::warn!(%service_id, error = %e, "the renewed x access token was not stored yet; trying again");
+                    tokio::time::sleep(Duration::from_millis(200 * tries)).await;
+                }
+                Err(e) => {
+                    tracing::error!(%service_id, error = %e, "the renewed x access token could not be stored: the account must be connected again");
+                    return Err(SendError::Transient {
+                        reason: format!(
+                            "the renewed X access token could not be stored ({e}); if sends \
+                             keep failing, connect the account again and PUT its new credentials"
+                        ),
+                        retry_after: None,
+                    });
+                }
+            }
         }
+    }
+
+    /// The credentials another instance renewed while this one tried (read again a few times,
+    /// for its renewal to be stored), else `error`.
+    async fn renewed_elsewhere(
+        &self,
+        service_id: ServiceId,
+        stored: &serde_json::Value,
+        error: SendError,
+    ) -> Result<Credentials, SendError> {
+        for wait in [0, 250, 500, 1000] {
+            tokio::time::sleep(Duration::from_millis(wait)).await;
+            if let Ok((service, now)) = self.stored_credentials(service_id).await {
+                if now != *stored {
+                    return parse_stored(service_id, service.provider, &now);
+                }
+            }
+        }
+        Err(error)
     }
 
     async fn record(
@@ -861,6 +924,29 @@ fn ready_to_send(d: &MessageData) -> bool {
         && !d.outcome_unknown
         && d.sent_at.is_none()
         && !d.provider_has_it()
+}
+
+/// Tries at storing a renewed token before the renewal is given up (the new refresh token
+/// with it).
+const STORE_RENEWAL_TRIES: u64 = 4;
+
+/// How long X's OAuth 2.0 access tokens last, when its answer does not say.
+const X_TOKEN_LIFETIME: Duration = Duration::from_secs(7200);
+
+/// Credentials as stored, parsed; unusable ones fail the message.
+fn parse_stored(
+    service_id: ServiceId,
+    provider: Provider,
+    stored: &serde_json::Value,
+) -> Result<Credentials, SendError> {
+    parse_credentials(provider, stored).map_err(|e| SendError::Permanent {
+        reason: format!("service {service_id} has unusable credentials: {e}"),
+    })
+}
+
+/// Whether these credentials hold an X access token to renew before it is used.
+fn renewal_due(credentials: &Credentials) -> bool {
+    matches!(credentials, Credentials::XBearer { refresh: Some(refresh), .. } if needs_renewal(refresh))
 }
 
 /// How long before its expiry an OAuth 2.0 access token is renewed: a round's calls start

@@ -56,10 +56,11 @@ pub struct PgStore {
     group: std::sync::OnceLock<group::Group>,
     /// Wakes the task that tells every instance's readers that events were committed.
     committed: Arc<tokio::sync::Notify>,
-    /// Services already read. A service never changes once created (there is no update or
-    /// delete), so every instance can keep what it read: this saves a query per composed
-    /// message. Only found services are kept (one created on another instance is read on first
-    /// use); if services ever become mutable, this cache must go.
+    /// Services already read. What is kept never changes once created (only the credentials
+    /// can be replaced, and they are not kept here: the sender reads them for each round), so
+    /// every instance can keep what it read: this saves a query per composed message. Only
+    /// found services are kept (one created on another instance is read on first use); if a
+    /// service's kept fields ever become mutable, this cache must go.
     services: std::sync::RwLock<HashMap<ServiceId, Service>>,
 }
 

@@ -264,7 +264,6 @@ pub fn decode_fields(
         .collect()
 }
 
-/// A form that could not be read: too large (413, with the limit), or not a form (400).
 /// The request, its body read whole (within [`super::INBOUND_BODY_LIMIT`]) and its signature
 /// checked over it, given back to be parsed.
 async fn verified(
@@ -277,15 +276,27 @@ async fn verified(
     let (Some(signature), Some(timestamp)) = (header(SIGNATURE), header(TIMESTAMP)) else {
         return Err(WebhookError::MissingSignature);
     };
+    let too_large = || {
+        WebhookError::TooLarge(format!(
+            "the form is larger than {} MB",
+            super::INBOUND_BODY_LIMIT >> 20
+        ))
+    };
+    // Refused before a byte is read when it says so itself.
+    if parts
+        .headers
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
+        .is_some_and(|length| length > super::INBOUND_BODY_LIMIT)
+    {
+        return Err(too_large());
+    }
     let body = http_body_util::Limited::new(body, super::INBOUND_BODY_LIMIT)
         .collect()
         .await
         .map_err(|e| {
             if e.is::<http_body_util::LengthLimitError>() {
-                WebhookError::TooLarge(format!(
-                    "the form is larger than {} MB",
-                    super::INBOUND_BODY_LIMIT >> 20
-                ))
+                too_large()
             } else {
                 WebhookError::Malformed(format!("the body could not be read: {e}"))
             }
@@ -300,6 +311,7 @@ async fn verified(
     ))
 }
 
+/// A form that could not be read: too large (413, with the limit), or not a form (400).
 fn multipart_error(e: axum::extract::multipart::MultipartError) -> WebhookError {
     if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
         WebhookError::TooLarge(format!(

@@ -1315,9 +1315,10 @@ async fn an_x_token_that_cannot_be_renewed_posts_nothing_and_says_why() {
     let app = TestApp::spawn_with(&[("MESSAGING_X_BASE_URL", x.uri())]).await;
     Mock::given(method("POST"))
         .and(path("/2/oauth2/token"))
+        // Some token endpoints echo what they were sent: none of it may reach the history.
         .respond_with(ResponseTemplate::new(400).set_body_json(json!({
             "error": "invalid_request",
-            "error_description": "Value passed for the token was invalid."
+            "error_description": "Value passed for the token was invalid: refresh-spent (client-secret-xyz)"
         })))
         .expect(1..)
         .mount(&x)
@@ -1332,7 +1333,7 @@ async fn an_x_token_that_cannot_be_renewed_posts_nothing_and_says_why() {
     let service = x_service_with(
         &app,
         json!({"bearer_token": "old-token", "refresh_token": "refresh-spent",
-               "client_id": "client-abc"}),
+               "client_id": "client-abc", "client_secret": "client-secret-xyz"}),
     )
     .await;
     let id = post_now(&app, &service, "Hello").await;
@@ -1340,11 +1341,14 @@ async fn an_x_token_that_cannot_be_renewed_posts_nothing_and_says_why() {
     let reason = m["last_error"].as_str().unwrap();
     assert!(
         reason.contains("could not be renewed")
-            && reason.contains("invalid_request: Value passed for the token was invalid.")
+            && reason.contains("invalid_request: Value passed for the token was invalid")
             && reason.contains("PUT its new credentials"),
         "{reason}"
     );
-    assert!(!reason.contains("refresh-spent"), "{reason}");
+    assert!(
+        !reason.contains("refresh-spent") && !reason.contains("client-secret-xyz"),
+        "{reason}"
+    );
     assert_eq!(m["state"], "pending", "retried later: {m}");
     assert_eq!(history_of(&m, "SendAttemptFailed").len(), 1, "{m}");
     // The stored credentials are untouched.
@@ -1413,4 +1417,78 @@ async fn a_services_credentials_are_replaced_and_the_next_post_uses_them() {
     let id = post_now(&app, &service, "With the new token").await;
     let m = wait_message(&app, &id, |m| m["state"] == "sent").await;
     assert_eq!(m["provider_message_id"], "7");
+}
+
+/// Posts due together on one account whose token is about to expire: X takes a refresh token
+/// once, so they are renewed once, and every post goes out with the new token.
+#[tokio::test]
+async fn posts_due_together_renew_an_expiring_x_token_once() {
+    let x = MockServer::start().await;
+    let app = TestApp::spawn_with(&[("MESSAGING_X_BASE_URL", x.uri())]).await;
+    Mock::given(method("POST"))
+        .and(path("/2/oauth2/token"))
+        .and(body_string_contains("refresh_token=refresh-1"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({
+            "token_type": "bearer", "expires_in": 7200, "access_token": "fresh-token",
+            "refresh_token": "refresh-2"
+        })))
+        .up_to_n_times(1)
+        .expect(1)
+        .with_priority(1)
+        .mount(&x)
+        .await;
+    // What X answers a refresh token used a second time.
+    Mock::given(method("POST"))
+        .and(path("/2/oauth2/token"))
+        .respond_with(ResponseTemplate::new(400).set_body_json(json!({
+            "error": "invalid_request",
+            "error_description": "Value passed for the token was invalid."
+        })))
+        .expect(0)
+        .with_priority(2)
+        .mount(&x)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/2/tweets"))
+        .and(header("authorization", "Bearer fresh-token"))
+        .respond_with(
+            ResponseTemplate::new(201).set_body_json(json!({"data": {"id": "9", "text": "x"}})),
+        )
+        .expect(4)
+        .mount(&x)
+        .await;
+    let service = x_service_with(
+        &app,
+        json!({"bearer_token": "old-token", "refresh_token": "refresh-1",
+               "client_id": "client-abc",
+               "expires_at": (Utc::now() + Duration::seconds(30)).to_rfc3339()}),
+    )
+    .await;
+    let posts: Vec<Value> = (0..4)
+        .map(|n| json!({"service_id": service, "text": format!("Post {n}"), "send": true}))
+        .collect();
+    let composed =
+        futures::future::join_all(posts.into_iter().map(|body| app.post("/v1/messages", body)))
+            .await;
+    for (status, m) in composed {
+        assert_eq!(status, reqwest::StatusCode::CREATED, "{m}");
+        let id = m["id"].as_str().unwrap().to_string();
+        let m = wait_message(&app, &id, |m| m["state"] == "sent").await;
+        assert_eq!(m["attempts"], 1, "{m}");
+    }
+    assert_eq!(stored_credentials(&app).await["refresh_token"], "refresh-2");
+
+    // The store replaces credentials only while they are what the renewal read.
+    let id: messaging_domain::ServiceId = service.parse().unwrap();
+    let stale = json!({"bearer_token": "old-token", "refresh_token": "refresh-1", "client_id": "client-abc"});
+    let replaced = app
+        .store
+        .replace_service_credentials(id, &json!({"bearer_token": "lost"}), Some(&stale))
+        .await
+        .unwrap();
+    assert!(!replaced);
+    assert_eq!(
+        stored_credentials(&app).await["bearer_token"],
+        "fresh-token"
+    );
 }

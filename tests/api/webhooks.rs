@@ -1189,10 +1189,34 @@ async fn a_signed_inbound_email_is_verified_before_it_is_read() {
         "{inbound}"
     );
 
-    // Over the limit: 413, saying what the limit is, signed or not.
+    // A signed reply with a 3 MB attachment (past axum's default 2 MB) is taken whole.
+    let mut with_attachment = [
+        field(
+            "headers",
+            &format!(
+                "Message-ID: <signed-reply-2@mail.example.net>\r\nIn-Reply-To: <{original}@example.com>\r\n"
+            ),
+        ),
+        field("text", "See the attachment."),
+        "--xYzZY\r\nContent-Disposition: form-data; name=\"attachment1\"; filename=\"a.bin\"\r\n\r\n"
+            .to_string(),
+    ]
+    .concat()
+    .into_bytes();
+    with_attachment.extend(std::iter::repeat_n(b'a', 3 << 20));
+    with_attachment.extend(b"\r\n--xYzZY--\r\n");
+    let (status, body) = post(
+        with_attachment.clone(),
+        signed_by(&POLICY_SCALAR, &with_attachment),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["new"], 1, "{body}");
+
+    // Over the limit: 413, saying what the limit is, before the signature is even checked.
     let mut large = field("headers", "Message-ID: <large@mail.example.net>\r\n").into_bytes();
     large.extend(std::iter::repeat_n(b'a', 33 << 20));
-    let (status, error) = post(large.clone(), signed_by(&POLICY_SCALAR, &large)).await;
+    let (status, error) = post(large.clone(), signed_by(&SCALAR, &large)).await;
     assert_error(
         status,
         &error,
@@ -1548,6 +1572,26 @@ async fn a_reply_given_up_on_is_matched_when_its_post_is_resolved_as_posted() {
         )
         .await
         .unwrap();
+    // An id in another form than X's would match no reply: refused, saying which form.
+    let (status, error) = app
+        .post(
+            &format!("/v1/messages/{other}/resolve"),
+            json!({"posted": true, "provider_message_id": "https://x.com/acme/status/1861234567890000000"}),
+        )
+        .await;
+    assert_error(
+        status,
+        &error,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid_field",
+    );
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("the number at the end of its URL"),
+        "{error}"
+    );
     let (status, m) = app
         .post(
             &format!("/v1/messages/{other}/resolve"),
@@ -1581,12 +1625,119 @@ async fn a_reply_given_up_on_is_matched_when_its_post_is_resolved_as_posted() {
         .filter(|e| e["type"] == "ReplyRecorded")
         .count();
     assert_eq!(replies, 1, "{m}");
+    let history_len_before_again = m["history"].as_array().unwrap().len();
     let (_, problems) = app.get("/v1/webhooks/unmatched").await;
     assert_eq!(problems["items"], json!([]));
     let (_, inbound) = app.get("/v1/messages?direction=inbound").await;
     assert_eq!(inbound["items"].as_array().unwrap().len(), 1, "{inbound}");
     let (_, m) = app.get(&format!("/v1/messages/{other}")).await;
     assert_eq!(m["replies"], 0, "{m}");
+
+    // The same resolution again (its answer lost, say) answers as the first did and records
+    // nothing more; another id for the same post is a conflict.
+    let (status, again) = app
+        .post(
+            &format!("/v1/messages/{id}/resolve"),
+            json!({"posted": true, "provider_message_id": "1861234567890123456"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{again}");
+    assert_eq!(again["provider_message_id"], "1861234567890123456");
+    let (status, error) = app
+        .post(
+            &format!("/v1/messages/{id}/resolve"),
+            json!({"posted": true, "provider_message_id": "1861234567890999999"}),
+        )
+        .await;
+    assert_error(status, &error, StatusCode::CONFLICT, "invalid_transition");
+    settled(&app).await;
+    let (_, m) = app.get(&format!("/v1/messages/{id}")).await;
+    assert_eq!(m["replies"], 1, "{m}");
+    assert_eq!(
+        m["history"].as_array().unwrap().len(),
+        history_len_before_again,
+        "{m}"
+    );
+}
+
+/// A Facebook post's id is its Graph API id, `<page-id>_<post-id>`, as comments' webhooks name
+/// it: a resolve with another form (the URL's number alone) is refused, saying which.
+#[tokio::test]
+async fn a_facebook_post_is_resolved_with_its_graph_id() {
+    let app = webhook_app().await;
+    let service_id = app
+        .create_service("facebook", "facebook", "104857600123456")
+        .await;
+    let service = ServiceRef {
+        id: service_id.parse().unwrap(),
+        channel: Channel::Facebook,
+        provider: Provider::Facebook,
+        username: "104857600123456".into(),
+        name: None,
+    };
+    let id = MessageId::from_uuid(uuid::Uuid::now_v7());
+    let now = Utc::now();
+    app.store
+        .execute(
+            id,
+            MessageCommand::Batch(vec![
+                MessageCommand::Compose(Compose {
+                    id,
+                    message: build_message(
+                        &service,
+                        MessageInput {
+                            text: Some("Hello".into()),
+                            ..Default::default()
+                        },
+                    )
+                    .unwrap(),
+                    dispatch: Dispatch::Draft,
+                    now,
+                }),
+                MessageCommand::Send {
+                    now,
+                    expected_publish_at: None,
+                },
+                MessageCommand::StartSendAttempt { now, attempt: 1 },
+                MessageCommand::RecordSendOutcomeUnknown {
+                    attempt: 1,
+                    reason: "timed out".into(),
+                    at: now,
+                },
+            ]),
+        )
+        .await
+        .unwrap();
+    for bad in ["987654321", "104857600123456_", "page_987654321"] {
+        let (status, error) = app
+            .post(
+                &format!("/v1/messages/{id}/resolve"),
+                json!({"posted": true, "provider_message_id": bad}),
+            )
+            .await;
+        assert_error(
+            status,
+            &error,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_field",
+        );
+        assert!(
+            error["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("`<page-id>_<post-id>`"),
+            "{error}"
+        );
+    }
+    let (status, m) = app
+        .post(
+            &format!("/v1/messages/{id}/resolve"),
+            json!({"posted": true, "provider_message_id": "104857600123456_987654321"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{m}");
+    assert_eq!(m["state"], "sent");
+    assert_eq!(m["provider_message_id"], "104857600123456_987654321");
 }
 
 /// A SendGrid event naming a message we never had (another system's email on a shared account,

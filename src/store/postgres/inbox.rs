@@ -70,9 +70,8 @@ pub(super) async fn outbound_message_id(
     Ok(id.map(MessageId::from_uuid))
 }
 
-/// See [`crate::store::Store::rematch_replies`]. Read through `webhook_inbox_problems` (the
-/// unmatched and malformed rows): a hand-resolved outcome is rare, and the inbox's other rows
-/// are never read for it.
+/// See [`crate::store::Store::rematch_replies`]. A hand-resolved outcome is rare: the rows
+/// are found by a walk of the unmatched and pending ones, not by an index of their own.
 pub(super) async fn rematch_replies(
     pool: &PgPool,
     channel: Channel,
@@ -83,7 +82,7 @@ pub(super) async fn rematch_replies(
     let given_back = sqlx::query(
         "UPDATE webhook_inbox SET status = 'pending', waiting = false, waiting_after = NULL, \
            reason = NULL, locked_until = NULL, message_id = $3 \
-         WHERE status = 'unmatched' AND kind = 'reply' AND message_id IS NULL \
+         WHERE status IN ('unmatched', 'pending') AND kind = 'reply' AND message_id IS NULL \
            AND payload->>'answered_post' = $1 AND payload->>'channel' = $2",
     )
     .bind(provider_message_id)
@@ -125,8 +124,9 @@ struct PendingRow {
 /// and again for that message's sequence, and first in the filter when it waits for the post;
 /// the other facts have their message already), a scalar subquery each so that no plan
 /// hashes the whole list for it. `$1`: replies to posts never listed, and facts waiting for a
-/// message never listed, are given up on once received before it (leased once more: the
-/// applier keeps them as unmatched unless the log has the message after all).
+/// message never listed (a plain wait: no reason, as a wait for the message to change has),
+/// are given up on once received before it (leased once more: the applier keeps them as
+/// unmatched unless the log has the message after all).
 pub const LEASE: &str = "UPDATE webhook_inbox w SET locked_until = now() + interval '60 seconds', \
        waiting = false, \
        message_id = COALESCE(w.message_id, (SELECT p.message_id FROM message_list p \
@@ -148,7 +148,7 @@ pub const LEASE: &str = "UPDATE webhook_inbox w SET locked_until = now() + inter
               WHERE m.provider_message_id = i.payload->>'answered_post' \
                 AND m.channel = i.payload->>'channel' \
                 AND m.direction = 'outbound' LIMIT 1), false))) \
-           OR (i.received_at < $1 AND i.message_id IS NOT NULL AND NOT EXISTS \
+           OR (i.received_at < $1 AND i.message_id IS NOT NULL AND i.reason IS NULL AND NOT EXISTS \
              (SELECT 1 FROM message_list m WHERE m.message_id = i.message_id))) \
        ORDER BY i.occurred_at, i.id LIMIT 500 FOR UPDATE SKIP LOCKED)) \
      RETURNING w.id, w.event_id, w.message_id, w.kind, w.occurred_at, w.received_at, \

@@ -73,7 +73,7 @@ pub(super) async fn rematch_replies(
     let given_back = sqlx::query(
         "UPDATE webhook_inbox SET status = 'pending', waiting = 0, waiting_after = NULL, \
            reason = NULL, locked_until = NULL, message_id = ?3 \
-         WHERE status = 'unmatched' AND kind = 'reply' AND message_id IS NULL \
+         WHERE status IN ('unmatched', 'pending') AND kind = 'reply' AND message_id IS NULL \
            AND json_extract(payload, '$.answered_post') = ?1 \
            AND json_extract(payload, '$.channel') = ?2",
     )
@@ -124,7 +124,8 @@ pub(super) const LEASE_PENDING: &str = "UPDATE webhook_inbox SET locked_until = 
                       WHERE m.provider_message_id = json_extract(c.payload, '$.answered_post') \
                         AND m.channel = json_extract(c.payload, '$.channel') \
                         AND m.direction = 'outbound'))) \
-                   OR (c.received_at < ?3 AND c.message_id IS NOT NULL AND NOT EXISTS \
+                   OR (c.received_at < ?3 AND c.message_id IS NOT NULL AND c.reason IS NULL \
+                     AND NOT EXISTS \
                      (SELECT 1 FROM message_list m WHERE m.message_id = c.message_id))) \
                ORDER BY c.occurred_at, c.id LIMIT 500) \
          RETURNING id, event_id, message_id, kind, occurred_at, received_at, payload";

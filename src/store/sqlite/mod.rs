@@ -538,18 +538,27 @@ impl Store for SqliteStore {
         credentials: &Value,
         expected: Option<&Value>,
     ) -> Result<bool, StoreError> {
-        // Compared as values (`json()` minifies both texts), not as the texts stored.
-        let replaced = sqlx::query(
-            "UPDATE services SET credentials = ?2 \
-             WHERE id = ?1 AND (?3 IS NULL OR json(credentials) = json(?3))",
-        )
-        .bind(id.as_uuid())
-        .bind(Json(credentials))
-        .bind(expected.map(Json))
-        .execute(&self.pools.write)
-        .await?
-        .rows_affected();
-        Ok(replaced > 0)
+        // Read and compared as values (SQLite's `json()` keeps the keys' order: a row written
+        // by hand could never match as text), and replaced, in one write transaction.
+        let mut tx = begin_immediate(&self.pools.write).await?;
+        let current: Option<Json<Value>> =
+            sqlx::query_scalar("SELECT credentials FROM services WHERE id = ?1")
+                .bind(id.as_uuid())
+                .fetch_optional(&mut *tx)
+                .await?;
+        let Some(Json(current)) = current else {
+            return Ok(false);
+        };
+        if expected.is_some_and(|expected| *expected != current) {
+            return Ok(false);
+        }
+        sqlx::query("UPDATE services SET credentials = ?2 WHERE id = ?1")
+            .bind(id.as_uuid())
+            .bind(Json(credentials))
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(true)
     }
 
     async fn service(&self, id: ServiceId) -> Result<Option<Service>, StoreError> {

@@ -1,7 +1,7 @@
 //! Message commands (compose, schedule, send, cancel) and queries (list, detail).
 
 use super::error::ApiError;
-use super::services::parse_service_id;
+use super::services::{found_service, parse_service_id};
 use super::{ApiJson, ApiPath, ApiQuery, AppState};
 use crate::store::{CommandError, IdempotencyClaim, ListFilter, Service};
 use axum::extract::State;
@@ -303,12 +303,7 @@ async fn share(
 ) -> Result<(StatusCode, ApiJson<Value>), ApiError> {
     let request_hash = request_hash(&headers, || format!("share:{service_id}:{body}"));
     let request: ShareRequest = parse_body(body)?;
-    let id = parse_service_id(&service_id)?;
-    let service = state
-        .store
-        .service(id)
-        .await?
-        .ok_or_else(|| ApiError::not_found(format!("no service with id `{id}`")))?;
+    let service = found_service(&state, &service_id).await?;
     let input = MessageInput {
         to: profiles(request.to),
         subject: request.subject,

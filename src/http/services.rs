@@ -45,8 +45,17 @@ fn view(s: &Service) -> Value {
 }
 
 pub fn parse_service_id(raw: &str) -> Result<ServiceId, ApiError> {
-    raw.parse()
-        .map_err(|_| ApiError::not_found(format!("no service with id `{raw}`")))
+    raw.parse().map_err(|_| no_service(raw))
+}
+
+fn no_service(id: impl std::fmt::Display) -> ApiError {
+    ApiError::not_found(format!("no service with id `{id}`"))
+}
+
+/// The service the path names (`raw`), or 404.
+pub async fn found_service(state: &AppState, raw: &str) -> Result<Service, ApiError> {
+    let id = parse_service_id(raw)?;
+    state.store.service(id).await?.ok_or_else(|| no_service(id))
 }
 
 async fn create(
@@ -118,13 +127,7 @@ async fn show(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<String>,
 ) -> Result<ApiJson<Value>, ApiError> {
-    let id = parse_service_id(&id)?;
-    let service = state
-        .store
-        .service(id)
-        .await?
-        .ok_or_else(|| ApiError::not_found(format!("no service with id `{id}`")))?;
-    Ok(ApiJson(view(&service)))
+    Ok(ApiJson(view(&found_service(&state, &id).await?)))
 }
 
 /// `PUT /v1/services/{id}/credentials`: the account's new credentials (a rotated key, a
@@ -135,12 +138,8 @@ async fn replace_credentials(
     ApiPath(id): ApiPath<String>,
     ApiJson(credentials): ApiJson<Value>,
 ) -> Result<ApiJson<Value>, ApiError> {
-    let id = parse_service_id(&id)?;
-    let service = state
-        .store
-        .service(id)
-        .await?
-        .ok_or_else(|| ApiError::not_found(format!("no service with id `{id}`")))?;
+    let service = found_service(&state, &id).await?;
+    let id = service.id;
     parse_credentials(service.provider, &credentials).map_err(|message| {
         ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_field", message)
     })?;
@@ -149,7 +148,7 @@ async fn replace_credentials(
         .replace_service_credentials(id, &credentials, None)
         .await?
     {
-        return Err(ApiError::not_found(format!("no service with id `{id}`")));
+        return Err(no_service(id));
     }
     tracing::info!(service_id = %id, "service credentials replaced");
     Ok(ApiJson(view(&service)))

@@ -1480,31 +1480,37 @@ async fn a_reply_to_a_post_that_is_never_listed_is_kept_as_unmatched_once_it_has
     .await;
 }
 
-/// An X post whose outcome is unknown (its call timed out) is resolved by hand as posted more
-/// than an hour after a reply to it came: the reply, kept as unmatched by then, is matched to
-/// it, and nothing else is.
-#[tokio::test]
-async fn a_reply_given_up_on_is_matched_when_its_post_is_resolved_as_posted() {
-    let app = webhook_app().await;
-    let service_id = app.create_service("twitter", "x", "acme_marketing").await;
-    let service = ServiceRef {
-        id: service_id.parse().unwrap(),
-        channel: Channel::Twitter,
-        provider: Provider::X,
-        username: "acme_marketing".into(),
-        name: None,
+/// An X or Facebook account connected over HTTP, as the domain names it.
+async fn social_service(app: &TestApp, channel: Channel, username: &str) -> ServiceRef {
+    let provider = match channel {
+        Channel::Facebook => Provider::Facebook,
+        _ => Provider::X,
     };
+    let id = app
+        .create_service(channel.as_str(), provider.as_str(), username)
+        .await;
+    ServiceRef {
+        id: id.parse().unwrap(),
+        channel,
+        provider,
+        username: username.into(),
+        name: None,
+    }
+}
+
+/// A post through `service` whose provider call was made and never answered: the post may or
+/// may not exist, and a person resolves it.
+async fn post_with_unknown_outcome(app: &TestApp, service: &ServiceRef, text: &str) -> MessageId {
     let id = MessageId::from_uuid(uuid::Uuid::now_v7());
     let now = Utc::now();
     let input = MessageInput {
-        text: Some("Hello there".into()),
+        text: Some(text.into()),
         ..Default::default()
     };
-    // The call was made and its answer never came: the post may or may not exist.
     let commands = vec![
         MessageCommand::Compose(Compose {
             id,
-            message: build_message(&service, input).unwrap(),
+            message: build_message(service, input).unwrap(),
             dispatch: Dispatch::Draft,
             now,
         }),
@@ -1523,6 +1529,17 @@ async fn a_reply_given_up_on_is_matched_when_its_post_is_resolved_as_posted() {
         .execute(id, MessageCommand::Batch(commands))
         .await
         .unwrap();
+    id
+}
+
+/// An X post whose outcome is unknown (its call timed out) is resolved by hand as posted more
+/// than an hour after a reply to it came: the reply, kept as unmatched by then, is matched to
+/// it, and nothing else is.
+#[tokio::test]
+async fn a_reply_given_up_on_is_matched_when_its_post_is_resolved_as_posted() {
+    let app = webhook_app().await;
+    let service = social_service(&app, Channel::Twitter, "acme_marketing").await;
+    let id = post_with_unknown_outcome(&app, &service, "Hello there").await;
     // A reply to post 1861234567890123456 comes; no post of ours has that id, and after an
     // hour (as if received long ago) it is kept as unmatched.
     assert_eq!(post_x_reply(&app).await["new"], 1);
@@ -1540,38 +1557,7 @@ async fn a_reply_given_up_on_is_matched_when_its_post_is_resolved_as_posted() {
     .await;
 
     // A person finds another post (not the one replied to) and records it: the reply stays.
-    let other = MessageId::from_uuid(uuid::Uuid::now_v7());
-    app.store
-        .execute(
-            other,
-            MessageCommand::Batch(vec![
-                MessageCommand::Compose(Compose {
-                    id: other,
-                    message: build_message(
-                        &service,
-                        MessageInput {
-                            text: Some("Another".into()),
-                            ..Default::default()
-                        },
-                    )
-                    .unwrap(),
-                    dispatch: Dispatch::Draft,
-                    now,
-                }),
-                MessageCommand::Send {
-                    now,
-                    expected_publish_at: None,
-                },
-                MessageCommand::StartSendAttempt { now, attempt: 1 },
-                MessageCommand::RecordSendOutcomeUnknown {
-                    attempt: 1,
-                    reason: "timed out".into(),
-                    at: now,
-                },
-            ]),
-        )
-        .await
-        .unwrap();
+    let other = post_with_unknown_outcome(&app, &service, "Another").await;
     // An id in another form than X's would match no reply: refused, saying which form.
     let (status, error) = app
         .post(
@@ -1665,49 +1651,8 @@ async fn a_reply_given_up_on_is_matched_when_its_post_is_resolved_as_posted() {
 #[tokio::test]
 async fn a_facebook_post_is_resolved_with_its_graph_id() {
     let app = webhook_app().await;
-    let service_id = app
-        .create_service("facebook", "facebook", "104857600123456")
-        .await;
-    let service = ServiceRef {
-        id: service_id.parse().unwrap(),
-        channel: Channel::Facebook,
-        provider: Provider::Facebook,
-        username: "104857600123456".into(),
-        name: None,
-    };
-    let id = MessageId::from_uuid(uuid::Uuid::now_v7());
-    let now = Utc::now();
-    app.store
-        .execute(
-            id,
-            MessageCommand::Batch(vec![
-                MessageCommand::Compose(Compose {
-                    id,
-                    message: build_message(
-                        &service,
-                        MessageInput {
-                            text: Some("Hello".into()),
-                            ..Default::default()
-                        },
-                    )
-                    .unwrap(),
-                    dispatch: Dispatch::Draft,
-                    now,
-                }),
-                MessageCommand::Send {
-                    now,
-                    expected_publish_at: None,
-                },
-                MessageCommand::StartSendAttempt { now, attempt: 1 },
-                MessageCommand::RecordSendOutcomeUnknown {
-                    attempt: 1,
-                    reason: "timed out".into(),
-                    at: now,
-                },
-            ]),
-        )
-        .await
-        .unwrap();
+    let service = social_service(&app, Channel::Facebook, "104857600123456").await;
+    let id = post_with_unknown_outcome(&app, &service, "Hello").await;
     for bad in ["987654321", "104857600123456_", "page_987654321"] {
         let (status, error) = app
             .post(

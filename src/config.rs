@@ -58,6 +58,19 @@ pub struct Config {
     pub shutdown_grace_ms: u64,
 }
 
+/// A Graph API version as its paths name it (`v21.0`): another form makes every Facebook call
+/// a 404, each post a permanent failure, so it is refused at start-up.
+fn graph_version(version: String) -> Result<String, ConfigError> {
+    let digits = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_digit());
+    match version.strip_prefix('v').and_then(|v| v.split_once('.')) {
+        Some((major, minor)) if digits(major) && digits(minor) => Ok(version),
+        _ => Err(ConfigError {
+            setting: "MESSAGING_FACEBOOK_GRAPH_VERSION",
+            message: format!("`{version}` is not a Graph API version such as v21.0"),
+        }),
+    }
+}
+
 /// The backend `DATABASE_URL` selects.
 #[derive(Debug, Clone)]
 pub enum Database {
@@ -224,7 +237,10 @@ impl Config {
             sendgrid_base_url: url("MESSAGING_SENDGRID_BASE_URL", "https://api.sendgrid.com")?,
             x_base_url: url("MESSAGING_X_BASE_URL", "https://api.x.com")?,
             facebook_base_url: url("MESSAGING_FACEBOOK_BASE_URL", "https://graph.facebook.com")?,
-            facebook_graph_version: text("MESSAGING_FACEBOOK_GRAPH_VERSION", "v21.0"),
+            facebook_graph_version: graph_version(text(
+                "MESSAGING_FACEBOOK_GRAPH_VERSION",
+                "v21.0",
+            ))?,
             timeout_ms: positive("MESSAGING_PROVIDER_TIMEOUT_MS", 10_000, 3_600_000)?,
             sandbox_dir: lookup("MESSAGING_SANDBOX_DIR")
                 .unwrap_or_else(|| data_dir.join("outbox").to_string_lossy().into_owned()),
@@ -242,7 +258,8 @@ impl Config {
         };
         let sender = SenderSettings {
             max_attempts: positive("MESSAGING_SEND_MAX_ATTEMPTS", 5, 1_000)? as u32,
-            base_backoff_ms: number("MESSAGING_SEND_BACKOFF_MS", 2_000)?,
+            // 0 would spend every attempt within milliseconds of a failure.
+            base_backoff_ms: positive("MESSAGING_SEND_BACKOFF_MS", 2_000, 3_600_000)?,
             lease_ms: positive("MESSAGING_SEND_LEASE_MS", 120_000, 86_400_000)?,
             per_service_rate,
             concurrency: positive("MESSAGING_SEND_CONCURRENCY", 16, 256)? as usize,
@@ -351,7 +368,12 @@ impl Config {
         let asked = std::cell::RefCell::new(std::collections::HashSet::new());
         let config = Self::from_lookup(|name| {
             asked.borrow_mut().insert(name.to_string());
-            lookup(name).or_else(|| settings.get(name).map(|(_, v)| v.clone()))
+            // An empty variable (a template's `${DATABASE_URL:-}`) is unset: it does not hide
+            // the file's value (an empty DATABASE_URL over the file's would have run on a
+            // private SQLite file).
+            lookup(name)
+                .filter(|v| !v.trim().is_empty())
+                .or_else(|| settings.get(name).map(|(_, v)| v.clone()))
         })?;
         let asked = asked.into_inner();
         let mut unknown: Vec<&str> = settings
@@ -414,6 +436,7 @@ mod tests {
             "MESSAGING_PUSH_BACKOFF_MS",
             "MESSAGING_PUSH_TIMEOUT_MS",
             "MESSAGING_SHUTDOWN_GRACE_MS",
+            "MESSAGING_SEND_BACKOFF_MS",
         ] {
             for bad in ["0", "4294967297"] {
                 let err = Config::from_lookup(|k| (k == setting).then(|| bad.to_string()))
@@ -480,6 +503,29 @@ mod tests {
         assert_eq!(config.sender.per_service_rate, 5.0);
         assert_eq!(config.sender.concurrency, 8);
         assert_eq!(config.providers.timeout_ms, 2500);
+
+        // An empty variable (a template's `${DATABASE_URL:-}`) does not hide the file's value.
+        let empty = |k: &str| (k == "DATABASE_URL").then(String::new);
+        let config = Config::from_lookup_and_toml(empty, file, "m.toml").unwrap();
+        assert!(matches!(config.database, Database::Postgres(_)));
+    }
+
+    #[test]
+    fn a_graph_version_is_refused_unless_it_reads_like_one() {
+        for bad in ["21.0", "v21", "v", "vX.0", "v21.0/"] {
+            let err = Config::from_lookup(|k| {
+                (k == "MESSAGING_FACEBOOK_GRAPH_VERSION").then(|| bad.to_string())
+            })
+            .map(|_| ())
+            .expect_err(bad);
+            assert_eq!(err.setting, "MESSAGING_FACEBOOK_GRAPH_VERSION");
+            assert!(err.message.contains("such as v21.0"), "{}", err.message);
+        }
+        let config = Config::from_lookup(|k| {
+            (k == "MESSAGING_FACEBOOK_GRAPH_VERSION").then(|| "v23.0".to_string())
+        })
+        .unwrap();
+        assert_eq!(config.providers.facebook_graph_version, "v23.0");
     }
 
     #[test]

@@ -186,15 +186,6 @@ fn create_private_dir(dir: &std::path::Path) -> anyhow::Result<()> {
 /// if the server does not have it yet.
 pub async fn connect(url: &Secret, max_connections: u32) -> anyhow::Result<PgPool> {
     let url = url.expose();
-    let exists = sqlx::Postgres::database_exists(url)
-        .await
-        .context("cannot reach the database server at DATABASE_URL")?;
-    if !exists {
-        sqlx::Postgres::create_database(url)
-            .await
-            .context("the database named in DATABASE_URL does not exist and cannot be created")?;
-        tracing::info!("created the database named in DATABASE_URL");
-    }
     let options = PgConnectOptions::from_str(url)
         .context("DATABASE_URL is not a valid PostgreSQL URL")?
         // One session stuck in a transaction would hold back every subscription reader
@@ -204,12 +195,32 @@ pub async fn connect(url: &Secret, max_connections: u32) -> anyhow::Result<PgPoo
         // (measured: 205 ms of JIT for a 0.1 ms `/metrics` gauge query over 100k events,
         // chosen because the estimate of the correlated count crossed jit_above_cost).
         .options([("jit", "off")]);
-    PgPoolOptions::new()
+    let pool = PgPoolOptions::new()
         .max_connections(max_connections)
-        .acquire_timeout(Duration::from_secs(10))
-        .connect_with(options)
-        .await
-        .context("cannot connect to the database at DATABASE_URL")
+        .acquire_timeout(Duration::from_secs(10));
+    // The database itself first: the server's maintenance database (`postgres`), where one is
+    // created, may be closed to this role (managed servers, PgBouncer), and is needed only
+    // when the database is missing.
+    match pool.clone().connect_with(options.clone()).await {
+        Err(e) if is_missing_database(&e) => {
+            sqlx::Postgres::create_database(url).await.context(
+                "the database named in DATABASE_URL does not exist and cannot be created",
+            )?;
+            tracing::info!("created the database named in DATABASE_URL");
+            pool.connect_with(options)
+                .await
+                .context("cannot connect to the database at DATABASE_URL")
+        }
+        connected => connected.context("cannot connect to the database at DATABASE_URL"),
+    }
+}
+
+/// PostgreSQL's "database does not exist" (SQLSTATE 3D000).
+fn is_missing_database(error: &sqlx::Error) -> bool {
+    error
+        .as_database_error()
+        .and_then(|e| e.code())
+        .is_some_and(|code| code == "3D000")
 }
 
 pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
@@ -258,6 +269,22 @@ fn provider_config(config: &Config) -> ProviderConfig {
         facebook_graph_version: p.facebook_graph_version.clone(),
         timeout: Duration::from_millis(p.timeout_ms),
         sandbox_dir: p.sandbox_dir.clone().into(),
+    }
+}
+
+/// A stop waits `MESSAGING_SHUTDOWN_GRACE_MS` for the provider calls in flight; one that
+/// takes longer is cut off, and a cut-off X or Facebook post becomes an unknown outcome for a
+/// person to resolve (a cut-off email is sent again). Said at start-up when an HTTP provider
+/// call may outlast the grace.
+fn warn_of_a_short_grace(config: &Config) {
+    if config.shutdown_grace_ms < config.providers.timeout_ms {
+        tracing::warn!(
+            grace_ms = config.shutdown_grace_ms,
+            provider_timeout_ms = config.providers.timeout_ms,
+            "MESSAGING_SHUTDOWN_GRACE_MS is shorter than MESSAGING_PROVIDER_TIMEOUT_MS: a stop \
+             can cut an X or Facebook call off, and a post cut off is an unknown outcome to \
+             resolve by hand"
+        );
     }
 }
 
@@ -341,6 +368,7 @@ impl Application {
     pub async fn build(config: &Config) -> anyhow::Result<Self> {
         // Settings that can be wrong are checked before anything starts.
         let webhook_secrets = Arc::new(webhook_secrets(config)?);
+        warn_of_a_short_grace(config);
         let backend = Backend::open(config).await?;
         let api_keys = api_keys(config)?;
         tracing::info!(database = %config.database.describe(), "database ready");

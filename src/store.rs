@@ -813,6 +813,9 @@ pub trait Store: Send + Sync + 'static {
     /// Reads [`Gauges`] now; the three groups (projection lag, queue depths, push lag) may
     /// be read at slightly different moments, not as one snapshot.
     async fn gauges(&self) -> Result<Gauges, StoreError>;
+    /// How many events of the log subscription `name` (`message_list`, `state_changes`,
+    /// `delivery`) has not handled yet.
+    async fn projection_lag(&self, name: &str) -> Result<i64, StoreError>;
 }
 
 /// A message's events (in sequence order) folded with its history; `None` when it has none.

@@ -160,7 +160,12 @@ async fn within_feed(state: &AppState, after: i64, field: &str) -> Result<(), Ap
     .await
 }
 
-/// 422 for `field` when `after` is past the feed's end, saying `what_instead`.
+/// 422 for `field` when `after` is past the feed's end, saying `what_instead`; 503 (with
+/// `Retry-After`) while the feed has events of the log still to project: its end is not
+/// known yet. (Feed batches commit without waiting for their WAL flush: after a crash of the
+/// database server, the last items served come back, with the same positions, only once
+/// they are projected again. A client's cursor among them is valid, and a 422 would send it
+/// back to the start.)
 pub(super) async fn past_the_end(
     state: &AppState,
     after: i64,
@@ -168,6 +173,16 @@ pub(super) async fn past_the_end(
     what_instead: &str,
 ) -> Result<(), ApiError> {
     if after > 0 && state.store.state_changes(after - 1, 1).await?.is_empty() {
+        if state.store.projection_lag("state_changes").await? > 0 {
+            return Err(ApiError::new(
+                axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                "catching_up",
+                format!(
+                    "{field} is past the feed's end for now, and the feed has events still to \
+                     add: try again shortly"
+                ),
+            ));
+        }
         return Err(ApiError::field(
             field,
             format!("is past the end of the feed: {what_instead}"),

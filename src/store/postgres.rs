@@ -621,4 +621,10 @@ impl Store for PgStore {
     async fn gauges(&self) -> Result<Gauges, StoreError> {
         gauges::read(&self.pool).await
     }
+
+    async fn projection_lag(&self, name: &str) -> Result<i64, StoreError> {
+        messaging_projections::subscription::lag(&self.pool, name)
+            .await
+            .map_err(|e| StoreError::new(e.to_string()))
+    }
 }

@@ -382,6 +382,62 @@ async fn a_long_poll_returns_as_soon_as_a_change_lands() {
     }
 }
 
+/// While the feed has events of the log still to project, a position past its end may be one
+/// it served before the database server crashed (its batches do not wait for their WAL flush)
+/// and will serve again: answered 503 with `Retry-After`, not told to start over; once the
+/// feed has caught up, the same position is a 422.
+#[tokio::test]
+async fn on_postgresql_a_position_past_the_end_of_a_feed_still_catching_up_is_a_503() {
+    use sqlx::Connection;
+    let app = TestApp::spawn_on(fresh_postgres_database().await).await;
+    let service = app.email_service().await;
+    app.compose_email(&service, "a@example.com", json!({}))
+        .await;
+    eventually(|| async {
+        let (_, feed) = app.get("/v1/state-changes").await;
+        feed["next"] == 1
+    })
+    .await;
+    // The feed's reader held back, as by a rebuild: new events wait to be projected.
+    let mut holder = sqlx::PgConnection::connect(&app.database_url)
+        .await
+        .unwrap();
+    sqlx::query("SELECT pg_advisory_lock(hashtext('subscription:' || 'state_changes'))")
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    app.compose_email(&service, "b@example.com", json!({}))
+        .await;
+    let r = app
+        .client
+        .get(app.url("/v1/state-changes?after=2"))
+        .bearer_auth(API_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["retry-after"], "1");
+    let (status, body) = read(r).await;
+    assert_error(
+        status,
+        &body,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "catching_up",
+    );
+    holder.close().await.unwrap();
+    eventually(|| async {
+        let (_, feed) = app.get("/v1/state-changes").await;
+        feed["next"] == 2
+    })
+    .await;
+    let (status, body) = app.get("/v1/state-changes?after=3").await;
+    assert_error(
+        status,
+        &body,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid_field",
+    );
+}
+
 /// PostgreSQL may run a prepared statement with a generic plan (one for any parameters) from
 /// its sixth run on: the list's query for a filter must name that filter alone, so that even
 /// the generic plan reads through the filter's index instead of walking the whole list from

@@ -854,6 +854,12 @@ impl Store for SqliteStore {
     async fn gauges(&self) -> Result<Gauges, StoreError> {
         gauges::read(&self.pools).await
     }
+
+    async fn projection_lag(&self, name: &str) -> Result<i64, StoreError> {
+        messaging_projections::sqlite::lag(&self.pools.read, name)
+            .await
+            .map_err(|e| StoreError::new(e.to_string()))
+    }
 }
 
 #[cfg(test)]

@@ -801,6 +801,25 @@ async fn a_rebuild_gives_identical_rows() {
     assert_eq!(raw_tables(&db.pool).await, incremental);
 }
 
+/// Batches cut at their payload's bytes (here every event alone) project the same rows as
+/// batches of a thousand.
+#[tokio::test]
+async fn batches_cut_at_their_bytes_project_the_same_rows() {
+    let log = history(20);
+    let whole = sqlite_db().await;
+    append_sqlite(&whole.pool, &log.events).await;
+    catch_up_all(&whole.pool, 1000).await;
+
+    let cut = sqlite_db().await;
+    append_sqlite(&cut.pool, &log.events).await;
+    for projection in sqlite::all() {
+        let sub = SqliteSubscription::new(cut.pool.clone(), projection).with_batch_bytes(1);
+        assert_eq!(sub.run_batch().await.unwrap(), BatchOutcome::Handled(1));
+        sub.catch_up().await.unwrap();
+    }
+    assert_eq!(raw_tables(&cut.pool).await, raw_tables(&whole.pool).await);
+}
+
 #[tokio::test]
 async fn handling_batches_again_changes_nothing_where_postgresql_guarantees_it() {
     let db = sqlite_db().await;

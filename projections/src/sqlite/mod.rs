@@ -25,6 +25,7 @@ use crate::subscription::{catch_up_with, run_until_shutdown, Pace};
 use crate::{
     BatchOutcome, DeliveryJobs, MessageList, Projection, ProjectionError, StateChangeFeed,
 };
+use futures_util::TryStreamExt;
 use sqlx::{Sqlite, SqlitePool, Transaction};
 use std::sync::Arc;
 use std::time::Duration;
@@ -72,6 +73,7 @@ pub struct Subscription {
     pool: SqlitePool,
     projection: Arc<dyn Projection<Sqlite>>,
     batch_size: i64,
+    batch_bytes: usize,
     poll_interval: Duration,
     on_commit: Option<Arc<dyn Fn() + Send + Sync>>,
 }
@@ -82,6 +84,7 @@ impl Subscription {
             pool,
             projection,
             batch_size: 1000,
+            batch_bytes: crate::subscription::BATCH_BYTES,
             poll_interval: Duration::from_millis(500),
             on_commit: None,
         }
@@ -89,6 +92,13 @@ impl Subscription {
 
     pub fn with_batch_size(mut self, batch_size: i64) -> Self {
         self.batch_size = batch_size.max(1);
+        self
+    }
+
+    /// The payload text at which a batch is cut
+    /// ([`BATCH_BYTES`](crate::subscription::BATCH_BYTES) unless set).
+    pub fn with_batch_bytes(mut self, batch_bytes: usize) -> Self {
+        self.batch_bytes = batch_bytes.max(1);
         self
     }
 
@@ -145,11 +155,22 @@ impl Subscription {
             "SELECT {EVENT_COLUMNS} FROM events WHERE global_position > ?1 \
              ORDER BY global_position LIMIT ?2"
         );
-        let events: Vec<StoredEvent> = sqlx::query_as(&sql)
-            .bind(last_pos)
-            .bind(self.batch_size)
-            .fetch_all(&mut *tx)
-            .await?;
+        // Cut at the batch's bytes, as on PostgreSQL.
+        let mut events: Vec<StoredEvent> = Vec::new();
+        {
+            let mut rows = sqlx::query_as::<_, StoredEvent>(&sql)
+                .bind(last_pos)
+                .bind(self.batch_size)
+                .fetch(&mut *tx);
+            let mut bytes = 0;
+            while let Some(event) = rows.try_next().await? {
+                bytes += event.payload.len();
+                events.push(event);
+                if bytes >= self.batch_bytes {
+                    break;
+                }
+            }
+        }
         // Every early return ends the transaction explicitly, releasing the write lock now
         // rather than when the pooled connection is next used.
         let Some(last) = events.last() else {

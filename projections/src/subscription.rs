@@ -594,9 +594,14 @@ impl Subscription {
             gather: self.projection.gather(),
         };
         let kept = tokio::sync::Mutex::new(KeptConnection::new());
-        run_until_shutdown(name, pace, wake, shutdown, || async {
-            self.run_batch_kept(&mut *kept.lock().await).await
-        })
+        run_until_shutdown_saying(
+            name,
+            pace,
+            wake,
+            shutdown,
+            || async { self.run_batch_kept(&mut *kept.lock().await).await },
+            || oldest_transaction(&self.pool),
+        )
         .await;
         kept.lock().await.close().await;
     }
@@ -781,20 +786,57 @@ pub(crate) struct Pace {
 pub(crate) async fn run_until_shutdown<F, Fut>(
     name: &'static str,
     pace: Pace,
-    mut wake: watch::Receiver<u64>,
-    mut shutdown: watch::Receiver<bool>,
-    mut run_batch: F,
+    wake: watch::Receiver<u64>,
+    shutdown: watch::Receiver<bool>,
+    run_batch: F,
 ) where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<BatchOutcome, ProjectionError>>,
 {
+    let no_one = || std::future::ready(None);
+    run_until_shutdown_saying(name, pace, wake, shutdown, run_batch, no_one).await;
+}
+
+/// [`run_until_shutdown`], with `blocker` to say what holds the reader back when it has been
+/// [`BatchOutcome::Behind`] for long (see [`BehindWatch`]).
+pub(crate) async fn run_until_shutdown_saying<F, Fut, B, BFut>(
+    name: &'static str,
+    pace: Pace,
+    mut wake: watch::Receiver<u64>,
+    mut shutdown: watch::Receiver<bool>,
+    mut run_batch: F,
+    blocker: B,
+) where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<BatchOutcome, ProjectionError>>,
+    B: Fn() -> BFut,
+    BFut: Future<Output = Option<String>>,
+{
     let mut failures = 0u32;
+    let mut behind = BehindWatch::default();
     loop {
         if *shutdown.borrow() {
             return;
         }
         wake.borrow_and_update();
-        let pause = match run_batch().await {
+        let outcome = run_batch().await;
+        let now = std::time::Instant::now();
+        if !matches!(outcome, Ok(BatchOutcome::Behind)) {
+            behind.clear();
+        } else if let Some(waited) = behind.warning_due(now) {
+            let held_by = blocker()
+                .await
+                .unwrap_or_else(|| "a transaction still running on the server".into());
+            tracing::warn!(
+                subscription = name,
+                waited_s = waited.as_secs(),
+                %held_by,
+                "the read model waits for an older transaction to end: it reads only events \
+                 below the oldest one running, and nothing new is projected (or sent) until \
+                 it ends"
+            );
+        }
+        let pause = match outcome {
             Ok(BatchOutcome::Handled(n)) if n as i64 >= pace.batch_size => {
                 failures = 0;
                 continue;
@@ -808,7 +850,7 @@ pub(crate) async fn run_until_shutdown<F, Fut>(
                 }
                 continue;
             }
-            Ok(BatchOutcome::Behind) => Duration::from_millis(5),
+            Ok(BatchOutcome::Behind) => behind.pause(now),
             Ok(BatchOutcome::Idle | BatchOutcome::Locked) => {
                 failures = 0;
                 pace.poll_interval
@@ -829,6 +871,108 @@ pub(crate) async fn run_until_shutdown<F, Fut>(
     }
 }
 
+/// How long a reader has found newer events it may not read yet ([`BatchOutcome::Behind`]).
+/// Usually a few milliseconds (a command committing); a transaction left open anywhere on the
+/// server holds every reader back until it ends, and that is said in the log, once it has
+/// lasted [`BehindWatch::WARN_AFTER`] and again every [`BehindWatch::WARN_EVERY`], while the
+/// reader looks again less often.
+#[derive(Debug, Default)]
+pub struct BehindWatch {
+    since: Option<std::time::Instant>,
+    warned: Option<std::time::Instant>,
+}
+
+impl BehindWatch {
+    pub const WARN_AFTER: Duration = Duration::from_secs(10);
+    pub const WARN_EVERY: Duration = Duration::from_secs(60);
+    /// Looked at again this soon for the first second (a command's commit is that short)...
+    pub const PAUSE: Duration = Duration::from_millis(5);
+    /// ...and this soon after (six statements each time, in every instance).
+    pub const LONG_PAUSE: Duration = Duration::from_millis(100);
+
+    /// The reader is not behind (any other outcome).
+    pub fn clear(&mut self) {
+        *self = Self::default();
+    }
+
+    /// The reader found itself behind at `now`: how long it has been, when that is to be said.
+    pub fn warning_due(&mut self, now: std::time::Instant) -> Option<Duration> {
+        let since = *self.since.get_or_insert(now);
+        let waited = now.saturating_duration_since(since);
+        let due = waited >= Self::WARN_AFTER
+            && self
+                .warned
+                .is_none_or(|at| now.saturating_duration_since(at) >= Self::WARN_EVERY);
+        if due {
+            self.warned = Some(now);
+        }
+        due.then_some(waited)
+    }
+
+    /// How long to wait before looking again.
+    pub fn pause(&self, now: std::time::Instant) -> Duration {
+        match self.since {
+            Some(since) if now.saturating_duration_since(since) >= Duration::from_secs(1) => {
+                Self::LONG_PAUSE
+            }
+            _ => Self::PAUSE,
+        }
+    }
+}
+
+/// What holds back the readers of the server `pool` is on: its oldest transaction that has an
+/// id (or a prepared one), named by what `pg_stat_activity` shows this role of it. Never its
+/// statement (it may hold data).
+pub async fn oldest_transaction(pool: &PgPool) -> Option<String> {
+    #[derive(sqlx::FromRow)]
+    struct Running {
+        pid: i32,
+        datname: Option<String>,
+        usename: Option<String>,
+        application_name: Option<String>,
+        state: Option<String>,
+        age: Option<f64>,
+    }
+    let running: Option<Running> = sqlx::query_as(
+        "SELECT pid, datname::text AS datname, usename::text AS usename, application_name, \
+                    state, EXTRACT(EPOCH FROM now() - xact_start)::float8 AS age \
+             FROM pg_stat_activity WHERE backend_xid IS NOT NULL AND pid <> pg_backend_pid() \
+             ORDER BY xact_start NULLS LAST LIMIT 1",
+    )
+    .fetch_optional(pool)
+    .await
+    .ok()
+    .flatten();
+    let prepared: Option<(String, Option<String>, f64)> = sqlx::query_as(
+        "SELECT gid, database::text, EXTRACT(EPOCH FROM now() - prepared)::float8 \
+         FROM pg_prepared_xacts ORDER BY prepared LIMIT 1",
+    )
+    .fetch_optional(pool)
+    .await
+    .ok()
+    .flatten();
+    let text = |v: &Option<String>| v.as_deref().unwrap_or("?").to_string();
+    let mut said = Vec::new();
+    if let Some(r) = running {
+        said.push(format!(
+            "backend {} (database {}, user {}, application `{}`, {}), its transaction open {:.0} s",
+            r.pid,
+            text(&r.datname),
+            text(&r.usename),
+            text(&r.application_name),
+            text(&r.state),
+            r.age.unwrap_or(0.0)
+        ));
+    }
+    if let Some((gid, db, age)) = prepared {
+        said.push(format!(
+            "prepared transaction `{gid}` (database {}), prepared {age:.0} s ago",
+            text(&db)
+        ));
+    }
+    (!said.is_empty()).then(|| said.join("; "))
+}
+
 /// How far a subscription is behind the log, for `/metrics` and `/v1/subscriptions`.
 pub async fn lag(pool: &PgPool, name: &str) -> Result<i64, ProjectionError> {
     Ok(sqlx::query_scalar(
@@ -838,4 +982,34 @@ pub async fn lag(pool: &PgPool, name: &str) -> Result<i64, ProjectionError> {
     .bind(name)
     .fetch_one(pool)
     .await?)
+}
+
+#[cfg(test)]
+mod behind_tests {
+    use super::*;
+    use std::time::Instant;
+
+    #[test]
+    fn a_reader_behind_for_long_looks_less_often_and_says_so_once_a_minute() {
+        let start = Instant::now();
+        let at = |ms: u64| start + Duration::from_millis(ms);
+        let mut watch = BehindWatch::default();
+        // A command committing: a few quick looks, nothing said.
+        assert_eq!(watch.warning_due(at(0)), None);
+        assert_eq!(watch.pause(at(0)), BehindWatch::PAUSE);
+        assert_eq!(watch.warning_due(at(999)), None);
+        assert_eq!(watch.pause(at(999)), BehindWatch::PAUSE);
+        // Past a second: looked at less often.
+        assert_eq!(watch.pause(at(1_000)), BehindWatch::LONG_PAUSE);
+        assert_eq!(watch.warning_due(at(9_999)), None);
+        // Said at ten seconds, then not again for a minute.
+        assert_eq!(watch.warning_due(at(10_000)), Some(Duration::from_secs(10)));
+        assert_eq!(watch.warning_due(at(10_100)), None);
+        assert_eq!(watch.warning_due(at(69_999)), None);
+        assert_eq!(watch.warning_due(at(70_000)), Some(Duration::from_secs(70)));
+        // Caught up: a new wait starts from nothing.
+        watch.clear();
+        assert_eq!(watch.warning_due(at(80_000)), None);
+        assert_eq!(watch.pause(at(80_000)), BehindWatch::PAUSE);
+    }
 }

@@ -158,6 +158,39 @@ async fn a_batch_is_cut_at_its_bytes_and_every_event_is_still_seen_once() {
     assert_eq!(*batches.0.lock().unwrap(), cut);
 }
 
+/// A transaction left open holds every reader back (they read only below the oldest running
+/// one): what holds them is named for the log, by what the server shows of it, never by its
+/// statement.
+#[tokio::test]
+async fn a_transaction_left_open_is_named_as_what_holds_the_readers_back() {
+    use messaging_projections::subscription::oldest_transaction;
+    let (pool, sub) = recorder_setup().await;
+    use sqlx::ConnectOptions;
+    let mut stuck = (*pool.connect_options())
+        .clone()
+        .application_name("nightly-report")
+        .connect()
+        .await
+        .unwrap();
+    sqlx::raw_sql("BEGIN; SELECT pg_current_xact_id(); SELECT 'secret-literal-42'")
+        .execute(&mut stuck)
+        .await
+        .unwrap();
+    let mut conn = pool.acquire().await.unwrap();
+    insert_probe(&mut conn, "a", 1).await;
+    assert_eq!(sub.run_batch().await.unwrap(), BatchOutcome::Behind);
+    let said = oldest_transaction(&pool)
+        .await
+        .expect("something holds the readers");
+    assert!(
+        said.contains("application `nightly-report`") && said.contains("idle in transaction"),
+        "{said}"
+    );
+    assert!(!said.contains("secret-literal-42"), "{said}");
+    sqlx::raw_sql("COMMIT").execute(&mut stuck).await.unwrap();
+    assert_eq!(sub.catch_up().await.unwrap(), 1);
+}
+
 #[tokio::test]
 async fn concurrent_writers_committing_out_of_order_are_each_seen_once_in_a_valid_order() {
     let (pool, sub) = recorder_setup().await;

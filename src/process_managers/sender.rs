@@ -430,7 +430,16 @@ impl Sender {
                     .unwrap_or(Duration::ZERO),
             };
             if age < self.config.call_outlived_after {
-                return Ok(JobOutcome::Skipped);
+                // Looked at again once no call can still be running, not at this claim's
+                // lease end: with a lease shorter than that wait (the defaults: 120 s against
+                // 125), the next claim found it still too young, and recovery took two leases.
+                let due = d
+                    .attempt_started_at
+                    .and_then(|at| crate::clock::after(at, self.config.call_outlived_after));
+                return match due {
+                    Some(due) => self.given_back_until(job, Some(due)).await,
+                    None => Ok(JobOutcome::Skipped),
+                };
             }
             return self.recover(id, d).await;
         }

@@ -1492,3 +1492,54 @@ async fn posts_due_together_renew_an_expiring_x_token_once() {
         "fresh-token"
     );
 }
+
+/// An attempt whose worker died mid-call is recovered once no call can still be running (its
+/// start plus the longest a round's calls take: here 8 s), not at the end of the lease of the
+/// claim that found it too young (here a minute): the defaults' lease (120 s) is shorter than
+/// that wait (125 s), and recovery took two leases.
+#[tokio::test]
+async fn an_abandoned_attempt_is_recovered_once_no_call_can_run_not_a_lease_later() {
+    let app = TestApp::spawn_with(&[
+        ("MESSAGING_PROVIDER_TIMEOUT_MS", "250".into()),
+        ("MESSAGING_SEND_LEASE_MS", "60000".into()),
+    ])
+    .await;
+    let service = app
+        .create_service("email", "sandbox", "news@example.com")
+        .await;
+    let id = app
+        .compose_email(&service, "a@example.com", json!({}))
+        .await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // As a worker that died in the provider call leaves it: queued, its attempt started.
+    let now = messaging::clock::now();
+    let message_id: messaging_domain::MessageId = id.parse().unwrap();
+    app.store
+        .execute(
+            message_id,
+            messaging_domain::MessageCommand::Batch(vec![
+                messaging_domain::MessageCommand::Send {
+                    now,
+                    expected_publish_at: None,
+                },
+                messaging_domain::MessageCommand::StartSendAttempt { now, attempt: 1 },
+            ]),
+        )
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    eventually_within(std::time::Duration::from_secs(30), || async {
+        let (_, m) = app.get(&format!("/v1/messages/{id}")).await;
+        m["state"] == "sent"
+    })
+    .await;
+    let took = started.elapsed();
+    assert!(
+        took >= std::time::Duration::from_secs(7),
+        "recovered after {took:?}, while a call could still have been running"
+    );
+    let (_, m) = app.get(&format!("/v1/messages/{id}")).await;
+    assert_eq!(history_of(&m, "SendAttemptStarted").len(), 2, "{m}");
+}

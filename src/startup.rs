@@ -195,32 +195,44 @@ pub async fn connect(url: &Secret, max_connections: u32) -> anyhow::Result<PgPoo
         // (measured: 205 ms of JIT for a 0.1 ms `/metrics` gauge query over 100k events,
         // chosen because the estimate of the correlated count crossed jit_above_cost).
         .options([("jit", "off")]);
-    let pool = PgPoolOptions::new()
-        .max_connections(max_connections)
-        .acquire_timeout(Duration::from_secs(10));
-    // The database itself first: the server's maintenance database (`postgres`), where one is
-    // created, may be closed to this role (managed servers, PgBouncer), and is needed only
+    // The database itself first, once and directly (a pool would retry a refused connection
+    // until its acquire timeout): the server's maintenance database (`postgres`), where one
+    // is created, may be closed to this role (managed servers, PgBouncer), and is needed only
     // when the database is missing.
-    match pool.clone().connect_with(options.clone()).await {
-        Err(e) if is_missing_database(&e) => {
-            sqlx::Postgres::create_database(url).await.context(
-                "the database named in DATABASE_URL does not exist and cannot be created",
-            )?;
-            tracing::info!("created the database named in DATABASE_URL");
-            pool.connect_with(options)
-                .await
-                .context("cannot connect to the database at DATABASE_URL")
+    match <sqlx::PgConnection as sqlx::Connection>::connect_with(&options).await {
+        Ok(probe) => {
+            let _ = sqlx::Connection::close(probe).await;
         }
-        connected => connected.context("cannot connect to the database at DATABASE_URL"),
+        Err(e) if is_missing_database(&e) => match sqlx::Postgres::create_database(url).await {
+            Ok(()) => tracing::info!("created the database named in DATABASE_URL"),
+            // Another instance starting at the same time created it first.
+            Err(e) if is_sqlstate(&e, "42P04") => {}
+            Err(e) => {
+                return Err(e).context(
+                    "the database named in DATABASE_URL does not exist and cannot be created",
+                )
+            }
+        },
+        Err(e) => return Err(e).context("cannot connect to the database at DATABASE_URL"),
     }
+    PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect_with(options)
+        .await
+        .context("cannot connect to the database at DATABASE_URL")
 }
 
-/// PostgreSQL's "database does not exist" (SQLSTATE 3D000).
+/// PostgreSQL's "database does not exist".
 fn is_missing_database(error: &sqlx::Error) -> bool {
+    is_sqlstate(error, "3D000")
+}
+
+fn is_sqlstate(error: &sqlx::Error, sqlstate: &str) -> bool {
     error
         .as_database_error()
         .and_then(|e| e.code())
-        .is_some_and(|code| code == "3D000")
+        .is_some_and(|code| code == sqlstate)
 }
 
 pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {

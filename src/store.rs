@@ -816,6 +816,8 @@ pub trait Store: Send + Sync + 'static {
     /// How many events of the log subscription `name` (`message_list`, `state_changes`,
     /// `delivery`) has not handled yet.
     async fn projection_lag(&self, name: &str) -> Result<i64, StoreError>;
+    /// The feed's last position (0 while it is empty).
+    async fn feed_end(&self) -> Result<i64, StoreError>;
 }
 
 /// A message's events (in sequence order) folded with its history; `None` when it has none.

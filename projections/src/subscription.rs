@@ -132,6 +132,8 @@ pub trait Prepared<DB: sqlx::Database>: Send {
 pub enum BatchOutcome {
     /// Handled this many events and committed them with the checkpoint.
     Handled(usize),
+    /// The same, a batch cut at its bytes ([`BATCH_BYTES`]) before its count: more may wait.
+    Cut(usize),
     /// Nothing new.
     Idle,
     /// Newer events exist but an older transaction is still running: try again shortly.
@@ -220,7 +222,7 @@ impl Subscription {
     pub async fn run_batch(&self) -> Result<BatchOutcome, ProjectionError> {
         let mut conn = self.pool.acquire().await?;
         let outcome = self.batch_on(&mut conn).await;
-        if matches!(outcome, Ok(BatchOutcome::Handled(_))) {
+        if matches!(outcome, Ok(BatchOutcome::Handled(_) | BatchOutcome::Cut(_))) {
             // A batch's statements run to megabytes (a thousand events in, a thousand rows
             // out) and sqlx keeps a connection's buffers at their largest: without this,
             // every pooled connection that ever ran a batch would hold that much.
@@ -257,30 +259,28 @@ impl Subscription {
             tx.rollback().await?;
             return Ok(BatchOutcome::Locked);
         };
+        // Cut at the batch's bytes by the server, which sends only the rows kept: the
+        // payloads' running size over the batch's rows, in their order (already the index's,
+        // so no sort), and the rows before the cap is reached, the first one always.
         let sql = format!(
-            "SELECT {EVENT_COLUMNS} FROM events \
-             WHERE (transaction_id, global_position) > ($1::xid8, $2) \
-               AND transaction_id < pg_snapshot_xmin(pg_current_snapshot()) \
-             ORDER BY events.transaction_id, events.global_position LIMIT $3"
+            "SELECT {EVENT_COLUMNS} FROM ( \
+               SELECT b.*, sum(octet_length(b.payload::text)) \
+                        OVER (ORDER BY b.transaction_id, b.global_position) \
+                      - octet_length(b.payload::text) AS bytes_before \
+               FROM (SELECT * FROM events \
+                     WHERE (transaction_id, global_position) > ($1::xid8, $2) \
+                       AND transaction_id < pg_snapshot_xmin(pg_current_snapshot()) \
+                     ORDER BY events.transaction_id, events.global_position LIMIT $3) b) events \
+             WHERE bytes_before < $4 \
+             ORDER BY events.transaction_id, events.global_position"
         );
-        // Read as they come, and cut at the batch's bytes (the rest of the rows is drained
-        // by the connection before its next statement, not kept).
-        let mut events: Vec<StoredEvent> = Vec::new();
-        {
-            let mut rows = sqlx::query_as::<_, StoredEvent>(&sql)
-                .bind(&last_tx)
-                .bind(last_pos)
-                .bind(self.batch_size)
-                .fetch(&mut *tx);
-            let mut bytes = 0;
-            while let Some(event) = rows.try_next().await? {
-                bytes += event.payload.len();
-                events.push(event);
-                if bytes >= self.batch_bytes {
-                    break;
-                }
-            }
-        }
+        let events: Vec<StoredEvent> = sqlx::query_as(&sql)
+            .bind(&last_tx)
+            .bind(last_pos)
+            .bind(self.batch_size)
+            .bind(i64::try_from(self.batch_bytes).unwrap_or(i64::MAX))
+            .fetch_all(&mut *tx)
+            .await?;
         if events.is_empty() {
             // Whether the log's last row lies past the checkpoint: one step of the index
             // from its end. (`EXISTS (... WHERE (..) > (..))` was planned generically as a
@@ -316,7 +316,7 @@ impl Subscription {
             elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
             "batch handled"
         );
-        Ok(BatchOutcome::Handled(events.len()))
+        Ok(batch_outcome(&events, self.batch_size, self.batch_bytes))
     }
 
     /// Handles batches until nothing is left that is safe to read; returns how many events.
@@ -614,7 +614,7 @@ impl Subscription {
         let conn = kept.ready(&self.pool).await?;
         let outcome = self.batch_on(conn).await;
         match outcome {
-            Ok(BatchOutcome::Handled(_)) => conn.shrink_buffers(),
+            Ok(BatchOutcome::Handled(_) | BatchOutcome::Cut(_)) => conn.shrink_buffers(),
             Ok(_) => {}
             Err(_) => kept.discard(),
         }
@@ -751,7 +751,7 @@ where
     let mut total = 0u64;
     loop {
         match run_batch().await? {
-            BatchOutcome::Handled(n) => total += n as u64,
+            BatchOutcome::Handled(n) | BatchOutcome::Cut(n) => total += n as u64,
             BatchOutcome::Behind | BatchOutcome::Locked => {
                 tokio::time::sleep(Duration::from_millis(20)).await
             }
@@ -771,6 +771,21 @@ where
 /// spell is read at once; only a steady stream waits for it. The default of
 /// [`Projection::gather`]: a projection on the sending path (delivery) gathers for less.
 pub const GATHER: Duration = Duration::from_millis(25);
+
+/// What handling `events` was: [`BatchOutcome::Cut`] when the batch stopped short of its count
+/// with its bytes reached (more may wait: read again at once).
+pub(crate) fn batch_outcome(
+    events: &[StoredEvent],
+    batch_size: i64,
+    batch_bytes: usize,
+) -> BatchOutcome {
+    let bytes: usize = events.iter().map(|e| e.payload.len()).sum();
+    if (events.len() as i64) < batch_size && bytes >= batch_bytes {
+        BatchOutcome::Cut(events.len())
+    } else {
+        BatchOutcome::Handled(events.len())
+    }
+}
 
 /// How a reader paces its batches.
 pub(crate) struct Pace {
@@ -837,6 +852,10 @@ pub(crate) async fn run_until_shutdown_saying<F, Fut, B, BFut>(
             );
         }
         let pause = match outcome {
+            Ok(BatchOutcome::Cut(_)) => {
+                failures = 0;
+                continue;
+            }
             Ok(BatchOutcome::Handled(n)) if n as i64 >= pace.batch_size => {
                 failures = 0;
                 continue;
@@ -862,9 +881,10 @@ pub(crate) async fn run_until_shutdown_saying<F, Fut, B, BFut>(
                 pause
             }
         };
+        let woken_by_events = failures == 0 && !behind.long(now);
         tokio::select! {
             // A closed wake channel (the listener stopped) leaves the poll to wake us.
-            Ok(()) = wake.changed(), if failures == 0 => {}
+            Ok(()) = wake.changed(), if woken_by_events => {}
             _ = tokio::time::sleep(pause) => {}
             _ = shutdown.changed() => {}
         }
@@ -911,18 +931,25 @@ impl BehindWatch {
 
     /// How long to wait before looking again.
     pub fn pause(&self, now: std::time::Instant) -> Duration {
-        match self.since {
-            Some(since) if now.saturating_duration_since(since) >= Duration::from_secs(1) => {
-                Self::LONG_PAUSE
-            }
-            _ => Self::PAUSE,
+        if self.long(now) {
+            Self::LONG_PAUSE
+        } else {
+            Self::PAUSE
         }
+    }
+
+    /// Behind for a second or more: new events' wake-ups are no reason to look again (the old
+    /// transaction's end sends none), only the pause is.
+    pub fn long(&self, now: std::time::Instant) -> bool {
+        self.since
+            .is_some_and(|since| now.saturating_duration_since(since) >= Duration::from_secs(1))
     }
 }
 
 /// What holds back the readers of the server `pool` is on: its oldest transaction that has an
-/// id (or a prepared one), named by what `pg_stat_activity` shows this role of it. Never its
-/// statement (it may hold data).
+/// id (or a prepared one), found by its id's age (another role's session shows its id but not
+/// its start), named by what `pg_stat_activity` shows this role of it. Never its statement
+/// (it may hold data).
 pub async fn oldest_transaction(pool: &PgPool) -> Option<String> {
     #[derive(sqlx::FromRow)]
     struct Running {
@@ -937,7 +964,7 @@ pub async fn oldest_transaction(pool: &PgPool) -> Option<String> {
         "SELECT pid, datname::text AS datname, usename::text AS usename, application_name, \
                     state, EXTRACT(EPOCH FROM now() - xact_start)::float8 AS age \
              FROM pg_stat_activity WHERE backend_xid IS NOT NULL AND pid <> pg_backend_pid() \
-             ORDER BY xact_start NULLS LAST LIMIT 1",
+             ORDER BY age(backend_xid) DESC LIMIT 1",
     )
     .fetch_optional(pool)
     .await
@@ -1002,6 +1029,7 @@ mod behind_tests {
         // Past a second: looked at less often.
         assert_eq!(watch.pause(at(1_000)), BehindWatch::LONG_PAUSE);
         assert_eq!(watch.warning_due(at(9_999)), None);
+        assert!(watch.long(at(1_000)));
         // Said at ten seconds, then not again for a minute.
         assert_eq!(watch.warning_due(at(10_000)), Some(Duration::from_secs(10)));
         assert_eq!(watch.warning_due(at(10_100)), None);

@@ -814,7 +814,7 @@ async fn batches_cut_at_their_bytes_project_the_same_rows() {
     append_sqlite(&cut.pool, &log.events).await;
     for projection in sqlite::all() {
         let sub = SqliteSubscription::new(cut.pool.clone(), projection).with_batch_bytes(1);
-        assert_eq!(sub.run_batch().await.unwrap(), BatchOutcome::Handled(1));
+        assert_eq!(sub.run_batch().await.unwrap(), BatchOutcome::Cut(1));
         sub.catch_up().await.unwrap();
     }
     assert_eq!(raw_tables(&cut.pool).await, raw_tables(&whole.pool).await);

@@ -160,12 +160,13 @@ async fn within_feed(state: &AppState, after: i64, field: &str) -> Result<(), Ap
     .await
 }
 
-/// 422 for `field` when `after` is past the feed's end, saying `what_instead`; 503 (with
-/// `Retry-After`) while the feed has events of the log still to project: its end is not
-/// known yet. (Feed batches commit without waiting for their WAL flush: after a crash of the
-/// database server, the last items served come back, with the same positions, only once
-/// they are projected again. A client's cursor among them is valid, and a 422 would send it
-/// back to the start.)
+/// 422 for `field` when `after` is past the feed's end, saying `what_instead`. While the feed
+/// has events of the log still to project, a position up to as many past its end is not: each
+/// event makes at most one item, and one of them may yet be there. (Feed batches commit
+/// without waiting for their WAL flush: after a database server crash, the last items served
+/// come back, at the same positions, only once projected again. A client's cursor among them
+/// is valid, and a 422 would send it back to the start.) Such a position is read as any other:
+/// nothing there yet, waited for where the call waits.
 pub(super) async fn past_the_end(
     state: &AppState,
     after: i64,
@@ -173,15 +174,9 @@ pub(super) async fn past_the_end(
     what_instead: &str,
 ) -> Result<(), ApiError> {
     if after > 0 && state.store.state_changes(after - 1, 1).await?.is_empty() {
-        if state.store.projection_lag("state_changes").await? > 0 {
-            return Err(ApiError::new(
-                axum::http::StatusCode::SERVICE_UNAVAILABLE,
-                "catching_up",
-                format!(
-                    "{field} is past the feed's end for now, and the feed has events still to \
-                     add: try again shortly"
-                ),
-            ));
+        let to_come = state.store.projection_lag("state_changes").await?;
+        if to_come > 0 && after <= state.store.feed_end().await?.saturating_add(to_come) {
+            return Ok(());
         }
         return Err(ApiError::field(
             field,

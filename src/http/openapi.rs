@@ -313,18 +313,18 @@ pub fn operations() -> Vec<Operation> {
             .query("limit", "items, 1 to 1000", json!({"type": "integer"}))
             .query("wait", "seconds to wait for an item, at most 60", json!({"type": "integer"}))
             .ok(200, "items and the next cursor", Some(schema_ref("FeedPage")))
-            .errors(&[422, 503]),
+            .errors(&[422]),
         op("get", "/v1/state-changes/stream", "feed",
             "The feed as server-sent events named `state_change`; resume with the `Last-Event-ID` header, `lastEventId` or `after`")
             .query("after", "position to read after", json!({"type": "integer"}))
             .query("lastEventId", "the last event id seen, for clients that cannot send the `Last-Event-ID` header", json!({"type": "integer"}))
             .header("Last-Event-ID", "the last event id seen (a feed position): the stream resumes after it")
             .ok(200, "`text/event-stream` of FeedItem, `id:` is the position", None)
-            .errors(&[422, 503]),
+            .errors(&[422]),
         op("post", "/v1/subscriptions", "feed", "Create a push subscription (signed batches)")
             .body("CreateSubscription")
             .ok(201, "the subscription", Some(schema_ref("Subscription")))
-            .errors(&[400, 415, 422, 503]),
+            .errors(&[400, 415, 422]),
         op("get", "/v1/subscriptions", "feed", "List push subscriptions")
             .ok(200, "every subscription", Some(json!({"type": "object", "required": ["items"],
                 "properties": {"items": {"type": "array", "items": schema_ref("Subscription")}}}))),

@@ -622,6 +622,14 @@ impl Store for PgStore {
         gauges::read(&self.pool).await
     }
 
+    async fn feed_end(&self) -> Result<i64, StoreError> {
+        Ok(
+            sqlx::query_scalar("SELECT COALESCE(MAX(position), 0) FROM state_changes")
+                .fetch_one(&self.pool)
+                .await?,
+        )
+    }
+
     async fn projection_lag(&self, name: &str) -> Result<i64, StoreError> {
         messaging_projections::subscription::lag(&self.pool, name)
             .await

@@ -197,7 +197,11 @@ impl Subscription {
         if let Some(on_commit) = &self.on_commit {
             on_commit();
         }
-        Ok(BatchOutcome::Handled(events.len()))
+        Ok(crate::subscription::batch_outcome(
+            &events,
+            self.batch_size,
+            self.batch_bytes,
+        ))
     }
 
     /// Handles batches until the log is read to its end; returns how many events.

@@ -855,6 +855,14 @@ impl Store for SqliteStore {
         gauges::read(&self.pools).await
     }
 
+    async fn feed_end(&self) -> Result<i64, StoreError> {
+        Ok(
+            sqlx::query_scalar("SELECT COALESCE(MAX(position), 0) FROM state_changes")
+                .fetch_one(&self.pools.read)
+                .await?,
+        )
+    }
+
     async fn projection_lag(&self, name: &str) -> Result<i64, StoreError> {
         messaging_projections::sqlite::lag(&self.pools.read, name)
             .await

@@ -258,7 +258,13 @@ async fn compose_for(
         // (the store keeps a key whose message exists, in any case).
         Err(crate::store::CommandError::Rejected(e)) => {
             if let (Some(key), true) = (idempotency_key, claimed) {
-                state.store.release_idempotency_key(key, id).await?;
+                // On a task of its own: a client gone meanwhile (this handler dropped) would
+                // otherwise leave the key held by a message that never was, and the corrected
+                // request refused as "used with another body" for ever.
+                let (store, key) = (state.store.clone(), key.to_string());
+                tokio::spawn(async move { store.release_idempotency_key(&key, id).await })
+                    .await
+                    .map_err(ApiError::internal)??;
             }
             return Err(crate::store::CommandError::Rejected(e).into());
         }

@@ -1183,11 +1183,13 @@ async fn a_signed_inbound_email_is_verified_before_it_is_read() {
         m["state"] == "replied" && m["replies"] == 1
     })
     .await;
-    let (_, inbound) = app.get("/v1/messages?direction=inbound").await;
-    assert_eq!(
-        inbound["items"][0]["text"], "Signed and sealed.",
-        "{inbound}"
-    );
+    // The reply as an inbound message, once the list has it (the detail above is read from
+    // the log).
+    eventually(|| async {
+        let (_, inbound) = app.get("/v1/messages?direction=inbound").await;
+        inbound["items"][0]["text"] == "Signed and sealed."
+    })
+    .await;
 
     // A signed reply with a 3 MB attachment (past axum's default 2 MB) is taken whole.
     let mut with_attachment = [

@@ -123,11 +123,13 @@ pub(super) async fn execute_each(
             tracing::debug!(%reason, commands = commands.len(), "batch append fell back to one command at a time");
             return (one_by_one(cqrs, metrics, commands).await, connection_failed);
         }
-        Err(Failed::Unknown(reason)) => {
+        // The commands whose rows were in the INSERT cannot be answered; the others (refused,
+        // or nothing to record) are, as decided.
+        Err(Failed::Unknown { reason, known }) => {
             tracing::error!(%reason, commands = commands.len(), "batch append's outcome is unknown");
-            commands
-                .iter()
-                .map(|_| Err(CommandError::Store(reason.clone())))
+            known
+                .into_iter()
+                .map(|known| known.unwrap_or_else(|| Err(CommandError::Store(reason.clone()))))
                 .collect()
         }
     };
@@ -195,8 +197,14 @@ enum Failed {
     /// The server refused the statement, or it was never sent: running it again is safe.
     /// `connection_ok` is false when the connection may be broken (not to be used again).
     NothingWritten { reason: String, connection_ok: bool },
-    /// The connection failed once the INSERT was sent: it may have been committed.
-    Unknown(String),
+    /// The connection failed once the INSERT was sent: it may have been committed. `known`
+    /// holds the answers of the commands that added no rows (refused, or nothing to record),
+    /// decided on the read before the INSERT and true whatever became of it; `None` for those
+    /// whose rows were in it.
+    Unknown {
+        reason: String,
+        known: Vec<Option<Outcome>>,
+    },
 }
 
 impl Failed {
@@ -204,18 +212,28 @@ impl Failed {
     fn broke_connection(&self) -> bool {
         match self {
             Self::NothingWritten { connection_ok, .. } => !connection_ok,
-            Self::Unknown(_) => true,
+            Self::Unknown { .. } => true,
         }
     }
 
-    fn of_insert(error: sqlx::Error) -> Self {
+    /// The INSERT of `decided`'s rows failed with `error`.
+    fn of_insert(error: sqlx::Error, decided: Vec<Outcome>) -> Self {
         if refused(&error) {
-            Self::NothingWritten {
+            return Self::NothingWritten {
                 reason: error.to_string(),
                 connection_ok: true,
-            }
-        } else {
-            Self::Unknown(error.to_string())
+            };
+        }
+        let known = decided
+            .into_iter()
+            .map(|outcome| match &outcome {
+                Ok(Some(d)) if !d.events.is_empty() => None,
+                _ => Some(outcome),
+            })
+            .collect();
+        Self::Unknown {
+            reason: error.to_string(),
+            known,
         }
     }
 }
@@ -457,7 +475,7 @@ async fn decide_and_append(
         }
     }
     if !agg_ids.is_empty() {
-        sqlx::query(
+        let inserted = sqlx::query(
             "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, \
                                  event_version, payload, metadata) \
              SELECT $1, a, s, t, v, p::json, '{}'::json \
@@ -472,12 +490,53 @@ async fn decide_and_append(
         .bind(&versions)
         .bind(&payloads)
         .execute(conn)
-        .await
-        .map_err(Failed::of_insert)?;
+        .await;
+        if let Err(error) = inserted {
+            return Err(Failed::of_insert(error, results));
+        }
     }
     let mut folds = lock(folds);
     for (id, last, message) in to_keep {
         folds.put(id, last, message);
     }
     Ok(results)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use messaging_domain::{MessageError, MessageState};
+
+    /// A connection lost once the INSERT was sent leaves only the commands whose rows were in
+    /// it unanswered: a refusal and a command with nothing to record keep their answers.
+    #[test]
+    fn an_insert_of_unknown_outcome_still_answers_the_commands_it_held_no_rows_of() {
+        let with_rows = Decided {
+            before: Message::default(),
+            events: vec![MessageEvent::SendRetryRequested {
+                requested_at: chrono::Utc::now(),
+            }],
+        };
+        let nothing = Decided {
+            before: Message::default(),
+            events: vec![],
+        };
+        let refused = CommandError::Rejected(MessageError::InvalidTransition {
+            action: "cancel",
+            state: MessageState::Sent,
+        });
+        let decided = vec![Ok(Some(with_rows)), Err(refused), Ok(Some(nothing))];
+        let lost = sqlx::Error::Io(std::io::Error::from(std::io::ErrorKind::ConnectionReset));
+        let Failed::Unknown { known, .. } = Failed::of_insert(lost, decided) else {
+            panic!("a lost connection after the INSERT was sent is an unknown outcome");
+        };
+        assert!(known[0].is_none(), "its rows may or may not be committed");
+        assert!(matches!(
+            known[1],
+            Some(Err(CommandError::Rejected(
+                MessageError::InvalidTransition { .. }
+            )))
+        ));
+        assert!(matches!(&known[2], Some(Ok(Some(d))) if d.events.is_empty()));
+    }
 }

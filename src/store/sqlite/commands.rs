@@ -159,8 +159,13 @@ impl SqliteStore {
                 tracing::warn!(message_id = %id, error = %e, "a message snapshot could not be written");
             }
         }
-        tx.commit().await.map_err(failed)?;
-        self.bell.events();
+        {
+            // Rung however the commit ends, even if this future is dropped during it (its
+            // client gone) after SQLite's worker committed: the readers would otherwise wait
+            // for their next poll. A failed commit only wakes them for nothing.
+            let _ring = RingOnDrop(&self.bell);
+            tx.commit().await.map_err(failed)?;
+        }
         if let Some(metrics) = &self.metrics {
             metrics.events_appended(&events);
         }
@@ -212,4 +217,13 @@ async fn store_snapshot(
     .execute(conn)
     .await?;
     Ok(())
+}
+
+/// Rings the readers' bell when dropped.
+struct RingOnDrop<'a>(&'a crate::notify::Bell);
+
+impl Drop for RingOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.events();
+    }
 }

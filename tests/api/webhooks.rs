@@ -1534,6 +1534,24 @@ async fn post_with_unknown_outcome(app: &TestApp, service: &ServiceRef, text: &s
     id
 }
 
+/// Resolving `id` as posted with `post` is refused with 422, saying `says`.
+async fn resolve_refused(app: &TestApp, id: MessageId, post: &str, says: &str) {
+    let (status, error) = app
+        .post(
+            &format!("/v1/messages/{id}/resolve"),
+            json!({"posted": true, "provider_message_id": post}),
+        )
+        .await;
+    assert_error(
+        status,
+        &error,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid_field",
+    );
+    let message = error["error"]["message"].as_str().unwrap();
+    assert!(message.contains(says), "{message}");
+}
+
 /// An X post whose outcome is unknown (its call timed out) is resolved by hand as posted more
 /// than an hour after a reply to it came: the reply, kept as unmatched by then, is matched to
 /// it, and nothing else is.
@@ -1561,25 +1579,13 @@ async fn a_reply_given_up_on_is_matched_when_its_post_is_resolved_as_posted() {
     // A person finds another post (not the one replied to) and records it: the reply stays.
     let other = post_with_unknown_outcome(&app, &service, "Another").await;
     // An id in another form than X's would match no reply: refused, saying which form.
-    let (status, error) = app
-        .post(
-            &format!("/v1/messages/{other}/resolve"),
-            json!({"posted": true, "provider_message_id": "https://x.com/acme/status/1861234567890000000"}),
-        )
-        .await;
-    assert_error(
-        status,
-        &error,
-        StatusCode::UNPROCESSABLE_ENTITY,
-        "invalid_field",
-    );
-    assert!(
-        error["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("the number at the end of its URL"),
-        "{error}"
-    );
+    resolve_refused(
+        &app,
+        other,
+        "https://x.com/acme/status/1861234567890000000",
+        "the number at the end of its URL",
+    )
+    .await;
     let (status, m) = app
         .post(
             &format!("/v1/messages/{other}/resolve"),
@@ -1656,25 +1662,7 @@ async fn a_facebook_post_is_resolved_with_its_graph_id() {
     let service = social_service(&app, Channel::Facebook, "104857600123456").await;
     let id = post_with_unknown_outcome(&app, &service, "Hello").await;
     for bad in ["987654321", "104857600123456_", "page_987654321"] {
-        let (status, error) = app
-            .post(
-                &format!("/v1/messages/{id}/resolve"),
-                json!({"posted": true, "provider_message_id": bad}),
-            )
-            .await;
-        assert_error(
-            status,
-            &error,
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "invalid_field",
-        );
-        assert!(
-            error["error"]["message"]
-                .as_str()
-                .unwrap()
-                .contains("`<page-id>_<post-id>`"),
-            "{error}"
-        );
+        resolve_refused(&app, id, bad, "`<page-id>_<post-id>`").await;
     }
     let (status, m) = app
         .post(

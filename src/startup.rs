@@ -302,22 +302,21 @@ fn warn_of_a_short_grace(config: &Config) {
 
 fn webhook_secrets(config: &Config) -> anyhow::Result<WebhookSecrets> {
     let w = &config.webhooks;
-    let sendgrid_verifier = w
-        .sendgrid_public_key
-        .as_ref()
-        .map(|key| SendgridVerifier::from_base64_der(key.expose()))
-        .transpose()
-        .map_err(|e| {
-            anyhow::anyhow!("configuration: MESSAGING_SENDGRID_WEBHOOK_PUBLIC_KEY: {e}")
-        })?;
-    let sendgrid_inbound_verifier = w
-        .sendgrid_inbound_public_key
-        .as_ref()
-        .map(|key| SendgridVerifier::from_base64_der(key.expose()))
-        .transpose()
-        .map_err(|e| {
-            anyhow::anyhow!("configuration: MESSAGING_SENDGRID_INBOUND_PUBLIC_KEY: {e}")
-        })?;
+    // A SendGrid public key as SendGrid shows it, refused at start-up naming its setting.
+    let verifier = |key: &Option<Secret>, setting: &str| {
+        key.as_ref()
+            .map(|key| SendgridVerifier::from_base64_der(key.expose()))
+            .transpose()
+            .map_err(|e| anyhow::anyhow!("configuration: {setting}: {e}"))
+    };
+    let sendgrid_verifier = verifier(
+        &w.sendgrid_public_key,
+        "MESSAGING_SENDGRID_WEBHOOK_PUBLIC_KEY",
+    )?;
+    let sendgrid_inbound_verifier = verifier(
+        &w.sendgrid_inbound_public_key,
+        "MESSAGING_SENDGRID_INBOUND_PUBLIC_KEY",
+    )?;
     if w.sendgrid_inbound_token.is_none() && sendgrid_inbound_verifier.is_none() {
         // Inbound Parse is signed only under a security policy: without its key or the token,
         // anyone who can reach the endpoint can record a reply. Kept open (the contract's

@@ -75,7 +75,7 @@ async fn migrate_creates_the_database_and_rebuild_restores_the_read_models() {
 
 #[test]
 fn bad_configuration_stops_start_up_with_one_line_naming_the_setting() {
-    let cases: [(&[(&str, &str)], &str); 7] = [
+    let cases: [(&[(&str, &str)], &str); 9] = [
         (
             &[
                 ("DATABASE_URL", "postgres://u:hunter2@127.0.0.1/x"),
@@ -115,6 +115,24 @@ fn bad_configuration_stops_start_up_with_one_line_naming_the_setting() {
                 ("MESSAGING_LISTEN", "everywhere"),
             ],
             "MESSAGING_LISTEN",
+        ),
+        // Webhook keys are checked before anything starts (a database reached, a port
+        // bound): here with a database that is not there.
+        (
+            &[
+                ("DATABASE_URL", "postgres://u:hunter2@127.0.0.1/x"),
+                ("MESSAGING_API_KEYS", "k"),
+                ("MESSAGING_SENDGRID_WEBHOOK_PUBLIC_KEY", "not-a-key"),
+            ],
+            "MESSAGING_SENDGRID_WEBHOOK_PUBLIC_KEY",
+        ),
+        (
+            &[
+                ("DATABASE_URL", "postgres://u:hunter2@127.0.0.1/x"),
+                ("MESSAGING_API_KEYS", "k"),
+                ("MESSAGING_SENDGRID_INBOUND_PUBLIC_KEY", "bm90IGEga2V5"),
+            ],
+            "MESSAGING_SENDGRID_INBOUND_PUBLIC_KEY",
         ),
     ];
     for (env, setting) in cases {

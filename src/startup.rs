@@ -199,7 +199,15 @@ pub async fn connect(url: &Secret, max_connections: u32) -> anyhow::Result<PgPoo
     // until its acquire timeout): the server's maintenance database (`postgres`), where one
     // is created, may be closed to this role (managed servers, PgBouncer), and is needed only
     // when the database is missing.
-    match <sqlx::PgConnection as sqlx::Connection>::connect_with(&options).await {
+    let probe = <sqlx::PgConnection as sqlx::Connection>::connect_with(&options);
+    // As long as the pool would wait (a host that drops the attempt silently would otherwise
+    // hold start-up for the system's TCP timeout).
+    let probed = tokio::time::timeout(Duration::from_secs(10), probe)
+        .await
+        .map_err(|_| {
+            anyhow::anyhow!("cannot connect to the database at DATABASE_URL: no answer within 10 s")
+        })?;
+    match probed {
         Ok(probe) => {
             let _ = sqlx::Connection::close(probe).await;
         }

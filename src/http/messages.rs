@@ -241,32 +241,43 @@ async fn compose_for(
         dispatch,
         now,
     });
-    let view = match state.store.execute(id, command.clone()).await {
+    // Refused (a `publish_at` already past): nothing was composed under the key, so the
+    // request that claimed it gives it back, and the corrected request may use it (not "used
+    // with another body"). Not a retry under it: the first request may have composed the
+    // message meanwhile, at a time when its `publish_at` was still ahead (the store keeps a
+    // key whose message exists, in any case). The command and the giving back run on a task of
+    // their own: a client gone meanwhile (this handler dropped, the command still decided by
+    // its writer) would otherwise leave the key held by a message that never was, and the
+    // corrected request refused as "used with another body" for ever.
+    let (executed, released) = match (idempotency_key, claimed) {
+        (Some(key), true) => {
+            let (store, key, compose) = (state.store.clone(), key.to_string(), command.clone());
+            tokio::spawn(async move {
+                let executed = store.execute(id, compose).await;
+                let released = match &executed {
+                    Err(CommandError::Rejected(e)) if *e != MessageError::AlreadyExists => {
+                        store.release_idempotency_key(&key, id).await
+                    }
+                    _ => Ok(()),
+                };
+                (executed, released)
+            })
+            .await
+            .map_err(ApiError::internal)?
+        }
+        _ => (state.store.execute(id, command.clone()).await, Ok(())),
+    };
+    let view = match executed {
         // The aggregate is pure and a Compose succeeds only on a new message: its events are
         // the ones decided here, so the message as composed needs no read back.
         Ok(()) => composed_view(command)?,
         // A retry under the same key raced the first request, or repeats it: same message.
-        Err(crate::store::CommandError::Rejected(MessageError::AlreadyExists))
-            if idempotency_key.is_some() =>
-        {
+        Err(CommandError::Rejected(MessageError::AlreadyExists)) if idempotency_key.is_some() => {
             message_view(state, id).await?.0
         }
-        // Refused (a `publish_at` already past): nothing was composed under the key, so the
-        // request that claimed it gives it back, and the corrected request may use it (not
-        // "used with another body"). Not a retry under it: the first request may have
-        // composed the message meanwhile, at a time when its `publish_at` was still ahead
-        // (the store keeps a key whose message exists, in any case).
-        Err(crate::store::CommandError::Rejected(e)) => {
-            if let (Some(key), true) = (idempotency_key, claimed) {
-                // On a task of its own: a client gone meanwhile (this handler dropped) would
-                // otherwise leave the key held by a message that never was, and the corrected
-                // request refused as "used with another body" for ever.
-                let (store, key) = (state.store.clone(), key.to_string());
-                tokio::spawn(async move { store.release_idempotency_key(&key, id).await })
-                    .await
-                    .map_err(ApiError::internal)??;
-            }
-            return Err(crate::store::CommandError::Rejected(e).into());
+        Err(CommandError::Rejected(e)) => {
+            released?;
+            return Err(CommandError::Rejected(e).into());
         }
         Err(e) => return Err(e.into()),
     };

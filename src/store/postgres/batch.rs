@@ -23,8 +23,8 @@
 //! the log.
 //!
 //! When the statement's fate is unknown (the connection broke once it was sent), nothing is
-//! run again: every command of the batch reports the store error, as a lost commit does on
-//! the cqrs-es path. Rows go in in (message, sequence) order, so two batches over the same
+//! run again: every command whose rows were in it reports the store error, as a lost commit
+//! does on the cqrs-es path; a refusal, or a command with nothing to record, keeps its answer. Rows go in in (message, sequence) order, so two batches over the same
 //! messages take their key locks in the same order. The rows are the ones postgres-es writes
 //! (event type and version from `DomainEvent`, serde JSON payload, empty metadata).
 

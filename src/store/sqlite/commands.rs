@@ -159,13 +159,18 @@ impl SqliteStore {
                 tracing::warn!(message_id = %id, error = %e, "a message snapshot could not be written");
             }
         }
-        {
-            // Rung however the commit ends, even if this future is dropped during it (its
-            // client gone) after SQLite's worker committed: the readers would otherwise wait
-            // for their next poll. A failed commit only wakes them for nothing.
-            let _ring = RingOnDrop(&self.bell);
-            tx.commit().await.map_err(failed)?;
-        }
+        // The commit and the bell on a task of their own: a future dropped during the commit
+        // (its client gone) would leave the readers unrung, waiting for their next poll,
+        // though the commit went on. A failed commit only wakes them for nothing.
+        let bell = self.bell.clone();
+        tokio::spawn(async move {
+            let committed = tx.commit().await;
+            bell.events();
+            committed
+        })
+        .await
+        .map_err(|e| CommandError::Store(e.to_string()))?
+        .map_err(failed)?;
         if let Some(metrics) = &self.metrics {
             metrics.events_appended(&events);
         }
@@ -217,13 +222,4 @@ async fn store_snapshot(
     .execute(conn)
     .await?;
     Ok(())
-}
-
-/// Rings the readers' bell when dropped.
-struct RingOnDrop<'a>(&'a crate::notify::Bell);
-
-impl Drop for RingOnDrop<'_> {
-    fn drop(&mut self) {
-        self.0.events();
-    }
 }

@@ -563,39 +563,33 @@ impl Sender {
     async fn account(&self, service_id: ServiceId) -> Result<Account, SendError> {
         let (service, stored) = self.stored_credentials(service_id).await?;
         let mut credentials = parse_stored(service_id, service.provider, &stored)?;
-        if renewal_due(&credentials) {
+        if due_renewal(&credentials).is_some() {
             // One renewal at a time per service in this instance: the jobs of one round (the
             // one-job path runs many at once) would each spend the same refresh token, and X
-            // takes it once. The others find the renewed token when the first is done.
+            // takes it once. The others find the renewed token, read again here, when the
+            // first is done.
             let lock = self.renewal_lock(service_id);
             let _renewing = lock.lock().await;
             let (_, stored) = self.stored_credentials(service_id).await?;
             credentials = parse_stored(service_id, service.provider, &stored)?;
-            if let Credentials::XBearer {
-                refresh: Some(refresh),
-                ..
-            } = &credentials
-            {
-                if needs_renewal(refresh) {
-                    let refresh = refresh.clone();
-                    credentials = match self
-                        .renewed(service_id, service.provider, stored, &refresh)
-                        .await
+            if let Some(refresh) = due_renewal(&credentials).cloned() {
+                credentials = match self
+                    .renewed(service_id, service.provider, stored, &refresh)
+                    .await
+                {
+                    Ok(renewed) => renewed,
+                    // The token it has still works for a while: used, and renewed again at
+                    // the next round.
+                    Err(error)
+                        if refresh
+                            .expires_at
+                            .is_some_and(|at| at > crate::clock::now()) =>
                     {
-                        Ok(renewed) => renewed,
-                        // The token it has still works for a while: used, and renewed again
-                        // at the next round.
-                        Err(error)
-                            if refresh
-                                .expires_at
-                                .is_some_and(|at| at > crate::clock::now()) =>
-                        {
-                            tracing::warn!(%service_id, %error, "x access token not renewed yet; the current one is used until it expires");
-                            credentials
-                        }
-                        Err(error) => return Err(error),
-                    };
-                }
+                        tracing::warn!(%service_id, %error, "x access token not renewed yet; the current one is used until it expires");
+                        credentials
+                    }
+                    Err(error) => return Err(error),
+                };
             }
         }
         Ok(Account {
@@ -953,9 +947,15 @@ fn parse_stored(
     })
 }
 
-/// Whether these credentials hold an X access token to renew before it is used.
-fn renewal_due(credentials: &Credentials) -> bool {
-    matches!(credentials, Credentials::XBearer { refresh: Some(refresh), .. } if needs_renewal(refresh))
+/// What renews these credentials' X access token, when it is to be renewed before it is used.
+fn due_renewal(credentials: &Credentials) -> Option<&XRefresh> {
+    match credentials {
+        Credentials::XBearer {
+            refresh: Some(refresh),
+            ..
+        } if needs_renewal(refresh) => Some(refresh),
+        _ => None,
+    }
 }
 
 /// How long before its expiry an OAuth 2.0 access token is renewed: a round's calls start

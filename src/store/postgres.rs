@@ -633,6 +633,6 @@ impl Store for PgStore {
     async fn projection_lag(&self, name: &str) -> Result<i64, StoreError> {
         messaging_projections::subscription::lag(&self.pool, name)
             .await
-            .map_err(|e| StoreError::new(e.to_string()))
+            .map_err(StoreError::from)
     }
 }

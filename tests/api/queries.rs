@@ -400,6 +400,16 @@ async fn on_postgresql_a_position_a_feed_still_catching_up_may_reach_is_not_refu
     })
     .await;
     // The feed's reader held back, as by a rebuild: a new event waits to be projected.
+    // Position 3 is out of reach before and after the feed catches up (one item, one to come).
+    let three_is_refused = || async {
+        let (status, body) = app.get("/v1/state-changes?after=3").await;
+        assert_error(
+            status,
+            &body,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_field",
+        );
+    };
     let mut holder = sqlx::PgConnection::connect(&app.database_url)
         .await
         .unwrap();
@@ -412,26 +422,14 @@ async fn on_postgresql_a_position_a_feed_still_catching_up_may_reach_is_not_refu
     let (status, body) = app.get("/v1/state-changes?after=2").await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body, json!({"items": [], "next": 2}));
-    let (status, body) = app.get("/v1/state-changes?after=3").await;
-    assert_error(
-        status,
-        &body,
-        StatusCode::UNPROCESSABLE_ENTITY,
-        "invalid_field",
-    );
+    three_is_refused().await;
     holder.close().await.unwrap();
     eventually(|| async {
         let (_, feed) = app.get("/v1/state-changes").await;
         feed["next"] == 2
     })
     .await;
-    let (status, body) = app.get("/v1/state-changes?after=3").await;
-    assert_error(
-        status,
-        &body,
-        StatusCode::UNPROCESSABLE_ENTITY,
-        "invalid_field",
-    );
+    three_is_refused().await;
 }
 
 /// PostgreSQL may run a prepared statement with a generic plan (one for any parameters) from

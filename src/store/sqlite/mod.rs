@@ -866,7 +866,7 @@ impl Store for SqliteStore {
     async fn projection_lag(&self, name: &str) -> Result<i64, StoreError> {
         messaging_projections::sqlite::lag(&self.pools.read, name)
             .await
-            .map_err(|e| StoreError::new(e.to_string()))
+            .map_err(StoreError::from)
     }
 }
 
